@@ -1,0 +1,268 @@
+//! The decision, as one pure function: the kernel programs call it after
+//! their map lookups, and `bulkhead explain` calls it after the same lookups
+//! against a compiled policy, so the two cannot disagree.
+
+use crate::maps::{
+    BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_INGRESS_GEO,
+    DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, GeoValue, MAX_BRIDGE_RULES,
+};
+use crate::reason::Reason;
+
+/// Which side of the workload the peer is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The workload connects or sends to the peer.
+    Egress,
+    /// The peer connects or sends to the workload.
+    Ingress,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    pub reason: Reason,
+    /// Bridge that allowed (or whose window refused) it; 0 = none.
+    pub bridge_id: u32,
+}
+
+impl Decision {
+    const fn new(reason: Reason, bridge_id: u32) -> Self {
+        Decision {
+            allow: !reason.is_deny(),
+            reason,
+            bridge_id,
+        }
+    }
+}
+
+/// Decides one connection or packet of a workload in domain `local` (id
+/// `local_id`, never 0) with a peer in domain `peer_id` (0 = no domain).
+///
+/// - `bridges`: the rules from the connecting domain to the accepting one
+///   (`local → peer` for egress, `peer → local` for ingress).
+/// - `service_port`: the port being connected to (the peer's for egress,
+///   the workload's own for ingress), host byte order.
+/// - `geo`: the merged geo range holding the peer address, if any source
+///   places it; only consulted when the peer is in no domain.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat scalars keep the kernel call cheap"
+)]
+#[inline(always)]
+pub fn decide(
+    dir: Direction,
+    local_id: u32,
+    local: &DomainRec,
+    peer_id: u32,
+    bridges: Option<&BridgeSet>,
+    proto: u8,
+    service_port: u16,
+    now_tai_ns: u64,
+    geo: Option<&GeoValue>,
+) -> Decision {
+    if now_tai_ns >= local.expires_tai_ns {
+        return Decision::new(Reason::DomainExpired, 0);
+    }
+    if peer_id == local_id {
+        return Decision::new(Reason::SameDomain, 0);
+    }
+    if peer_id != 0 {
+        return bridge_decision(bridges, proto, service_port, now_tai_ns);
+    }
+    let (geo_flag, unknown_deny_flag) = match dir {
+        Direction::Egress => (DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY),
+        Direction::Ingress => (DOMAIN_INGRESS_GEO, DOMAIN_INGRESS_UNKNOWN_DENY),
+    };
+    if local.flags & geo_flag == 0 {
+        return Decision::new(Reason::NoDomain, 0);
+    }
+    match geo {
+        Some(g) => {
+            let mask = match dir {
+                Direction::Egress => g.egress_deny,
+                Direction::Ingress => g.ingress_deny,
+            };
+            if local_id < 64 && mask & (1u64 << local_id) != 0 {
+                Decision::new(Reason::CountryDenied, 0)
+            } else {
+                Decision::new(Reason::CountryAllowed, 0)
+            }
+        }
+        None if local.flags & unknown_deny_flag != 0 => Decision::new(Reason::CountryUnknown, 0),
+        None => Decision::new(Reason::CountryUnknownAllowed, 0),
+    }
+}
+
+#[inline(always)]
+fn bridge_decision(bridges: Option<&BridgeSet>, proto: u8, port: u16, now_tai_ns: u64) -> Decision {
+    let Some(set) = bridges else {
+        return Decision::new(Reason::CrossDomain, 0);
+    };
+    let mut outside_window = 0u32;
+    // A fixed trip count keeps the verifier happy; `count` bounds the work.
+    for i in 0..MAX_BRIDGE_RULES {
+        if i as u32 >= set.count {
+            break;
+        }
+        let r = &set.rules[i];
+        if r.proto != proto || port < r.port_lo || port > r.port_hi {
+            continue;
+        }
+        if now_tai_ns >= r.not_before_tai_ns && now_tai_ns < r.expires_tai_ns {
+            return Decision::new(Reason::Bridge, r.bridge_id);
+        }
+        outside_window = r.bridge_id;
+    }
+    if outside_window != 0 {
+        Decision::new(Reason::BridgeOutsideWindow, outside_window)
+    } else {
+        Decision::new(Reason::CrossDomain, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{BridgeRule, DOMAIN_EXISTS, PROTO_TCP, PROTO_UDP};
+
+    const NEVER: u64 = u64::MAX;
+
+    fn dom(flags: u32) -> DomainRec {
+        DomainRec {
+            expires_tai_ns: NEVER,
+            flags: DOMAIN_EXISTS | flags,
+            _pad: 0,
+        }
+    }
+
+    fn bridge(proto: u8, lo: u16, hi: u16, nb: u64, exp: u64, id: u32) -> BridgeSet {
+        let mut s = BridgeSet {
+            count: 1,
+            ..Default::default()
+        };
+        s.rules[0] = BridgeRule {
+            not_before_tai_ns: nb,
+            expires_tai_ns: exp,
+            bridge_id: id,
+            port_lo: lo,
+            port_hi: hi,
+            proto,
+            _pad: [0; 7],
+        };
+        s
+    }
+
+    fn eg(
+        local: &DomainRec,
+        peer: u32,
+        b: Option<&BridgeSet>,
+        proto: u8,
+        port: u16,
+        now: u64,
+    ) -> Decision {
+        decide(Direction::Egress, 1, local, peer, b, proto, port, now, None)
+    }
+
+    #[test]
+    fn same_domain_allowed_other_domain_denied() {
+        let d = dom(0);
+        assert_eq!(eg(&d, 1, None, PROTO_TCP, 80, 5).reason, Reason::SameDomain);
+        let x = eg(&d, 2, None, PROTO_TCP, 80, 5);
+        assert!(!x.allow);
+        assert_eq!(x.reason, Reason::CrossDomain);
+        assert_eq!(eg(&d, 0, None, PROTO_TCP, 80, 5).reason, Reason::NoDomain);
+    }
+
+    #[test]
+    fn bridge_matches_proto_port_and_window() {
+        let d = dom(0);
+        let b = bridge(PROTO_TCP, 8000, 8100, 100, 200, 7);
+        let ok = eg(&d, 2, Some(&b), PROTO_TCP, 8050, 150);
+        assert!(ok.allow);
+        assert_eq!((ok.reason, ok.bridge_id), (Reason::Bridge, 7));
+        assert_eq!(
+            eg(&d, 2, Some(&b), PROTO_UDP, 8050, 150).reason,
+            Reason::CrossDomain
+        );
+        assert_eq!(
+            eg(&d, 2, Some(&b), PROTO_TCP, 8101, 150).reason,
+            Reason::CrossDomain
+        );
+        assert_eq!(
+            eg(&d, 2, Some(&b), PROTO_TCP, 7999, 150).reason,
+            Reason::CrossDomain
+        );
+        let early = eg(&d, 2, Some(&b), PROTO_TCP, 8000, 99);
+        assert_eq!(
+            (early.reason, early.bridge_id),
+            (Reason::BridgeOutsideWindow, 7)
+        );
+        // `expires` is exclusive: at that instant the bridge is closed.
+        assert_eq!(
+            eg(&d, 2, Some(&b), PROTO_TCP, 8100, 200).reason,
+            Reason::BridgeOutsideWindow
+        );
+    }
+
+    #[test]
+    fn expired_domain_reaches_nothing() {
+        let mut d = dom(0);
+        d.expires_tai_ns = 1000;
+        assert_eq!(
+            eg(&d, 1, None, PROTO_TCP, 1, 999).reason,
+            Reason::SameDomain
+        );
+        assert_eq!(
+            eg(&d, 1, None, PROTO_TCP, 1, 1000).reason,
+            Reason::DomainExpired
+        );
+        assert_eq!(
+            eg(&d, 0, None, PROTO_TCP, 1, 5000).reason,
+            Reason::DomainExpired
+        );
+    }
+
+    #[test]
+    fn geofence_applies_only_outside_domains() {
+        let d = dom(DOMAIN_EGRESS_GEO | DOMAIN_EGRESS_UNKNOWN_DENY);
+        let deny_me = GeoValue {
+            egress_deny: 1 << 1,
+            ingress_deny: 0,
+        };
+        let other = GeoValue {
+            egress_deny: 1 << 2,
+            ingress_deny: 0,
+        };
+        let r = |peer, g| decide(Direction::Egress, 1, &d, peer, None, PROTO_TCP, 443, 0, g).reason;
+        assert_eq!(r(0, Some(&deny_me)), Reason::CountryDenied);
+        assert_eq!(r(0, Some(&other)), Reason::CountryAllowed);
+        assert_eq!(r(0, None), Reason::CountryUnknown);
+        assert_eq!(r(1, Some(&deny_me)), Reason::SameDomain);
+        let open = dom(DOMAIN_EGRESS_GEO);
+        let r2 = decide(
+            Direction::Egress,
+            1,
+            &open,
+            0,
+            None,
+            PROTO_TCP,
+            443,
+            0,
+            None,
+        );
+        assert_eq!(r2.reason, Reason::CountryUnknownAllowed);
+        // The ingress side reads the ingress mask and flags only.
+        let ing = decide(
+            Direction::Ingress,
+            1,
+            &d,
+            0,
+            None,
+            PROTO_TCP,
+            443,
+            0,
+            Some(&deny_me),
+        );
+        assert_eq!(ing.reason, Reason::NoDomain);
+    }
+}

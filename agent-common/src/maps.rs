@@ -1,0 +1,294 @@
+//! Map names, sizes, keys and values shared by the kernel programs and the agent.
+//!
+//! Policy maps are double-buffered: every key carries a `slot` (0 or 1). The
+//! agent writes a new policy completely into the inactive slot and then
+//! flips [`State::generation`] in one 8-byte write; each program reads that
+//! word once per decision, so a decision never mixes two policies.
+
+/// Highest domain id + 1. Domain id 0 means "no domain"; ids are bit
+/// positions in the geo deny masks, so at most 63 domains.
+pub const MAX_DOMAINS: u32 = 64;
+/// Port/proto rules per (from, to) domain pair.
+pub const MAX_BRIDGE_RULES: usize = 16;
+/// Cgroup levels walked to find the nearest configured ancestor.
+pub const MAX_CGROUP_DEPTH: usize = 16;
+/// Configured cgroups per slot.
+pub const MAX_CGROUPS: u32 = 16 * 1024;
+/// Domain networks per family and slot.
+pub const MAX_NETWORKS: u32 = 64 * 1024;
+/// Merged geo prefixes per family and slot.
+pub const MAX_GEO_PREFIXES: u32 = 512 * 1024;
+/// Bridge (from, to) pairs per slot.
+pub const MAX_BRIDGE_PAIRS: u32 = 1024;
+/// Number of per-CPU counters; see [`counter_index`].
+pub const NUM_COUNTERS: u32 = 8 * crate::reason::REASON_SLOTS + 8;
+
+pub const MAP_STATE: &str = "BH_STATE";
+pub const MAP_CONFIG: &str = "BH_CONFIG";
+pub const MAP_CGROUPS: &str = "BH_CGROUPS";
+pub const MAP_DOMAINS: &str = "BH_DOMAINS";
+pub const MAP_NET4: &str = "BH_NET4";
+pub const MAP_NET6: &str = "BH_NET6";
+pub const MAP_GEO4: &str = "BH_GEO4";
+pub const MAP_GEO6: &str = "BH_GEO6";
+pub const MAP_BRIDGES: &str = "BH_BRIDGES";
+pub const MAP_SOCKS: &str = "BH_SOCKS";
+pub const MAP_EVENTS: &str = "BH_EVENTS";
+pub const MAP_COUNTERS: &str = "BH_COUNTERS";
+pub const MAP_RATE: &str = "BH_RATE";
+
+/// Counter slots after the per-hook reason rows.
+pub const COUNTER_EVENTS_WANTED: u32 = 8 * crate::reason::REASON_SLOTS;
+pub const COUNTER_EVENTS_RATE_LIMITED: u32 = COUNTER_EVENTS_WANTED + 1;
+pub const COUNTER_EVENTS_LOST: u32 = COUNTER_EVENTS_WANTED + 2;
+
+/// Index of the counter for one decision of `hook` with `reason`.
+pub const fn counter_index(hook: u8, reason: u8) -> u32 {
+    (hook as u32 & 7) * crate::reason::REASON_SLOTS + (reason as u32 % crate::reason::REASON_SLOTS)
+}
+
+/// The one word every program reads first. Slot in force = `generation & 1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub generation: u64,
+}
+
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+
+/// Per-slot policy settings (`BH_CONFIG[slot]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u32,
+    /// Events a cgroup may emit per second (token bucket refill); 0 = unlimited.
+    pub event_rate: u32,
+    /// Token bucket depth.
+    pub event_burst: u32,
+    pub _pad: u32,
+}
+
+/// `BH_CGROUPS` key: a configured cgroup (by id) in one slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+pub const DOMAIN_EXISTS: u32 = 1 << 0;
+/// `audit: all`: allowed connections are recorded too.
+pub const DOMAIN_AUDIT_ALL: u32 = 1 << 1;
+pub const DOMAIN_EGRESS_GEO: u32 = 1 << 2;
+pub const DOMAIN_INGRESS_GEO: u32 = 1 << 3;
+pub const DOMAIN_EGRESS_UNKNOWN_DENY: u32 = 1 << 4;
+pub const DOMAIN_INGRESS_UNKNOWN_DENY: u32 = 1 << 5;
+/// Raw IP and packet sockets are allowed to this domain's workloads.
+pub const DOMAIN_ALLOW_RAW: u32 = 1 << 6;
+
+/// `BH_DOMAINS[slot * MAX_DOMAINS + id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainRec {
+    /// `CLOCK_TAI` nanoseconds after which the domain reaches nothing;
+    /// `u64::MAX` for never.
+    pub expires_tai_ns: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// LPM key data for IPv4 maps: slot byte, then the address.
+pub type Net4Key = [u8; 5];
+/// LPM key data for IPv6 maps: slot byte, then the address.
+pub type Net6Key = [u8; 17];
+
+/// Builds the LPM data of a v4 key; the prefix length stored beside it is
+/// `8 + prefix` because the slot byte is matched first.
+pub const fn net4_key(slot: u8, addr: [u8; 4]) -> Net4Key {
+    [slot, addr[0], addr[1], addr[2], addr[3]]
+}
+
+pub fn net6_key(slot: u8, addr: [u8; 16]) -> Net6Key {
+    let mut k = [0u8; 17];
+    k[0] = slot;
+    let mut i = 0;
+    while i < 16 {
+        k[i + 1] = addr[i];
+        i += 1;
+    }
+    k
+}
+
+/// Value of `BH_NET4`/`BH_NET6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetValue {
+    pub domain: u32,
+}
+
+/// Value of `BH_GEO4`/`BH_GEO6`: a merged range with one verdict for every
+/// domain. Bit `d` set in a mask = domain `d` denies it in that direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GeoValue {
+    pub egress_deny: u64,
+    pub ingress_deny: u64,
+}
+
+/// `BH_BRIDGES` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BridgeKey {
+    pub slot: u32,
+    pub from: u16,
+    pub to: u16,
+}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// One proto/port-range rule of a bridge, with its validity window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeRule {
+    /// `CLOCK_TAI` ns; 0 = always started.
+    pub not_before_tai_ns: u64,
+    /// `CLOCK_TAI` ns; `u64::MAX` = never expires.
+    pub expires_tai_ns: u64,
+    /// Index into the agent's bridge-name table (events name the bridge).
+    pub bridge_id: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    pub _pad: [u8; 7],
+}
+
+/// All bridge rules from one domain to another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeSet {
+    pub count: u32,
+    pub _pad: u32,
+    pub rules: [BridgeRule; MAX_BRIDGE_RULES],
+}
+
+/// The socket connected or sent first: packets to its peer are the
+/// workload's own egress, packets from the peer are replies.
+pub const SOCK_INITIATOR: u64 = 1 << 0;
+
+/// Socket storage (`BH_SOCKS`). On a bound socket: the cgroup ancestry of
+/// its owner, so a connect to a local listener is decided by the listener's
+/// domain under whatever policy is in force at that moment. On a connecting
+/// socket: [`SOCK_INITIATOR`], so the packet hooks know the connection's
+/// direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockInfo {
+    /// `ancestors[i]` = cgroup id at level `i + 1`; 0 past the owner's depth.
+    pub ancestors: [u64; MAX_CGROUP_DEPTH],
+    pub flags: u64,
+}
+
+/// `BH_RATE` value: a per-cgroup token bucket for events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucket {
+    pub last_ns: u64,
+    /// Tokens scaled by 2^10 for sub-token refill precision.
+    pub tokens_milli: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no padding.
+    unsafe impl aya::Pod for State {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for CgroupKey {}
+    unsafe impl aya::Pod for DomainRec {}
+    unsafe impl aya::Pod for NetValue {}
+    unsafe impl aya::Pod for GeoValue {}
+    unsafe impl aya::Pod for BridgeKey {}
+    unsafe impl aya::Pod for BridgeRule {}
+    unsafe impl aya::Pod for BridgeSet {}
+    unsafe impl aya::Pod for SockInfo {}
+    unsafe impl aya::Pod for TokenBucket {}
+    unsafe impl aya::Pod for crate::event::Event {}
+}
+
+/// Loopback destinations are the host itself: no geo source places them,
+/// so the geofence leaves them to the listener's domain.
+pub const fn is_loopback_v4(addr: [u8; 4]) -> bool {
+    addr[0] == 127
+}
+
+pub const fn is_loopback_v6(addr: [u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 15 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    addr[15] == 1
+}
+
+/// `::ffff:a.b.c.d` → `a.b.c.d`: IPv4-mapped destinations are decided as IPv4.
+pub const fn v4_mapped(addr: [u8; 16]) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<State>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<CgroupKey>(), 16);
+        assert_eq!(size_of::<DomainRec>(), 16);
+        assert_eq!(size_of::<GeoValue>(), 16);
+        assert_eq!(size_of::<BridgeKey>(), 8);
+        assert_eq!(size_of::<BridgeRule>(), 32);
+        assert_eq!(size_of::<BridgeSet>(), 8 + 32 * MAX_BRIDGE_RULES);
+        assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8);
+        assert_eq!(size_of::<TokenBucket>(), 16);
+    }
+
+    #[test]
+    fn counter_indices_fit() {
+        const { assert!(counter_index(7, 31) < COUNTER_EVENTS_WANTED) };
+        const { assert!(COUNTER_EVENTS_LOST < NUM_COUNTERS) };
+    }
+
+    #[test]
+    fn address_classes() {
+        assert!(is_loopback_v4([127, 1, 2, 3]));
+        assert!(!is_loopback_v4([10, 0, 0, 1]));
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(is_loopback_v6(one));
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(v4_mapped(mapped), Some([10, 1, 2, 3]));
+        assert_eq!(v4_mapped(one), None);
+    }
+}

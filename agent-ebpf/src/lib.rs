@@ -1,0 +1,4 @@
+//! Empty on purpose: the agent's build script has a build-dependency on this
+//! crate so cargo rebuilds the agent whenever the kernel programs change;
+//! the programs themselves are the `bulkhead` binary target.
+#![no_std]

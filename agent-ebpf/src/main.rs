@@ -1,0 +1,796 @@
+//! bulkhead's kernel programs.
+//!
+//! The sock_addr hooks (`connect4/6`, `sendmsg4/6`) are the decision point:
+//! a denied `connect()`/`sendto()` fails at once with `EPERM` and no packet
+//! is sent. The skb hooks are the backstop for flows older than the policy
+//! and the ingress side. `sock_create` refuses raw sockets and `post_bind`
+//! records who owns a bound socket, so a connect to a local listener is
+//! decided by the listener's domain.
+//!
+//! Every program reads the policy generation once and uses its slot for all
+//! lookups, so a decision never mixes two policies.
+#![no_std]
+#![no_main]
+
+mod packet;
+
+use core::mem::{size_of, zeroed};
+
+use agent_common::{
+    Decision, Direction, Event, Hook, Reason, Verdict, decide,
+    event::{FAMILY_INET, FAMILY_INET6},
+    maps::{
+        BridgeKey, BridgeSet, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
+        COUNTER_EVENTS_WANTED, CgroupKey, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
+        DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, GeoValue, MAX_BRIDGE_PAIRS,
+        MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MAX_GEO_PREFIXES, MAX_NETWORKS, MODE_AUDIT,
+        NUM_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_INITIATOR, SockInfo, State, TokenBucket,
+        counter_index, is_loopback_v4, is_loopback_v6, net4_key, net6_key, v4_mapped,
+    },
+};
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, bpf_sock_tuple},
+    btf_maps::SkStorage,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_smp_processor_id,
+        bpf_ktime_get_tai_ns, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
+};
+
+use crate::packet::{Parsed, parse};
+
+#[map(name = "BH_STATE")]
+static BH_STATE: Array<State> = Array::pinned(1, 0);
+#[map(name = "BH_CONFIG")]
+static BH_CONFIG: Array<Config> = Array::pinned(2, 0);
+#[map(name = "BH_CGROUPS")]
+static BH_CGROUPS: HashMap<CgroupKey, u32> = HashMap::pinned(2 * MAX_CGROUPS, 0);
+#[map(name = "BH_DOMAINS")]
+static BH_DOMAINS: Array<DomainRec> = Array::pinned(2 * MAX_DOMAINS, 0);
+#[map(name = "BH_NET4")]
+static BH_NET4: LpmTrie<Net4Key, NetValue> = LpmTrie::pinned(2 * MAX_NETWORKS, 0);
+#[map(name = "BH_NET6")]
+static BH_NET6: LpmTrie<Net6Key, NetValue> = LpmTrie::pinned(2 * MAX_NETWORKS, 0);
+#[map(name = "BH_GEO4")]
+static BH_GEO4: LpmTrie<Net4Key, GeoValue> = LpmTrie::pinned(2 * MAX_GEO_PREFIXES, 0);
+#[map(name = "BH_GEO6")]
+static BH_GEO6: LpmTrie<Net6Key, GeoValue> = LpmTrie::pinned(2 * MAX_GEO_PREFIXES, 0);
+#[map(name = "BH_BRIDGES")]
+static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> = HashMap::pinned(2 * MAX_BRIDGE_PAIRS, 0);
+#[map(name = "BH_COUNTERS")]
+static BH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
+#[map(name = "BH_RATE")]
+static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 * 1024, 0);
+/// Sized by the agent at load time (`--ring-buffer-bytes`).
+#[map(name = "BH_EVENTS")]
+static BH_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+#[btf_map]
+static BH_SOCKS: SkStorage<SockInfo> = SkStorage::new();
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const SOCK_RAW: u32 = 3;
+/// `BPF_F_CURRENT_NETNS` as the helpers' u64 netns argument.
+const CURRENT_NETNS: u64 = 0xffff_ffff;
+
+/// One decision's facts, gathered by the hook and passed to [`finish`].
+struct Flow {
+    family: u8,
+    proto: u8,
+    hook: Hook,
+    /// Process context: pid/comm/uid mean something.
+    task: bool,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+/// The policy in force for this decision.
+struct Active {
+    generation: u64,
+    slot: u32,
+    config: Config,
+}
+
+#[inline(always)]
+fn active() -> Option<Active> {
+    let state = BH_STATE.get(0)?;
+    let generation = state.generation;
+    // No policy loaded yet (generation 0): nothing is in any domain.
+    if generation == 0 {
+        return None;
+    }
+    let slot = (generation & 1) as u32;
+    let config = *BH_CONFIG.get(slot)?;
+    Some(Active {
+        generation,
+        slot,
+        config,
+    })
+}
+
+/// The nearest configured ancestor of a cgroup, walking from the root down
+/// so the deepest match wins. `ancestor(level)` returns 0 past the leaf.
+#[inline(always)]
+fn domain_of(slot: u32, ancestor: impl Fn(i32) -> u64) -> u32 {
+    let mut found = 0;
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH as i32 {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        let key = CgroupKey {
+            cgroup_id: id,
+            slot,
+            _pad: 0,
+        };
+        if let Some(d) = unsafe { BH_CGROUPS.get(key) } {
+            found = *d;
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn domain_rec(slot: u32, id: u32) -> Option<&'static DomainRec> {
+    if id == 0 || id >= MAX_DOMAINS {
+        return None;
+    }
+    BH_DOMAINS.get(slot * MAX_DOMAINS + id)
+}
+
+#[inline(always)]
+fn current_domain(slot: u32) -> u32 {
+    domain_of(slot, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+#[inline(always)]
+fn net4(slot: u32, addr: [u8; 4]) -> u32 {
+    let key = Key::new(8 + 32, net4_key(slot as u8, addr));
+    BH_NET4.get(&key).map_or(0, |v| v.domain)
+}
+
+#[inline(always)]
+fn net6(slot: u32, addr: [u8; 16]) -> u32 {
+    let key = Key::new(8 + 128, net6_key(slot as u8, addr));
+    BH_NET6.get(&key).map_or(0, |v| v.domain)
+}
+
+#[inline(always)]
+fn geo4(slot: u32, addr: [u8; 4]) -> Option<&'static GeoValue> {
+    BH_GEO4.get(Key::new(8 + 32, net4_key(slot as u8, addr)))
+}
+
+#[inline(always)]
+fn geo6(slot: u32, addr: [u8; 16]) -> Option<&'static GeoValue> {
+    BH_GEO6.get(Key::new(8 + 128, net6_key(slot as u8, addr)))
+}
+
+fn to16(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[0] = a[0];
+    o[1] = a[1];
+    o[2] = a[2];
+    o[3] = a[3];
+    o
+}
+
+fn first4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+/// Domain of a peer address: its networks first, then (for a local
+/// listener) the domain of the socket that listens on it.
+#[inline(always)]
+fn peer_domain(slot: u32, family: u8, addr: &[u8; 16]) -> u32 {
+    if family == FAMILY_INET {
+        net4(slot, first4(addr))
+    } else {
+        net6(slot, *addr)
+    }
+}
+
+/// Finds the local socket a connect would reach and returns its owner's
+/// domain under the current policy; 0 when there is none or it has no owner.
+#[inline(always)]
+fn listener_domain(
+    ctx: &SockAddrContext,
+    slot: u32,
+    family: u8,
+    proto: u32,
+    dst: &[u8; 16],
+    dport: [u8; 2],
+) -> u32 {
+    let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
+    let size = if family == FAMILY_INET {
+        tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(first4(dst));
+        tuple.__bindgen_anon_1.ipv4.dport = u16::from_ne_bytes(dport);
+        12u32
+    } else {
+        // SAFETY: both are 16 plain bytes.
+        tuple.__bindgen_anon_1.ipv6.daddr =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*dst) };
+        tuple.__bindgen_anon_1.ipv6.dport = u16::from_ne_bytes(dport);
+        36u32
+    };
+    let sk = unsafe {
+        if proto == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.sock_addr.cast(), &mut tuple, size, CURRENT_NETNS, 0)
+        } else if proto == IPPROTO_UDP {
+            bpf_sk_lookup_udp(ctx.sock_addr.cast(), &mut tuple, size, CURRENT_NETNS, 0)
+        } else {
+            return 0;
+        }
+    };
+    if sk.is_null() {
+        return 0;
+    }
+    let owner = unsafe {
+        bpf_sk_storage_get(socks_map(), sk.cast(), core::ptr::null_mut(), 0) as *const SockInfo
+    };
+    let mut domain = 0;
+    if !owner.is_null() {
+        domain = domain_of(slot, |level| {
+            let i = (level - 1) as usize;
+            if i < MAX_CGROUP_DEPTH {
+                unsafe { (*owner).ancestors[i] }
+            } else {
+                0
+            }
+        });
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    domain
+}
+
+#[inline(always)]
+fn socks_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&BH_SOCKS).cast_mut().cast()
+}
+
+#[inline(always)]
+fn count(index: u32) -> u64 {
+    match BH_COUNTERS.get_ptr_mut(index) {
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    }
+}
+
+/// Token bucket per cgroup, so one noisy workload cannot drown the others'
+/// events. Races between CPUs only blur the rate a little.
+#[inline(always)]
+fn rate_ok(cfg: &Config, cgroup_id: u64, now: u64) -> bool {
+    if cfg.event_rate == 0 {
+        return true;
+    }
+    let rate = cfg.event_rate as u64;
+    let burst = (cfg.event_burst.max(1) as u64) << 10;
+    match BH_RATE.get_ptr_mut(cgroup_id) {
+        Some(b) => unsafe {
+            let elapsed = now.saturating_sub((*b).last_ns);
+            // tokens are scaled by 1024; cap elapsed so the product cannot overflow.
+            let refill = (elapsed.min(60_000_000_000) / 1000) * rate / 976;
+            let mut tokens = ((*b).tokens_milli + refill).min(burst);
+            (*b).last_ns = now;
+            if tokens < 1024 {
+                (*b).tokens_milli = tokens;
+                return false;
+            }
+            tokens -= 1024;
+            (*b).tokens_milli = tokens;
+            true
+        },
+        None => {
+            let b = TokenBucket {
+                last_ns: now,
+                tokens_milli: burst.saturating_sub(1024),
+            };
+            let _ = BH_RATE.insert(cgroup_id, b, 0);
+            true
+        }
+    }
+}
+
+/// Counts the decision, emits its event if it asks for one, and returns the
+/// program's return code.
+#[inline(always)]
+fn finish(
+    a: &Active,
+    dom_id: u32,
+    dom: &DomainRec,
+    peer: u32,
+    cgroup_id: u64,
+    d: Decision,
+    f: &Flow,
+) -> i32 {
+    count(counter_index(f.hook as u8, d.reason as u8));
+    let audit = a.config.mode == MODE_AUDIT;
+    let verdict = match (d.allow, audit) {
+        (true, _) => Verdict::Allow,
+        (false, true) => Verdict::WouldDeny,
+        (false, false) => Verdict::Deny,
+    };
+    // Denials and bridge crossings are always recorded; with `audit: all`,
+    // allowed connections too, but only from the connection-level hooks so
+    // it is one event per connect, not per packet.
+    let wants_event = !d.allow
+        || d.reason == Reason::Bridge && f.task
+        || (dom.flags & DOMAIN_AUDIT_ALL != 0 && f.task);
+    if wants_event {
+        emit(a, dom_id, peer, cgroup_id, d, verdict, f);
+    }
+    if verdict == Verdict::Deny {
+        DENY
+    } else {
+        ALLOW
+    }
+}
+
+#[inline(always)]
+fn emit(
+    a: &Active,
+    dom_id: u32,
+    peer: u32,
+    cgroup_id: u64,
+    d: Decision,
+    verdict: Verdict,
+    f: &Flow,
+) {
+    let seq = count(COUNTER_EVENTS_WANTED);
+    let now = unsafe { bpf_ktime_get_tai_ns() };
+    if !rate_ok(&a.config, cgroup_id, now) {
+        count(COUNTER_EVENTS_RATE_LIMITED);
+        return;
+    }
+    let Some(mut entry) = BH_EVENTS.reserve::<Event>(0) else {
+        count(COUNTER_EVENTS_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        (*e).ts_tai_ns = now;
+        (*e).seq = seq;
+        (*e).cgroup_id = cgroup_id;
+        (*e).generation = a.generation;
+        (*e).src_addr = f.src;
+        (*e).dst_addr = f.dst;
+        (*e).bridge_id = d.bridge_id;
+        (*e).src_port = f.sport;
+        (*e).dst_port = f.dport;
+        (*e).src_domain = dom_id as u16;
+        (*e).dst_domain = peer as u16;
+        (*e).family = f.family;
+        (*e).proto = f.proto;
+        (*e).hook = f.hook as u8;
+        (*e).verdict = verdict as u8;
+        (*e).reason = d.reason as u8;
+        (*e)._pad0 = 0;
+        (*e).cpu = bpf_get_smp_processor_id() as u16;
+        (*e)._pad = [0; 4];
+        (*e).comm = [0; 16];
+        if f.task {
+            (*e).pid_tgid = bpf_get_current_pid_tgid();
+            (*e).uid_gid = bpf_get_current_uid_gid();
+            let _ = bpf_get_current_comm((*e).comm.as_mut_ptr().cast(), 16);
+        } else {
+            (*e).pid_tgid = 0;
+            (*e).uid_gid = 0;
+        }
+    }
+    entry.submit(0);
+}
+
+/// The sock_addr decision shared by connect and sendmsg, v4 and v6.
+#[inline(always)]
+fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) -> i32 {
+    let Some(a) = active() else { return ALLOW };
+    let dom_id = current_domain(a.slot);
+    let Some(dom) = domain_rec(a.slot, dom_id) else {
+        return ALLOW;
+    };
+    let sa = unsafe { &*ctx.sock_addr };
+    let proto = sa.protocol;
+    let dport = (sa.user_port as u16).to_ne_bytes();
+    // The verifier refuses `user_ip6` reads in v4 programs (and vice versa),
+    // so the family is fixed per program, not read from the context.
+    let (family, dst, hook) = if !V6 {
+        (FAMILY_INET, to16(sa.user_ip4.to_ne_bytes()), hook4)
+    } else {
+        let raw = user_ip6(sa);
+        match v4_mapped(raw) {
+            Some(v4) => (FAMILY_INET, to16(v4), hook6),
+            None => (FAMILY_INET6, raw, hook6),
+        }
+    };
+    let mut peer = peer_domain(a.slot, family, &dst);
+    if peer == 0 {
+        peer = listener_domain(ctx, a.slot, family, proto, &dst, dport);
+    }
+    let port = u16::from_be_bytes(dport);
+    let f = Flow {
+        family,
+        proto: proto as u8,
+        hook,
+        task: true,
+        src: [0; 16],
+        dst,
+        sport: [0; 2],
+        dport,
+    };
+    let mut d = decide_flow(
+        &a,
+        dom_id,
+        dom,
+        peer,
+        Direction::Egress,
+        proto as u8,
+        port,
+        &dst,
+        family,
+    );
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if !d.allow && peer != 0 && peer != dom_id && is_sendmsg(hook) {
+        // A datagram server answering a client that reached it over a
+        // bridge peer → local: the bridge covers the server's own port.
+        let local_port = unsafe { (*sk).src_port } as u16;
+        let back = decide_flow(
+            &a,
+            dom_id,
+            dom,
+            peer,
+            Direction::Ingress,
+            proto as u8,
+            local_port,
+            &dst,
+            family,
+        );
+        if back.allow {
+            d = back;
+        }
+    }
+    let rc = finish(
+        &a,
+        dom_id,
+        dom,
+        peer,
+        unsafe { bpf_get_current_cgroup_id() },
+        d,
+        &f,
+    );
+    if rc == ALLOW {
+        mark_initiator(sk);
+    }
+    rc
+}
+
+/// The context only allows 4-byte loads of `user_ip6`: read word by word.
+#[inline(always)]
+fn user_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = unsafe { core::ptr::read_volatile(&sa.user_ip6[i]) }.to_ne_bytes();
+        out[i * 4] = w[0];
+        out[i * 4 + 1] = w[1];
+        out[i * 4 + 2] = w[2];
+        out[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn is_sendmsg(hook: Hook) -> bool {
+    matches!(hook, Hook::Sendmsg4 | Hook::Sendmsg6)
+}
+
+/// Flags the socket as the side that started the conversation, so the
+/// packet hooks judge its traffic by the egress rules.
+#[inline(always)]
+fn mark_initiator(sk: *mut bpf_sock) {
+    let mut init: SockInfo = unsafe { zeroed() };
+    init.flags = SOCK_INITIATOR;
+    let p = unsafe {
+        bpf_sk_storage_get(
+            socks_map(),
+            sk.cast(),
+            (&mut init as *mut SockInfo).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        ) as *mut SockInfo
+    };
+    if !p.is_null() {
+        unsafe { (*p).flags |= SOCK_INITIATOR };
+    }
+}
+
+/// Whether the socket behind a packet started its conversation.
+#[inline(always)]
+fn skb_initiator(ctx: &SkBuffContext) -> bool {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return false;
+    }
+    let p = unsafe {
+        bpf_sk_storage_get(socks_map(), full.cast(), core::ptr::null_mut(), 0) as *const SockInfo
+    };
+    !p.is_null() && unsafe { (*p).flags } & SOCK_INITIATOR != 0
+}
+
+/// Looks up bridges and geo only when the decision needs them.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
+fn decide_flow(
+    a: &Active,
+    dom_id: u32,
+    dom: &DomainRec,
+    peer: u32,
+    dir: Direction,
+    proto: u8,
+    service_port: u16,
+    peer_addr: &[u8; 16],
+    family: u8,
+) -> Decision {
+    let now = unsafe { bpf_ktime_get_tai_ns() };
+    let mut bridges: Option<&BridgeSet> = None;
+    if peer != 0 && peer != dom_id {
+        let (from, to) = match dir {
+            Direction::Egress => (dom_id, peer),
+            Direction::Ingress => (peer, dom_id),
+        };
+        let key = BridgeKey {
+            slot: a.slot,
+            from: from as u16,
+            to: to as u16,
+        };
+        bridges = unsafe { BH_BRIDGES.get(key) };
+    }
+    let mut local = *dom;
+    let mut geo = None;
+    if peer == 0 {
+        let loopback = if family == FAMILY_INET {
+            is_loopback_v4(first4(peer_addr))
+        } else {
+            is_loopback_v6(*peer_addr)
+        };
+        if loopback {
+            local.flags &= !(DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO);
+        } else if local.flags & (DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO) != 0 {
+            geo = if family == FAMILY_INET {
+                geo4(a.slot, first4(peer_addr))
+            } else {
+                geo6(a.slot, *peer_addr)
+            };
+        }
+    }
+    decide(
+        dir,
+        dom_id,
+        &local,
+        peer,
+        bridges,
+        proto,
+        service_port,
+        now,
+        geo,
+    )
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn bh_connect4(ctx: SockAddrContext) -> i32 {
+    sock_addr::<false>(&ctx, Hook::Connect4, Hook::Connect6)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn bh_connect6(ctx: SockAddrContext) -> i32 {
+    sock_addr::<true>(&ctx, Hook::Connect4, Hook::Connect6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_addr::<false>(&ctx, Hook::Sendmsg4, Hook::Sendmsg6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn bh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_addr::<true>(&ctx, Hook::Sendmsg4, Hook::Sendmsg6)
+}
+
+/// Raw IP sockets would bypass the sock_addr hooks: domain workloads may
+/// not open them unless their domain allows it.
+#[cgroup_sock(sock_create)]
+pub fn bh_sock_create(ctx: SockContext) -> i32 {
+    let sk = unsafe { &*ctx.sock };
+    if sk.type_ != SOCK_RAW {
+        return ALLOW;
+    }
+    let Some(a) = active() else { return ALLOW };
+    let dom_id = current_domain(a.slot);
+    let Some(dom) = domain_rec(a.slot, dom_id) else {
+        return ALLOW;
+    };
+    if dom.flags & DOMAIN_ALLOW_RAW != 0 {
+        return ALLOW;
+    }
+    let d = Decision {
+        allow: false,
+        reason: Reason::RawSocketDenied,
+        bridge_id: 0,
+    };
+    let f = Flow {
+        family: sk.family as u8,
+        proto: sk.protocol as u8,
+        hook: Hook::SockCreate,
+        task: true,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: [0; 2],
+        dport: [0; 2],
+    };
+    finish(
+        &a,
+        dom_id,
+        dom,
+        0,
+        unsafe { bpf_get_current_cgroup_id() },
+        d,
+        &f,
+    )
+}
+
+/// Records the owner's cgroup ancestry on every bound socket so connects
+/// to it can be decided by its domain.
+#[inline(always)]
+fn record_owner(ctx: &SockContext) -> i32 {
+    let mut owner: SockInfo = unsafe { zeroed() };
+    let mut i = 0;
+    while i < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(i as i32 + 1) };
+        if id == 0 {
+            break;
+        }
+        owner.ancestors[i] = id;
+        i += 1;
+    }
+    let p = unsafe {
+        bpf_sk_storage_get(
+            socks_map(),
+            ctx.sock.cast(),
+            (&mut owner as *mut SockInfo).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        ) as *mut SockInfo
+    };
+    if !p.is_null() {
+        // An entry may exist already (seeded by the agent for a socket that
+        // predates it): the binder's ancestry wins, its flags stay.
+        unsafe { (*p).ancestors = owner.ancestors };
+    }
+    ALLOW
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn bh_post_bind4(ctx: SockContext) -> i32 {
+    record_owner(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn bh_post_bind6(ctx: SockContext) -> i32 {
+    record_owner(&ctx)
+}
+
+/// The packet-level check, for both directions.
+#[inline(always)]
+fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
+    let Some(a) = active() else { return ALLOW };
+    let skb_ptr = ctx.skb.skb;
+    let dom_id = domain_of(a.slot, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb_ptr, level)
+    });
+    let Some(dom) = domain_rec(a.slot, dom_id) else {
+        return ALLOW;
+    };
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb_ptr) };
+    let hook = match dir {
+        Direction::Egress => Hook::SkbEgress,
+        Direction::Ingress => Hook::SkbIngress,
+    };
+    let p: Parsed = match parse(ctx) {
+        Some(p) => p,
+        None => {
+            let d = Decision {
+                allow: false,
+                reason: Reason::Unparsable,
+                bridge_id: 0,
+            };
+            let f = Flow {
+                family: 0,
+                proto: 0,
+                hook,
+                task: false,
+                src: [0; 16],
+                dst: [0; 16],
+                sport: [0; 2],
+                dport: [0; 2],
+            };
+            return finish(&a, dom_id, dom, 0, cgroup_id, d, &f);
+        }
+    };
+    let (peer_addr, peer_port, local_port) = match dir {
+        Direction::Egress => (&p.dst, p.dport, p.sport),
+        Direction::Ingress => (&p.src, p.sport, p.dport),
+    };
+    // Judge the packet by who started the conversation: the workload's own
+    // connections by its egress rules (bridge local → peer on the peer's
+    // port), everything else by its ingress rules (bridge peer → local on
+    // the workload's port). Replies then pass exactly when the opening did.
+    let (conn_dir, service_port) = if skb_initiator(ctx) {
+        (Direction::Egress, peer_port)
+    } else {
+        (Direction::Ingress, local_port)
+    };
+    // Loopback packets were decided at connect time, where the listener's
+    // domain is known; here the peer address has no domain.
+    let peer = peer_domain(a.slot, p.family, peer_addr);
+    let d = decide_flow(
+        &a,
+        dom_id,
+        dom,
+        peer,
+        conn_dir,
+        p.proto,
+        u16::from_be_bytes(service_port),
+        peer_addr,
+        p.family,
+    );
+    let f = Flow {
+        family: p.family,
+        proto: p.proto,
+        hook,
+        task: false,
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+    };
+    finish(&a, dom_id, dom, peer, cgroup_id, d, &f)
+}
+
+#[cgroup_skb(egress)]
+pub fn bh_egress(ctx: SkBuffContext) -> i32 {
+    skb(&ctx, Direction::Egress)
+}
+
+#[cgroup_skb(ingress)]
+pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
+    skb(&ctx, Direction::Ingress)
+}
+
+const _: () = assert!(size_of::<Event>() == agent_common::event::EVENT_SIZE);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

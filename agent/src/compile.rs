@@ -1,0 +1,219 @@
+//! A validated policy + geo sources + the live cgroup tree → the exact
+//! contents of one slot of the kernel's policy maps.
+
+use std::{collections::BTreeMap, path::Path};
+
+use agent_common::maps::{
+    BridgeRule, BridgeSet, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL, DOMAIN_EGRESS_GEO,
+    DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_EXISTS, DOMAIN_INGRESS_GEO, DOMAIN_INGRESS_UNKNOWN_DENY,
+    DomainRec, MAX_BRIDGE_RULES, MODE_AUDIT, MODE_ENFORCE,
+};
+use anyhow::{Result, bail};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::{
+    cgroup,
+    geo::{CompiledGeo, DomainGeo, GeoDb},
+    policy::{AuditLevel, Mode, Policy, UnknownCountry},
+};
+
+/// Event settings that live beside the policy in the kernel config.
+#[derive(Clone, Copy, Debug)]
+pub struct EventLimits {
+    /// Events per second per cgroup; 0 = unlimited.
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// A bridge as the agent names it in events: policy bridges first, then
+/// just-in-time ones; `bridge_id` in the kernel is `index + 1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeName {
+    pub name: String,
+    pub reason: String,
+}
+
+pub struct Compiled {
+    pub config: Config,
+    /// `(domain id, record)` for ids 1..=n.
+    pub domains: Vec<(u32, DomainRec)>,
+    /// `(cgroup id, domain id, path)` of every existing cgroup a pattern names.
+    pub cgroups: Vec<(u64, u32, String)>,
+    pub net4: Vec<(Ipv4Net, u32)>,
+    pub net6: Vec<(Ipv6Net, u32)>,
+    pub geo: CompiledGeo,
+    pub bridges: BTreeMap<(u16, u16), BridgeSet>,
+    pub bridge_names: Vec<BridgeName>,
+    pub domain_names: Vec<String>,
+}
+
+/// Offset from the Unix clock to `CLOCK_TAI`, which the kernel programs
+/// read (`bpf_ktime_get_tai_ns`) so time windows follow wall-clock time.
+pub fn tai_offset_ns() -> i64 {
+    fn now(clock: libc::clockid_t) -> i128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    }
+    let d = now(libc::CLOCK_TAI) - now(libc::CLOCK_REALTIME);
+    // Round to whole seconds: the offset is a leap-second count.
+    ((d + 500_000_000).div_euclid(1_000_000_000) * 1_000_000_000) as i64
+}
+
+pub fn to_tai(unix_ns: Option<i64>, offset: i64, none: u64) -> u64 {
+    match unix_ns {
+        Some(t) => t.saturating_add(offset).max(0) as u64,
+        None => none,
+    }
+}
+
+pub fn compile(
+    policy: &Policy,
+    geo: &GeoDb,
+    cgroup_mount: &Path,
+    limits: EventLimits,
+    tai: i64,
+) -> Result<Compiled> {
+    let config = Config {
+        mode: match policy.mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Audit => MODE_AUDIT,
+        },
+        event_rate: limits.rate,
+        event_burst: limits.burst,
+        _pad: 0,
+    };
+
+    let mut domains = Vec::new();
+    let mut cgroups = Vec::new();
+    let mut net4 = Vec::new();
+    let mut net6 = Vec::new();
+    let mut geo_rules = Vec::new();
+    for (i, d) in policy.domains.iter().enumerate() {
+        let id = i as u32 + 1;
+        let mut flags = DOMAIN_EXISTS;
+        if d.audit == AuditLevel::All {
+            flags |= DOMAIN_AUDIT_ALL;
+        }
+        if d.allow_raw_sockets {
+            flags |= DOMAIN_ALLOW_RAW;
+        }
+        if let Some(r) = &d.egress {
+            flags |= DOMAIN_EGRESS_GEO;
+            if r.unknown_country == UnknownCountry::Deny {
+                flags |= DOMAIN_EGRESS_UNKNOWN_DENY;
+            }
+        }
+        if let Some(r) = &d.ingress {
+            flags |= DOMAIN_INGRESS_GEO;
+            if r.unknown_country == UnknownCountry::Deny {
+                flags |= DOMAIN_INGRESS_UNKNOWN_DENY;
+            }
+        }
+        domains.push((
+            id,
+            DomainRec {
+                expires_tai_ns: to_tai(d.expires, tai, u64::MAX),
+                flags,
+                _pad: 0,
+            },
+        ));
+        for pattern in &d.cgroups {
+            for (path, cg) in cgroup::resolve(cgroup_mount, pattern) {
+                cgroups.push((cg, id, path));
+            }
+        }
+        for n in &d.networks {
+            match n {
+                IpNet::V4(n) => net4.push((*n, id)),
+                IpNet::V6(n) => match v4_mapped_net(n) {
+                    // IPv4-mapped networks are decided as IPv4.
+                    Some(v4) => net4.push((v4, id)),
+                    None => net6.push((*n, id)),
+                },
+            }
+        }
+        if d.egress.is_some() || d.ingress.is_some() {
+            geo_rules.push(DomainGeo {
+                id,
+                egress: d.egress.clone(),
+                ingress: d.ingress.clone(),
+            });
+        }
+    }
+
+    let mut bridges: BTreeMap<(u16, u16), BridgeSet> = BTreeMap::new();
+    let mut bridge_names = Vec::new();
+    for (i, b) in policy.bridges.iter().enumerate() {
+        let bridge_id = i as u32 + 1;
+        bridge_names.push(BridgeName {
+            name: b.name.clone(),
+            reason: b.reason.clone(),
+        });
+        let from = b.from as u16 + 1;
+        let to = b.to as u16 + 1;
+        let set = bridges.entry((from, to)).or_default();
+        for p in &b.ports {
+            let n = set.count as usize;
+            if n >= MAX_BRIDGE_RULES {
+                bail!(
+                    "more than {MAX_BRIDGE_RULES} port rules between {} and {}",
+                    policy.domains[b.from].name,
+                    policy.domains[b.to].name
+                );
+            }
+            set.rules[n] = BridgeRule {
+                not_before_tai_ns: to_tai(b.not_before, tai, 0),
+                expires_tai_ns: to_tai(b.expires, tai, u64::MAX),
+                bridge_id,
+                port_lo: p.lo,
+                port_hi: p.hi,
+                proto: p.proto.number(),
+                _pad: [0; 7],
+            };
+            set.count += 1;
+        }
+    }
+
+    Ok(Compiled {
+        config,
+        domains,
+        cgroups,
+        net4,
+        net6,
+        geo: geo.compile(&geo_rules),
+        bridges,
+        bridge_names,
+        domain_names: policy.domains.iter().map(|d| d.name.clone()).collect(),
+    })
+}
+
+fn v4_mapped_net(n: &Ipv6Net) -> Option<Ipv4Net> {
+    let v4 = n.addr().to_ipv4_mapped()?;
+    let len = n.prefix_len().checked_sub(96)?;
+    Ipv4Net::new(v4, len).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tai_conversion_saturates() {
+        assert_eq!(to_tai(None, 37, u64::MAX), u64::MAX);
+        assert_eq!(to_tai(Some(100), 37, 0), 137);
+        assert_eq!(to_tai(Some(-1000), 37, 0), 0);
+    }
+
+    #[test]
+    fn mapped_networks_become_v4() {
+        let n: Ipv6Net = "::ffff:10.1.0.0/112".parse().unwrap();
+        assert_eq!(v4_mapped_net(&n), Some("10.1.0.0/16".parse().unwrap()));
+        let n: Ipv6Net = "fd00::/48".parse().unwrap();
+        assert_eq!(v4_mapped_net(&n), None);
+    }
+}

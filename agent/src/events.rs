@@ -1,0 +1,352 @@
+//! Kernel events → enriched JSON lines.
+//!
+//! The kernel writes bare ids (cgroup id, domain ids, bridge id, generation);
+//! the agent turns them into names with the tables of the generation that
+//! made the decision, so an event is named by the policy that decided it
+//! even when a reload happened in between.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use agent_common::{
+    Event, Hook, Reason, Verdict,
+    event::{EVENT_SIZE, FAMILY_INET, FAMILY_INET6},
+};
+use serde::Serialize;
+
+use crate::{cgroup::PathCache, compile::BridgeName, geo::GeoDb};
+
+/// Names for one policy generation.
+pub struct Generation {
+    pub domain_names: Vec<String>,
+    pub bridge_names: Vec<BridgeName>,
+    pub geo: Arc<GeoDb>,
+}
+
+/// One decision as users see it (`--json`, the events log, the store).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Record {
+    pub ts: String,
+    pub verdict: String,
+    pub reason: String,
+    pub hook: String,
+    pub proto: String,
+    pub src: Option<String>,
+    pub sport: Option<u16>,
+    pub dst: Option<String>,
+    pub dport: Option<u16>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub src_domain: Option<String>,
+    pub dst_domain: Option<String>,
+    pub country: Option<String>,
+    pub geo_source: Option<String>,
+    pub bridge: Option<String>,
+    pub generation: u64,
+    pub seq: u64,
+    pub cpu: u16,
+}
+
+pub struct Enricher {
+    paths: PathCache,
+    generations: BTreeMap<u64, Arc<Generation>>,
+    tai_offset_ns: i64,
+    /// Last sequence number seen per CPU, to report gaps.
+    last_seq: HashMap<u16, u64>,
+    pub gaps: u64,
+}
+
+/// Keep names for this many past generations: events decided under them may
+/// still be in the ring buffer after a reload.
+const KEEP_GENERATIONS: usize = 8;
+
+pub fn decode(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < EVENT_SIZE {
+        return None;
+    }
+    // SAFETY: Event is repr(C) plain data of EVENT_SIZE bytes; any bit
+    // pattern is valid; read_unaligned copes with the ring's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        FAMILY_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+        _ => None,
+    }
+}
+
+/// `CLOCK_TAI` ns → RFC 3339 UTC with nanoseconds.
+pub fn format_ts(tai_ns: u64, tai_offset_ns: i64) -> String {
+    let unix = tai_ns as i128 - tai_offset_ns as i128;
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{unix}"))
+}
+
+pub fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        255 => "raw".into(),
+        n => n.to_string(),
+    }
+}
+
+impl Enricher {
+    pub fn new(paths: PathCache, tai_offset_ns: i64) -> Self {
+        Enricher {
+            paths,
+            generations: BTreeMap::new(),
+            tai_offset_ns,
+            last_seq: HashMap::new(),
+            gaps: 0,
+        }
+    }
+
+    pub fn add_generation(&mut self, generation: u64, g: Generation) {
+        self.generations.insert(generation, Arc::new(g));
+        while self.generations.len() > KEEP_GENERATIONS {
+            self.generations.pop_first();
+        }
+    }
+
+    pub fn paths(&mut self) -> &mut PathCache {
+        &mut self.paths
+    }
+
+    /// Notes the event's sequence number; returns how many events of its CPU
+    /// were not delivered since the previous one (rate limited or lost).
+    pub fn gap(&mut self, e: &Event) -> u64 {
+        let prev = self.last_seq.insert(e.cpu, e.seq);
+        match prev {
+            Some(p) if e.seq > p + 1 => {
+                self.gaps += e.seq - p - 1;
+                e.seq - p - 1
+            }
+            _ => 0,
+        }
+    }
+
+    pub fn enrich(&mut self, e: &Event) -> Record {
+        let g = self.generations.get(&e.generation).cloned();
+        let name = |id: u16| -> Option<String> {
+            if id == 0 {
+                return None;
+            }
+            Some(match &g {
+                Some(g) => g
+                    .domain_names
+                    .get(id as usize - 1)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{id}")),
+                None => format!("#{id}"),
+            })
+        };
+        let hook = Hook::from_code(e.hook);
+        let ingress = hook == Some(Hook::SkbIngress);
+        // The kernel reports (workload, peer); users read (src, dst).
+        let (src_domain, dst_domain) = if ingress {
+            (name(e.dst_domain), name(e.src_domain))
+        } else {
+            (name(e.src_domain), name(e.dst_domain))
+        };
+        let src = addr(e.family, &e.src_addr).filter(|_| e.src_addr != [0; 16]);
+        let dst = addr(e.family, &e.dst_addr).filter(|_| e.dst_addr != [0; 16]);
+        let peer = if ingress { src } else { dst };
+        let (country, geo_source) = match (peer, &g) {
+            (Some(ip), Some(g)) => match g.geo.lookup(ip) {
+                Some(hit) => (
+                    Some(String::from_utf8_lossy(&hit.country).into_owned()),
+                    g.geo
+                        .sources()
+                        .get(hit.source)
+                        .map(|s| s.path.display().to_string()),
+                ),
+                None => (None, None),
+            },
+            _ => (None, None),
+        };
+        let bridge = if e.bridge_id == 0 {
+            None
+        } else {
+            Some(
+                match g
+                    .as_ref()
+                    .and_then(|g| g.bridge_names.get(e.bridge_id as usize - 1))
+                {
+                    Some(b) => b.name.clone(),
+                    None => format!("#{}", e.bridge_id),
+                },
+            )
+        };
+        let task = e.pid_tgid != 0;
+        let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+        let port = |p: [u8; 2]| Some(u16::from_be_bytes(p)).filter(|p| *p != 0);
+        Record {
+            ts: format_ts(e.ts_tai_ns, self.tai_offset_ns),
+            verdict: Verdict::from_code(e.verdict)
+                .map_or_else(|| e.verdict.to_string(), |v| v.name().into()),
+            reason: Reason::from_code(e.reason)
+                .map_or_else(|| e.reason.to_string(), |r| r.name().into()),
+            hook: hook.map_or_else(|| e.hook.to_string(), |h| h.name().into()),
+            proto: proto_name(e.proto),
+            src: src.map(|a| a.to_string()),
+            sport: port(e.src_port),
+            dst: dst.map(|a| a.to_string()),
+            dport: port(e.dst_port),
+            pid: task.then_some((e.pid_tgid >> 32) as u32),
+            comm: task.then(|| String::from_utf8_lossy(&e.comm[..comm_len]).into_owned()),
+            uid: task.then_some(e.uid_gid as u32),
+            cgroup: self
+                .paths
+                .path(e.cgroup_id)
+                .unwrap_or_else(|| format!("<gone:{}>", e.cgroup_id)),
+            cgroup_id: e.cgroup_id,
+            src_domain,
+            dst_domain,
+            country,
+            geo_source,
+            bridge,
+            generation: e.generation,
+            seq: e.seq,
+            cpu: e.cpu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen_names() -> Generation {
+        Generation {
+            domain_names: vec!["contractor".into(), "prod".into()],
+            bridge_names: vec![BridgeName {
+                name: "ci".into(),
+                reason: "T-1".into(),
+            }],
+            geo: Arc::new(GeoDb::empty()),
+        }
+    }
+
+    #[test]
+    fn decodes_and_names_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
+        en.add_generation(3, gen_names());
+        let mut e = Event {
+            generation: 3,
+            family: FAMILY_INET,
+            proto: 6,
+            hook: Hook::Connect4 as u8,
+            ..Default::default()
+        };
+        e.verdict = Verdict::Deny as u8;
+        e.reason = Reason::CrossDomain as u8;
+        e.dst_addr[..4].copy_from_slice(&[10, 40, 0, 7]);
+        e.dst_port = 443u16.to_be_bytes();
+        e.src_domain = 1;
+        e.dst_domain = 2;
+        e.pid_tgid = (4242u64 << 32) | 4242;
+        e.comm[..4].copy_from_slice(b"curl");
+        e.ts_tai_ns = 1_700_000_000_000_000_000;
+        e.cgroup_id = 999_999_999;
+        // SAFETY: Event is plain data.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&e as *const Event).cast::<u8>(), EVENT_SIZE) };
+        let d = decode(bytes).unwrap();
+        let r = en.enrich(&d);
+        assert_eq!(r.verdict, "deny");
+        assert_eq!(r.reason, "cross-domain");
+        assert_eq!(r.dst.as_deref(), Some("10.40.0.7"));
+        assert_eq!(r.dport, Some(443));
+        assert_eq!(r.src, None);
+        assert_eq!(r.src_domain.as_deref(), Some("contractor"));
+        assert_eq!(r.dst_domain.as_deref(), Some("prod"));
+        assert_eq!(r.pid, Some(4242));
+        assert_eq!(r.comm.as_deref(), Some("curl"));
+        assert_eq!(r.cgroup, "<gone:999999999>");
+        assert_eq!(r.ts, "2023-11-14T22:13:20Z");
+        let json = serde_json::to_string(&r).unwrap();
+        for key in [
+            "\"ts\"",
+            "\"verdict\"",
+            "\"reason\"",
+            "\"hook\"",
+            "\"proto\"",
+            "\"src\"",
+            "\"sport\"",
+            "\"dst\"",
+            "\"dport\"",
+            "\"pid\"",
+            "\"comm\"",
+            "\"uid\"",
+            "\"cgroup\"",
+            "\"src_domain\"",
+            "\"dst_domain\"",
+            "\"country\"",
+            "\"bridge\"",
+            "\"generation\"",
+        ] {
+            assert!(json.contains(key), "{key} missing in {json}");
+        }
+    }
+
+    #[test]
+    fn ingress_events_name_the_peer_as_source_and_gaps_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
+        en.add_generation(1, gen_names());
+        let e = Event {
+            generation: 1,
+            hook: Hook::SkbIngress as u8,
+            src_domain: 2,
+            dst_domain: 1,
+            bridge_id: 1,
+            ..Default::default()
+        };
+        let r = en.enrich(&e);
+        assert_eq!(r.src_domain.as_deref(), Some("contractor"));
+        assert_eq!(r.dst_domain.as_deref(), Some("prod"));
+        assert_eq!(r.bridge.as_deref(), Some("ci"));
+        assert_eq!(
+            en.gap(&Event {
+                cpu: 0,
+                seq: 1,
+                ..Default::default()
+            }),
+            0
+        );
+        assert_eq!(
+            en.gap(&Event {
+                cpu: 0,
+                seq: 5,
+                ..Default::default()
+            }),
+            3
+        );
+        assert_eq!(
+            en.gap(&Event {
+                cpu: 1,
+                seq: 9,
+                ..Default::default()
+            }),
+            0
+        );
+        assert_eq!(en.gaps, 3);
+    }
+}

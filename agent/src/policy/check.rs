@@ -1,0 +1,903 @@
+//! From the YAML tree to a [`Policy`], collecting every problem on the way.
+//!
+//! Each field is checked on its own and a bad one only adds a message (the
+//! value falls back to a default), so one run reports all problems. The
+//! policy is returned only when there were none.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use agent_common::maps::{MAX_BRIDGE_RULES, MAX_DOMAINS};
+use ipnet::IpNet;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::model::*;
+use super::yaml::{Kind, Node, Pos};
+use super::{country, glob};
+
+/// Domain ids are 1..=63: id 0 means "no domain" and ids are bit positions
+/// in the kernel's 64-bit geo masks.
+const MAX_DOMAIN_COUNT: usize = MAX_DOMAINS as usize - 1;
+const MAX_NAME_LEN: usize = 63;
+
+pub(super) fn policy(
+    root: &Node,
+    path: &Path,
+    sha256: String,
+) -> Result<Policy, Vec<(Pos, String)>> {
+    let mut cx = Checker::default();
+    let policy = cx.top(root, path, sha256);
+    if cx.problems.is_empty() {
+        Ok(policy)
+    } else {
+        Err(cx.problems)
+    }
+}
+
+#[derive(Default)]
+struct Checker {
+    problems: Vec<(Pos, String)>,
+    /// Kept with their positions for the checks across domains.
+    networks: Vec<Located<IpNet>>,
+    cgroups: Vec<Located<String>>,
+}
+
+struct Located<T> {
+    value: T,
+    pos: Pos,
+    domain: usize,
+}
+
+/// A bridge with what [`Checker::bridges`] needs to check bridges together.
+struct Checked {
+    bridge: Bridge,
+    /// Where its name is, if it has a valid one (for duplicates).
+    name_pos: Option<Pos>,
+    /// Where its ports are, if both ends are valid (for the per-pair limit).
+    ports_pos: Option<Pos>,
+}
+
+/// The entries of a YAML mapping that stands for a struct.
+struct Fields<'a> {
+    pos: Pos,
+    /// Key, where the key is, value.
+    entries: Vec<(&'a str, Pos, &'a Node)>,
+}
+
+impl<'a> Fields<'a> {
+    /// An optional field; an explicit null (`expires:`) counts as absent.
+    fn get(&self, name: &str) -> Option<&'a Node> {
+        self.entries
+            .iter()
+            .find(|(key, _, node)| *key == name && !matches!(node.kind, Kind::Null))
+            .map(|(_, _, node)| *node)
+    }
+}
+
+impl Checker {
+    fn problem(&mut self, pos: Pos, message: impl Into<String>) {
+        self.problems.push((pos, message.into()));
+    }
+
+    fn top(&mut self, root: &Node, path: &Path, sha256: String) -> Policy {
+        let mut policy = Policy {
+            path: path.to_owned(),
+            sha256,
+            version: 1,
+            mode: Mode::Enforce,
+            geo: GeoSources::default(),
+            domains: Vec::new(),
+            bridges: Vec::new(),
+        };
+        if matches!(root.kind, Kind::Null) {
+            self.problem(
+                Pos::START,
+                "the policy is empty (expected `version: 1` and `domains:`)",
+            );
+            return policy;
+        }
+        let known = ["version", "mode", "geo", "domains", "bridges"];
+        let Some(top) = self.fields(root, "the policy", &known) else {
+            return policy;
+        };
+
+        if let Some(node) = self.required(&top, "version") {
+            match node.kind {
+                Kind::Int(1) => {}
+                Kind::Int(v) => {
+                    self.problem(
+                        node.pos,
+                        format!("unsupported `version: {v}`; this agent reads version 1"),
+                    );
+                }
+                _ => self.wrong_type(node, "`version`", "the number 1"),
+            }
+        }
+        if let Some(node) = top.get("mode") {
+            let choices = [("enforce", Mode::Enforce), ("audit", Mode::Audit)];
+            policy.mode = self.choice(node, "mode", &choices).unwrap_or(Mode::Enforce);
+        }
+        if let Some(node) = top.get("geo") {
+            policy.geo = self.geo(node);
+        }
+        if let Some(node) = self.required(&top, "domains") {
+            policy.domains = self.domains(node);
+        }
+        if let Some(node) = top.get("bridges") {
+            policy.bridges = self.bridges(node, &policy.domains);
+        }
+        self.overlapping_networks(&policy.domains);
+        self.overlapping_cgroups(&policy.domains);
+        policy
+    }
+
+    fn geo(&mut self, node: &Node) -> GeoSources {
+        let mut geo = GeoSources::default();
+        let Some(fields) = self.fields(node, "`geo`", &["databases", "geofeeds"]) else {
+            return geo;
+        };
+        for (name, list) in [
+            ("databases", &mut geo.databases),
+            ("geofeeds", &mut geo.geofeeds),
+        ] {
+            let Some(node) = fields.get(name) else {
+                continue;
+            };
+            for (path, pos) in self.strings(node, name) {
+                if path.is_empty() {
+                    self.problem(pos, format!("empty path in `{name}`"));
+                }
+                list.push(PathBuf::from(path));
+            }
+        }
+        geo
+    }
+
+    fn domains(&mut self, node: &Node) -> Vec<Domain> {
+        let Kind::Map(entries) = &node.kind else {
+            self.wrong_type(node, "`domains`", "a mapping of domain names to domains");
+            return Vec::new();
+        };
+        let mut domains = Vec::new();
+        let mut seen: HashMap<&str, Pos> = HashMap::new();
+        for (key, value) in entries {
+            let Kind::Str(name) = &key.kind else {
+                self.problem(
+                    key.pos,
+                    format!(
+                        "domain name must be a string, not {}; quote it",
+                        key.kind.describe()
+                    ),
+                );
+                continue;
+            };
+            if let Some(first) = seen.get(name.as_str()) {
+                self.problem(
+                    key.pos,
+                    format!("duplicate domain `{name}` (first defined at {first})"),
+                );
+                continue;
+            }
+            seen.insert(name, key.pos);
+            if let Err(why) = check_name(name) {
+                self.problem(key.pos, format!("domain name `{name}` {why}"));
+            }
+            if domains.len() == MAX_DOMAIN_COUNT {
+                self.problem(
+                    key.pos,
+                    format!("too many domains: the kernel supports at most {MAX_DOMAIN_COUNT}"),
+                );
+            }
+            let domain = self.domain(name, key.pos, value, domains.len());
+            domains.push(domain);
+        }
+        domains
+    }
+
+    fn domain(&mut self, name: &str, name_pos: Pos, node: &Node, index: usize) -> Domain {
+        let mut domain = Domain {
+            name: name.to_owned(),
+            cgroups: Vec::new(),
+            networks: Vec::new(),
+            expires: None,
+            egress: None,
+            ingress: None,
+            audit: AuditLevel::Deny,
+            allow_raw_sockets: false,
+        };
+        let known = [
+            "cgroups",
+            "networks",
+            "expires",
+            "egress",
+            "ingress",
+            "audit",
+            "allow_raw_sockets",
+        ];
+        let Some(fields) = self.fields(node, &format!("domain `{name}`"), &known) else {
+            return domain;
+        };
+
+        // Without cgroups the domain would hold no workload: surely a mistake.
+        let cgroups = fields.get("cgroups");
+        let no_cgroups = match cgroups {
+            None => Some(name_pos),
+            Some(node) if is_empty_list(node) => Some(node.pos),
+            Some(_) => None,
+        };
+        if let Some(pos) = no_cgroups {
+            self.problem(pos, format!("domain `{name}` has no `cgroups`"));
+        }
+        if let Some(node) = cgroups {
+            for (pattern, pos) in self.strings(node, "cgroups") {
+                match glob::check(pattern) {
+                    Ok(()) => {
+                        let value = pattern.to_owned();
+                        self.cgroups.push(Located {
+                            value,
+                            pos,
+                            domain: index,
+                        });
+                    }
+                    Err(why) => self.problem(pos, why),
+                }
+                domain.cgroups.push(pattern.to_owned());
+            }
+        }
+        if let Some(node) = fields.get("networks") {
+            for (text, pos) in self.strings(node, "networks") {
+                match parse_network(text) {
+                    Ok(net) => {
+                        domain.networks.push(net);
+                        self.networks.push(Located {
+                            value: net,
+                            pos,
+                            domain: index,
+                        });
+                    }
+                    Err(why) => self.problem(pos, why),
+                }
+            }
+        }
+        if let Some(node) = fields.get("expires") {
+            domain.expires = self.time(node, "expires");
+        }
+        if let Some(node) = fields.get("egress") {
+            domain.egress = self.geo_rule(node, "egress");
+        }
+        if let Some(node) = fields.get("ingress") {
+            domain.ingress = self.geo_rule(node, "ingress");
+        }
+        if let Some(node) = fields.get("audit") {
+            let choices = [("deny", AuditLevel::Deny), ("all", AuditLevel::All)];
+            domain.audit = self
+                .choice(node, "audit", &choices)
+                .unwrap_or(AuditLevel::Deny);
+        }
+        if let Some(node) = fields.get("allow_raw_sockets") {
+            match node.kind {
+                Kind::Bool(b) => domain.allow_raw_sockets = b,
+                _ => self.wrong_type(node, "`allow_raw_sockets`", "true or false"),
+            }
+        }
+        domain
+    }
+
+    fn geo_rule(&mut self, node: &Node, what: &str) -> Option<GeoRule> {
+        let fields = self.fields(
+            node,
+            &format!("`{what}`"),
+            &["countries", "unknown_country"],
+        )?;
+        let unknown = match fields.get("unknown_country") {
+            None => None,
+            Some(node) => {
+                let choices = [
+                    ("allow", UnknownCountry::Allow),
+                    ("deny", UnknownCountry::Deny),
+                ];
+                self.choice(node, "unknown_country", &choices)
+            }
+        };
+        let countries = self.required(&fields, "countries")?;
+        let lists = self.fields(countries, "`countries`", &["allow", "deny"])?;
+        let (allow, deny) = (lists.get("allow"), lists.get("deny"));
+        let (list, node) = match (allow, deny) {
+            (Some(node), None) => (CountryList::Allow(self.countries(node)), node),
+            (None, Some(node)) => (CountryList::Deny(self.countries(node)), node),
+            (Some(_), Some(_)) => {
+                self.problem(
+                    lists.pos,
+                    "`countries` takes either `allow` or `deny`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.problem(lists.pos, "`countries` needs an `allow` or a `deny` list");
+                return None;
+            }
+        };
+        if is_empty_list(node) {
+            self.problem(node.pos, "empty country list");
+        }
+        // An allow list means "only these": an unknown country is not among
+        // them. A deny list means "all but these": it is not denied.
+        let default = match list {
+            CountryList::Allow(_) => UnknownCountry::Deny,
+            CountryList::Deny(_) => UnknownCountry::Allow,
+        };
+        Some(GeoRule {
+            countries: list,
+            unknown_country: unknown.unwrap_or(default),
+        })
+    }
+
+    fn countries(&mut self, node: &Node) -> Vec<Country> {
+        let mut codes = Vec::new();
+        for (code, pos) in self.strings(node, "countries") {
+            if country::is_known(code) {
+                codes.push([code.as_bytes()[0], code.as_bytes()[1]]);
+            } else if country::is_known(&code.to_ascii_uppercase()) {
+                let upper = code.to_ascii_uppercase();
+                self.problem(
+                    pos,
+                    format!("country codes are upper case: `{upper}`, not `{code}`"),
+                );
+            } else {
+                let message = format!(
+                    "unknown country code `{code}` (expected an ISO 3166-1 alpha-2 code like DE)"
+                );
+                self.problem(pos, message);
+            }
+        }
+        codes
+    }
+
+    fn bridges(&mut self, node: &Node, domains: &[Domain]) -> Vec<Bridge> {
+        let Kind::Seq(items) = &node.kind else {
+            self.wrong_type(node, "`bridges`", "a list of bridges");
+            return Vec::new();
+        };
+        let mut bridges = Vec::new();
+        let mut names: HashMap<String, Pos> = HashMap::new();
+        // Port ranges per (from, to) pair so far, and where the limit was
+        // first exceeded.
+        let mut rules: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut over_limit: Vec<((usize, usize), Pos)> = Vec::new();
+        for item in items {
+            let Some(Checked {
+                bridge,
+                name_pos,
+                ports_pos,
+            }) = self.bridge(item, domains)
+            else {
+                continue;
+            };
+            if let Some(pos) = name_pos {
+                if let Some(first) = names.get(&bridge.name) {
+                    self.problem(
+                        pos,
+                        format!("duplicate bridge name `{}` (first at {first})", bridge.name),
+                    );
+                } else {
+                    names.insert(bridge.name.clone(), pos);
+                }
+            }
+            if let Some(pos) = ports_pos {
+                let pair = (bridge.from, bridge.to);
+                let count = rules.entry(pair).or_default();
+                let before = *count;
+                *count += bridge.ports.len();
+                if before <= MAX_BRIDGE_RULES && *count > MAX_BRIDGE_RULES {
+                    over_limit.push((pair, pos));
+                }
+            }
+            bridges.push(bridge);
+        }
+        for ((from, to), pos) in over_limit {
+            let (from_name, to_name) = (&domains[from].name, &domains[to].name);
+            let total = rules[&(from, to)];
+            self.problem(
+                pos,
+                format!(
+                    "bridges from `{from_name}` to `{to_name}` have {total} port ranges in total; \
+                     the kernel holds at most {MAX_BRIDGE_RULES} per domain pair"
+                ),
+            );
+        }
+        bridges
+    }
+
+    fn bridge(&mut self, node: &Node, domains: &[Domain]) -> Option<Checked> {
+        let known = [
+            "name",
+            "from",
+            "to",
+            "ports",
+            "not_before",
+            "expires",
+            "reason",
+        ];
+        let fields = self.fields(node, "a bridge", &known)?;
+        let mut bridge = Bridge {
+            name: String::new(),
+            from: 0,
+            to: 0,
+            ports: Vec::new(),
+            not_before: None,
+            expires: None,
+            reason: String::new(),
+        };
+        let mut name_pos = None;
+        if let Some(node) = self.required(&fields, "name") {
+            match self.string(node, "name") {
+                Some("") => self.problem(node.pos, "empty bridge `name`"),
+                Some(name) => {
+                    bridge.name = name.to_owned();
+                    name_pos = Some(node.pos);
+                }
+                None => {}
+            }
+        }
+        let from = self
+            .required(&fields, "from")
+            .and_then(|n| self.domain_ref(n, "from", domains));
+        let to = self
+            .required(&fields, "to")
+            .and_then(|n| self.domain_ref(n, "to", domains));
+        if let (Some(from), Some(to)) = (from, to) {
+            if from == to {
+                let pos = fields.get("to").map_or(fields.pos, |n| n.pos);
+                let name = &domains[from].name;
+                self.problem(
+                    pos,
+                    format!("bridge from `{name}` to itself; a domain always reaches itself"),
+                );
+            }
+            bridge.from = from;
+            bridge.to = to;
+        }
+        let ports_node = self.required(&fields, "ports");
+        if let Some(node) = ports_node {
+            if is_empty_list(node) {
+                let message = "empty `ports` list; a bridge needs at least one port";
+                self.problem(node.pos, message);
+            }
+            for (text, pos) in self.scalars(node, "ports") {
+                match parse_ports(&text) {
+                    Ok(range) => bridge.ports.push(range),
+                    Err(why) => self.problem(pos, why),
+                }
+            }
+        }
+        if let Some(node) = fields.get("not_before") {
+            bridge.not_before = self.time(node, "not_before");
+        }
+        if let Some(node) = fields.get("expires") {
+            bridge.expires = self.time(node, "expires");
+            if let (Some(start), Some(end)) = (bridge.not_before, bridge.expires)
+                && end <= start
+            {
+                self.problem(
+                    node.pos,
+                    "`expires` must be after `not_before`; the bridge would never open",
+                );
+            }
+        }
+        if let Some(node) = self.required(&fields, "reason") {
+            match self.string(node, "reason") {
+                Some(reason) if reason.trim().is_empty() => {
+                    self.problem(
+                        node.pos,
+                        "empty `reason`; say why the bridge exists (e.g. a ticket)",
+                    );
+                }
+                Some(reason) => bridge.reason = reason.to_owned(),
+                None => {}
+            }
+        }
+        let ports_pos = match (from, to) {
+            (Some(from), Some(to)) if from != to => ports_node.map(|n| n.pos),
+            _ => None,
+        };
+        Some(Checked {
+            bridge,
+            name_pos,
+            ports_pos,
+        })
+    }
+
+    /// A bridge end: the index of the named domain.
+    fn domain_ref(&mut self, node: &Node, what: &str, domains: &[Domain]) -> Option<usize> {
+        let name = self.string(node, what)?;
+        let index = domains.iter().position(|d| d.name == name);
+        if index.is_none() {
+            self.problem(node.pos, format!("unknown domain `{name}` in `{what}`"));
+        }
+        index
+    }
+
+    /// Networks are disjoint between domains, so an address belongs to at
+    /// most one domain. Overlaps within one domain are harmless.
+    fn overlapping_networks(&mut self, domains: &[Domain]) {
+        let mut found = Vec::new();
+        for (i, b) in self.networks.iter().enumerate() {
+            for a in &self.networks[..i] {
+                let (x, y) = (a.value, b.value);
+                if a.domain != b.domain && (x.contains(&y) || y.contains(&x)) {
+                    let message = format!(
+                        "network `{y}` of domain `{}` overlaps `{x}` of domain `{}` (at {})",
+                        domains[b.domain].name, domains[a.domain].name, a.pos
+                    );
+                    found.push((b.pos, message));
+                }
+            }
+        }
+        self.problems.extend(found);
+    }
+
+    /// A cgroup belongs to at most one domain. Nested patterns (`/a` and
+    /// `/a/b`) are fine: the nearest configured ancestor wins.
+    fn overlapping_cgroups(&mut self, domains: &[Domain]) {
+        let mut found = Vec::new();
+        for (i, b) in self.cgroups.iter().enumerate() {
+            for a in &self.cgroups[..i] {
+                if a.domain != b.domain && glob::may_overlap(&a.value, &b.value) {
+                    let (this, other) = (&domains[b.domain].name, &domains[a.domain].name);
+                    let message = format!(
+                        "cgroup `{}` of domain `{this}` can match the same cgroup as `{}` \
+                         of domain `{other}` (at {})",
+                        b.value, a.value, a.pos
+                    );
+                    found.push((b.pos, message));
+                }
+            }
+        }
+        self.problems.extend(found);
+    }
+
+    // ---- Typed access to nodes; each reports what it expected. ----
+
+    fn wrong_type(&mut self, node: &Node, what: &str, expected: &str) {
+        let found = node.kind.describe();
+        self.problem(
+            node.pos,
+            format!("{what}: expected {expected}, found {found}"),
+        );
+    }
+
+    /// A mapping with the given keys; unknown and repeated keys are reported.
+    fn fields<'a>(&mut self, node: &'a Node, what: &str, known: &[&str]) -> Option<Fields<'a>> {
+        let Kind::Map(entries) = &node.kind else {
+            self.wrong_type(node, what, "a mapping");
+            return None;
+        };
+        let mut fields = Fields {
+            pos: node.pos,
+            entries: Vec::new(),
+        };
+        for (key, value) in entries {
+            let name = match &key.kind {
+                Kind::Str(name) if known.contains(&name.as_str()) => name.as_str(),
+                Kind::Str(name) => {
+                    let expected = known.join("`, `");
+                    self.problem(
+                        key.pos,
+                        format!("unknown key `{name}` in {what} (expected `{expected}`)"),
+                    );
+                    continue;
+                }
+                other => {
+                    self.problem(
+                        key.pos,
+                        format!("unexpected key in {what}: {}", other.describe()),
+                    );
+                    continue;
+                }
+            };
+            if let Some((_, first, _)) = fields.entries.iter().find(|(k, _, _)| *k == name) {
+                let first = *first;
+                self.problem(
+                    key.pos,
+                    format!("duplicate key `{name}` (first at {first})"),
+                );
+                continue;
+            }
+            fields.entries.push((name, key.pos, value));
+        }
+        Some(fields)
+    }
+
+    /// A required field; its absence is reported at the mapping.
+    fn required<'a>(&mut self, fields: &Fields<'a>, name: &str) -> Option<&'a Node> {
+        let node = fields.get(name);
+        if node.is_none() {
+            self.problem(fields.pos, format!("missing required field `{name}`"));
+        }
+        node
+    }
+
+    fn string<'a>(&mut self, node: &'a Node, what: &str) -> Option<&'a str> {
+        match &node.kind {
+            Kind::Str(s) => Some(s),
+            _ => {
+                self.wrong_type(node, &format!("`{what}`"), "a string");
+                None
+            }
+        }
+    }
+
+    /// A list of strings; wrong items are reported and skipped.
+    fn strings<'a>(&mut self, node: &'a Node, what: &str) -> Vec<(&'a str, Pos)> {
+        let Kind::Seq(items) = &node.kind else {
+            self.wrong_type(node, &format!("`{what}`"), "a list");
+            return Vec::new();
+        };
+        items
+            .iter()
+            .filter_map(|item| Some((self.string(item, what)?, item.pos)))
+            .collect()
+    }
+
+    /// A list of scalars as text, for lists where a bare number is a
+    /// likely mistake we want to explain (`ports: [443]`).
+    fn scalars(&mut self, node: &Node, what: &str) -> Vec<(String, Pos)> {
+        let Kind::Seq(items) = &node.kind else {
+            self.wrong_type(node, &format!("`{what}`"), "a list");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items {
+            match &item.kind {
+                Kind::Str(s) => out.push((s.clone(), item.pos)),
+                Kind::Int(i) => out.push((i.to_string(), item.pos)),
+                _ => self.wrong_type(item, &format!("`{what}` item"), "a string"),
+            }
+        }
+        out
+    }
+
+    fn choice<T: Copy>(&mut self, node: &Node, what: &str, choices: &[(&str, T)]) -> Option<T> {
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        let expected = names.join(" or ");
+        let text = self.string(node, what)?;
+        let found = choices
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, v)| *v);
+        if found.is_none() {
+            self.problem(
+                node.pos,
+                format!("`{what}` must be {expected}, not `{text}`"),
+            );
+        }
+        found
+    }
+
+    fn time(&mut self, node: &Node, what: &str) -> Option<i64> {
+        let Kind::Str(text) = &node.kind else {
+            self.wrong_type(
+                node,
+                &format!("`{what}`"),
+                "an RFC 3339 time like 2027-03-31T00:00:00Z",
+            );
+            return None;
+        };
+        let parsed = parse_time(text);
+        if let Err(why) = &parsed {
+            self.problem(node.pos, format!("`{what}`: {why}"));
+        }
+        parsed.ok()
+    }
+}
+
+/// `[]`; other types are reported where the list is read.
+fn is_empty_list(node: &Node) -> bool {
+    matches!(&node.kind, Kind::Seq(items) if items.is_empty())
+}
+
+/// `[a-z0-9][a-z0-9._-]*`, at most 63 characters: safe in file names, log
+/// lines and metric labels.
+fn check_name(name: &str) -> Result<(), String> {
+    let first_ok = name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if !first_ok || !rest_ok {
+        return Err("must match [a-z0-9][a-z0-9._-]*".to_owned());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("is longer than {MAX_NAME_LEN} characters"));
+    }
+    Ok(())
+}
+
+fn parse_network(text: &str) -> Result<IpNet, String> {
+    let Ok(net) = text.parse::<IpNet>() else {
+        return Err(match text.parse::<IpAddr>() {
+            Ok(addr) => {
+                let bits = if addr.is_ipv4() { 32 } else { 128 };
+                format!("`{text}` is an address, not a network; write `{addr}/{bits}` for one host")
+            }
+            Err(_) => format!(
+                "invalid network `{text}` (expected a CIDR like 10.20.0.0/16 or fd00:20::/48)"
+            ),
+        });
+    };
+    if net.trunc() != net {
+        // The kernel would match the truncated prefix anyway; the extra bits
+        // usually mean a typo in the prefix length or the address.
+        return Err(format!(
+            "`{text}` has host bits set, did you mean {}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// `tcp/443` or `udp/8000-8100`.
+fn parse_ports(text: &str) -> Result<PortRange, String> {
+    let Some((proto, ports)) = text.split_once('/') else {
+        return Err(format!(
+            "port `{text}` needs a protocol, e.g. tcp/{text} or udp/{text}"
+        ));
+    };
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => {
+            return Err(format!(
+                "unknown protocol `{proto}` in `{text}` (expected tcp or udp)"
+            ));
+        }
+    };
+    let port = |s: &str| -> Result<u16, String> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("invalid port `{s}` in `{text}`"));
+        }
+        match s.parse::<u16>() {
+            Ok(0) => Err(format!(
+                "port 0 in `{text}` is not a real port (ports are 1-65535)"
+            )),
+            Ok(p) => Ok(p),
+            Err(_) => Err(format!(
+                "port {s} in `{text}` is out of range (ports are 1-65535)"
+            )),
+        }
+    };
+    let (lo, hi) = match ports.split_once('-') {
+        Some((lo, hi)) => (port(lo)?, port(hi)?),
+        None => {
+            let p = port(ports)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(format!(
+            "reversed port range in `{text}` (write {lo}-{hi} as {hi}-{lo})"
+        ));
+    }
+    Ok(PortRange { proto, lo, hi })
+}
+
+/// RFC 3339 to unix nanoseconds.
+fn parse_time(text: &str) -> Result<i64, String> {
+    let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+        format!("invalid time `{text}` ({e}); expected RFC 3339 like 2027-03-31T00:00:00Z")
+    })?;
+    i64::try_from(t.unix_timestamp_nanos())
+        .map_err(|_| format!("time `{text}` is out of range (1677-09-21 to 2262-04-11)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        let tcp = |lo, hi| {
+            Ok(PortRange {
+                proto: Proto::Tcp,
+                lo,
+                hi,
+            })
+        };
+        assert_eq!(parse_ports("tcp/443"), tcp(443, 443));
+        assert_eq!(parse_ports("tcp/8000-8100"), tcp(8000, 8100));
+        assert_eq!(parse_ports("tcp/1-65535"), tcp(1, 65535));
+        assert_eq!(
+            parse_ports("udp/53"),
+            Ok(PortRange {
+                proto: Proto::Udp,
+                lo: 53,
+                hi: 53
+            })
+        );
+        for (bad, why) in [
+            ("tcp/0", "port 0"),
+            ("tcp/70000", "out of range"),
+            ("tcp/65536", "out of range"),
+            ("sctp/1", "unknown protocol `sctp`"),
+            ("TCP/1", "unknown protocol `TCP`"),
+            ("tcp/9-3", "reversed port range"),
+            ("443", "needs a protocol"),
+            ("tcp/", "invalid port ``"),
+            ("tcp/+5", "invalid port `+5`"),
+            ("tcp/1-", "invalid port ``"),
+            ("tcp/1-2-3", "invalid port `2-3`"),
+            ("tcp/ 80", "invalid port ` 80`"),
+        ] {
+            let err = parse_ports(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(
+            parse_network("10.20.0.0/16"),
+            Ok("10.20.0.0/16".parse().unwrap())
+        );
+        assert_eq!(
+            parse_network("fd00:20::/48"),
+            Ok("fd00:20::/48".parse().unwrap())
+        );
+        assert_eq!(parse_network("0.0.0.0/0"), Ok("0.0.0.0/0".parse().unwrap()));
+        assert_eq!(
+            parse_network("10.0.0.1/8").unwrap_err(),
+            "`10.0.0.1/8` has host bits set, did you mean 10.0.0.0/8"
+        );
+        assert!(
+            parse_network("fd00:20::1/48")
+                .unwrap_err()
+                .contains("did you mean fd00:20::/48")
+        );
+        assert!(
+            parse_network("10.0.0.1")
+                .unwrap_err()
+                .contains("write `10.0.0.1/32`")
+        );
+        assert!(
+            parse_network("10.0.0.0/33")
+                .unwrap_err()
+                .contains("invalid network")
+        );
+        assert!(
+            parse_network("banana")
+                .unwrap_err()
+                .contains("invalid network")
+        );
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
+        assert_eq!(
+            parse_time("2027-03-31T00:00:00Z"),
+            Ok(1_806_451_200_000_000_000)
+        );
+        assert_eq!(
+            parse_time("2027-03-31T02:00:00+02:00"),
+            Ok(1_806_451_200_000_000_000)
+        );
+        assert!(parse_time("2027-03-31").is_err());
+        assert!(parse_time("2027-02-30T00:00:00Z").is_err());
+        assert!(
+            parse_time("3000-01-01T00:00:00Z")
+                .unwrap_err()
+                .contains("out of range")
+        );
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "0", "core-staging", "a.b_c-d", &"x".repeat(63)] {
+            assert_eq!(check_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "A", "a b", "a/b", "ä", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

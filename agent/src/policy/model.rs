@@ -1,0 +1,144 @@
+//! The validated policy, as the rest of the agent sees it. Produced only by
+//! [`super::load`] / [`super::parse_str`]; every cross-reference is already
+//! checked, so consumers never re-validate.
+
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Deny what the policy denies.
+    Enforce,
+    /// Decide and log (`verdict: "would-deny"`), never block.
+    Audit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditLevel {
+    /// Record denials (and bridge crossings, which are always recorded).
+    Deny,
+    /// Record allowed connections too.
+    All,
+}
+
+/// ISO 3166-1 alpha-2 code, upper case ASCII, e.g. `*b"DE"`.
+pub type Country = [u8; 2];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CountryList {
+    Allow(Vec<Country>),
+    Deny(Vec<Country>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownCountry {
+    Allow,
+    Deny,
+}
+
+/// `egress:` or `ingress:` of a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeoRule {
+    pub countries: CountryList,
+    /// For addresses no geo source places. Default: `deny` with an allow
+    /// list, `allow` with a deny list.
+    pub unknown_country: UnknownCountry,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Domain {
+    pub name: String,
+    /// Cgroup paths relative to the cgroup v2 mount, starting with `/`;
+    /// `*` matches within one path segment.
+    pub cgroups: Vec<String>,
+    pub networks: Vec<IpNet>,
+    /// Unix time in nanoseconds (UTC); after it the domain reaches nothing.
+    pub expires: Option<i64>,
+    pub egress: Option<GeoRule>,
+    pub ingress: Option<GeoRule>,
+    pub audit: AuditLevel,
+    /// `allow_raw_sockets: true` lets the domain's workloads open raw IP and
+    /// packet sockets (default false).
+    pub allow_raw_sockets: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => agent_common::maps::PROTO_TCP,
+            Proto::Udp => agent_common::maps::PROTO_UDP,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// `tcp/443` or `tcp/8000-8100` (inclusive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub proto: Proto,
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bridge {
+    pub name: String,
+    /// Index into [`Policy::domains`].
+    pub from: usize,
+    pub to: usize,
+    pub ports: Vec<PortRange>,
+    /// Unix ns (UTC); `None` = already open.
+    pub not_before: Option<i64>,
+    /// Unix ns (UTC); `None` = never expires.
+    pub expires: Option<i64>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GeoSources {
+    /// MaxMind-format country databases, in lookup order.
+    pub databases: Vec<PathBuf>,
+    /// RFC 8805 geofeeds; they override the databases.
+    pub geofeeds: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The file it was read from (as given).
+    pub path: PathBuf,
+    /// Hex SHA-256 of the file's bytes.
+    pub sha256: String,
+    pub version: u32,
+    pub mode: Mode,
+    pub geo: GeoSources,
+    /// In file order; the kernel's domain id is `index + 1`.
+    pub domains: Vec<Domain>,
+    pub bridges: Vec<Bridge>,
+}
+
+impl Policy {
+    /// The kernel's id of a domain (`index + 1`).
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "used by tests; explain will use it")
+    )]
+    pub fn domain_id(&self, name: &str) -> Option<u32> {
+        self.domains
+            .iter()
+            .position(|d| d.name == name)
+            .map(|i| i as u32 + 1)
+    }
+}

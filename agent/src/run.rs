@@ -1,0 +1,358 @@
+//! `bulkhead run`: load, attach, pin, enforce, stream events, reload.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_common::maps::MAP_EVENTS;
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+
+use crate::{
+    cgroup::{self, PathCache},
+    compile::{self, Compiled, EventLimits},
+    events::{self, Enricher, Generation},
+    geo::GeoDb,
+    kernel::{self, Pins},
+    listeners,
+    maps::PolicyMaps,
+    policy::{self, Policy},
+};
+
+pub struct RunArgs {
+    pub policy: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs_dir: PathBuf,
+    pub events_log: Option<PathBuf>,
+    pub stdout_events: bool,
+    pub ring_buffer_bytes: u32,
+    pub limits: EventLimits,
+}
+
+/// Everything one loaded policy needs beside the kernel maps.
+struct Loaded {
+    policy: Policy,
+    geo: Arc<GeoDb>,
+    compiled: Compiled,
+    /// Modification times of the policy and geo files, to notice changes.
+    stamps: Vec<(PathBuf, Option<SystemTime>)>,
+}
+
+fn stamp(p: &Path) -> Option<SystemTime> {
+    fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn load_policy(path: &Path, mount: &Path, limits: EventLimits) -> Result<Loaded> {
+    let policy = policy::load(path)
+        .map_err(|d| anyhow!("{d}").context(format!("policy {} rejected", path.display())))?;
+    let geo = Arc::new(
+        GeoDb::load(&policy.geo).with_context(|| format!("policy {} rejected", path.display()))?,
+    );
+    let compiled = compile::compile(&policy, &geo, mount, limits, compile::tai_offset_ns())?;
+    let mut stamps = vec![(path.to_path_buf(), stamp(path))];
+    for p in policy.geo.databases.iter().chain(&policy.geo.geofeeds) {
+        stamps.push((p.clone(), stamp(p)));
+    }
+    Ok(Loaded {
+        policy,
+        geo,
+        compiled,
+        stamps,
+    })
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("bulkhead: {}", msg.as_ref());
+}
+
+/// Tells systemd (Type=notify) the agent is enforcing.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let mount = cgroup::cgroup2_mount()?;
+    let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    if !root.starts_with(&mount) {
+        return Err(anyhow!(
+            "--cgroup-root {} is not inside the cgroup v2 mount {}",
+            root.display(),
+            mount.display()
+        ));
+    }
+    let loaded = load_policy(&args.policy, &mount, args.limits)?;
+
+    let pins = Pins::new(args.bpffs_dir.clone());
+    kernel::ensure_bpffs(&pins.root)?;
+    let _lock = kernel::lock(&pins)?;
+    let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
+    let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
+    let previous = PolicyMaps::generation(&mut ebpf)?;
+    // The policy goes in before the new programs attach; programs an earlier
+    // agent left attached read the same pinned maps and switch with them.
+    let written = pmaps.switch(&mut ebpf, &loaded.compiled)?;
+    kernel::attach_all(&mut ebpf, &pins, &root)?;
+    let seeded = listeners::seed(&mut ebpf, &mount).unwrap_or_else(|e| {
+        log(format!(
+            "warning: could not record sockets bound before start: {e:#}"
+        ));
+        0
+    });
+
+    let tai = compile::tai_offset_ns();
+    let mut paths = PathCache::new(mount.clone());
+    for (id, _, p) in &loaded.compiled.cgroups {
+        paths.insert(*id, p.clone());
+    }
+    let enricher = Arc::new(Mutex::new(Enricher::new(paths, tai)));
+    enricher
+        .lock()
+        .expect("enricher lock")
+        .add_generation(written.generation, generation_names(&loaded));
+
+    let ring: RingBuf<MapData> = RingBuf::try_from(
+        ebpf.take_map(MAP_EVENTS)
+            .ok_or_else(|| anyhow!("map {MAP_EVENTS} missing"))?,
+    )?;
+    let sink = Sink::open(args.stdout_events, args.events_log.as_deref())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (enricher, stop, delivered) = (enricher.clone(), stop.clone(), delivered.clone());
+        thread::Builder::new()
+            .name("events".into())
+            .spawn(move || read_events(ring, enricher, sink, stop, delivered))?
+    };
+
+    log(format!(
+        "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, {} geo prefixes; pinned under {}; {} pre-existing sockets recorded",
+        args.policy.display(),
+        &loaded.policy.sha256[..12.min(loaded.policy.sha256.len())],
+        written.generation,
+        if previous != 0 {
+            format!(", adopted generation {previous}")
+        } else {
+            String::new()
+        },
+        root.display(),
+        loaded.policy.domains.len(),
+        loaded.compiled.cgroups.len(),
+        loaded.policy.bridges.len(),
+        loaded.compiled.geo.v4.len() + loaded.compiled.geo.v6.len(),
+        pins.root.display(),
+        seeded,
+    ));
+    sd_notify("READY=1");
+
+    let hup = Arc::new(AtomicBool::new(false));
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+
+    let mut current = loaded;
+    let mut last_check = Instant::now();
+    while !term.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(50));
+        let mut reload = hup.swap(false, Ordering::Relaxed);
+        if last_check.elapsed() >= Duration::from_secs(1) {
+            last_check = Instant::now();
+            reload |= current.stamps.iter().any(|(p, t)| stamp(p) != *t);
+            refresh_cgroups(&mut ebpf, &mut pmaps, &current, &mount, &enricher);
+        }
+        if reload {
+            sd_notify("RELOADING=1");
+            match load_policy(&args.policy, &mount, args.limits) {
+                Ok(next) => match pmaps.switch(&mut ebpf, &next.compiled) {
+                    Ok(w) => {
+                        enricher
+                            .lock()
+                            .expect("enricher lock")
+                            .add_generation(w.generation, generation_names(&next));
+                        log(format!(
+                            "reloaded {} (sha256 {}): generation {} ({} entries written, {} removed)",
+                            args.policy.display(),
+                            &next.policy.sha256[..12.min(next.policy.sha256.len())],
+                            w.generation,
+                            w.updated,
+                            w.deleted
+                        ));
+                        current = next;
+                    }
+                    Err(e) => log(format!(
+                        "reload failed while writing maps, generation unchanged: {e:#}"
+                    )),
+                },
+                Err(e) => {
+                    // Keep the stamps of the rejected file so it is not re-read every second.
+                    current.stamps = current
+                        .stamps
+                        .iter()
+                        .map(|(p, _)| (p.clone(), stamp(p)))
+                        .collect();
+                    log(format!(
+                        "reload rejected, the running policy stays in force:\n{e:#}"
+                    ));
+                }
+            }
+            sd_notify("READY=1");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    log(format!(
+        "stopping; {} events delivered; enforcement stays pinned under {} (`bulkhead detach` removes it)",
+        delivered.load(Ordering::Relaxed),
+        pins.root.display()
+    ));
+    Ok(())
+}
+
+fn generation_names(l: &Loaded) -> Generation {
+    Generation {
+        domain_names: l.compiled.domain_names.clone(),
+        bridge_names: l.compiled.bridge_names.clone(),
+        geo: l.geo.clone(),
+    }
+}
+
+/// Cgroups created after the policy was compiled that a glob or path now
+/// names: the kernel already treats children of configured cgroups as
+/// theirs; this adds new top-level matches (e.g. a new contractor pod).
+fn refresh_cgroups(
+    ebpf: &mut Ebpf,
+    pmaps: &mut PolicyMaps,
+    l: &Loaded,
+    mount: &Path,
+    enricher: &Mutex<Enricher>,
+) {
+    let mut found = Vec::new();
+    for (i, d) in l.policy.domains.iter().enumerate() {
+        for pattern in &d.cgroups {
+            for (path, id) in cgroup::resolve(mount, pattern) {
+                found.push((id, i as u32 + 1, path));
+            }
+        }
+    }
+    let pairs: Vec<(u64, u32)> = found.iter().map(|(id, d, _)| (*id, *d)).collect();
+    match pmaps.add_cgroups(ebpf, &pairs) {
+        Ok(0) => {}
+        Ok(n) => {
+            let mut en = enricher.lock().expect("enricher lock");
+            for (id, _, p) in found {
+                en.paths().insert(id, p);
+            }
+            log(format!("{n} new cgroups joined their domains"));
+        }
+        Err(e) => log(format!("warning: adding new cgroups failed: {e:#}")),
+    }
+}
+
+/// Where event lines go.
+struct Sink {
+    stdout: bool,
+    file: Option<File>,
+}
+
+impl Sink {
+    fn open(stdout: bool, path: Option<&Path>) -> Result<Sink> {
+        let file = match path {
+            Some(p) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                Some(
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .with_context(|| format!("opening events log {}", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Sink { stdout, file })
+    }
+
+    fn write(&mut self, line: &str) {
+        if self.stdout {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+        if let Some(f) = &mut self.file
+            && let Err(e) = f.write_all(line.as_bytes())
+        {
+            log(format!("warning: writing the events log failed: {e}"));
+        }
+    }
+}
+
+fn read_events(
+    mut ring: RingBuf<MapData>,
+    enricher: Arc<Mutex<Enricher>>,
+    mut sink: Sink,
+    stop: Arc<AtomicBool>,
+    delivered: Arc<AtomicU64>,
+) {
+    let fd = ring.as_raw_fd();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        let mut batch = String::new();
+        {
+            let mut en = enricher.lock().expect("enricher lock");
+            while let Some(item) = ring.next() {
+                let Some(e) = events::decode(&item) else {
+                    continue;
+                };
+                drop(item);
+                en.gap(&e);
+                let rec = en.enrich(&e);
+                if let Ok(json) = serde_json::to_string(&rec) {
+                    batch.push_str(&json);
+                    batch.push('\n');
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !batch.is_empty() {
+            sink.write(&batch);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+    }
+}

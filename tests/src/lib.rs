@@ -1,0 +1,473 @@
+//! Harness for bulkhead's privileged end-to-end tests.
+//!
+//! Every test gets its own cgroup subtree (the agent attaches there, not at
+//! the host's root), its own network namespaces and its own bpffs pin
+//! directory; guards remove all of it on drop, panics included. Traffic goes
+//! only to loopback or to addresses inside the test's own namespaces.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub use serde_json::Value;
+
+/// True when privileged tests can run. Without root they are skipped with a
+/// printed reason, except under CI, where a skip is a failure.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: privileged test needs root, and CI is set: refusing to skip");
+    }
+    eprintln!(
+        "SKIP {test}: needs root (loads BPF programs, creates cgroups and network namespaces)"
+    );
+    false
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in info.lines() {
+        if let Some((left, right)) = line.split_once(" - ")
+            && right.split_whitespace().next() == Some("cgroup2")
+        {
+            return PathBuf::from(left.split_whitespace().nth(4).expect("mountpoint"));
+        }
+    }
+    panic!("no cgroup2 mount");
+}
+
+/// A cgroup (and everything below it), removed on drop after its processes
+/// are killed.
+pub struct Cgroup {
+    pub path: PathBuf,
+    /// Path relative to the cgroup2 mount, as policies name it.
+    pub rel: String,
+}
+
+impl Cgroup {
+    pub fn new(rel: &str) -> Cgroup {
+        let path = cgroup2_mount().join(rel.trim_start_matches('/'));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Cgroup {
+            path,
+            rel: rel.to_string(),
+        }
+    }
+
+    pub fn child(&self, name: &str) -> Cgroup {
+        Cgroup::new(&format!("{}/{name}", self.rel))
+    }
+}
+
+fn remove_cgroup_tree(p: &Path) {
+    if let Ok(entries) = fs::read_dir(p) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::write(p.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if fs::remove_dir(p).is_ok() || !p.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+pub fn sh(cmd: &str) -> Output {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let name = unique("bh");
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Netns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NS ...`
+    pub fn ip(&self, args: &str) {
+        sh(&format!("ip -n {} {args}", self.name));
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Netns::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, with v4 and v6 test addresses:
+/// `a` holds `10.<net>.0.1` / `fd00:<net>::1`, `b` holds `.2` / `::2`.
+pub struct Link {
+    pub a: Netns,
+    pub b: Netns,
+    pub net: u8,
+}
+
+impl Link {
+    pub fn new(net: u8) -> Link {
+        let (a, b) = (Netns::new(), Netns::new());
+        let va = unique("va");
+        let vb = unique("vb");
+        sh(&format!(
+            "ip link add {va} netns {} type veth peer name {vb} netns {}",
+            a.name, b.name
+        ));
+        for (ns, dev, host) in [(&a, &va, 1), (&b, &vb, 2)] {
+            ns.ip(&format!("addr add 10.{net}.0.{host}/24 dev {dev}"));
+            ns.ip(&format!(
+                "-6 addr add fd00:{net}::{host}/64 dev {dev} nodad"
+            ));
+            ns.ip(&format!("link set {dev} up"));
+        }
+        Link { a, b, net }
+    }
+
+    pub fn v4(&self, host: u8) -> String {
+        format!("10.{}.0.{host}", self.net)
+    }
+
+    pub fn v6(&self, host: u8) -> String {
+        format!("fd00:{}::{host}", self.net)
+    }
+}
+
+/// A command that will run inside `cgroup` (and `netns`, if given).
+pub fn command_in(cgroup: &Cgroup, netns: Option<&Netns>, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let procs = cgroup.path.join("cgroup.procs");
+    let ns = netns.map(Netns::path);
+    // SAFETY: only async-signal-safe work happens between fork and exec:
+    // writing a file and setns.
+    unsafe {
+        cmd.pre_exec(move || {
+            fs::write(&procs, b"0")?;
+            if let Some(ns) = &ns {
+                let f = fs::File::open(ns)?;
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The `probe` binary cargo built beside the test executable
+/// (`target/<profile>/deps/<test>` → `target/<profile>/probe`).
+pub fn probe_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("probe");
+    assert!(
+        p.exists(),
+        "{} missing: build the tests package (cargo test -p tests)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `probe ARGS` in a cgroup/namespace and returns its last line.
+pub fn probe(cgroup: &Cgroup, netns: Option<&Netns>, args: &[&str]) -> String {
+    let out = command_in(cgroup, netns, probe_bin().to_str().unwrap(), args)
+        .output()
+        .expect("run probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "probe {args:?} failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().last().unwrap_or_default().to_string()
+}
+
+/// A `probe serve` running in the background; `finish` returns what it counted.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub fn start(
+        cgroup: &Cgroup,
+        netns: Option<&Netns>,
+        proto: &str,
+        at: &str,
+        secs: u64,
+    ) -> Server {
+        let mut child = command_in(
+            cgroup,
+            netns,
+            probe_bin().to_str().unwrap(),
+            &["serve", proto, at, &secs.to_string()],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening", "server did not start");
+        Server { child }
+    }
+
+    /// Waits for the server's time to run out; returns how many
+    /// connections/datagrams reached it.
+    pub fn finish(mut self) -> u32 {
+        let mut out = String::new();
+        use std::io::Read as _;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let _ = self.child.wait();
+        out.lines()
+            .last()
+            .and_then(|l| l.strip_prefix("got "))
+            .and_then(|n| n.parse().ok())
+            .expect("server count")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn bulkhead_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BULKHEAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("bulkhead");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("bulkhead binary not found: set BULKHEAD_BIN or run `cargo build --release -p agent`");
+}
+
+/// A running `bulkhead run`, on its own cgroup root and pin directory.
+/// Dropping it kills the agent and detaches everything it pinned.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub policy: PathBuf,
+    pub events: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup_root: PathBuf,
+    notify: std::os::unix::net::UnixDatagram,
+}
+
+impl Agent {
+    pub fn start(cgroup_root: &Cgroup, policy: &str) -> Agent {
+        Self::start_with(cgroup_root, policy, &[])
+    }
+
+    pub fn start_with(cgroup_root: &Cgroup, policy: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.yaml");
+        fs::write(&policy_path, policy).unwrap();
+        let notify_path = dir.path().join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut agent = Agent {
+            child: None,
+            events: dir.path().join("events.jsonl"),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(unique("bulkhead-test-")),
+            policy: policy_path,
+            cgroup_root: cgroup_root.path.clone(),
+            dir,
+            notify,
+        };
+        agent.spawn(extra);
+        agent
+    }
+
+    pub fn command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(bulkhead_bin());
+        cmd.arg("run")
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs)
+            .arg("--events-log")
+            .arg(&self.events)
+            .arg("--no-stdout-events")
+            .args(extra)
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Starts (or restarts) the agent and waits for `READY=1`.
+    pub fn spawn(&mut self, extra: &[&str]) {
+        let mut child = self.command(extra).spawn().expect("spawn bulkhead");
+        let stderr = child.stderr.take().unwrap();
+        // Forward the agent's log to the test output, which cargo shows on failure.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+            }
+        });
+        let mut buf = [0u8; 256];
+        loop {
+            match self.notify.recv(&mut buf) {
+                Ok(n) if &buf[..n] == b"READY=1" => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    let status = child.try_wait();
+                    panic!("agent did not report READY=1: {e} (exit: {status:?})");
+                }
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL: the agent dies without any cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGHUP and wait for the reload to be announced on the notify socket.
+    pub fn reload(&mut self, policy: &str) {
+        fs::write(&self.policy, policy).unwrap();
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+        let mut buf = [0u8; 256];
+        let mut reloading = false;
+        loop {
+            let n = self.notify.recv(&mut buf).expect("reload notification");
+            match &buf[..n] {
+                b"RELOADING=1" => reloading = true,
+                b"READY=1" if reloading => return,
+                _ => {}
+            }
+        }
+    }
+
+    /// All events so far, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        let Ok(text) = fs::read_to_string(&self.events) else {
+            return Vec::new();
+        };
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .collect()
+    }
+
+    /// Waits (bounded) until `n` events match `pred`; returns them.
+    pub fn wait_events(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got: Vec<Value> = self.events().into_iter().filter(|e| pred(e)).collect();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn run_cli(&self, args: &[&str]) -> Output {
+        Command::new(bulkhead_bin())
+            .args(args)
+            .output()
+            .expect("run bulkhead")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(bulkhead_bin())
+            .args(["detach", "--force", "--bpffs-dir"])
+            .arg(&self.bpffs)
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// Field of an event as a string ("" when absent or null).
+pub fn field<'a>(e: &'a Value, k: &str) -> &'a str {
+    e.get(k).and_then(Value::as_str).unwrap_or("")
+}

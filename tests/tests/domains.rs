@@ -1,0 +1,570 @@
+//! Domain separation end to end: the real agent, real cgroups, real network
+//! namespaces, real sockets (`probe`, `nc`, `curl`), real JSON events.
+//!
+//! Layout of most tests: namespaces A and B joined by veth. A holds
+//! `10.N.0.1`/`fd00:N::1` and belongs to domain `contractor`; B holds
+//! `10.N.0.2`/`fd00:N::2` and belongs to domain `prod`. Workloads run in
+//! cgroups below the test's own root, where the agent attaches.
+
+use std::{process::Command, thread, time::Duration};
+
+use tests::{Agent, Cgroup, Link, Netns, Server, field, privileged, probe, unique};
+
+struct World {
+    root: Cgroup,
+    contractor: Cgroup,
+    prod: Cgroup,
+    outside: Cgroup,
+    link: Link,
+}
+
+fn world(net: u8) -> World {
+    let root = Cgroup::new(&unique("/bh-test-"));
+    World {
+        contractor: root.child("contractor"),
+        prod: root.child("prod"),
+        outside: root.child("outside"),
+        root,
+        link: Link::new(net),
+    }
+}
+
+fn policy(w: &World, extra_domain: &str, bridges: &str) -> String {
+    let n = w.link.net;
+    format!(
+        r#"version: 1
+mode: enforce
+domains:
+  contractor:
+    cgroups: ["{c}"]
+    networks: [10.{n}.0.1/32, "fd00:{n}::1/128"]
+{extra_domain}  prod:
+    cgroups: ["{p}"]
+    networks: [10.{n}.0.2/32, "fd00:{n}::2/128"]
+{bridges}"#,
+        c = w.contractor.rel,
+        p = w.prod.rel,
+    )
+}
+
+fn is_deny_to(e: &tests::Value, dst: &str, port: u16) -> bool {
+    field(e, "verdict") == "deny"
+        && field(e, "dst") == dst
+        && e["dport"].as_u64() == Some(port as u64)
+}
+
+#[test]
+fn cross_domain_tcp_and_udp_denied_with_eperm_and_one_event_each() {
+    if !privileged("cross_domain") {
+        return;
+    }
+    let w = world(101);
+    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let dst = w.link.v4(2);
+
+    let tcp = probe(
+        &w.contractor,
+        Some(&w.link.a),
+        &["connect", "tcp", &format!("{dst}:8080")],
+    );
+    assert_eq!(
+        tcp, "EPERM",
+        "cross-domain TCP connect must fail at once with EPERM"
+    );
+    let udp = probe(
+        &w.contractor,
+        Some(&w.link.a),
+        &["connect", "udp", &format!("{dst}:5353")],
+    );
+    assert_eq!(udp, "EPERM");
+    let sendto = probe(
+        &w.contractor,
+        Some(&w.link.a),
+        &["sendto", "udp", &format!("{dst}:5354")],
+    );
+    assert_eq!(
+        sendto, "EPERM",
+        "unconnected sendto across domains must fail with EPERM"
+    );
+
+    let tcp_ev = agent.wait_events(1, |e| is_deny_to(e, &dst, 8080));
+    assert_eq!(
+        tcp_ev.len(),
+        1,
+        "exactly one event for the TCP connect: {tcp_ev:?}"
+    );
+    let e = &tcp_ev[0];
+    assert_eq!(field(e, "reason"), "cross-domain");
+    assert_eq!(field(e, "hook"), "connect4");
+    assert_eq!(field(e, "proto"), "tcp");
+    assert_eq!(field(e, "src_domain"), "contractor");
+    assert_eq!(field(e, "dst_domain"), "prod");
+    assert_eq!(field(e, "comm"), "probe");
+    assert_eq!(field(e, "cgroup"), w.contractor.rel);
+    assert!(e["pid"].as_u64().unwrap() > 0);
+    assert_eq!(e["uid"].as_u64(), Some(0));
+    assert!(e["generation"].as_u64().unwrap() >= 1);
+    assert!(field(e, "ts").ends_with('Z'));
+    assert_eq!(agent.wait_events(1, |e| is_deny_to(e, &dst, 5353)).len(), 1);
+    let s = agent.wait_events(1, |e| is_deny_to(e, &dst, 5354));
+    assert_eq!(s.len(), 1);
+    assert_eq!(field(&s[0], "hook"), "sendmsg4");
+
+    // A real client sees the same: nc fails at once instead of hanging.
+    let nc = tests::command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        "nc",
+        &["-v", "-z", "-w", "2", &dst, "8080"],
+    )
+    .output()
+    .unwrap();
+    assert!(!nc.status.success());
+    let msg = String::from_utf8_lossy(&nc.stderr);
+    assert!(
+        msg.contains("not permitted"),
+        "nc should report EPERM, said: {msg}"
+    );
+    let started = std::time::Instant::now();
+    let curl = tests::command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        "curl",
+        &[
+            "-sS",
+            "--connect-timeout",
+            "5",
+            &format!("http://{dst}:8080/"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(curl.status.code(), Some(7), "curl: couldn't connect");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "denial is immediate, not a timeout"
+    );
+}
+
+#[test]
+fn same_domain_and_domainless_workloads_are_allowed() {
+    if !privileged("same_domain") {
+        return;
+    }
+    let w = world(102);
+    // Both ends of the link belong to contractor here.
+    let p = format!(
+        "version: 1\ndomains:\n  contractor:\n    cgroups: [\"{}\"]\n    networks: [10.102.0.0/24]\n  prod:\n    cgroups: [\"{}\"]\n    networks: [10.199.102.0/24]\n",
+        w.contractor.rel, w.prod.rel
+    );
+    let _agent = Agent::start(&w.root, &p);
+    let dst = w.link.v4(2);
+    let own = Server::start(
+        &w.contractor,
+        Some(&w.link.b),
+        "tcp",
+        &format!("{dst}:8080"),
+        3,
+    );
+    let free = Server::start(
+        &w.outside,
+        Some(&w.link.b),
+        "udp",
+        &format!("{dst}:8081"),
+        3,
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "tcp", &format!("{dst}:8080")]
+        ),
+        "ok"
+    );
+    // A workload in no domain is not touched at all.
+    assert_eq!(
+        probe(
+            &w.outside,
+            Some(&w.link.a),
+            &["connect", "tcp", &format!("{dst}:8080")]
+        ),
+        "ok"
+    );
+    assert_eq!(
+        probe(
+            &w.outside,
+            Some(&w.link.a),
+            &["sendto", "udp", &format!("{dst}:8081")]
+        ),
+        "ok"
+    );
+    assert_eq!(own.finish(), 2);
+    assert_eq!(free.finish(), 1);
+}
+
+#[test]
+fn bridge_allows_only_its_proto_and_port() {
+    if !privileged("bridge_ports") {
+        return;
+    }
+    let w = world(103);
+    let bridges = "bridges:\n  - name: ci-to-prod\n    from: contractor\n    to: prod\n    ports: [tcp/8080, udp/5300-5310]\n    reason: \"TICKET-1 test\"\n";
+    let agent = Agent::start(&w.root, &policy(&w, "", bridges));
+    let dst = w.link.v4(2);
+    let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &format!("{dst}:8080"), 3);
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "tcp", &format!("{dst}:8080")]
+        ),
+        "ok"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "tcp", &format!("{dst}:8081")]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "udp", &format!("{dst}:8080")]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["sendto", "udp", &format!("{dst}:5305")]
+        ),
+        "ok"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["sendto", "udp", &format!("{dst}:5311")]
+        ),
+        "EPERM"
+    );
+    assert_eq!(server.finish(), 1);
+    // Bridged connections are always recorded, with the bridge's name.
+    let bridged = agent.wait_events(1, |e| {
+        field(e, "verdict") == "allow" && field(e, "reason") == "bridge" && e["dport"] == 8080
+    });
+    assert_eq!(bridged.len(), 1);
+    assert_eq!(field(&bridged[0], "bridge"), "ci-to-prod");
+}
+
+#[test]
+fn bridge_expiry_applies_in_the_kernel_while_the_agent_is_dead() {
+    if !privileged("bridge_expiry") {
+        return;
+    }
+    let w = world(104);
+    let expires = time_in(4);
+    let bridges = format!(
+        "bridges:\n  - name: short\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    expires: {expires}\n    reason: \"3 s window\"\n"
+    );
+    let mut agent = Agent::start(&w.root, &policy(&w, "", &bridges));
+    let dst = format!("{}:8080", w.link.v4(2));
+    let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 8);
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "ok"
+    );
+    agent.kill9();
+    thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM",
+        "an expired bridge must stop working with no agent running"
+    );
+    assert_eq!(server.finish(), 1);
+}
+
+/// RFC 3339 UTC time `secs` from now.
+fn time_in(secs: u64) -> String {
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("+{secs} seconds"),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn nested_cgroup_created_after_start_is_in_its_parents_domain() {
+    if !privileged("nested_cgroup") {
+        return;
+    }
+    let w = world(105);
+    let _agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let job = w.contractor.child("job-42");
+    let nested = job.child("step");
+    let r = probe(
+        &nested,
+        Some(&w.link.a),
+        &["connect", "tcp", &format!("{}:8080", w.link.v4(2))],
+    );
+    assert_eq!(r, "EPERM", "a child cgroup cannot step out of its domain");
+}
+
+#[test]
+fn ipv6_and_v4_mapped_destinations_are_decided() {
+    if !privileged("ipv6") {
+        return;
+    }
+    let w = world(106);
+    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let v6 = format!("[{}]:8080", w.link.v6(2));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &v6]),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["sendto", "udp", &format!("[{}]:53", w.link.v6(2))]
+        ),
+        "EPERM"
+    );
+    let mapped = format!("[::ffff:{}]:8080", w.link.v4(2));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &mapped]),
+        "EPERM",
+        "v4-mapped is decided as IPv4"
+    );
+    let ev = agent.wait_events(1, |e| {
+        field(e, "hook") == "connect6" && field(e, "dst") == w.link.v4(2)
+    });
+    assert_eq!(
+        ev.len(),
+        1,
+        "the mapped destination is reported as its IPv4 address"
+    );
+    let ev6 = agent.wait_events(1, |e| {
+        field(e, "dst") == w.link.v6(2) && field(e, "hook") == "connect6"
+    });
+    assert_eq!(field(&ev6[0], "reason"), "cross-domain");
+}
+
+#[test]
+fn raw_sockets_refused_in_domain_workloads_only() {
+    if !privileged("raw_socket") {
+        return;
+    }
+    let w = world(107);
+    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw4"]), "EPERM");
+    assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw6"]), "EPERM");
+    assert_eq!(probe(&w.outside, Some(&w.link.a), &["raw4"]), "ok");
+    let ev = agent.wait_events(2, |e| field(e, "reason") == "raw-socket-denied");
+    assert_eq!(ev.len(), 2);
+    assert_eq!(field(&ev[0], "hook"), "sock-create");
+}
+
+#[test]
+fn loopback_between_domains_on_one_namespace_is_denied() {
+    if !privileged("loopback") {
+        return;
+    }
+    let w = world(108);
+    let ns = Netns::new();
+    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    // A prod service listening on loopback, v4 and v6, in a shared namespace.
+    let s4 = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9000", 3);
+    let s6 = Server::start(&w.prod, Some(&ns), "tcp", "[::1]:9001", 3);
+    let su = Server::start(&w.prod, Some(&ns), "udp", "127.0.0.1:9002", 3);
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&ns),
+            &["connect", "tcp", "127.0.0.1:9000"]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(&w.contractor, Some(&ns), &["connect", "tcp", "[::1]:9001"]),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&ns),
+            &["sendto", "udp", "127.0.0.1:9002"]
+        ),
+        "EPERM"
+    );
+    // The same service is reachable from its own domain and from outside any domain.
+    assert_eq!(
+        probe(&w.prod, Some(&ns), &["connect", "tcp", "127.0.0.1:9000"]),
+        "ok"
+    );
+    assert_eq!(
+        probe(&w.outside, Some(&ns), &["connect", "tcp", "[::1]:9001"]),
+        "ok"
+    );
+    assert_eq!(s4.finish(), 1);
+    assert_eq!(s6.finish(), 1);
+    assert_eq!(su.finish(), 0);
+    let ev = agent.wait_events(1, |e| is_deny_to(e, "127.0.0.1", 9000));
+    assert_eq!(field(&ev[0], "dst_domain"), "prod");
+}
+
+#[test]
+fn listener_bound_before_the_agent_started_is_covered() {
+    if !privileged("preexisting_listener") {
+        return;
+    }
+    let w = world(109);
+    let ns = Netns::new();
+    let server = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9100", 4);
+    let _agent = Agent::start(&w.root, &policy(&w, "", ""));
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&ns),
+            &["connect", "tcp", "127.0.0.1:9100"]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(&w.prod, Some(&ns), &["connect", "tcp", "127.0.0.1:9100"]),
+        "ok"
+    );
+    assert_eq!(server.finish(), 1);
+}
+
+#[test]
+fn inbound_from_another_domains_network_is_dropped() {
+    if !privileged("ingress") {
+        return;
+    }
+    let w = world(110);
+    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let dst = format!("{}:8443", w.link.v4(2));
+    let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 4);
+    // The client is in no domain, so nothing stops it at connect time; its
+    // address belongs to contractor, so prod's ingress drops the SYN.
+    let r = probe(&w.outside, Some(&w.link.a), &["connect", "tcp", &dst]);
+    assert_eq!(r, "ETIMEDOUT", "the SYN must be dropped at prod's ingress");
+    assert_eq!(server.finish(), 0);
+    let ev = agent.wait_events(1, |e| {
+        field(e, "hook") == "skb-ingress" && field(e, "verdict") == "deny"
+    });
+    assert!(!ev.is_empty());
+    assert_eq!(field(&ev[0], "src_domain"), "contractor");
+    assert_eq!(field(&ev[0], "dst_domain"), "prod");
+    assert_eq!(field(&ev[0], "src"), w.link.v4(1));
+}
+
+#[test]
+fn audit_mode_decides_and_logs_but_never_blocks() {
+    if !privileged("audit_mode") {
+        return;
+    }
+    let w = world(111);
+    let p = policy(&w, "", "").replace("mode: enforce", "mode: audit");
+    let agent = Agent::start(&w.root, &p);
+    let dst = format!("{}:8080", w.link.v4(2));
+    let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 3);
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "ok"
+    );
+    assert_eq!(server.finish(), 1);
+    let ev = agent.wait_events(1, |e| {
+        field(e, "verdict") == "would-deny" && field(e, "hook") == "connect4"
+    });
+    assert_eq!(ev.len(), 1);
+    assert_eq!(field(&ev[0], "reason"), "cross-domain");
+}
+
+#[test]
+fn enforcement_survives_kill_and_detach_removes_it() {
+    if !privileged("kill_and_detach") {
+        return;
+    }
+    let w = world(112);
+    let mut agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let dst = format!("{}:8080", w.link.v4(2));
+
+    // A second agent on the same pins refuses clearly.
+    let second = agent.command(&[]).output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+
+    agent.kill9();
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM",
+        "fail closed after kill -9"
+    );
+
+    // A new agent adopts the pinned state.
+    agent.spawn(&[]);
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+    agent.kill9();
+
+    let out = agent.run_cli(&["detach", "--bpffs-dir", agent.bpffs.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!agent.bpffs.exists(), "detach removes every pinned object");
+    let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 2);
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "ok",
+        "detached: nothing enforced"
+    );
+    assert_eq!(server.finish(), 1);
+}
+
+#[test]
+fn check_reports_errors_with_file_line_col() {
+    if !privileged("check_cli") {
+        return;
+    }
+    let w = world(113);
+    let bad = policy(
+        &w,
+        "",
+        "bridges:\n  - name: x\n    from: contractor\n    to: nowhere\n    ports: [tcp/1]\n    reason: r\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, &bad).unwrap();
+    let out = Command::new(tests::bulkhead_bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = bad.lines().position(|l| l.contains("to: nowhere")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("{}:{line}:", path.display())),
+        "want file:{line}:col, got: {err}"
+    );
+    assert!(err.contains("nowhere"));
+}

@@ -1,0 +1,213 @@
+//! `cargo xtask`: bulkhead's developer tasks (setup, build, test, demo).
+//!
+//! Every task prints each command it runs (`+ cmd args`), like `set -x`,
+//! and stops at the first failure with a non-zero exit code.
+
+mod cmd;
+mod setup;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    cmd::{cargo, cargo_nightly, in_ci, is_root, run, workspace_root},
+    setup::{ensure_bpffs, ensure_securityfs, geo_db_path, skip_or_fail},
+};
+
+/// Environment variable naming the agent binary for end-to-end tests and the demo.
+const BIN_ENV: &str = "BULKHEAD_BIN";
+/// Environment variable naming the test country database (set for all tests).
+const GEO_DB_ENV: &str = "BULKHEAD_TEST_GEO_DB";
+
+/// bulkhead developer tasks. Each prints the commands it runs.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need, skipping what is there.
+    ///
+    /// Nightly Rust with rust-src and clippy (the eBPF crate is built with
+    /// `-Z build-std=core`), bpf-linker 0.13 built against nightly's LLVM,
+    /// the Debian packages the tests call (apt-get needs root), and the CC0
+    /// test country database in ~/.cache/bulkhead/ (via npm). Idempotent.
+    Setup,
+    /// Build the agent binary, kernel programs included (runs setup first).
+    ///
+    /// Output: target/debug/bulkhead, or target/release/bulkhead with --release.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every check CI runs; as root, the privileged end-to-end tests too.
+    ///
+    /// Steps: setup; cargo fmt --check; clippy -D warnings for the host
+    /// crates and for the eBPF crate (bpfel target, nightly); cargo test
+    /// (unprivileged unit tests); then, as root, a release build of the agent
+    /// and the end-to-end tests in `tests/` one at a time, with
+    /// BULKHEAD_BIN set to the agent binary. BULKHEAD_TEST_GEO_DB names the
+    /// test country database. When not root the end-to-end tests are skipped
+    /// with a notice, unless the CI environment variable is set: then not
+    /// being root is an error.
+    Test {
+        /// Stop after the unprivileged unit tests (no root needed).
+        #[arg(long)]
+        unprivileged_only: bool,
+        /// Arguments for the test binaries, e.g. a test name filter:
+        /// `cargo xtask test -- bridge`.
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        test_args: Vec<String>,
+    },
+    /// Build the agent (release) and run the demo, tests/demo.sh (needs root).
+    Demo,
+    /// Benchmarks (not implemented yet).
+    Bench,
+    /// Run the test suite inside a VM with an older kernel (not implemented yet).
+    VmTest,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => build(release).map(|bin| {
+            eprintln!("built {}", bin.display());
+        }),
+        Task::Test {
+            unprivileged_only,
+            test_args,
+        } => test(unprivileged_only, &test_args),
+        Task::Demo => demo(),
+        Task::Bench | Task::VmTest => {
+            eprintln!("not implemented yet");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--locked` in CI, so a stale Cargo.lock fails instead of being rewritten.
+fn locked() -> &'static [&'static str] {
+    if in_ci() { &["--locked"] } else { &[] }
+}
+
+/// Runs setup, builds the agent and returns the binary's absolute path.
+fn build(release: bool) -> Result<PathBuf> {
+    setup::setup()?;
+    build_agent(release)
+}
+
+fn build_agent(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "agent"]).args(locked());
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || workspace_root().join("target"),
+        |d| workspace_root().join(d),
+    );
+    let bin = target_dir
+        .join(if release { "release" } else { "debug" })
+        .join("bulkhead");
+    if !bin.is_file() {
+        bail!("the build succeeded but {} does not exist", bin.display());
+    }
+    Ok(bin)
+}
+
+fn test(unprivileged_only: bool, test_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    let geo_db = geo_db_path()?;
+
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--all-targets",
+        ])
+        .args(locked())
+        .args(["--", "-D", "warnings"]))?;
+    run(cargo_nightly()
+        .args([
+            "clippy",
+            "--package",
+            "agent-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(locked())
+        .args(["--", "-D", "warnings"]))?;
+    let mut unit = cargo();
+    unit.env(GEO_DB_ENV, &geo_db).arg("test").args(locked());
+    if !test_args.is_empty() {
+        unit.arg("--").args(test_args);
+    }
+    run(&mut unit)?;
+
+    let what = "privileged end-to-end tests (tests/)";
+    if unprivileged_only {
+        eprintln!("test: lints and unit tests passed");
+        eprintln!("SKIPPED: {what}: --unprivileged-only");
+        return Ok(());
+    }
+    if !is_root() {
+        skip_or_fail(
+            what,
+            "they need root (eBPF, cgroups, network namespaces); run `cargo xtask test` as root",
+        )?;
+        eprintln!("test: lints and unit tests passed; end-to-end tests were skipped (see above)");
+        return Ok(());
+    }
+
+    let bin = build_agent(true)?;
+    ensure_bpffs()?;
+    ensure_securityfs()?;
+    run(cargo()
+        .env(BIN_ENV, &bin)
+        .env(GEO_DB_ENV, &geo_db)
+        .args(["test", "--release", "--package", "tests"])
+        .args(locked())
+        .args(["--", "--test-threads=1"])
+        .args(test_args))?;
+    eprintln!("test: all checks and tests passed");
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    setup::setup()?;
+    if !is_root() {
+        bail!("the demo loads eBPF programs and creates cgroups: run `cargo xtask demo` as root");
+    }
+    let script = workspace_root().join("tests").join("demo.sh");
+    let bin = build_agent(true)?;
+    if !script.is_file() {
+        bail!("{} does not exist yet", script.display());
+    }
+    ensure_bpffs()?;
+    ensure_securityfs()?;
+    run(std::process::Command::new("bash")
+        .arg(&script)
+        .env(BIN_ENV, &bin)
+        .env(GEO_DB_ENV, geo_db_path()?)
+        .current_dir(workspace_root()))
+}
