@@ -6,8 +6,11 @@
 //! once, with its cause chain); 2 bad command-line usage.
 
 mod cgroup;
+mod cli;
 mod compile;
+mod control;
 mod events;
+mod explain;
 mod geo;
 mod kernel;
 mod listeners;
@@ -75,6 +78,73 @@ enum Command {
         /// Burst size of the per-cgroup event token bucket.
         #[arg(long, default_value_t = 2000)]
         event_burst: u32,
+        /// Directory for the control socket [default: /run/<name of the
+        /// bpffs dir>, i.e. /run/bulkhead].
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Group (name or gid) whose members may use the control socket
+        /// besides root.
+        #[arg(long)]
+        control_group: Option<String>,
+    },
+    /// Show what is enforced: programs, policy generation and hash, map
+    /// fill levels, decision counters, event losses, bridges.
+    Status {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running agent to reload its policy now (like SIGHUP) and
+    /// report the result; a rejected policy leaves the running one in force.
+    Reload {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Print recent events and, with --follow, stream new ones.
+    Events {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Keep streaming new events.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only events whose source or destination is in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Only this verdict: allow, deny or would-deny.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only this reason (e.g. cross-domain, country-denied).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only events newer than this (e.g. 30s, 10m, 2h, 1d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<u64>,
+    },
+    /// The verdict and reason the live policy (or --policy FILE) gives a
+    /// connection from a cgroup, and the rule that decided it.
+    Explain {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Cgroup path relative to the cgroup v2 mount, e.g. /contractors.slice/job.scope.
+        #[arg(long)]
+        cgroup: String,
+        /// Destination address, optionally with :port ([v6]:port for IPv6).
+        #[arg(long)]
+        dst: String,
+        /// Protocol of the connection.
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        proto: String,
+        /// Answer for this candidate policy file instead of the live one.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove everything bulkhead pinned and attached: enforcement stops.
     Detach {
@@ -85,6 +155,41 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Where to find a running agent.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// bpffs directory the agent was started with.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
+    bpffs_dir: PathBuf,
+    /// The agent's run directory [default: /run/<name of the bpffs dir>].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| control::default_run_dir(&self.bpffs_dir))
+    }
+}
+
+/// `90`, `30s`, `10m`, `2h`, `1d` → seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration `{s}` (e.g. 30s, 10m, 2h, 1d)"))?;
+    let mul = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("bad duration unit in `{s}` (s, m, h or d)")),
+    };
+    Ok(n * mul)
 }
 
 fn ring_size(s: &str) -> Result<u32, String> {
@@ -143,8 +248,17 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             ring_buffer_bytes,
             event_rate,
             event_burst,
+            run_dir,
+            control_group,
         } => {
+            let control_group = control_group
+                .as_deref()
+                .map(control::group_id)
+                .transpose()?;
+            let run_dir = run_dir.unwrap_or_else(|| control::default_run_dir(&bpffs_dir));
             run::run(run::RunArgs {
+                run_dir,
+                control_group,
                 policy,
                 cgroup_root,
                 bpffs_dir,
@@ -156,6 +270,72 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                     burst: event_burst,
                 },
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { agent, json } => {
+            let v = control::call(&agent.run_dir(), &control::Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", cli::render_status(&v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { agent } => {
+            let v = control::call(&agent.run_dir(), &control::Request::Reload)?;
+            println!(
+                "reloaded: generation {} (sha256 {})",
+                v["generation"],
+                v["sha256"].as_str().unwrap_or("")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events {
+            agent,
+            follow,
+            json,
+            domain,
+            verdict,
+            reason,
+            since,
+        } => {
+            let filter = control::Filter {
+                domain,
+                verdict,
+                reason,
+                since_secs: since,
+            };
+            cli::events(&agent.run_dir(), filter, follow, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            agent,
+            cgroup,
+            dst,
+            proto,
+            policy,
+            json,
+        } => {
+            let (ip, port) = cli::parse_dst(&dst)?;
+            let answer = match policy {
+                Some(path) => {
+                    serde_json::to_value(cli::explain_file(&path, &cgroup, ip, port, &proto)?)?
+                }
+                None => {
+                    let req = control::Request::Explain {
+                        cgroup,
+                        dst: ip.to_string(),
+                        port,
+                        proto,
+                    };
+                    control::call(&agent.run_dir(), &req)?["answer"].take()
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", cli::render_answer(&answer));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { bpffs_dir, force } => {

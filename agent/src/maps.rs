@@ -195,6 +195,19 @@ impl PolicyMaps {
         Ok(())
     }
 
+    /// Entries per map in the slot of `generation`, for `status`.
+    pub fn fill(&self, generation: u64) -> serde_json::Value {
+        let s = &self.slots[(generation & 1) as usize];
+        serde_json::json!({
+            "cgroups": s.cgroups.len(),
+            "net4": s.net4.len(),
+            "net6": s.net6.len(),
+            "geo4": s.geo4.len(),
+            "geo6": s.geo6.len(),
+            "bridge_pairs": s.bridges.len(),
+        })
+    }
+
     /// Adds cgroups that appeared after the policy was compiled (a new pod
     /// matching a glob) to the slot in force. Adding keys never mixes
     /// policies: the domain they name is the one the policy in force says.

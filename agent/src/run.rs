@@ -23,7 +23,9 @@ use aya::{
 use crate::{
     cgroup::{self, PathCache},
     compile::{self, Compiled, EventLimits},
+    control::{self, Call, Hub, Request},
     events::{self, Enricher, Generation},
+    explain,
     geo::GeoDb,
     kernel::{self, Pins},
     listeners,
@@ -39,6 +41,8 @@ pub struct RunArgs {
     pub stdout_events: bool,
     pub ring_buffer_bytes: u32,
     pub limits: EventLimits,
+    pub run_dir: PathBuf,
+    pub control_group: Option<u32>,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -143,15 +147,31 @@ pub fn run(args: RunArgs) -> Result<()> {
     let sink = Sink::open(args.stdout_events, args.events_log.as_deref())?;
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
+    let hub = Hub::new();
     let reader = {
-        let (enricher, stop, delivered) = (enricher.clone(), stop.clone(), delivered.clone());
+        let (enricher, stop, delivered, hub) = (
+            enricher.clone(),
+            stop.clone(),
+            delivered.clone(),
+            hub.clone(),
+        );
         thread::Builder::new()
             .name("events".into())
-            .spawn(move || read_events(ring, enricher, sink, stop, delivered))?
+            .spawn(move || read_events(ring, enricher, sink, stop, delivered, hub))?
     };
+    let (calls_tx, calls) = std::sync::mpsc::channel::<Call>();
+    let socket = control::serve(&args.run_dir, args.control_group, calls_tx, hub.clone())?;
+    let started = events::format_ts(
+        (SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i64
+            + tai) as u64,
+        tai,
+    );
 
     log(format!(
-        "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, {} geo prefixes; pinned under {}; {} pre-existing sockets recorded",
+        "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, {} geo prefixes; pinned under {}; {} pre-existing sockets recorded; control socket {}",
         args.policy.display(),
         &loaded.policy.sha256[..12.min(loaded.policy.sha256.len())],
         written.generation,
@@ -167,6 +187,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         loaded.compiled.geo.v4.len() + loaded.compiled.geo.v6.len(),
         pins.root.display(),
         seeded,
+        socket.display(),
     ));
     sd_notify("READY=1");
 
@@ -179,8 +200,42 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut current = loaded;
     let mut last_check = Instant::now();
     while !term.load(Ordering::Relaxed) {
-        thread::sleep(Duration::from_millis(50));
         let mut reload = hup.swap(false, Ordering::Relaxed);
+        let mut reload_reply = None;
+        match calls.recv_timeout(Duration::from_millis(50)) {
+            Ok(call) => match call.request {
+                Request::Reload => {
+                    reload = true;
+                    reload_reply = Some(call.reply);
+                }
+                Request::Status => {
+                    let st = Status {
+                        args: &args,
+                        loaded: &current,
+                        generation: PolicyMaps::generation(&mut ebpf).unwrap_or(0),
+                        started: &started,
+                        delivered: delivered.load(Ordering::Relaxed),
+                        hub: &hub,
+                        enricher: &enricher,
+                        cgroup_root: &root,
+                    };
+                    let _ = call.reply.send(st.to_json(&mut ebpf, &pmaps));
+                }
+                Request::Explain {
+                    cgroup,
+                    dst,
+                    port,
+                    proto,
+                } => {
+                    let _ = call
+                        .reply
+                        .send(explain_call(&current, &cgroup, &dst, port, &proto));
+                }
+                Request::Events { .. } => {}
+            },
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
             reload |= current.stamps.iter().any(|(p, t)| stamp(p) != *t);
@@ -188,38 +243,44 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         if reload {
             sd_notify("RELOADING=1");
-            match load_policy(&args.policy, &mount, args.limits) {
-                Ok(next) => match pmaps.switch(&mut ebpf, &next.compiled) {
-                    Ok(w) => {
-                        enricher
-                            .lock()
-                            .expect("enricher lock")
-                            .add_generation(w.generation, generation_names(&next));
-                        log(format!(
-                            "reloaded {} (sha256 {}): generation {} ({} entries written, {} removed)",
-                            args.policy.display(),
-                            &next.policy.sha256[..12.min(next.policy.sha256.len())],
-                            w.generation,
-                            w.updated,
-                            w.deleted
-                        ));
-                        current = next;
-                    }
-                    Err(e) => log(format!(
-                        "reload failed while writing maps, generation unchanged: {e:#}"
-                    )),
-                },
+            let result = load_policy(&args.policy, &mount, args.limits).and_then(|next| {
+                let w = pmaps
+                    .switch(&mut ebpf, &next.compiled)
+                    .context("writing the maps failed; the generation in force is unchanged")?;
+                Ok((next, w))
+            });
+            let answer = match result {
+                Ok((next, w)) => {
+                    enricher
+                        .lock()
+                        .expect("enricher lock")
+                        .add_generation(w.generation, generation_names(&next));
+                    log(format!(
+                        "reloaded {} (sha256 {}): generation {} ({} entries written, {} removed)",
+                        args.policy.display(),
+                        &next.policy.sha256[..12.min(next.policy.sha256.len())],
+                        w.generation,
+                        w.updated,
+                        w.deleted
+                    ));
+                    let a = serde_json::json!({"ok": true, "generation": w.generation, "sha256": next.policy.sha256});
+                    current = next;
+                    a
+                }
                 Err(e) => {
-                    // Keep the stamps of the rejected file so it is not re-read every second.
+                    // Remember the rejected file's stamps so it is not re-read every second.
                     current.stamps = current
                         .stamps
                         .iter()
                         .map(|(p, _)| (p.clone(), stamp(p)))
                         .collect();
-                    log(format!(
-                        "reload rejected, the running policy stays in force:\n{e:#}"
-                    ));
+                    let msg = format!("reload rejected, the running policy stays in force:\n{e:#}");
+                    log(&msg);
+                    serde_json::json!({"ok": false, "error": msg})
                 }
+            };
+            if let Some(r) = reload_reply.take() {
+                let _ = r.send(answer);
             }
             sd_notify("READY=1");
         }
@@ -321,6 +382,7 @@ fn read_events(
     mut sink: Sink,
     stop: Arc<AtomicBool>,
     delivered: Arc<AtomicU64>,
+    hub: Arc<Hub>,
 ) {
     let fd = ring.as_raw_fd();
     loop {
@@ -345,6 +407,7 @@ fn read_events(
                     batch.push_str(&json);
                     batch.push('\n');
                 }
+                hub.publish(rec);
                 delivered.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -355,4 +418,132 @@ fn read_events(
             return;
         }
     }
+}
+
+/// What `bulkhead status` shows, gathered on the main loop.
+struct Status<'a> {
+    args: &'a RunArgs,
+    loaded: &'a Loaded,
+    generation: u64,
+    started: &'a str,
+    delivered: u64,
+    hub: &'a Hub,
+    enricher: &'a Mutex<Enricher>,
+    cgroup_root: &'a Path,
+}
+
+impl Status<'_> {
+    fn to_json(&self, ebpf: &mut Ebpf, pmaps: &PolicyMaps) -> serde_json::Value {
+        use agent_common::{
+            Hook, Reason,
+            maps::{
+                COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_WANTED,
+                MAP_COUNTERS, counter_index,
+            },
+        };
+        let counters = read_counters(ebpf, MAP_COUNTERS);
+        let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+        let mut decisions = Vec::new();
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                let n = get(counter_index(hook as u8, reason as u8));
+                if n > 0 {
+                    decisions.push(serde_json::json!({
+                        "hook": hook.name(),
+                        "reason": reason.name(),
+                        "verdict": if reason.is_deny() { "deny" } else { "allow" },
+                        "count": n,
+                    }));
+                }
+            }
+        }
+        let pins = Pins::new(self.args.bpffs_dir.clone());
+        let programs: Vec<_> = kernel::PROGRAMS
+            .iter()
+            .map(|(name, hook)| serde_json::json!({"name": name, "hook": hook, "pinned": pins.link(name).exists()}))
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i64;
+        let bridges: Vec<_> = self
+            .loaded
+            .policy
+            .bridges
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "name": b.name,
+                    "from": self.loaded.policy.domains[b.from].name,
+                    "to": self.loaded.policy.domains[b.to].name,
+                    "ports": b.ports.iter().map(|p| if p.lo == p.hi { format!("{}/{}", p.proto.name(), p.lo) } else { format!("{}/{}-{}", p.proto.name(), p.lo, p.hi) }).collect::<Vec<_>>(),
+                    "open": b.not_before.is_none_or(|t| t <= now) && b.expires.is_none_or(|t| t > now),
+                    "seconds_left": b.expires.map(|t| (t - now) / 1_000_000_000),
+                    "reason": b.reason,
+                })
+            })
+            .collect();
+        let gaps = self.enricher.lock().map(|e| e.gaps).unwrap_or(0);
+        serde_json::json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "policy": self.args.policy,
+            "sha256": self.loaded.policy.sha256,
+            "mode": format!("{:?}", self.loaded.policy.mode).to_lowercase(),
+            "generation": self.generation,
+            "running_since": self.started,
+            "cgroup_root": self.cgroup_root,
+            "bpffs_dir": self.args.bpffs_dir,
+            "programs": programs,
+            "maps": pmaps.fill(self.generation),
+            "domains": self.loaded.policy.domains.iter().map(|d| &d.name).collect::<Vec<_>>(),
+            "bridges": bridges,
+            "decisions": decisions,
+            "events": {
+                "wanted": get(COUNTER_EVENTS_WANTED),
+                "rate_limited": get(COUNTER_EVENTS_RATE_LIMITED),
+                "lost_ring_full": get(COUNTER_EVENTS_LOST),
+                "delivered": self.delivered,
+                "sequence_gaps": gaps,
+                "subscribers": self.hub.subscribers(),
+                "subscriber_drops": self.hub.subscriber_drops.load(Ordering::Relaxed),
+            },
+            "packet_sockets": "not refused (the BPF LSM hook is not used yet): run domain workloads without CAP_NET_RAW",
+        })
+    }
+}
+
+/// Per-CPU counters summed over CPUs.
+fn read_counters(ebpf: &mut Ebpf, name: &str) -> Vec<u64> {
+    let Some(map) = ebpf.map(name) else {
+        return Vec::new();
+    };
+    let Ok(arr) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else {
+        return Vec::new();
+    };
+    arr.iter()
+        .map(|v| v.map(|v| v.iter().sum()).unwrap_or(0))
+        .collect()
+}
+
+fn explain_call(l: &Loaded, cgroup: &str, dst: &str, port: u16, proto: &str) -> serde_json::Value {
+    let Ok(ip) = dst.parse() else {
+        return serde_json::json!({"ok": false, "error": format!("not an IP address: {dst}")});
+    };
+    let proto = match proto {
+        "udp" => policy::Proto::Udp,
+        _ => policy::Proto::Tcp,
+    };
+    let q = explain::Query {
+        cgroup: cgroup.to_string(),
+        dst: ip,
+        port,
+        proto,
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i64;
+    let a = explain::explain(&l.policy, &l.compiled, &l.geo, &q, now);
+    serde_json::json!({"ok": true, "answer": a})
 }

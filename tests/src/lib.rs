@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod world;
+
 pub use serde_json::Value;
 
 /// True when privileged tests can run. Without root they are skipped with a
@@ -411,6 +413,11 @@ impl Agent {
 
     /// SIGHUP and wait for the reload to be announced on the notify socket.
     pub fn reload(&mut self, policy: &str) {
+        // Forget notifications of earlier reloads (e.g. over the control socket).
+        self.notify.set_nonblocking(true).unwrap();
+        let mut stale = [0u8; 256];
+        while self.notify.recv(&mut stale).is_ok() {}
+        self.notify.set_nonblocking(false).unwrap();
         fs::write(&self.policy, policy).unwrap();
         // SAFETY: plain kill(2).
         unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
@@ -456,6 +463,20 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// The agent's run directory (control socket): `/run/<bpffs dir name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from("/run").join(self.bpffs.file_name().expect("bpffs dir name"))
+    }
+
+    /// Runs a client subcommand (`status`, `events`, ...) against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bulkhead_bin());
+        cmd.args(args).arg("--bpffs-dir").arg(&self.bpffs);
+        cmd.output().expect("run bulkhead")
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
@@ -464,10 +485,169 @@ impl Drop for Agent {
             .arg(&self.bpffs)
             .stdout(Stdio::null())
             .status();
+        let _ = fs::remove_dir_all(self.run_dir());
     }
 }
 
 /// Field of an event as a string ("" when absent or null).
 pub fn field<'a>(e: &'a Value, k: &str) -> &'a str {
     e.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------
+// Geo test helpers (issue 4).
+
+/// The full country database the geo tests use: `BULKHEAD_TEST_GEO_DB`, else
+/// `~/.cache/bulkhead/geo-whois-asn-country.mmdb` (placed by `cargo xtask
+/// setup`). `None` (with a printed reason) when it is missing; under CI a
+/// missing database is a failure, not a skip.
+pub fn geo_db(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("BULKHEAD_TEST_GEO_DB") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/bulkhead/geo-whois-asn-country.mmdb"),
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "{test}: geo database {} missing (set BULKHEAD_TEST_GEO_DB or run `cargo xtask setup`)",
+        path.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}, and CI is set: refusing to skip");
+    }
+    eprintln!("SKIP {why}");
+    None
+}
+
+/// Runs `probe verdicts` once in `cgroup`/`netns` for all `addrs` and returns
+/// one result per address (`EPERM`, `ENETUNREACH`, ...), in order.
+pub fn verdicts(cgroup: &Cgroup, netns: &Netns, addrs: &[std::net::IpAddr]) -> Vec<String> {
+    let mut input = tempfile::tempfile().expect("temp file");
+    {
+        use std::io::{Seek as _, Write as _};
+        let mut w = std::io::BufWriter::new(&mut input);
+        for a in addrs {
+            writeln!(w, "{a}").unwrap();
+        }
+        w.flush().unwrap();
+        drop(w);
+        input.rewind().unwrap();
+    }
+    let out = command_in(
+        cgroup,
+        Some(netns),
+        probe_bin().to_str().unwrap(),
+        &["verdicts"],
+    )
+    .stdin(Stdio::from(input))
+    .output()
+    .expect("run probe verdicts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "probe verdicts failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<String> = stdout.lines().map(str::to_string).collect();
+    assert_eq!(
+        lines.pop().as_deref(),
+        Some(format!("done {}", addrs.len()).as_str()),
+        "probe verdicts did not answer every address"
+    );
+    lines
+}
+
+/// The agent's log (stderr) lines, collected while they are also forwarded
+/// to the test output.
+#[derive(Clone, Default)]
+pub struct AgentLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl AgentLog {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits (bounded by `secs`) until the lines from index `from` on satisfy
+    /// `pred`; returns those lines either way.
+    pub fn wait_since(
+        &self,
+        from: usize,
+        secs: u64,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let lines = self.lines();
+            let new = lines.get(from..).unwrap_or_default().to_vec();
+            if pred(&new) || Instant::now() > deadline {
+                return new;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Agent {
+    /// Like [`Agent::start_with`], and also collects the agent's stderr.
+    pub fn start_capturing(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        extra: &[&str],
+    ) -> (Agent, AgentLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.yaml");
+        fs::write(&policy_path, policy).unwrap();
+        let notify_path = dir.path().join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut agent = Agent {
+            child: None,
+            events: dir.path().join("events.jsonl"),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(unique("bulkhead-test-")),
+            policy: policy_path,
+            cgroup_root: cgroup_root.path.clone(),
+            dir,
+            notify,
+        };
+        let log = AgentLog::default();
+        agent.spawn_capturing(extra, &log);
+        (agent, log)
+    }
+
+    /// Like [`Agent::spawn`], and also appends the agent's stderr lines to `log`.
+    pub fn spawn_capturing(&mut self, extra: &[&str], log: &AgentLog) {
+        let mut child = self.command(extra).spawn().expect("spawn bulkhead");
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut buf = [0u8; 256];
+        loop {
+            match self.notify.recv(&mut buf) {
+                Ok(n) if &buf[..n] == b"READY=1" => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    let status = child.try_wait();
+                    panic!("agent did not report READY=1: {e} (exit: {status:?})");
+                }
+            }
+        }
+        self.child = Some(child);
+    }
 }

@@ -8,44 +8,7 @@
 
 use std::{process::Command, thread, time::Duration};
 
-use tests::{Agent, Cgroup, Link, Netns, Server, field, privileged, probe, unique};
-
-struct World {
-    root: Cgroup,
-    contractor: Cgroup,
-    prod: Cgroup,
-    outside: Cgroup,
-    link: Link,
-}
-
-fn world(net: u8) -> World {
-    let root = Cgroup::new(&unique("/bh-test-"));
-    World {
-        contractor: root.child("contractor"),
-        prod: root.child("prod"),
-        outside: root.child("outside"),
-        root,
-        link: Link::new(net),
-    }
-}
-
-fn policy(w: &World, extra_domain: &str, bridges: &str) -> String {
-    let n = w.link.net;
-    format!(
-        r#"version: 1
-mode: enforce
-domains:
-  contractor:
-    cgroups: ["{c}"]
-    networks: [10.{n}.0.1/32, "fd00:{n}::1/128"]
-{extra_domain}  prod:
-    cgroups: ["{p}"]
-    networks: [10.{n}.0.2/32, "fd00:{n}::2/128"]
-{bridges}"#,
-        c = w.contractor.rel,
-        p = w.prod.rel,
-    )
-}
+use tests::{Agent, Netns, Server, field, privileged, probe, world::world};
 
 fn is_deny_to(e: &tests::Value, dst: &str, port: u16) -> bool {
     field(e, "verdict") == "deny"
@@ -59,7 +22,7 @@ fn cross_domain_tcp_and_udp_denied_with_eperm_and_one_event_each() {
         return;
     }
     let w = world(101);
-    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = w.link.v4(2);
 
     let tcp = probe(
@@ -209,7 +172,7 @@ fn bridge_allows_only_its_proto_and_port() {
     }
     let w = world(103);
     let bridges = "bridges:\n  - name: ci-to-prod\n    from: contractor\n    to: prod\n    ports: [tcp/8080, udp/5300-5310]\n    reason: \"TICKET-1 test\"\n";
-    let agent = Agent::start(&w.root, &policy(&w, "", bridges));
+    let agent = Agent::start(&w.root, &w.policy("", bridges));
     let dst = w.link.v4(2);
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &format!("{dst}:8080"), 3);
     assert_eq!(
@@ -271,7 +234,7 @@ fn bridge_expiry_applies_in_the_kernel_while_the_agent_is_dead() {
     let bridges = format!(
         "bridges:\n  - name: short\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    expires: {expires}\n    reason: \"3 s window\"\n"
     );
-    let mut agent = Agent::start(&w.root, &policy(&w, "", &bridges));
+    let mut agent = Agent::start(&w.root, &w.policy("", &bridges));
     let dst = format!("{}:8080", w.link.v4(2));
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 8);
     assert_eq!(
@@ -308,7 +271,7 @@ fn nested_cgroup_created_after_start_is_in_its_parents_domain() {
         return;
     }
     let w = world(105);
-    let _agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let _agent = Agent::start(&w.root, &w.policy("", ""));
     let job = w.contractor.child("job-42");
     let nested = job.child("step");
     let r = probe(
@@ -325,7 +288,7 @@ fn ipv6_and_v4_mapped_destinations_are_decided() {
         return;
     }
     let w = world(106);
-    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let agent = Agent::start(&w.root, &w.policy("", ""));
     let v6 = format!("[{}]:8080", w.link.v6(2));
     assert_eq!(
         probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &v6]),
@@ -365,7 +328,7 @@ fn raw_sockets_refused_in_domain_workloads_only() {
         return;
     }
     let w = world(107);
-    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let agent = Agent::start(&w.root, &w.policy("", ""));
     assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw4"]), "EPERM");
     assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw6"]), "EPERM");
     assert_eq!(probe(&w.outside, Some(&w.link.a), &["raw4"]), "ok");
@@ -381,7 +344,7 @@ fn loopback_between_domains_on_one_namespace_is_denied() {
     }
     let w = world(108);
     let ns = Netns::new();
-    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let agent = Agent::start(&w.root, &w.policy("", ""));
     // A prod service listening on loopback, v4 and v6, in a shared namespace.
     let s4 = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9000", 3);
     let s6 = Server::start(&w.prod, Some(&ns), "tcp", "[::1]:9001", 3);
@@ -430,7 +393,7 @@ fn listener_bound_before_the_agent_started_is_covered() {
     let w = world(109);
     let ns = Netns::new();
     let server = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9100", 4);
-    let _agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let _agent = Agent::start(&w.root, &w.policy("", ""));
     assert_eq!(
         probe(
             &w.contractor,
@@ -452,7 +415,7 @@ fn inbound_from_another_domains_network_is_dropped() {
         return;
     }
     let w = world(110);
-    let agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8443", w.link.v4(2));
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 4);
     // The client is in no domain, so nothing stops it at connect time; its
@@ -475,7 +438,7 @@ fn audit_mode_decides_and_logs_but_never_blocks() {
         return;
     }
     let w = world(111);
-    let p = policy(&w, "", "").replace("mode: enforce", "mode: audit");
+    let p = w.policy("", "").replace("mode: enforce", "mode: audit");
     let agent = Agent::start(&w.root, &p);
     let dst = format!("{}:8080", w.link.v4(2));
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 3);
@@ -497,7 +460,7 @@ fn enforcement_survives_kill_and_detach_removes_it() {
         return;
     }
     let w = world(112);
-    let mut agent = Agent::start(&w.root, &policy(&w, "", ""));
+    let mut agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8080", w.link.v4(2));
 
     // A second agent on the same pins refuses clearly.
@@ -546,8 +509,7 @@ fn check_reports_errors_with_file_line_col() {
         return;
     }
     let w = world(113);
-    let bad = policy(
-        &w,
+    let bad = w.policy(
         "",
         "bridges:\n  - name: x\n    from: contractor\n    to: nowhere\n    ports: [tcp/1]\n    reason: r\n",
     );

@@ -6,6 +6,10 @@
 //!   probe sendto udp ADDR:PORT            unconnected sendto
 //!   probe raw4 | raw6 | packet            open a raw IP / packet socket
 //!   probe serve tcp|udp ADDR:PORT SECS    count what arrives for SECS, print "got N"
+//!   probe verdicts                        for each address on stdin (one a line),
+//!                                         UDP connect() to ADDR:53 and print the
+//!                                         result (`ENETUNREACH` in a namespace with
+//!                                         no route out means the hooks allowed it)
 //!
 //! Every loop is bounded by its SECS argument or a fixed count.
 
@@ -133,6 +137,36 @@ fn serve(proto: &str, at: SocketAddr, secs: u64) -> String {
     format!("got {got}")
 }
 
+/// UDP `connect()` (which sends nothing) to port 53 of every address read
+/// from stdin, one result line per address line. Bounded by the input.
+fn verdicts() -> String {
+    use std::io::BufRead as _;
+    let stdin = std::io::stdin().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut n = 0u64;
+    for line in stdin.lines() {
+        let line = line.expect("read stdin");
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let ip: std::net::IpAddr = line
+            .parse()
+            .unwrap_or_else(|e| panic!("bad address {line}: {e}"));
+        let result = match UdpSocket::bind(if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }) {
+            Ok(s) => match s.connect(SocketAddr::new(ip, 53)) {
+                Ok(()) => "ok".into(),
+                Err(e) => errno_name(&e),
+            },
+            Err(e) => format!("bind-{}", errno_name(&e)),
+        };
+        writeln!(out, "{result}").expect("write stdout");
+        n += 1;
+    }
+    out.flush().expect("flush stdout");
+    format!("done {n}")
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -147,8 +181,9 @@ fn main() -> ExitCode {
             (libc::ETH_P_ALL as u16).to_be() as i32,
         ),
         ["serve", proto, at, secs] => serve(proto, addr(at), secs.parse().expect("secs")),
+        ["verdicts"] => verdicts(),
         _ => {
-            eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve ...");
+            eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);
         }
     };

@@ -1,0 +1,287 @@
+//! Client side of the CLI: talking to the agent and printing for people.
+
+use std::{
+    io::{BufRead as _, Write as _},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::{
+    cgroup,
+    compile::{self, EventLimits},
+    control::{self, Filter, Request},
+    explain::{self, Answer, Query},
+    geo::GeoDb,
+    policy::{self, Proto},
+};
+
+/// `10.0.0.1`, `10.0.0.1:443`, `fd00::1`, `[fd00::1]:443` → (address, port; 0 = any).
+pub fn parse_dst(s: &str) -> Result<(IpAddr, u16)> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip, 0));
+    }
+    let sa: std::net::SocketAddr = s
+        .parse()
+        .with_context(|| format!("--dst {s}: expected ADDR, ADDR:PORT or [V6]:PORT"))?;
+    Ok((sa.ip(), sa.port()))
+}
+
+/// Explains against a candidate policy file, without any agent.
+pub fn explain_file(
+    path: &Path,
+    cgroup_path: &str,
+    ip: IpAddr,
+    port: u16,
+    proto: &str,
+) -> Result<Answer> {
+    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
+    let geo = GeoDb::load(&p.geo)?;
+    let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
+    let c = compile::compile(
+        &p,
+        &geo,
+        &mount,
+        EventLimits { rate: 0, burst: 0 },
+        compile::tai_offset_ns(),
+    )?;
+    let proto = if proto == "udp" {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
+    let q = Query {
+        cgroup: cgroup_path.to_string(),
+        dst: ip,
+        port,
+        proto,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as i64;
+    Ok(explain::explain(&p, &c, &geo, &q, now))
+}
+
+pub fn render_answer(a: &Value) -> String {
+    let a: Answer = match serde_json::from_value::<AnswerView>(a.clone()) {
+        Ok(v) => v.into(),
+        Err(_) => return format!("{a}\n"),
+    };
+    explain::render(&a)
+}
+
+/// `Answer` has `&'static str` fields; this is its owned mirror for reading JSON.
+#[derive(serde::Deserialize)]
+struct AnswerView {
+    verdict: String,
+    reason: String,
+    reason_code: u8,
+    rule: String,
+    workload_domain: Option<String>,
+    workload_pattern: Option<String>,
+    dst_domain: Option<String>,
+    dst_network: Option<String>,
+    country: Option<String>,
+    geo_source: Option<String>,
+    bridge: Option<String>,
+}
+
+impl From<AnswerView> for Answer {
+    fn from(v: AnswerView) -> Answer {
+        Answer {
+            verdict: leak(v.verdict),
+            reason: leak(v.reason),
+            reason_code: v.reason_code,
+            rule: v.rule,
+            workload_domain: v.workload_domain,
+            workload_pattern: v.workload_pattern,
+            dst_domain: v.dst_domain,
+            dst_network: v.dst_network,
+            country: v.country,
+            geo_source: v.geo_source,
+            bridge: v.bridge,
+        }
+    }
+}
+
+/// The CLI prints one answer and exits; leaking two short strings is fine.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+pub fn render_status(v: &Value) -> String {
+    let mut s = String::new();
+    let str_of = |k: &str| {
+        v[k].as_str()
+            .map_or_else(|| v[k].to_string(), str::to_string)
+    };
+    s += &format!(
+        "agent:       pid {} running since {}\n",
+        v["pid"],
+        str_of("running_since")
+    );
+    s += &format!(
+        "policy:      {} (sha256 {}), mode {}, generation {}\n",
+        str_of("policy"),
+        str_of("sha256"),
+        str_of("mode"),
+        v["generation"]
+    );
+    s += &format!(
+        "cgroup root: {}\npinned:      {}\n",
+        str_of("cgroup_root"),
+        str_of("bpffs_dir")
+    );
+    s += "programs:\n";
+    for p in v["programs"].as_array().into_iter().flatten() {
+        let pinned = if p["pinned"] == true {
+            "attached, pinned"
+        } else {
+            "NOT PINNED"
+        };
+        s += &format!(
+            "  {:<20} {:<16} {pinned}\n",
+            p["hook"].as_str().unwrap_or(""),
+            p["name"].as_str().unwrap_or("")
+        );
+    }
+    s += &format!("maps:        {}\n", v["maps"]);
+    s += "bridges:\n";
+    for b in v["bridges"].as_array().into_iter().flatten() {
+        let left = match b["seconds_left"].as_i64() {
+            Some(n) if n > 0 => format!("{n}s left"),
+            Some(_) => "expired".into(),
+            None => "no expiry".into(),
+        };
+        s += &format!(
+            "  {} {} -> {} {} {} ({left}) {}\n",
+            b["name"].as_str().unwrap_or(""),
+            b["from"].as_str().unwrap_or(""),
+            b["to"].as_str().unwrap_or(""),
+            b["ports"],
+            if b["open"] == true { "open" } else { "closed" },
+            b["reason"].as_str().unwrap_or("")
+        );
+    }
+    s += "decisions:\n";
+    for d in v["decisions"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  {:<12} {:<6} {:<24} {}\n",
+            d["hook"].as_str().unwrap_or(""),
+            d["verdict"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or(""),
+            d["count"]
+        );
+    }
+    let e = &v["events"];
+    s += &format!(
+        "events:      {} wanted, {} delivered, {} rate limited, {} lost (ring full), {} sequence gaps, {} subscribers ({} dropped)\n",
+        e["wanted"],
+        e["delivered"],
+        e["rate_limited"],
+        e["lost_ring_full"],
+        e["sequence_gaps"],
+        e["subscribers"],
+        e["subscriber_drops"]
+    );
+    s += &format!("packet sockets: {}\n", str_of("packet_sockets"));
+    s
+}
+
+/// Prints events as a table (default) or JSON lines.
+pub fn events(run_dir: &Path, filter: Filter, follow: bool, json: bool) -> Result<()> {
+    let reader = control::connect(run_dir, &Request::Events { follow, filter })?;
+    let mut out = std::io::stdout().lock();
+    if !json {
+        writeln!(
+            out,
+            "{:<30} {:<10} {:<22} {:<11} {:<5} {:<40} {:<28} COMM",
+            "TIME", "VERDICT", "REASON", "HOOK", "PROTO", "SRC -> DST", "DOMAINS"
+        )?;
+    }
+    for line in reader.lines() {
+        let line = line?;
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("bad event from the agent: {line}"))?;
+        if v.get("ok") == Some(&Value::Bool(false)) {
+            bail!("{}", v["error"].as_str().unwrap_or("refused"));
+        }
+        if json {
+            writeln!(out, "{line}")?;
+        } else if v.get("type").and_then(Value::as_str) == Some("lost") {
+            writeln!(
+                out,
+                "-- {} events lost: {}",
+                v["count"],
+                v["why"].as_str().unwrap_or("")
+            )?;
+        } else {
+            writeln!(out, "{}", table_row(&v))?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn table_row(v: &Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let ep = |a: &str, p: &str| match (v[a].as_str(), v[p].as_u64()) {
+        (Some(a), Some(p)) if a.contains(':') => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(a), None) => a.to_string(),
+        _ => "-".into(),
+    };
+    let domains = format!(
+        "{} -> {}",
+        v["src_domain"].as_str().unwrap_or("-"),
+        v["dst_domain"]
+            .as_str()
+            .or(v["country"].as_str())
+            .unwrap_or("-")
+    );
+    format!(
+        "{:<30} {:<10} {:<22} {:<11} {:<5} {:<40} {:<28} {}",
+        s("ts"),
+        s("verdict"),
+        s("reason"),
+        s("hook"),
+        s("proto"),
+        format!("{} -> {}", ep("src", "sport"), ep("dst", "dport")),
+        domains,
+        s("comm")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_destinations() {
+        assert_eq!(
+            parse_dst("10.0.0.1").unwrap(),
+            ("10.0.0.1".parse().unwrap(), 0)
+        );
+        assert_eq!(
+            parse_dst("10.0.0.1:443").unwrap(),
+            ("10.0.0.1".parse().unwrap(), 443)
+        );
+        assert_eq!(
+            parse_dst("[fd00::1]:53").unwrap(),
+            ("fd00::1".parse().unwrap(), 53)
+        );
+        assert_eq!(parse_dst("fd00::1").unwrap().1, 0);
+        assert!(parse_dst("nope").is_err());
+    }
+
+    #[test]
+    fn table_rows_show_endpoints_and_domains() {
+        let v: Value = serde_json::json!({"ts": "2026-01-01T00:00:00Z", "verdict": "deny", "reason": "cross-domain", "hook": "connect4", "proto": "tcp", "dst": "10.0.0.2", "dport": 443, "src_domain": "a", "dst_domain": "b", "comm": "curl"});
+        let row = table_row(&v);
+        assert!(row.contains("- -> 10.0.0.2:443"), "{row}");
+        assert!(row.contains("a -> b"));
+        assert!(row.ends_with("curl"));
+    }
+}

@@ -1,0 +1,48 @@
+//! The two-domain world most end-to-end tests use: namespaces A and B
+//! joined by veth; A (`10.N.0.1`, `fd00:N::1`) belongs to domain
+//! `contractor`, B (`10.N.0.2`, `fd00:N::2`) to `prod`; workload cgroups
+//! `contractor`, `prod` and `outside` (no domain) below the test's own root,
+//! where the agent attaches.
+
+use crate::{Cgroup, Link, unique};
+
+pub struct World {
+    pub root: Cgroup,
+    pub contractor: Cgroup,
+    pub prod: Cgroup,
+    pub outside: Cgroup,
+    pub link: Link,
+}
+
+pub fn world(net: u8) -> World {
+    let root = Cgroup::new(&unique("/bh-test-"));
+    World {
+        contractor: root.child("contractor"),
+        prod: root.child("prod"),
+        outside: root.child("outside"),
+        root,
+        link: Link::new(net),
+    }
+}
+
+impl World {
+    /// The standard policy, with `extra_domain` lines inserted before
+    /// `prod` and `bridges` (a whole `bridges:` block) appended.
+    pub fn policy(&self, extra_domain: &str, bridges: &str) -> String {
+        let n = self.link.net;
+        format!(
+            r#"version: 1
+mode: enforce
+domains:
+  contractor:
+    cgroups: ["{c}"]
+    networks: [10.{n}.0.1/32, "fd00:{n}::1/128"]
+{extra_domain}  prod:
+    cgroups: ["{p}"]
+    networks: [10.{n}.0.2/32, "fd00:{n}::2/128"]
+{bridges}"#,
+            c = self.contractor.rel,
+            p = self.prod.rel,
+        )
+    }
+}
