@@ -12,7 +12,9 @@
 #       bh-demo-b  10.250.0.2                production (a database on 5432, an API on 8080)
 #                  10.250.0.3                a contractor build cache (9000)
 #   - cgroups <cgroup2 mount>/bulkhead-demo/{contractor,prod,agent}
-#   - pins under /sys/fs/bpf/bulkhead-demo
+#   - pins under /sys/fs/bpf/bulkhead-demo, the agent's control socket in
+#     /run/bulkhead-demo (and its audit store in /var/lib/bulkhead-demo, where
+#     the agent keeps one)
 # Traffic only ever goes between those two namespaces.
 #
 # Idempotent: a leftover of an interrupted run is cleaned up first.
@@ -22,6 +24,9 @@ set -euo pipefail
 NS_A=bh-demo-a
 NS_B=bh-demo-b
 BPFFS_DIR=/sys/fs/bpf/bulkhead-demo
+# The agent's defaults for that pin directory: control socket, audit store.
+RUN_DIR=/run/bulkhead-demo
+STATE_DIR=/var/lib/bulkhead-demo
 CLIENT_IP=10.250.0.1
 PROD_IP=10.250.0.2
 CACHE_IP=10.250.0.3
@@ -113,7 +118,7 @@ cleanup() {
         done
         if [[ -n $tmp && -f $tmp/agent.log ]]; then
             heading "The agent stopped"
-            grep -v 'bulkhead: enforcing' "$tmp/agent.log" || true
+            grep -vE 'bulkhead: (enforcing|control:)' "$tmp/agent.log" || true
         fi
     fi
     # Everything left in the demo cgroups (servers, a leftover agent) dies here.
@@ -127,6 +132,8 @@ cleanup() {
             "$BIN" detach --force --bpffs-dir "$BPFFS_DIR" >/dev/null || true
         fi
     fi
+    # The agent's control socket and audit store, named after the pin directory.
+    rm -rf "$RUN_DIR" "$STATE_DIR"
     ip netns del "$NS_A" 2>/dev/null || true
     ip netns del "$NS_B" 2>/dev/null || true
     if [[ -n $tmp ]]; then
@@ -145,7 +152,7 @@ remove_stale_scratch() {
 }
 
 leftover=no
-if [[ -e $CG || -e $BPFFS_DIR ]] || ip netns list | grep -qE "^($NS_A|$NS_B)( |$)"; then
+if [[ -e $CG || -e $BPFFS_DIR || -e $RUN_DIR || -e $STATE_DIR ]] || ip netns list | grep -qE "^($NS_A|$NS_B)( |$)"; then
     leftover=yes
 fi
 cleanup
@@ -328,10 +335,34 @@ echo "$out"
 check grep -q "hello from prod on port $API_PORT" <<<"$out"
 show_events_after "$mark"
 
+heading "4. Ask the running agent"
+show "bulkhead explain --bpffs-dir $BPFFS_DIR --cgroup $CG_REL/contractor --dst $PROD_IP:$DB_PORT"
+"$BIN" explain --bpffs-dir "$BPFFS_DIR" --cgroup "$CG_REL/contractor" --dst "$PROD_IP:$DB_PORT"
+show "bulkhead explain --bpffs-dir $BPFFS_DIR --cgroup $CG_REL/contractor --dst $PROD_IP:$API_PORT"
+"$BIN" explain --bpffs-dir "$BPFFS_DIR" --cgroup "$CG_REL/contractor" --dst "$PROD_IP:$API_PORT"
+show "bulkhead events --bpffs-dir $BPFFS_DIR"
+"$BIN" events --bpffs-dir "$BPFFS_DIR"
+show "bulkhead status --bpffs-dir $BPFFS_DIR"
+"$BIN" status --bpffs-dir "$BPFFS_DIR"
+
+heading "5. Fail closed: kill -9 the agent, the policy stays in force"
+show "kill -9 $agent_pid"
+kill -9 "$agent_pid"
+for _ in $(seq 50); do
+    kill -0 "$agent_pid" 2>/dev/null || break
+    sleep 0.1
+done
+show "nc -v -z -w 2 $PROD_IP $DB_PORT    # in cgroup contractor, namespace $NS_A"
+rc=0
+out=$(in_cg "$CG/contractor" "$NS_A" nc -v -z -w 2 "$PROD_IP" "$DB_PORT" 2>&1) || rc=$?
+echo "$out"
+check grep -q "not permitted" <<<"$out"
+note "(enforcement is pinned under $BPFFS_DIR; a new \`bulkhead run\` adopts it, \`bulkhead detach\` removes it)"
+
 heading "Done"
 if ((failures > 0)); then
     cat "$agent_log"
     die "$failures step(s) did not behave as expected"
 fi
-echo "A denied, an allowed and a bridged connection, each decided in the kernel and recorded."
-echo "Enforcement is pinned under $BPFFS_DIR; it would stay in force if the agent died."
+echo "A denied, an allowed and a bridged connection, each decided in the kernel and recorded;"
+echo "and the policy outlived the agent."

@@ -36,6 +36,15 @@ pub const MAP_SOCKS: &str = "BH_SOCKS";
 pub const MAP_EVENTS: &str = "BH_EVENTS";
 pub const MAP_COUNTERS: &str = "BH_COUNTERS";
 pub const MAP_RATE: &str = "BH_RATE";
+pub const MAP_DOMAIN_COUNTERS: &str = "BH_DOMSTATS";
+
+/// Per-domain decision counters: `BH_DOMSTATS[domain * REASON_SLOTS + reason]`.
+pub const NUM_DOMAIN_COUNTERS: u32 = MAX_DOMAINS * crate::reason::REASON_SLOTS;
+
+pub const fn domain_counter_index(domain: u32, reason: u8) -> u32 {
+    (domain % MAX_DOMAINS) * crate::reason::REASON_SLOTS
+        + (reason as u32 % crate::reason::REASON_SLOTS)
+}
 
 /// Counter slots after the per-hook reason rows.
 pub const COUNTER_EVENTS_WANTED: u32 = 8 * crate::reason::REASON_SLOTS;

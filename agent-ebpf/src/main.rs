@@ -24,8 +24,9 @@ use agent_common::{
         COUNTER_EVENTS_WANTED, CgroupKey, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
         DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, GeoValue, MAX_BRIDGE_PAIRS,
         MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MAX_GEO_PREFIXES, MAX_NETWORKS, MODE_AUDIT,
-        NUM_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_INITIATOR, SockInfo, State, TokenBucket,
-        counter_index, is_loopback_v4, is_loopback_v6, net4_key, net6_key, v4_mapped,
+        NUM_COUNTERS, NUM_DOMAIN_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_INITIATOR, SockInfo,
+        State, TokenBucket, counter_index, domain_counter_index, is_loopback_v4, is_loopback_v6,
+        net4_key, net6_key, v4_mapped,
     },
 };
 use aya_ebpf::{
@@ -64,6 +65,8 @@ static BH_GEO6: LpmTrie<Net6Key, GeoValue> = LpmTrie::pinned(2 * MAX_GEO_PREFIXE
 static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> = HashMap::pinned(2 * MAX_BRIDGE_PAIRS, 0);
 #[map(name = "BH_COUNTERS")]
 static BH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
+#[map(name = "BH_DOMSTATS")]
+static BH_DOMSTATS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_DOMAIN_COUNTERS, 0);
 #[map(name = "BH_RATE")]
 static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 * 1024, 0);
 /// Sized by the agent at load time (`--ring-buffer-bytes`).
@@ -262,7 +265,12 @@ fn socks_map() -> *mut core::ffi::c_void {
 
 #[inline(always)]
 fn count(index: u32) -> u64 {
-    match BH_COUNTERS.get_ptr_mut(index) {
+    bump(&BH_COUNTERS, index)
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, index: u32) -> u64 {
+    match map.get_ptr_mut(index) {
         Some(p) => unsafe {
             *p += 1;
             *p
@@ -319,6 +327,7 @@ fn finish(
     f: &Flow,
 ) -> i32 {
     count(counter_index(f.hook as u8, d.reason as u8));
+    bump(&BH_DOMSTATS, domain_counter_index(dom_id, d.reason as u8));
     let audit = a.config.mode == MODE_AUDIT;
     let verdict = match (d.allow, audit) {
         (true, _) => Verdict::Allow,

@@ -192,37 +192,66 @@ pub fn render_status(v: &Value) -> String {
 
 /// Prints events as a table (default) or JSON lines.
 pub fn events(run_dir: &Path, filter: Filter, follow: bool, json: bool) -> Result<()> {
-    let reader = control::connect(run_dir, &Request::Events { follow, filter })?;
-    let mut out = std::io::stdout().lock();
-    if !json {
+    let mut reader = control::connect(run_dir, &Request::Events { follow, filter })?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let header = if json {
+        Ok(())
+    } else {
         writeln!(
             out,
             "{:<30} {:<10} {:<22} {:<11} {:<5} {:<40} {:<28} COMM",
             "TIME", "VERDICT", "REASON", "HOOK", "PROTO", "SRC -> DST", "DOMAINS"
-        )?;
-    }
-    for line in reader.lines() {
-        let line = line?;
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("bad event from the agent: {line}"))?;
+        )
+    };
+    quiet_on_broken_pipe(header)?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        let text = line.trim_end();
+        let v: Value = serde_json::from_str(text)
+            .with_context(|| format!("bad event from the agent: {text}"))?;
         if v.get("ok") == Some(&Value::Bool(false)) {
             bail!("{}", v["error"].as_str().unwrap_or("refused"));
         }
-        if json {
-            writeln!(out, "{line}")?;
+        let written = if json {
+            writeln!(out, "{text}")
         } else if v.get("type").and_then(Value::as_str) == Some("lost") {
             writeln!(
                 out,
                 "-- {} events lost: {}",
                 v["count"],
                 v["why"].as_str().unwrap_or("")
-            )?;
+            )
         } else {
-            writeln!(out, "{}", table_row(&v))?;
+            writeln!(out, "{}", table_row(&v))
+        };
+        // Flush when nothing more is waiting, so bursts cost few writes.
+        let written = written.and_then(|()| {
+            if reader.buffer().is_empty() {
+                out.flush()
+            } else {
+                Ok(())
+            }
+        });
+        if !quiet_on_broken_pipe(written)? {
+            return Ok(());
         }
-        out.flush()?;
     }
+    quiet_on_broken_pipe(out.flush())?;
     Ok(())
+}
+
+/// `Ok(true)` to go on, `Ok(false)` when whoever reads our output went away
+/// (`| head`), which is not an error.
+fn quiet_on_broken_pipe(r: std::io::Result<()>) -> Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn table_row(v: &Value) -> String {
@@ -252,6 +281,154 @@ fn table_row(v: &Value) -> String {
         domains,
         s("comm")
     )
+}
+
+fn rfc3339_ns(s: &str) -> Result<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("`{s}` is not an RFC 3339 time (e.g. 2026-11-23T10:00:00Z)"))?;
+    Ok(t.unix_timestamp_nanos() as i64)
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i64
+}
+
+/// `bulkhead audit query|changes`.
+pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
+    match cmd {
+        crate::AuditCommand::Query {
+            db,
+            since,
+            from,
+            to,
+            domain,
+            src_domain,
+            dst_domain,
+            cgroup,
+            dst,
+            port,
+            country,
+            verdict,
+            reason,
+            format,
+            limit,
+        } => {
+            let mut from_ns = from.as_deref().map(rfc3339_ns).transpose()?;
+            if let Some(s) = since {
+                from_ns = Some(
+                    from_ns
+                        .unwrap_or(i64::MIN)
+                        .max(now_ns() - s as i64 * 1_000_000_000),
+                );
+            }
+            let dst = match dst {
+                Some(d) => Some(match d.parse::<ipnet::IpNet>() {
+                    Ok(n) => n,
+                    Err(_) => ipnet::IpNet::from(
+                        d.parse::<IpAddr>()
+                            .with_context(|| format!("--dst {d}: not an address or CIDR"))?,
+                    ),
+                }),
+                None => None,
+            };
+            let q = crate::store::Query {
+                from_ns,
+                to_ns: to.as_deref().map(rfc3339_ns).transpose()?,
+                domain,
+                src_domain,
+                dst_domain,
+                cgroup,
+                dst,
+                port,
+                country,
+                verdict,
+                reason,
+                limit,
+            };
+            let rows = crate::store::query(&db.path(), &q)?;
+            let mut out = std::io::stdout().lock();
+            match format.as_str() {
+                "json" => {
+                    for r in &rows {
+                        writeln!(out, "{}", serde_json::to_string(r)?)?;
+                    }
+                }
+                "csv" => {
+                    writeln!(
+                        out,
+                        "ts,verdict,reason,hook,proto,src,sport,dst,dport,pid,comm,uid,cgroup,src_domain,dst_domain,country,bridge,generation"
+                    )?;
+                    for r in &rows {
+                        let f = |o: Option<String>| csv_field(&o.unwrap_or_default());
+                        writeln!(
+                            out,
+                            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                            r.ts,
+                            r.verdict,
+                            r.reason,
+                            r.hook,
+                            r.proto,
+                            f(r.src.clone()),
+                            f(r.sport.map(|p| p.to_string())),
+                            f(r.dst.clone()),
+                            f(r.dport.map(|p| p.to_string())),
+                            f(r.pid.map(|p| p.to_string())),
+                            f(r.comm.clone()),
+                            f(r.uid.map(|p| p.to_string())),
+                            csv_field(&r.cgroup),
+                            f(r.src_domain.clone()),
+                            f(r.dst_domain.clone()),
+                            f(r.country.clone()),
+                            f(r.bridge.clone()),
+                            r.generation
+                        )?;
+                    }
+                }
+                _ => {
+                    writeln!(
+                        out,
+                        "{:<30} {:<10} {:<22} {:<11} {:<5} {:<40} {:<28} COMM",
+                        "TIME", "VERDICT", "REASON", "HOOK", "PROTO", "SRC -> DST", "DOMAINS"
+                    )?;
+                    for r in &rows {
+                        writeln!(out, "{}", table_row(&serde_json::to_value(r)?))?;
+                    }
+                    writeln!(out, "{} events", rows.len())?;
+                }
+            }
+            Ok(())
+        }
+        crate::AuditCommand::Changes { db, since } => {
+            let from = since.map(|s| now_ns() - s as i64 * 1_000_000_000);
+            for c in crate::store::changes(&db.path(), from, 100_000)? {
+                println!(
+                    "{} {:<16} gen {:<5} {} {} {}",
+                    c["ts"].as_str().unwrap_or(""),
+                    c["kind"].as_str().unwrap_or(""),
+                    c["generation"],
+                    c["policy"].as_str().unwrap_or(""),
+                    c["sha256"]
+                        .as_str()
+                        .map(|s| &s[..12.min(s.len())])
+                        .unwrap_or(""),
+                    c["detail"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// RFC 4180 quoting where needed.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 #[cfg(test)]

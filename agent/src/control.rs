@@ -187,7 +187,7 @@ struct Sub {
 
 const RECENT: usize = 10_000;
 /// Events buffered per subscriber before it starts losing them.
-const SUB_QUEUE: usize = 4096;
+const SUB_QUEUE: usize = 16_384;
 
 impl Hub {
     pub fn new() -> Arc<Hub> {
@@ -340,28 +340,39 @@ fn handle(conn: UnixStream, group: Option<u32>, calls: Sender<Call>, hub: Arc<Hu
     Ok(())
 }
 
-fn stream_events(mut out: UnixStream, hub: &Hub, filter: Filter, follow: bool) -> Result<()> {
+fn stream_events(out: UnixStream, hub: &Hub, filter: Filter, follow: bool) -> Result<()> {
     let (backlog, live) = hub.subscribe(filter, follow);
+    // Buffered: a burst goes out in few writes; flushed whenever the queue
+    // runs dry, so a quiet stream is still live.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
     for r in backlog {
         writeln!(out, "{}", serde_json::to_string(&*r)?)?;
     }
+    out.flush()?;
     let Some((rx, lost)) = live else {
         return Ok(());
     };
     let mut reported = 0;
     loop {
-        match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(r) => writeln!(out, "{}", serde_json::to_string(&*r)?)?,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        let next = match rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+            Err(mpsc::TryRecvError::Empty) => {
+                out.flush()?;
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(r) => Some(r),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+        };
+        if let Some(r) = next {
+            writeln!(out, "{}", serde_json::to_string(&*r)?)?;
         }
         let l = lost.load(Ordering::Relaxed);
         if l > reported {
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({"type": "lost", "count": l - reported, "why": "this subscriber fell behind"})
-            )?;
+            let note = serde_json::json!({"type": "lost", "count": l - reported, "why": "this subscriber fell behind"});
+            writeln!(out, "{note}")?;
             reported = l;
         }
     }

@@ -47,6 +47,9 @@ pub struct Record {
     pub dst_domain: Option<String>,
     pub country: Option<String>,
     pub geo_source: Option<String>,
+    /// Build time of that source (database metadata, or the geofeed's mtime).
+    #[serde(default)]
+    pub geo_source_built: Option<String>,
     pub bridge: Option<String>,
     pub generation: u64,
     pub seq: u64,
@@ -167,18 +170,20 @@ impl Enricher {
         let src = addr(e.family, &e.src_addr).filter(|_| e.src_addr != [0; 16]);
         let dst = addr(e.family, &e.dst_addr).filter(|_| e.dst_addr != [0; 16]);
         let peer = if ingress { src } else { dst };
-        let (country, geo_source) = match (peer, &g) {
+        let (country, geo_source, geo_source_built) = match (peer, &g) {
             (Some(ip), Some(g)) => match g.geo.lookup(ip) {
-                Some(hit) => (
-                    Some(String::from_utf8_lossy(&hit.country).into_owned()),
-                    g.geo
-                        .sources()
-                        .get(hit.source)
-                        .map(|s| s.path.display().to_string()),
-                ),
-                None => (None, None),
+                Some(hit) => {
+                    let src = g.geo.sources().get(hit.source);
+                    (
+                        Some(String::from_utf8_lossy(&hit.country).into_owned()),
+                        src.map(|s| s.path.display().to_string()),
+                        src.and_then(|s| s.build_epoch)
+                            .map(|t| format_ts(t.saturating_mul(1_000_000_000), 0)),
+                    )
+                }
+                None => (None, None, None),
             },
-            _ => (None, None),
+            _ => (None, None, None),
         };
         let bridge = if e.bridge_id == 0 {
             None
@@ -220,6 +225,7 @@ impl Enricher {
             dst_domain,
             country,
             geo_source,
+            geo_source_built,
             bridge,
             generation: e.generation,
             seq: e.seq,

@@ -157,7 +157,7 @@ pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
 fn explain_load_error(e: anyhow::Error) -> anyhow::Error {
     let chain = format!("{e:#}");
     if chain.contains("Operation not permitted") || chain.contains("EPERM") {
-        return e.context("loading BPF programs was refused: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN");
+        return e.context("loading BPF programs was refused: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN (and CAP_SYS_ADMIN to mount bpffs)");
     }
     if chain.contains("map pin") || chain.contains("pinned") {
         return e.context("the maps pinned by an earlier, different bulkhead version do not fit this one: run `bulkhead detach` first");
@@ -227,7 +227,7 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<()
 fn verifier(name: &str, e: anyhow::Error) -> anyhow::Error {
     let chain = format!("{e:#}");
     if chain.contains("Operation not permitted") {
-        return e.context(format!("the kernel refused to load {name}: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"));
+        return e.context(format!("the kernel refused to load {name}: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN (and CAP_SYS_ADMIN to mount bpffs)"));
     }
     // The verifier log is long; keep it for debugging but lead with what failed.
     e.context(format!(

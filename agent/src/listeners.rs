@@ -100,14 +100,15 @@ fn pidfd_getfd(pid: u32, fd: i32) -> Option<OwnedFd> {
 }
 
 /// Records the owner of every socket bound before the agent attached.
-/// Returns how many sockets were recorded.
-pub fn seed(ebpf: &mut Ebpf, mount: &Path) -> Result<usize> {
+/// Returns how many sockets were recorded and how many could not be.
+pub fn seed(ebpf: &mut Ebpf, mount: &Path) -> Result<(usize, usize)> {
     let map = ebpf
         .map_mut(MAP_SOCKS)
         .ok_or_else(|| anyhow!("map {MAP_SOCKS} missing"))?;
     let mut socks: SkStorage<&mut MapData, SockInfo> = SkStorage::try_from(map)?;
     let mut netns_seen: HashMap<u64, HashSet<u64>> = HashMap::new();
     let mut seeded = 0;
+    let mut failed = 0;
     let self_pid = std::process::id();
     for entry in fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
@@ -155,14 +156,17 @@ pub fn seed(ebpf: &mut Ebpf, mount: &Path) -> Result<usize> {
                 }
             };
             let Some(sock) = pidfd_getfd(pid, num) else {
+                failed += 1;
                 continue;
             };
             if socks.insert(&sock, info, 0).is_ok() {
                 seeded += 1;
+            } else {
+                failed += 1;
             }
         }
     }
-    Ok(seeded)
+    Ok((seeded, failed))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success; 1 a rejected policy or a runtime error (printed
 //! once, with its cause chain); 2 bad command-line usage.
 
+mod caps;
 mod cgroup;
 mod cli;
 mod compile;
@@ -15,8 +16,11 @@ mod geo;
 mod kernel;
 mod listeners;
 mod maps;
+mod metrics;
 mod policy;
 mod run;
+mod sink;
+mod store;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -86,6 +90,31 @@ enum Command {
         /// besides root.
         #[arg(long)]
         control_group: Option<String>,
+        /// Rotate the events log when it reaches this size (bytes; 0 = never).
+        #[arg(long, default_value_t = 64 << 20)]
+        events_log_max_bytes: u64,
+        /// Rotated events logs kept (events.jsonl.1 ... .N).
+        #[arg(long, default_value_t = 5)]
+        events_log_keep: u32,
+        /// The queryable audit store (SQLite) [default: /var/lib/<name of
+        /// the bpffs dir>/audit.db, i.e. /var/lib/bulkhead/audit.db].
+        #[arg(long)]
+        audit_db: Option<PathBuf>,
+        /// Do not keep the SQLite audit store.
+        #[arg(long, conflicts_with = "audit_db")]
+        no_audit_db: bool,
+        /// Delete audit store rows older than this (e.g. 30d, 12h).
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        audit_retention: u64,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9477);
+        /// off by default.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Query the audit store (works without a running agent).
+    Audit {
+        #[command(subcommand)]
+        what: AuditCommand,
     },
     /// Show what is enforced: programs, policy generation and hash, map
     /// fill levels, decision counters, event losses, bridges.
@@ -155,6 +184,93 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
+enum AuditCommand {
+    /// Events from the audit store, filtered; oldest first.
+    Query {
+        #[command(flatten)]
+        db: AuditDb,
+        /// Only events newer than this (e.g. 10m, 24h, 7d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<u64>,
+        /// Only events at or after this RFC 3339 time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only events before this RFC 3339 time.
+        #[arg(long)]
+        to: Option<String>,
+        /// Source or destination domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Source domain (the workload's, for egress).
+        #[arg(long)]
+        src_domain: Option<String>,
+        /// Destination domain.
+        #[arg(long)]
+        dst_domain: Option<String>,
+        /// Cgroup path or a parent of it.
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Destination address or CIDR.
+        #[arg(long)]
+        dst: Option<String>,
+        /// Destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Country (ISO code) of the peer.
+        #[arg(long)]
+        country: Option<String>,
+        /// allow, deny or would-deny.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Reason name (see README).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Output format.
+        #[arg(long, default_value = "table", value_parser = ["table", "json", "csv"])]
+        format: String,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Policy and agent changes (start, reload, rejected reload, stop).
+    Changes {
+        #[command(flatten)]
+        db: AuditDb,
+        /// Only changes newer than this (e.g. 24h).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<u64>,
+    },
+}
+
+/// Which audit store to read.
+#[derive(clap::Args)]
+struct AuditDb {
+    /// The SQLite file [default: /var/lib/<name of the bpffs dir>/audit.db].
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// bpffs directory of the agent (names the default database).
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
+    bpffs_dir: PathBuf,
+}
+
+impl AuditDb {
+    fn path(&self) -> PathBuf {
+        self.db
+            .clone()
+            .unwrap_or_else(|| default_state_dir(&self.bpffs_dir).join("audit.db"))
+    }
+}
+
+/// `/var/lib/<name of the bpffs dir>`.
+fn default_state_dir(bpffs_dir: &std::path::Path) -> PathBuf {
+    let name = bpffs_dir
+        .file_name()
+        .map_or_else(|| "bulkhead".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from("/var/lib").join(name)
 }
 
 /// Where to find a running agent.
@@ -250,7 +366,18 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             event_burst,
             run_dir,
             control_group,
+            events_log_max_bytes,
+            events_log_keep,
+            audit_db,
+            no_audit_db,
+            audit_retention,
+            metrics_addr,
         } => {
+            let audit_db = match (no_audit_db, audit_db) {
+                (true, _) => None,
+                (false, Some(p)) => Some(p),
+                (false, None) => Some(default_state_dir(&bpffs_dir).join("audit.db")),
+            };
             let control_group = control_group
                 .as_deref()
                 .map(control::group_id)
@@ -259,6 +386,13 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             run::run(run::RunArgs {
                 run_dir,
                 control_group,
+                rotation: sink::Rotation {
+                    max_bytes: events_log_max_bytes,
+                    keep: events_log_keep,
+                },
+                audit_db,
+                audit_retention: std::time::Duration::from_secs(audit_retention),
+                metrics_addr,
                 policy,
                 cgroup_root,
                 bpffs_dir,
@@ -336,6 +470,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             } else {
                 print!("{}", cli::render_answer(&answer));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { what } => {
+            cli::audit(what)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { bpffs_dir, force } => {

@@ -1,8 +1,7 @@
 //! `bulkhead run`: load, attach, pin, enforce, stream events, reload.
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{self, Write as _},
+    fs,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::{
@@ -21,6 +20,7 @@ use aya::{
 };
 
 use crate::{
+    caps,
     cgroup::{self, PathCache},
     compile::{self, Compiled, EventLimits},
     control::{self, Call, Hub, Request},
@@ -30,7 +30,10 @@ use crate::{
     kernel::{self, Pins},
     listeners,
     maps::PolicyMaps,
+    metrics::{self, Gauges},
     policy::{self, Policy},
+    sink::{Rotation, Sink},
+    store::{Change, Store},
 };
 
 pub struct RunArgs {
@@ -43,6 +46,10 @@ pub struct RunArgs {
     pub limits: EventLimits,
     pub run_dir: PathBuf,
     pub control_group: Option<u32>,
+    pub rotation: Rotation,
+    pub audit_db: Option<PathBuf>,
+    pub audit_retention: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -110,19 +117,54 @@ pub fn run(args: RunArgs) -> Result<()> {
             mount.display()
         ));
     }
+    let load_started = Instant::now();
     let loaded = load_policy(&args.policy, &mount, args.limits)?;
 
+    for w in caps::check()? {
+        log(format!("warning: {w}"));
+    }
     let pins = Pins::new(args.bpffs_dir.clone());
     kernel::ensure_bpffs(&pins.root)?;
     let _lock = kernel::lock(&pins)?;
+    let store = args
+        .audit_db
+        .as_deref()
+        .map(|p| Store::start(p, args.audit_retention))
+        .transpose()?;
+    let record = |kind: &str, l: Option<(&Loaded, u64)>, detail: String| {
+        if let Some(s) = &store {
+            s.change(Change {
+                kind: kind.to_string(),
+                policy: Some(args.policy.display().to_string()),
+                sha256: l.map(|(l, _)| l.policy.sha256.clone()),
+                generation: l.map(|(_, g)| g),
+                detail,
+            });
+        }
+    };
     let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
     let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
     let previous = PolicyMaps::generation(&mut ebpf)?;
     // The policy goes in before the new programs attach; programs an earlier
     // agent left attached read the same pinned maps and switch with them.
     let written = pmaps.switch(&mut ebpf, &loaded.compiled)?;
+    let gauges = Arc::new(Gauges::default());
+    gauges.note_policy(
+        &loaded.compiled.domain_names,
+        written.generation,
+        load_started.elapsed(),
+    );
     kernel::attach_all(&mut ebpf, &pins, &root)?;
-    let seeded = listeners::seed(&mut ebpf, &mount).unwrap_or_else(|e| {
+    let seeded = listeners::seed(&mut ebpf, &mount).map(|(ok, failed)| {
+        if failed > 0 {
+            log(format!(
+                "warning: {failed} sockets bound before start could not be recorded (pidfd_getfd refused: \
+                 CAP_SYS_PTRACE missing?); connections to them are decided as if they had no domain"
+            ));
+        }
+        ok
+    });
+    let seeded = seeded.unwrap_or_else(|e| {
         log(format!(
             "warning: could not record sockets bound before start: {e:#}"
         ));
@@ -144,20 +186,32 @@ pub fn run(args: RunArgs) -> Result<()> {
         ebpf.take_map(MAP_EVENTS)
             .ok_or_else(|| anyhow!("map {MAP_EVENTS} missing"))?,
     )?;
-    let sink = Sink::open(args.stdout_events, args.events_log.as_deref())?;
+    let sink = Sink::open(
+        args.stdout_events,
+        args.events_log.as_deref(),
+        args.rotation,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let delivered = Arc::new(AtomicU64::new(0));
+    let delivered = gauges.delivered.clone();
+    if let Some(st) = &store {
+        gauges.set_store(st);
+    }
+    if let Some(addr) = args.metrics_addr {
+        metrics::serve(addr, pins.maps(), gauges.clone())?;
+        log(format!("metrics on http://{addr}/metrics"));
+    }
     let hub = Hub::new();
     let reader = {
-        let (enricher, stop, delivered, hub) = (
+        let (enricher, stop, delivered, hub, store) = (
             enricher.clone(),
             stop.clone(),
             delivered.clone(),
             hub.clone(),
+            store.clone(),
         );
         thread::Builder::new()
             .name("events".into())
-            .spawn(move || read_events(ring, enricher, sink, stop, delivered, hub))?
+            .spawn(move || read_events(ring, enricher, sink, stop, delivered, hub, store))?
     };
     let (calls_tx, calls) = std::sync::mpsc::channel::<Call>();
     let socket = control::serve(&args.run_dir, args.control_group, calls_tx, hub.clone())?;
@@ -189,6 +243,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         seeded,
         socket.display(),
     ));
+    record(
+        "start",
+        Some((&loaded, written.generation)),
+        format!(
+            "agent pid {} attached to {}",
+            std::process::id(),
+            root.display()
+        ),
+    );
     sd_notify("READY=1");
 
     let hup = Arc::new(AtomicBool::new(false));
@@ -200,6 +263,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut current = loaded;
     let mut last_check = Instant::now();
     while !term.load(Ordering::Relaxed) {
+        gauges.subscriber_drops.store(
+            hub.subscriber_drops.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         let mut reload = hup.swap(false, Ordering::Relaxed);
         let mut reload_reply = None;
         match calls.recv_timeout(Duration::from_millis(50)) {
@@ -238,11 +305,26 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
-            reload |= current.stamps.iter().any(|(p, t)| stamp(p) != *t);
+            if current.stamps.iter().any(|(p, t)| stamp(p) != *t) {
+                // A touch or a rewrite with the same bytes is not a new policy.
+                let same_policy =
+                    policy::file_sha256(&args.policy).is_ok_and(|h| h == current.policy.sha256);
+                let geo_same = current.stamps.iter().skip(1).all(|(p, t)| stamp(p) == *t);
+                if same_policy && geo_same {
+                    current.stamps = current
+                        .stamps
+                        .iter()
+                        .map(|(p, _)| (p.clone(), stamp(p)))
+                        .collect();
+                } else {
+                    reload = true;
+                }
+            }
             refresh_cgroups(&mut ebpf, &mut pmaps, &current, &mount, &enricher);
         }
         if reload {
             sd_notify("RELOADING=1");
+            let load_started = Instant::now();
             let result = load_policy(&args.policy, &mount, args.limits).and_then(|next| {
                 let w = pmaps
                     .switch(&mut ebpf, &next.compiled)
@@ -263,7 +345,17 @@ pub fn run(args: RunArgs) -> Result<()> {
                         w.updated,
                         w.deleted
                     ));
+                    record(
+                        "reload",
+                        Some((&next, w.generation)),
+                        format!("{} entries written, {} removed", w.updated, w.deleted),
+                    );
                     let a = serde_json::json!({"ok": true, "generation": w.generation, "sha256": next.policy.sha256});
+                    gauges.note_policy(
+                        &next.compiled.domain_names,
+                        w.generation,
+                        load_started.elapsed(),
+                    );
                     current = next;
                     a
                 }
@@ -276,6 +368,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                         .collect();
                     let msg = format!("reload rejected, the running policy stays in force:\n{e:#}");
                     log(&msg);
+                    record("reload-rejected", None, format!("{e:#}"));
                     serde_json::json!({"ok": false, "error": msg})
                 }
             };
@@ -287,6 +380,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
+    let last = PolicyMaps::generation(&mut ebpf).unwrap_or(0);
+    record(
+        "stop",
+        Some((&current, last)),
+        "enforcement stays pinned".into(),
+    );
+    let _ = fs::remove_file(&socket);
+    // Give the store's writer a moment to commit the last batch.
+    if store.is_some() {
+        thread::sleep(Duration::from_millis(600));
+    }
     log(format!(
         "stopping; {} events delivered; enforcement stays pinned under {} (`bulkhead detach` removes it)",
         delivered.load(Ordering::Relaxed),
@@ -335,47 +439,6 @@ fn refresh_cgroups(
     }
 }
 
-/// Where event lines go.
-struct Sink {
-    stdout: bool,
-    file: Option<File>,
-}
-
-impl Sink {
-    fn open(stdout: bool, path: Option<&Path>) -> Result<Sink> {
-        let file = match path {
-            Some(p) => {
-                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                }
-                Some(
-                    OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)
-                        .with_context(|| format!("opening events log {}", p.display()))?,
-                )
-            }
-            None => None,
-        };
-        Ok(Sink { stdout, file })
-    }
-
-    fn write(&mut self, line: &str) {
-        if self.stdout {
-            let mut out = io::stdout().lock();
-            let _ = out.write_all(line.as_bytes());
-            let _ = out.flush();
-        }
-        if let Some(f) = &mut self.file
-            && let Err(e) = f.write_all(line.as_bytes())
-        {
-            log(format!("warning: writing the events log failed: {e}"));
-        }
-    }
-}
-
 fn read_events(
     mut ring: RingBuf<MapData>,
     enricher: Arc<Mutex<Enricher>>,
@@ -383,6 +446,7 @@ fn read_events(
     stop: Arc<AtomicBool>,
     delivered: Arc<AtomicU64>,
     hub: Arc<Hub>,
+    store: Option<Store>,
 ) {
     let fd = ring.as_raw_fd();
     loop {
@@ -406,6 +470,9 @@ fn read_events(
                 if let Ok(json) = serde_json::to_string(&rec) {
                     batch.push_str(&json);
                     batch.push('\n');
+                }
+                if let Some(s) = &store {
+                    s.event(rec.clone());
                 }
                 hub.publish(rec);
                 delivered.fetch_add(1, Ordering::Relaxed);

@@ -469,6 +469,11 @@ impl Agent {
         PathBuf::from("/run").join(self.bpffs.file_name().expect("bpffs dir name"))
     }
 
+    /// The agent's state directory (audit store): `/var/lib/<bpffs dir name>`.
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from("/var/lib").join(self.bpffs.file_name().expect("bpffs dir name"))
+    }
+
     /// Runs a client subcommand (`status`, `events`, ...) against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bulkhead_bin());
@@ -486,6 +491,7 @@ impl Drop for Agent {
             .stdout(Stdio::null())
             .status();
         let _ = fs::remove_dir_all(self.run_dir());
+        let _ = fs::remove_dir_all(self.state_dir());
     }
 }
 

@@ -1,8 +1,9 @@
-//! `cargo xtask`: bulkhead's developer tasks (setup, build, test, demo).
+//! `cargo xtask`: bulkhead's developer tasks (setup, build, test, demo, bench).
 //!
 //! Every task prints each command it runs (`+ cmd args`), like `set -x`,
 //! and stops at the first failure with a non-zero exit code.
 
+mod bench;
 mod cmd;
 mod setup;
 
@@ -67,8 +68,15 @@ enum Task {
     },
     /// Build the agent (release) and run the demo, tests/demo.sh (needs root).
     Demo,
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Benchmarks, each measured side by side with its baseline in one run
+    /// (needs root): kernel decision cost (BPF_PROG_TEST_RUN) by policy
+    /// size, policy compile + load time and memory against `nft -f`,
+    /// traffic between network namespaces against no policy and nftables,
+    /// and a deny storm with every event accounted for.
+    ///
+    /// Writes bench/results.json, bench/*.svg and BENCHMARKS.md. The full
+    /// run takes under 20 minutes, `--quick` under 3.
+    Bench(bench::Args),
     /// Run the test suite inside a VM with an older kernel (not implemented yet).
     VmTest,
 }
@@ -85,7 +93,8 @@ fn main() -> ExitCode {
             test_args,
         } => test(unprivileged_only, &test_args),
         Task::Demo => demo(),
-        Task::Bench | Task::VmTest => {
+        Task::Bench(args) => bench::run(args),
+        Task::VmTest => {
             eprintln!("not implemented yet");
             return ExitCode::from(2);
         }

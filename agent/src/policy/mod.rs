@@ -116,3 +116,13 @@ fn position_after(valid: &[u8]) -> Pos {
         col: text[line_start..].chars().count() + 1,
     }
 }
+
+/// Hex SHA-256 of a file, as [`Policy::sha256`] records it.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(path)?;
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

@@ -6,6 +6,7 @@
 //!   probe sendto udp ADDR:PORT            unconnected sendto
 //!   probe raw4 | raw6 | packet            open a raw IP / packet socket
 //!   probe serve tcp|udp ADDR:PORT SECS    count what arrives for SECS, print "got N"
+//!   probe storm ADDR:PORT COUNT           COUNT UDP connect() calls, print "eperm N other M"
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -167,6 +168,25 @@ fn verdicts() -> String {
     format!("done {n}")
 }
 
+/// `count` UDP connect() calls to one address (each one is a decision of
+/// the connect hook; nothing is sent). Prints `eperm N other M`.
+fn storm(to: SocketAddr, count: u32) -> String {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(bind).expect("bind udp");
+    let (mut eperm, mut other) = (0u32, 0u32);
+    for _ in 0..count {
+        match s.connect(to) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            _ => other += 1,
+        }
+    }
+    format!("eperm {eperm} other {other}")
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -182,6 +202,7 @@ fn main() -> ExitCode {
         ),
         ["serve", proto, at, secs] => serve(proto, addr(at), secs.parse().expect("secs")),
         ["verdicts"] => verdicts(),
+        ["storm", to, count] => storm(addr(to), count.parse().expect("count")),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);

@@ -1,0 +1,381 @@
+//! The audit trail end to end: accounting under a deny storm, live
+//! subscribers that fall behind, log rotation, the SQLite store and its
+//! queries, and the store surviving `kill -9`.
+
+use std::{
+    fs,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{Agent, Value, bulkhead_bin, privileged, probe, world::world};
+
+fn status(agent: &Agent) -> Value {
+    let out = agent.cli(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until the agent has delivered every event the kernel emitted
+/// (the count stops moving), bounded.
+fn settle(agent: &Agent) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = status(agent);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = status(agent);
+        if now["events"] == last["events"] || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn storm(cg: &tests::Cgroup, ns: &tests::Netns, to: &str, n: u32) -> u32 {
+    let out = probe(cg, Some(ns), &["storm", to, &n.to_string()]);
+    let eperm: u32 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("storm said {out}"));
+    assert_eq!(
+        out,
+        format!("eperm {n} other 0"),
+        "every connect of the storm is denied"
+    );
+    eperm
+}
+
+fn now_rfc3339() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn deny_storm_accounting_identity_holds_exactly() {
+    if !privileged("deny_storm") {
+        return;
+    }
+    let w = world(131);
+    // A tiny ring and a per-cgroup rate limit, so every path is taken:
+    // delivered, rate limited and lost.
+    let p = w.policy("", "");
+    let agent = Agent::start_with(
+        &w.root,
+        &p,
+        &[
+            "--ring-buffer-bytes",
+            "4096",
+            "--event-rate",
+            "2000",
+            "--event-burst",
+            "1000",
+        ],
+    );
+    let dst = format!("{}:5353", w.link.v4(2));
+    let jobs: Vec<_> = (0..3)
+        .map(|i| w.contractor.child(&format!("job{i}")))
+        .collect();
+    let workers: Vec<_> = jobs
+        .iter()
+        .map(|cg| {
+            let cmd = tests::command_in(
+                cg,
+                Some(&w.link.a),
+                tests::probe_bin().to_str().unwrap(),
+                &["storm", &dst, "40000"],
+            );
+            let mut cmd = cmd;
+            cmd.stdout(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    let mut denied = 0u64;
+    for c in workers {
+        let out = c.wait_with_output().unwrap();
+        let line = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(line.trim(), "eperm 40000 other 0");
+        denied += 40000;
+    }
+    let st = settle(&agent);
+    let e = &st["events"];
+    let (wanted, delivered, limited, lost) = (
+        e["wanted"].as_u64().unwrap(),
+        e["delivered"].as_u64().unwrap(),
+        e["rate_limited"].as_u64().unwrap(),
+        e["lost_ring_full"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "storm: {denied} denied, {wanted} wanted, {delivered} delivered, {limited} rate limited, {lost} lost"
+    );
+    assert_eq!(wanted, denied, "every denial asked for an event");
+    assert_eq!(
+        delivered + limited + lost,
+        wanted,
+        "nothing is lost silently"
+    );
+    assert!(limited > 0, "the rate limit took effect");
+    assert!(delivered > 0);
+    let lines = fs::read_to_string(&agent.events).unwrap().lines().count() as u64;
+    assert_eq!(lines, delivered, "every delivered event is in the log");
+}
+
+#[test]
+fn a_stalled_subscriber_loses_only_its_own_events() {
+    if !privileged("stalled_subscriber") {
+        return;
+    }
+    let w = world(132);
+    let agent = Agent::start_with(
+        &w.root,
+        &w.policy("", ""),
+        &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
+    );
+    // One follower never reads; the other writes everything to a file.
+    let mut stalled = Command::new(bulkhead_bin())
+        .args(["events", "--follow", "--json", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let copy = agent.dir.path().join("follower.jsonl");
+    let mut reader = Command::new(bulkhead_bin())
+        .args(["events", "--follow", "--json", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .stdout(fs::File::create(&copy).unwrap())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    storm(
+        &w.contractor,
+        &w.link.a,
+        &format!("{}:5353", w.link.v4(2)),
+        30_000,
+    );
+    let took = started.elapsed();
+    let st = settle(&agent);
+    let delivered = st["events"]["delivered"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = 0;
+    while Instant::now() < deadline {
+        got = fs::read_to_string(&copy).unwrap().lines().count() as u64;
+        if got >= delivered {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "30000 denials in {took:?}; delivered {delivered}; the reading follower got {got}; drops {}",
+        st["events"]["subscriber_drops"]
+    );
+    assert_eq!(got, delivered, "the reading follower lost nothing");
+    assert!(
+        st["events"]["subscriber_drops"].as_u64().unwrap() > 0,
+        "the stalled follower's losses are counted"
+    );
+    assert_eq!(st["events"]["subscribers"], 2);
+    let _ = stalled.kill();
+    let _ = reader.kill();
+    let _ = stalled.wait();
+    let _ = reader.wait();
+}
+
+#[test]
+fn the_events_log_rotates_and_stays_bounded() {
+    if !privileged("rotation") {
+        return;
+    }
+    let w = world(133);
+    let agent = Agent::start_with(
+        &w.root,
+        &w.policy("", ""),
+        &[
+            "--event-rate",
+            "0",
+            "--events-log-max-bytes",
+            "20000",
+            "--events-log-keep",
+            "2",
+        ],
+    );
+    storm(
+        &w.contractor,
+        &w.link.a,
+        &format!("{}:5353", w.link.v4(2)),
+        3000,
+    );
+    let st = settle(&agent);
+    assert!(st["events"]["delivered"].as_u64().unwrap() > 500);
+    let dir = agent.events.parent().unwrap();
+    let logs: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events.jsonl"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    let total: u64 = logs.iter().map(|(_, n)| n).sum();
+    eprintln!("logs: {logs:?}");
+    assert!(logs.iter().any(|(n, _)| n == "events.jsonl.2"));
+    assert!(!logs.iter().any(|(n, _)| n == "events.jsonl.3"));
+    assert!(total <= 3 * 21_000, "bounded: {total} bytes");
+}
+
+#[test]
+fn audit_query_finds_exactly_one_domains_denials_in_a_time_range() {
+    if !privileged("audit_query") {
+        return;
+    }
+    let w = world(134);
+    let db = tempfile::tempdir().unwrap();
+    let db_path = db.path().join("audit.db");
+    let agent = Agent::start_with(
+        &w.root,
+        &w.policy("", ""),
+        &["--event-rate", "0", "--audit-db", db_path.to_str().unwrap()],
+    );
+    let before = now_rfc3339();
+    storm(
+        &w.contractor,
+        &w.link.a,
+        &format!("{}:5353", w.link.v4(2)),
+        300,
+    );
+    storm(&w.prod, &w.link.b, &format!("{}:5353", w.link.v4(1)), 200);
+    let st = settle(&agent);
+    assert_eq!(st["events"]["delivered"], 500);
+    thread::sleep(Duration::from_millis(800));
+    let after = now_rfc3339();
+    let query = |extra: &[&str]| -> Vec<Value> {
+        let out = Command::new(bulkhead_bin())
+            .args([
+                "audit",
+                "query",
+                "--db",
+                db_path.to_str().unwrap(),
+                "--format",
+                "json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let rows = query(&[
+        "--src-domain",
+        "contractor",
+        "--verdict",
+        "deny",
+        "--from",
+        &before,
+        "--to",
+        &after,
+    ]);
+    assert_eq!(rows.len(), 300);
+    assert!(
+        rows.iter()
+            .all(|r| r["dst_domain"] == "prod" && r["dport"] == 5353)
+    );
+    assert_eq!(
+        query(&["--domain", "prod", "--dst", &format!("{}/32", w.link.v4(1))]).len(),
+        200
+    );
+    assert_eq!(query(&["--from", &after]).len(), 0);
+    assert_eq!(
+        query(&["--cgroup", &w.contractor.rel, "--port", "5353"]).len(),
+        300
+    );
+    let csv = Command::new(bulkhead_bin())
+        .args([
+            "audit",
+            "query",
+            "--db",
+            db_path.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--domain",
+            "contractor",
+        ])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    assert!(csv.starts_with("ts,verdict,reason,"));
+    assert_eq!(
+        csv.lines().count(),
+        501,
+        "header + every event that touches contractor"
+    );
+    let changes = Command::new(bulkhead_bin())
+        .args(["audit", "changes", "--db", db_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&changes.stdout).contains("start"),
+        "policy changes are in the same trail"
+    );
+}
+
+#[test]
+fn the_store_survives_kill_9() {
+    if !privileged("store_kill9") {
+        return;
+    }
+    let w = world(135);
+    let db = tempfile::tempdir().unwrap();
+    let db_path = db.path().join("audit.db");
+    let mut agent = Agent::start_with(
+        &w.root,
+        &w.policy("", ""),
+        &["--event-rate", "0", "--audit-db", db_path.to_str().unwrap()],
+    );
+    storm(
+        &w.contractor,
+        &w.link.a,
+        &format!("{}:5353", w.link.v4(2)),
+        1000,
+    );
+    settle(&agent);
+    // Committed at least twice a second: one second is enough.
+    thread::sleep(Duration::from_secs(1));
+    agent.kill9();
+    let out = Command::new(bulkhead_bin())
+        .args([
+            "audit",
+            "query",
+            "--db",
+            db_path.to_str().unwrap(),
+            "--format",
+            "json",
+            "--verdict",
+            "deny",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the database opens after kill -9: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1000);
+}

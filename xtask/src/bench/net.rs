@@ -1,0 +1,528 @@
+//! Traffic between network namespaces over veth, side by side:
+//! no policy, bulkhead enforcing the full policy, bulkhead on a domain
+//! without country rules, and nftables holding the same address sets in
+//! interval sets. Modes alternate round by round; each number is the
+//! median over rounds.
+//!
+//! Layout: namespace S (servers) is joined to C0 (`10.251.0.0/24`) and C1
+//! (`10.251.1.0/24`) by two veth pairs. Clients in C0 run either in a
+//! cgroup outside the agent's subtree (no programs: "none") or in a domain
+//! cgroup below it; C1 holds the nftables ruleset. Servers run outside the
+//! subtree, so only the client side differs between modes. Client on CPU 0,
+//! servers on CPU 1.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use agent_common::{Hook, maps::counter_index, reason::REASON_SLOTS};
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use super::{
+    Ctx,
+    geo::{self, V4, V6},
+    policy::Spec,
+    stats::median,
+    sys,
+    world::{Agent, Bg, Netns, command_in, veth},
+};
+
+const UDP_PORT: u16 = 11111;
+const TCP_PORT: u16 = 11112;
+const CRR_PORT: u16 = 11113;
+
+struct Mode<'a> {
+    key: &'static str,
+    label: &'static str,
+    ns: &'a Netns,
+    cgroup: &'a Path,
+    server: &'static str,
+}
+
+/// The tests run in each mode: (key, label, unit, higher is better).
+const TESTS: [(&str, &str, &str); 4] = [
+    ("udp_tp", "UDP 64 B send rate (sockperf tp)", "msg/s"),
+    (
+        "udp_rr",
+        "UDP 64 B request/response (sockperf pp)",
+        "trans/s",
+    ),
+    (
+        "tcp_rr",
+        "TCP 64 B request/response (sockperf pp --tcp)",
+        "trans/s",
+    ),
+    (
+        "tcp_crr",
+        "TCP connect + 1 B request/response + close",
+        "conn/s",
+    ),
+];
+
+fn sockperf_value(out: &str, key: &str) -> Option<f64> {
+    match key {
+        "udp_tp" => out
+            .lines()
+            .find_map(|l| l.split("Message Rate is ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok()),
+        // sockperf reports half the round trip as "latency".
+        _ => out
+            .lines()
+            .find_map(|l| l.split("Latency is ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|half_rtt_us| 1e6 / (2.0 * half_rtt_us)),
+    }
+}
+
+fn run_test(ctx: &Ctx, m: &Mode, test: &str) -> Result<f64> {
+    let secs = ctx.p.net_secs;
+    let mut args: Vec<String> = vec![
+        (secs + 20).to_string(),
+        "taskset".into(),
+        "-c".into(),
+        "0".into(),
+    ];
+    let port = match test {
+        "udp_tp" | "udp_rr" => UDP_PORT,
+        _ => TCP_PORT,
+    };
+    if test == "tcp_crr" {
+        args.push(ctx.exe.to_string_lossy().into());
+        args.extend(ctx.helper_args(
+            "crr-client",
+            &[format!("{}:{CRR_PORT}", m.server), secs.to_string()],
+        ));
+    } else {
+        args.push("sockperf".into());
+        args.push(if test == "udp_tp" { "tp" } else { "pp" }.into());
+        if test == "tcp_rr" {
+            args.push("--tcp".into());
+        }
+        for a in [
+            "-i",
+            m.server,
+            "-p",
+            &port.to_string(),
+            "-m",
+            "64",
+            "-t",
+            &secs.to_string(),
+        ] {
+            args.push(a.into());
+        }
+    }
+    let out = command_in(m.cgroup, Some(m.ns), Path::new("timeout"), &args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {test} in mode {}", m.key))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{test} in mode {} failed ({}): {text}", m.key, out.status);
+    }
+    if test == "tcp_crr" {
+        let f: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if f.len() < 3 || f[0] == 0.0 {
+            bail!("tcp_crr in mode {}: no connections ({text})", m.key);
+        }
+        return Ok(f[0] / f[2]);
+    }
+    sockperf_value(&text, test).ok_or_else(|| {
+        anyhow!(
+            "{test} in mode {}: cannot parse sockperf output: {text}",
+            m.key
+        )
+    })
+}
+
+/// `ip netns exec NS true`: what the timed nft commands pay besides nft.
+fn exec_overhead_ms(ns: &Netns) -> f64 {
+    let mut t = Vec::new();
+    for _ in 0..5 {
+        let s = Instant::now();
+        let _ = ns.exec("true");
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    median(&t)
+}
+
+fn nft_ruleset(spec: &Spec, ctx: &Ctx) -> (String, usize, usize) {
+    let d4 = spec.deny_ranges(&ctx.db, V4);
+    let d6 = spec.deny_ranges(&ctx.db, V6);
+    let text = format!(
+        "table inet bhbench {{\n\
+         \tset deny4 {{ type ipv4_addr; flags interval; elements = {{\n{}\n}} }}\n\
+         \tset deny6 {{ type ipv6_addr; flags interval; elements = {{\n{}\n}} }}\n\
+         \tchain output {{ type filter hook output priority 0; policy accept;\n\
+         \t\tip daddr @deny4 drop\n\t\tip6 daddr @deny6 drop\n\t}}\n\
+         \tchain input {{ type filter hook input priority 0; policy accept;\n\
+         \t\tip saddr @deny4 drop\n\t\tip6 saddr @deny6 drop\n\t}}\n\
+         }}\n",
+        geo::nft_elements(V4, &d4),
+        geo::nft_elements(V6, &d6),
+    );
+    (text, d4.len(), d6.len())
+}
+
+/// Sums the agent's counters per (hook, reason) for the hooks traffic hits.
+fn counter_rows(agent: &Agent) -> Result<Vec<(Hook, u8, u64)>> {
+    let map = sys::obj_get(&agent.map("BH_COUNTERS"))?;
+    let cpus = sys::possible_cpus();
+    let mut out = Vec::new();
+    for hook in [
+        Hook::Connect4,
+        Hook::Sendmsg4,
+        Hook::SkbEgress,
+        Hook::SkbIngress,
+    ] {
+        for r in 0..REASON_SLOTS as u8 {
+            let n = sys::percpu_u64_sum(&map, counter_index(hook as u8, r), cpus)?;
+            out.push((hook, r, n));
+        }
+    }
+    Ok(out)
+}
+
+fn counter_delta(before: &[(Hook, u8, u64)], after: &[(Hook, u8, u64)]) -> Value {
+    let mut m = serde_json::Map::new();
+    for ((h, r, a), (_, _, b)) in after.iter().zip(before) {
+        if a > b {
+            let name = agent_common::Reason::from_code(*r).map_or("?", |x| x.name());
+            m.insert(format!("{}/{}", h.name(), name), json!(a - b));
+        }
+    }
+    Value::Object(m)
+}
+
+pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
+    let t = &ctx.tag;
+    let s = Netns::new(format!("{t}s"))?;
+    let c0 = Netns::new(format!("{t}c0"))?;
+    let c1 = Netns::new(format!("{t}c1"))?;
+    veth(
+        &c0,
+        &s,
+        (&format!("{t}a0"), &format!("{t}b0")),
+        "10.251.0",
+        0,
+    )?;
+    veth(
+        &c1,
+        &s,
+        (&format!("{t}a1"), &format!("{t}b1")),
+        "10.251.1",
+        1,
+    )?;
+    for ns in [&c0, &c1] {
+        ns.exec("sysctl -q -w net.ipv4.ip_local_port_range='1024 65000'")?;
+    }
+
+    // nftables: the same denied addresses as the full policy, loaded into
+    // C1 (timed), and into fresh namespaces for more samples.
+    let (rules, n4, n6) = nft_ruleset(spec, ctx);
+    let rules_path = ctx.work.join("nft-full.nft");
+    std::fs::write(&rules_path, &rules)?;
+    let overhead = exec_overhead_ms(&c1);
+    let mut loads = Vec::new();
+    let start = Instant::now();
+    c1.exec(&format!("nft -f {}", rules_path.display()))?;
+    loads.push(start.elapsed().as_secs_f64() * 1e3 - overhead);
+    eprintln!(
+        "  nft -f with {n4} IPv4 + {n6} IPv6 interval elements: {:.0} ms",
+        loads[0]
+    );
+    for i in 1..ctx.p.nft_reps {
+        let ns = Netns::new(format!("{t}n{i}"))?;
+        let start = Instant::now();
+        ns.exec(&format!("nft -f {}", rules_path.display()))?;
+        loads.push(start.elapsed().as_secs_f64() * 1e3 - overhead);
+        eprintln!("  nft -f again: {:.0} ms", loads[i]);
+    }
+    // One-element update, like the agent's one-network reload.
+    let d4 = spec.deny_ranges(&ctx.db, V4);
+    let (a, b) = d4[d4.len() / 2];
+    let elem = format!("{}-{}", geo::fmt_addr(V4, a), geo::fmt_addr(V4, b));
+    c1.exec(&format!(
+        "nft delete element inet bhbench deny4 {{ {elem} }}"
+    ))?;
+    let start = Instant::now();
+    c1.exec(&format!("nft add element inet bhbench deny4 {{ {elem} }}"))?;
+    let nft_update_ms = start.elapsed().as_secs_f64() * 1e3 - overhead;
+
+    // Servers, outside the agent's subtree, on CPU 1.
+    let free = &ctx.cg_free.path;
+    let mut servers = Vec::new();
+    for (proto, port) in [("", UDP_PORT), ("--tcp", TCP_PORT)] {
+        let mut args: Vec<String> = vec!["-c".into(), "1".into(), "sockperf".into(), "sr".into()];
+        if !proto.is_empty() {
+            args.push(proto.into());
+        }
+        args.extend(["-i".into(), "0.0.0.0".into(), "-p".into(), port.to_string()]);
+        let child = command_in(free, Some(&s), Path::new("taskset"), &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sockperf server")?;
+        servers.push(Bg(child));
+    }
+    let mut args = vec![
+        "-c".to_string(),
+        "1".into(),
+        ctx.exe.to_string_lossy().into(),
+    ];
+    args.extend(ctx.helper_args("crr-server", &[CRR_PORT.to_string(), "3600".into()]));
+    let mut crr = command_in(free, Some(&s), Path::new("taskset"), &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the connect server")?;
+    let mut line = String::new();
+    BufReader::new(crr.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        bail!("connect server did not start: {line:?}");
+    }
+    servers.push(Bg(crr));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let modes = [
+        Mode {
+            key: "none",
+            label: "no policy",
+            ns: &c0,
+            cgroup: free,
+            server: "10.251.0.2",
+        },
+        Mode {
+            key: "bulkhead",
+            label: "bulkhead, full DB + 10k networks",
+            ns: &c0,
+            cgroup: &ctx.cg_work.path,
+            server: "10.251.0.2",
+        },
+        Mode {
+            key: "bulkhead_nogeo",
+            label: "bulkhead, domain without country rules",
+            ns: &c0,
+            cgroup: &ctx.cg_plain.path,
+            server: "10.251.0.2",
+        },
+        Mode {
+            key: "nftables",
+            label: "nftables, same sets",
+            ns: &c1,
+            cgroup: free,
+            server: "10.251.1.2",
+        },
+    ];
+    // Warm-up: every path once, and a check that each works.
+    for m in &modes {
+        for (test, _, _) in TESTS {
+            run_test(ctx, m, test)?;
+        }
+    }
+    let before = counter_rows(agent)?;
+    let mut vals: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    for round in 0..ctx.p.net_rounds {
+        for k in 0..modes.len() {
+            let m = &modes[(k + round) % modes.len()];
+            for (test, _, _) in TESTS {
+                let v = run_test(ctx, m, test)?;
+                vals.entry((m.key, test)).or_default().push(v);
+            }
+        }
+        eprintln!(
+            "  round {}/{}: {}",
+            round + 1,
+            ctx.p.net_rounds,
+            TESTS
+                .iter()
+                .map(|(test, _, _)| {
+                    let none = vals[&("none", *test)].last().copied().unwrap_or(f64::NAN);
+                    let bh = vals[&("bulkhead", *test)]
+                        .last()
+                        .copied()
+                        .unwrap_or(f64::NAN);
+                    let nft = vals[&("nftables", *test)]
+                        .last()
+                        .copied()
+                        .unwrap_or(f64::NAN);
+                    format!("{test} bh {:.3} nft {:.3}", bh / none, nft / none)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let after = counter_rows(agent)?;
+
+    // Per-call run time of the programs under this traffic (bpf_stats).
+    let stats =
+        bpf_stats(ctx, agent, &modes[1]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+
+    let mut tests = Vec::new();
+    for (test, label, unit) in TESTS {
+        let none = median(&vals[&("none", test)]);
+        let mut by_mode = serde_json::Map::new();
+        for m in &modes {
+            let v = &vals[&(m.key, test)];
+            // Paired ratios: each round's value against that round's no-policy value.
+            let paired: Vec<f64> = v
+                .iter()
+                .zip(&vals[&("none", test)])
+                .map(|(a, b)| a / b)
+                .collect();
+            by_mode.insert(
+                m.key.into(),
+                json!({
+                    "median": median(v),
+                    "ratio_to_none": median(v) / none,
+                    "paired_ratio_median": median(&paired),
+                    "rounds": v,
+                }),
+            );
+        }
+        tests.push(json!({"key": test, "label": label, "unit": unit, "modes": by_mode}));
+    }
+    Ok(json!({
+        "modes": modes.iter().map(|m| json!({"key": m.key, "label": m.label})).collect::<Vec<_>>(),
+        "tests": tests,
+        "bulkhead_counters": counter_delta(&before, &after),
+        "bpf_stats": stats,
+        "nft": {
+            "elements_v4": n4,
+            "elements_v6": n6,
+            "load_ms": median(&loads),
+            "load_ms_all": loads,
+            "update_one_element_ms": nft_update_ms,
+            "exec_overhead_ms": overhead,
+            "ruleset_bytes": rules.len(),
+        },
+    }))
+}
+
+/// Enables `kernel.bpf_stats_enabled` for one more bulkhead-mode run of
+/// each test and reports the programs' average run time per call.
+fn bpf_stats(ctx: &Ctx, agent: &Agent, m: &Mode) -> Result<Value> {
+    let path = "/proc/sys/kernel/bpf_stats_enabled";
+    let old = std::fs::read_to_string(path)?.trim().to_string();
+    let progs = ["bh_egress", "bh_ingress", "bh_connect4", "bh_sendmsg4"];
+    let fds: Vec<_> = progs
+        .iter()
+        .map(|p| sys::obj_get(&agent.link(p)).and_then(|l| sys::link_prog(&l)))
+        .collect::<std::io::Result<_>>()?;
+    std::fs::write(path, "1")?;
+    let result = (|| -> Result<Value> {
+        let before: Vec<_> = fds
+            .iter()
+            .map(sys::prog_info)
+            .collect::<std::io::Result<_>>()?;
+        let mut ran = Vec::new();
+        for (test, _, _) in TESTS {
+            ran.push((test, run_test(ctx, m, test)?));
+        }
+        let after: Vec<_> = fds
+            .iter()
+            .map(sys::prog_info)
+            .collect::<std::io::Result<_>>()?;
+        let mut out = serde_json::Map::new();
+        for ((name, b), a) in progs.iter().zip(&before).zip(&after) {
+            let calls = a.run_cnt - b.run_cnt;
+            let ns = a.run_time_ns - b.run_time_ns;
+            out.insert(
+                (*name).into(),
+                json!({"calls": calls, "ns_per_call": if calls > 0 { ns as f64 / calls as f64 } else { f64::NAN }}),
+            );
+        }
+        Ok(Value::Object(out))
+    })();
+    let _ = std::fs::write(path, old);
+    result
+}
+
+/// Helper: accepts connections, echoes one byte, closes. Exits after the
+/// given number of seconds at the latest.
+pub fn crr_server(args: &[String]) -> Result<()> {
+    let port: u16 = args.first().ok_or_else(|| anyhow!("port"))?.parse()?;
+    let limit: u64 = args.get(1).map_or(Ok(600), |s| s.parse())?;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(limit));
+        std::process::exit(0);
+    });
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).is_ok() {
+            let _ = s.write_all(&b);
+        }
+    }
+    Ok(())
+}
+
+/// Helper: connect, send one byte, read it back, close with RST (no
+/// TIME_WAIT), for the given seconds. Prints `connections errors seconds`.
+pub fn crr_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = args.first().ok_or_else(|| anyhow!("address"))?.parse()?;
+    let secs: f64 = args.get(1).map_or(Ok(1.0), |s| s.parse())?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let (mut n, mut errors) = (0u64, 0u64);
+    while Instant::now() < deadline && errors < 1000 {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(mut s) => {
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: valid socket and a linger struct of the right size.
+                unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
+                let mut b = [0u8; 1];
+                if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
+                    n += 1;
+                } else {
+                    errors += 1;
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    println!("{n} {errors} {:.6}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sockperf() {
+        let tp = "sockperf: Summary: Message Rate is 140986 [msg/sec]\n";
+        assert_eq!(sockperf_value(tp, "udp_tp"), Some(140986.0));
+        let pp = "sockperf: Summary: Latency is 10.000 usec\n";
+        assert_eq!(sockperf_value(pp, "tcp_rr"), Some(50_000.0));
+    }
+}

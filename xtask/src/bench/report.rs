@@ -1,0 +1,833 @@
+//! `bench/results.json`, `bench/*.svg` and `BENCHMARKS.md` from one run's
+//! results. Plots are hand-written SVG (no plotting dependency).
+
+use std::{fmt::Write as _, fs};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::cmd::workspace_root;
+
+const PALETTE: [&str; 6] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A grouped bar chart: one group per category, one bar per series.
+/// `reference` draws a dashed horizontal line (e.g. ratio 1.0).
+pub fn bar_chart(
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+    reference: Option<(f64, &str)>,
+) -> String {
+    let (w, h) = (860.0, 400.0);
+    let (left, right, top, bottom) = (70.0, 20.0, 40.0, 95.0);
+    let pw = w - left - right;
+    let ph = h - top - bottom;
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .chain(reference.map(|r| r.0))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    // A "nice" axis maximum and tick step.
+    let raw_step = max / 5.0;
+    let mag = 10f64.powf(raw_step.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw_step)
+        .unwrap_or(10.0 * mag);
+    let ymax = (max / step).ceil() * step;
+    let y = |v: f64| top + ph - (v / ymax) * ph;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{}</text>
+"#,
+        w / 2.0,
+        esc(title)
+    );
+    let mut t = 0.0;
+    while t <= ymax + step / 2.0 {
+        let yy = y(t);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + pw,
+            left - 6.0,
+            yy + 4.0,
+            fmt_num(t)
+        );
+        t += step;
+    }
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(16,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + ph / 2.0,
+        esc(y_label)
+    );
+    let groups = categories.len().max(1) as f64;
+    let gw = pw / groups;
+    let nb = series.len().max(1) as f64;
+    let bw = (gw * 0.8) / nb;
+    for (ci, cat) in categories.iter().enumerate() {
+        let gx = left + ci as f64 * gw + gw * 0.1;
+        for (si, (_, vals)) in series.iter().enumerate() {
+            let v = vals.get(ci).copied().unwrap_or(f64::NAN);
+            if !v.is_finite() {
+                continue;
+            }
+            let x = gx + si as f64 * bw;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}</title></rect>"#,
+                y(v),
+                (bw - 2.0).max(1.0),
+                (top + ph - y(v)).max(0.0),
+                PALETTE[si % PALETTE.len()],
+                fmt_num(v)
+            );
+            if bw > 22.0 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+                    x + bw / 2.0 - 1.0,
+                    y(v) - 3.0,
+                    fmt_num(v)
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            gx + gw * 0.4,
+            top + ph + 16.0,
+            esc(cat)
+        );
+    }
+    if let Some((v, label)) = reference {
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#333" stroke-dasharray="5,4"/><text x="{}" y="{:.1}" text-anchor="end" font-size="11">{}</text>"##,
+            left + pw,
+            left + pw - 4.0,
+            yy - 4.0,
+            esc(label)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#333"/><line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#333"/>"##,
+        top + ph,
+        left + pw,
+        top + ph,
+        top + ph
+    );
+    // Legend below the plot.
+    let mut lx = left;
+    let ly = h - 40.0;
+    for (si, (name, _)) in series.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            ly - 10.0,
+            PALETTE[si % PALETTE.len()],
+            lx + 16.0,
+            ly,
+            esc(name)
+        );
+        lx += 30.0 + name.len() as f64 * 7.0;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v.abs() >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v.abs() >= 10_000.0 {
+        format!("{:.0}k", v / 1e3)
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Median warm/cold ns of a program on a packet set.
+fn timing(r: &Value, prog: &str, set: &str) -> (f64, f64) {
+    r["decision"]["timings"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["prog"] == prog && t["set"] == set))
+        .map_or((f64::NAN, f64::NAN), |t| {
+            (f(&t["warm_ns"]), f(&t["cold_ns"]))
+        })
+}
+
+fn policy<'a>(r: &'a Value, key: &str) -> &'a Value {
+    r["policies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["key"] == key))
+        .unwrap_or(&Value::Null)
+}
+
+fn net_test<'a>(r: &'a Value, key: &str) -> &'a Value {
+    r["network"]["tests"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["key"] == key))
+        .unwrap_or(&Value::Null)
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "**met**" } else { "**not met**" }
+}
+
+const SETS: [&str; 4] = ["allowed-v4", "allowed-v6", "random-v4", "random-v6"];
+const LADDER: [&str; 5] = ["empty", "d10", "n10k", "geo", "geo_n10k"];
+
+/// The issue-7 targets, computed from the results.
+fn targets(r: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    let ratio = |set: &str| timing(r, "geo_n10k", set).0 / timing(r, "empty", set).0;
+    let worst = ratio("allowed-v4").max(ratio("allowed-v6"));
+    out.push(json!({
+        "target": "decision cost, full DB + 10k networks ≤ 1.5× empty policy (allowed traffic, warm)",
+        "measured": format!("{:.2}× (IPv4 {:.2}×, IPv6 {:.2}×; denied traffic {:.2}× / {:.2}×)", worst, ratio("allowed-v4"), ratio("allowed-v6"), ratio("random-v4"), ratio("random-v6")),
+        "value": worst,
+        "met": worst <= 1.5,
+    }));
+    let rr = net_test(r, "tcp_rr");
+    let bh = f(&rr["modes"]["bulkhead"]["median"]);
+    let none = f(&rr["modes"]["none"]["median"]);
+    let nft = f(&rr["modes"]["nftables"]["median"]);
+    out.push(json!({
+        "target": "TCP_RR with the full policy ≥ 97% of no policy",
+        "measured": format!("{:.1}% (paired per-round median {:.1}%)", 100.0 * bh / none, 100.0 * f(&rr["modes"]["bulkhead"]["paired_ratio_median"])),
+        "value": bh / none,
+        "met": bh / none >= 0.97,
+    }));
+    out.push(json!({
+        "target": "TCP_RR with the full policy ≥ nftables with the same sets",
+        "measured": format!("{:.3}× nftables ({} vs {} trans/s)", bh / nft, fmt_num(bh), fmt_num(nft)),
+        "value": bh / nft,
+        "met": bh >= nft,
+    }));
+    let full = policy(r, "geo_n10k");
+    let ready = f(&full["ready_ms"]);
+    let nft_ms = f(&r["network"]["nft"]["load_ms"]);
+    out.push(json!({
+        "target": "full DB compile + load ≤ 1 s",
+        "measured": format!("{:.0} ms (spawn → READY=1, full DB + 10k networks; `bulkhead check` {:.0} ms)", ready, f(&full["check_ms"])),
+        "value": ready,
+        "met": ready <= 1000.0,
+    }));
+    out.push(json!({
+        "target": "full DB compile + load ≤ 0.25× `nft -f` of the same sets",
+        "measured": format!("{:.2}× ({:.0} ms vs {:.0} ms)", ready / nft_ms, ready, nft_ms),
+        "value": ready / nft_ms,
+        "met": ready / nft_ms <= 0.25,
+    }));
+    let rss = f(&full["rss_kib"]) * 1024.0 / 1e6;
+    out.push(json!({
+        "target": "agent RSS with the full DB ≤ 100 MB",
+        "measured": format!("{:.1} MB (peak {:.1} MB)", rss, f(&full["rss_peak_kib"]) * 1024.0 / 1e6),
+        "value": rss,
+        "met": rss <= 100.0,
+    }));
+    out
+}
+
+pub fn write(r: &mut Value) -> Result<()> {
+    let dir = workspace_root().join("bench");
+    fs::create_dir_all(&dir)?;
+    r["targets"] = Value::Array(targets(r));
+
+    // Plots.
+    let mut cats: Vec<String> = vec!["allow-all".into()];
+    cats.extend(LADDER.iter().map(|k| (*k).to_string()));
+    let series: Vec<(String, Vec<f64>)> = SETS
+        .iter()
+        .map(|set| {
+            let mut v = vec![timing(r, "allow-all", set).0];
+            v.extend(LADDER.iter().map(|k| timing(r, k, set).0));
+            (format!("{set} (ns)"), v)
+        })
+        .collect();
+    let empty4 = timing(r, "empty", "allowed-v4").0;
+    fs::write(
+        dir.join("decision.svg"),
+        bar_chart(
+            "bh_egress decision cost by policy size (BPF_PROG_TEST_RUN, warm)",
+            "ns per decision",
+            &cats,
+            &series,
+            Some((empty4 * 1.5, "1.5× empty (IPv4 allowed)")),
+        ),
+    )?;
+    let load_cats: Vec<String> = LADDER.iter().map(|k| (*k).to_string()).collect();
+    let mut ready: Vec<f64> = LADDER
+        .iter()
+        .map(|k| f(&policy(r, k)["ready_ms"]))
+        .collect();
+    let mut check: Vec<f64> = LADDER
+        .iter()
+        .map(|k| f(&policy(r, k)["check_ms"]))
+        .collect();
+    let mut nft = vec![f64::NAN; LADDER.len()];
+    let mut load_cats = load_cats;
+    load_cats.push("nft -f (same sets)".into());
+    ready.push(f64::NAN);
+    check.push(f64::NAN);
+    nft.push(f(&r["network"]["nft"]["load_ms"]));
+    fs::write(
+        dir.join("load.svg"),
+        bar_chart(
+            "Policy compile + load time",
+            "milliseconds",
+            &load_cats,
+            &[
+                ("bulkhead run: spawn → READY=1".into(), ready),
+                ("bulkhead check (compile only)".into(), check),
+                ("nft -f".into(), nft),
+            ],
+            Some((1000.0, "1 s target")),
+        ),
+    )?;
+    let modes: Vec<(String, String)> = r["network"]["modes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    (
+                        m["key"].as_str().unwrap_or_default().to_string(),
+                        m["label"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let test_keys = ["udp_tp", "udp_rr", "tcp_rr", "tcp_crr"];
+    let net_series: Vec<(String, Vec<f64>)> = modes
+        .iter()
+        .map(|(k, label)| {
+            (
+                label.clone(),
+                test_keys
+                    .iter()
+                    .map(|t| f(&net_test(r, t)["modes"][k]["ratio_to_none"]))
+                    .collect(),
+            )
+        })
+        .collect();
+    fs::write(
+        dir.join("network.svg"),
+        bar_chart(
+            "Traffic between namespaces over veth, relative to no policy",
+            "rate ÷ no-policy rate",
+            &test_keys
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect::<Vec<_>>(),
+            &net_series,
+            Some((0.97, "97%")),
+        ),
+    )?;
+
+    fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(r)? + "\n",
+    )
+    .context("writing bench/results.json")?;
+    fs::write(workspace_root().join("BENCHMARKS.md"), markdown(r))
+        .context("writing BENCHMARKS.md")?;
+    Ok(())
+}
+
+fn markdown(r: &Value) -> String {
+    let m = &r["meta"];
+    let mut s = String::new();
+    let quick = r["params"]["quick"].as_bool().unwrap_or(false);
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `cargo xtask bench{}` — regenerate with the same command (as root). \
+         Every figure is a ratio against a baseline measured **in the same run on the same machine**; \
+         absolute numbers stand beside them but depend on the machine. Raw data: \
+         [`bench/results.json`](bench/results.json).\n",
+        if quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| date | {} |", m["date"].as_str().unwrap_or(""));
+    let _ = writeln!(s, "| kernel | {} |", m["kernel"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        s,
+        "| machine | {} × {}, {} MiB RAM |",
+        m["online_cpus"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["mem_mib"]
+    );
+    let _ = writeln!(s, "| bulkhead | git {} |", m["git"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        s,
+        "| run | {} ({:.0} s); {} packets per set, {} repetitions each, {} rounds; {} network rounds of {} s |",
+        if quick { "quick (noisier)" } else { "full" },
+        f(&m["duration_s"]),
+        r["params"]["packets_per_set"],
+        r["params"]["repeat"],
+        r["params"]["rounds"],
+        r["params"]["net_rounds"],
+        r["params"]["net_secs"]
+    );
+    let g = &m["geo_db"];
+    let _ = writeln!(
+        s,
+        "| geo DB | `{}`: {} IPv4 + {} IPv6 networks |",
+        g["path"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or(""),
+        g["networks_v4"],
+        g["networks_v6"]
+    );
+    let _ = writeln!(
+        s,
+        "| tools | {}; {} |\n",
+        m["sockperf"].as_str().unwrap_or(""),
+        m["nft"].as_str().unwrap_or("")
+    );
+
+    s.push_str("## Where the targets stand\n\n| target | measured | status |\n|---|---|---|\n");
+    for t in r["targets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            t["target"].as_str().unwrap_or(""),
+            t["measured"].as_str().unwrap_or(""),
+            mark(t["met"].as_bool().unwrap_or(false))
+        );
+    }
+    s.push('\n');
+
+    // 1. Decision cost.
+    s.push_str("## 1. Kernel decision cost (`BPF_PROG_TEST_RUN`)\n\n");
+    s.push_str(
+        "Each policy is loaded and attached by a real `bulkhead run` on a private cgroup subtree; \
+         the program measured is the `bh_egress` behind its pinned link. The measuring loop runs in a \
+         child process inside the workload's domain cgroup (the test run's socket belongs to the \
+         caller's cgroup). Packet sets: `allowed-*` are random addresses in DE/FR/NL ranges of the \
+         database (traffic the strictest policy allows), `random-*` are uniform over IPv4 unicast / \
+         `2000::/3` (mostly denied under the country policies: that path includes the event rate \
+         limiter). *Warm*: each packet repeated N times in a row; *cold*: each packet once per \
+         syscall, so caches are disturbed between decisions. Medians over rounds; the program order \
+         rotates each round.\n\n",
+    );
+    s.push_str("![decision cost](bench/decision.svg)\n\n");
+    s.push_str("| program | ");
+    for set in SETS {
+        let _ = write!(s, "{set} warm | ");
+    }
+    s.push_str("allowed-v4 cold | allowed-v6 cold |\n|---|");
+    for _ in 0..SETS.len() + 2 {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    let label = |k: &str| -> String {
+        if k == "allow-all" {
+            "`r0 = 1; exit` (allow-all)".into()
+        } else {
+            policy(r, k)["label"].as_str().unwrap_or(k).to_string()
+        }
+    };
+    for k in std::iter::once("allow-all").chain(LADDER) {
+        let _ = write!(s, "| {} | ", label(k));
+        for set in SETS {
+            let (w, _) = timing(r, k, set);
+            let (e, _) = timing(r, "empty", set);
+            let _ = write!(s, "{:.1} ns ({:.2}×) | ", w, w / e);
+        }
+        for set in ["allowed-v4", "allowed-v6"] {
+            let (_, c) = timing(r, k, set);
+            let (_, e) = timing(r, "empty", set);
+            let _ = write!(s, "{:.1} ns ({:.2}×) | ", c, c / e);
+        }
+        s.push('\n');
+    }
+    s.push_str("\nRatios in parentheses are against the same program with the empty policy, same packets.\n\n");
+    s.push_str("Bare LPM lookups (a 20-instruction program that only looks the packet's destination up in the pinned map of that policy; same slot byte as the agent's keys):\n\n| probe | entries | warm | cold |\n|---|---|---|---|\n");
+    for t in r["decision"]["timings"].as_array().into_iter().flatten() {
+        let name = t["prog"].as_str().unwrap_or("");
+        if let Some(rest) = name.strip_prefix("lpm:") {
+            let mut parts = rest.split(':');
+            let (key, map) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let bytes = &policy(r, key)["kernel_maps"]["maps"][map];
+            let _ = writeln!(
+                s,
+                "| `{map}` of `{key}` on {} | {} | {:.1} ns | {:.1} ns |",
+                t["set"].as_str().unwrap_or(""),
+                entries_of(r, key, map),
+                f(&t["warm_ns"]),
+                f(&t["cold_ns"])
+            );
+            let _ = bytes;
+        }
+    }
+    if let Some(depth) = r["decision"]["depth"].as_object() {
+        let _ = writeln!(
+            s,
+            "\nCgroup depth (the domain is found by walking the workload's cgroup ancestry, one hash lookup per level): \
+             `empty` policy, allowed-v4, warm: {:.1} ns at depth {} vs {:.1} ns at depth {} ({:.1} ns per extra level); \
+             full policy {:.1} ns vs {:.1} ns.",
+            f(&depth["shallow"]["empty"]),
+            depth["shallow_depth"],
+            f(&depth["deep"]["empty"]),
+            depth["deep_depth"],
+            (f(&depth["deep"]["empty"]) - f(&depth["shallow"]["empty"]))
+                / (f(&depth["deep_depth"]) - f(&depth["shallow_depth"])),
+            f(&depth["shallow"]["geo_n10k"]),
+            f(&depth["deep"]["geo_n10k"]),
+        );
+    }
+    s.push_str("\nCounter check (one pass, every packet once): the per-CPU counters of each program moved once per run, for the reason the policy gives each destination (ground truth computed from the database with the `maxminddb` crate):\n\n| policy | set | reasons counted (code: runs) | matches policy | events wanted / rate-limited / lost |\n|---|---|---|---|---|\n");
+    for c in r["decision"]["checks"].as_array().into_iter().flatten() {
+        if c.get("reasons").is_none() {
+            continue;
+        }
+        let reasons: Vec<String> = c["reasons"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        let name = k
+                            .parse::<u8>()
+                            .ok()
+                            .and_then(agent_common::Reason::from_code)
+                            .map_or(k.as_str(), |r| r.name());
+                        format!("{name}: {v}")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} / {} / {} |",
+            c["prog"].as_str().unwrap_or(""),
+            c["set"].as_str().unwrap_or(""),
+            reasons.join(", "),
+            if c["matches_policy"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "**no**"
+            },
+            c["events_wanted"],
+            c["events_rate_limited"],
+            c["events_lost"],
+        );
+    }
+
+    // 2. Load.
+    s.push_str("\n## 2. Policy compile + load, memory\n\n");
+    s.push_str("`ready` is the wall time from spawning `bulkhead run` to `READY=1` on its `NOTIFY_SOCKET` (parse, read the geo DB, compile, load programs, write maps, attach). `check` is `bulkhead check` (parse + read DB + compile, no kernel). Kernel map memory is the sum of `memlock` in `/proc/self/fdinfo` of every pinned map.\n\n![load time](bench/load.svg)\n\n");
+    s.push_str("| policy | compiled | check | ready | agent RSS (peak) | kernel maps | bh_egress size |\n|---|---|---|---|---|---|---|\n");
+    for k in LADDER {
+        let p = policy(r, k);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.1} MB ({:.1} MB) | {:.1} MB | {} insns, {} B JIT |",
+            p["label"].as_str().unwrap_or(k),
+            p["compiled"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("compiled: "),
+            f(&p["check_ms"]),
+            f(&p["ready_ms"]),
+            f(&p["rss_kib"]) * 1024.0 / 1e6,
+            f(&p["rss_peak_kib"]) * 1024.0 / 1e6,
+            f(&p["kernel_maps"]["total_bytes"]) / 1e6,
+            p["bh_egress"]["xlated_bytes"].as_u64().unwrap_or(0) / 8,
+            p["bh_egress"]["jited_bytes"]
+        );
+    }
+    let nft = &r["network"]["nft"];
+    let _ = writeln!(
+        s,
+        "| nftables, same sets | {} IPv4 + {} IPv6 interval elements | | {:.0} ms (`nft -f`) | | | |",
+        nft["elements_v4"],
+        nft["elements_v6"],
+        f(&nft["load_ms"])
+    );
+    let _ = writeln!(
+        s,
+        "\nUpdate of one network: agent reload (SIGHUP → `READY=1`) {:.0} ms; `nft add element` of one interval {:.1} ms.",
+        f(&r["update"]["reload_ms"]),
+        f(&nft["update_one_element_ms"])
+    );
+    if let Some(mm) = r["update"]["kernel_maps_after_reload"].as_f64() {
+        let _ = writeln!(
+            s,
+            "Kernel map memory of the full policy: {:.1} MB after the first load, {:.1} MB after reloads (both slots of the double buffer filled).",
+            f(&policy(r, "geo_n10k")["kernel_maps"]["total_bytes"]) / 1e6,
+            mm / 1e6
+        );
+    }
+    if let Some(ga) = r["geo_analysis"].as_object() {
+        let _ = writeln!(
+            s,
+            "\nGeo prefixes the full policy loads: {} IPv4 + {} IPv6 (every placed range, merged by verdict). \
+             Prefixes covering only the *allowed* ranges (DE/FR/NL + geofeed): {} IPv4 + {} IPv6.",
+            ga["loaded_v4"], ga["loaded_v6"], ga["allowed_only_v4"], ga["allowed_only_v6"]
+        );
+    }
+
+    // 3. Network.
+    s.push_str("\n## 3. Traffic between network namespaces (veth)\n\n");
+    s.push_str("Client namespace ↔ server namespace over veth; the client is pinned to CPU 0, servers to CPU 1. Modes alternate round by round; values are medians over rounds, ratios are against *no policy* in the same run. *bulkhead*: client in the workload's domain (country allow-list + 10k networks loaded; the server's address is placed in DE by the geofeed, so every packet takes the geo lookup). *nftables*: the same denied addresses as interval sets, checked on output (`daddr`) and input (`saddr`), in the client's namespace.\n\n![network](bench/network.svg)\n\n");
+    let mode_keys: Vec<String> = r["network"]["modes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["key"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    s.push_str("| test | ");
+    for mk in &mode_keys {
+        let _ = write!(s, "{mk} | ");
+    }
+    s.push_str("\n|---|");
+    for _ in &mode_keys {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for t in r["network"]["tests"].as_array().into_iter().flatten() {
+        let _ = write!(
+            s,
+            "| {} ({}) | ",
+            t["label"].as_str().unwrap_or(""),
+            t["unit"].as_str().unwrap_or("")
+        );
+        for mk in &mode_keys {
+            let md = &t["modes"][mk];
+            let _ = write!(
+                s,
+                "{} ({:.3}×, paired {:.3}×) | ",
+                fmt_num(f(&md["median"])),
+                f(&md["ratio_to_none"]),
+                f(&md["paired_ratio_median"])
+            );
+        }
+        s.push('\n');
+    }
+    if let Some(st) = r["network"]["bpf_stats"].as_object() {
+        s.push_str("\nRun time per real call under this traffic (`kernel.bpf_stats_enabled`, one more bulkhead-mode run of each test): ");
+        let parts: Vec<String> = st
+            .iter()
+            .map(|(k, v)| format!("`{k}` {:.0} ns × {}", f(&v["ns_per_call"]), v["calls"]))
+            .collect();
+        s.push_str(&parts.join(", "));
+        s.push_str(".\n");
+    }
+    if let Some(c) = r["network"]["bulkhead_counters"].as_object() {
+        let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = writeln!(
+            s,
+            "\nbulkhead's counters during the timed rounds: {}.",
+            parts.join(", ")
+        );
+    }
+
+    // 4. Storm.
+    s.push_str("\n## 4. Deny storm and event accounting\n\n");
+    let _ = writeln!(
+        s,
+        "{} `connect()`s from the workload's cgroup to another domain's addresses (inside a namespace with no route out), each refused with `EPERM` by `connect4`. *accounted* means: every connect got EPERM, the kernel counted one decision each, and events delivered to the log = events wanted − rate-limited − lost (all three counted by the kernel).\n",
+        r["params"]["storm_connects"]
+    );
+    s.push_str("| run | connects/s | EPERM | events wanted | delivered | rate-limited | lost | delivered by | accounted |\n|---|---|---|---|---|---|---|---|---|\n");
+    for run in r["storm"]["runs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} s | {} |",
+            run["label"].as_str().unwrap_or(""),
+            fmt_num(f(&run["connects_per_s"])),
+            run["eperm"],
+            run["events_wanted"],
+            run["events_delivered"],
+            run["events_rate_limited"],
+            run["events_lost"],
+            f(&run["delivered_by_s"]),
+            if run["accounted"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "**no**"
+            }
+        );
+    }
+
+    s.push_str("\n## Where the time goes\n\n");
+    s.push_str(&analysis(r));
+    s
+}
+
+fn entries_of(r: &Value, key: &str, map: &str) -> String {
+    let p = policy(r, key);
+    let compiled = p["compiled"].as_str().unwrap_or("");
+    // "compiled: C cgroups present now, A IPv4 + B IPv6 domain networks, X IPv4 + Y IPv6 geo prefixes"
+    let nums: Vec<u64> = compiled
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let i = match map {
+        "BH_NET4" => 1,
+        "BH_NET6" => 2,
+        "BH_GEO4" => 3,
+        "BH_GEO6" => 4,
+        _ => return String::new(),
+    };
+    nums.get(i).map_or(String::new(), |n| n.to_string())
+}
+
+fn analysis(r: &Value) -> String {
+    let mut s = String::new();
+    let t = |p: &str, set: &str| timing(r, p, set).0;
+    let allow = t("allow-all", "allowed-v4");
+    let empty = t("empty", "allowed-v4");
+    let n10k = t("n10k", "allowed-v4");
+    let geo = t("geo", "allowed-v4");
+    let full = t("geo_n10k", "allowed-v4");
+    let full6 = t("geo_n10k", "allowed-v6");
+    let empty6 = t("empty", "allowed-v6");
+    let probe = |name: &str, set: &str| t(name, set);
+    let lpm_empty4 = probe("lpm:empty:BH_NET4", "allowed-v4");
+    let lpm_n10k4 = probe("lpm:n10k:BH_NET4", "allowed-v4");
+    let lpm_geo4 = probe("lpm:geo_n10k:BH_GEO4", "allowed-v4");
+    let lpm_geo6 = probe("lpm:geo_n10k:BH_GEO6", "allowed-v6");
+    let lpm_n10k6 = probe("lpm:n10k:BH_NET6", "allowed-v6");
+    let lpm_empty6 = probe("lpm:empty:BH_NET6", "allowed-v6");
+    let _ = writeln!(
+        s,
+        "- **Fixed cost.** The test-run loop with an allow-all program costs {allow:.1} ns per run; bulkhead's \
+         `bh_egress` with the empty policy costs {empty:.1} ns on the same IPv4 packets, so the decision path \
+         itself (cgroup-ancestry walk with one hash lookup per level, packet parse, socket-storage lookup, \
+         two LPM lookups on empty tries, the decision, a per-CPU counter) is about {:.0} ns.",
+        empty - allow
+    );
+    let _ = writeln!(
+        s,
+        "- **Domain networks.** 10k networks add {:.1} ns over empty (IPv4). A bare lookup in that trie costs \
+         {lpm_n10k4:.1} ns against {lpm_empty4:.1} ns in an empty one (IPv6: {lpm_n10k6:.1} vs {lpm_empty6:.1} ns).",
+        n10k - empty
+    );
+    let _ = writeln!(
+        s,
+        "- **Country database.** The full DB adds {:.1} ns (IPv4) — a bare lookup in the geo trie alone costs \
+         {lpm_geo4:.1} ns IPv4 / {lpm_geo6:.1} ns IPv6, i.e. the geo LPM lookup is most of the added cost. \
+         Full DB + 10k networks: {full:.1} ns = {:.2}× empty (IPv4), {full6:.1} ns = {:.2}× (IPv6); net of the \
+         test-run loop: {:.2}× / {:.2}×.",
+        geo - empty,
+        full / empty,
+        full6 / empty6,
+        (full - allow) / (empty - allow),
+        (full6 - t("allow-all", "allowed-v6")) / (empty6 - t("allow-all", "allowed-v6")),
+    );
+    let rnd = t("geo_n10k", "random-v4");
+    let _ = writeln!(
+        s,
+        "- **Denied traffic** (random-v4 under the full policy, mostly `country-denied`/`country-unknown`): \
+         {rnd:.1} ns vs {full:.1} ns allowed: the difference is the event path (TAI clock read, per-cgroup \
+         token bucket in an LRU hash, ring-buffer reserve or the rate-limited/lost counters). Denied connections \
+         stop at `connect()`, so in steady state the packet hooks see allowed traffic."
+    );
+    let (_, cold_full) = timing(r, "geo_n10k", "allowed-v4");
+    let (_, cold_empty) = timing(r, "empty", "allowed-v4");
+    let _ = writeln!(
+        s,
+        "- **Cold caches.** With one decision per syscall (caches disturbed in between) the full policy costs \
+         {cold_full:.1} ns vs {cold_empty:.1} ns empty ({:.2}×): deep trie walks miss the cache more.",
+        cold_full / cold_empty
+    );
+    let p = policy(r, "geo_n10k");
+    let ready = f(&p["ready_ms"]);
+    let check = f(&p["check_ms"]);
+    let _ = writeln!(
+        s,
+        "- **Load time.** `bulkhead check` (parse, read the DB, compile) takes {check:.0} ms of the {ready:.0} ms to \
+         READY; the rest ({:.0} ms) is loading the programs and writing the maps — one `BPF_MAP_UPDATE_ELEM` \
+         syscall and one trie-node allocation per prefix. nftables needs {:.0} ms for fewer, range-shaped \
+         elements.",
+        ready - check,
+        f(&r["network"]["nft"]["load_ms"])
+    );
+    let _ = writeln!(
+        s,
+        "- **Memory.** The agent holds {:.1} MB RSS with the full policy (it keeps the compiled policy and a \
+         mirror of both map slots for diffing); the kernel maps take {:.1} MB.",
+        f(&p["rss_kib"]) * 1024.0 / 1e6,
+        f(&p["kernel_maps"]["total_bytes"]) / 1e6
+    );
+    let rr = net_test(r, "tcp_rr");
+    let tp = net_test(r, "udp_tp");
+    let _ = writeln!(
+        s,
+        "- **On the wire.** A veth round trip costs microseconds, so the decision's tens of nanoseconds hardly \
+         show: TCP_RR with bulkhead is {:.1}% of no policy, nftables {:.1}%; the UDP 64-byte send rate, which \
+         shows per-packet costs best, is {:.1}% with bulkhead and {:.1}% with nftables.",
+        100.0 * f(&rr["modes"]["bulkhead"]["ratio_to_none"]),
+        100.0 * f(&rr["modes"]["nftables"]["ratio_to_none"]),
+        100.0 * f(&tp["modes"]["bulkhead"]["ratio_to_none"]),
+        100.0 * f(&tp["modes"]["nftables"]["ratio_to_none"]),
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_is_svg_with_bars() {
+        let svg = bar_chart(
+            "t",
+            "y",
+            &["a".into(), "b".into()],
+            &[
+                ("s1".into(), vec![1.0, 2.0]),
+                ("s2".into(), vec![f64::NAN, 3.0]),
+            ],
+            Some((1.5, "ref")),
+        );
+        assert!(svg.starts_with("<svg"));
+        assert_eq!(svg.matches("<rect x=").count(), 3 + 2);
+        assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(fmt_num(1234567.0), "1.23M");
+        assert_eq!(fmt_num(12345.0), "12k");
+        assert_eq!(fmt_num(123.4), "123");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(f64::NAN), "–");
+    }
+}

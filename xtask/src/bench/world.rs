@@ -1,0 +1,386 @@
+//! What the benchmarks run in: a private cgroup subtree (the agent attaches
+//! there, never at the host's root), private network namespaces, private
+//! bpffs pin directories, and the real `bulkhead` binary. Every guard cleans
+//! up on drop, errors and panics included.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    os::unix::{net::UnixDatagram, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::cmd::display;
+
+/// `/proc/self/mountinfo` → the cgroup v2 mount point (hybrid hosts keep it
+/// at `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    for line in info.lines() {
+        if let Some((left, right)) = line.split_once(" - ")
+            && right.split_whitespace().next() == Some("cgroup2")
+        {
+            let mp = left
+                .split_whitespace()
+                .nth(4)
+                .ok_or_else(|| anyhow!("malformed mountinfo line: {line}"))?;
+            return Ok(PathBuf::from(mp));
+        }
+    }
+    bail!("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+/// A cgroup removed (after killing what runs in it) on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+    /// Relative to the cgroup v2 mount, as policies name it.
+    pub rel: String,
+}
+
+impl Cgroup {
+    pub fn new(mount: &Path, rel: &str) -> Result<Cgroup> {
+        let path = mount.join(rel.trim_start_matches('/'));
+        fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Cgroup {
+            path,
+            rel: rel.to_string(),
+        })
+    }
+
+    pub fn child(&self, name: &str) -> Result<Cgroup> {
+        let path = self.path.join(name);
+        fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Cgroup {
+            path,
+            rel: format!("{}/{name}", self.rel),
+        })
+    }
+}
+
+fn remove_cgroup_tree(p: &Path) {
+    if let Ok(entries) = fs::read_dir(p) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::write(p.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if fs::remove_dir(p).is_ok() || !p.exists() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// Runs a shell command quietly; fails with its stderr.
+pub fn sh(cmd: &str) -> Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running `{cmd}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace (with `lo` up), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Result<Netns> {
+        let _ = sh(&format!("ip netns del {name} 2>/dev/null"));
+        sh(&format!("ip netns add {name}"))?;
+        let ns = Netns { name };
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    pub fn ip(&self, args: &str) -> Result<String> {
+        sh(&format!("ip -n {} {args}", self.name))
+    }
+
+    pub fn exec(&self, cmd: &str) -> Result<String> {
+        sh(&format!("ip netns exec {} {cmd}", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Joins two namespaces with a veth pair: `a` gets `.1`, `b` gets `.2` of
+/// the /24 `prefix` (e.g. "10.251.0"), plus `fd00:251:<n>::1/2`.
+pub fn veth(a: &Netns, b: &Netns, names: (&str, &str), prefix: &str, n: u8) -> Result<()> {
+    sh(&format!(
+        "ip link add {} netns {} type veth peer name {} netns {}",
+        names.0, a.name, names.1, b.name
+    ))?;
+    for (ns, dev, host) in [(a, names.0, 1), (b, names.1, 2)] {
+        ns.ip(&format!("addr add {prefix}.{host}/24 dev {dev}"))?;
+        ns.ip(&format!(
+            "-6 addr add fd00:251:{n}::{host}/64 dev {dev} nodad"
+        ))?;
+        ns.ip(&format!("link set {dev} up"))?;
+    }
+    Ok(())
+}
+
+/// A command that runs inside `cgroup` and, if given, `netns`.
+pub fn command_in(
+    cgroup: &Path,
+    netns: Option<&Netns>,
+    program: &Path,
+    args: &[String],
+) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let procs = cgroup.join("cgroup.procs");
+    let ns = netns.map(Netns::path);
+    // SAFETY: only async-signal-safe work between fork and exec: writing a
+    // file and setns(2).
+    unsafe {
+        cmd.pre_exec(move || {
+            fs::write(&procs, b"0")?;
+            if let Some(ns) = &ns {
+                let f = fs::File::open(ns)?;
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Bg(pub Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `VmRSS` and `VmHWM` of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A `bulkhead run` on the benchmark's cgroup subtree and its own pin
+/// directory. Dropping it kills the agent and detaches what it pinned.
+pub struct Agent {
+    bin: PathBuf,
+    child: Option<Child>,
+    pub bpffs: PathBuf,
+    pub policy: PathBuf,
+    pub events: PathBuf,
+    /// Spawn → `READY=1`.
+    pub ready: Duration,
+    /// The agent's log so far (stderr lines).
+    pub log: Arc<Mutex<Vec<String>>>,
+    notify: UnixDatagram,
+    pub pid: u32,
+}
+
+impl Agent {
+    pub fn start(
+        bin: &Path,
+        work: &Path,
+        name: &str,
+        policy: &Path,
+        cgroup_root: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let notify_path = work.join(format!("notify-{name}.sock"));
+        let _ = fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path)
+            .with_context(|| format!("binding {}", notify_path.display()))?;
+        notify.set_read_timeout(Some(Duration::from_secs(90)))?;
+        let bpffs = PathBuf::from("/sys/fs/bpf")
+            .join(format!("bulkhead-bench-{}-{name}", std::process::id()));
+        detach(bin, &bpffs);
+        let events = work.join(format!("events-{name}.jsonl"));
+        let _ = fs::remove_file(&events);
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .arg("--cgroup-root")
+            .arg(cgroup_root)
+            .arg("--bpffs-dir")
+            .arg(&bpffs)
+            .arg("--events-log")
+            .arg(&events)
+            .arg("--no-stdout-events")
+            .args(extra)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        eprintln!("+ {}", display(&cmd));
+        let start = Instant::now();
+        let mut child = cmd.spawn().context("spawning bulkhead run")?;
+        let pid = child.id();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        {
+            let stderr = child.stderr.take().expect("piped stderr");
+            let log = log.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let mut agent = Agent {
+            bin: bin.to_path_buf(),
+            child: Some(child),
+            bpffs,
+            policy: policy.to_path_buf(),
+            events,
+            ready: Duration::ZERO,
+            log,
+            notify,
+            pid,
+        };
+        agent.wait_for(b"READY=1").map_err(|e| {
+            let log = agent.log.lock().expect("log lock").join("\n");
+            e.context(format!(
+                "agent `{name}` did not become ready; its log:\n{log}"
+            ))
+        })?;
+        agent.ready = start.elapsed();
+        Ok(agent)
+    }
+
+    fn wait_for(&mut self, what: &[u8]) -> Result<()> {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.notify.recv(&mut buf) {
+                Ok(n) if &buf[..n] == what => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => {
+                    let status = self.child.as_mut().map(|c| c.try_wait());
+                    bail!(
+                        "no {} on the notify socket: {e} (agent exit: {status:?})",
+                        String::from_utf8_lossy(what)
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGHUP after the policy file changed; the time until `READY=1`
+    /// follows `RELOADING=1`.
+    pub fn reload(&mut self) -> Result<Duration> {
+        let start = Instant::now();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGHUP) };
+        self.wait_for(b"RELOADING=1")?;
+        self.wait_for(b"READY=1")?;
+        Ok(start.elapsed())
+    }
+
+    /// The log line that announces enforcement.
+    pub fn enforcing_line(&self) -> String {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .find(|l| l.contains("enforcing"))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// SIGTERM and wait (bounded); the pinned programs keep enforcing.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn link(&self, prog: &str) -> PathBuf {
+        self.bpffs.join("links").join(prog)
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.bpffs.join("maps").join(name)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        detach(&self.bin, &self.bpffs);
+    }
+}
+
+/// `bulkhead detach --force`: unpins (and so detaches) everything under `bpffs`.
+pub fn detach(bin: &Path, bpffs: &Path) {
+    if !bpffs.exists() {
+        return;
+    }
+    let _ = Command::new(bin)
+        .args(["detach", "--force", "--bpffs-dir"])
+        .arg(bpffs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
