@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::{
+use bulkhead::{
     cgroup,
     compile::{self, EventLimits},
     control::{self, Filter, Request},
@@ -334,7 +334,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                 }),
                 None => None,
             };
-            let q = crate::store::Query {
+            let q = bulkhead::store::Query {
                 from_ns,
                 to_ns: to.as_deref().map(rfc3339_ns).transpose()?,
                 domain,
@@ -348,7 +348,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                 reason,
                 limit,
             };
-            let rows = crate::store::query(&db.path(), &q)?;
+            let rows = bulkhead::store::query(&db.path(), &q)?;
             let mut out = std::io::stdout().lock();
             match format.as_str() {
                 "json" => {
@@ -403,7 +403,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
         }
         crate::AuditCommand::Changes { db, since } => {
             let from = since.map(|s| now_ns() - s as i64 * 1_000_000_000);
-            for c in crate::store::changes(&db.path(), from, 100_000)? {
+            for c in bulkhead::store::changes(&db.path(), from, 100_000)? {
                 println!(
                     "{} {:<16} gen {:<5} {} {} {}",
                     c["ts"].as_str().unwrap_or(""),

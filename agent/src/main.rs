@@ -5,29 +5,14 @@
 //! Exit codes: 0 success; 1 a rejected policy or a runtime error (printed
 //! once, with its cause chain); 2 bad command-line usage.
 
-mod caps;
-mod cgroup;
 mod cli;
-mod compile;
-mod control;
-mod events;
-mod explain;
-mod geo;
-mod kernel;
-mod listeners;
-mod maps;
-mod metrics;
-mod policy;
-mod run;
-mod sink;
-mod store;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::compile::EventLimits;
+use bulkhead::{cgroup, compile, compile::EventLimits, control, geo, kernel, policy, run, sink};
 
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/bulkhead";
 

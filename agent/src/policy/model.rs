@@ -131,10 +131,6 @@ pub struct Policy {
 
 impl Policy {
     /// The kernel's id of a domain (`index + 1`).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used by tests; explain will use it")
-    )]
     pub fn domain_id(&self, name: &str) -> Option<u32> {
         self.domains
             .iter()

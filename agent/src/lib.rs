@@ -1,0 +1,18 @@
+//! bulkhead's agent as a library: the binary (`src/main.rs`) is its CLI;
+//! fuzz targets and tools link the same modules.
+
+pub mod caps;
+pub mod cgroup;
+pub mod compile;
+pub mod control;
+pub mod events;
+pub mod explain;
+pub mod geo;
+pub mod kernel;
+pub mod listeners;
+pub mod maps;
+pub mod metrics;
+pub mod policy;
+pub mod run;
+pub mod sink;
+pub mod store;
