@@ -3,9 +3,10 @@
 //! The sock_addr hooks (`connect4/6`, `sendmsg4/6`) are the decision point:
 //! a denied `connect()`/`sendto()` fails at once with `EPERM` and no packet
 //! is sent. The skb hooks are the backstop for flows older than the policy
-//! and the ingress side. `sock_create` refuses raw sockets and `post_bind`
-//! records who owns a bound socket, so a connect to a local listener is
-//! decided by the listener's domain.
+//! and the ingress side. `sock_create` refuses raw sockets, the BPF LSM
+//! hook `socket_create` refuses packet sockets (which `sock_create` never
+//! sees), and `post_bind` records who owns a bound socket, so a connect to a
+//! local listener is decided by the listener's domain.
 //!
 //! Every program reads the policy generation once and uses its slot for all
 //! lookups, so a decision never mixes two policies.
@@ -38,9 +39,9 @@ use aya_ebpf::{
         bpf_ktime_get_tai_ns, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
         bpf_sk_release, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
 };
 
 use crate::packet::{Parsed, parse};
@@ -79,7 +80,16 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+const AF_PACKET: i32 = 17;
+const AF_XDP: i32 = 44;
+/// What an `lsm_cgroup` program returns to let the call go on, or to fail
+/// it with `EPERM`.
+const LSM_ALLOW: i32 = 1;
+const LSM_DENY: i32 = 0;
 /// `BPF_F_CURRENT_NETNS` as the helpers' u64 netns argument.
 const CURRENT_NETNS: u64 = 0xffff_ffff;
 
@@ -192,6 +202,35 @@ fn to16(a: [u8; 4]) -> [u8; 16] {
 
 fn first4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
+}
+
+/// `::a.b.c.d` (IPv4-compatible, deprecated by RFC 4291) → `a.b.c.d`; not
+/// `::` nor `::1`. The kernel routes these as IPv6, but an automatic `sit`
+/// tunnel carries them to `a.b.c.d` over IPv4 in a packet no cgroup hook
+/// sees, so they are decided as the IPv4 address they embed, like
+/// IPv4-mapped ones.
+#[inline(always)]
+fn v4_compat(a: [u8; 16]) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 12 {
+        if a[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if a[12] == 0 && a[13] == 0 && a[14] == 0 && a[15] <= 1 {
+        return None;
+    }
+    Some([a[12], a[13], a[14], a[15]])
+}
+
+/// An IPv6 address that stands for an IPv4 one (mapped or compatible).
+#[inline(always)]
+fn v4_embedded(a: [u8; 16]) -> Option<[u8; 4]> {
+    match v4_mapped(a) {
+        Some(v4) => Some(v4),
+        None => v4_compat(a),
+    }
 }
 
 /// Domain of a peer address: its networks first, then (for a local
@@ -421,7 +460,7 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         (FAMILY_INET, to16(sa.user_ip4.to_ne_bytes()), hook4)
     } else {
         let raw = user_ip6(sa);
-        match v4_mapped(raw) {
+        match v4_embedded(raw) {
             Some(v4) => (FAMILY_INET, to16(v4), hook6),
             None => (FAMILY_INET6, raw, hook6),
         }
@@ -625,9 +664,19 @@ pub fn bh_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 /// Raw IP sockets would bypass the sock_addr hooks: domain workloads may
 /// not open them unless their domain allows it.
+///
+/// Ping sockets (`SOCK_DGRAM` with `IPPROTO_ICMP`/`IPPROTO_ICMPV6`) can only
+/// send echo requests, and an unconnected `sendto()` on them runs no
+/// sock_addr hook: they are marked as initiators from birth, so the packet
+/// hooks judge their traffic by the egress rules (geofence included), not
+/// as replies to a conversation the peer started.
 #[cgroup_sock(sock_create)]
 pub fn bh_sock_create(ctx: SockContext) -> i32 {
     let sk = unsafe { &*ctx.sock };
+    if sk.type_ == SOCK_DGRAM && (sk.protocol == IPPROTO_ICMP || sk.protocol == IPPROTO_ICMPV6) {
+        mark_initiator(ctx.sock);
+        return ALLOW;
+    }
     if sk.type_ != SOCK_RAW {
         return ALLOW;
     }
@@ -663,6 +712,58 @@ pub fn bh_sock_create(ctx: SockContext) -> i32 {
         d,
         &f,
     )
+}
+
+/// Packet sockets (`AF_PACKET`, and `AF_INET`+`SOCK_PACKET`, which the
+/// kernel turns into `AF_PACKET` before this hook) and XDP sockets hand
+/// frames to the driver below the IP stack, past every hook above: domain
+/// workloads may not open them unless their domain allows raw sockets.
+/// `cgroup/sock_create` only ever sees `AF_INET`/`AF_INET6`, so this is the
+/// BPF LSM hook (`lsm_cgroup/socket_create`, which runs for the creating
+/// task's cgroup). Sockets the kernel opens for itself are left alone.
+#[lsm_cgroup(hook = "socket_create")]
+pub fn bh_socket_create(ctx: LsmContext) -> i32 {
+    // LSM_HOOK(int, 0, socket_create, int family, int type, int protocol, int kern)
+    let family: i32 = ctx.arg(0);
+    let kern: i32 = ctx.arg(3);
+    if kern != 0 || family != AF_PACKET && family != AF_XDP {
+        return LSM_ALLOW;
+    }
+    let Some(a) = active() else {
+        return LSM_ALLOW;
+    };
+    let dom_id = current_domain(a.slot);
+    let Some(dom) = domain_rec(a.slot, dom_id) else {
+        return LSM_ALLOW;
+    };
+    if dom.flags & DOMAIN_ALLOW_RAW != 0 {
+        return LSM_ALLOW;
+    }
+    let d = Decision {
+        allow: false,
+        reason: Reason::PacketSocketDenied,
+        bridge_id: 0,
+    };
+    let f = Flow {
+        family: family as u8,
+        proto: 0,
+        hook: Hook::SockCreate,
+        task: true,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: [0; 2],
+        dport: [0; 2],
+    };
+    let rc = finish(
+        &a,
+        dom_id,
+        dom,
+        0,
+        unsafe { bpf_get_current_cgroup_id() },
+        d,
+        &f,
+    );
+    if rc == DENY { LSM_DENY } else { LSM_ALLOW }
 }
 
 /// Records the owner's cgroup ancestry on every bound socket so connects
@@ -755,9 +856,15 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     } else {
         (Direction::Ingress, local_port)
     };
+    // An IPv6 peer that stands for an IPv4 address is decided as that
+    // address, as in the connect hooks; the event keeps the real header.
+    let (peer_family, peer_key) = match v4_embedded(*peer_addr) {
+        Some(v4) if p.family == FAMILY_INET6 => (FAMILY_INET, to16(v4)),
+        _ => (p.family, *peer_addr),
+    };
     // Loopback packets were decided at connect time, where the listener's
     // domain is known; here the peer address has no domain.
-    let peer = peer_domain(a.slot, p.family, peer_addr);
+    let peer = peer_domain(a.slot, peer_family, &peer_key);
     let d = decide_flow(
         &a,
         dom_id,
@@ -766,8 +873,8 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         conn_dir,
         p.proto,
         u16::from_be_bytes(service_port),
-        peer_addr,
-        p.family,
+        &peer_key,
+        peer_family,
     );
     let f = Flow {
         family: p.family,

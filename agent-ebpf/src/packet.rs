@@ -1,6 +1,34 @@
 //! Packet parsing for the cgroup_skb hooks. cgroup skbs start at the network
 //! header. Every read is a bounds-checked `bpf_skb_load_bytes`; anything that
 //! cannot be read is reported as unparsable and dropped for domain workloads.
+//!
+//! The rules, which `tests/tests/packets.rs` checks case by case and with
+//! random packets against the loaded programs:
+//!
+//! IPv4 (skb protocol `ETH_P_IP`):
+//! - at least 20 bytes, version 4, IHL ≥ 5 and the whole header (IHL × 4
+//!   bytes, options included) inside the packet;
+//! - total length ≥ the header and ≤ the packet (0 is accepted only on a
+//!   packet longer than 64 KiB: a BIG TCP GSO packet, whose length the
+//!   field cannot hold);
+//! - TCP, UDP, SCTP and UDP-Lite read their ports right after the header
+//!   (options skipped); the ports must lie inside the total length. Non-first
+//!   fragments carry no ports: they are decided with port 0.
+//!
+//! IPv6 (skb protocol `ETH_P_IPV6`):
+//! - at least 40 bytes, version 6; the payload length must fit in the
+//!   packet (0 is accepted only on a packet longer than 64 KiB + 40: a
+//!   jumbogram or BIG TCP);
+//! - up to [`MAX_EXT_HEADERS`] extension headers are walked (hop-by-hop,
+//!   routing, destination options, authentication, fragment), each wholly
+//!   inside the payload; a longer chain is unparsable;
+//! - a non-first fragment ends the walk: what follows its fragment header is
+//!   the middle of the payload, not headers; it is decided with port 0;
+//! - TCP, UDP, SCTP and UDP-Lite read their ports after the last extension
+//!   header; any other next header (ICMPv6, ESP, "no next header", unknown
+//!   values) is decided by address alone, with port 0.
+//!
+//! Any other skb protocol is unparsable.
 
 use agent_common::event::{FAMILY_INET, FAMILY_INET6};
 use aya_ebpf::programs::SkBuffContext;
@@ -28,7 +56,9 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 /// Extension headers followed before giving up; a longer chain is refused.
-const MAX_EXT_HEADERS: usize = 8;
+pub const MAX_EXT_HEADERS: usize = 8;
+/// Largest length the 16-bit IPv4 total length / IPv6 payload length holds.
+const MAX_LEN_FIELD: usize = 0xffff;
 
 #[inline(always)]
 pub fn parse(ctx: &SkBuffContext) -> Option<Parsed> {
@@ -49,24 +79,40 @@ fn has_ports(proto: u8) -> bool {
 }
 
 #[inline(always)]
-fn ports(ctx: &SkBuffContext, off: usize) -> Option<([u8; 2], [u8; 2])> {
+fn is_ext_header(next: u8) -> bool {
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+    )
+}
+
+/// The two ports at `off`, which must end by `end`.
+#[inline(always)]
+fn ports(ctx: &SkBuffContext, off: usize, end: usize) -> Option<([u8; 2], [u8; 2])> {
+    if off + 4 > end {
+        return None;
+    }
     let p: [u8; 4] = ctx.load(off).ok()?;
     Some(([p[0], p[1]], [p[2], p[3]]))
 }
 
 #[inline(always)]
 fn parse_v4(ctx: &SkBuffContext) -> Option<Parsed> {
+    let len = ctx.len() as usize;
     let h: [u8; 20] = ctx.load(0).ok()?;
     if h[0] >> 4 != 4 {
         return None;
     }
     // The real header length: options make it longer than 20 bytes.
     let ihl = ((h[0] & 0x0f) as usize) * 4;
-    if ihl < 20 {
+    if ihl < 20 || ihl > len {
         return None;
     }
-    let total = u16::from_be_bytes([h[2], h[3]]) as usize;
-    if total < ihl {
+    let mut total = u16::from_be_bytes([h[2], h[3]]) as usize;
+    if total == 0 && len > MAX_LEN_FIELD {
+        total = len;
+    }
+    if total < ihl || total > len {
         return None;
     }
     let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
@@ -76,7 +122,7 @@ fn parse_v4(ctx: &SkBuffContext) -> Option<Parsed> {
     src[..4].copy_from_slice(&h[12..16]);
     dst[..4].copy_from_slice(&h[16..20]);
     let (sport, dport) = if has_ports(proto) && frag_off == 0 {
-        ports(ctx, ihl)?
+        ports(ctx, ihl, total)?
     } else {
         ([0; 2], [0; 2])
     };
@@ -92,8 +138,18 @@ fn parse_v4(ctx: &SkBuffContext) -> Option<Parsed> {
 
 #[inline(always)]
 fn parse_v6(ctx: &SkBuffContext) -> Option<Parsed> {
+    let len = ctx.len() as usize;
     let h: [u8; 40] = ctx.load(0).ok()?;
     if h[0] >> 4 != 6 {
+        return None;
+    }
+    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let end = if payload == 0 && len > 40 + MAX_LEN_FIELD {
+        len
+    } else {
+        40 + payload
+    };
+    if end > len {
         return None;
     }
     let mut src = [0u8; 16];
@@ -104,35 +160,36 @@ fn parse_v6(ctx: &SkBuffContext) -> Option<Parsed> {
     let mut off = 40usize;
     let mut first_fragment = true;
     let mut i = 0;
-    while i < MAX_EXT_HEADERS {
-        match next {
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let e: [u8; 2] = ctx.load(off).ok()?;
-                next = e[0];
-                off += (e[1] as usize + 1) * 8;
-            }
-            NEXTHDR_AUTH => {
-                let e: [u8; 2] = ctx.load(off).ok()?;
-                next = e[0];
-                off += (e[1] as usize + 2) * 4;
-            }
+    while i < MAX_EXT_HEADERS && first_fragment && is_ext_header(next) {
+        let e: [u8; 4] = if off + 4 <= end {
+            ctx.load(off).ok()?
+        } else {
+            return None;
+        };
+        let hdr_len = match next {
+            NEXTHDR_AUTH => (e[1] as usize + 2) * 4,
             NEXTHDR_FRAGMENT => {
-                let e: [u8; 4] = ctx.load(off).ok()?;
-                next = e[0];
+                // A non-first fragment: what follows is payload, not headers.
                 if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
                     first_fragment = false;
                 }
-                off += 8;
+                8
             }
-            _ => break,
+            _ => (e[1] as usize + 1) * 8,
+        };
+        if off + hdr_len > end {
+            return None;
         }
+        next = e[0];
+        off += hdr_len;
         i += 1;
     }
-    if i == MAX_EXT_HEADERS {
+    if first_fragment && is_ext_header(next) {
+        // Still extension headers after MAX_EXT_HEADERS of them.
         return None;
     }
     let (sport, dport) = if has_ports(next) && first_fragment {
-        ports(ctx, off)?
+        ports(ctx, off, end)?
     } else {
         ([0; 2], [0; 2])
     };

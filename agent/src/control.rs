@@ -93,6 +93,22 @@ pub enum Request {
         follow: bool,
         filter: Filter,
     },
+    BridgeOpen {
+        name: Option<String>,
+        from: String,
+        to: String,
+        ports: Vec<String>,
+        for_secs: u64,
+        reason: String,
+    },
+    BridgeClose {
+        name: String,
+    },
+    BridgeList,
+    /// Internal: wakes the main loop after a signal set its flag; never
+    /// accepted from the socket.
+    #[serde(skip)]
+    Wake,
 }
 
 /// Who is on the other end of the socket (SO_PEERCRED).
@@ -165,6 +181,8 @@ pub fn group_id(name: &str) -> Result<u32> {
 /// A command the main loop must answer (it owns the maps and the policy).
 pub struct Call {
     pub request: Request,
+    /// Who asked (recorded with bridge changes).
+    pub peer: Peer,
     pub reply: Sender<Value>,
 }
 
@@ -331,7 +349,11 @@ fn handle(conn: UnixStream, group: Option<u32>, calls: Sender<Call>, hub: Arc<Hu
     }
     let (tx, rx) = mpsc::channel();
     calls
-        .send(Call { request, reply: tx })
+        .send(Call {
+            request,
+            peer: p,
+            reply: tx,
+        })
         .map_err(|_| anyhow!("agent is stopping"))?;
     let answer = rx
         .recv_timeout(Duration::from_secs(60))

@@ -67,7 +67,7 @@ pub struct Enricher {
 
 /// Keep names for this many past generations: events decided under them may
 /// still be in the ring buffer after a reload.
-const KEEP_GENERATIONS: usize = 8;
+const KEEP_GENERATIONS: usize = 1024;
 
 pub fn decode(bytes: &[u8]) -> Option<Event> {
     if bytes.len() < EVENT_SIZE {

@@ -1,6 +1,7 @@
 //! bulkhead's agent as a library: the binary (`src/main.rs`) is its CLI;
 //! fuzz targets and tools link the same modules.
 
+pub mod bridges;
 pub mod caps;
 pub mod cgroup;
 pub mod compile;
@@ -8,11 +9,13 @@ pub mod control;
 pub mod events;
 pub mod explain;
 pub mod geo;
+pub mod k8s;
 pub mod kernel;
 pub mod listeners;
 pub mod maps;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod run;
 pub mod sink;
 pub mod store;

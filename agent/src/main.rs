@@ -81,8 +81,12 @@ enum Command {
         /// Rotated events logs kept (events.jsonl.1 ... .N).
         #[arg(long, default_value_t = 5)]
         events_log_keep: u32,
-        /// The queryable audit store (SQLite) [default: /var/lib/<name of
-        /// the bpffs dir>/audit.db, i.e. /var/lib/bulkhead/audit.db].
+        /// Persistent state: just-in-time bridges, and the audit store
+        /// unless --audit-db says otherwise [default: /var/lib/<name of the
+        /// bpffs dir>, i.e. /var/lib/bulkhead].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The queryable audit store (SQLite) [default: <state dir>/audit.db].
         #[arg(long)]
         audit_db: Option<PathBuf>,
         /// Do not keep the SQLite audit store.
@@ -95,6 +99,13 @@ enum Command {
         /// off by default.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Just-in-time bridges: time-boxed, recorded with who opened them and
+    /// why; the policy's `jit_bridges:` says which pairs may get one and
+    /// for how long at most.
+    Bridge {
+        #[command(subcommand)]
+        what: BridgeCommand,
     },
     /// Query the audit store (works without a running agent).
     Audit {
@@ -159,6 +170,13 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print every entry of the pinned policy maps (both slots) as JSON:
+    /// what the kernel enforces, independent of any agent.
+    Dump {
+        /// bpffs directory used by `run`.
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
+        bpffs_dir: PathBuf,
     },
     /// Remove everything bulkhead pinned and attached: enforcement stops.
     Detach {
@@ -228,6 +246,48 @@ enum AuditCommand {
         /// Only changes newer than this (e.g. 24h).
         #[arg(long, value_parser = parse_duration)]
         since: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BridgeCommand {
+    /// Open a bridge now, for a bounded time.
+    Open {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Domain the connections come from.
+        #[arg(long)]
+        from: String,
+        /// Domain they go to.
+        #[arg(long)]
+        to: String,
+        /// Protocol and port(s), e.g. tcp/5432 or udp/8000-8100; repeatable.
+        #[arg(long = "port", required = true)]
+        ports: Vec<String>,
+        /// How long it stays open (e.g. 30m, 2h); at most the policy's max_duration.
+        #[arg(long = "for", value_parser = parse_duration)]
+        for_secs: u64,
+        /// Why (e.g. a ticket); recorded in the audit trail.
+        #[arg(long)]
+        reason: String,
+        /// A name for it [default: jit-<from>-<to>-<time>].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Close a just-in-time bridge before its time is up.
+    Close {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Its name (see `bridge list`).
+        name: String,
+    },
+    /// List the open just-in-time bridges with their time left.
+    List {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -353,15 +413,17 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             control_group,
             events_log_max_bytes,
             events_log_keep,
+            state_dir,
             audit_db,
             no_audit_db,
             audit_retention,
             metrics_addr,
         } => {
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&bpffs_dir));
             let audit_db = match (no_audit_db, audit_db) {
                 (true, _) => None,
                 (false, Some(p)) => Some(p),
-                (false, None) => Some(default_state_dir(&bpffs_dir).join("audit.db")),
+                (false, None) => Some(state_dir.join("audit.db")),
             };
             let control_group = control_group
                 .as_deref()
@@ -378,6 +440,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 audit_db,
                 audit_retention: std::time::Duration::from_secs(audit_retention),
                 metrics_addr,
+                state_dir,
                 policy,
                 cgroup_root,
                 bpffs_dir,
@@ -457,8 +520,79 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bridge { what } => {
+            match what {
+                BridgeCommand::Open {
+                    agent,
+                    from,
+                    to,
+                    ports,
+                    for_secs,
+                    reason,
+                    name,
+                } => {
+                    let req = control::Request::BridgeOpen {
+                        name,
+                        from,
+                        to,
+                        ports,
+                        for_secs,
+                        reason,
+                    };
+                    let v = control::call(&agent.run_dir(), &req)?;
+                    let b = &v["bridge"];
+                    println!(
+                        "opened {} ({} -> {} {}) until {} (generation {})",
+                        b["name"].as_str().unwrap_or(""),
+                        b["from"].as_str().unwrap_or(""),
+                        b["to"].as_str().unwrap_or(""),
+                        b["ports"],
+                        bulkhead::events::format_ts(b["expires"].as_i64().unwrap_or(0) as u64, 0),
+                        v["generation"]
+                    );
+                }
+                BridgeCommand::Close { agent, name } => {
+                    let v =
+                        control::call(&agent.run_dir(), &control::Request::BridgeClose { name })?;
+                    println!(
+                        "closed {} (generation {})",
+                        v["bridge"]["name"].as_str().unwrap_or(""),
+                        v["generation"]
+                    );
+                }
+                BridgeCommand::List { agent, json } => {
+                    let v = control::call(&agent.run_dir(), &control::Request::BridgeList)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v["bridges"])?);
+                    } else {
+                        for e in v["bridges"].as_array().into_iter().flatten() {
+                            let b = &e["bridge"];
+                            println!(
+                                "{:<32} {} -> {} {} {}s left, opened by uid {}: {}",
+                                b["name"].as_str().unwrap_or(""),
+                                b["from"].as_str().unwrap_or(""),
+                                b["to"].as_str().unwrap_or(""),
+                                b["ports"],
+                                e["seconds_left"],
+                                b["opened_by"]["uid"],
+                                b["reason"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit { what } => {
             cli::audit(what)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dump { bpffs_dir } => {
+            let pins = kernel::Pins::new(bpffs_dir);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&bulkhead::maps::dump(&pins.maps())?)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { bpffs_dir, force } => {

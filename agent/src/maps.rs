@@ -95,6 +95,13 @@ impl PolicyMaps {
         Ok(a.get(&0, 0)?.generation)
     }
 
+    /// The generation the next [`PolicyMaps::switch`] will create: events
+    /// of it can arrive right after the switch, so their names must be
+    /// known before.
+    pub fn next_generation(ebpf: &mut Ebpf) -> Result<u64> {
+        Ok(Self::generation(ebpf)? + 1)
+    }
+
     /// Writes `c` into the inactive slot and switches to it.
     pub fn switch(&mut self, ebpf: &mut Ebpf, c: &Compiled) -> Result<Written> {
         let current = Self::generation(ebpf)?;
@@ -325,4 +332,81 @@ where
         put((data[0] & 1) as usize, (k.prefix_len() - 8, addr), v);
     }
     Ok(())
+}
+
+/// Every entry of the pinned policy maps, both slots, in a stable order:
+/// `bulkhead dump` prints it, and tests compare dumps to prove a rejected
+/// policy changed nothing.
+pub fn dump(maps_dir: &std::path::Path) -> Result<serde_json::Value> {
+    use aya::maps::Map;
+    let open = |name: &str| {
+        MapData::from_pin(maps_dir.join(name)).with_context(|| format!("opening pinned {name}"))
+    };
+    let state: Array<MapData, State> = Array::try_from(Map::Array(open(MAP_STATE)?))?;
+    let config: Array<MapData, Config> = Array::try_from(Map::Array(open(MAP_CONFIG)?))?;
+    let domains: Array<MapData, DomainRec> = Array::try_from(Map::Array(open(MAP_DOMAINS)?))?;
+    let cgroups: BpfHash<MapData, CgroupKey, u32> =
+        BpfHash::try_from(Map::HashMap(open(MAP_CGROUPS)?))?;
+    let bridges: BpfHash<MapData, BridgeKey, BridgeSet> =
+        BpfHash::try_from(Map::HashMap(open(MAP_BRIDGES)?))?;
+    let mut out = serde_json::Map::new();
+    out.insert("generation".into(), state.get(&0, 0)?.generation.into());
+    out.insert(
+        "config".into(),
+        format!("{:?}", [config.get(&0, 0)?, config.get(&1, 0)?]).into(),
+    );
+    let doms: Vec<String> = domains
+        .iter()
+        .filter_map(|d| d.ok())
+        .map(|d| format!("{d:?}"))
+        .collect();
+    out.insert("domains".into(), doms.into());
+    let mut cg: Vec<String> = cgroups
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .map(|(k, v)| format!("{}/{}={v}", k.slot, k.cgroup_id))
+        .collect();
+    cg.sort();
+    out.insert("cgroups".into(), cg.into());
+    let mut br: Vec<String> = bridges
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .map(|(k, v)| format!("{k:?}={v:?}"))
+        .collect();
+    br.sort();
+    out.insert("bridges".into(), br.into());
+    for (name, v6) in [
+        (MAP_NET4, false),
+        (MAP_NET6, true),
+        (MAP_GEO4, false),
+        (MAP_GEO6, true),
+    ] {
+        let data = open(name)?;
+        let mut rows: Vec<String> = if name == MAP_NET4 || name == MAP_NET6 {
+            lpm_rows::<NetValue>(data, v6)?
+        } else {
+            lpm_rows::<GeoValue>(data, v6)?
+        };
+        rows.sort();
+        out.insert(name.to_lowercase(), rows.into());
+    }
+    Ok(out.into())
+}
+
+fn lpm_rows<V: Pod + std::fmt::Debug>(data: MapData, v6: bool) -> Result<Vec<String>> {
+    use aya::maps::Map;
+    let fmt = |k: &[u8], len: u32, v: &V| format!("{}:{:?}/{}={v:?}", k[0], &k[1..], len - 8);
+    if v6 {
+        let m: LpmTrie<MapData, [u8; 17], V> = LpmTrie::try_from(Map::LpmTrie(data))?;
+        Ok(m.iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(k, v)| fmt(&k.data(), k.prefix_len(), &v))
+            .collect())
+    } else {
+        let m: LpmTrie<MapData, [u8; 5], V> = LpmTrie::try_from(Map::LpmTrie(data))?;
+        Ok(m.iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(k, v)| fmt(&k.data(), k.prefix_len(), &v))
+            .collect())
+    }
 }

@@ -20,6 +20,7 @@ use aya::{
 };
 
 use crate::{
+    bridges::{Jit, JitBridge, OpenRequest, Opener},
     caps,
     cgroup::{self, PathCache},
     compile::{self, Compiled, EventLimits},
@@ -50,10 +51,15 @@ pub struct RunArgs {
     pub audit_db: Option<PathBuf>,
     pub audit_retention: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Persistent state (just-in-time bridges).
+    pub state_dir: PathBuf,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
 struct Loaded {
+    /// The policy file as read.
+    file: Policy,
+    /// The file plus the open just-in-time bridges: what is enforced.
     policy: Policy,
     geo: Arc<GeoDb>,
     compiled: Compiled,
@@ -65,23 +71,64 @@ fn stamp(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn load_policy(path: &Path, mount: &Path, limits: EventLimits) -> Result<Loaded> {
-    let policy = policy::load(path)
-        .map_err(|d| anyhow!("{d}").context(format!("policy {} rejected", path.display())))?;
-    let geo = Arc::new(
-        GeoDb::load(&policy.geo).with_context(|| format!("policy {} rejected", path.display()))?,
-    );
-    let compiled = compile::compile(&policy, &geo, mount, limits, compile::tai_offset_ns())?;
+fn load_policy(
+    path: &Path,
+    mount: &Path,
+    limits: EventLimits,
+    jit: &Jit,
+    prev: Option<&Loaded>,
+) -> Result<Loaded> {
+    // One diagnostic per line, each starting with `file:line:col:`.
+    let file =
+        policy::load(path).map_err(|d| anyhow!("policy {} rejected:\n{d}", path.display()))?;
     let mut stamps = vec![(path.to_path_buf(), stamp(path))];
-    for p in policy.geo.databases.iter().chain(&policy.geo.geofeeds) {
+    for p in file.geo.databases.iter().chain(&file.geo.geofeeds) {
         stamps.push((p.clone(), stamp(p)));
     }
+    // Unchanged geo files are not read again: reloads stay fast and events
+    // of recent generations share one database in memory.
+    let geo = match prev {
+        Some(l) if l.file.geo == file.geo && l.stamps[1..] == stamps[1..] => l.geo.clone(),
+        _ => Arc::new(
+            GeoDb::load(&file.geo)
+                .with_context(|| format!("policy {} rejected", path.display()))?,
+        ),
+    };
+    let policy = jit.merged(&file, None);
+    let compiled = compile::compile(&policy, &geo, mount, limits, compile::tai_offset_ns())?;
     Ok(Loaded {
+        file,
         policy,
         geo,
         compiled,
         stamps,
     })
+}
+
+/// The same policy file with a different set of just-in-time bridges.
+fn rebuild(
+    l: &Loaded,
+    mount: &Path,
+    limits: EventLimits,
+    jit: &Jit,
+    extra: Option<&JitBridge>,
+) -> Result<Loaded> {
+    let policy = jit.merged(&l.file, extra);
+    let compiled = compile::compile(&policy, &l.geo, mount, limits, compile::tai_offset_ns())?;
+    Ok(Loaded {
+        file: l.file.clone(),
+        policy,
+        geo: l.geo.clone(),
+        compiled,
+        stamps: l.stamps.clone(),
+    })
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i64
 }
 
 fn log(msg: impl AsRef<str>) {
@@ -97,6 +144,9 @@ fn sd_notify(state: &str) {
         Ok(s) => s,
         Err(_) => return,
     };
+    // Never wait for the service manager: a reader that stopped reading
+    // (its queue is only ~10 datagrams) must not stall the agent.
+    let _ = sock.set_nonblocking(true);
     let bytes = path.as_encoded_bytes();
     let _ = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt as _;
@@ -117,10 +167,15 @@ pub fn run(args: RunArgs) -> Result<()> {
             mount.display()
         ));
     }
+    let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
+    let expired_while_down = jit.expire(now_ns())?;
     let load_started = Instant::now();
-    let loaded = load_policy(&args.policy, &mount, args.limits)?;
+    let loaded = load_policy(&args.policy, &mount, args.limits, &jit, None)?;
 
     for w in caps::check()? {
+        log(format!("warning: {w}"));
+    }
+    for w in crate::probe::check()? {
         log(format!("warning: {w}"));
     }
     let pins = Pins::new(args.bpffs_dir.clone());
@@ -214,6 +269,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             .spawn(move || read_events(ring, enricher, sink, stop, delivered, hub, store))?
     };
     let (calls_tx, calls) = std::sync::mpsc::channel::<Call>();
+    let wake_tx = calls_tx.clone();
     let socket = control::serve(&args.run_dir, args.control_group, calls_tx, hub.clone())?;
     let started = events::format_ts(
         (SystemTime::now()
@@ -252,13 +308,41 @@ pub fn run(args: RunArgs) -> Result<()> {
             root.display()
         ),
     );
+    for b in &expired_while_down {
+        record(
+            "bridge-expired",
+            Some((&loaded, written.generation)),
+            bridge_detail(b),
+        );
+    }
     sd_notify("READY=1");
 
     let hup = Arc::new(AtomicBool::new(false));
     let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+        let (hup, term, wake) = (hup.clone(), term.clone(), wake_tx);
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if sig == SIGHUP { &hup } else { &term }.store(true, Ordering::Relaxed);
+                    let (reply, _) = std::sync::mpsc::channel();
+                    let me = control::Peer {
+                        pid: std::process::id() as i32,
+                        uid: 0,
+                        gid: 0,
+                    };
+                    // Wake the main loop now instead of at its next tick.
+                    let _ = wake.send(Call {
+                        request: Request::Wake,
+                        peer: me,
+                        reply,
+                    });
+                }
+            })?;
+    }
 
     let mut current = loaded;
     let mut last_check = Instant::now();
@@ -267,9 +351,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             hub.subscriber_drops.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
-        let mut reload = hup.swap(false, Ordering::Relaxed);
+        let mut reload = false;
         let mut reload_reply = None;
-        match calls.recv_timeout(Duration::from_millis(50)) {
+        match calls.recv_timeout(Duration::from_millis(100)) {
             Ok(call) => match call.request {
                 Request::Reload => {
                     reload = true;
@@ -298,11 +382,98 @@ pub fn run(args: RunArgs) -> Result<()> {
                         .reply
                         .send(explain_call(&current, &cgroup, &dst, port, &proto));
                 }
-                Request::Events { .. } => {}
+                Request::BridgeOpen {
+                    name,
+                    from,
+                    to,
+                    ports,
+                    for_secs,
+                    reason,
+                } => {
+                    let by = Opener {
+                        uid: call.peer.uid,
+                        gid: call.peer.gid,
+                        pid: call.peer.pid,
+                    };
+                    let req = OpenRequest {
+                        name,
+                        from,
+                        to,
+                        ports,
+                        for_secs,
+                        reason,
+                    };
+                    let result = jit.prepare(&current.file, req, by, now_ns()).and_then(|b| {
+                        let next = rebuild(&current, &mount, args.limits, &jit, Some(&b))?;
+                        let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?;
+                        jit.commit(b.clone())?;
+                        Ok((b, next, w))
+                    });
+                    let answer = match result {
+                        Ok((b, next, w)) => {
+                            gauges.note_policy(
+                                &next.compiled.domain_names,
+                                w.generation,
+                                Duration::ZERO,
+                            );
+                            log(format!("bridge opened: {}", bridge_detail(&b)));
+                            record(
+                                "bridge-opened",
+                                Some((&next, w.generation)),
+                                bridge_detail(&b),
+                            );
+                            current = next;
+                            serde_json::json!({"ok": true, "bridge": b, "generation": w.generation})
+                        }
+                        Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                    };
+                    let _ = call.reply.send(answer);
+                }
+                Request::BridgeClose { name } => {
+                    let answer = match jit.close(&name) {
+                        Ok(b) => match rebuild(&current, &mount, args.limits, &jit, None).and_then(
+                            |next| {
+                                Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next))
+                            },
+                        ) {
+                            Ok((w, next)) => {
+                                let who = format!(
+                                    "closed by uid {} pid {}",
+                                    call.peer.uid, call.peer.pid
+                                );
+                                log(format!("bridge closed: {} ({who})", b.name));
+                                record(
+                                    "bridge-closed",
+                                    Some((&next, w.generation)),
+                                    format!("{} ({who})", bridge_detail(&b)),
+                                );
+                                current = next;
+                                serde_json::json!({"ok": true, "bridge": b, "generation": w.generation})
+                            }
+                            Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                        },
+                        Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                    };
+                    let _ = call.reply.send(answer);
+                }
+                Request::BridgeList => {
+                    let now = now_ns();
+                    let list: Vec<_> = jit
+                        .open
+                        .iter()
+                        .map(|b| serde_json::json!({"bridge": b, "seconds_left": (b.expires - now) / 1_000_000_000}))
+                        .collect();
+                    let _ = call
+                        .reply
+                        .send(serde_json::json!({"ok": true, "bridges": list}));
+                }
+                Request::Events { .. } | Request::Wake => {}
             },
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        // After the wait, so a SIGHUP that woke us is handled right away.
+        reload |= hup.swap(false, Ordering::Relaxed);
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
             if current.stamps.iter().any(|(p, t)| stamp(p) != *t) {
@@ -321,22 +492,47 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
             }
             refresh_cgroups(&mut ebpf, &mut pmaps, &current, &mount, &enricher);
+            // The kernel stopped honouring expired bridges at their instant;
+            // here they leave the state file, the maps and the audit trail.
+            match jit.expire(now_ns()) {
+                Ok(gone) if !gone.is_empty() => {
+                    match rebuild(&current, &mount, args.limits, &jit, None).and_then(|next| {
+                        Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next))
+                    }) {
+                        Ok((w, next)) => {
+                            for b in &gone {
+                                log(format!("bridge expired: {}", b.name));
+                                record(
+                                    "bridge-expired",
+                                    Some((&next, w.generation)),
+                                    bridge_detail(b),
+                                );
+                            }
+                            current = next;
+                        }
+                        Err(e) => log(format!(
+                            "warning: removing expired bridges from the maps failed: {e:#}"
+                        )),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log(format!(
+                    "warning: updating {}: {e:#}",
+                    args.state_dir.display()
+                )),
+            }
         }
         if reload {
             sd_notify("RELOADING=1");
             let load_started = Instant::now();
-            let result = load_policy(&args.policy, &mount, args.limits).and_then(|next| {
-                let w = pmaps
-                    .switch(&mut ebpf, &next.compiled)
-                    .context("writing the maps failed; the generation in force is unchanged")?;
-                Ok((next, w))
-            });
+            let result = load_policy(&args.policy, &mount, args.limits, &jit, Some(&current))
+                .and_then(|next| {
+                    let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)
+                        .context("writing the maps failed; the generation in force is unchanged")?;
+                    Ok((next, w))
+                });
             let answer = match result {
                 Ok((next, w)) => {
-                    enricher
-                        .lock()
-                        .expect("enricher lock")
-                        .add_generation(w.generation, generation_names(&next));
                     log(format!(
                         "reloaded {} (sha256 {}): generation {} ({} entries written, {} removed)",
                         args.policy.display(),
@@ -613,4 +809,34 @@ fn explain_call(l: &Loaded, cgroup: &str, dst: &str, port: u16, proto: &str) -> 
         .as_nanos() as i64;
     let a = explain::explain(&l.policy, &l.compiled, &l.geo, &q, now);
     serde_json::json!({"ok": true, "answer": a})
+}
+
+fn bridge_detail(b: &JitBridge) -> String {
+    format!(
+        "{} {} -> {} {} for {}s by uid {} pid {}: {}",
+        b.name,
+        b.from,
+        b.to,
+        b.ports.join(","),
+        (b.expires - b.opened) / 1_000_000_000,
+        b.opened_by.uid,
+        b.opened_by.pid,
+        b.reason
+    )
+}
+
+/// Switches to `next`, with its names known to the enricher before any
+/// event of the new generation can arrive.
+fn switch_named(
+    pmaps: &mut PolicyMaps,
+    ebpf: &mut Ebpf,
+    enricher: &Mutex<Enricher>,
+    next: &Loaded,
+) -> Result<crate::maps::Written> {
+    let generation = PolicyMaps::next_generation(ebpf)?;
+    enricher
+        .lock()
+        .expect("enricher lock")
+        .add_generation(generation, generation_names(next));
+    pmaps.switch(ebpf, &next.compiled)
 }

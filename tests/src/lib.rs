@@ -657,3 +657,55 @@ impl Agent {
         self.child = Some(child);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Hostile-packet helpers (issue 9).
+
+/// Runs `probe testrun LINK` in `cgroup`: `BPF_PROG_TEST_RUN` of the program
+/// behind the pinned link on each packet (Ethernet header included), and
+/// returns the program's return codes in order, or the errno name when the
+/// kernel refused the run (it refuses, with `EINVAL`, an IPv4 or IPv6 frame
+/// shorter than the fixed IP header: the stack never hands such a packet to
+/// a program). The kernel gives a test run's skb a socket in the calling
+/// process's cgroup, so the programs decide as for a workload of `cgroup`.
+pub fn test_run(cgroup: &Cgroup, link: &Path, packets: &[Vec<u8>]) -> Vec<Result<u32, String>> {
+    use std::io::{Seek as _, Write as _};
+    let mut input = tempfile::tempfile().expect("temp file");
+    {
+        let mut w = std::io::BufWriter::new(&mut input);
+        for p in packets {
+            for b in p {
+                write!(w, "{b:02x}").unwrap();
+            }
+            writeln!(w).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    input.rewind().unwrap();
+    let out = command_in(
+        cgroup,
+        None,
+        probe_bin().to_str().unwrap(),
+        &["testrun", link.to_str().expect("link path")],
+    )
+    .stdin(Stdio::from(input))
+    .output()
+    .expect("run probe testrun");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "probe testrun failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.pop(),
+        Some(format!("done {}", packets.len()).as_str()),
+        "probe testrun did not run every packet: {stdout}"
+    );
+    lines
+        .iter()
+        .map(|l| l.parse().map_err(|_| l.replace("errno22", "EINVAL")))
+        .collect()
+}

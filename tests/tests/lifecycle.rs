@@ -213,3 +213,483 @@ fn explain_agrees_with_the_kernel() {
         );
     }
 }
+
+/// Policy A and B give the same connections the same verdict by different
+/// routes: domain ids are swapped and the bridge differs. A decision that
+/// mixed lookups from both (cgroup from one, network from the other) would
+/// come out `same-domain` or `cross-domain` instead of `bridge`.
+fn policy_ab(w: &tests::world::World, a: bool) -> String {
+    let n = w.link.net;
+    let contractor = format!(
+        "  contractor:\n    cgroups: [\"{}\"]\n    networks: [10.{n}.0.1/32]\n    audit: all\n",
+        w.contractor.rel
+    );
+    let prod = format!(
+        "  prod:\n    cgroups: [\"{}\"]\n    networks: [10.{n}.0.2/32]\n",
+        w.prod.rel
+    );
+    let (domains, bridge) = if a {
+        (
+            format!("{contractor}{prod}"),
+            "  - name: bridge-a\n    from: contractor\n    to: prod\n    ports: [udp/8080]\n    reason: A\n",
+        )
+    } else {
+        (
+            format!("{prod}{contractor}"),
+            "  - name: bridge-b\n    from: contractor\n    to: prod\n    ports: [udp/8000-8100, tcp/1]\n    reason: B\n",
+        )
+    };
+    format!("version: 1\ndomains:\n{domains}bridges:\n{bridge}")
+}
+
+#[test]
+fn a_thousand_reloads_never_mix_two_policies() {
+    if !privileged("reload_atomicity") {
+        return;
+    }
+    let w = world(124);
+    let (a, b) = (policy_ab(&w, true), policy_ab(&w, false));
+    let mut agent = Agent::start_with(
+        &w.root,
+        &a,
+        &[
+            "--event-rate",
+            "0",
+            "--ring-buffer-bytes",
+            "16777216",
+            "--no-audit-db",
+        ],
+    );
+    let dst = format!("{}:8080", w.link.v4(2));
+    let traffic = tests::command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        tests::probe_bin().to_str().unwrap(),
+        &["storm", &dst, "150000", "50"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..1000 {
+        agent.reload(if i % 2 == 0 { &b } else { &a });
+    }
+    let took = started.elapsed();
+    let out = traffic.wait_with_output().unwrap();
+    let summary = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        summary.trim(),
+        "eperm 0 other 150000",
+        "every connect was allowed by one of the two policies"
+    );
+    // Let the agent drain the ring, then check every recorded decision.
+    std::thread::sleep(Duration::from_secs(2));
+    let events = agent.events();
+    let connects: Vec<_> = events
+        .iter()
+        .filter(|e| field(e, "hook") == "connect4")
+        .collect();
+    let mixed: Vec<_> = connects
+        .iter()
+        .filter(|e| {
+            !(field(e, "reason") == "bridge"
+                && field(e, "src_domain") == "contractor"
+                && field(e, "dst_domain") == "prod")
+        })
+        .collect();
+    let generations: std::collections::BTreeSet<u64> = connects
+        .iter()
+        .filter_map(|e| e["generation"].as_u64())
+        .collect();
+    eprintln!(
+        "1000 reloads in {took:?}; {} decisions recorded across {} generations; {} mixed",
+        connects.len(),
+        generations.len(),
+        mixed.len()
+    );
+    assert!(
+        mixed.is_empty(),
+        "mixed decisions: {:?}",
+        &mixed[..mixed.len().min(5)]
+    );
+    assert!(
+        generations.len() > 100,
+        "traffic ran across many generations"
+    );
+    let bridges: std::collections::BTreeSet<&str> =
+        connects.iter().map(|e| field(e, "bridge")).collect();
+    assert_eq!(
+        bridges.into_iter().collect::<Vec<_>>(),
+        vec!["bridge-a", "bridge-b"]
+    );
+}
+
+#[test]
+fn a_hundred_kill_9_restarts_let_nothing_through() {
+    if !privileged("kill_cycles") {
+        return;
+    }
+    let w = world(125);
+    let mut agent = Agent::start_with(&w.root, &w.policy("", ""), &["--no-audit-db"]);
+    let dst = format!("{}:8080", w.link.v4(2));
+    let cycles: u32 = std::env::var("BULKHEAD_TEST_KILL_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    // Forbidden traffic the whole time: ~1 attempt per 200 µs.
+    let traffic = tests::command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        tests::probe_bin().to_str().unwrap(),
+        &["storm", &dst, "2000000", "200"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..cycles {
+        agent.kill9();
+        agent.spawn(&["--no-audit-db"]);
+    }
+    let took = started.elapsed();
+    agent.kill9();
+    // Stop the storm where it is; the kernel's counters say what it did.
+    let mut traffic = traffic;
+    let _ = traffic.kill();
+    let _ = traffic.wait();
+    eprintln!("{cycles} kill -9 + restart cycles in {took:?}");
+    // The kernel counted every decision across all the agents: none allowed.
+    agent.spawn(&["--no-audit-db"]);
+    let st = json(&agent.cli(&["status", "--json"]));
+    let allowed: u64 = st["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["verdict"] == "allow")
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    let denied: u64 = st["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"] == "cross-domain")
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    eprintln!("kernel counters across all restarts: {denied} denied, {allowed} allowed");
+    assert_eq!(allowed, 0);
+    assert!(denied > 1000);
+}
+
+#[test]
+fn malformed_policies_are_rejected_and_change_nothing() {
+    if !privileged("malformed_policies") {
+        return;
+    }
+    let w = world(126);
+    let good = w.policy(
+        "    expires: 2099-01-01T00:00:00Z\n    audit: all\n",
+        "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-1\"\n  - name: window\n    from: prod\n    to: contractor\n    ports: [udp/5300-5310]\n    not_before: 2026-01-01T00:00:00Z\n    expires: 2099-01-01T00:00:00Z\n    reason: \"T-2\"\njit_bridges:\n  - from: contractor\n    to: prod\n    max_duration: 2h\n",
+    );
+    let agent = Agent::start_with(&w.root, &good, &["--no-audit-db"]);
+    let dump = || {
+        let out = Command::new(bulkhead_bin())
+            .arg("dump")
+            .arg("--bpffs-dir")
+            .arg(&agent.bpffs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before = dump();
+    let mut candidates: Vec<String> = Vec::new();
+    // Truncated at every few bytes.
+    for cut in 1..good.len() {
+        candidates.push(good[..cut].to_string());
+    }
+    // Each line deleted, indented, dedented or doubled.
+    let lines: Vec<&str> = good.lines().collect();
+    for i in 0..lines.len() {
+        let with = |f: &dyn Fn(&str) -> String| {
+            lines
+                .iter()
+                .enumerate()
+                .map(|(j, l)| if i == j { f(l) } else { format!("{l}\n") })
+                .collect::<String>()
+        };
+        candidates.push(with(&|_| String::new()));
+        candidates.push(with(&|l| format!(" {l}\n")));
+        candidates.push(with(&|l| format!("{}\n", l.trim_start())));
+        candidates.push(with(&|l| format!("{l}\n{l}\n")));
+    }
+    // Wrong types, unknown references, bad values, huge numbers, duplicates.
+    let swaps = [
+        ("version: 1", "version: 2"),
+        ("version: 1", "version: \"one\""),
+        ("version: 1", "version: 99999999999999999999999"),
+        ("mode: enforce", "mode: maybe"),
+        ("mode: enforce", "mode: [enforce]"),
+        ("to: prod", "to: nowhere"),
+        ("from: contractor", "from: prod"),
+        ("tcp/8080", "tcp/80800"),
+        ("tcp/8080", "sctp/8080"),
+        ("tcp/8080", "tcp/9-3"),
+        ("tcp/8080", "8080"),
+        ("reason: \"T-1\"", "reason: \"\""),
+        ("/32", "/33"),
+        ("/32", "/8"),
+        ("10.", "300."),
+        ("networks:", "network:"),
+        ("cgroups:", "cgroups: 5\n    x:"),
+        ("domains:", "domains: []\ndomains:"),
+        ("  prod:", "  contractor:"),
+        ("  prod:", "  PROD:"),
+        ("bridges:", "bridges: {}\nbridges:"),
+        ("name: b", "name: [b]"),
+        ("ports: [tcp/8080]", "ports: tcp/8080"),
+        (
+            "ports: [tcp/8080]",
+            "ports: []\n    expires: 2020-01-01T00:00:00Z\n    not_before: 2021-01-01T00:00:00Z",
+        ),
+    ];
+    for (from, to) in swaps {
+        if good.contains(from) {
+            candidates.push(good.replacen(from, to, 1));
+        }
+    }
+    for junk in [
+        "\t",
+        "{",
+        "- - -",
+        "version: 1\n  bad indent",
+        "\u{0}",
+        ": : :",
+        "[[[[",
+        "domains: !!binary AAAA",
+    ] {
+        candidates.push(format!("{good}{junk}"));
+        candidates.push(format!("{junk}\n{good}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rejected = 0;
+    let line_col = |err: &str, path: &std::path::Path| {
+        let prefix = format!("{}:", path.display());
+        err.lines().any(|l| {
+            l.strip_prefix(&prefix).is_some_and(|rest| {
+                let mut it = rest.splitn(3, ':');
+                matches!((it.next(), it.next()), (Some(a), Some(b)) if a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok())
+            })
+        })
+    };
+    for (i, text) in candidates.iter().enumerate() {
+        let path = dir.path().join(format!("bad-{i}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let check = Command::new(bulkhead_bin())
+            .arg("check")
+            .arg(&path)
+            .output()
+            .unwrap();
+        if check.status.success() {
+            continue; // still a valid policy (e.g. cut at the end of a line)
+        }
+        std::fs::write(&agent.policy, text).unwrap();
+        let out = agent.cli(&["reload"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "case {i} was not rejected:\n{text}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            line_col(&err, &agent.policy),
+            "case {i}: no file:line:col in:\n{err}"
+        );
+        let check_err = String::from_utf8_lossy(&check.stderr);
+        assert!(
+            line_col(&check_err, &path),
+            "case {i}: `check` gave no file:line:col:\n{check_err}"
+        );
+        rejected += 1;
+    }
+    eprintln!("{} candidates, {rejected} rejected", candidates.len());
+    assert!(
+        rejected >= 500,
+        "only {rejected} malformed policies generated"
+    );
+    assert_eq!(
+        dump(),
+        before,
+        "the running maps are byte for byte the same"
+    );
+}
+
+#[test]
+fn jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead() {
+    if !privileged("jit_bridge") {
+        return;
+    }
+    let w = world(127);
+    let p = w.policy(
+        "",
+        "jit_bridges:\n  - from: contractor\n    to: prod\n    max_duration: 1h\n",
+    );
+    let db = tempfile::tempdir().unwrap();
+    let db_path = db.path().join("audit.db");
+    let mut agent = Agent::start_with(&w.root, &p, &["--audit-db", db_path.to_str().unwrap()]);
+    let dst = format!("{}:8080", w.link.v4(2));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+
+    // Refused: too long, no rule for the pair, no reason.
+    let too_long = agent.cli(&[
+        "bridge",
+        "open",
+        "--from",
+        "contractor",
+        "--to",
+        "prod",
+        "--port",
+        "tcp/8080",
+        "--for",
+        "2h",
+        "--reason",
+        "x",
+    ]);
+    assert_eq!(too_long.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&too_long.stderr).contains("between 1s and 3600s"));
+    let wrong_way = agent.cli(&[
+        "bridge",
+        "open",
+        "--from",
+        "prod",
+        "--to",
+        "contractor",
+        "--port",
+        "tcp/8080",
+        "--for",
+        "1m",
+        "--reason",
+        "x",
+    ]);
+    assert!(String::from_utf8_lossy(&wrong_way.stderr).contains("allows no just-in-time bridges"));
+
+    let sink = tests::command_in(
+        &w.prod,
+        Some(&w.link.b),
+        tests::probe_bin().to_str().unwrap(),
+        &["sink", &dst, "9"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let opened = agent.cli(&[
+        "bridge",
+        "open",
+        "--from",
+        "contractor",
+        "--to",
+        "prod",
+        "--port",
+        "tcp/8080",
+        "--for",
+        "3s",
+        "--reason",
+        "TICKET-123",
+        "--name",
+        "dba-access",
+    ]);
+    assert!(
+        opened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    let opened_at = std::time::SystemTime::now();
+    let list = String::from_utf8(agent.cli(&["bridge", "list"]).stdout).unwrap();
+    assert!(
+        list.contains("dba-access") && list.contains("TICKET-123"),
+        "{list}"
+    );
+
+    // An open connection across the bridge, trickling data...
+    let trickle = tests::command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        tests::probe_bin().to_str().unwrap(),
+        &["trickle", &dst, "6"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // ... and the agent dies before the bridge expires.
+    agent.kill9();
+    let out = sink.wait_with_output().unwrap();
+    let _ = trickle.wait_with_output();
+    let line = String::from_utf8(out.stdout).unwrap();
+    let last_ns: u128 = line
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let got: u64 = line
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let opened_ns = opened_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    // The bridge expires 3 s after it was opened (the agent stamped it a
+    // moment before `opened_at`).
+    let after_expiry_ms = (last_ns as i128 - (opened_ns as i128 + 3_000_000_000)) / 1_000_000;
+    eprintln!("received {got} bytes; last one {after_expiry_ms} ms after expiry");
+    assert!(got > 50, "data flowed while the bridge was open");
+    assert!(
+        after_expiry_ms <= 100,
+        "the flow was cut {after_expiry_ms} ms after expiry"
+    );
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+
+    // A new agent drops it from the list and records the expiry.
+    agent.spawn(&["--audit-db", db_path.to_str().unwrap()]);
+    let list = String::from_utf8(agent.cli(&["bridge", "list"]).stdout).unwrap();
+    assert!(!list.contains("dba-access"), "{list}");
+    // The store commits in batches within a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let changes = loop {
+        let out = Command::new(bulkhead_bin())
+            .args(["audit", "changes", "--db", db_path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.contains("bridge-expired") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        changes.contains("bridge-opened")
+            && changes.contains("bridge-expired")
+            && changes.contains("TICKET-123")
+            && changes.contains("uid 0"),
+        "{changes}"
+    );
+    // The cut was recorded too: the kernel's backstop denied the flow's packets.
+    let cut = agent.wait_events(1, |e| {
+        field(e, "reason") == "bridge-outside-window" && field(e, "hook").starts_with("skb")
+    });
+    assert!(!cut.is_empty(), "the cut is an audit event");
+}

@@ -27,6 +27,17 @@ const DEB_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// Debian packages the static (musl) release build needs: `musl-gcc`, with
+/// which the `cc` crate compiles the bundled SQLite for the musl target.
+pub const STATIC_DEB_PACKAGES: &[&str] = &["musl-tools"];
+
+/// Debian packages `cargo xtask vm-test` needs on top: QEMU, and a static
+/// busybox for the VM's initramfs (`dpkg-deb` and `apt-get` come with Debian).
+pub const VM_DEB_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
+
+/// The Rust target of the static release build.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
 /// The bpf-linker series the eBPF build is known to work with.
 const BPF_LINKER_SERIES: &str = "0.13";
 
@@ -57,6 +68,36 @@ pub fn setup() -> Result<()> {
     geo_db()?;
     eprintln!("setup: done");
     Ok(())
+}
+
+/// [`setup`], plus the musl target and `musl-tools` for the static build.
+pub fn setup_static() -> Result<()> {
+    setup()?;
+    musl_target()?;
+    deb_packages_of(STATIC_DEB_PACKAGES)
+}
+
+/// [`setup_static`], plus QEMU and busybox for `cargo xtask vm-test`.
+pub fn setup_vm() -> Result<()> {
+    setup_static()?;
+    deb_packages_of(VM_DEB_PACKAGES)
+}
+
+/// The Rust standard library for [`MUSL_TARGET`] on the default toolchain.
+fn musl_target() -> Result<()> {
+    let installed = probe(
+        Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .current_dir(crate::cmd::workspace_root()),
+    )
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+        eprintln!("  ok   Rust target {MUSL_TARGET}");
+        return Ok(());
+    }
+    run(Command::new("rustup")
+        .args(["target", "add", MUSL_TARGET])
+        .current_dir(crate::cmd::workspace_root()))
 }
 
 /// Stable rustfmt + clippy; nightly with rust-src (for `-Z build-std=core`)
@@ -236,11 +277,16 @@ fn nightly_libllvm(lib_dir: &Path) -> Result<(PathBuf, String)> {
 /// The Debian packages in [`DEB_PACKAGES`]; `apt-get update` runs once, and
 /// only when something is missing.
 fn deb_packages() -> Result<()> {
+    deb_packages_of(DEB_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing (see [`deb_packages`]).
+fn deb_packages_of(packages: &[&str]) -> Result<()> {
     // dpkg-query exits 1 when it does not know a package, but still lists
     // the others, so its stdout counts whatever the exit status.
     let output = match Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
-        .args(DEB_PACKAGES)
+        .args(packages)
         .stderr(Stdio::null())
         .output()
     {
@@ -248,14 +294,14 @@ fn deb_packages() -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
                 "  warn dpkg-query not found (not Debian?); make sure these are installed: {}",
-                DEB_PACKAGES.join(" ")
+                packages.join(" ")
             );
             return Ok(());
         }
         Err(e) => return Err(e).context("cannot run dpkg-query"),
     };
     let status = String::from_utf8_lossy(&output.stdout);
-    let missing: Vec<&str> = DEB_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -266,7 +312,7 @@ fn deb_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        eprintln!("  ok   Debian packages: {}", DEB_PACKAGES.join(" "));
+        eprintln!("  ok   Debian packages: {}", packages.join(" "));
         return Ok(());
     }
     if !is_root() {

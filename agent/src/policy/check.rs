@@ -90,6 +90,7 @@ impl Checker {
             geo: GeoSources::default(),
             domains: Vec::new(),
             bridges: Vec::new(),
+            jit_bridges: Vec::new(),
         };
         if matches!(root.kind, Kind::Null) {
             self.problem(
@@ -98,7 +99,14 @@ impl Checker {
             );
             return policy;
         }
-        let known = ["version", "mode", "geo", "domains", "bridges"];
+        let known = [
+            "version",
+            "mode",
+            "geo",
+            "domains",
+            "bridges",
+            "jit_bridges",
+        ];
         let Some(top) = self.fields(root, "the policy", &known) else {
             return policy;
         };
@@ -127,6 +135,9 @@ impl Checker {
         }
         if let Some(node) = top.get("bridges") {
             policy.bridges = self.bridges(node, &policy.domains);
+        }
+        if let Some(node) = top.get("jit_bridges") {
+            policy.jit_bridges = self.jit_rules(node, &policy.domains);
         }
         self.overlapping_networks(&policy.domains);
         self.overlapping_cgroups(&policy.domains);
@@ -509,6 +520,53 @@ impl Checker {
         })
     }
 
+    /// `jit_bridges: [{from, to, max_duration}]`.
+    fn jit_rules(&mut self, node: &Node, domains: &[Domain]) -> Vec<JitRule> {
+        let Kind::Seq(items) = &node.kind else {
+            self.wrong_type(node, "`jit_bridges`", "a list of {from, to, max_duration}");
+            return Vec::new();
+        };
+        let mut rules = Vec::new();
+        for item in items {
+            let Some(f) = self.fields(item, "a jit_bridges entry", &["from", "to", "max_duration"])
+            else {
+                continue;
+            };
+            let from = self
+                .required(&f, "from")
+                .and_then(|n| self.domain_ref(n, "from", domains));
+            let to = self
+                .required(&f, "to")
+                .and_then(|n| self.domain_ref(n, "to", domains));
+            let max = self.required(&f, "max_duration").and_then(|n| {
+                let text = self.string(n, "max_duration")?;
+                match parse_duration(text) {
+                    Ok(secs) => Some(secs),
+                    Err(e) => {
+                        self.problem(n.pos, e);
+                        None
+                    }
+                }
+            });
+            if let (Some(from), Some(to)) = (from, to)
+                && from == to
+            {
+                self.problem(
+                    item.pos,
+                    format!(
+                        "a jit bridge from `{}` to itself makes no sense",
+                        domains[from].name
+                    ),
+                );
+                continue;
+            }
+            if let (Some(from), Some(to), Some(max_secs)) = (from, to, max) {
+                rules.push(JitRule { from, to, max_secs });
+            }
+        }
+        rules
+    }
+
     /// A bridge end: the index of the named domain.
     fn domain_ref(&mut self, node: &Node, what: &str, domains: &[Domain]) -> Option<usize> {
         let name = self.string(node, what)?;
@@ -738,7 +796,7 @@ fn parse_network(text: &str) -> Result<IpNet, String> {
 }
 
 /// `tcp/443` or `udp/8000-8100`.
-fn parse_ports(text: &str) -> Result<PortRange, String> {
+pub(super) fn parse_ports(text: &str) -> Result<PortRange, String> {
     let Some((proto, ports)) = text.split_once('/') else {
         return Err(format!(
             "port `{text}` needs a protocol, e.g. tcp/{text} or udp/{text}"
@@ -783,6 +841,26 @@ fn parse_ports(text: &str) -> Result<PortRange, String> {
 }
 
 /// RFC 3339 to unix nanoseconds.
+/// `90s`, `30m`, `2h`, `7d` → seconds (at least one second).
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration `{text}` (expected e.g. 30m, 2h, 7d)");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(mul).ok_or_else(bad)?;
+    if secs == 0 {
+        return Err(format!("duration `{text}` must be longer than zero"));
+    }
+    Ok(secs)
+}
+
 fn parse_time(text: &str) -> Result<i64, String> {
     let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
         format!("invalid time `{text}` ({e}); expected RFC 3339 like 2027-03-31T00:00:00Z")

@@ -126,3 +126,8 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// `tcp/443` or `udp/8000-8100`, as in a bridge's `ports`.
+pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
+    check::parse_ports(text)
+}

@@ -127,6 +127,18 @@ pub struct Policy {
     /// In file order; the kernel's domain id is `index + 1`.
     pub domains: Vec<Domain>,
     pub bridges: Vec<Bridge>,
+    /// Which domain pairs may get just-in-time bridges (`bulkhead bridge
+    /// open`), and for how long at most. Pairs not listed get none.
+    pub jit_bridges: Vec<JitRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JitRule {
+    /// Indexes into [`Policy::domains`].
+    pub from: usize,
+    pub to: usize,
+    /// Longest time a just-in-time bridge of this pair may stay open.
+    pub max_secs: u64,
 }
 
 impl Policy {

@@ -70,6 +70,7 @@ fn rejects(text: &str, at: &str, needle: &str) {
 fn full_policy_round_trip() {
     let p = parse(FULL).unwrap();
     let expected = Policy {
+        jit_bridges: Vec::new(),
         path: "p.yaml".into(),
         sha256: p.sha256.clone(),
         version: 1,
@@ -834,4 +835,27 @@ bridges (1):
     let s = summary(&p);
     assert!(s.contains("mode: enforce\ndomains (2):\n"), "{s}");
     assert!(s.contains("    open:   always\n"), "{s}");
+}
+
+#[test]
+fn jit_bridge_rules() {
+    let text = "version: 1\ndomains:\n  a:\n    cgroups: [\"/a\"]\n  b:\n    cgroups: [\"/b\"]\njit_bridges:\n  - from: a\n    to: b\n    max_duration: 2h\n";
+    let p = parse_str(Path::new("p.yaml"), text).unwrap();
+    assert_eq!(
+        p.jit_bridges,
+        vec![JitRule {
+            from: 0,
+            to: 1,
+            max_secs: 7200
+        }]
+    );
+    let bad = text.replace("2h", "2 hours").replace("to: b", "to: a");
+    let err = parse_str(Path::new("p.yaml"), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("p.yaml:10:19: invalid duration `2 hours`"),
+        "{err}"
+    );
+    assert!(err.contains("to itself"), "{err}");
 }

@@ -6,7 +6,9 @@
 //!   probe sendto udp ADDR:PORT            unconnected sendto
 //!   probe raw4 | raw6 | packet            open a raw IP / packet socket
 //!   probe serve tcp|udp ADDR:PORT SECS    count what arrives for SECS, print "got N"
-//!   probe storm ADDR:PORT COUNT           COUNT UDP connect() calls, print "eperm N other M"
+//!   probe storm ADDR:PORT COUNT [PAUSE_US] COUNT UDP connect() calls, print "eperm N other M"
+//!   probe trickle ADDR:PORT SECS          TCP connect, then a byte every 10 ms for SECS
+//!   probe sink ADDR:PORT SECS             accept one TCP connection, print bytes and last arrival
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -170,7 +172,7 @@ fn verdicts() -> String {
 
 /// `count` UDP connect() calls to one address (each one is a decision of
 /// the connect hook; nothing is sent). Prints `eperm N other M`.
-fn storm(to: SocketAddr, count: u32) -> String {
+fn storm(to: SocketAddr, count: u32, pause_us: u64) -> String {
     let bind: SocketAddr = if to.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -183,13 +185,81 @@ fn storm(to: SocketAddr, count: u32) -> String {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
             _ => other += 1,
         }
+        if pause_us > 0 {
+            std::thread::sleep(Duration::from_micros(pause_us));
+        }
     }
     format!("eperm {eperm} other {other}")
+}
+
+/// Connects over TCP and sends one byte every 10 ms for `secs`, ignoring
+/// send errors (a dropped flow just stops arriving). Prints `sent N`.
+fn trickle(to: SocketAddr, secs: u64) -> String {
+    let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return errno_name(&e),
+    };
+    println!("connected");
+    let _ = s.set_nodelay(true);
+    let _ = s.set_write_timeout(Some(Duration::from_millis(50)));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut sent = 0u32;
+    while Instant::now() < deadline {
+        if s.write_all(b".").is_ok() {
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    format!("sent {sent}")
+}
+
+/// Accepts one TCP connection and reads bytes for `secs`; prints `got N
+/// last UNIX_NS`, the wall-clock time the last byte arrived.
+fn sink(at: SocketAddr, secs: u64) -> String {
+    let l = TcpListener::bind(at).expect("bind tcp");
+    println!("listening");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    l.set_nonblocking(true).unwrap();
+    let mut conn = loop {
+        if Instant::now() > deadline {
+            return "got 0 last 0".into();
+        }
+        match l.accept() {
+            Ok((c, _)) => break c,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    let (mut got, mut last) = (0u64, 0u128);
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        let _ = conn.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ));
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n as u64;
+                last = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos();
+            }
+            Err(_) => {}
+        }
+    }
+    format!("got {got} last {last}")
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let Some(out) = bypass(&a) {
+        println!("{out}");
+        return ExitCode::SUCCESS;
+    }
     let out = match a.as_slice() {
         ["connect", proto, to] => connect(proto, addr(to)),
         ["sendto", "udp", to] => sendto(addr(to)),
@@ -202,7 +272,14 @@ fn main() -> ExitCode {
         ),
         ["serve", proto, at, secs] => serve(proto, addr(at), secs.parse().expect("secs")),
         ["verdicts"] => verdicts(),
-        ["storm", to, count] => storm(addr(to), count.parse().expect("count")),
+        ["storm", to, count] => storm(addr(to), count.parse().expect("count"), 0),
+        ["storm", to, count, pause_us] => storm(
+            addr(to),
+            count.parse().expect("count"),
+            pause_us.parse().expect("pause"),
+        ),
+        ["trickle", to, secs] => trickle(addr(to), secs.parse().expect("secs")),
+        ["sink", at, secs] => sink(addr(at), secs.parse().expect("secs")),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);
@@ -210,4 +287,561 @@ fn main() -> ExitCode {
     };
     println!("{out}");
     ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------
+// Bypass attempts and packet tests (issue 9). Dispatched from `main` through
+// `bypass`; each prints one result line like the commands above.
+//
+//   probe tfo ADDR:PORT                   TCP Fast Open: sendto(MSG_FASTOPEN) on a fresh socket
+//   probe ping connect|sendto ADDR        ICMP/ICMPv6 echo over a ping socket (SOCK_DGRAM)
+//   probe mptcp ADDR:PORT                 Multipath TCP connect, send "ping", await the answer
+//   probe packet-send DST:PORT            AF_PACKET (SOCK_DGRAM) frame carrying IPv4/UDP to
+//                                         DST:PORT, out of the first non-loopback interface
+//   probe inet-sock-packet                socket(AF_INET, SOCK_PACKET): the obsolete spelling
+//   probe sendmmsg ADDR:PORT...           one sendmmsg() to every destination; prints one
+//                                         result per destination, comma-separated
+//   probe session tcp|udp ADDR:PORT       connect, print "connected", then send one byte per
+//                                         stdin line and print the result; "done" at EOF
+//   probe iouring-connect tcp|udp ADDR:PORT  IORING_OP_CONNECT
+//   probe premove PROCS tcp|udp ADDR:PORT create the socket, move into the cgroup whose
+//                                         cgroup.procs is PROCS, then connect (tcp) / sendto (udp)
+//   probe move PROCS CMD...               move into that cgroup, then run CMD
+//   probe thread CMD...                   run CMD on a new thread
+//   probe testrun LINK                    BPF_PROG_TEST_RUN of the program behind the pinned
+//                                         link LINK on every hex packet read from stdin (one a
+//                                         line, Ethernet header included); prints each return
+//                                         code, then "done N"
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn last_errno() -> String {
+    errno_name(&std::io::Error::last_os_error())
+}
+
+/// A socket(2) whose fd is closed on drop.
+struct Fd(libc::c_int);
+
+impl Fd {
+    fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> Result<Fd, String> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            Err(last_errno())
+        } else {
+            Ok(Fd(fd))
+        }
+    }
+
+    fn for_addr(to: SocketAddr, ty: libc::c_int, proto: libc::c_int) -> Result<Fd, String> {
+        let domain = if to.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        Fd::socket(domain, ty, proto)
+    }
+
+    fn connect(&self, to: SocketAddr) -> Result<(), String> {
+        let (ss, len) = sockaddr(to);
+        // SAFETY: valid fd and address.
+        let rc = unsafe { libc::connect(self.0, (&raw const ss).cast(), len) };
+        if rc < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+
+    fn send_to(
+        &self,
+        buf: &[u8],
+        flags: libc::c_int,
+        to: Option<SocketAddr>,
+    ) -> Result<(), String> {
+        let rc = match to {
+            Some(to) => {
+                let (ss, len) = sockaddr(to);
+                // SAFETY: valid fd, buffer and address.
+                unsafe {
+                    libc::sendto(
+                        self.0,
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        flags,
+                        (&raw const ss).cast(),
+                        len,
+                    )
+                }
+            }
+            // SAFETY: valid fd and buffer.
+            None => unsafe { libc::send(self.0, buf.as_ptr().cast(), buf.len(), flags) },
+        };
+        if rc < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+
+    /// Waits up to `ms` for something to read; `Ok(n)` with the byte count.
+    fn recv_within(&self, ms: i32) -> Result<usize, String> {
+        let mut p = libc::pollfd {
+            fd: self.0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+            return Err("ETIMEDOUT".into());
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: valid fd and buffer.
+        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            Err(last_errno())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn result(r: Result<(), String>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => e,
+    }
+}
+
+fn tfo(to: SocketAddr) -> String {
+    let s = match Fd::for_addr(to, libc::SOCK_STREAM, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    // The SYN carries the data (or a cookie request): connect and send in one call.
+    if let Err(e) = s.send_to(b"ping", libc::MSG_FASTOPEN, Some(to)) {
+        return e;
+    }
+    match s.recv_within(2000) {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("sent-but-{e}"),
+    }
+}
+
+/// A Multipath TCP connect (`IPPROTO_MPTCP`): the kernel opens the real
+/// TCP subflows itself.
+fn mptcp(to: SocketAddr) -> String {
+    let s = match Fd::for_addr(to, libc::SOCK_STREAM, libc::IPPROTO_MPTCP) {
+        Ok(s) => s,
+        Err(e) => return format!("socket-{e}"),
+    };
+    if let Err(e) = s.connect(to) {
+        return e;
+    }
+    if let Err(e) = s.send_to(b"ping", libc::MSG_NOSIGNAL, None) {
+        return format!("connected-but-{e}");
+    }
+    match s.recv_within(2000) {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("connected-but-{e}"),
+    }
+}
+
+fn ping(mode: &str, to: std::net::IpAddr) -> String {
+    let to = SocketAddr::new(to, 0);
+    let (proto, ty) = if to.is_ipv4() {
+        (libc::IPPROTO_ICMP, 8u8)
+    } else {
+        (libc::IPPROTO_ICMPV6, 128u8)
+    };
+    let s = match Fd::for_addr(to, libc::SOCK_DGRAM, proto) {
+        Ok(s) => s,
+        Err(e) => return format!("socket-{e}"),
+    };
+    // Echo request; the kernel fills in the identifier and the checksum.
+    let msg = [ty, 0, 0, 0, 0, 0, 0, 1, b'b', b'u', b'l', b'k'];
+    let sent = match mode {
+        "connect" => s.connect(to).and_then(|()| s.send_to(&msg, 0, None)),
+        "sendto" => s.send_to(&msg, 0, Some(to)),
+        other => panic!("unknown ping mode {other}"),
+    };
+    if let Err(e) = sent {
+        return e;
+    }
+    match s.recv_within(1000) {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("sent-but-{e}"),
+    }
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The first interface that is not loopback, by name and index.
+fn first_link() -> Option<(String, u32)> {
+    // SAFETY: if_nameindex returns an array ending with a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return None;
+        }
+        let mut found = None;
+        let mut i = 0;
+        while i < 256 && (*list.add(i)).if_index != 0 {
+            let e = &*list.add(i);
+            let name = std::ffi::CStr::from_ptr(e.if_name)
+                .to_string_lossy()
+                .into_owned();
+            if name != "lo" {
+                found = Some((name, e.if_index));
+                break;
+            }
+            i += 1;
+        }
+        libc::if_freenameindex(list);
+        found
+    }
+}
+
+/// An IPv4/UDP datagram to `to`, built by hand and handed to the link layer,
+/// broadcast: nothing of the IP stack (and none of its hooks) sees it.
+fn packet_send(to: SocketAddr) -> String {
+    let SocketAddr::V4(to) = to else {
+        panic!("packet-send takes an IPv4 destination")
+    };
+    let Some((_, ifindex)) = first_link() else {
+        return "no-interface".into();
+    };
+    let proto = (libc::ETH_P_IP as u16).to_be();
+    let s = match Fd::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) {
+        Ok(s) => s,
+        Err(e) => return format!("socket-{e}"),
+    };
+    // Claim the first address of the destination's /24 as the source.
+    let d = to.ip().octets();
+    let src = [d[0], d[1], d[2], 1];
+    let payload = b"ping";
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0x45, 0, 0, total as u8, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&d);
+    let c = checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&to.port().to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_protocol = proto;
+    ll.sll_ifindex = ifindex as i32;
+    ll.sll_halen = 6;
+    ll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: valid fd, buffer and sockaddr_ll.
+    let rc = unsafe {
+        libc::sendto(
+            s.0,
+            p.as_ptr().cast(),
+            p.len(),
+            0,
+            (&raw const ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { last_errno() } else { "ok".into() }
+}
+
+/// One `sendmmsg()` to all destinations; after a short count, the rest are
+/// retried one call each (the kernel reports the error on the next call).
+fn sendmmsg(dsts: &[SocketAddr]) -> String {
+    let s = match Fd::for_addr(dsts[0], libc::SOCK_DGRAM, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+        dsts.iter().map(|d| sockaddr(*d)).collect();
+    let mut payload = *b"ping";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    let mut msgs: Vec<libc::mmsghdr> = addrs
+        .iter_mut()
+        .map(|(ss, len)| {
+            // SAFETY: all-zero is a valid msghdr.
+            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+            h.msg_name = (&raw mut *ss).cast();
+            h.msg_namelen = *len;
+            h.msg_iov = &raw mut iov;
+            h.msg_iovlen = 1;
+            libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < msgs.len() {
+        let rest = &mut msgs[i..];
+        // SAFETY: valid fd and mmsghdr array of that length.
+        let n = unsafe { libc::sendmmsg(s.0, rest.as_mut_ptr(), rest.len() as u32, 0) };
+        if n < 0 {
+            out.push(last_errno());
+            i += 1;
+        } else if n == 0 {
+            out.push("zero".into());
+            i += 1;
+        } else {
+            for _ in 0..n {
+                out.push("ok".into());
+            }
+            i += n as usize;
+        }
+    }
+    out.join(",")
+}
+
+/// Connects, then sends one byte per stdin line, printing each result, so a
+/// test can change the policy between sends.
+fn session(proto: &str, to: SocketAddr) -> String {
+    use std::io::BufRead as _;
+    let ty = if proto == "tcp" {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    let s = match Fd::for_addr(to, ty, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    if let Err(e) = s.connect(to) {
+        return e;
+    }
+    println!("connected");
+    let mut n = 0u32;
+    for line in std::io::stdin().lock().lines().take(1000) {
+        if line.is_err() {
+            break;
+        }
+        println!("{}", result(s.send_to(b"x", libc::MSG_NOSIGNAL, None)));
+        n += 1;
+    }
+    format!("done {n}")
+}
+
+fn iouring_connect(proto: &str, to: SocketAddr) -> String {
+    let ty = if proto == "tcp" {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    let s = match Fd::for_addr(to, ty, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let mut ring = match io_uring::IoUring::new(4) {
+        Ok(r) => r,
+        Err(e) => return format!("io_uring-{}", errno_name(&e)),
+    };
+    let (ss, len) = sockaddr(to);
+    let op = io_uring::opcode::Connect::new(io_uring::types::Fd(s.0), (&raw const ss).cast(), len)
+        .build()
+        .user_data(1);
+    // SAFETY: `ss` outlives the submission (we wait for its completion below).
+    if unsafe { ring.submission().push(&op) }.is_err() {
+        return "queue-full".into();
+    }
+    if let Err(e) = ring.submit_and_wait(1) {
+        return format!("submit-{}", errno_name(&e));
+    }
+    let Some(cqe) = ring.completion().next() else {
+        return "no-completion".into();
+    };
+    let rc = cqe.result();
+    if rc < 0 {
+        errno_name(&std::io::Error::from_raw_os_error(-rc))
+    } else if proto == "tcp" {
+        result(s.send_to(b"ping", libc::MSG_NOSIGNAL, None))
+    } else {
+        "ok".into()
+    }
+}
+
+fn move_self(procs: &str) {
+    std::fs::write(procs, std::process::id().to_string())
+        .unwrap_or_else(|e| panic!("moving into {procs}: {e}"));
+}
+
+/// The socket exists before the process moves into the domain cgroup.
+fn premove(procs: &str, proto: &str, to: SocketAddr) -> String {
+    let ty = if proto == "tcp" {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    let s = match Fd::for_addr(to, ty, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    move_self(procs);
+    if proto == "tcp" {
+        result(s.connect(to))
+    } else {
+        result(s.send_to(b"ping", 0, Some(to)))
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex byte"))
+        .collect()
+}
+
+/// `union bpf_attr` as bytes.
+#[repr(C, align(8))]
+struct BpfAttr([u8; 128]);
+
+fn bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> Result<i64, String> {
+    // SAFETY: `attr` is a writable bpf_attr-sized buffer.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len()) };
+    if rc < 0 { Err(last_errno()) } else { Ok(rc) }
+}
+
+/// The program behind a pinned link: BPF_OBJ_GET, the link's info
+/// (`prog_id`), BPF_PROG_GET_FD_BY_ID.
+fn link_prog(link: &str) -> Result<Fd, String> {
+    let path = std::ffi::CString::new(link).expect("path");
+    let mut a = BpfAttr([0; 128]);
+    a.0[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let link_fd = Fd(bpf(7, &mut a)? as i32);
+    let mut info = [0u8; 64];
+    let mut a = BpfAttr([0; 128]);
+    a.0[..4].copy_from_slice(&(link_fd.0 as u32).to_ne_bytes());
+    a.0[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    a.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(15, &mut a)?;
+    let prog_id = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
+    let mut a = BpfAttr([0; 128]);
+    a.0[..4].copy_from_slice(&prog_id.to_ne_bytes());
+    Ok(Fd(bpf(13, &mut a)? as i32))
+}
+
+/// BPF_PROG_TEST_RUN once; the program's return code.
+fn test_run(prog: &Fd, pkt: &[u8]) -> Result<u32, String> {
+    let mut a = BpfAttr([0; 128]);
+    a.0[..4].copy_from_slice(&(prog.0 as u32).to_ne_bytes());
+    a.0[8..12].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
+    a.0[16..24].copy_from_slice(&(pkt.as_ptr() as u64).to_ne_bytes());
+    a.0[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    bpf(10, &mut a)?;
+    Ok(u32::from_ne_bytes(a.0[4..8].try_into().expect("4 bytes")))
+}
+
+fn testrun(link: &str) -> String {
+    use std::io::BufRead as _;
+    let prog = match link_prog(link) {
+        Ok(p) => p,
+        Err(e) => return format!("link-{e}"),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut n = 0u64;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("read stdin");
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let r = match test_run(&prog, &hex(line)) {
+            Ok(rc) => rc.to_string(),
+            Err(e) => e,
+        };
+        writeln!(out, "{r}").expect("write stdout");
+        n += 1;
+    }
+    out.flush().expect("flush stdout");
+    format!("done {n}")
+}
+
+/// The issue 9 subcommands; `None` when `a` is none of them.
+fn bypass(a: &[&str]) -> Option<String> {
+    Some(match a {
+        ["connect", proto, to] => connect(proto, addr(to)),
+        ["sendto", "udp", to] => sendto(addr(to)),
+        ["tfo", to] => tfo(addr(to)),
+        ["mptcp", to] => mptcp(addr(to)),
+        ["ping", mode, ip] => ping(mode, ip.parse().expect("ip address")),
+        ["packet-send", to] => packet_send(addr(to)),
+        // SOCK_PACKET is the obsolete spelling of AF_PACKET that the
+        // kernel still converts; the test checks it is refused the same way.
+        ["inet-sock-packet"] => raw(
+            libc::AF_INET,
+            #[expect(deprecated, reason = "the obsolete spelling is the point")]
+            libc::SOCK_PACKET,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        ),
+        ["sendmmsg", dsts @ ..] if !dsts.is_empty() => {
+            sendmmsg(&dsts.iter().map(|d| addr(d)).collect::<Vec<_>>())
+        }
+        ["session", proto, to] => session(proto, addr(to)),
+        ["iouring-connect", proto, to] => iouring_connect(proto, addr(to)),
+        ["premove", procs, proto, to] => premove(procs, proto, addr(to)),
+        ["move", procs, rest @ ..] => {
+            move_self(procs);
+            bypass(rest)?
+        }
+        ["thread", rest @ ..] => {
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            std::thread::spawn(move || {
+                let r: Vec<&str> = rest.iter().map(String::as_str).collect();
+                bypass(&r)
+            })
+            .join()
+            .expect("thread")?
+        }
+        ["testrun", link] => testrun(link),
+        _ => return None,
+    })
 }

@@ -175,8 +175,7 @@ pub fn subtract(a: &[Range], b: &[Range]) -> Vec<Range> {
     out
 }
 
-#[cfg(test)]
-fn contains(list: &[Range], addr: u128) -> bool {
+pub fn contains(list: &[Range], addr: u128) -> bool {
     let i = list.partition_point(|r| r.1 < addr);
     list.get(i).is_some_and(|r| r.0 <= addr)
 }
@@ -276,39 +275,61 @@ mod tests {
     }
 }
 
-/// Number of CIDR prefixes needed to cover `lo..=hi` in a `bits`-bit space.
-pub fn prefix_count(lo: u128, hi: u128, bits: u32) -> usize {
-    let mut n = 0;
+/// Calls `f(network, prefix_len)` for each CIDR prefix of the smallest
+/// set covering exactly `lo..=hi` in a `bits`-bit space.
+pub fn for_prefixes(lo: u128, hi: u128, bits: u32, mut f: impl FnMut(u128, u32)) {
     let mut cur = lo;
     loop {
-        // Largest aligned block starting at `cur` that stays within `hi`.
+        // Largest aligned block starting at `cur` that ends within `hi`.
         let mut size_log = if cur == 0 {
             bits
         } else {
             cur.trailing_zeros().min(bits)
         };
-        while size_log > 0 {
-            let last = if size_log >= 128 {
+        let last_of = |size_log: u32| {
+            if size_log >= 128 {
                 u128::MAX
             } else {
                 cur + ((1u128 << size_log) - 1)
-            };
-            if last <= hi && (size_log < 128 || cur == 0) {
-                break;
             }
+        };
+        while size_log > 0 && last_of(size_log) > hi {
             size_log -= 1;
         }
-        n += 1;
-        let last = if size_log >= 128 {
-            u128::MAX
-        } else {
-            cur + ((1u128 << size_log) - 1)
-        };
+        f(cur, bits - size_log);
+        let last = last_of(size_log);
         if last >= hi {
-            return n;
+            return;
         }
         cur = last + 1;
     }
+}
+
+/// Number of CIDR prefixes needed to cover `lo..=hi`.
+pub fn prefix_count(lo: u128, hi: u128, bits: u32) -> usize {
+    let mut n = 0;
+    for_prefixes(lo, hi, bits, |_, _| n += 1);
+    n
+}
+
+/// The nftables element list of `ranges` written as CIDR prefixes, the
+/// way prefix-based tools (ipset, iptables) hold them.
+pub fn nft_prefix_elements(family: usize, ranges: &[Range]) -> (String, usize) {
+    let bits = if family == V4 { 32 } else { 128 };
+    let mut s = String::new();
+    let mut n = 0;
+    for &(a, b) in ranges {
+        for_prefixes(a, b, bits, |net, len| {
+            if n > 0 {
+                s.push_str(",\n");
+            }
+            s.push_str(&fmt_addr(family, net));
+            s.push('/');
+            s.push_str(&len.to_string());
+            n += 1;
+        });
+    }
+    (s, n)
 }
 
 #[cfg(test)]
@@ -323,5 +344,10 @@ mod prefix_tests {
         assert_eq!(prefix_count(5, 5, 32), 1);
         assert_eq!(prefix_count(0, u128::MAX, 128), 1);
         assert_eq!(prefix_count(10, 13, 32), 2);
+        let mut v = Vec::new();
+        super::for_prefixes(10, 13, 32, |n, l| v.push((n, l)));
+        assert_eq!(v, [(10, 31), (12, 31)]);
+        let (text, n) = super::nft_prefix_elements(super::V4, &[(0x0a00_0000, 0x0a00_01ff)]);
+        assert_eq!((text.as_str(), n), ("10.0.0.0/23", 1));
     }
 }

@@ -187,13 +187,20 @@ pub fn run(args: Args) -> Result<()> {
         "bench: {} run ({p:?})",
         if args.quick { "quick" } else { "full" }
     );
-    run_cmd(cargo().args(["build", "--release", "--package", "agent"]))?;
-    let bin = workspace_root().join("target/release/bulkhead");
+    // BULKHEAD_BIN names a prebuilt agent (as for the end-to-end tests);
+    // otherwise build the release binary.
+    let bin = match std::env::var_os("BULKHEAD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            run_cmd(cargo().args(["build", "--release", "--package", "agent"]))?;
+            workspace_root().join("target/release/bulkhead")
+        }
+    };
     if !bin.is_file() {
         bail!("{} missing after the build", bin.display());
     }
     ensure_bpffs()?;
-    for tool in ["ip", "nft", "sockperf", "taskset"] {
+    for tool in ["ip", "nft", "sockperf", "taskset", "chrt", "timeout"] {
         if crate::cmd::probe(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
             .is_none()
         {
@@ -259,20 +266,33 @@ pub fn run(args: Args) -> Result<()> {
     let specs = policy::ladder(&nets);
 
     let meta = meta(&ctx)?;
+    let mut phases = serde_json::Map::new();
+    let mut clock = Instant::now();
+    let mut lap = |name: &str| {
+        phases.insert(name.into(), json!(clock.elapsed().as_secs_f64()));
+        clock = Instant::now();
+    };
+    lap("setup");
     eprintln!("bench: phase 1/5: policy compile + load, agent memory");
     let (mut agents, loads) = phase_load(&ctx, &specs)?;
+    lap("load");
     eprintln!("bench: phase 2/5: kernel decision cost (BPF_PROG_TEST_RUN)");
     let decision = phase_decision(&ctx, &specs, &agents, &mut rng)?;
+    lap("decision");
     // Only the full policy stays attached for the rest.
     let mut full = agents.pop().expect("five agents");
     drop(agents);
     eprintln!("bench: phase 3/5: policy update (one network, SIGHUP)");
     let update = phase_update(&ctx, &mut full, specs.last().expect("ladder"))?;
+    lap("update");
     eprintln!("bench: phase 4/5: network namespaces over veth: none vs bulkhead vs nftables");
     let network = net::phase(&ctx, &full, specs.last().expect("ladder"))?;
     drop(full);
+    lap("network");
     eprintln!("bench: phase 5/5: deny storm, events against kernel counters");
     let storm = storm::phase(&ctx, &specs[1])?;
+    lap("storm");
+    eprintln!("bench: phase seconds: {}", Value::Object(phases.clone()));
 
     let geo_analysis = geo_analysis(&ctx, &loads);
     let mut results = json!({
@@ -295,6 +315,8 @@ pub fn run(args: Args) -> Result<()> {
         "storm": storm,
     });
     results["meta"]["duration_s"] = json!(started.elapsed().as_secs_f64());
+    results["meta"]["phase_s"] = Value::Object(phases);
+    results["meta"]["loadavg_end"] = json!(first_line("cat /proc/loadavg"));
     report::write(&mut results)?;
     eprintln!(
         "bench: done in {:.0} s: bench/results.json, bench/*.svg, BENCHMARKS.md",
@@ -309,6 +331,12 @@ fn internal(args: &[String]) -> Result<()> {
         Some("crr-server") => net::crr_server(&args[1..]),
         Some("crr-client") => net::crr_client(&args[1..]),
         Some("storm") => storm::helper(&args[1..]),
+        // Rewrites BENCHMARKS.md and the plots from bench/results.json.
+        Some("report") => {
+            let path = workspace_root().join("bench/results.json");
+            let mut r: Value = serde_json::from_slice(&fs::read(&path)?)?;
+            report::write(&mut r)
+        }
         other => bail!("unknown internal helper {other:?}"),
     }
 }
@@ -337,6 +365,7 @@ fn meta(ctx: &Ctx) -> Result<Value> {
     let dirty = !first_line(&format!("git -C {} status --porcelain", root.display())).is_empty();
     Ok(json!({
         "date": first_line("date -u +%Y-%m-%dT%H:%M:%SZ"),
+        "loadavg_start": first_line("cat /proc/loadavg"),
         "kernel": first_line("uname -r"),
         "cpu": cpu,
         "online_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -377,34 +406,54 @@ fn map_memory(agent: &Agent) -> Value {
     json!({"total_bytes": total, "maps": maps})
 }
 
-/// `bulkhead check` wall time (median) and its "compiled:" line.
-fn check_time(ctx: &Ctx, policy: &Path) -> Result<(f64, String)> {
-    let mut times = Vec::new();
-    let mut line = String::new();
-    for _ in 0..ctx.p.check_reps {
-        let t = Instant::now();
-        let out = Command::new(&ctx.bin)
-            .arg("check")
-            .arg(policy)
-            .stdin(Stdio::null())
-            .output()
-            .context("running bulkhead check")?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        if !out.status.success() {
-            bail!(
-                "bulkhead check {} failed:\n{}{}",
-                policy.display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+/// Size and verifier work of every program an agent pinned a link for.
+fn program_sizes(agent: &Agent) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Ok(entries) = fs::read_dir(agent.bpffs.join("links")) {
+        let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        names.sort();
+        for path in names {
+            let Ok(info) = sys::obj_get(&path)
+                .and_then(|l| sys::link_prog(&l))
+                .and_then(|p| sys::prog_info(&p))
+            else {
+                continue;
+            };
+            out.insert(
+                path.file_name().unwrap_or_default().to_string_lossy().into(),
+                json!({"verified_insns": info.verified_insns, "xlated_insns": info.xlated_len / 8, "jited_bytes": info.jited_len}),
             );
         }
-        line = String::from_utf8_lossy(&out.stdout)
+    }
+    Value::Object(out)
+}
+
+/// `bulkhead check`: median wall and CPU ms, peak RSS (KiB), and its
+/// "compiled:" line.
+fn check_time(ctx: &Ctx, policy: &Path) -> Result<(f64, f64, u64, String)> {
+    let mut wall = Vec::new();
+    let mut cpu = Vec::new();
+    let mut line = String::new();
+    let mut peak = 0;
+    for _ in 0..ctx.p.check_reps {
+        let mut cmd = Command::new(&ctx.bin);
+        cmd.arg("check").arg(policy);
+        let (w, c, ok, out, err) = world::run_timed(&mut cmd)?;
+        if !ok {
+            bail!("bulkhead check {} failed:\n{out}{err}", policy.display());
+        }
+        wall.push(w);
+        cpu.push(c);
+        line = out
             .lines()
             .find(|l| l.starts_with("compiled:"))
             .unwrap_or_default()
             .to_string();
     }
-    Ok((median(&times), line))
+    if let Some(kib) = check_peak_rss_kib(ctx, policy) {
+        peak = kib;
+    }
+    Ok((median(&wall), median(&cpu), peak, line))
 }
 
 /// Peak RSS of `bulkhead check` (compile only) via wait4's rusage.
@@ -429,9 +478,9 @@ fn phase_load(ctx: &Ctx, specs: &[Spec]) -> Result<(Vec<Agent>, Value)> {
     let mut out = Vec::new();
     for spec in specs {
         let path = ctx.write_policy(spec)?;
-        let (check_ms, compiled) = check_time(ctx, &path)?;
-        let check_rss = check_peak_rss_kib(ctx, &path);
+        let (check_ms, check_cpu_ms, check_rss, compiled) = check_time(ctx, &path)?;
         let mut ready = Vec::new();
+        let mut ready_cpu = Vec::new();
         let mut agent = None;
         for rep in 0..ctx.p.load_reps {
             if let Some(mut a) = agent.take() {
@@ -440,6 +489,7 @@ fn phase_load(ctx: &Ctx, specs: &[Spec]) -> Result<(Vec<Agent>, Value)> {
             }
             let a = ctx.start_agent(spec.key, &path, &[])?;
             ready.push(a.ready.as_secs_f64() * 1e3);
+            ready_cpu.push(a.ready_cpu_ms);
             eprintln!(
                 "  {:<34} start {} → READY in {:>7.1} ms",
                 spec.label,
@@ -457,6 +507,7 @@ fn phase_load(ctx: &Ctx, specs: &[Spec]) -> Result<(Vec<Agent>, Value)> {
             .and_then(|l| sys::link_prog(&l))
             .and_then(|p| sys::prog_info(&p))
             .unwrap_or_default();
+        let programs = program_sizes(&agent);
         let line = agent.enforcing_line();
         let is_last = std::ptr::eq(spec, specs.last().expect("ladder"));
         if !is_last {
@@ -471,14 +522,17 @@ fn phase_load(ctx: &Ctx, specs: &[Spec]) -> Result<(Vec<Agent>, Value)> {
             "networks_v6": spec.nets.iter().filter(|n| n.family == V6).count(),
             "geo": spec.geo,
             "check_ms": check_ms,
+            "check_cpu_ms": check_cpu_ms,
             "check_peak_rss_kib": check_rss,
             "compiled": compiled,
             "ready_ms": median(&ready),
             "ready_ms_all": ready,
+            "ready_cpu_ms": median(&ready_cpu),
             "rss_kib": rss,
             "rss_peak_kib": hwm,
             "kernel_maps": maps,
             "bh_egress": {"xlated_bytes": prog.xlated_len, "jited_bytes": prog.jited_len, "verified_insns": prog.verified_insns},
+            "programs": programs,
             "agent_log": line,
         }));
         agents.push(agent);
@@ -569,9 +623,88 @@ fn phase_decision(ctx: &Ctx, specs: &[Spec], agents: &[Agent], rng: &mut Rng) ->
             },
         ));
     }
+    // A prototype of another layout for the same IPv4 verdicts: two-level
+    // direct index (a 2-bit class per /24 in one mmap-able array, a hash of
+    // the split /24s), checked against the ground truth by its return value.
+    let allowed4 = geo::union(&[
+        &ctx.db.ranges_of(V4, &policy::ALLOW)[..],
+        &[policy::FEED_V4][..],
+    ]);
+    let (packed, level2, class) = decision::direct_index_table(&allowed4);
+    let l1_path = ctx.work.join("direct-index-l1.bin");
+    fs::write(
+        &l1_path,
+        packed
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
+    let l2_path = ctx.work.join("direct-index-l2.bin");
+    fs::write(
+        &l2_path,
+        level2
+            .iter()
+            .flat_map(|(k, v)| k.to_ne_bytes().into_iter().chain(v.iter().copied()))
+            .collect::<Vec<u8>>(),
+    )?;
+    progs.push(prog_json(
+        "direct:geo_v4",
+        &ProgSpec::Direct {
+            level1: l1_path,
+            level2: l2_path,
+        },
+    ));
+    let split_blocks = level2.len();
+    let in_split = sets[0]
+        .addrs
+        .iter()
+        .filter(|&&a| class[(a >> 8) as usize] == 3)
+        .count();
+    // What the prototype must answer: 1 where the full policy allows by country.
+    let direct_want: Vec<(String, u64)> = sets
+        .iter()
+        .filter(|s| s.family == V4)
+        .map(|s| {
+            let allowed = s
+                .addrs
+                .iter()
+                .filter(|&&a| geo::contains(&allowed4, a))
+                .count() as u64;
+            (s.name.clone(), allowed)
+        })
+        .collect();
     let spec =
         json!({"progs": progs, "sets": set_specs, "repeat": ctx.p.repeat, "rounds": ctx.p.rounds});
     let mut res = run_testrun(ctx, &ctx.cg_work, "testrun", &spec)?;
+    let direct_ok: Vec<Value> = direct_want
+        .iter()
+        .map(|(set, want)| {
+            let got = res["checks"]
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|c| c["prog"] == "direct:geo_v4" && c["set"] == set.as_str())
+                })
+                .and_then(|c| c["retvals"]["1"].as_u64())
+                .unwrap_or(0);
+            json!({"set": set, "allowed_by_prototype": got, "allowed_by_policy": want, "matches": got == *want})
+        })
+        .collect();
+    if direct_ok.iter().any(|d| d["matches"] != true) {
+        eprintln!(
+            "bench: WARNING: the direct-index prototype disagrees with the policy: {direct_ok:?}"
+        );
+    }
+    res["direct_index"] = json!({
+        "verdicts": direct_ok,
+        "level1_bytes": packed.len() * 8,
+        "level2_bytes": level2.len() * 64,
+        "table_bytes": packed.len() * 8 + level2.len() * 64,
+        "blocks_24": class.len(),
+        "split_blocks_24": split_blocks,
+        "allowed_v4_packets_in_split_blocks": in_split,
+        "allowed_v4_packets": sets[0].addrs.len(),
+    });
 
     // Ground truth per policy and set, against the counters.
     let mut problems = Vec::new();
@@ -692,40 +825,41 @@ fn run_testrun(ctx: &Ctx, cg: &Cgroup, name: &str, spec: &Value) -> Result<Value
     serde_json::from_slice(&out.stdout).context("test-run helper output")
 }
 
+/// The policy text with `net` added to the workload's domain.
+fn with_net(base: &str, spec: &Spec, net: &str) -> String {
+    if spec.nets.iter().any(|n| n.domain == policy::BENCH) {
+        base.replacen("    networks: [", &format!("    networks: [\"{net}\", "), 1)
+    } else {
+        base.replacen(
+            "    cgroups: [\"",
+            &format!("    networks: [\"{net}\"]\n    cgroups: [\""),
+            1,
+        )
+    }
+}
+
 fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
     let base = fs::read_to_string(&agent.policy)?;
+    // The first reload writes the whole policy into the still empty second
+    // slot of the double buffer; later ones write only the difference to
+    // what that slot held two generations ago.
+    let first = agent.reload()?.as_secs_f64() * 1e3;
+    eprintln!("  first reload (fills the second slot): {first:.0} ms");
+    let taken: Vec<String> = spec.nets.iter().map(policy::Net::cidr).collect();
+    let candidates: Vec<String> = (0..=255u32)
+        .map(|i| format!("198.18.{i}.0/24"))
+        .filter(|c| !taken.contains(c))
+        .collect();
     let mut times = Vec::new();
-    for rep in 0..ctx.p.update_reps {
-        // Add one network to the workload's domain (and take it away again
-        // on the next repetition): a one-entry change.
-        let text = if rep % 2 == 0 {
-            base.replacen(
-                "    cgroups: [\"",
-                "    networks: [\"192.0.2.0/24\"]\n    cgroups: [\"",
-                1,
-            )
-        } else {
-            base.clone()
-        };
-        // bench has networks of its own in this policy: add to its list.
-        let text = if rep % 2 == 0 && spec.nets.iter().any(|n| n.domain == policy::BENCH) {
-            base.replacen("    networks: [", "    networks: [\"192.0.2.0/24\", ", 1)
-        } else {
-            text
-        };
-        fs::write(&agent.policy, text)?;
-        let d = agent.reload()?;
-        times.push(d.as_secs_f64() * 1e3);
-        eprintln!(
-            "  reload with one network changed: {:.1} ms",
-            d.as_secs_f64() * 1e3
-        );
+    for net in candidates.iter().take(ctx.p.update_reps) {
+        fs::write(&agent.policy, with_net(&base, spec, net))?;
+        let d = agent.reload()?.as_secs_f64() * 1e3;
+        times.push(d);
+        eprintln!("  reload with one network added ({net}): {d:.0} ms");
     }
     // Back to the policy the network phase compares against.
-    if fs::read_to_string(&agent.policy)? != base {
-        fs::write(&agent.policy, &base)?;
-        agent.reload()?;
-    }
+    fs::write(&agent.policy, &base)?;
+    agent.reload()?;
     let maps_after = map_memory(agent);
     let lines: Vec<String> = agent
         .log_lines()
@@ -733,6 +867,7 @@ fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
         .filter(|l| l.contains("reload"))
         .collect();
     Ok(json!({
+        "first_reload_ms": first,
         "reload_ms": median(&times),
         "reload_ms_all": times,
         "kernel_maps_after_reload": maps_after["total_bytes"],
@@ -748,11 +883,7 @@ fn geo_analysis(ctx: &Ctx, loads: &Value) -> Value {
         .as_array()
         .and_then(|a| a.iter().find(|p| p["key"] == "geo_n10k"))
         .and_then(|p| p["compiled"].as_str())
-        .map(|c| {
-            c.split(|ch: char| !ch.is_ascii_digit())
-                .filter_map(|w| w.parse().ok())
-                .collect()
-        })
+        .map(report::compiled_counts)
         .unwrap_or_default();
     let allowed = |fam: usize| -> usize {
         let bits = if fam == V4 { 32 } else { 128 };
@@ -766,7 +897,33 @@ fn geo_analysis(ctx: &Ctx, loads: &Value) -> Value {
             .map(|&(a, b)| geo::prefix_count(a, b, bits))
             .sum()
     };
+    // Blocks that hold a boundary of the allowed set: what a direct-index
+    // table at that granularity would have to send to a second level.
+    let split = |fam: usize, shift: u32| -> usize {
+        let feed = if fam == V4 {
+            policy::FEED_V4
+        } else {
+            policy::FEED_V6
+        };
+        let ranges = geo::union(&[&ctx.db.ranges_of(fam, &policy::ALLOW)[..], &[feed][..]]);
+        let mask = (1u128 << shift) - 1;
+        let mut blocks = std::collections::BTreeSet::new();
+        for (a, b) in ranges {
+            if a & mask != 0 {
+                blocks.insert(a >> shift);
+            }
+            if b & mask != mask {
+                blocks.insert(b >> shift);
+            }
+        }
+        blocks.len()
+    };
     json!({
+        "split_v4_24": split(V4, 8),
+        "split_v6_32": split(V6, 96),
+        "split_v6_48": split(V6, 80),
+        "allowed_ranges_v4": ctx.db.ranges_of(V4, &policy::ALLOW).len(),
+        "allowed_ranges_v6": ctx.db.ranges_of(V6, &policy::ALLOW).len(),
         "loaded_v4": loaded.get(3),
         "loaded_v6": loaded.get(4),
         "allowed_only_v4": allowed(V4),

@@ -14,7 +14,6 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

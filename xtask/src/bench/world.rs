@@ -195,6 +195,55 @@ impl Drop for Bg {
     }
 }
 
+/// Runs `cmd` to completion: (wall ms, CPU ms of it and its reaped
+/// children from `wait4`'s rusage, success, stdout, stderr). CPU time is
+/// what a busy machine inflates least.
+pub fn run_timed(cmd: &mut Command) -> Result<(f64, f64, bool, String, String)> {
+    use std::io::Read as _;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{}`", display(cmd)))?;
+    let mut out = String::new();
+    let mut err = String::new();
+    let mut so = child.stdout.take().expect("piped");
+    let mut se = child.stderr.take().expect("piped");
+    let t = thread::spawn(move || {
+        let mut e = String::new();
+        let _ = se.read_to_string(&mut e);
+        e
+    });
+    let _ = so.read_to_string(&mut out);
+    err.push_str(&t.join().unwrap_or_default());
+    let mut status = 0;
+    // SAFETY: zeroed rusage filled by wait4 for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = start.elapsed().as_secs_f64() * 1e3;
+    if rc < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    let cpu = tv(ru.ru_utime) + tv(ru.ru_stime);
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok((wall, cpu, ok, out, err))
+}
+
+/// CPU time (user + system, all threads) a live process has used, in ms.
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ")".
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) * 1e3 / hz)
+}
+
 /// `VmRSS` and `VmHWM` of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -217,6 +266,8 @@ pub struct Agent {
     pub events: PathBuf,
     /// Spawn → `READY=1`.
     pub ready: Duration,
+    /// CPU time the agent used until `READY=1`, in ms (10 ms ticks).
+    pub ready_cpu_ms: f64,
     /// The agent's log so far (stderr lines).
     pub log: Arc<Mutex<Vec<String>>>,
     notify: UnixDatagram,
@@ -253,6 +304,13 @@ impl Agent {
             .arg("--events-log")
             .arg(&events)
             .arg("--no-stdout-events")
+            // Everything the agent keeps goes below the benchmark's own
+            // directory; the events log is never rotated mid-count.
+            .arg("--run-dir")
+            .arg(work.join(format!("run-{name}")))
+            .arg("--state-dir")
+            .arg(work.join(format!("state-{name}")))
+            .args(["--events-log-max-bytes", "0"])
             .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
@@ -279,6 +337,7 @@ impl Agent {
             policy: policy.to_path_buf(),
             events,
             ready: Duration::ZERO,
+            ready_cpu_ms: f64::NAN,
             log,
             notify,
             pid,
@@ -290,6 +349,7 @@ impl Agent {
             ))
         })?;
         agent.ready = start.elapsed();
+        agent.ready_cpu_ms = cpu_ms(pid).unwrap_or(f64::NAN);
         Ok(agent)
     }
 

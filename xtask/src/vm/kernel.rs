@@ -1,0 +1,454 @@
+//! The kernel a VM boots: Debian 12's 6.1 image fetched with `apt-get
+//! download`, the host's own `/boot/vmlinuz-$(uname -r)`, or a `.deb` /
+//! kernel image a user names. Besides the image, the modules the end-to-end
+//! tests need (veth, when it is not built in) are collected, dependencies
+//! first, for `insmod` in the initramfs.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd::{run, run_capture};
+
+/// Modules the end-to-end tests use that distributions build as modules.
+const MODULES: &[(&str, &str)] = &[("veth", "CONFIG_VETH")];
+
+/// Options the VM run needs built in (`=y`): without them the kernel cannot
+/// boot from the initramfs, show a console, or run the agent at all.
+const REQUIRED_CONFIG: &[&str] = &[
+    "CONFIG_BLK_DEV_INITRD",
+    "CONFIG_DEVTMPFS",
+    "CONFIG_SERIAL_8250_CONSOLE",
+    "CONFIG_CGROUPS",
+    "CONFIG_CGROUP_BPF",
+    "CONFIG_BPF_SYSCALL",
+    "CONFIG_DEBUG_INFO_BTF",
+    "CONFIG_NET_NS",
+    "CONFIG_INET",
+    "CONFIG_IPV6",
+];
+
+pub struct Kernel {
+    /// What to call it in reports: `debian-6.1 (6.1.0-56-amd64)`.
+    pub label: String,
+    /// Short name for directories: `debian-6.1`, `host`, or the file stem.
+    pub slug: String,
+    pub image: PathBuf,
+    /// `.ko` files to insmod, dependencies first.
+    pub modules: Vec<PathBuf>,
+    /// The kernel's build config, when known.
+    pub config: Option<String>,
+}
+
+/// Resolves `--kernel`: `debian-6.1`, `host`, a `.deb`, or an image path.
+pub fn resolve(which: &str, cache: &Path) -> Result<Kernel> {
+    match which {
+        "debian-6.1" => debian_61(cache),
+        "host" => host(),
+        path if path.ends_with(".deb") => from_deb(Path::new(path), cache, "custom"),
+        path => from_image(Path::new(path)),
+    }
+}
+
+/// The newest `linux-image-6.1.0-N-amd64` the apt sources offer (Debian 12).
+fn debian_61(cache: &Path) -> Result<Kernel> {
+    let list = run_capture(Command::new("apt-cache").args([
+        "search",
+        "--names-only",
+        r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+    ]))?;
+    let Some(pkg) = newest_abi(&list) else {
+        bail!(
+            "apt-cache knows no linux-image-6.1.0-*-amd64 package: run `apt-get update` on a Debian 12 \
+             (bookworm) host, or add bookworm to the apt sources; or pass --kernel PATH.deb"
+        );
+    };
+    let dir = cache.join(&pkg);
+    if !dir.join("vmlinuz").is_file() {
+        fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+        // Downloads into the current directory; as root apt warns that it
+        // cannot drop to the _apt user there, which is harmless.
+        run(Command::new("apt-get")
+            .args(["download", &pkg])
+            .current_dir(cache))?;
+        let deb = find_deb(cache, &pkg)?;
+        unpack_deb(&deb, &dir)?;
+        fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
+    } else {
+        eprintln!("  ok   {pkg} (cached in {})", dir.display());
+    }
+    let release = pkg.trim_start_matches("linux-image-").to_string();
+    cached(&dir, &format!("debian-6.1 ({release})"), "debian-6.1")
+}
+
+/// Extracts a kernel package and keeps only the image, its config and the
+/// modules in [`MODULES`] (with their dependencies), under `dir`:
+/// `vmlinuz`, `config`, `modules/NAME.ko`, `modules.order`.
+fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
+    let tmp = dir.with_extension("unpack");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
+    let boot = tmp.join("boot");
+    let image = find_prefixed(&boot, "vmlinuz-")?
+        .with_context(|| format!("{} has no boot/vmlinuz-*", deb.display()))?;
+    let config_file = find_prefixed(&boot, "config-")?;
+    let config = config_file.as_deref().map(fs::read_to_string).transpose()?;
+    let release = image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_string();
+    let moddir = tmp.join("lib/modules").join(&release);
+    let modules = needed_modules(config.as_deref(), &moddir)?;
+
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir.join("modules"))?;
+    fs::copy(&image, dir.join("vmlinuz"))?;
+    if let Some(c) = &config {
+        fs::write(dir.join("config"), c)?;
+    }
+    let mut order = String::new();
+    for m in &modules {
+        let name = m.file_name().context("module name")?;
+        fs::write(dir.join("modules").join(name), read_module(m)?)?;
+        order.push_str(&name.to_string_lossy());
+        order.push('\n');
+    }
+    fs::write(dir.join("modules.order"), order)?;
+    fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    Ok(())
+}
+
+/// A kernel unpacked by [`unpack_deb`].
+fn cached(dir: &Path, label: &str, slug: &str) -> Result<Kernel> {
+    let order = fs::read_to_string(dir.join("modules.order")).unwrap_or_default();
+    let modules = order
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| dir.join("modules").join(l))
+        .collect();
+    Ok(Kernel {
+        label: label.to_string(),
+        slug: slug.to_string(),
+        image: dir.join("vmlinuz"),
+        modules,
+        config: fs::read_to_string(dir.join("config")).ok(),
+    })
+}
+
+fn from_deb(deb: &Path, cache: &Path, slug: &str) -> Result<Kernel> {
+    let stem = deb
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| slug.to_string());
+    let dir = cache.join(&stem);
+    unpack_deb(deb, &dir)?;
+    cached(&dir, &stem, &stem)
+}
+
+fn from_image(image: &Path) -> Result<Kernel> {
+    if !image.is_file() {
+        bail!(
+            "--kernel {}: not debian-6.1, host, a .deb, or an existing kernel image",
+            image.display()
+        );
+    }
+    eprintln!(
+        "  note a bare kernel image brings no modules: veth must be built in (CONFIG_VETH=y)"
+    );
+    let stem = image
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "custom".into());
+    Ok(Kernel {
+        label: image.display().to_string(),
+        slug: stem,
+        image: image.to_path_buf(),
+        modules: Vec::new(),
+        config: None,
+    })
+}
+
+/// The running kernel's image and modules, when this host has them in
+/// `/boot` and `/lib/modules` (VMs booted by firecracker or similar, and
+/// most containers, do not).
+fn host() -> Result<Kernel> {
+    let release = run_capture(Command::new("uname").arg("-r"))?
+        .trim()
+        .to_string();
+    let image = PathBuf::from(format!("/boot/vmlinuz-{release}"));
+    if !image.is_file() {
+        bail!(
+            "--kernel host: {} does not exist: this machine's kernel ({release}) was not installed from a \
+             package (a firecracker-style VM or a container boots a kernel from outside); use --kernel \
+             debian-6.1, or pass a kernel image or .deb path; the host kernel itself is covered by \
+             `cargo xtask test`",
+            image.display()
+        );
+    }
+    let config = fs::read_to_string(format!("/boot/config-{release}")).ok();
+    let moddir = PathBuf::from(format!("/lib/modules/{release}"));
+    let modules = needed_modules(config.as_deref(), &moddir)?;
+    let dir = std::env::temp_dir().join(format!("bulkhead-vm-host-modules-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let mut plain = Vec::new();
+    for m in modules {
+        let name = module_name(&m);
+        let out = dir.join(format!("{name}.ko"));
+        fs::write(&out, read_module(&m)?)?;
+        plain.push(out);
+    }
+    Ok(Kernel {
+        label: format!("host ({release})"),
+        slug: "host".into(),
+        image,
+        modules: plain,
+        config,
+    })
+}
+
+/// The `linux-image-6.1.0-N-amd64` with the highest N in `apt-cache
+/// search` output.
+fn newest_abi(list: &str) -> Option<String> {
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|name| {
+            let abi = name
+                .strip_prefix("linux-image-6.1.0-")?
+                .strip_suffix("-amd64")?;
+            Some((abi.parse::<u32>().ok()?, name.to_string()))
+        })
+        .max()
+        .map(|(_, name)| name)
+}
+
+fn find_deb(dir: &Path, pkg: &str) -> Result<PathBuf> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(&format!("{pkg}_")) && name.ends_with(".deb") {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "apt-get download {pkg} left no {pkg}_*.deb in {}",
+        dir.display()
+    )
+}
+
+fn find_prefixed(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    for e in entries {
+        let p = e?.path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// The value of `key` in a kernel config (`y`, `m`, a string), if set.
+pub fn config_value<'a>(config: &'a str, key: &str) -> Option<&'a str> {
+    config.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+            .map(|v| v.trim_matches('"'))
+    })
+}
+
+/// Fails when the config lacks what the VM run needs; returns notes
+/// (BPF LSM state) otherwise.
+pub fn check_config(config: &str) -> Result<Vec<String>> {
+    let missing: Vec<&str> = REQUIRED_CONFIG
+        .iter()
+        .copied()
+        .filter(|k| config_value(config, k) != Some("y"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "this kernel's config lacks (=y): {}; bulkhead or the VM harness cannot run on it",
+            missing.join(", ")
+        );
+    }
+    let mut notes = Vec::new();
+    let bpf_lsm = config_value(config, "CONFIG_BPF_LSM") == Some("y");
+    let lsm_list = config_value(config, "CONFIG_LSM").unwrap_or("");
+    notes.push(format!(
+        "CONFIG_BPF_LSM={} and CONFIG_LSM={lsm_list:?}: BPF LSM {}",
+        if bpf_lsm { "y" } else { "n" },
+        if bpf_lsm && lsm_list.split(',').any(|m| m == "bpf") {
+            "active by default"
+        } else {
+            "not active"
+        }
+    ));
+    for (module, key) in MODULES {
+        notes.push(format!(
+            "{key}={} ({module})",
+            config_value(config, key).unwrap_or("n")
+        ));
+    }
+    Ok(notes)
+}
+
+/// The `.ko` files of [`MODULES`] that this kernel builds as modules, with
+/// their dependencies, dependencies first.
+fn needed_modules(config: Option<&str>, moddir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for (module, key) in MODULES {
+        match config.and_then(|c| config_value(c, key)) {
+            Some("y") => continue,
+            Some("m") | None => {}
+            Some(other) => bail!("{key}={other}: the tests need {module}"),
+        }
+        let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
+        if builtin
+            .lines()
+            .any(|l| module_name(Path::new(l)) == *module)
+        {
+            continue;
+        }
+        add_module(module, moddir, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn add_module(name: &str, moddir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if out.iter().any(|p| module_name(p) == name) {
+        return Ok(());
+    }
+    let path = find_module(&moddir.join("kernel"), name)?.with_context(|| {
+        format!(
+            "module {name} not found under {} (and not built in)",
+            moddir.display()
+        )
+    })?;
+    let data = read_module(&path)?;
+    for dep in module_depends(&data) {
+        add_module(&dep, moddir, out)?;
+    }
+    out.push(path);
+    Ok(())
+}
+
+/// `NAME` of `.../NAME.ko[.xz|.zst|.gz]`, with `-` read as `_` as modprobe does.
+fn module_name(p: &Path) -> String {
+    let file = p.file_name().unwrap_or_default().to_string_lossy();
+    let base = file.split(".ko").next().unwrap_or_default();
+    base.replace('-', "_")
+}
+
+fn find_module(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    for e in entries {
+        let p = e?.path();
+        if p.is_dir() {
+            if let Some(found) = find_module(&p, name)? {
+                return Ok(Some(found));
+            }
+        } else if p.to_string_lossy().contains(".ko") && module_name(&p) == name {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// A module file's bytes, decompressed when it is `.ko.xz`/`.zst`/`.gz`
+/// (busybox's insmod wants a plain `.ko`).
+fn read_module(p: &Path) -> Result<Vec<u8>> {
+    let name = p.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        Some("xz")
+    } else if name.ends_with(".zst") {
+        Some("zstd")
+    } else if name.ends_with(".gz") {
+        Some("gzip")
+    } else {
+        None
+    };
+    match tool {
+        None => fs::read(p).with_context(|| format!("reading {}", p.display())),
+        Some(tool) => {
+            let out = Command::new(tool)
+                .arg("-dc")
+                .arg(p)
+                .output()
+                .with_context(|| format!("running {tool} -dc {}", p.display()))?;
+            if !out.status.success() {
+                bail!("{tool} -dc {} failed", p.display());
+            }
+            Ok(out.stdout)
+        }
+    }
+}
+
+/// The `depends=` entry of a module's `.modinfo` (comma-separated names).
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    ko.split(|&b| b == 0)
+        .find_map(|s| s.strip_prefix(b"depends="))
+        .map(|d| {
+            String::from_utf8_lossy(d)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.replace('-', "_"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_newest_abi() {
+        let list = "linux-image-6.1.0-47-amd64 - Linux 6.1 for 64-bit PCs (signed)\n\
+                    linux-image-6.1.0-56-amd64 - Linux 6.1 for 64-bit PCs (signed)\n\
+                    linux-image-6.1.0-9-amd64 - Linux 6.1 for 64-bit PCs (signed)\n\
+                    linux-image-6.1.0-60-cloud-amd64 - Linux 6.1 for x86-64 cloud (signed)\n";
+        assert_eq!(
+            newest_abi(list).as_deref(),
+            Some("linux-image-6.1.0-56-amd64")
+        );
+        assert_eq!(newest_abi(""), None);
+    }
+
+    #[test]
+    fn config_values_and_required_options() {
+        let mut cfg = REQUIRED_CONFIG
+            .iter()
+            .map(|k| format!("{k}=y\n"))
+            .collect::<String>();
+        cfg.push_str("CONFIG_VETH=m\nCONFIG_BPF_LSM=y\nCONFIG_LSM=\"landlock,yama,bpf\"\n# CONFIG_FOO is not set\n");
+        assert_eq!(config_value(&cfg, "CONFIG_VETH"), Some("m"));
+        assert_eq!(config_value(&cfg, "CONFIG_LSM"), Some("landlock,yama,bpf"));
+        assert_eq!(config_value(&cfg, "CONFIG_FOO"), None);
+        assert_eq!(config_value(&cfg, "CONFIG_BPF"), None);
+        let notes = check_config(&cfg).unwrap();
+        assert!(notes[0].contains("active by default"), "{notes:?}");
+        let err = check_config("CONFIG_BPF_SYSCALL=y\n").unwrap_err();
+        assert!(format!("{err}").contains("CONFIG_CGROUP_BPF"));
+    }
+
+    #[test]
+    fn module_names_and_depends() {
+        assert_eq!(module_name(Path::new("a/b/veth.ko")), "veth");
+        assert_eq!(module_name(Path::new("x/nf-nat.ko.zst")), "nf_nat");
+        assert_eq!(module_name(Path::new("kernel/drivers/net/veth.ko")), "veth");
+        let ko = b"\x7fELF...\0license=GPL\0depends=nf_conntrack,libcrc32c\0name=nf_nat\0";
+        assert_eq!(module_depends(ko), ["nf_conntrack", "libcrc32c"]);
+        assert!(module_depends(b"\0depends=\0name=veth\0").is_empty());
+    }
+}
