@@ -64,6 +64,90 @@ pub fn explain_file(
     Ok(explain::explain(&p, &c, &geo, &q, now))
 }
 
+/// `explain --replay EVENTS --policy NEW`: every recorded connection
+/// decision whose verdict NEW would change. Returns how many changed.
+pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
+    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
+    let geo = GeoDb::load(&p.geo)?;
+    let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
+    let c = compile::compile(
+        &p,
+        &geo,
+        &mount,
+        EventLimits { rate: 0, burst: 0 },
+        compile::tai_offset_ns(),
+    )?;
+    let text =
+        std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
+    let (mut seen, mut changed) = (0, 0);
+    let mut out = std::io::stdout().lock();
+    for (n, line) in text.lines().enumerate() {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            bail!("{}:{}: not a JSON event", events.display(), n + 1);
+        };
+        // Only connection-level decisions have a workload, a destination and a port.
+        let hook = e["hook"].as_str().unwrap_or("");
+        let (Some(dst), Some(cg)) = (e["dst"].as_str(), e["cgroup"].as_str()) else {
+            continue;
+        };
+        if !hook.starts_with("connect") && !hook.starts_with("sendmsg") {
+            continue;
+        }
+        let Ok(ip) = dst.parse::<IpAddr>() else {
+            continue;
+        };
+        let proto = if e["proto"] == "udp" {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        let q = Query {
+            cgroup: cg.to_string(),
+            dst: ip,
+            port: e["dport"].as_u64().unwrap_or(0) as u16,
+            proto,
+        };
+        let ts = e["ts"]
+            .as_str()
+            .map(rfc3339_ns)
+            .transpose()?
+            .unwrap_or_else(now_ns);
+        let a = explain::explain(&p, &c, &geo, &q, ts);
+        seen += 1;
+        let was_allowed = e["verdict"] == "allow";
+        let now_allowed = a.verdict == "allow";
+        if was_allowed != now_allowed {
+            changed += 1;
+            if json {
+                writeln!(out, "{}", serde_json::json!({"event": e, "now": a}))?;
+            } else {
+                writeln!(
+                    out,
+                    "{} {} {} -> {}:{} was {} ({}), would be {} ({}): {}",
+                    e["ts"].as_str().unwrap_or(""),
+                    cg,
+                    e["proto"].as_str().unwrap_or(""),
+                    dst,
+                    q.port,
+                    e["verdict"].as_str().unwrap_or(""),
+                    e["reason"].as_str().unwrap_or(""),
+                    a.verdict,
+                    a.reason,
+                    a.rule
+                )?;
+            }
+        }
+    }
+    if !json {
+        writeln!(
+            out,
+            "{seen} decisions replayed against {}; {changed} would change",
+            path.display()
+        )?;
+    }
+    Ok(changed)
+}
+
 pub fn render_answer(a: &Value) -> String {
     let a: Answer = match serde_json::from_value::<AnswerView>(a.clone()) {
         Ok(v) => v.into(),

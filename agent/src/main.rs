@@ -3,7 +3,8 @@
 //! geofencing, and records every decision.
 //!
 //! Exit codes: 0 success; 1 a rejected policy or a runtime error (printed
-//! once, with its cause chain); 2 bad command-line usage.
+//! once, with its cause chain); 2 bad command-line usage; 3 `explain
+//! --replay` found decisions that the candidate policy would change.
 
 mod cli;
 
@@ -156,11 +157,16 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
         /// Cgroup path relative to the cgroup v2 mount, e.g. /contractors.slice/job.scope.
-        #[arg(long)]
-        cgroup: String,
+        #[arg(long, required_unless_present = "replay")]
+        cgroup: Option<String>,
         /// Destination address, optionally with :port ([v6]:port for IPv6).
-        #[arg(long)]
-        dst: String,
+        #[arg(long, required_unless_present = "replay")]
+        dst: Option<String>,
+        /// Replay the decisions in this events file (JSON lines, as
+        /// `--events-log` writes them) against --policy and list those
+        /// whose verdict would change.
+        #[arg(long, requires = "policy", conflicts_with_all = ["cgroup", "dst"])]
+        replay: Option<PathBuf>,
         /// Protocol of the connection.
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
         proto: String,
@@ -497,7 +503,17 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             proto,
             policy,
             json,
+            replay,
         } => {
+            if let (Some(events), Some(path)) = (&replay, &policy) {
+                let changed = cli::replay(events, path, json)?;
+                return Ok(if changed > 0 {
+                    ExitCode::from(3)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
+            let (cgroup, dst) = (cgroup.unwrap_or_default(), dst.unwrap_or_default());
             let (ip, port) = cli::parse_dst(&dst)?;
             let answer = match policy {
                 Some(path) => {

@@ -693,3 +693,57 @@ fn jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead() {
     });
     assert!(!cut.is_empty(), "the cut is an audit event");
 }
+
+#[test]
+fn explain_replay_lists_the_decisions_a_candidate_policy_would_change() {
+    if !privileged("explain_replay") {
+        return;
+    }
+    let w = world(128);
+    let agent = Agent::start(&w.root, &w.policy("", ""));
+    let dst = format!("{}:8080", w.link.v4(2));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "tcp", &format!("{}:22", w.link.v4(2))]
+        ),
+        "EPERM"
+    );
+    assert_eq!(
+        agent
+            .wait_events(2, |e| field(e, "verdict") == "deny")
+            .len(),
+        2
+    );
+    let candidate = agent.dir.path().join("candidate.yaml");
+    std::fs::write(&candidate, w.policy("", "bridges:\n  - name: new\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-5\"\n")).unwrap();
+    let out = Command::new(bulkhead_bin())
+        .args(["explain", "--replay"])
+        .arg(&agent.events)
+        .arg("--policy")
+        .arg(&candidate)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "-> {dst} was deny (cross-domain), would be allow (bridge)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 decisions replayed") && text.contains("1 would change"),
+        "{text}"
+    );
+}
