@@ -580,19 +580,41 @@ impl Checker {
     /// Networks are disjoint between domains, so an address belongs to at
     /// most one domain. Overlaps within one domain are harmless.
     fn overlapping_networks(&mut self, domains: &[Domain]) {
+        // CIDRs either nest or are disjoint, so after sorting by start
+        // address (shorter prefix first) the networks containing the
+        // current one are exactly those on a stack: O(n log n), not O(n²).
+        let mut order: Vec<usize> = (0..self.networks.len()).collect();
+        order.sort_by_key(|&i| {
+            let n = self.networks[i].value;
+            (n.network(), n.prefix_len(), i)
+        });
+        let mut stack: Vec<usize> = Vec::new();
         let mut found = Vec::new();
-        for (i, b) in self.networks.iter().enumerate() {
-            for a in &self.networks[..i] {
-                let (x, y) = (a.value, b.value);
-                if a.domain != b.domain && (x.contains(&y) || y.contains(&x)) {
+        for &i in &order {
+            let net = self.networks[i].value;
+            while let Some(&top) = stack.last() {
+                if self.networks[top].value.contains(&net) {
+                    break;
+                }
+                stack.pop();
+            }
+            for &j in &stack {
+                let (a, b) = if j < i {
+                    (&self.networks[j], &self.networks[i])
+                } else {
+                    (&self.networks[i], &self.networks[j])
+                };
+                if a.domain != b.domain {
                     let message = format!(
-                        "network `{y}` of domain `{}` overlaps `{x}` of domain `{}` (at {})",
-                        domains[b.domain].name, domains[a.domain].name, a.pos
+                        "network `{}` of domain `{}` overlaps `{}` of domain `{}` (at {})",
+                        b.value, domains[b.domain].name, a.value, domains[a.domain].name, a.pos
                     );
                     found.push((b.pos, message));
                 }
             }
+            stack.push(i);
         }
+        found.sort_by(|x, y| x.0.cmp(&y.0));
         self.problems.extend(found);
     }
 

@@ -859,3 +859,27 @@ fn jit_bridge_rules() {
     );
     assert!(err.contains("to itself"), "{err}");
 }
+
+#[test]
+fn ten_thousand_networks_are_checked_quickly_and_overlaps_still_found() {
+    let mut text =
+        String::from("version: 1\ndomains:\n  a:\n    cgroups: [\"/a\"]\n    networks: [");
+    for i in 0..5000u32 {
+        text += &format!("10.{}.{}.0/24, ", i / 256, i % 256);
+    }
+    text += "]\n  b:\n    cgroups: [\"/b\"]\n    networks: [";
+    for i in 0..5000u32 {
+        text += &format!("10.{}.{}.0/24, ", 100 + i / 256, i % 256);
+    }
+    text += "10.3.0.0/16]\n";
+    let started = std::time::Instant::now();
+    let err = parse_str(Path::new("p.yaml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // 10.3.0.0/16 of b contains 256 /24s of a.
+    assert_eq!(err.lines().count(), 256, "{}", &err[..err.len().min(400)]);
+    assert!(
+        err.contains("network `10.3.0.0/16` of domain `b` overlaps `10.3.0.0/24` of domain `a`")
+    );
+}
