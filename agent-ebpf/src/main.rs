@@ -204,35 +204,6 @@ fn first4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }
 
-/// `::a.b.c.d` (IPv4-compatible, deprecated by RFC 4291) → `a.b.c.d`; not
-/// `::` nor `::1`. The kernel routes these as IPv6, but an automatic `sit`
-/// tunnel carries them to `a.b.c.d` over IPv4 in a packet no cgroup hook
-/// sees, so they are decided as the IPv4 address they embed, like
-/// IPv4-mapped ones.
-#[inline(always)]
-fn v4_compat(a: [u8; 16]) -> Option<[u8; 4]> {
-    let mut i = 0;
-    while i < 12 {
-        if a[i] != 0 {
-            return None;
-        }
-        i += 1;
-    }
-    if a[12] == 0 && a[13] == 0 && a[14] == 0 && a[15] <= 1 {
-        return None;
-    }
-    Some([a[12], a[13], a[14], a[15]])
-}
-
-/// An IPv6 address that stands for an IPv4 one (mapped or compatible).
-#[inline(always)]
-fn v4_embedded(a: [u8; 16]) -> Option<[u8; 4]> {
-    match v4_mapped(a) {
-        Some(v4) => Some(v4),
-        None => v4_compat(a),
-    }
-}
-
 /// Domain of a peer address: its networks first, then (for a local
 /// listener) the domain of the socket that listens on it.
 #[inline(always)]
@@ -460,7 +431,9 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         (FAMILY_INET, to16(sa.user_ip4.to_ne_bytes()), hook4)
     } else {
         let raw = user_ip6(sa);
-        match v4_embedded(raw) {
+        // IPv4-compatible `::a.b.c.d` stays IPv6: the kernel routes it as
+        // IPv6, to the IPv6 address it is (docs/THREAT_MODEL.md).
+        match v4_mapped(raw) {
             Some(v4) => (FAMILY_INET, to16(v4), hook6),
             None => (FAMILY_INET6, raw, hook6),
         }
@@ -856,9 +829,9 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     } else {
         (Direction::Ingress, local_port)
     };
-    // An IPv6 peer that stands for an IPv4 address is decided as that
-    // address, as in the connect hooks; the event keeps the real header.
-    let (peer_family, peer_key) = match v4_embedded(*peer_addr) {
+    // An IPv4-mapped IPv6 peer is decided as its IPv4 address, as in the
+    // connect hooks; the event keeps the real header.
+    let (peer_family, peer_key) = match v4_mapped(*peer_addr) {
         Some(v4) if p.family == FAMILY_INET6 => (FAMILY_INET, to16(v4)),
         _ => (p.family, *peer_addr),
     };

@@ -141,6 +141,9 @@ pub fn decide(probed: &Probed, since: KernelVersion, running: Option<KernelVersi
 
 /// One kernel feature the agent uses.
 pub struct Feature {
+    /// Stable key (`lsm_cgroup`, `sock_destroy`, ...) for code that adapts
+    /// to what the kernel has ([`Report::has`]) and for `status` JSON.
+    pub id: &'static str,
     pub name: &'static str,
     /// A mainline kernel that has it: the release that introduced it where
     /// that is certain, otherwise the supported minimum (which has it).
@@ -158,6 +161,7 @@ pub fn features() -> &'static [Feature] {
     FEATURES.get_or_init(|| {
         vec![
             Feature {
+                id: "cgroup2",
                 name: "cgroup v2 (unified hierarchy) mounted",
                 since: V(4, 5),
                 need: Need::Required,
@@ -168,6 +172,7 @@ pub fn features() -> &'static [Feature] {
                 },
             },
             Feature {
+                id: "prog_cgroup_skb",
                 name: "cgroup_skb programs",
                 since: V(4, 10),
                 need: Need::Required,
@@ -175,6 +180,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || program(ProgramType::CgroupSkb),
             },
             Feature {
+                id: "prog_cgroup_sock",
                 name: "cgroup sock programs (sock_create, post_bind)",
                 since: V(4, 17),
                 need: Need::Required,
@@ -182,6 +188,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || program(ProgramType::CgroupSock),
             },
             Feature {
+                id: "prog_cgroup_sock_addr",
                 name: "cgroup sock_addr programs (connect, sendmsg)",
                 since: V(4, 18),
                 need: Need::Required,
@@ -189,6 +196,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || program(ProgramType::CgroupSockAddr),
             },
             Feature {
+                id: "cgroup_link",
                 name: "BPF link-based cgroup attach (BPF_LINK_CREATE)",
                 since: V(5, 7),
                 need: Need::Required,
@@ -196,6 +204,7 @@ pub fn features() -> &'static [Feature] {
                 probe: link_create,
             },
             Feature {
+                id: "map_lpm_trie",
                 name: "LPM trie maps",
                 since: V(4, 11),
                 need: Need::Required,
@@ -203,6 +212,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || map(MapType::LpmTrie),
             },
             Feature {
+                id: "map_lru_hash",
                 name: "LRU hash maps",
                 since: V(4, 10),
                 need: Need::Required,
@@ -210,6 +220,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || map(MapType::LruHash),
             },
             Feature {
+                id: "map_ringbuf",
                 name: "ring buffer maps (BPF_MAP_TYPE_RINGBUF)",
                 since: V(5, 8),
                 need: Need::Required,
@@ -217,6 +228,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || map(MapType::RingBuf),
             },
             Feature {
+                id: "map_sk_storage",
                 name: "socket local storage maps (BPF_MAP_TYPE_SK_STORAGE)",
                 since: V(5, 2),
                 need: Need::Required,
@@ -224,6 +236,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || map(MapType::SkStorage),
             },
             Feature {
+                id: "sk_storage_sock_addr",
                 name: "bpf_sk_storage_get in cgroup sock_addr programs",
                 since: MIN_KERNEL,
                 need: Need::Required,
@@ -231,6 +244,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_get),
             },
             Feature {
+                id: "sk_storage_sock",
                 name: "bpf_sk_storage_get in cgroup sock programs",
                 since: MIN_KERNEL,
                 need: Need::Required,
@@ -238,6 +252,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSock, BpfHelper::BPF_FUNC_sk_storage_get),
             },
             Feature {
+                id: "sk_storage_skb",
                 name: "bpf_sk_storage_get in cgroup_skb programs",
                 since: MIN_KERNEL,
                 need: Need::Required,
@@ -245,6 +260,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_sk_storage_get),
             },
             Feature {
+                id: "sk_lookup_sock_addr",
                 name: "bpf_sk_lookup_tcp/udp in cgroup sock_addr programs",
                 since: MIN_KERNEL,
                 need: Need::Required,
@@ -252,6 +268,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_lookup_tcp),
             },
             Feature {
+                id: "current_ancestor_cgroup_id",
                 name: "bpf_get_current_ancestor_cgroup_id",
                 since: V(5, 7),
                 need: Need::Required,
@@ -270,6 +287,7 @@ pub fn features() -> &'static [Feature] {
                 },
             },
             Feature {
+                id: "skb_ancestor_cgroup_id",
                 name: "bpf_skb_ancestor_cgroup_id in cgroup_skb programs",
                 since: MIN_KERNEL,
                 need: Need::Required,
@@ -277,6 +295,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_skb_ancestor_cgroup_id),
             },
             Feature {
+                id: "ktime_get_tai_ns",
                 name: "bpf_ktime_get_tai_ns",
                 since: V(6, 1),
                 need: Need::Required,
@@ -284,6 +303,7 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_ktime_get_tai_ns),
             },
             Feature {
+                id: "lsm_cgroup",
                 name: "BPF LSM cgroup hooks (lsm_cgroup, with `bpf` in the active LSMs)",
                 since: V(6, 0),
                 need: Need::Optional(
@@ -293,6 +313,7 @@ pub fn features() -> &'static [Feature] {
                 probe: lsm_cgroup,
             },
             Feature {
+                id: "sock_destroy",
                 name: "bpf_sock_destroy kfunc",
                 since: V(6, 5),
                 need: Need::Optional(
@@ -485,6 +506,16 @@ pub fn probe() -> Report {
 }
 
 impl Report {
+    /// Whether the feature with this [`Feature::id`] is usable (present, or
+    /// assumed by version when the probe could not answer). Optional
+    /// features gate what the agent loads: e.g. attach the
+    /// `lsm_cgroup/socket_create` program only when `has("lsm_cgroup")`.
+    pub fn has(&self, id: &str) -> bool {
+        self.findings
+            .iter()
+            .any(|f| f.feature.id == id && f.verdict.available())
+    }
+
     /// Required features this kernel lacks.
     pub fn missing(&self) -> impl Iterator<Item = &Finding> {
         self.findings
@@ -568,6 +599,7 @@ impl Report {
             "release": self.release,
             "minimum": MIN_KERNEL.to_string(),
             "features": self.findings.iter().map(|f| serde_json::json!({
+                "id": f.feature.id,
                 "name": f.feature.name,
                 "required": f.feature.need == Need::Required,
                 "since": f.feature.since.to_string(),
@@ -672,7 +704,7 @@ mod tests {
     fn refusal_names_the_feature_and_a_kernel_that_has_it() {
         // A 5.15 kernel: no bpf_ktime_get_tai_ns, nothing else missing.
         let r = report("5.15.0-1050-azure", |f| {
-            if f.name == "bpf_ktime_get_tai_ns" || matches!(f.need, Need::Optional(_)) {
+            if f.id == "ktime_get_tai_ns" || matches!(f.need, Need::Optional(_)) {
                 Probed::No
             } else {
                 Probed::Yes
@@ -692,7 +724,7 @@ mod tests {
     fn optional_features_only_warn() {
         // Debian 12: everything required, no bpf_sock_destroy (6.5).
         let r = report("6.1.0-56-amd64", |f| {
-            if f.name == "bpf_sock_destroy kfunc" {
+            if f.id == "sock_destroy" {
                 Probed::No
             } else {
                 Probed::Yes
@@ -745,6 +777,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn ids_are_unique_and_answer_has() {
+        let mut ids: Vec<&str> = features().iter().map(|f| f.id).collect();
+        ids.sort_unstable();
+        let n = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), n);
+        let r = report("6.1.0-56-amd64", |f| {
+            if f.id == "sock_destroy" {
+                Probed::No
+            } else {
+                Probed::Yes
+            }
+        });
+        assert!(r.has("lsm_cgroup"));
+        assert!(!r.has("sock_destroy"));
+        assert!(!r.has("no_such_feature"));
     }
 
     #[test]

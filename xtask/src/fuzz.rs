@@ -104,15 +104,14 @@ pub fn run_fuzz(args: Args) -> Result<()> {
         let (ok, outcome) = run_filtered(&mut cmd)?;
         let took = t0.elapsed().as_secs_f64();
         if !ok {
-            let at = outcome
-                .artifact
-                .clone()
-                .unwrap_or_else(|| format!("fuzz/artifacts/{target}/"));
-            bail!(
-                "fuzz target `{target}` failed; the input is in {at}\n  \
-                 reproduce: cargo +nightly fuzz run {target} {at}\n  \
-                 then add it to the agent's unit tests as a regression test"
-            );
+            match &outcome.artifact {
+                Some(at) => bail!(
+                    "fuzz target `{target}` crashed; the input is in {at}\n  \
+                     reproduce: cargo +nightly fuzz run {target} {at}\n  \
+                     then add it to the agent's unit tests as a regression test"
+                ),
+                None => bail!("fuzz target `{target}` failed without a crashing input (see above)"),
+            }
         }
         results.push((*target, took, outcome));
     }
@@ -176,7 +175,7 @@ fn run_filtered(cmd: &mut Command) -> Result<(bool, Outcome)> {
 }
 
 fn is_progress(line: &str) -> bool {
-    line.starts_with('#') && !line.contains("DONE")
+    (line.starts_with('#') && !line.contains("DONE")) || line.trim_start().starts_with("NEW_FUNC")
 }
 
 /// Picks the numbers out of libFuzzer's output.

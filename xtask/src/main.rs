@@ -55,6 +55,10 @@ enum Task {
         /// SQLite) when missing, and checks the result has no interpreter.
         #[arg(long = "static")]
         static_build: bool,
+        /// With --static: agent features to enable, comma-separated (`k8s`
+        /// for the Kubernetes pod mapping the DaemonSet image uses).
+        #[arg(long, value_delimiter = ',', requires = "static_build")]
+        features: Vec<String>,
     },
     /// Run every check CI runs; as root, the privileged end-to-end tests too.
     ///
@@ -112,8 +116,10 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::setup(),
         Task::Build {
-            static_build: true, ..
-        } => vmtest::build_static_task().map(|bin| {
+            static_build: true,
+            features,
+            ..
+        } => vmtest::build_static_task(&features).map(|bin| {
             eprintln!("built {} (static)", bin.display());
         }),
         Task::Build { release, .. } => build(release).map(|bin| {

@@ -47,7 +47,8 @@ const MARK: &str = "BHVM";
 #[derive(clap::Args)]
 pub struct Args {
     /// The kernel to boot: `debian-6.1` (Debian 12's newest
-    /// linux-image-6.1.0-*-amd64, fetched with `apt-get download`), `host`
+    /// linux-image-6.1.0-*-amd64, fetched with `apt-get download`), another
+    /// series the apt sources carry (`debian-6.12`), `host`
     /// (/boot/vmlinuz-$(uname -r) with its modules), or a path to a kernel
     /// `.deb` or a bare kernel image (bzImage; veth must then be built in).
     #[arg(long, default_value = "debian-6.1", value_name = "KERNEL")]
@@ -93,20 +94,24 @@ fn target_dir() -> PathBuf {
     )
 }
 
-/// `cargo build --release -p agent --target x86_64-unknown-linux-musl`,
-/// checked to be statically linked; returns the binary's path
-/// (`target/x86_64-unknown-linux-musl/release/bulkhead`).
-pub fn build_static() -> Result<PathBuf> {
-    run(cargo()
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "agent",
-            "--target",
-            MUSL_TARGET,
-        ])
-        .args(locked()))?;
+/// `cargo build --release -p agent --target x86_64-unknown-linux-musl
+/// [--features F]`, checked to be statically linked; returns the binary's
+/// path (`target/x86_64-unknown-linux-musl/release/bulkhead`).
+pub fn build_static(features: &[String]) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "agent",
+        "--target",
+        MUSL_TARGET,
+    ])
+    .args(locked());
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    run(&mut cmd)?;
     let bin = target_dir()
         .join(MUSL_TARGET)
         .join("release")
@@ -132,9 +137,9 @@ pub fn build_static() -> Result<PathBuf> {
 }
 
 /// `cargo xtask build --static`.
-pub fn build_static_task() -> Result<PathBuf> {
+pub fn build_static_task(features: &[String]) -> Result<PathBuf> {
     setup::setup_static()?;
-    build_static()
+    build_static(features)
 }
 
 /// The test executables (by target name) and the `probe` helper, built
@@ -233,6 +238,8 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 export HOME=/root TERM=dumb RUST_BACKTRACE=1
 export BULKHEAD_BIN=/bh/bulkhead BULKHEAD_TEST_GEO_DB=/bh/geo.mmdb
+# Under TCG the verifier alone takes a minute per agent start.
+export BULKHEAD_TEST_READY_SECS=900
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -246,11 +253,22 @@ mount -t securityfs securityfs /sys/kernel/security
 {modules}ip link set lo up
 hostname bhvm
 echo "{MARK} start kernel=$(uname -r) lsm=$(cat /sys/kernel/security/lsm) cpus=$(nproc) mem=$(free -m | awk '/Mem:/{{print $2}}')M"
-# The agent once, for its startup lines (kernel probe warnings) on this kernel.
+# The agent once: its startup lines (kernel probe warnings, or why it
+# refuses) on this kernel, and how long it takes to enforce here.
 mkdir -p /sys/fs/cgroup/bhsmoke/a
-timeout -s INT 5 /bh/bulkhead run --policy /bh/smoke.yaml --cgroup-root /sys/fs/cgroup/bhsmoke \
-  --bpffs-dir /sys/fs/bpf/bhsmoke --no-stdout-events --run-dir /run/bhsmoke --state-dir /var/lib/bhsmoke 2>&1 \
-  | sed 's/^/{MARK} smoke: /'
+t0=$(date +%s)
+/bh/bulkhead run --policy /bh/smoke.yaml --cgroup-root /sys/fs/cgroup/bhsmoke \
+  --bpffs-dir /sys/fs/bpf/bhsmoke --no-stdout-events --run-dir /run/bhsmoke \
+  --state-dir /var/lib/bhsmoke >/tmp/smoke.log 2>&1 &
+pid=$!
+i=0
+while [ $i -lt 900 ] && kill -0 $pid 2>/dev/null && ! grep -q enforcing /tmp/smoke.log; do
+  sleep 1; i=$((i+1))
+done
+ok=0; grep -q enforcing /tmp/smoke.log && ok=1
+echo "{MARK} agent-start secs=$(( $(date +%s) - t0 )) ok=$ok"
+kill -INT $pid 2>/dev/null; wait $pid
+sed 's/^/{MARK} smoke: /' /tmp/smoke.log
 /bh/bulkhead detach --force --bpffs-dir /sys/fs/bpf/bhsmoke >/dev/null 2>&1
 rmdir /sys/fs/cgroup/bhsmoke/a /sys/fs/cgroup/bhsmoke 2>/dev/null
 "#
@@ -387,6 +405,11 @@ struct Outcome {
     done: bool,
     boot_secs: Option<f64>,
     smoke: Vec<String>,
+    /// Seconds the guest's agent took from start to enforcing (or to
+    /// giving up).
+    agent_start_secs: Option<u64>,
+    /// Whether the guest's agent reached "enforcing" in the smoke run.
+    agent_started: bool,
 }
 
 /// Parses one console line into `o` (`suite` is the suite running now).
@@ -406,6 +429,10 @@ fn parse_line(o: &mut Outcome, suite: &mut Option<String>, line: &str, at: f64, 
                 o.suite_secs.insert(name.to_string(), at - *t0);
             }
             *suite = None;
+        } else if let Some(rest) = rest.strip_prefix("agent-start secs=") {
+            let (secs, ok) = rest.split_once(" ok=").unwrap_or((rest, "0"));
+            o.agent_start_secs = secs.trim().parse().ok();
+            o.agent_started = ok.trim() == "1";
         } else if let Some(s) = rest.strip_prefix("smoke: ") {
             o.smoke.push(s.to_string());
         } else if rest == "done" {
@@ -565,7 +592,7 @@ pub fn run_task(args: Args) -> Result<()> {
     }
 
     let build = Instant::now();
-    let agent = build_static()?;
+    let agent = build_static(&[])?;
     let bins = build_tests()?;
     let build_secs = build.elapsed().as_secs_f64();
     let suites: Vec<String> = if !args.suites.is_empty() {
@@ -666,10 +693,15 @@ pub fn run_task(args: Args) -> Result<()> {
         .filter(|s| o.suite_rc.get(*s) != Some(&0))
         .cloned()
         .collect();
-    if !o.done || !failed.is_empty() || !bad_suites.is_empty() {
+    if !o.done || !o.agent_started || !failed.is_empty() || !bad_suites.is_empty() {
         bail!(
-            "vm-test on {} failed: {} test(s) failed{}{}",
+            "vm-test on {} failed: {}{} test(s) failed{}{}",
             kernel.label,
+            if o.agent_started {
+                ""
+            } else {
+                "the agent did not start (see the `agent:` lines above); "
+            },
             failed.len(),
             if bad_suites.is_empty() {
                 String::new()
@@ -703,7 +735,11 @@ fn report(
     eprintln!();
     eprintln!("vm-test results: {} under QEMU/{accel}", kernel.label);
     for line in &o.smoke {
-        if line.contains("warning") || line.contains("error") || line.contains("lacks") {
+        if line.contains("warning")
+            || line.contains("error")
+            || line.contains("lacks")
+            || line.contains("Verifier output")
+        {
             eprintln!("  agent: {line}");
         }
     }
@@ -729,8 +765,9 @@ fn report(
     let pass = o.tests.iter().filter(|t| t.result == "ok").count();
     let fail = o.tests.iter().filter(|t| t.result == "FAILED").count();
     eprintln!(
-        "  {pass} passed, {fail} failed; boot {} s, VM {vm_secs:.1} s, static builds {build_secs:.1} s, total {total_secs:.1} s",
+        "  {pass} passed, {fail} failed; boot {} s, agent start {} s, VM {vm_secs:.1} s, static builds {build_secs:.1} s, total {total_secs:.1} s",
         o.boot_secs.map_or("?".into(), |b| format!("{b:.1}")),
+        o.agent_start_secs.map_or("?".into(), |b| b.to_string()),
     );
 }
 
@@ -746,6 +783,7 @@ mod tests {
         let lines = [
             "[    0.000000] Linux version 6.1.0-56-amd64",
             "BHVM start kernel=6.1.0-56-amd64 lsm=lockdown,capability,bpf cpus=2 mem=1987M",
+            "BHVM agent-start secs=68 ok=1",
             "BHVM smoke: bulkhead: warning: optional kernel feature missing: bpf_sock_destroy kfunc",
             "test outside_a_suite ... ok",
             "BHVM suite-start domains",
@@ -762,6 +800,8 @@ mod tests {
         }
         assert!(o.started && o.done);
         assert_eq!(o.boot_secs, Some(1.0));
+        assert_eq!(o.agent_start_secs, Some(68));
+        assert!(o.agent_started);
         assert_eq!(o.smoke.len(), 1);
         assert_eq!(o.suite_rc["domains"], 101);
         assert_eq!(o.suite_secs["domains"], 6.0);

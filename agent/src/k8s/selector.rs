@@ -1,12 +1,16 @@
 //! Choosing pods by namespace and labels, and turning the chosen pods into
 //! `(cgroup id, domain)` entries for the kernel's cgroup map.
 //!
-//! Semantics follow Kubernetes label selectors: a pod matches when it is in
-//! one of `namespaces` (any namespace when the list is empty), carries every
-//! label of `match_labels`, and meets every requirement of
-//! `match_expressions`. A selector with no conditions at all matches
-//! nothing (an empty selector is almost always a mistake, and "every pod"
-//! is better said with a cgroup path).
+//! Semantics follow Kubernetes label selectors, inside namespaces: a pod
+//! matches when it is in one of `namespaces`, carries every label of
+//! `match_labels`, and meets every requirement of `match_expressions`.
+//!
+//! `namespaces` is required: a selector without namespaces matches nothing.
+//! Labels are chosen by whoever creates the pod, so a label-only selector
+//! would let anyone allowed to create pods anywhere put them into that
+//! domain (a contractor's pod labelled `tier: production`). Namespaces are
+//! where Kubernetes draws its authorization lines, so they are the part of
+//! a selector a workload cannot choose for itself.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -50,7 +54,7 @@ impl Requirement {
 /// Which pods a domain holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodSelector {
-    /// Namespaces the pods may be in; empty = any.
+    /// Namespaces the pods may be in; required (empty matches nothing).
     pub namespaces: Vec<String>,
     pub match_labels: BTreeMap<String, String>,
     pub match_expressions: Vec<Requirement>,
@@ -58,13 +62,7 @@ pub struct PodSelector {
 
 impl PodSelector {
     pub fn matches(&self, pod: &PodInfo) -> bool {
-        if self.namespaces.is_empty()
-            && self.match_labels.is_empty()
-            && self.match_expressions.is_empty()
-        {
-            return false;
-        }
-        (self.namespaces.is_empty() || self.namespaces.contains(&pod.namespace))
+        self.namespaces.contains(&pod.namespace)
             && self
                 .match_labels
                 .iter()
@@ -99,8 +97,21 @@ pub struct Assignments {
     /// (a pod's labels must never pick the more generous of two domains).
     pub conflicts: Vec<(String, Vec<usize>)>,
     /// Pods a selector matches whose cgroup does not exist (yet): the
-    /// kubelet has not started them, or they run on another node.
+    /// kubelet has not started them, or they run on another node. Pods that
+    /// have finished (`Succeeded`, `Failed`) are left out: their cgroups
+    /// are gone for good.
     pub pending: Vec<String>,
+}
+
+impl Assignments {
+    /// `(cgroup id, kernel domain id, path)`, the shape of
+    /// `Compiled::cgroups` (the kernel's domain id is `index + 1`).
+    pub fn cgroup_entries(&self) -> Vec<(u64, u32, String)> {
+        self.assigned
+            .iter()
+            .map(|a| (a.cgroup_id, a.domain as u32 + 1, a.cgroup.clone()))
+            .collect()
+    }
 }
 
 /// Matches every pod against every domain's selectors (`(domain index,
@@ -114,6 +125,9 @@ pub fn assign(
 ) -> Assignments {
     let mut out = Assignments::default();
     for pod in pods {
+        if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            continue;
+        }
         let domains: BTreeSet<usize> = selectors
             .iter()
             .filter(|(_, s)| s.matches(pod))

@@ -414,10 +414,17 @@ fn k8s_selectors_match_like_kubernetes_label_selectors() {
     };
     assert!(by_ns.matches(&b));
     let by_label = PodSelector {
+        namespaces: vec!["contractor-acme".into(), "ci".into()],
         match_labels: labels(&[("team", "acme")]),
         ..Default::default()
     };
     assert!(by_label.matches(&b));
+    // Labels alone select nothing: whoever creates a pod picks its labels.
+    let label_only = PodSelector {
+        match_labels: labels(&[("team", "acme")]),
+        ..Default::default()
+    };
+    assert!(!label_only.matches(&b));
     let both_wrong_ns = PodSelector {
         namespaces: vec!["production".into()],
         match_labels: labels(&[("team", "acme")]),
@@ -425,6 +432,7 @@ fn k8s_selectors_match_like_kubernetes_label_selectors() {
     };
     assert!(!both_wrong_ns.matches(&b));
     let req = |key: &str, operator, values: &[&str]| PodSelector {
+        namespaces: vec!["contractor-acme".into()],
         match_expressions: vec![Requirement {
             key: key.into(),
             operator,
@@ -456,7 +464,10 @@ fn k8s_assigns_matched_pods_to_domains_by_cgroup() {
         namespaces: vec!["contractor-acme".into()],
         ..Default::default()
     };
+    // (Also listing contractor-acme, so that a relabelled contractor pod
+    // below shows the conflict rule.)
     let production = PodSelector {
+        namespaces: vec!["production".into(), "contractor-acme".into()],
         match_labels: labels(&[("tier", "production")]),
         ..Default::default()
     };
@@ -484,10 +495,31 @@ fn k8s_assigns_matched_pods_to_domains_by_cgroup() {
             },
         ]
     );
+    assert_eq!(
+        got.cgroup_entries(),
+        [
+            (
+                t.id(&layouts[0].pod_path(b.qos, &b.uid)),
+                1,
+                layouts[0].pod_path(b.qos, &b.uid)
+            ),
+            (
+                t.id(&layouts[0].pod_path(g.qos, &g.uid)),
+                3,
+                layouts[0].pod_path(g.qos, &g.uid)
+            ),
+        ]
+    );
     // The pending contractor pod has no cgroup yet; core-staging's pod
     // matches no selector.
     assert_eq!(got.pending, ["contractor-acme/ci-runner-7d9f8b6c5d-q8v4z"]);
     assert!(got.conflicts.is_empty());
+
+    // Finished pods have no cgroup and never will.
+    let mut done = p.clone();
+    done.phase = Some("Succeeded".into());
+    let got = assign(&selectors, &[done], t.mount(), &layouts);
+    assert_eq!(got, Assignments::default());
 
     // A pod two domains claim gets neither.
     let mut labelled = b.clone();

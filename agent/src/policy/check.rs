@@ -614,7 +614,7 @@ impl Checker {
             }
             stack.push(i);
         }
-        found.sort_by(|x, y| x.0.cmp(&y.0));
+        found.sort_by_key(|x| x.0);
         self.problems.extend(found);
     }
 

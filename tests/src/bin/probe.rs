@@ -308,6 +308,7 @@ fn main() -> ExitCode {
 //                                         cgroup.procs is PROCS, then connect (tcp) / sendto (udp)
 //   probe move PROCS CMD...               move into that cgroup, then run CMD
 //   probe thread CMD...                   run CMD on a new thread
+//   probe as-user UID CMD...              drop to UID/GID (and so every capability), then run CMD
 //   probe testrun LINK                    BPF_PROG_TEST_RUN of the program behind the pinned
 //                                         link LINK on every hex packet read from stdin (one a
 //                                         line, Ethernet header included); prints each return
@@ -816,6 +817,13 @@ fn bypass(a: &[&str]) -> Option<String> {
         ["packet-send", to] => packet_send(addr(to)),
         // SOCK_PACKET is the obsolete spelling of AF_PACKET that the
         // kernel still converts; the test checks it is refused the same way.
+        ["raw4"] => raw(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+        ["raw6"] => raw(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6),
+        ["packet"] => raw(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        ),
         ["inet-sock-packet"] => raw(
             libc::AF_INET,
             #[expect(deprecated, reason = "the obsolete spelling is the point")]
@@ -842,6 +850,21 @@ fn bypass(a: &[&str]) -> Option<String> {
             .expect("thread")?
         }
         ["testrun", link] => testrun(link),
+        ["as-user", uid, rest @ ..] => {
+            let id: libc::uid_t = uid.parse().expect("uid");
+            // SAFETY: plain credential syscalls; a failure is fatal below.
+            let ok = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setgid(id) == 0
+                    && libc::setuid(id) == 0
+            };
+            assert!(
+                ok,
+                "dropping to uid {id}: {}",
+                std::io::Error::last_os_error()
+            );
+            bypass(rest)?
+        }
         _ => return None,
     })
 }

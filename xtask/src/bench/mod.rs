@@ -88,10 +88,10 @@ impl Params {
                 repeat: 50,
                 rounds: 3,
                 load_reps: 1,
-                check_reps: 2,
+                check_reps: 1,
                 nft_reps: 1,
                 update_reps: 1,
-                net_rounds: 2,
+                net_rounds: 1,
                 net_secs: 1,
                 storm_n: 20_000,
             }

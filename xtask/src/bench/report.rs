@@ -137,8 +137,14 @@ pub fn bar_chart(
     );
     // Legend below the plot.
     let mut lx = left;
-    let ly = h - 40.0;
+    let mut ly = h - 44.0;
     for (si, (name, _)) in series.iter().enumerate() {
+        let width = 30.0 + name.chars().count() as f64 * 6.5;
+        if lx > left && lx + width > w - right {
+            // Next row.
+            lx = left;
+            ly += 18.0;
+        }
         let _ = writeln!(
             s,
             r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
@@ -148,7 +154,7 @@ pub fn bar_chart(
             ly,
             esc(name)
         );
-        lx += 30.0 + name.len() as f64 * 7.0;
+        lx += width;
     }
     s.push_str("</svg>\n");
     s
@@ -512,19 +518,46 @@ fn markdown(r: &Value) -> String {
         }
     }
     let di = &r["decision"]["direct_index"];
-    let (dw, dc) = timing(r, "direct:geo_v4", "allowed-v4");
-    if dw.is_finite() {
+    for set in ["allowed-v4", "random-v4"] {
+        let (dw, dc) = timing(r, "direct:geo_v4", set);
+        if dw.is_finite() {
+            let _ = writeln!(
+                s,
+                "| prototype: two-level direct index of the full policy's IPv4 verdicts ({:.1} MiB array + {:.0} KiB hash), on {set} | {} split /24s in level 2 | {dw:.1} ns | {dc:.1} ns |",
+                f(&di["level1_bytes"]) / 1048576.0,
+                f(&di["level2_bytes"]) / 1024.0,
+                di["split_blocks_24"],
+            );
+        }
+    }
+    if di.is_object() {
+        let verdicts: Vec<String> = di["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                format!(
+                    "it allows {} packets of {} where the policy allows {} ({})",
+                    v["allowed_by_prototype"],
+                    v["set"].as_str().unwrap_or(""),
+                    v["allowed_by_policy"],
+                    if v["matches"].as_bool().unwrap_or(false) {
+                        "matches the policy"
+                    } else {
+                        "**differs**"
+                    }
+                )
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "| prototype: direct-index table, 2-bit class per IPv4 /24 ({:.1} MiB array, `BPF_F_MMAPABLE`), on allowed-v4 | {} /24 blocks, {} split | {dw:.1} ns | {dc:.1} ns |",
-            f(&di["table_bytes"]) / 1048576.0,
-            di["blocks_24"],
-            di["split_blocks_24"],
-        );
-        let _ = writeln!(
-            s,
-            "
-The prototype holds the full policy's IPv4 verdicts (allowed / not allowed) at /24 granularity; {} of {} allowed-v4 packets fall in a *split* /24 (a boundary inside the block), which a real table would send on to a small trie of the longer prefixes.",
+            "\nThe prototype is another layout for the same IPv4 country verdicts (DIR-24-8 with 2-bit classes): \
+             level 1 is one `BPF_F_MMAPABLE` array with a class per /24 (allowed, denied, or split: a range \
+             boundary inside the /24), written by the agent with one memory copy; level 2 is a hash of the split /24s \
+             with a class per address. Its return value is the allow bit, checked against the database: {}. \
+             {} of {} allowed-v4 packets land in a split /24 and take the second lookup (addresses sampled uniformly \
+             over ranges, so small ranges are over-represented).",
+            verdicts.join("; "),
             di["allowed_v4_packets_in_split_blocks"],
             di["allowed_v4_packets"]
         );
@@ -611,10 +644,11 @@ The prototype holds the full policy's IPv4 verdicts (allowed / not allowed) at /
     let nft = &r["network"]["nft"];
     let _ = writeln!(
         s,
-        "| nftables, same sets | {} IPv4 + {} IPv6 interval elements | | {:.0} ms (`nft -f`) | | | |",
+        "| nftables, same sets | {} IPv4 + {} IPv6 interval elements | | {:.0} ms ({:.0} ms) `nft -f` | | | | |",
         nft["elements_v4"],
         nft["elements_v6"],
-        f(&nft["load_ms"])
+        f(&nft["load_ms"]),
+        f(&nft["load_cpu_ms"])
     );
     let _ = writeln!(
         s,
@@ -662,8 +696,19 @@ The prototype holds the full policy's IPv4 verdicts (allowed / not allowed) at /
         let _ = writeln!(
             s,
             "\nGeo prefixes the full policy loads: {} IPv4 + {} IPv6 (every placed range, merged by verdict). \
-             Prefixes covering only the *allowed* ranges (DE/FR/NL + geofeed): {} IPv4 + {} IPv6.",
-            ga["loaded_v4"], ga["loaded_v6"], ga["allowed_only_v4"], ga["allowed_only_v6"]
+             Prefixes covering only the *allowed* ranges (DE/FR/NL + geofeed; {} + {} ranges): {} IPv4 + {} IPv6 — \
+             with `unknown_country: deny` an allow-list needs nothing else. Blocks that hold a boundary of the \
+             allowed set: {} IPv4 /24s; {} IPv6 /32s and {} IPv6 /48s (what a direct-index first level would send \
+             on to a second).",
+            ga["loaded_v4"],
+            ga["loaded_v6"],
+            ga["allowed_ranges_v4"],
+            ga["allowed_ranges_v6"],
+            ga["allowed_only_v4"],
+            ga["allowed_only_v6"],
+            ga["split_v4_24"],
+            ga["split_v6_32"],
+            ga["split_v6_48"]
         );
     }
 
@@ -847,11 +892,15 @@ fn analysis(r: &Value) -> String {
         "- **Load time.** `bulkhead check` (parse, read the DB, compile) takes {check:.0} ms of the {ready:.0} ms to \
          READY; the rest ({:.0} ms) is loading and verifying the programs ({:.0} ms on its own with the empty \
          policy) and writing the maps — one `BPF_MAP_UPDATE_ELEM` syscall and one trie-node allocation per \
-         prefix. nftables needs {:.0} ms for fewer, range-shaped elements. With 10k networks `check` alone \
-         takes {:.0} ms against {:.0} ms with 20: the policy check compares every pair of networks.",
+         prefix. In CPU time: {:.0} ms to READY, {:.0} ms of it in `check`. nftables needs {:.0} ms ({:.0} ms \
+         CPU) for fewer, range-shaped elements. With 10k networks `check` alone takes {:.0} ms against {:.0} ms \
+         with 20: the policy check compares every pair of networks.",
         ready - check,
         f(&policy(r, "empty")["ready_ms"]) - f(&policy(r, "empty")["check_ms"]),
+        f(&p["ready_cpu_ms"]),
+        f(&p["check_cpu_ms"]),
         f(&r["network"]["nft"]["load_ms"]),
+        f(&r["network"]["nft"]["load_cpu_ms"]),
         f(&policy(r, "n10k")["check_ms"]),
         f(&policy(r, "d10")["check_ms"]),
     );
@@ -891,7 +940,7 @@ fn analysis(r: &Value) -> String {
          figures, closer to the cold ones: on the real path every packet of a request/response meets caches the \
          rest of the stack has just used. A UDP message sent with `sendto()` pays `sendmsg4` (including a \
          listener lookup, `bpf_sk_lookup_udp`, for every destination outside the domains) and `bh_egress`; a TCP \
-         transaction pays `bh_egress` and `bh_ingress` on the client.",
+         transaction pays `bh_egress` and `bh_ingress` on the client.{}",
         100.0 * f(&rr["modes"]["bulkhead"]["ratio_to_none"]),
         per(rr, "bulkhead"),
         100.0 * f(&rr["modes"]["nftables"]["ratio_to_none"]),
@@ -903,6 +952,17 @@ fn analysis(r: &Value) -> String {
         ns("bh_egress"),
         ns("bh_ingress"),
         ns("bh_sendmsg4"),
+        if rr["modes"]["bulkhead_nogeo"].is_object() {
+            format!(
+                " A domain without country rules costs nearly the same (TCP_RR {:.1}%, UDP send rate {:.1}%): on the \
+                 wire the fixed part of every decision (hooks, cgroup walk, socket storage, listener lookup) \
+                 weighs more than the geo lookup.",
+                100.0 * f(&rr["modes"]["bulkhead_nogeo"]["ratio_to_none"]),
+                100.0 * f(&tp["modes"]["bulkhead_nogeo"]["ratio_to_none"]),
+            )
+        } else {
+            String::new()
+        },
     );
     let (dw, _) = timing(r, "direct:geo_v4", "allowed-v4");
     if dw.is_finite() {

@@ -74,6 +74,11 @@ pub fn phase(ctx: &Ctx, spec: &Spec) -> Result<Value> {
             vec!["--event-rate", "0"],
         ),
         (
+            "unlimited_no_db",
+            "no rate limit, 1 MiB ring, no SQLite audit store",
+            vec!["--event-rate", "0", "--no-audit-db"],
+        ),
+        (
             "default",
             "default limits (1000/s per cgroup, burst 2000)",
             vec![],
@@ -84,6 +89,9 @@ pub fn phase(ctx: &Ctx, spec: &Spec) -> Result<Value> {
             vec!["--event-rate", "0", "--ring-buffer-bytes", "16384"],
         ),
     ] {
+        if ctx.quick && key == "unlimited_no_db" {
+            continue;
+        }
         let mut agent = ctx.start_agent(&format!("storm-{key}"), &policy, &extra)?;
         let before = counters(&agent)?;
         let start = Instant::now();

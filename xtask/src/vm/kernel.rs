@@ -44,28 +44,50 @@ pub struct Kernel {
     pub config: Option<String>,
 }
 
-/// Resolves `--kernel`: `debian-6.1`, `host`, a `.deb`, or an image path.
+/// Resolves `--kernel`: `debian-6.1` (or another `debian-X.Y` series the
+/// apt sources carry, e.g. `debian-6.12`), `host`, a `.deb`, or an image path.
 pub fn resolve(which: &str, cache: &Path) -> Result<Kernel> {
     match which {
-        "debian-6.1" => debian_61(cache),
         "host" => host(),
+        series if series.starts_with("debian-") && !series.ends_with(".deb") => {
+            debian(&series["debian-".len()..], cache)
+        }
         path if path.ends_with(".deb") => from_deb(Path::new(path), cache, "custom"),
         path => from_image(Path::new(path)),
     }
 }
 
-/// The newest `linux-image-6.1.0-N-amd64` the apt sources offer (Debian 12).
-fn debian_61(cache: &Path) -> Result<Kernel> {
-    let list = run_capture(Command::new("apt-cache").args([
-        "search",
-        "--names-only",
-        r"^linux-image-6\.1\.0-[0-9]+-amd64$",
-    ]))?;
-    let Some(pkg) = newest_abi(&list) else {
-        bail!(
-            "apt-cache knows no linux-image-6.1.0-*-amd64 package: run `apt-get update` on a Debian 12 \
-             (bookworm) host, or add bookworm to the apt sources; or pass --kernel PATH.deb"
-        );
+/// The newest Debian kernel package of `series` (`6.1`: the
+/// `linux-image-6.1.0-N-amd64` with the highest N, Debian 12's own kernel;
+/// others through their `linux-image-X.Y-amd64` meta-package, e.g. 6.12,
+/// which Debian 12 also carries), downloaded and unpacked once.
+fn debian(series: &str, cache: &Path) -> Result<Kernel> {
+    if !series
+        .split('.')
+        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+    {
+        bail!("--kernel debian-{series}: expected a series like debian-6.1 or debian-6.12");
+    }
+    let pattern = format!(
+        r"^linux-image-{}\.0-[0-9]+-amd64$",
+        series.replace('.', r"\.")
+    );
+    let list = run_capture(Command::new("apt-cache").args(["search", "--names-only", &pattern]))?;
+    let pkg = match newest_abi(&list, series) {
+        Some(pkg) => pkg,
+        None => {
+            let meta = format!("linux-image-{series}-amd64");
+            let deps = crate::cmd::probe(Command::new("apt-cache").args(["depends", &meta]))
+                .unwrap_or_default();
+            match meta_target(&deps) {
+                Some(pkg) => pkg,
+                None => bail!(
+                    "apt-cache knows no Debian {series} kernel (linux-image-{series}.0-*-amd64 or {meta}): \
+                     run `apt-get update` on a Debian 12 (bookworm) host, or add bookworm to the apt \
+                     sources; or pass --kernel PATH.deb"
+                ),
+            }
+        }
     };
     let dir = cache.join(&pkg);
     if !dir.join("vmlinuz").is_file() {
@@ -82,7 +104,20 @@ fn debian_61(cache: &Path) -> Result<Kernel> {
         eprintln!("  ok   {pkg} (cached in {})", dir.display());
     }
     let release = pkg.trim_start_matches("linux-image-").to_string();
-    cached(&dir, &format!("debian-6.1 ({release})"), "debian-6.1")
+    cached(
+        &dir,
+        &format!("debian-{series} ({release})"),
+        &format!("debian-{series}"),
+    )
+}
+
+/// The kernel package a meta-package depends on (`apt-cache depends`).
+fn meta_target(deps: &str) -> Option<String> {
+    deps.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(str::trim)
+        .find(|d| d.starts_with("linux-image-") && d.ends_with("-amd64"))
+        .map(str::to_string)
 }
 
 /// Extracts a kernel package and keeps only the image, its config and the
@@ -213,15 +248,14 @@ fn host() -> Result<Kernel> {
     })
 }
 
-/// The `linux-image-6.1.0-N-amd64` with the highest N in `apt-cache
+/// The `linux-image-SERIES.0-N-amd64` with the highest N in `apt-cache
 /// search` output.
-fn newest_abi(list: &str) -> Option<String> {
+fn newest_abi(list: &str, series: &str) -> Option<String> {
+    let prefix = format!("linux-image-{series}.0-");
     list.lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter_map(|name| {
-            let abi = name
-                .strip_prefix("linux-image-6.1.0-")?
-                .strip_suffix("-amd64")?;
+            let abi = name.strip_prefix(&prefix)?.strip_suffix("-amd64")?;
             Some((abi.parse::<u32>().ok()?, name.to_string()))
         })
         .max()
@@ -419,10 +453,17 @@ mod tests {
                     linux-image-6.1.0-9-amd64 - Linux 6.1 for 64-bit PCs (signed)\n\
                     linux-image-6.1.0-60-cloud-amd64 - Linux 6.1 for x86-64 cloud (signed)\n";
         assert_eq!(
-            newest_abi(list).as_deref(),
+            newest_abi(list, "6.1").as_deref(),
             Some("linux-image-6.1.0-56-amd64")
         );
-        assert_eq!(newest_abi(""), None);
+        assert_eq!(newest_abi(list, "6.12"), None);
+        assert_eq!(newest_abi("", "6.1"), None);
+        let deps = "linux-image-6.12-amd64\n  Depends: linux-image-6.12.117+deb12-amd64\n";
+        assert_eq!(
+            meta_target(deps).as_deref(),
+            Some("linux-image-6.12.117+deb12-amd64")
+        );
+        assert_eq!(meta_target("E: No packages found"), None);
     }
 
     #[test]
