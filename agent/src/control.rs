@@ -50,6 +50,10 @@ pub struct Filter {
     pub reason: Option<String>,
     /// Only events at most this old (seconds).
     pub since_secs: Option<u64>,
+    /// Events buffered for this subscriber before it starts losing them
+    /// (default 16384, at most 65536).
+    #[serde(default)]
+    pub queue: Option<usize>,
 }
 
 impl Filter {
@@ -262,7 +266,7 @@ impl Hub {
         if !follow {
             return (backlog, None);
         }
-        let (tx, rx) = mpsc::sync_channel(SUB_QUEUE);
+        let (tx, rx) = mpsc::sync_channel(filter.queue.unwrap_or(SUB_QUEUE).clamp(64, 1 << 16));
         let lost = Arc::new(AtomicU64::new(0));
         self.subs.lock().expect("hub lock").push(Sub {
             tx,

@@ -167,8 +167,9 @@ fn explain_load_error(e: anyhow::Error) -> anyhow::Error {
 
 /// Attaches every program to `cgroup_root` with `BPF_F_ALLOW_MULTI`, pins
 /// the new links, and retires links pinned by an earlier agent only after
-/// all new ones are attached.
-pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<()> {
+/// all new ones are attached. Returns why packet sockets are not refused,
+/// or `None` when they are.
+pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<Option<String>> {
     let cgroup = fs::File::open(cgroup_root)
         .with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
     // These attach as BPF links, which the kernel always attaches with
@@ -213,6 +214,15 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<()
         };
         fresh.push((name, link));
     }
+    // Packet sockets are only visible to the BPF LSM hook; it is optional
+    // because many kernels run without BPF LSM.
+    let packet_sockets = match attach_lsm(ebpf, &cgroup) {
+        Ok(link) => {
+            fresh.push((LSM_PROGRAM, link));
+            None
+        }
+        Err(e) => Some(format!("{e:#}")),
+    };
     fs::create_dir_all(pins.links())
         .with_context(|| format!("creating {}", pins.links().display()))?;
     for (name, link) in fresh {
@@ -221,7 +231,31 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<()
         link.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
     }
-    Ok(())
+    Ok(packet_sockets)
+}
+
+/// The `lsm_cgroup/socket_create` program refusing packet sockets.
+pub const LSM_PROGRAM: &str = "bh_socket_create";
+
+fn attach_lsm(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink> {
+    let lsms = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    if !lsms.split(',').any(|l| l.trim() == "bpf") {
+        bail!(
+            "BPF LSM is not active (/sys/kernel/security/lsm: {:?}; boot with lsm=...,bpf)",
+            lsms.trim()
+        );
+    }
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let p: &mut aya::programs::LsmCgroup = ebpf
+        .program_mut(LSM_PROGRAM)
+        .ok_or_else(|| anyhow!("program {LSM_PROGRAM} missing from the object"))?
+        .try_into()?;
+    // EPERM here means the kernel (or a lockdown) refuses LSM programs,
+    // not missing privileges: the cgroup programs loaded fine.
+    p.load("socket_create", &btf)
+        .context("the kernel refused the BPF LSM program")?;
+    let id = p.attach(cgroup).context("attaching the BPF LSM program")?;
+    Ok(p.take_link(id)?.into())
 }
 
 fn verifier(name: &str, e: anyhow::Error) -> anyhow::Error {

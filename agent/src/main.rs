@@ -150,6 +150,10 @@ enum Command {
         /// Only events newer than this (e.g. 30s, 10m, 2h, 1d).
         #[arg(long, value_parser = parse_duration)]
         since: Option<u64>,
+        /// Events the agent buffers for this follower before it loses them
+        /// (64..65536); losses are reported in the stream.
+        #[arg(long, default_value_t = 16384)]
+        queue: usize,
     },
     /// The verdict and reason the live policy (or --policy FILE) gives a
     /// connection from a cgroup, and the rule that decided it.
@@ -486,8 +490,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             verdict,
             reason,
             since,
+            queue,
         } => {
             let filter = control::Filter {
+                queue: Some(queue),
                 domain,
                 verdict,
                 reason,

@@ -209,7 +209,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         written.generation,
         load_started.elapsed(),
     );
-    kernel::attach_all(&mut ebpf, &pins, &root)?;
+    let packet_sockets = match kernel::attach_all(&mut ebpf, &pins, &root)? {
+        None => "refused in domain workloads (BPF LSM)".to_string(),
+        Some(why) => {
+            log(format!(
+                "warning: packet sockets (AF_PACKET) are NOT refused: {why}; run domain workloads without CAP_NET_RAW"
+            ));
+            format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
+        }
+    };
     let seeded = listeners::seed(&mut ebpf, &mount).map(|(ok, failed)| {
         if failed > 0 {
             log(format!(
@@ -361,6 +369,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
                 Request::Status => {
                     let st = Status {
+                        packet_sockets: &packet_sockets,
                         args: &args,
                         loaded: &current,
                         generation: PolicyMaps::generation(&mut ebpf).unwrap_or(0),
@@ -685,6 +694,7 @@ fn read_events(
 
 /// What `bulkhead status` shows, gathered on the main loop.
 struct Status<'a> {
+    packet_sockets: &'a str,
     args: &'a RunArgs,
     loaded: &'a Loaded,
     generation: u64,
@@ -771,7 +781,7 @@ impl Status<'_> {
                 "subscribers": self.hub.subscribers(),
                 "subscriber_drops": self.hub.subscriber_drops.load(Ordering::Relaxed),
             },
-            "packet_sockets": "not refused (the BPF LSM hook is not used yet): run domain workloads without CAP_NET_RAW",
+            "packet_sockets": self.packet_sockets,
         })
     }
 }
