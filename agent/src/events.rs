@@ -136,9 +136,11 @@ impl Enricher {
     pub fn gap(&mut self, e: &Event) -> u64 {
         let prev = self.last_seq.insert(e.cpu, e.seq);
         match prev {
-            Some(p) if e.seq > p + 1 => {
-                self.gaps += e.seq - p - 1;
-                e.seq - p - 1
+                        // Saturating: a corrupt or wrapped counter must not panic.
+            Some(p) if e.seq > p.saturating_add(1) => {
+                let lost = e.seq - p - 1;
+                self.gaps = self.gaps.saturating_add(lost);
+                lost
             }
             _ => 0,
         }

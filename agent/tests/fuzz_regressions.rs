@@ -39,7 +39,6 @@ fn enricher() -> (tempfile::TempDir, Enricher) {
 }
 
 #[test]
-#[ignore = "fails until Enricher::gap stops overflowing (events.rs); remove with the fix"]
 fn fuzz_events_gap_after_the_last_sequence_number_does_not_overflow() {
     let input = unhex(EVENTS_GAP_OVERFLOW);
     let (_dir, mut en) = enricher();
