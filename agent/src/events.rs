@@ -136,7 +136,7 @@ impl Enricher {
     pub fn gap(&mut self, e: &Event) -> u64 {
         let prev = self.last_seq.insert(e.cpu, e.seq);
         match prev {
-                        // Saturating: a corrupt or wrapped counter must not panic.
+            // Saturating: a corrupt or wrapped counter must not panic.
             Some(p) if e.seq > p.saturating_add(1) => {
                 let lost = e.seq - p - 1;
                 self.gaps = self.gaps.saturating_add(lost);
