@@ -341,7 +341,8 @@ impl Agent {
         let notify_path = dir.path().join("notify.sock");
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify
-            .set_read_timeout(Some(Duration::from_secs(30)))
+            // Under emulation (cargo xtask vm-test) loading can take minutes.
+            .set_read_timeout(Some(ready_timeout()))
             .unwrap();
         let mut agent = Agent {
             child: None,
@@ -616,7 +617,8 @@ impl Agent {
         let notify_path = dir.path().join("notify.sock");
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify
-            .set_read_timeout(Some(Duration::from_secs(30)))
+            // Under emulation (cargo xtask vm-test) loading can take minutes.
+            .set_read_timeout(Some(ready_timeout()))
             .unwrap();
         let mut agent = Agent {
             child: None,
@@ -708,4 +710,14 @@ pub fn test_run(cgroup: &Cgroup, link: &Path, packets: &[Vec<u8>]) -> Vec<Result
         .iter()
         .map(|l| l.parse().map_err(|_| l.replace("errno22", "EINVAL")))
         .collect()
+}
+
+/// How long to wait for the agent's READY=1: `BULKHEAD_TEST_READY_SECS`,
+/// 30 s by default.
+pub fn ready_timeout() -> Duration {
+    let secs = std::env::var("BULKHEAD_TEST_READY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
 }
