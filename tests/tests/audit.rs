@@ -389,3 +389,61 @@ fn the_store_survives_kill_9() {
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1000);
 }
+
+#[test]
+fn metrics_count_decisions_by_domain_and_the_socket_refuses_strangers() {
+    if !privileged("metrics") {
+        return;
+    }
+    let w = world(136);
+    // A free loopback port for the metrics endpoint.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start_with(
+        &w.root,
+        &w.policy("", ""),
+        &["--metrics-addr", &addr, "--no-audit-db"],
+    );
+    storm(
+        &w.contractor,
+        &w.link.a,
+        &format!("{}:5353", w.link.v4(2)),
+        7,
+    );
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", &format!("http://{addr}{path}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(get("/healthz"), "ok\n");
+    let m = get("/metrics");
+    assert!(m.contains("bulkhead_decisions_total{domain=\"contractor\",verdict=\"deny\",reason=\"cross-domain\"} 7"), "{m}");
+    assert!(m.contains("bulkhead_events_wanted_total 7"), "{m}");
+    assert!(m.contains("bulkhead_policy_generation 1"), "{m}");
+
+    // Only root (or the control group) may use the control socket.
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(bulkhead_bin())
+        .args(["status", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Permission denied") || err.contains("permission denied"),
+        "{err}"
+    );
+}
