@@ -29,6 +29,16 @@ pub fn parse_dst(s: &str) -> Result<(IpAddr, u16)> {
     Ok((sa.ip(), sa.port()))
 }
 
+/// A policy file compiled as the agent would, without touching the kernel.
+fn candidate(path: &Path) -> Result<(policy::Policy, GeoDb, compile::Compiled)> {
+    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
+    let geo = GeoDb::load(&p.geo)?;
+    let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
+    let limits = EventLimits { rate: 0, burst: 0 };
+    let c = compile::compile(&p, &geo, &mount, limits, compile::tai_offset_ns())?;
+    Ok((p, geo, c))
+}
+
 /// Explains against a candidate policy file, without any agent.
 pub fn explain_file(
     path: &Path,
@@ -37,16 +47,7 @@ pub fn explain_file(
     port: u16,
     proto: &str,
 ) -> Result<Answer> {
-    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
-    let geo = GeoDb::load(&p.geo)?;
-    let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
-    let c = compile::compile(
-        &p,
-        &geo,
-        &mount,
-        EventLimits { rate: 0, burst: 0 },
-        compile::tai_offset_ns(),
-    )?;
+    let (p, geo, c) = candidate(path)?;
     let proto = if proto == "udp" {
         Proto::Udp
     } else {
@@ -67,16 +68,7 @@ pub fn explain_file(
 /// `explain --replay EVENTS --policy NEW`: every recorded connection
 /// decision whose verdict NEW would change. Returns how many changed.
 pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
-    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
-    let geo = GeoDb::load(&p.geo)?;
-    let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
-    let c = compile::compile(
-        &p,
-        &geo,
-        &mount,
-        EventLimits { rate: 0, burst: 0 },
-        compile::tai_offset_ns(),
-    )?;
+    let (p, geo, c) = candidate(path)?;
     let text =
         std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
     let (mut seen, mut changed) = (0, 0);
