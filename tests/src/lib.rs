@@ -335,6 +335,13 @@ impl Agent {
     }
 
     pub fn start_with(cgroup_root: &Cgroup, policy: &str, extra: &[&str]) -> Agent {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.spawn(extra);
+        agent
+    }
+
+    /// Writes the policy and opens the notify socket; does not start it.
+    fn prepare(cgroup_root: &Cgroup, policy: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.yaml");
         fs::write(&policy_path, policy).unwrap();
@@ -344,7 +351,7 @@ impl Agent {
             // Under emulation (cargo xtask vm-test) loading can take minutes.
             .set_read_timeout(Some(ready_timeout()))
             .unwrap();
-        let mut agent = Agent {
+        Agent {
             child: None,
             events: dir.path().join("events.jsonl"),
             bpffs: PathBuf::from("/sys/fs/bpf").join(unique("bulkhead-test-")),
@@ -352,9 +359,7 @@ impl Agent {
             cgroup_root: cgroup_root.path.clone(),
             dir,
             notify,
-        };
-        agent.spawn(extra);
-        agent
+        }
     }
 
     pub fn command(&self, extra: &[&str]) -> Command {
@@ -378,12 +383,21 @@ impl Agent {
 
     /// Starts (or restarts) the agent and waits for `READY=1`.
     pub fn spawn(&mut self, extra: &[&str]) {
+        self.spawn_logging(extra, None);
+    }
+
+    /// Forwards the agent's stderr to the test output (cargo shows it on
+    /// failure) and, with `log`, also collects it; then waits for `READY=1`.
+    fn spawn_logging(&mut self, extra: &[&str], log: Option<&AgentLog>) {
         let mut child = self.command(extra).spawn().expect("spawn bulkhead");
         let stderr = child.stderr.take().unwrap();
-        // Forward the agent's log to the test output, which cargo shows on failure.
+        let sink = log.map(|l| l.0.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[agent] {line}");
+                if let Some(sink) = &sink {
+                    sink.lock().unwrap().push(line);
+                }
             }
         });
         let mut buf = [0u8; 256];
@@ -611,24 +625,7 @@ impl Agent {
         policy: &str,
         extra: &[&str],
     ) -> (Agent, AgentLog) {
-        let dir = tempfile::tempdir().unwrap();
-        let policy_path = dir.path().join("policy.yaml");
-        fs::write(&policy_path, policy).unwrap();
-        let notify_path = dir.path().join("notify.sock");
-        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-        notify
-            // Under emulation (cargo xtask vm-test) loading can take minutes.
-            .set_read_timeout(Some(ready_timeout()))
-            .unwrap();
-        let mut agent = Agent {
-            child: None,
-            events: dir.path().join("events.jsonl"),
-            bpffs: PathBuf::from("/sys/fs/bpf").join(unique("bulkhead-test-")),
-            policy: policy_path,
-            cgroup_root: cgroup_root.path.clone(),
-            dir,
-            notify,
-        };
+        let mut agent = Agent::prepare(cgroup_root, policy);
         let log = AgentLog::default();
         agent.spawn_capturing(extra, &log);
         (agent, log)
@@ -636,27 +633,7 @@ impl Agent {
 
     /// Like [`Agent::spawn`], and also appends the agent's stderr lines to `log`.
     pub fn spawn_capturing(&mut self, extra: &[&str], log: &AgentLog) {
-        let mut child = self.command(extra).spawn().expect("spawn bulkhead");
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.0.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut buf = [0u8; 256];
-        loop {
-            match self.notify.recv(&mut buf) {
-                Ok(n) if &buf[..n] == b"READY=1" => break,
-                Ok(_) => continue,
-                Err(e) => {
-                    let status = child.try_wait();
-                    panic!("agent did not report READY=1: {e} (exit: {status:?})");
-                }
-            }
-        }
-        self.child = Some(child);
+        self.spawn_logging(extra, Some(log));
     }
 }
 
