@@ -59,9 +59,7 @@ pub fn explain_file(
         port,
         proto,
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as i64;
+    let now = compile::now_ns();
     Ok(explain::explain(&p, &c, &geo, &q, now))
 }
 
@@ -103,7 +101,7 @@ pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
             .as_str()
             .map(rfc3339_ns)
             .transpose()?
-            .unwrap_or_else(now_ns);
+            .unwrap_or_else(compile::now_ns);
         let a = explain::explain(&p, &c, &geo, &q, ts);
         seen += 1;
         let was_allowed = e["verdict"] == "allow";
@@ -365,13 +363,6 @@ fn rfc3339_ns(s: &str) -> Result<i64> {
     Ok(t.unix_timestamp_nanos() as i64)
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i64
-}
-
 /// `bulkhead audit query|changes`.
 pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
     match cmd {
@@ -397,7 +388,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                 from_ns = Some(
                     from_ns
                         .unwrap_or(i64::MIN)
-                        .max(now_ns() - s as i64 * 1_000_000_000),
+                        .max(compile::now_ns() - s as i64 * 1_000_000_000),
                 );
             }
             let dst = match dst {
@@ -478,7 +469,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
             Ok(())
         }
         crate::AuditCommand::Changes { db, since } => {
-            let from = since.map(|s| now_ns() - s as i64 * 1_000_000_000);
+            let from = since.map(|s| compile::now_ns() - s as i64 * 1_000_000_000);
             for c in bulkhead::store::changes(&db.path(), from, 100_000)? {
                 println!(
                     "{} {:<16} gen {:<5} {} {} {}",

@@ -64,6 +64,14 @@ pub fn tai_offset_ns() -> i64 {
     ((d + 500_000_000).div_euclid(1_000_000_000) * 1_000_000_000) as i64
 }
 
+/// Wall-clock time as Unix nanoseconds.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i64
+}
+
 pub fn to_tai(unix_ns: Option<i64>, offset: i64, none: u64) -> u64 {
     match unix_ns {
         Some(t) => t.saturating_add(offset).max(0) as u64,

@@ -36,10 +36,19 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// Default run directory for a pin directory: `/run/<its name>`, so agents
 /// with different pin directories never share a control socket.
 pub fn default_run_dir(bpffs_dir: &Path) -> PathBuf {
-    let name = bpffs_dir
+    PathBuf::from("/run").join(instance_name(bpffs_dir))
+}
+
+/// `/var/lib/<name of the bpffs dir>`: the default state directory.
+pub fn default_state_dir(bpffs_dir: &Path) -> PathBuf {
+    PathBuf::from("/var/lib").join(instance_name(bpffs_dir))
+}
+
+/// An agent instance is named by its pin directory (`bulkhead` by default).
+fn instance_name(bpffs_dir: &Path) -> String {
+    bpffs_dir
         .file_name()
-        .map_or_else(|| "bulkhead".into(), |n| n.to_string_lossy().into_owned());
-    PathBuf::from("/run").join(name)
+        .map_or_else(|| "bulkhead".into(), |n| n.to_string_lossy().into_owned())
 }
 
 /// Which events a subscriber wants.

@@ -316,16 +316,8 @@ impl AuditDb {
     fn path(&self) -> PathBuf {
         self.db
             .clone()
-            .unwrap_or_else(|| default_state_dir(&self.bpffs_dir).join("audit.db"))
+            .unwrap_or_else(|| control::default_state_dir(&self.bpffs_dir).join("audit.db"))
     }
-}
-
-/// `/var/lib/<name of the bpffs dir>`.
-fn default_state_dir(bpffs_dir: &std::path::Path) -> PathBuf {
-    let name = bpffs_dir
-        .file_name()
-        .map_or_else(|| "bulkhead".into(), |n| n.to_string_lossy().into_owned());
-    PathBuf::from("/var/lib").join(name)
 }
 
 /// Where to find a running agent.
@@ -429,7 +421,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             audit_retention,
             metrics_addr,
         } => {
-            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&bpffs_dir));
+            let state_dir = state_dir.unwrap_or_else(|| control::default_state_dir(&bpffs_dir));
             let audit_db = match (no_audit_db, audit_db) {
                 (true, _) => None,
                 (false, Some(p)) => Some(p),

@@ -124,13 +124,6 @@ fn rebuild(
     })
 }
 
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i64
-}
-
 fn log(msg: impl AsRef<str>) {
     eprintln!("bulkhead: {}", msg.as_ref());
 }
@@ -168,7 +161,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         ));
     }
     let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
-    let expired_while_down = jit.expire(now_ns())?;
+    let expired_while_down = jit.expire(compile::now_ns())?;
     let load_started = Instant::now();
     let loaded = load_policy(&args.policy, &mount, args.limits, &jit, None)?;
 
@@ -279,14 +272,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (calls_tx, calls) = std::sync::mpsc::channel::<Call>();
     let wake_tx = calls_tx.clone();
     let socket = control::serve(&args.run_dir, args.control_group, calls_tx, hub.clone())?;
-    let started = events::format_ts(
-        (SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as i64
-            + tai) as u64,
-        tai,
-    );
+    let started = events::format_ts((compile::now_ns() + tai) as u64, tai);
 
     log(format!(
         "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, {} geo prefixes; pinned under {}; {} pre-existing sockets recorded; control socket {}",
@@ -412,12 +398,14 @@ pub fn run(args: RunArgs) -> Result<()> {
                         for_secs,
                         reason,
                     };
-                    let result = jit.prepare(&current.file, req, by, now_ns()).and_then(|b| {
-                        let next = rebuild(&current, &mount, args.limits, &jit, Some(&b))?;
-                        let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?;
-                        jit.commit(b.clone())?;
-                        Ok((b, next, w))
-                    });
+                    let result = jit
+                        .prepare(&current.file, req, by, compile::now_ns())
+                        .and_then(|b| {
+                            let next = rebuild(&current, &mount, args.limits, &jit, Some(&b))?;
+                            let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?;
+                            jit.commit(b.clone())?;
+                            Ok((b, next, w))
+                        });
                     let answer = match result {
                         Ok((b, next, w)) => {
                             gauges.note_policy(
@@ -466,7 +454,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let _ = call.reply.send(answer);
                 }
                 Request::BridgeList => {
-                    let now = now_ns();
+                    let now = compile::now_ns();
                     let list: Vec<_> = jit
                         .open
                         .iter()
@@ -503,7 +491,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             refresh_cgroups(&mut ebpf, &mut pmaps, &current, &mount, &enricher);
             // The kernel stopped honouring expired bridges at their instant;
             // here they leave the state file, the maps and the audit trail.
-            match jit.expire(now_ns()) {
+            match jit.expire(compile::now_ns()) {
                 Ok(gone) if !gone.is_empty() => {
                     match rebuild(&current, &mount, args.limits, &jit, None).and_then(|next| {
                         Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next))
@@ -735,10 +723,7 @@ impl Status<'_> {
             .iter()
             .map(|(name, hook)| serde_json::json!({"name": name, "hook": hook, "pinned": pins.link(name).exists()}))
             .collect();
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as i64;
+        let now = compile::now_ns();
         let bridges: Vec<_> = self
             .loaded
             .policy
@@ -813,10 +798,7 @@ fn explain_call(l: &Loaded, cgroup: &str, dst: &str, port: u16, proto: &str) -> 
         port,
         proto,
     };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i64;
+    let now = compile::now_ns();
     let a = explain::explain(&l.policy, &l.compiled, &l.geo, &q, now);
     serde_json::json!({"ok": true, "answer": a})
 }
