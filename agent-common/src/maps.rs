@@ -147,6 +147,20 @@ pub struct GeoValue {
     pub ingress_deny: u64,
 }
 
+impl GeoValue {
+    /// An address no geo source places, where it lies inside a covering
+    /// (nested) entry; a lookup miss means the same. Bit 0 is no domain's
+    /// (ids start at 1).
+    pub const UNKNOWN: GeoValue = GeoValue {
+        egress_deny: 1,
+        ingress_deny: 1,
+    };
+
+    pub fn is_unknown(&self) -> bool {
+        self.egress_deny & 1 != 0
+    }
+}
+
 /// `BH_BRIDGES` key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -187,6 +201,21 @@ pub struct BridgeSet {
 /// The socket connected or sent first: packets to its peer are the
 /// workload's own egress, packets from the peer are replies.
 pub const SOCK_INITIATOR: u64 = 1 << 0;
+/// [`SockInfo::last_flow`] holds the last allowed datagram destination.
+pub const SOCK_FLOW_SEEN: u64 = 1 << 1;
+
+/// An unconnected socket's last allowed datagram flow: with `audit: all`
+/// only a datagram to a different destination (or allowed for a different
+/// reason) is recorded again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub dst: [u8; 16],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub reason: u8,
+    pub _pad: [u8; 4],
+}
 
 /// Socket storage (`BH_SOCKS`). On a bound socket: the cgroup ancestry of
 /// its owner, so a connect to a local listener is decided by the listener's
@@ -199,6 +228,7 @@ pub struct SockInfo {
     /// `ancestors[i]` = cgroup id at level `i + 1`; 0 past the owner's depth.
     pub ancestors: [u64; MAX_CGROUP_DEPTH],
     pub flags: u64,
+    pub last_flow: FlowKey,
 }
 
 /// `BH_RATE` value: a per-cgroup token bucket for events.
@@ -276,7 +306,7 @@ mod tests {
         assert_eq!(size_of::<BridgeKey>(), 8);
         assert_eq!(size_of::<BridgeRule>(), 32);
         assert_eq!(size_of::<BridgeSet>(), 8 + 32 * MAX_BRIDGE_RULES);
-        assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8);
+        assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8 + 24);
         assert_eq!(size_of::<TokenBucket>(), 16);
     }
 

@@ -23,11 +23,11 @@ use agent_common::{
     maps::{
         BridgeKey, BridgeSet, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
         COUNTER_EVENTS_WANTED, CgroupKey, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
-        DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, GeoValue, MAX_BRIDGE_PAIRS,
+        DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, FlowKey, GeoValue, MAX_BRIDGE_PAIRS,
         MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MAX_GEO_PREFIXES, MAX_NETWORKS, MODE_AUDIT,
-        NUM_COUNTERS, NUM_DOMAIN_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_INITIATOR, SockInfo,
-        State, TokenBucket, counter_index, domain_counter_index, is_loopback_v4, is_loopback_v6,
-        net4_key, net6_key, v4_mapped,
+        NUM_COUNTERS, NUM_DOMAIN_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_FLOW_SEEN,
+        SOCK_INITIATOR, SockInfo, State, TokenBucket, counter_index, domain_counter_index,
+        is_loopback_v4, is_loopback_v6, net4_key, net6_key, v4_mapped,
     },
 };
 use aya_ebpf::{
@@ -100,6 +100,9 @@ struct Flow {
     hook: Hook,
     /// Process context: pid/comm/uid mean something.
     task: bool,
+    /// Not a repeat of the socket's previous allowed `sendmsg` destination:
+    /// allowed events are recorded once per flow, not per datagram.
+    first: bool,
     src: [u8; 16],
     dst: [u8; 16],
     sport: [u8; 2],
@@ -348,8 +351,7 @@ fn finish(
     // allowed connections too, but only from the connection-level hooks so
     // it is one event per connect, not per packet.
     let wants_event = !d.allow
-        || d.reason == Reason::Bridge && f.task
-        || (dom.flags & DOMAIN_AUDIT_ALL != 0 && f.task);
+        || f.first && f.task && (d.reason == Reason::Bridge || dom.flags & DOMAIN_AUDIT_ALL != 0);
     if wants_event {
         emit(a, dom_id, peer, cgroup_id, d, verdict, f);
     }
@@ -443,11 +445,12 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         peer = listener_domain(ctx, a.slot, family, proto, &dst, dport);
     }
     let port = u16::from_be_bytes(dport);
-    let f = Flow {
+    let mut f = Flow {
         family,
         proto: proto as u8,
         hook,
         task: true,
+        first: true,
         src: [0; 16],
         dst,
         sport: [0; 2],
@@ -484,7 +487,14 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
             d = back;
         }
     }
-    let rc = finish(
+    if d.allow || a.config.mode == MODE_AUDIT {
+        // Connects always count as a new flow; a datagram is one when its
+        // destination or reason differs from the socket's previous one.
+        let info = mark_initiator(sk);
+        f.first =
+            !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
+    }
+    finish(
         &a,
         dom_id,
         dom,
@@ -492,11 +502,7 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         unsafe { bpf_get_current_cgroup_id() },
         d,
         &f,
-    );
-    if rc == ALLOW {
-        mark_initiator(sk);
-    }
-    rc
+    )
 }
 
 /// The context only allows 4-byte loads of `user_ip6`: read word by word.
@@ -521,9 +527,10 @@ fn is_sendmsg(hook: Hook) -> bool {
 }
 
 /// Flags the socket as the side that started the conversation, so the
-/// packet hooks judge its traffic by the egress rules.
+/// packet hooks judge its traffic by the egress rules. Returns its storage
+/// (null when the kernel could not allocate it).
 #[inline(always)]
-fn mark_initiator(sk: *mut bpf_sock) {
+fn mark_initiator(sk: *mut bpf_sock) -> *mut SockInfo {
     let mut init: SockInfo = unsafe { zeroed() };
     init.flags = SOCK_INITIATOR;
     let p = unsafe {
@@ -537,6 +544,49 @@ fn mark_initiator(sk: *mut bpf_sock) {
     if !p.is_null() {
         unsafe { (*p).flags |= SOCK_INITIATOR };
     }
+    p
+}
+
+/// Byte by byte: a derived `==` on arrays may become a `bcmp` call, which
+/// BPF does not have.
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        diff |= a.dst[i] ^ b.dst[i];
+        i += 1;
+    }
+    diff == 0 && a.port == b.port && a.proto == b.proto && a.reason == b.reason
+}
+
+/// Whether an allowed datagram starts a new flow on its socket: its
+/// destination or reason differs from the previous one. Remembers it.
+#[inline(always)]
+fn new_flow(
+    info: *mut SockInfo,
+    dst: &[u8; 16],
+    dport: [u8; 2],
+    proto: u8,
+    reason: Reason,
+) -> bool {
+    if info.is_null() {
+        return true;
+    }
+    let info = unsafe { &mut *info };
+    let flow = FlowKey {
+        dst: *dst,
+        port: dport,
+        proto,
+        reason: reason as u8,
+        _pad: [0; 4],
+    };
+    if info.flags & SOCK_FLOW_SEEN != 0 && same_flow(&info.last_flow, &flow) {
+        return false;
+    }
+    info.last_flow = flow;
+    info.flags |= SOCK_FLOW_SEEN;
+    true
 }
 
 /// Whether the socket behind a packet started its conversation.
@@ -671,6 +721,7 @@ pub fn bh_sock_create(ctx: SockContext) -> i32 {
         proto: sk.protocol as u8,
         hook: Hook::SockCreate,
         task: true,
+        first: true,
         src: [0; 16],
         dst: [0; 16],
         sport: [0; 2],
@@ -722,6 +773,7 @@ pub fn bh_socket_create(ctx: LsmContext) -> i32 {
         proto: 0,
         hook: Hook::SockCreate,
         task: true,
+        first: true,
         src: [0; 16],
         dst: [0; 16],
         sport: [0; 2],
@@ -808,6 +860,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
                 proto: 0,
                 hook,
                 task: false,
+                first: true,
                 src: [0; 16],
                 dst: [0; 16],
                 sport: [0; 2],
@@ -854,6 +907,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         proto: p.proto,
         hook,
         task: false,
+        first: true,
         src: p.src,
         dst: p.dst,
         sport: p.sport,

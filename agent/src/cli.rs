@@ -475,7 +475,9 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                     "{} {:<16} gen {:<5} {} {} {}",
                     c["ts"].as_str().unwrap_or(""),
                     c["kind"].as_str().unwrap_or(""),
-                    c["generation"],
+                    c["generation"]
+                        .as_u64()
+                        .map_or("-".to_string(), |g| g.to_string()),
                     c["policy"].as_str().unwrap_or(""),
                     c["sha256"]
                         .as_str()

@@ -29,7 +29,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::events::Record;
+use crate::{
+    events::Record,
+    store::{Change, Store},
+};
 
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -287,12 +290,10 @@ impl Hub {
 }
 
 /// Creates the socket and serves it on background threads.
-pub fn serve(
-    run_dir: &Path,
-    group: Option<u32>,
-    calls: Sender<Call>,
-    hub: Arc<Hub>,
-) -> Result<PathBuf> {
+/// Creates the control socket, `0660` and owned by root and `group`. Done
+/// before the agent drops its capabilities (changing the group needs
+/// CAP_CHOWN); `serve` answers on it afterwards.
+pub fn bind(run_dir: &Path, group: Option<u32>) -> Result<(UnixListener, PathBuf)> {
     fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let path = run_dir.join(SOCKET_NAME);
     // The pin lock is held, so a socket left here belongs to a dead agent.
@@ -307,24 +308,43 @@ pub fn serve(
             return Err(std::io::Error::last_os_error()).context("chown of the control socket");
         }
     }
+    Ok((listener, path))
+}
+
+/// Answers on the control socket. Every command, accepted or refused, goes
+/// to the log and, with `store`, to the audit trail with the caller's
+/// credentials.
+pub fn serve(
+    listener: UnixListener,
+    group: Option<u32>,
+    calls: Sender<Call>,
+    hub: Arc<Hub>,
+    store: Option<Store>,
+) -> Result<()> {
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (calls, hub) = (calls.clone(), hub.clone());
+                let (calls, hub, store) = (calls.clone(), hub.clone(), store.clone());
                 let _ = thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, group, calls, hub) {
+                        if let Err(e) = handle(conn, group, calls, hub, store.as_ref()) {
                             eprintln!("bulkhead: control: {e:#}");
                         }
                     });
             }
         })?;
-    Ok(path)
+    Ok(())
 }
 
-fn handle(conn: UnixStream, group: Option<u32>, calls: Sender<Call>, hub: Arc<Hub>) -> Result<()> {
+fn handle(
+    conn: UnixStream,
+    group: Option<u32>,
+    calls: Sender<Call>,
+    hub: Arc<Hub>,
+    store: Option<&Store>,
+) -> Result<()> {
     let p = peer(&conn)?;
     let mut out = conn.try_clone()?;
     let mut line = String::new();
@@ -341,14 +361,29 @@ fn handle(conn: UnixStream, group: Option<u32>, calls: Sender<Call>, hub: Arc<Hu
         }
     };
     let allowed = authorized(&p, group);
-    eprintln!(
-        "bulkhead: control: {} from pid {} uid {} gid {}: {}",
+    let what = format!(
+        "{} from pid {} uid {} gid {}: {}",
         serde_json::to_string(&request).unwrap_or_default(),
         p.pid,
         p.uid,
         p.gid,
         if allowed { "accepted" } else { "refused" }
     );
+    eprintln!("bulkhead: control: {what}");
+    if let Some(st) = store {
+        st.change(Change {
+            kind: if allowed {
+                "control"
+            } else {
+                "control-refused"
+            }
+            .into(),
+            policy: None,
+            sha256: None,
+            generation: None,
+            detail: what,
+        });
+    }
     if !allowed {
         writeln!(
             out,

@@ -102,6 +102,39 @@ fn is_bpffs(p: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
+/// Closes the pin directory to everyone but its owner: a pinned map opened
+/// by an unprivileged user would let them read who talks to whom, or write
+/// the policy. Refuses a directory someone else owns (on a bpffs mounted
+/// world-writable, anyone could have created it first to swap pins later).
+pub fn secure(pins: &Pins) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut todo = vec![pins.root.clone()];
+    while let Some(p) = todo.pop() {
+        let m = fs::symlink_metadata(&p).with_context(|| format!("inspecting {}", p.display()))?;
+        if m.uid() != 0 && m.uid() != me {
+            bail!(
+                "{} is owned by uid {}, not root: an unprivileged user could replace what is pinned there; \
+                 remove it (as root) or pass a different --bpffs-dir",
+                p.display(),
+                m.uid()
+            );
+        }
+        let mode = if m.is_dir() { 0o700 } else { 0o600 };
+        if m.mode() & 0o7777 != mode {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("restricting {} to mode {mode:04o}", p.display()))?;
+        }
+        if m.is_dir() {
+            for e in fs::read_dir(&p).with_context(|| format!("reading {}", p.display()))? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An exclusive lock on the pin directory: one agent per pin directory.
 pub struct PinLock {
     _fd: OwnedFd,

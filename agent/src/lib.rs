@@ -19,3 +19,4 @@ pub mod probe;
 pub mod run;
 pub mod sink;
 pub mod store;
+pub mod trust;

@@ -100,6 +100,11 @@ enum Command {
         /// off by default.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Accept a policy file (or geo file) that a non-root user could
+        /// change; by default the agent refuses it, since that user could
+        /// open every domain at the next reload.
+        #[arg(long)]
+        allow_untrusted_policy: bool,
     },
     /// Just-in-time bridges: time-boxed, recorded with who opened them and
     /// why; the policy's `jit_bridges:` says which pairs may get one and
@@ -249,7 +254,8 @@ enum AuditCommand {
         #[arg(long, default_value_t = 10_000)]
         limit: usize,
     },
-    /// Policy and agent changes (start, reload, rejected reload, stop).
+    /// Policy and agent changes (start, reload, rejected reload, bridges,
+    /// stop) and every control command with its caller.
     Changes {
         #[command(flatten)]
         db: AuditDb,
@@ -420,6 +426,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             no_audit_db,
             audit_retention,
             metrics_addr,
+            allow_untrusted_policy,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| control::default_state_dir(&bpffs_dir));
             let audit_db = match (no_audit_db, audit_db) {
@@ -443,6 +450,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 audit_retention: std::time::Duration::from_secs(audit_retention),
                 metrics_addr,
                 state_dir,
+                allow_untrusted_policy,
                 policy,
                 cgroup_root,
                 bpffs_dir,

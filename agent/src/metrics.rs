@@ -166,9 +166,13 @@ pub fn render(maps_dir: &Path, g: &Gauges) -> String {
 }
 
 /// Serves until the process exits.
-pub fn serve(addr: SocketAddr, maps_dir: PathBuf, g: Arc<Gauges>) -> Result<()> {
-    let listener =
-        TcpListener::bind(addr).with_context(|| format!("binding metrics address {addr}"))?;
+/// Binds before the agent drops its capabilities (a port below 1024 needs
+/// CAP_NET_BIND_SERVICE); `serve` answers on it afterwards.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).with_context(|| format!("binding metrics address {addr}"))
+}
+
+pub fn serve(listener: TcpListener, maps_dir: PathBuf, g: Arc<Gauges>) -> Result<()> {
     thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {

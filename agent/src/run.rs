@@ -53,6 +53,8 @@ pub struct RunArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Persistent state (just-in-time bridges).
     pub state_dir: PathBuf,
+    /// Accept policy and geo files that non-root users could change.
+    pub allow_untrusted_policy: bool,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -71,18 +73,21 @@ fn stamp(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn load_policy(
-    path: &Path,
-    mount: &Path,
-    limits: EventLimits,
-    jit: &Jit,
-    prev: Option<&Loaded>,
-) -> Result<Loaded> {
+fn load_policy(args: &RunArgs, mount: &Path, jit: &Jit, prev: Option<&Loaded>) -> Result<Loaded> {
+    let path = &args.policy;
+    let trusted = |what: &str, p: &Path| {
+        if args.allow_untrusted_policy {
+            return Ok(());
+        }
+        crate::trust::check(what, p).with_context(|| format!("policy {} rejected", path.display()))
+    };
+    trusted("policy file", path)?;
     // One diagnostic per line, each starting with `file:line:col:`.
     let file =
         policy::load(path).map_err(|d| anyhow!("policy {} rejected:\n{d}", path.display()))?;
     let mut stamps = vec![(path.to_path_buf(), stamp(path))];
     for p in file.geo.databases.iter().chain(&file.geo.geofeeds) {
+        trusted("geo file", p)?;
         stamps.push((p.clone(), stamp(p)));
     }
     // Unchanged geo files are not read again: reloads stay fast and events
@@ -95,7 +100,7 @@ fn load_policy(
         ),
     };
     let policy = jit.merged(&file, None);
-    let compiled = compile::compile(&policy, &geo, mount, limits, compile::tai_offset_ns())?;
+    let compiled = compile::compile(&policy, &geo, mount, args.limits, compile::tai_offset_ns())?;
     Ok(Loaded {
         file,
         policy,
@@ -163,7 +168,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
     let expired_while_down = jit.expire(compile::now_ns())?;
     let load_started = Instant::now();
-    let loaded = load_policy(&args.policy, &mount, args.limits, &jit, None)?;
+    let loaded = load_policy(&args, &mount, &jit, None)?;
 
     for w in caps::check()? {
         log(format!("warning: {w}"));
@@ -174,22 +179,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let pins = Pins::new(args.bpffs_dir.clone());
     kernel::ensure_bpffs(&pins.root)?;
     let _lock = kernel::lock(&pins)?;
-    let store = args
-        .audit_db
-        .as_deref()
-        .map(|p| Store::start(p, args.audit_retention))
-        .transpose()?;
-    let record = |kind: &str, l: Option<(&Loaded, u64)>, detail: String| {
-        if let Some(s) = &store {
-            s.change(Change {
-                kind: kind.to_string(),
-                policy: Some(args.policy.display().to_string()),
-                sha256: l.map(|(l, _)| l.policy.sha256.clone()),
-                generation: l.map(|(_, g)| g),
-                detail,
-            });
-        }
-    };
+    kernel::secure(&pins)?;
     let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
     let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
     let previous = PolicyMaps::generation(&mut ebpf)?;
@@ -211,6 +201,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
         }
     };
+    // The new maps and links are pinned now.
+    kernel::secure(&pins)?;
     let seeded = listeners::seed(&mut ebpf, &mount).map(|(ok, failed)| {
         if failed > 0 {
             log(format!(
@@ -226,6 +218,27 @@ pub fn run(args: RunArgs) -> Result<()> {
         ));
         0
     });
+    let control = control::bind(&args.run_dir, args.control_group)?;
+    let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
+    // Everything that needs more than CAP_BPF is done; threads start below.
+    let kept = caps::drop_after_attach()?;
+    log(&kept);
+    let store = args
+        .audit_db
+        .as_deref()
+        .map(|p| Store::start(p, args.audit_retention))
+        .transpose()?;
+    let record = |kind: &str, l: Option<(&Loaded, u64)>, detail: String| {
+        if let Some(s) = &store {
+            s.change(Change {
+                kind: kind.to_string(),
+                policy: Some(args.policy.display().to_string()),
+                sha256: l.map(|(l, _)| l.policy.sha256.clone()),
+                generation: l.map(|(_, g)| g),
+                detail,
+            });
+        }
+    };
 
     let tai = compile::tai_offset_ns();
     let mut paths = PathCache::new(mount.clone());
@@ -252,8 +265,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(st) = &store {
         gauges.set_store(st);
     }
-    if let Some(addr) = args.metrics_addr {
-        metrics::serve(addr, pins.maps(), gauges.clone())?;
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr()?;
+        metrics::serve(listener, pins.maps(), gauges.clone())?;
         log(format!("metrics on http://{addr}/metrics"));
     }
     let hub = Hub::new();
@@ -271,7 +285,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let (calls_tx, calls) = std::sync::mpsc::channel::<Call>();
     let wake_tx = calls_tx.clone();
-    let socket = control::serve(&args.run_dir, args.control_group, calls_tx, hub.clone())?;
+    let (listener, socket) = control;
+    control::serve(
+        listener,
+        args.control_group,
+        calls_tx,
+        hub.clone(),
+        store.clone(),
+    )?;
     let started = events::format_ts((compile::now_ns() + tai) as u64, tai);
 
     log(format!(
@@ -522,12 +543,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         if reload {
             sd_notify("RELOADING=1");
             let load_started = Instant::now();
-            let result = load_policy(&args.policy, &mount, args.limits, &jit, Some(&current))
-                .and_then(|next| {
-                    let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)
-                        .context("writing the maps failed; the generation in force is unchanged")?;
-                    Ok((next, w))
-                });
+            let result = load_policy(&args, &mount, &jit, Some(&current)).and_then(|next| {
+                let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)
+                    .context("writing the maps failed; the generation in force is unchanged")?;
+                Ok((next, w))
+            });
             let answer = match result {
                 Ok((next, w)) => {
                     log(format!(

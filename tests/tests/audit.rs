@@ -447,3 +447,91 @@ fn metrics_count_decisions_by_domain_and_the_socket_refuses_strangers() {
         "{err}"
     );
 }
+
+/// `audit: all` records every allowed connect, but an unconnected socket's
+/// datagrams only when their flow changes: a new destination, port or
+/// reason. The kernel still counts every decision.
+#[test]
+fn audit_all_records_one_event_per_flow_not_per_datagram() {
+    if !privileged("audit_all_flows") {
+        return;
+    }
+    let w = world(135);
+    let bridge = "bridges:\n  - name: dns\n    from: contractor\n    to: prod\n    ports: [udp/5300-5310]\n    reason: T-5\n";
+    let agent = Agent::start(&w.root, &w.policy("    audit: all\n", bridge));
+    let a = format!("{}:5300", w.link.v4(2));
+    let b = format!("{}:5301", w.link.v4(2));
+    let mut dsts = vec![a.as_str(); 5];
+    dsts.extend([b.as_str(); 3]);
+    dsts.extend([a.as_str(); 2]);
+    let mut args = vec!["sendmmsg"];
+    args.extend(&dsts);
+    let out = probe(&w.contractor, Some(&w.link.a), &args);
+    assert_eq!(out, ["ok"; 10].join(","), "every datagram was allowed");
+    // A new socket is a new flow; every connect is recorded.
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["sendto", "udp", &a]),
+        "ok"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            probe(&w.contractor, Some(&w.link.a), &["connect", "udp", &a]),
+            "ok"
+        );
+    }
+    let st = settle(&agent);
+    let bridged: u64 = st["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"] == "bridge" && d["hook"] != "skb-egress")
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(bridged, 13, "the kernel counts every decision: {st}");
+    assert_eq!(st["events"]["wanted"], 6, "{st}");
+    let events: Vec<(String, u64)> = agent
+        .events()
+        .iter()
+        .filter(|e| tests::field(e, "reason") == "bridge")
+        .map(|e| {
+            (
+                tests::field(e, "hook").to_string(),
+                e["dport"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = [
+        ("sendmsg4", 5300),
+        ("sendmsg4", 5301),
+        ("sendmsg4", 5300),
+        ("sendmsg4", 5300),
+        ("connect4", 5300),
+        ("connect4", 5300),
+    ]
+    .iter()
+    .map(|(h, p)| (h.to_string(), *p))
+    .collect();
+    assert_eq!(events, want);
+
+    // Every control command is in the same trail with the caller's
+    // credentials (`status` above was one).
+    let db = agent.state_dir().join("audit.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let changes = loop {
+        let out = Command::new(bulkhead_bin())
+            .args(["audit", "changes", "--db", db.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("{\"cmd\":\"status\"}") || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let line = |kind: &str, has: &str| changes.lines().any(|l| l.contains(kind) && l.contains(has));
+    assert!(
+        line("control", "{\"cmd\":\"status\"} from pid")
+            && line("control", "uid 0 gid 0: accepted"),
+        "{changes}"
+    );
+}

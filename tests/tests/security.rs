@@ -1,0 +1,218 @@
+//! The agent's own attack surface: what it keeps of its privileges, who can
+//! reach its pinned objects, and who can change the policy it enforces.
+
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    process::Command,
+};
+
+use tests::{Agent, bulkhead_bin, privileged, probe, world::world};
+
+const CAP_BPF: u64 = 1 << 39;
+
+/// A field like `CapEff:\t0000008000000000` of /proc/PID/task/TID/status.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn capabilities_are_dropped_after_attach_and_reload_still_works() {
+    if !privileged("capabilities_dropped") {
+        return;
+    }
+    let w = world(131);
+    let mut agent = Agent::start(&w.root, &w.policy("", ""));
+    let dst = format!("{}:8080", w.link.v4(2));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+
+    // Every thread, not only the main one: capabilities are per thread.
+    let tasks: Vec<_> = fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(tasks.len() > 1, "the agent runs several threads");
+    for t in &tasks {
+        let s = fs::read_to_string(t.join("status")).unwrap();
+        for key in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            let v = u64::from_str_radix(&status_field(&s, key), 16).unwrap();
+            assert_eq!(
+                v,
+                CAP_BPF,
+                "{} {key} {v:#x}: only CAP_BPF may remain",
+                t.display()
+            );
+        }
+        assert_eq!(status_field(&s, "CapAmb:"), "0000000000000000");
+        assert_eq!(status_field(&s, "NoNewPrivs:"), "1");
+    }
+
+    // With only CAP_BPF left, a reload still rewrites the policy maps.
+    let bridge = "bridges:\n  - name: opened\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: test\n";
+    agent.reload(&w.policy("", bridge));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "ECONNREFUSED",
+        "the bridge of the reloaded policy is enforced (nothing listens)"
+    );
+    let status = agent.cli(&["status", "--json"]);
+    assert!(status.status.success());
+    let v: tests::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(v["generation"].as_u64() >= Some(2), "{v}");
+}
+
+#[test]
+fn pinned_objects_are_closed_to_unprivileged_users() {
+    if !privileged("pinned_objects") {
+        return;
+    }
+    let w = world(132);
+    let agent = Agent::start(&w.root, &w.policy("", ""));
+    let mut seen = 0;
+    let mut todo = vec![agent.bpffs.clone()];
+    while let Some(p) = todo.pop() {
+        let m = fs::symlink_metadata(&p).unwrap();
+        assert_eq!(m.uid(), 0, "{}", p.display());
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m.mode() & 0o7777, want, "{}", p.display());
+        if m.is_dir() {
+            todo.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            seen += 1;
+        }
+    }
+    assert!(seen >= 10, "maps and links are pinned ({seen})");
+
+    // An unprivileged user cannot even look up a pinned map by path.
+    let map = agent.bpffs.join("maps").join("BH_STATE");
+    assert!(map.exists(), "{}", map.display());
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg("ls")
+        .arg(agent.bpffs.join("maps"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_pin_directory_owned_by_another_user_is_refused() {
+    if !privileged("pin_dir_owner") {
+        return;
+    }
+    let w = world(133);
+    let dir = std::path::PathBuf::from("/sys/fs/bpf").join(tests::unique("bulkhead-test-"));
+    tests::sh("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf");
+    fs::create_dir(&dir).unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Remove(dir.clone());
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    fs::write(policy.path(), w.policy("", "")).unwrap();
+    let out = Command::new(bulkhead_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(policy.path())
+        .arg("--cgroup-root")
+        .arg(&w.root.path)
+        .arg("--bpffs-dir")
+        .arg(&dir)
+        .arg("--no-stdout-events")
+        .arg("--no-audit-db")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("owned by uid 65534, not root"), "{err}");
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing was pinned there"
+    );
+}
+
+#[test]
+fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
+    if !privileged("untrusted_policy") {
+        return;
+    }
+    let w = world(134);
+    let policy = w.policy("", "");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    fs::write(&path, &policy).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+    let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(tests::unique("bulkhead-test-"));
+    let out = Command::new(bulkhead_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&path)
+        .arg("--cgroup-root")
+        .arg(&w.root.path)
+        .arg("--bpffs-dir")
+        .arg(&bpffs)
+        .arg("--no-stdout-events")
+        .arg("--no-audit-db")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is writable by group or others (mode 0666)")
+            && err.contains("--allow-untrusted-policy"),
+        "{err}"
+    );
+    assert!(!bpffs.exists(), "refused before anything was loaded");
+
+    // A running agent keeps its policy when the file becomes writable.
+    let agent = Agent::start(&w.root, &policy);
+    let dst = format!("{}:8080", w.link.v4(2));
+    let dump = agent.cli(&["dump"]);
+    assert!(dump.status.success());
+    let bridge = "bridges:\n  - name: sneaked\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: x\n";
+    // Writable first, then changed: the agent also watches the file.
+    fs::set_permissions(&agent.policy, fs::Permissions::from_mode(0o666)).unwrap();
+    fs::write(&agent.policy, w.policy("", bridge)).unwrap();
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+    assert_eq!(agent.cli(&["dump"]).stdout, dump.stdout, "maps unchanged");
+
+    // Told explicitly, the agent accepts such a file.
+    drop(agent);
+    let agent = Agent::start_with(
+        &w.root,
+        &w.policy("", bridge),
+        &["--allow-untrusted-policy"],
+    );
+    fs::set_permissions(&agent.policy, fs::Permissions::from_mode(0o666)).unwrap();
+    let out = agent.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
