@@ -76,7 +76,7 @@ pub fn decide(
     if local.flags & geo_flag == 0 {
         return Decision::new(Reason::NoDomain, 0);
     }
-    match geo {
+    match geo.filter(|g| !g.is_unknown()) {
         Some(g) => {
             let mask = match dir {
                 Direction::Egress => g.egress_deny,

@@ -1,5 +1,5 @@
-//! Sources + the domains' country rules → merged per-range verdicts for the
-//! kernel's LPM maps.
+//! Sources + the domains' country rules → merged per-range verdicts → the
+//! fewest (nested) entries for the kernel's LPM maps.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -7,7 +7,8 @@ use agent_common::maps::{GeoValue, MAX_DOMAINS};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
-    CompileStats, CompiledGeo, DomainGeo, FamilyStats, GeoDb, countries, mmdb, ranges, rule_denies,
+    CompileStats, CompiledGeo, DomainGeo, FamilyStats, GeoDb, countries, lpm, mmdb, ranges,
+    rule_denies,
 };
 use crate::policy::Country;
 
@@ -38,20 +39,16 @@ impl GeoDb {
             if family == 1 {
                 merged = ranges::cut(&merged, &mmdb::V6_HOLES);
             }
-            let mut prefixes = 0;
-            let mut buf = Vec::new();
-            for s in &merged {
-                buf.clear();
-                ranges::prefixes(s.start, s.end, bits, &mut buf);
-                prefixes += buf.len();
-                for &(net, len) in &buf {
-                    if family == 0 {
-                        out.v4
-                            .push((Ipv4Net::new_assert(Ipv4Addr::from(net as u32), len), s.val));
-                    } else {
-                        out.v6
-                            .push((Ipv6Net::new_assert(Ipv6Addr::from(net), len), s.val));
-                    }
+            let entries = lpm::minimal(&merged, bits, GeoValue::UNKNOWN)
+                .unwrap_or_else(|| disjoint(&merged, bits));
+            let prefixes = entries.len();
+            for (net, len, val) in entries {
+                if family == 0 {
+                    out.v4
+                        .push((Ipv4Net::new_assert(Ipv4Addr::from(net as u32), len), val));
+                } else {
+                    out.v6
+                        .push((Ipv6Net::new_assert(Ipv6Addr::from(net), len), val));
                 }
             }
             let fs = FamilyStats {
@@ -68,6 +65,19 @@ impl GeoDb {
         out.stats = stats;
         out
     }
+}
+
+/// One entry per CIDR block of every span: what policies with too many
+/// distinct verdicts for [`lpm::minimal`] get.
+fn disjoint(spans: &[ranges::Span<GeoValue>], bits: u32) -> Vec<(u128, u8, GeoValue)> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for s in spans {
+        buf.clear();
+        ranges::prefixes(s.start, s.end, bits, &mut buf);
+        out.extend(buf.iter().map(|&(net, len)| (net, len, s.val)));
+    }
+    out
 }
 
 /// The verdict of every country for every domain, indexed by

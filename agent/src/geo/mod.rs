@@ -15,6 +15,7 @@
 mod compile;
 mod countries;
 mod geofeed;
+mod lpm;
 mod mmdb;
 mod ranges;
 #[cfg(test)]
