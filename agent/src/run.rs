@@ -131,9 +131,14 @@ fn rebuild(
 
 /// Compiling a policy with a full country database allocates far more than
 /// it keeps; hand the freed pages back so the agent's RSS is what it holds.
+/// (glibc keeps them otherwise; musl's allocator, of the static build,
+/// returns them by itself and has no `malloc_trim`.)
 fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe { libc::malloc_trim(0) };
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn log(msg: impl AsRef<str>) {

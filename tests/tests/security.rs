@@ -4,6 +4,7 @@
 use std::{
     fs,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
     process::Command,
 };
 
@@ -108,6 +109,24 @@ fn pinned_objects_are_closed_to_unprivileged_users() {
     );
 }
 
+/// `bulkhead run` that must refuse to start (exit 1); its stderr.
+fn refused_start(policy: &Path, cgroup_root: &Path, bpffs: &Path) -> String {
+    let out = Command::new(bulkhead_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(policy)
+        .arg("--cgroup-root")
+        .arg(cgroup_root)
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .arg("--no-stdout-events")
+        .arg("--no-audit-db")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_pin_directory_owned_by_another_user_is_refused() {
     if !privileged("pin_dir_owner") {
@@ -127,20 +146,7 @@ fn a_pin_directory_owned_by_another_user_is_refused() {
     std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
     let policy = tempfile::NamedTempFile::new().unwrap();
     fs::write(policy.path(), w.policy("", "")).unwrap();
-    let out = Command::new(bulkhead_bin())
-        .arg("run")
-        .arg("--policy")
-        .arg(policy.path())
-        .arg("--cgroup-root")
-        .arg(&w.root.path)
-        .arg("--bpffs-dir")
-        .arg(&dir)
-        .arg("--no-stdout-events")
-        .arg("--no-audit-db")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(policy.path(), &w.root.path, &dir);
     assert!(err.contains("owned by uid 65534, not root"), "{err}");
     assert_eq!(
         fs::read_dir(&dir).unwrap().count(),
@@ -161,20 +167,7 @@ fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
     fs::write(&path, &policy).unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
     let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(tests::unique("bulkhead-test-"));
-    let out = Command::new(bulkhead_bin())
-        .arg("run")
-        .arg("--policy")
-        .arg(&path)
-        .arg("--cgroup-root")
-        .arg(&w.root.path)
-        .arg("--bpffs-dir")
-        .arg(&bpffs)
-        .arg("--no-stdout-events")
-        .arg("--no-audit-db")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&path, &w.root.path, &bpffs);
     assert!(
         err.contains("is writable by group or others (mode 0666)")
             && err.contains("--allow-untrusted-policy"),
