@@ -691,6 +691,15 @@ pub fn test_run(cgroup: &Cgroup, link: &Path, packets: &[Vec<u8>]) -> Vec<Result
 
 /// How long to wait for the agent's READY=1: `BULKHEAD_TEST_READY_SECS`,
 /// 30 s by default.
+/// Extra seconds for a server that must outlive an agent start: under
+/// emulation (`cargo xtask vm-test` with TCG) the agent takes ~10 s to start.
+pub fn slack_secs() -> u64 {
+    std::env::var("BULKHEAD_TEST_SLACK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn ready_timeout() -> Duration {
     let secs = std::env::var("BULKHEAD_TEST_READY_SECS")
         .ok()

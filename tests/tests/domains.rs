@@ -230,11 +230,14 @@ fn bridge_expiry_applies_in_the_kernel_while_the_agent_is_dead() {
         return;
     }
     let w = world(104);
+    // The bridge comes with a reload once the agent runs, so a slow start
+    // (emulated kernels) cannot eat its window.
+    let mut agent = Agent::start(&w.root, &w.policy("", ""));
     let expires = time_in(4);
     let bridges = format!(
         "bridges:\n  - name: short\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    expires: {expires}\n    reason: \"3 s window\"\n"
     );
-    let mut agent = Agent::start(&w.root, &w.policy("", &bridges));
+    agent.reload(&w.policy("", &bridges));
     let dst = format!("{}:8080", w.link.v4(2));
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 8);
     assert_eq!(
@@ -392,7 +395,9 @@ fn listener_bound_before_the_agent_started_is_covered() {
     }
     let w = world(109);
     let ns = Netns::new();
-    let server = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9100", 4);
+    // It must still listen once the agent is up.
+    let life = 4 + tests::slack_secs();
+    let server = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9100", life);
     let _agent = Agent::start(&w.root, &w.policy("", ""));
     assert_eq!(
         probe(

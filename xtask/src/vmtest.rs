@@ -240,7 +240,7 @@ export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 export HOME=/root TERM=dumb RUST_BACKTRACE=1
 export BULKHEAD_BIN=/bh/bulkhead BULKHEAD_TEST_GEO_DB=/bh/geo.mmdb
 # Under TCG the verifier alone takes a minute per agent start.
-export BULKHEAD_TEST_READY_SECS=900
+export BULKHEAD_TEST_READY_SECS=900 BULKHEAD_TEST_SLACK_SECS=30
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
