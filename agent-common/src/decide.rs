@@ -23,6 +23,9 @@ pub struct Decision {
     pub reason: Reason,
     /// Bridge that allowed (or whose window refused) it; 0 = none.
     pub bridge_id: u32,
+    /// TAI ns until which the same question gets the same answer under
+    /// the same policy generation: the domain's or the bridge's expiry.
+    pub until_tai_ns: u64,
 }
 
 impl Decision {
@@ -31,6 +34,7 @@ impl Decision {
             allow: !reason.is_deny(),
             reason,
             bridge_id,
+            until_tai_ns: u64::MAX,
         }
     }
 }
@@ -63,6 +67,40 @@ pub fn decide(
     if now_tai_ns >= local.expires_tai_ns {
         return Decision::new(Reason::DomainExpired, 0);
     }
+    let mut d = decide_unexpired(
+        dir,
+        local_id,
+        local,
+        peer_id,
+        bridges,
+        proto,
+        service_port,
+        now_tai_ns,
+        geo,
+    );
+    if d.until_tai_ns > local.expires_tai_ns {
+        d.until_tai_ns = local.expires_tai_ns;
+    }
+    d
+}
+
+/// [`decide`] for a domain that has not expired.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat scalars keep the kernel call cheap"
+)]
+#[inline(always)]
+fn decide_unexpired(
+    dir: Direction,
+    local_id: u32,
+    local: &DomainRec,
+    peer_id: u32,
+    bridges: Option<&BridgeSet>,
+    proto: u8,
+    service_port: u16,
+    now_tai_ns: u64,
+    geo: Option<&GeoValue>,
+) -> Decision {
     if peer_id == local_id {
         return Decision::new(Reason::SameDomain, 0);
     }
@@ -109,7 +147,9 @@ fn bridge_decision(bridges: Option<&BridgeSet>, proto: u8, port: u16, now_tai_ns
             continue;
         }
         if now_tai_ns >= r.not_before_tai_ns && now_tai_ns < r.expires_tai_ns {
-            return Decision::new(Reason::Bridge, r.bridge_id);
+            let mut d = Decision::new(Reason::Bridge, r.bridge_id);
+            d.until_tai_ns = r.expires_tai_ns;
+            return d;
         }
         outside_window = r.bridge_id;
     }
@@ -171,6 +211,17 @@ mod tests {
         assert!(!x.allow);
         assert_eq!(x.reason, Reason::CrossDomain);
         assert_eq!(eg(&d, 0, None, PROTO_TCP, 80, 5).reason, Reason::NoDomain);
+    }
+
+    #[test]
+    fn an_allow_holds_until_the_bridge_or_the_domain_expires() {
+        let mut d = dom(0);
+        assert_eq!(eg(&d, 1, None, PROTO_TCP, 80, 5).until_tai_ns, NEVER);
+        let b = bridge(PROTO_TCP, 80, 80, 0, 300, 7);
+        assert_eq!(eg(&d, 2, Some(&b), PROTO_TCP, 80, 5).until_tai_ns, 300);
+        d.expires_tai_ns = 200;
+        assert_eq!(eg(&d, 2, Some(&b), PROTO_TCP, 80, 5).until_tai_ns, 200);
+        assert_eq!(eg(&d, 0, None, PROTO_TCP, 80, 5).until_tai_ns, 200);
     }
 
     #[test]

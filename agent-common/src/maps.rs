@@ -229,6 +229,21 @@ pub struct SockInfo {
     pub ancestors: [u64; MAX_CGROUP_DEPTH],
     pub flags: u64,
     pub last_flow: FlowKey,
+    pub verdict: VerdictCache,
+}
+
+/// An established TCP socket's last allowed packet verdict: its later
+/// packets (same peer, same policy generation, before `until_tai_ns`) are
+/// allowed without deciding again. A connect clears it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCache {
+    /// 0 = nothing cached (generations start at 1).
+    pub generation: u64,
+    pub until_tai_ns: u64,
+    pub domain: u32,
+    pub reason: u8,
+    pub _pad: [u8; 3],
 }
 
 /// `BH_RATE` value: a per-cgroup token bucket for events.
@@ -306,7 +321,7 @@ mod tests {
         assert_eq!(size_of::<BridgeKey>(), 8);
         assert_eq!(size_of::<BridgeRule>(), 32);
         assert_eq!(size_of::<BridgeSet>(), 8 + 32 * MAX_BRIDGE_RULES);
-        assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8 + 24);
+        assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8 + 24 + 24);
         assert_eq!(size_of::<TokenBucket>(), 16);
     }
 

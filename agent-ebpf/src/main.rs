@@ -26,8 +26,8 @@ use agent_common::{
         DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, FlowKey, GeoValue, MAX_BRIDGE_PAIRS,
         MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MAX_GEO_PREFIXES, MAX_NETWORKS, MODE_AUDIT,
         NUM_COUNTERS, NUM_DOMAIN_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_FLOW_SEEN,
-        SOCK_INITIATOR, SockInfo, State, TokenBucket, counter_index, domain_counter_index,
-        is_loopback_v4, is_loopback_v6, net4_key, net6_key, v4_mapped,
+        SOCK_INITIATOR, SockInfo, State, TokenBucket, VerdictCache, counter_index,
+        domain_counter_index, is_loopback_v4, is_loopback_v6, net4_key, net6_key, v4_mapped,
     },
 };
 use aya_ebpf::{
@@ -79,6 +79,8 @@ static BH_SOCKS: SkStorage<SockInfo> = SkStorage::new();
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
+/// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum.
+const BPF_TCP_ESTABLISHED: u32 = 1;
 const IPPROTO_UDP: u32 = 17;
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_ICMPV6: u32 = 58;
@@ -560,7 +562,11 @@ fn mark_initiator(sk: *mut bpf_sock) -> *mut SockInfo {
         ) as *mut SockInfo
     };
     if !p.is_null() {
-        unsafe { (*p).flags |= SOCK_INITIATOR };
+        unsafe {
+            (*p).flags |= SOCK_INITIATOR;
+            // A (re)connect may change the peer: decide its packets anew.
+            (*p).verdict.generation = 0;
+        }
     }
     p
 }
@@ -605,23 +611,6 @@ fn new_flow(
     info.last_flow = flow;
     info.flags |= SOCK_FLOW_SEEN;
     true
-}
-
-/// Whether the socket behind a packet started its conversation.
-#[inline(always)]
-fn skb_initiator(ctx: &SkBuffContext) -> bool {
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return false;
-    }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return false;
-    }
-    let p = unsafe {
-        bpf_sk_storage_get(socks_map(), full.cast(), core::ptr::null_mut(), 0) as *const SockInfo
-    };
-    !p.is_null() && unsafe { (*p).flags } & SOCK_INITIATOR != 0
 }
 
 /// Looks up bridges and geo only when the decision needs them.
@@ -733,6 +722,7 @@ pub fn bh_sock_create(ctx: SockContext) -> i32 {
         allow: false,
         reason: Reason::RawSocketDenied,
         bridge_id: 0,
+        until_tai_ns: 0,
     };
     let f = Flow {
         family: sk.family as u8,
@@ -785,6 +775,7 @@ pub fn bh_socket_create(ctx: LsmContext) -> i32 {
         allow: false,
         reason: Reason::PacketSocketDenied,
         bridge_id: 0,
+        until_tai_ns: 0,
     };
     let f = Flow {
         family: family as u8,
@@ -853,6 +844,16 @@ pub fn bh_post_bind6(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     let Some(a) = active() else { return ALLOW };
+    let hook = match dir {
+        Direction::Egress => Hook::SkbEgress,
+        Direction::Ingress => Hook::SkbIngress,
+    };
+    let info = skb_sock_info(ctx);
+    if let Some((dom_id, reason)) = cached_verdict(info, &a) {
+        count(counter_index(hook as u8, reason));
+        bump(&BH_DOMSTATS, domain_counter_index(dom_id, reason));
+        return ALLOW;
+    }
     let skb_ptr = ctx.skb.skb;
     let dom_id = domain_of(a.slot, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(skb_ptr, level)
@@ -861,10 +862,6 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         return ALLOW;
     };
     let cgroup_id = unsafe { bpf_skb_cgroup_id(skb_ptr) };
-    let hook = match dir {
-        Direction::Egress => Hook::SkbEgress,
-        Direction::Ingress => Hook::SkbIngress,
-    };
     let p: Parsed = match parse(ctx) {
         Some(p) => p,
         None => {
@@ -872,6 +869,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
                 allow: false,
                 reason: Reason::Unparsable,
                 bridge_id: 0,
+                until_tai_ns: 0,
             };
             let f = Flow {
                 family: 0,
@@ -895,7 +893,8 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     // connections by its egress rules (bridge local → peer on the peer's
     // port), everything else by its ingress rules (bridge peer → local on
     // the workload's port). Replies then pass exactly when the opening did.
-    let (conn_dir, service_port) = if skb_initiator(ctx) {
+    let initiator = !info.is_null() && unsafe { (*info).flags } & SOCK_INITIATOR != 0;
+    let (conn_dir, service_port) = if initiator {
         (Direction::Egress, peer_port)
     } else {
         (Direction::Ingress, local_port)
@@ -920,6 +919,9 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         &peer_key,
         peer_family,
     );
+    if d.allow && p.proto == IPPROTO_TCP as u8 {
+        cache_verdict(ctx, info, &a, dom_id, &d);
+    }
     let f = Flow {
         family: p.family,
         proto: p.proto,
@@ -932,6 +934,64 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         dport: p.dport,
     };
     finish(&a, dom_id, dom, peer, cgroup_id, d, &f)
+}
+
+/// The socket storage of the full socket behind a packet (null if none).
+#[inline(always)]
+fn skb_sock_info(ctx: &SkBuffContext) -> *mut SockInfo {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return core::ptr::null_mut();
+    }
+    unsafe {
+        bpf_sk_storage_get(socks_map(), full.cast(), core::ptr::null_mut(), 0) as *mut SockInfo
+    }
+}
+
+/// The allowed verdict cached on this packet's socket, if it was decided
+/// under the policy in force and has not expired since: (domain, reason).
+#[inline(always)]
+fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<(u32, u8)> {
+    if info.is_null() {
+        return None;
+    }
+    let c = unsafe { (*info).verdict };
+    if c.generation != a.generation || unsafe { bpf_ktime_get_tai_ns() } >= c.until_tai_ns {
+        return None;
+    }
+    Some((c.domain, c.reason))
+}
+
+/// Remembers an allowed packet's verdict on its socket, but only on an
+/// established TCP socket: it keeps one peer for the rest of its life (a
+/// new connect clears the cache), so its later packets ask the same
+/// question. A datagram socket can change peers with every packet.
+#[inline(always)]
+fn cache_verdict(ctx: &SkBuffContext, info: *mut SockInfo, a: &Active, dom_id: u32, d: &Decision) {
+    if info.is_null() {
+        return;
+    }
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    unsafe {
+        (*info).verdict = VerdictCache {
+            generation: a.generation,
+            until_tai_ns: d.until_tai_ns,
+            domain: dom_id,
+            reason: d.reason as u8,
+            _pad: [0; 3],
+        };
+    }
 }
 
 #[cgroup_skb(egress)]
