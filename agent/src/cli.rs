@@ -261,6 +261,7 @@ pub fn render_status(v: &Value) -> String {
         e["subscriber_drops"]
     );
     s += &format!("packet sockets: {}\n", str_of("packet_sockets"));
+    s += &format!("{}\n", str_of("capabilities"));
     s
 }
 

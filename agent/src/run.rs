@@ -390,6 +390,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 Request::Status => {
                     let st = Status {
                         packet_sockets: &packet_sockets,
+                        capabilities: &kept,
                         args: &args,
                         loaded: &current,
                         generation: PolicyMaps::generation(&mut ebpf).unwrap_or(0),
@@ -717,6 +718,7 @@ fn read_events(
 /// What `bulkhead status` shows, gathered on the main loop.
 struct Status<'a> {
     packet_sockets: &'a str,
+    capabilities: &'a str,
     args: &'a RunArgs,
     loaded: &'a Loaded,
     generation: u64,
@@ -801,6 +803,7 @@ impl Status<'_> {
                 "subscriber_drops": self.hub.subscriber_drops.load(Ordering::Relaxed),
             },
             "packet_sockets": self.packet_sockets,
+            "capabilities": self.capabilities,
         })
     }
 }

@@ -68,6 +68,10 @@ fn capabilities_are_dropped_after_attach_and_reload_still_works() {
     assert!(status.status.success());
     let v: tests::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(v["generation"].as_u64() >= Some(2), "{v}");
+    assert_eq!(
+        v["capabilities"],
+        "capabilities after attach: CAP_BPF only (bounding set cleared, no_new_privs)"
+    );
 }
 
 #[test]
