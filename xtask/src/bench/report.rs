@@ -940,7 +940,9 @@ fn analysis(r: &Value) -> String {
          figures, closer to the cold ones: on the real path every packet of a request/response meets caches the \
          rest of the stack has just used. A UDP message sent with `sendto()` pays `sendmsg4` (including a \
          listener lookup, `bpf_sk_lookup_udp`, for every destination outside the domains) and `bh_egress`; a TCP \
-         transaction pays `bh_egress` and `bh_ingress` on the client.{}",
+         transaction pays `bh_egress` and `bh_ingress` on the client, but on an established TCP socket both \
+         take the verdict cached in its socket storage (valid for the policy generation and until the domain's \
+         or bridge's expiry) instead of deciding again.{}",
         100.0 * f(&rr["modes"]["bulkhead"]["ratio_to_none"]),
         per(rr, "bulkhead"),
         100.0 * f(&rr["modes"]["nftables"]["ratio_to_none"]),
