@@ -289,7 +289,6 @@ impl Hub {
     }
 }
 
-/// Creates the socket and serves it on background threads.
 /// Creates the control socket, `0660` and owned by root and `group`. Done
 /// before the agent drops its capabilities (changing the group needs
 /// CAP_CHOWN); `serve` answers on it afterwards.

@@ -689,10 +689,9 @@ pub fn test_run(cgroup: &Cgroup, link: &Path, packets: &[Vec<u8>]) -> Vec<Result
         .collect()
 }
 
-/// How long to wait for the agent's READY=1: `BULKHEAD_TEST_READY_SECS`,
-/// 30 s by default.
-/// Extra seconds for a server that must outlive an agent start: under
-/// emulation (`cargo xtask vm-test` with TCG) the agent takes ~10 s to start.
+/// Extra seconds for a server that must outlive an agent start:
+/// `BULKHEAD_TEST_SLACK_SECS`, 0 by default; under emulation (`cargo xtask
+/// vm-test` with TCG) the agent takes ~10 s to start.
 pub fn slack_secs() -> u64 {
     std::env::var("BULKHEAD_TEST_SLACK_SECS")
         .ok()
@@ -700,6 +699,8 @@ pub fn slack_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long to wait for the agent's READY=1: `BULKHEAD_TEST_READY_SECS`,
+/// 30 s by default.
 pub fn ready_timeout() -> Duration {
     let secs = std::env::var("BULKHEAD_TEST_READY_SECS")
         .ok()
