@@ -113,7 +113,7 @@ pub fn secure(pins: &Pins) -> Result<()> {
     let mut todo = vec![pins.root.clone()];
     while let Some(p) = todo.pop() {
         let m = fs::symlink_metadata(&p).with_context(|| format!("inspecting {}", p.display()))?;
-        if m.uid() != 0 && m.uid() != me {
+        if !crate::trust::trusted_owner(m.uid(), me) {
             bail!(
                 "{} is owned by uid {}, not root: an unprivileged user could replace what is pinned there; \
                  remove it (as root) or pass a different --bpffs-dir",

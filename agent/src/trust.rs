@@ -25,9 +25,14 @@ pub struct Owner {
     pub dir: bool,
 }
 
+/// Files the agent relies on may belong to root or to the agent's own user.
+pub fn trusted_owner(uid: u32, agent_uid: u32) -> bool {
+    uid == 0 || uid == agent_uid
+}
+
 /// Why `path` (with owner `o`) is not trusted, if it is not.
 pub fn untrusted(o: Owner, agent_uid: u32) -> Option<String> {
-    if o.uid != 0 && o.uid != agent_uid {
+    if !trusted_owner(o.uid, agent_uid) {
         return Some(format!("is owned by uid {}", o.uid));
     }
     if o.mode & GROUP_OTHER_WRITE != 0 && !(o.dir && o.mode & STICKY != 0) {
