@@ -848,7 +848,8 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         Direction::Egress => Hook::SkbEgress,
         Direction::Ingress => Hook::SkbIngress,
     };
-    let info = skb_sock_info(ctx);
+    let full = skb_full_sock(ctx);
+    let info = sock_info(full);
     if let Some((dom_id, reason)) = cached_verdict(info, &a) {
         count(counter_index(hook as u8, reason));
         bump(&BH_DOMSTATS, domain_counter_index(dom_id, reason));
@@ -920,7 +921,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         peer_family,
     );
     if d.allow && p.proto == IPPROTO_TCP as u8 {
-        cache_verdict(ctx, info, &a, dom_id, &d);
+        cache_verdict(full, info, &a, dom_id, &d);
     }
     let f = Flow {
         family: p.family,
@@ -936,14 +937,19 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     finish(&a, dom_id, dom, peer, cgroup_id, d, &f)
 }
 
-/// The socket storage of the full socket behind a packet (null if none).
+/// The full socket behind a packet (null if none).
 #[inline(always)]
-fn skb_sock_info(ctx: &SkBuffContext) -> *mut SockInfo {
+fn skb_full_sock(ctx: &SkBuffContext) -> *mut bpf_sock {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return core::ptr::null_mut();
     }
-    let full = unsafe { bpf_sk_fullsock(sk) };
+    unsafe { bpf_sk_fullsock(sk) }
+}
+
+/// A full socket's storage, if it has any (null otherwise).
+#[inline(always)]
+fn sock_info(full: *mut bpf_sock) -> *mut SockInfo {
     if full.is_null() {
         return core::ptr::null_mut();
     }
@@ -971,16 +977,10 @@ fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<(u32, u8)> {
 /// new connect clears the cache), so its later packets ask the same
 /// question. A datagram socket can change peers with every packet.
 #[inline(always)]
-fn cache_verdict(ctx: &SkBuffContext, info: *mut SockInfo, a: &Active, dom_id: u32, d: &Decision) {
-    if info.is_null() {
-        return;
-    }
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return;
-    }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+fn cache_verdict(full: *mut bpf_sock, info: *mut SockInfo, a: &Active, dom_id: u32, d: &Decision) {
+    // `full` is checked again: the verifier does not know that a storage
+    // pointer implies a socket.
+    if info.is_null() || full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
         return;
     }
     unsafe {
