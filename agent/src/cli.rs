@@ -262,6 +262,39 @@ pub fn render_status(v: &Value) -> String {
     );
     s += &format!("packet sockets: {}\n", str_of("packet_sockets"));
     s += &format!("{}\n", str_of("capabilities"));
+    let p = &v["pods"];
+    if p.is_object() {
+        let placed = p["placed"].as_array().map_or(&[][..], |a| a.as_slice());
+        let count = |k: &str| p[k].as_array().map_or(0, Vec::len);
+        s += &format!(
+            "pods:        node {}, {}, {} pods, {} placed, {} waiting for their cgroup, {} in conflict\n",
+            p["node"].as_str().unwrap_or(""),
+            if p["synced"] == true {
+                "synced"
+            } else {
+                "NOT SYNCED with the API server yet"
+            },
+            p["pods"],
+            placed.len(),
+            count("pending"),
+            count("conflicts"),
+        );
+        for a in placed {
+            s += &format!(
+                "  {} -> {} ({})\n",
+                a["pod"].as_str().unwrap_or(""),
+                a["domain"].as_str().unwrap_or(""),
+                a["cgroup"].as_str().unwrap_or("")
+            );
+        }
+        for c in p["conflicts"].as_array().into_iter().flatten() {
+            s += &format!(
+                "  {} selected by {} (none applied)\n",
+                c["pod"].as_str().unwrap_or(""),
+                c["domains"]
+            );
+        }
+    }
     s
 }
 

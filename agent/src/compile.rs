@@ -14,6 +14,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use crate::{
     cgroup,
     geo::{CompiledGeo, DomainGeo, GeoDb},
+    k8s::Assignment,
     policy::{AuditLevel, Mode, Policy, UnknownCountry},
 };
 
@@ -45,6 +46,24 @@ pub struct Compiled {
     pub bridges: BTreeMap<(u16, u16), BridgeSet>,
     pub bridge_names: Vec<BridgeName>,
     pub domain_names: Vec<String>,
+    /// Pods the policy's `pods:` selectors placed (their cgroups are in
+    /// `cgroups` too); empty without a pod watch.
+    pub pods: Vec<Assignment>,
+}
+
+impl Compiled {
+    /// Adds the cgroups of placed pods. A cgroup a path pattern already
+    /// names keeps that domain: the pattern is the more specific rule.
+    pub fn place_pods(&mut self, placed: &[Assignment]) {
+        for a in placed {
+            if self.cgroups.iter().any(|(id, _, _)| *id == a.cgroup_id) {
+                continue;
+            }
+            self.cgroups
+                .push((a.cgroup_id, a.domain as u32 + 1, a.cgroup.clone()));
+            self.pods.push(a.clone());
+        }
+    }
 }
 
 /// Offset from the Unix clock to `CLOCK_TAI`, which the kernel programs
@@ -197,6 +216,7 @@ pub fn compile(
         bridges,
         bridge_names,
         domain_names: policy.domains.iter().map(|d| d.name.clone()).collect(),
+        pods: Vec::new(),
     })
 }
 

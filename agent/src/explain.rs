@@ -45,16 +45,29 @@ pub struct Answer {
 }
 
 /// The nearest configured ancestor of `cgroup` (deepest prefix a pattern
-/// names), as the kernel walks it.
-fn workload_domain<'p>(policy: &'p Policy, cgroup: &str) -> Option<(usize, &'p str)> {
+/// or a placed pod names), as the kernel walks it; with the rule that put
+/// it there.
+fn workload_domain(policy: &Policy, c: &Compiled, cgroup: &str) -> Option<(usize, String)> {
     let segs: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
+    let split = |p: &str| -> Vec<String> {
+        p.split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
     for depth in (1..=segs.len()).rev() {
         for (i, d) in policy.domains.iter().enumerate() {
             for p in &d.cgroups {
-                let psegs: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+                let psegs = split(p);
                 if psegs.len() == depth && psegs.iter().zip(&segs).all(|(p, s)| glob_match(p, s)) {
-                    return Some((i, p.as_str()));
+                    return Some((i, p.clone()));
                 }
+            }
+        }
+        for a in &c.pods {
+            let psegs = split(&a.cgroup);
+            if psegs.len() == depth && psegs.iter().zip(&segs).all(|(p, s)| p == s) {
+                return Some((a.domain, format!("pod {} ({})", a.pod, a.cgroup)));
             }
         }
     }
@@ -110,7 +123,7 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
         .as_ref()
         .and_then(|h| geo.sources().get(h.source))
         .map(|s| s.path.display().to_string());
-    let Some((local_idx, pattern)) = workload_domain(policy, &q.cgroup) else {
+    let Some((local_idx, pattern)) = workload_domain(policy, c, &q.cgroup) else {
         return Answer {
             verdict: "allow",
             reason: "no-domain",
@@ -277,6 +290,37 @@ mod tests {
             port,
             proto,
         }
+    }
+
+    /// A placed pod's cgroup is deeper than the path rule above it, so its
+    /// domain wins, for the pod and its containers, as in the kernel.
+    #[test]
+    fn placed_pods_decide_below_their_path_rule() {
+        let (p, mut c) = setup(&POLICY.replace("/prod.slice", "/prod.slice\", \"/k"));
+        c.place_pods(&[crate::k8s::Assignment {
+            domain: 0,
+            pod: "acme/web-1".into(),
+            uid: "u1".into(),
+            cgroup: "/k/podu1".into(),
+            cgroup_id: 4242,
+        }]);
+        let g = GeoDb::empty();
+        let pod = explain(
+            &p,
+            &c,
+            &g,
+            &q("/k/podu1/crio-1", "10.40.1.1", 443, Proto::Tcp),
+            0,
+        );
+        assert_eq!(pod.workload_domain.as_deref(), Some("contractor"));
+        assert_eq!(
+            pod.workload_pattern.as_deref(),
+            Some("pod acme/web-1 (/k/podu1)")
+        );
+        assert_eq!((pod.verdict, pod.bridge.as_deref()), ("allow", Some("ci")));
+        let other = explain(&p, &c, &g, &q("/k/podu2", "10.40.1.1", 443, Proto::Tcp), 0);
+        assert_eq!(other.workload_domain.as_deref(), Some("prod"));
+        assert_eq!(other.workload_pattern.as_deref(), Some("/k"));
     }
 
     #[test]

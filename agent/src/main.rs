@@ -105,6 +105,12 @@ enum Command {
         /// open every domain at the next reload.
         #[arg(long)]
         allow_untrusted_policy: bool,
+        /// Watch this Kubernetes node's pods through the API server
+        /// (in-cluster service account, or KUBECONFIG) and place the pods
+        /// that domains select with `pods:`. The DaemonSet passes
+        /// spec.nodeName. Needs a build with the `k8s` feature.
+        #[arg(long, value_name = "NODE")]
+        k8s_node: Option<String>,
     },
     /// Just-in-time bridges: time-boxed, recorded with who opened them and
     /// why; the policy's `jit_bridges:` says which pairs may get one and
@@ -427,6 +433,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             audit_retention,
             metrics_addr,
             allow_untrusted_policy,
+            k8s_node,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| control::default_state_dir(&bpffs_dir));
             let audit_db = match (no_audit_db, audit_db) {
@@ -451,6 +458,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 metrics_addr,
                 state_dir,
                 allow_untrusted_policy,
+                k8s_node,
                 policy,
                 cgroup_root,
                 bpffs_dir,

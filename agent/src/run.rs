@@ -13,7 +13,7 @@ use std::{
 };
 
 use agent_common::maps::MAP_EVENTS;
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
@@ -28,6 +28,10 @@ use crate::{
     events::{self, Enricher, Generation},
     explain,
     geo::GeoDb,
+    k8s::{
+        Assignment,
+        node::{NodePods, selects_pods},
+    },
     kernel::{self, Pins},
     listeners,
     maps::PolicyMaps,
@@ -55,6 +59,8 @@ pub struct RunArgs {
     pub state_dir: PathBuf,
     /// Accept policy and geo files that non-root users could change.
     pub allow_untrusted_policy: bool,
+    /// Watch this Kubernetes node's pods (`pods:` selectors).
+    pub k8s_node: Option<String>,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -73,7 +79,13 @@ fn stamp(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn load_policy(args: &RunArgs, mount: &Path, jit: &Jit, prev: Option<&Loaded>) -> Result<Loaded> {
+fn load_policy(
+    args: &RunArgs,
+    mount: &Path,
+    jit: &Jit,
+    prev: Option<&Loaded>,
+    pods: Option<&mut NodePods>,
+) -> Result<Loaded> {
     let path = &args.policy;
     let trusted = |what: &str, p: &Path| {
         if args.allow_untrusted_policy {
@@ -100,7 +112,17 @@ fn load_policy(args: &RunArgs, mount: &Path, jit: &Jit, prev: Option<&Loaded>) -
         ),
     };
     let policy = jit.merged(&file, None);
-    let compiled = compile::compile(&policy, &geo, mount, args.limits, compile::tai_offset_ns())?;
+    let mut compiled =
+        compile::compile(&policy, &geo, mount, args.limits, compile::tai_offset_ns())?;
+    match pods {
+        Some(pods) => compiled.place_pods(&pods.place(&policy).assigned),
+        None if selects_pods(&policy) => bail!(
+            "policy {} rejected: its domains select pods (`pods:`) but the agent does not \
+             watch Kubernetes; run it with --k8s-node",
+            path.display()
+        ),
+        None => {}
+    }
     Ok(Loaded {
         file,
         policy,
@@ -110,16 +132,19 @@ fn load_policy(args: &RunArgs, mount: &Path, jit: &Jit, prev: Option<&Loaded>) -
     })
 }
 
-/// The same policy file with a different set of just-in-time bridges.
+/// The same policy file with a different set of just-in-time bridges, or
+/// with pods placed anew (`placed`; `None` keeps `l`'s).
 fn rebuild(
     l: &Loaded,
     mount: &Path,
     limits: EventLimits,
     jit: &Jit,
     extra: Option<&JitBridge>,
+    placed: Option<&[Assignment]>,
 ) -> Result<Loaded> {
     let policy = jit.merged(&l.file, extra);
-    let compiled = compile::compile(&policy, &l.geo, mount, limits, compile::tai_offset_ns())?;
+    let mut compiled = compile::compile(&policy, &l.geo, mount, limits, compile::tai_offset_ns())?;
+    compiled.place_pods(placed.unwrap_or(&l.compiled.pods));
     Ok(Loaded {
         file: l.file.clone(),
         policy,
@@ -180,7 +205,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
     let expired_while_down = jit.expire(compile::now_ns())?;
     let load_started = Instant::now();
-    let loaded = load_policy(&args, &mount, &jit, None)?;
+    if args.k8s_node.is_some() && !cfg!(feature = "k8s") {
+        bail!(
+            "--k8s-node: this bulkhead was built without Kubernetes support (cargo feature `k8s`)"
+        );
+    }
+    let mut pods = args
+        .k8s_node
+        .as_ref()
+        .map(|node| NodePods::new(node.clone(), &mount));
+    let loaded = load_policy(&args, &mount, &jit, None, pods.as_mut())?;
 
     for w in caps::check()? {
         log(format!("warning: {w}"));
@@ -305,6 +339,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         hub.clone(),
         store.clone(),
     )?;
+    #[cfg(feature = "k8s")]
+    let _watch = pods
+        .as_ref()
+        .map(|p| crate::k8s::watch::spawn(p.node.clone(), p.store.clone(), Box::new(log)))
+        .transpose()?;
     let started = events::format_ts((compile::now_ns() + tai) as u64, tai);
 
     log(format!(
@@ -393,6 +432,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                         capabilities: &kept,
                         args: &args,
                         loaded: &current,
+                        pods: pods.as_ref(),
                         generation: PolicyMaps::generation(&mut ebpf).unwrap_or(0),
                         started: &started,
                         delivered: delivered.load(Ordering::Relaxed),
@@ -436,7 +476,8 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let result = jit
                         .prepare(&current.file, req, by, compile::now_ns())
                         .and_then(|b| {
-                            let next = rebuild(&current, &mount, args.limits, &jit, Some(&b))?;
+                            let next =
+                                rebuild(&current, &mount, args.limits, &jit, Some(&b), None)?;
                             let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?;
                             jit.commit(b.clone())?;
                             Ok((b, next, w))
@@ -463,11 +504,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
                 Request::BridgeClose { name } => {
                     let answer = match jit.close(&name) {
-                        Ok(b) => match rebuild(&current, &mount, args.limits, &jit, None).and_then(
-                            |next| {
+                        Ok(b) => match rebuild(&current, &mount, args.limits, &jit, None, None)
+                            .and_then(|next| {
                                 Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next))
-                            },
-                        ) {
+                            }) {
                             Ok((w, next)) => {
                                 let who = format!(
                                     "closed by uid {} pid {}",
@@ -506,7 +546,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         // After the wait, so a SIGHUP that woke us is handled right away.
         reload |= hup.swap(false, Ordering::Relaxed);
-        if last_check.elapsed() >= Duration::from_secs(1) {
+        let tick = last_check.elapsed() >= Duration::from_secs(1);
+        let place = pods.as_ref().is_some_and(|p| p.due(&current.policy, tick));
+        if tick {
             last_check = Instant::now();
             if current.stamps.iter().any(|(p, t)| stamp(p) != *t) {
                 // A touch or a rewrite with the same bytes is not a new policy.
@@ -528,9 +570,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             // here they leave the state file, the maps and the audit trail.
             match jit.expire(compile::now_ns()) {
                 Ok(gone) if !gone.is_empty() => {
-                    match rebuild(&current, &mount, args.limits, &jit, None).and_then(|next| {
-                        Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next))
-                    }) {
+                    match rebuild(&current, &mount, args.limits, &jit, None, None).and_then(
+                        |next| Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next)),
+                    ) {
                         Ok((w, next)) => {
                             for b in &gone {
                                 log(format!("bridge expired: {}", b.name));
@@ -554,14 +596,60 @@ pub fn run(args: RunArgs) -> Result<()> {
                 )),
             }
         }
+        if let Some(p) = pods.as_mut().filter(|_| place && !reload) {
+            let before = p.last.clone();
+            let now = p.place(&current.policy);
+            if now.assigned != before.assigned {
+                match rebuild(
+                    &current,
+                    &mount,
+                    args.limits,
+                    &jit,
+                    None,
+                    Some(&now.assigned),
+                )
+                .and_then(|next| Ok((switch_named(&mut pmaps, &mut ebpf, &enricher, &next)?, next)))
+                {
+                    Ok((w, next)) => {
+                        let detail = pod_moves(&next.policy, &before.assigned, &next.compiled.pods);
+                        log(format!("pods: {detail} (generation {})", w.generation));
+                        record("pods", Some((&next, w.generation)), detail);
+                        let mut en = enricher.lock().expect("enricher lock");
+                        for a in &next.compiled.pods {
+                            en.paths().insert(a.cgroup_id, a.cgroup.clone());
+                        }
+                        drop(en);
+                        current = next;
+                    }
+                    Err(e) => {
+                        log(format!("warning: placing pods failed: {e:#}"));
+                        p.failed(before.clone());
+                    }
+                }
+            }
+            if now.conflicts != before.conflicts {
+                for (pod, ds) in &now.conflicts {
+                    let names: Vec<&str> = ds
+                        .iter()
+                        .map(|d| current.policy.domains[*d].name.as_str())
+                        .collect();
+                    log(format!(
+                        "warning: pod {pod} is selected by domains {}; it gets none of them \
+                         (its cgroup path decides)",
+                        names.join(", ")
+                    ));
+                }
+            }
+        }
         if reload {
             sd_notify("RELOADING=1");
             let load_started = Instant::now();
-            let result = load_policy(&args, &mount, &jit, Some(&current)).and_then(|next| {
-                let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)
-                    .context("writing the maps failed; the generation in force is unchanged")?;
-                Ok((next, w))
-            });
+            let result =
+                load_policy(&args, &mount, &jit, Some(&current), pods.as_mut()).and_then(|next| {
+                    let w = switch_named(&mut pmaps, &mut ebpf, &enricher, &next)
+                        .context("writing the maps failed; the generation in force is unchanged")?;
+                    Ok((next, w))
+                });
             let answer = match result {
                 Ok((next, w)) => {
                     log(format!(
@@ -625,6 +713,31 @@ pub fn run(args: RunArgs) -> Result<()> {
         pins.root.display()
     ));
     Ok(())
+}
+
+/// "acme/web-1 -> contractor, acme/old left contractor" for the log and
+/// the audit trail.
+fn pod_moves(policy: &Policy, before: &[Assignment], after: &[Assignment]) -> String {
+    let name = |d: usize| policy.domains.get(d).map_or("?", |d| d.name.as_str());
+    let mut out = Vec::new();
+    for a in after {
+        if !before
+            .iter()
+            .any(|b| b.uid == a.uid && b.domain == a.domain && b.cgroup_id == a.cgroup_id)
+        {
+            out.push(format!("{} -> {} ({})", a.pod, name(a.domain), a.cgroup));
+        }
+    }
+    for b in before {
+        if !after.iter().any(|a| a.uid == b.uid && a.domain == b.domain) {
+            out.push(format!("{} left {}", b.pod, name(b.domain)));
+        }
+    }
+    if out.is_empty() {
+        "no change".into()
+    } else {
+        out.join(", ")
+    }
 }
 
 fn generation_names(l: &Loaded) -> Generation {
@@ -721,6 +834,7 @@ struct Status<'a> {
     capabilities: &'a str,
     args: &'a RunArgs,
     loaded: &'a Loaded,
+    pods: Option<&'a NodePods>,
     generation: u64,
     started: &'a str,
     delivered: u64,
@@ -804,11 +918,33 @@ impl Status<'_> {
             },
             "packet_sockets": self.packet_sockets,
             "capabilities": self.capabilities,
+            "pods": self.pods.map(|p| self.pods_json(p)),
         })
     }
 }
 
 /// Per-CPU counters summed over CPUs.
+impl Status<'_> {
+    fn pods_json(&self, p: &NodePods) -> serde_json::Value {
+        let names = &self.loaded.policy.domains;
+        serde_json::json!({
+            "node": p.node,
+            "synced": p.store.synced(),
+            "pods": p.store.snapshot().1.len(),
+            "placed": self.loaded.compiled.pods.iter().map(|a| serde_json::json!({
+                "pod": a.pod,
+                "domain": names[a.domain].name,
+                "cgroup": a.cgroup,
+            })).collect::<Vec<_>>(),
+            "pending": p.last.pending,
+            "conflicts": p.last.conflicts.iter().map(|(pod, ds)| serde_json::json!({
+                "pod": pod,
+                "domains": ds.iter().map(|d| &names[*d].name).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
 fn read_counters(ebpf: &mut Ebpf, name: &str) -> Vec<u64> {
     let Some(map) = ebpf.map(name) else {
         return Vec::new();

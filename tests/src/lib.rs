@@ -326,6 +326,7 @@ pub struct Agent {
     pub events: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
+    env: Vec<(String, String)>,
     notify: std::os::unix::net::UnixDatagram,
 }
 
@@ -336,6 +337,23 @@ impl Agent {
 
     pub fn start_with(cgroup_root: &Cgroup, policy: &str, extra: &[&str]) -> Agent {
         let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.spawn(extra);
+        agent
+    }
+
+    /// Like [`Agent::start_with`], with extra environment variables for
+    /// this and every later start.
+    pub fn start_with_env(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         agent.spawn(extra);
         agent
     }
@@ -357,6 +375,7 @@ impl Agent {
             bpffs: PathBuf::from("/sys/fs/bpf").join(unique("bulkhead-test-")),
             policy: policy_path,
             cgroup_root: cgroup_root.path.clone(),
+            env: Vec::new(),
             dir,
             notify,
         }
@@ -375,6 +394,7 @@ impl Agent {
             .arg(&self.events)
             .arg("--no-stdout-events")
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

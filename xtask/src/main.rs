@@ -154,9 +154,14 @@ fn build(release: bool) -> Result<PathBuf> {
     build_agent(release)
 }
 
+/// The agent as users get it: with the Kubernetes pod watch (`k8s`), so
+/// the binary the tests and the demo run is the one a DaemonSet runs.
+const AGENT_FEATURES: &str = "agent/k8s";
+
 fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "agent"]).args(locked());
+    cmd.args(["build", "--package", "agent", "--features", AGENT_FEATURES])
+        .args(locked());
     if release {
         cmd.arg("--release");
     }
@@ -186,6 +191,8 @@ fn test(unprivileged_only: bool, test_args: &[String]) -> Result<()> {
             "--exclude",
             "agent-ebpf",
             "--all-targets",
+            "--features",
+            AGENT_FEATURES,
         ])
         .args(locked())
         .args(["--", "-D", "warnings"]))?;
@@ -202,7 +209,9 @@ fn test(unprivileged_only: bool, test_args: &[String]) -> Result<()> {
         .args(locked())
         .args(["--", "-D", "warnings"]))?;
     let mut unit = cargo();
-    unit.env(GEO_DB_ENV, &geo_db).arg("test").args(locked());
+    unit.env(GEO_DB_ENV, &geo_db)
+        .args(["test", "--features", AGENT_FEATURES])
+        .args(locked());
     if !test_args.is_empty() {
         unit.arg("--").args(test_args);
     }

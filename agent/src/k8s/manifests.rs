@@ -308,6 +308,7 @@ fn k8s_daemonset_is_least_privilege_and_wired_to_the_agent() {
     );
 
     // The pod watcher: read-only access to pods, the node's name.
+    assert!(args.contains(&"--k8s-node=$(NODE_NAME)"), "{args:?}");
     assert_eq!(
         role["rules"],
         serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])

@@ -17,6 +17,7 @@
 //! other cgroup entries.
 
 pub mod cgroups;
+pub mod node;
 pub mod pod;
 pub mod selector;
 #[cfg(feature = "k8s")]

@@ -211,6 +211,7 @@ impl Checker {
         let mut domain = Domain {
             name: name.to_owned(),
             cgroups: Vec::new(),
+            pods: Vec::new(),
             networks: Vec::new(),
             expires: None,
             egress: None,
@@ -220,6 +221,7 @@ impl Checker {
         };
         let known = [
             "cgroups",
+            "pods",
             "networks",
             "expires",
             "egress",
@@ -231,15 +233,25 @@ impl Checker {
             return domain;
         };
 
-        // Without cgroups the domain would hold no workload: surely a mistake.
+        // Without cgroups or pods the domain would hold no workload: surely
+        // a mistake.
         let cgroups = fields.get("cgroups");
-        let no_cgroups = match cgroups {
-            None => Some(name_pos),
-            Some(node) if is_empty_list(node) => Some(node.pos),
-            Some(_) => None,
+        let pods = fields.get("pods");
+        let no_workloads = match (cgroups, pods) {
+            (None, None) => Some(name_pos),
+            (Some(c), None) if is_empty_list(c) => Some(c.pos),
+            (None, Some(p)) if is_empty_list(p) => Some(p.pos),
+            (Some(c), Some(p)) if is_empty_list(c) && is_empty_list(p) => Some(c.pos),
+            _ => None,
         };
-        if let Some(pos) = no_cgroups {
-            self.problem(pos, format!("domain `{name}` has no `cgroups`"));
+        if let Some(pos) = no_workloads {
+            self.problem(
+                pos,
+                format!("domain `{name}` has no `cgroups` and no `pods`"),
+            );
+        }
+        if let Some(node) = pods {
+            domain.pods = self.pod_selectors(node);
         }
         if let Some(node) = cgroups {
             for (pattern, pos) in self.strings(node, "cgroups") {
@@ -294,6 +306,164 @@ impl Checker {
             }
         }
         domain
+    }
+
+    /// `pods:` — Kubernetes label selectors inside namespaces, spelled as
+    /// in Kubernetes but with the policy's snake_case keys.
+    fn pod_selectors(&mut self, node: &Node) -> Vec<PodSelector> {
+        let Kind::Seq(items) = &node.kind else {
+            self.wrong_type(node, "`pods`", "a list of selectors");
+            return Vec::new();
+        };
+        let known = ["namespaces", "match_labels", "match_expressions"];
+        let mut out = Vec::new();
+        for item in items {
+            let Some(fields) = self.fields(item, "a pod selector", &known) else {
+                continue;
+            };
+            let mut sel = PodSelector::default();
+            // Namespaces are required: labels are chosen by whoever creates
+            // the pod, namespaces by whoever may create pods there.
+            if let Some(ns) = self.required(&fields, "namespaces") {
+                if is_empty_list(ns) {
+                    self.problem(ns.pos, "`namespaces` must name at least one namespace");
+                }
+                for (name, pos) in self.strings(ns, "namespaces") {
+                    match check_dns_label(name) {
+                        Ok(()) => sel.namespaces.push(name.to_owned()),
+                        Err(why) => self.problem(pos, format!("namespace `{name}`: {why}")),
+                    }
+                }
+            }
+            if let Some(labels) = fields.get("match_labels")
+                && let Some(entries) = self.fields_any(labels, "`match_labels`")
+            {
+                for (key, key_pos, value) in entries {
+                    if let Err(why) = check_label_key(key) {
+                        self.problem(key_pos, format!("label key `{key}`: {why}"));
+                        continue;
+                    }
+                    let Some(value) = self.label_value(value) else {
+                        continue;
+                    };
+                    sel.match_labels.insert(key.to_owned(), value);
+                }
+            }
+            if let Some(exprs) = fields.get("match_expressions") {
+                if let Kind::Seq(items) = &exprs.kind {
+                    for e in items {
+                        if let Some(r) = self.requirement(e) {
+                            sel.match_expressions.push(r);
+                        }
+                    }
+                } else {
+                    self.wrong_type(exprs, "`match_expressions`", "a list");
+                }
+            }
+            out.push(sel);
+        }
+        out
+    }
+
+    fn requirement(&mut self, node: &Node) -> Option<Requirement> {
+        let fields = self.fields(node, "a match expression", &["key", "operator", "values"])?;
+        let key_node = self.required(&fields, "key");
+        let op_node = self.required(&fields, "operator");
+        let key = key_node.and_then(|n| Some((self.string(n, "key")?, n.pos)));
+        if let Some((key, pos)) = key
+            && let Err(why) = check_label_key(key)
+        {
+            self.problem(pos, format!("label key `{key}`: {why}"));
+        }
+        let choices = [
+            ("In", Operator::In),
+            ("NotIn", Operator::NotIn),
+            ("Exists", Operator::Exists),
+            ("DoesNotExist", Operator::DoesNotExist),
+        ];
+        let operator = op_node.and_then(|n| self.choice(n, "operator", &choices));
+        let mut values = Vec::new();
+        let values_node = fields.get("values");
+        if let Some(n) = values_node {
+            if let Kind::Seq(items) = &n.kind {
+                values.extend(items.iter().filter_map(|v| self.label_value(v)));
+            } else {
+                self.wrong_type(n, "`values`", "a list");
+            }
+        }
+        let operator = operator?;
+        match (operator, values_node) {
+            (Operator::In | Operator::NotIn, None) => {
+                self.problem(fields.pos, "operators `In` and `NotIn` need `values`");
+            }
+            (Operator::In | Operator::NotIn, Some(n)) if is_empty_list(n) => {
+                self.problem(n.pos, "operators `In` and `NotIn` need at least one value");
+            }
+            (Operator::Exists | Operator::DoesNotExist, Some(n)) if !is_empty_list(n) => {
+                self.problem(
+                    n.pos,
+                    "operators `Exists` and `DoesNotExist` take no `values`",
+                );
+            }
+            _ => {}
+        }
+        Some(Requirement {
+            key: key?.0.to_owned(),
+            operator,
+            values,
+        })
+    }
+
+    /// Label values are strings in Kubernetes; a bare `1` or `true` in
+    /// YAML is not, and would never match.
+    fn label_value(&mut self, node: &Node) -> Option<String> {
+        let Kind::Str(v) = &node.kind else {
+            let found = node.kind.describe();
+            self.problem(
+                node.pos,
+                format!("label value: expected a string (quote it), found {found}"),
+            );
+            return None;
+        };
+        match check_label_value(v) {
+            Ok(()) => Some(v.clone()),
+            Err(why) => {
+                self.problem(node.pos, format!("label value `{v}`: {why}"));
+                None
+            }
+        }
+    }
+
+    /// A mapping with free string keys (labels); repeated keys are reported.
+    fn fields_any<'a>(
+        &mut self,
+        node: &'a Node,
+        what: &str,
+    ) -> Option<Vec<(&'a str, Pos, &'a Node)>> {
+        let Kind::Map(entries) = &node.kind else {
+            self.wrong_type(node, what, "a mapping");
+            return None;
+        };
+        let mut out: Vec<(&str, Pos, &Node)> = Vec::new();
+        for (key, value) in entries {
+            let Kind::Str(name) = &key.kind else {
+                self.problem(
+                    key.pos,
+                    format!("unexpected key in {what}: {}", key.kind.describe()),
+                );
+                continue;
+            };
+            if let Some((_, first, _)) = out.iter().find(|(k, _, _)| k == name) {
+                let first = *first;
+                self.problem(
+                    key.pos,
+                    format!("duplicate key `{name}` (first at {first})"),
+                );
+                continue;
+            }
+            out.push((name, key.pos, value));
+        }
+        Some(out)
     }
 
     fn geo_rule(&mut self, node: &Node, what: &str) -> Option<GeoRule> {
@@ -792,6 +962,58 @@ fn check_name(name: &str) -> Result<(), String> {
         return Err(format!("is longer than {MAX_NAME_LEN} characters"));
     }
     Ok(())
+}
+
+/// A Kubernetes namespace name (RFC 1123 label).
+fn check_dns_label(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err("not a namespace name (lower case letters, digits and `-`, at most 63)".into())
+    }
+}
+
+/// The name part of a label key, and a label value (which may be empty).
+fn label_word(w: &str) -> bool {
+    w.len() <= 63
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && w.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        && w.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+}
+
+/// `name` or `prefix/name`, as Kubernetes accepts label keys.
+fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty() && p.len() <= 253 && p.split('.').all(|l| check_dns_label(l).is_ok())
+    });
+    if !name.is_empty() && label_word(name) && prefix_ok {
+        Ok(())
+    } else {
+        Err(
+            "not a Kubernetes label key ([prefix/]name; name: letters, digits, `-_.`, at most 63)"
+                .into(),
+        )
+    }
+}
+
+fn check_label_value(v: &str) -> Result<(), String> {
+    if label_word(v) {
+        Ok(())
+    } else {
+        Err("not a Kubernetes label value (letters, digits, `-_.`, at most 63)".into())
+    }
 }
 
 fn parse_network(text: &str) -> Result<IpNet, String> {

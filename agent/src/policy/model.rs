@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 
+pub use crate::k8s::{Operator, PodSelector, Requirement};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Deny what the policy denies.
@@ -52,6 +54,9 @@ pub struct Domain {
     /// Cgroup paths relative to the cgroup v2 mount, starting with `/`;
     /// `*` matches within one path segment.
     pub cgroups: Vec<String>,
+    /// Kubernetes pods chosen by namespace and labels; the agent places
+    /// their cgroups in this domain once the pod watch reports them.
+    pub pods: Vec<PodSelector>,
     pub networks: Vec<IpNet>,
     /// Unix time in nanoseconds (UTC); after it the domain reaches nothing.
     pub expires: Option<i64>,

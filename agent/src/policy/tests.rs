@@ -86,6 +86,7 @@ fn full_policy_round_trip() {
                     "/contractors.slice".into(),
                     "/kubepods.slice/*contractor*".into(),
                 ],
+                pods: Vec::new(),
                 networks: vec![
                     "10.20.0.0/16".parse().unwrap(),
                     "fd00:20::/48".parse().unwrap(),
@@ -105,6 +106,7 @@ fn full_policy_round_trip() {
             Domain {
                 name: "core-staging".into(),
                 cgroups: vec!["/core.slice".into()],
+                pods: Vec::new(),
                 networks: vec!["10.30.0.0/16".parse().unwrap()],
                 expires: None,
                 egress: None,
@@ -276,7 +278,7 @@ fn unknown_keys_anywhere() {
     rejects(
         "version: 1\ndomains:\n  a: { cgroups: [/a], network: [] }\n",
         "3:23",
-        "unknown key `network` in domain `a` (expected `cgroups`, `networks`",
+        "unknown key `network` in domain `a` (expected `cgroups`, `pods`, `networks`",
     );
     rejects(
         "version: 1\ndomains:\n  a: { cgroups: [/a], egress: { countries: { allow: [DE] }, unknown: deny } }\n",
@@ -881,5 +883,105 @@ fn ten_thousand_networks_are_checked_quickly_and_overlaps_still_found() {
     assert_eq!(err.lines().count(), 256, "{}", &err[..err.len().min(400)]);
     assert!(
         err.contains("network `10.3.0.0/16` of domain `b` overlaps `10.3.0.0/24` of domain `a`")
+    );
+}
+
+#[test]
+fn pod_selectors() {
+    let p = parse(
+        "version: 1\ndomains:\n  contractor:\n    pods:\n      - namespaces: [acme, acme-ci]\n        match_labels: {team: acme, \"example.com/tier\": staging}\n        match_expressions:\n          - {key: track, operator: In, values: [canary, \"1\"]}\n          - {key: legacy, operator: DoesNotExist}\n",
+    )
+    .unwrap();
+    let d = &p.domains[0];
+    assert!(d.cgroups.is_empty());
+    assert_eq!(d.pods.len(), 1);
+    let s = &d.pods[0];
+    assert_eq!(s.namespaces, ["acme", "acme-ci"]);
+    assert_eq!(s.match_labels["example.com/tier"], "staging");
+    assert_eq!(
+        s.match_expressions,
+        [
+            Requirement {
+                key: "track".into(),
+                operator: Operator::In,
+                values: vec!["canary".into(), "1".into()],
+            },
+            Requirement {
+                key: "legacy".into(),
+                operator: Operator::DoesNotExist,
+                values: Vec::new(),
+            },
+        ]
+    );
+}
+
+#[test]
+fn bad_pod_selectors() {
+    let head = "version: 1\ndomains:\n  c:\n    pods:\n";
+    rejects(
+        &format!("{head}      - match_labels: {{a: b}}\n"),
+        "5:9",
+        "missing required field `namespaces`",
+    );
+    rejects(
+        &format!("{head}      - namespaces: []\n"),
+        "5:21",
+        "at least one namespace",
+    );
+    rejects(
+        &format!("{head}      - namespaces: [Acme]\n"),
+        "5:22",
+        "namespace `Acme`",
+    );
+    rejects(
+        &format!("{head}      - namespaces: [a]\n        match_labels: {{tier: 1}}\n"),
+        "6:30",
+        "expected a string (quote it)",
+    );
+    rejects(
+        &format!("{head}      - namespaces: [a]\n        match_labels: {{\"-x\": y}}\n"),
+        "6:24",
+        "label key `-x`",
+    );
+    rejects(
+        &format!("{head}      - namespaces: [a]\n        match_labels: {{t: a, t: b}}\n"),
+        "6:30",
+        "duplicate key `t`",
+    );
+    rejects(
+        &format!(
+            "{head}      - namespaces: [a]\n        match_expressions: [{{key: t, operator: In}}]\n"
+        ),
+        "6:29",
+        "need `values`",
+    );
+    rejects(
+        &format!(
+            "{head}      - namespaces: [a]\n        match_expressions: [{{key: t, operator: Exists, values: [x]}}]\n"
+        ),
+        "6:64",
+        "take no `values`",
+    );
+    rejects(
+        &format!(
+            "{head}      - namespaces: [a]\n        match_expressions: [{{key: t, operator: in, values: [x]}}]\n"
+        ),
+        "6:48",
+        "must be In or NotIn or Exists or DoesNotExist",
+    );
+    rejects(
+        &format!("{head}      - namespaces: [a]\n        labels: {{}}\n"),
+        "6:9",
+        "unknown key `labels`",
+    );
+    rejects(
+        "version: 1\ndomains:\n  c:\n    pods: []\n",
+        "4:11",
+        "has no `cgroups` and no `pods`",
+    );
+    rejects(
+        "version: 1\ndomains:\n  c:\n    pods: {}\n",
+        "4:11",
+        "`pods`: expected a list of selectors",
     );
 }

@@ -1,0 +1,467 @@
+//! Kubernetes pods placed in domains by namespace and labels, end to end:
+//! the real agent (built with the `k8s` feature) watches a node's pods
+//! through the `kube` client, against a small API server on loopback that
+//! serves recorded-shape pod objects (list, then a watch stream); the pods'
+//! cgroups are laid out as the kubelet's cgroupfs driver does, below the
+//! test's own cgroup; real sockets decide whether a pod got its domain.
+//!
+//! The policy: pods of namespace `acme` labelled `team: acme` are domain
+//! `contractor`, which has a bridge to `prod` on tcp/8080. Every other pod
+//! stays in domain `pods` (the kubelet's `kubepods` cgroup, by path), which
+//! has none. So a connect from a pod to prod:8080 succeeds exactly when the
+//! agent placed the pod.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{Agent, Cgroup, Server, Value, privileged, probe, world::world};
+
+/// What the fake API server knows: every pod change in order. The list is
+/// the state after all of them (resourceVersion = their count + 1); a
+/// watch from resourceVersion N streams the changes after N.
+#[derive(Default)]
+struct ApiState {
+    /// `(type, pod)`: ADDED, MODIFIED, DELETED.
+    changes: Vec<(&'static str, Value)>,
+}
+
+impl ApiState {
+    fn pods(&self) -> Vec<Value> {
+        let mut pods: Vec<Value> = Vec::new();
+        for (kind, pod) in &self.changes {
+            pods.retain(|p| p["metadata"]["uid"] != pod["metadata"]["uid"]);
+            if *kind != "DELETED" {
+                pods.push(pod.clone());
+            }
+        }
+        pods
+    }
+}
+
+struct FakeApi {
+    state: Arc<Mutex<ApiState>>,
+    port: u16,
+    /// Requests seen, for failure messages.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeApi {
+    fn start() -> FakeApi {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(ApiState::default()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (st, lg) = (state.clone(), log.clone());
+        thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (st, lg) = (st.clone(), lg.clone());
+                thread::spawn(move || serve(conn, &st, &lg));
+            }
+        });
+        FakeApi { state, port, log }
+    }
+
+    fn change(&self, kind: &'static str, pod: Value) {
+        self.state.lock().unwrap().changes.push((kind, pod));
+    }
+
+    fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\n\
+                 users:\n- name: agent\n  user: {{token: test-token}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: agent}}\n\
+                 current-context: fake\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+/// One connection: `GET /api/v1/pods?...` answered with a PodList, or with
+/// `watch=true` a chunked stream of watch events until the client leaves
+/// (or 60 s, so no thread outlives the test by much).
+fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                break;
+            }
+        }
+        log.lock().unwrap().push(request.trim().to_string());
+        let target = request.split_whitespace().nth(1).unwrap_or("").to_string();
+        let query = target.split_once('?').map_or("", |(_, q)| q).to_string();
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .map(str::to_owned)
+        };
+        if !target.starts_with("/api/v1/pods") {
+            let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        }
+        if param("watch").as_deref() != Some("true") {
+            let (items, rv) = {
+                let s = state.lock().unwrap();
+                (s.pods(), s.changes.len() + 1)
+            };
+            let body = serde_json::json!({
+                "kind": "PodList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": rv.to_string()},
+                "items": items,
+            })
+            .to_string();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if conn.write_all(head.as_bytes()).is_err() || conn.write_all(body.as_bytes()).is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        let mut sent: usize = param("resourceVersion")
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(0, |v| v.saturating_sub(1));
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            let next: Vec<String> = {
+                let s = state.lock().unwrap();
+                s.changes[sent.min(s.changes.len())..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (kind, pod))| {
+                        let mut pod = pod.clone();
+                        pod["metadata"]["resourceVersion"] = (sent + i + 2).to_string().into();
+                        format!("{}\n", serde_json::json!({"type": kind, "object": pod}))
+                    })
+                    .collect()
+            };
+            for line in &next {
+                let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                if conn.write_all(chunk.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            sent += next.len();
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = conn.write_all(b"0\r\n\r\n");
+        return;
+    }
+}
+
+fn pod(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app:1"}]},
+        "status": {
+            "phase": "Running",
+            "qosClass": "BestEffort",
+            "containerStatuses": [{"name": "app", "containerID": format!("cri-o://{}", uid.replace('-', "")),
+                                   "ready": true, "restartCount": 0, "image": "app:1", "imageID": ""}],
+        },
+    })
+}
+
+/// A pod's cgroup as the kubelet's cgroupfs driver makes it below
+/// `kubelet_root` (`--cgroup-root`), with one CRI-O container inside,
+/// where its processes run.
+struct PodCgroup {
+    container: Cgroup,
+    /// Removes the pod's cgroup (after the container's) on drop.
+    _pod: Cgroup,
+}
+
+fn pod_cgroup(kubelet_root: &Cgroup, uid: &str) -> PodCgroup {
+    let pod = kubelet_root.child(&format!("kubepods/besteffort/pod{uid}"));
+    PodCgroup {
+        container: pod.child(&format!("crio-{}", uid.replace('-', ""))),
+        _pod: pod,
+    }
+}
+
+fn status(agent: &Agent) -> Value {
+    let out = agent.cli(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (bounded) until the agent's `status` satisfies `pred`.
+fn wait_status(agent: &Agent, api: &FakeApi, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20 + tests::slack_secs());
+    loop {
+        let s = status(agent);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; pods status: {:#}\nAPI requests: {:#?}",
+            s["pods"],
+            api.log.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn placed(s: &Value) -> Vec<String> {
+    s["pods"]["placed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} -> {}",
+                p["pod"].as_str().unwrap(),
+                p["domain"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pods_join_and_leave_their_domain_as_the_api_server_reports_them() {
+    if !privileged("k8s_pods") {
+        return;
+    }
+    let w = world(131);
+    let kubelet = w.root.child("kubelet");
+    let api = FakeApi::start();
+    const P1: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    const P2: &str = "6f1c0a2e-9d1b-4c55-a1f0-3b9e7c2d8a11";
+    const P3: &str = "0a9d3f6e-2b7c-4e11-9c3a-5d8e1f2a4b77";
+    let acme = serde_json::json!({"team": "acme"});
+    api.change("ADDED", pod("acme", "web-1", P1, acme.clone()));
+    // Labelled like acme's pods, but in another namespace: never contractor.
+    api.change("ADDED", pod("other", "impostor", P3, acme.clone()));
+    let p1 = pod_cgroup(&kubelet, P1);
+    let p3 = pod_cgroup(&kubelet, P3);
+
+    let n = w.link.net;
+    let policy = format!(
+        r#"version: 1
+domains:
+  contractor:
+    pods:
+      - namespaces: [acme]
+        match_labels: {{team: acme}}
+        match_expressions:
+          - {{key: legacy, operator: DoesNotExist}}
+    networks: [10.{n}.0.1/32]
+  pods:
+    cgroups: ["{kubelet}/kubepods"]
+  prod:
+    cgroups: ["{p}"]
+    networks: [10.{n}.0.2/32]
+bridges:
+  - name: acme-to-prod
+    from: contractor
+    to: prod
+    ports: [tcp/8080]
+    reason: "TICKET-7"
+"#,
+        kubelet = kubelet.rel,
+        p = w.prod.rel,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let agent = Agent::start_with_env(
+        &w.root,
+        &policy,
+        &["--k8s-node", "node-1"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let prod_addr = format!("{}:8080", w.link.v4(2));
+    let connect = |p: &PodCgroup| {
+        probe(
+            &p.container,
+            Some(&w.link.a),
+            &["connect", "tcp", &prod_addr],
+        )
+    };
+    let server = Server::start(
+        &w.prod,
+        Some(&w.link.b),
+        "tcp",
+        &prod_addr,
+        60 + tests::slack_secs(),
+    );
+
+    // The list places web-1; the impostor stays in `pods`.
+    let s = wait_status(&agent, &api, "web-1 placed", |s| {
+        s["pods"]["synced"] == true && !placed(s).is_empty()
+    });
+    assert_eq!(placed(&s), ["acme/web-1 -> contractor"]);
+    assert_eq!(s["pods"]["pods"], 2);
+    assert_eq!(
+        connect(&p1),
+        "ok",
+        "a placed pod crosses its domain's bridge"
+    );
+    assert_eq!(
+        connect(&p3),
+        "EPERM",
+        "labels outside the selector's namespaces place nothing"
+    );
+
+    // `explain` names the pod as the rule and agrees with the kernel.
+    let out = agent.cli(&[
+        "explain",
+        "--cgroup",
+        &p1.container.rel,
+        "--dst",
+        &prod_addr,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "explain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["verdict"], "allow", "{e:#}");
+    assert_eq!(e["workload_domain"], "contractor", "{e:#}");
+    assert!(
+        e["workload_pattern"]
+            .as_str()
+            .unwrap()
+            .starts_with("pod acme/web-1"),
+        "{e:#}"
+    );
+
+    // A label change on the running pod takes it out again.
+    api.change(
+        "MODIFIED",
+        pod(
+            "acme",
+            "web-1",
+            P1,
+            serde_json::json!({"team": "acme", "legacy": "yes"}),
+        ),
+    );
+    wait_status(&agent, &api, "web-1 removed", |s| placed(s).is_empty());
+    assert_eq!(
+        connect(&p1),
+        "EPERM",
+        "a pod that left the selector loses the bridge"
+    );
+
+    // A new pod the API server reports before the kubelet made its cgroup
+    // waits, then joins when the cgroup appears.
+    api.change("ADDED", pod("acme", "web-2", P2, acme.clone()));
+    wait_status(&agent, &api, "web-2 pending", |s| {
+        s["pods"]["pending"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x == "acme/web-2"))
+    });
+    let p2 = pod_cgroup(&kubelet, P2);
+    let appeared = Instant::now();
+    let s = wait_status(&agent, &api, "web-2 placed", |s| !placed(s).is_empty());
+    eprintln!(
+        "web-2 placed at most {} ms after its cgroup appeared",
+        appeared.elapsed().as_millis()
+    );
+    assert_eq!(placed(&s), ["acme/web-2 -> contractor"]);
+    assert_eq!(connect(&p2), "ok");
+
+    // Deleted: out of the domain.
+    api.change("DELETED", pod("acme", "web-2", P2, acme));
+    wait_status(&agent, &api, "web-2 deleted", |s| placed(s).is_empty());
+    assert_eq!(connect(&p2), "EPERM");
+
+    // Every move is in the audit trail.
+    // The audit store writes in batches: wait (bounded) for the last row.
+    let wanted = [
+        "acme/web-1 -> contractor",
+        "acme/web-1 left contractor",
+        "acme/web-2 -> contractor",
+        "acme/web-2 left contractor",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = agent.cli(&["audit", "changes"]);
+        assert!(
+            out.status.success(),
+            "audit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let missing: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|w| !text.lines().any(|l| l.contains("pods") && l.contains(w)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit changes lack {missing:?}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    drop(server);
+}
+
+#[test]
+fn a_policy_that_selects_pods_needs_the_pod_watch() {
+    if !privileged("k8s_needs_watch") {
+        return;
+    }
+    let root = Cgroup::new(&tests::unique("/bh-test-"));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ndomains:\n  c:\n    pods:\n      - namespaces: [acme]\n",
+    )
+    .unwrap();
+    let bpffs = format!("/sys/fs/bpf/{}", tests::unique("bulkhead-test-"));
+    let out = std::process::Command::new(tests::bulkhead_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--cgroup-root")
+        .arg(&root.path)
+        .args(["--bpffs-dir", &bpffs, "--no-audit-db", "--no-stdout-events"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("select pods") && err.contains("--k8s-node"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&bpffs).exists(),
+        "nothing may be pinned for a refused policy"
+    );
+}
