@@ -47,6 +47,13 @@ pub fn check() -> Result<Vec<String>> {
         );
     }
     let mut warnings = Vec::new();
+    if !has(eff, CAP_SETPCAP) {
+        warnings.push(
+            "without CAP_SETPCAP the bounding set cannot be cleared once the programs are attached \
+             (no_new_privs still keeps an exec from gaining capabilities)"
+                .to_string(),
+        );
+    }
     if !has(eff, CAP_SYS_PTRACE) || !has(eff, CAP_DAC_READ_SEARCH) {
         warnings.push(
             "without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH the owners of sockets bound before the agent started \

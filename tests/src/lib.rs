@@ -327,6 +327,7 @@ pub struct Agent {
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
     notify: std::os::unix::net::UnixDatagram,
 }
 
@@ -338,6 +339,15 @@ impl Agent {
     pub fn start_with(cgroup_root: &Cgroup, policy: &str, extra: &[&str]) -> Agent {
         let mut agent = Agent::prepare(cgroup_root, policy);
         agent.spawn(extra);
+        agent
+    }
+
+    /// Starts the agent through `wrapper` (e.g. `setpriv --bounding-set
+    /// ...`), which must exec it in place.
+    pub fn start_under(cgroup_root: &Cgroup, policy: &str, wrapper: &[&str]) -> Agent {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        agent.spawn(&[]);
         agent
     }
 
@@ -376,13 +386,21 @@ impl Agent {
             policy: policy_path,
             cgroup_root: cgroup_root.path.clone(),
             env: Vec::new(),
+            wrapper: Vec::new(),
             dir,
             notify,
         }
     }
 
     pub fn command(&self, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(bulkhead_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bulkhead_bin());
+                c
+            }
+            None => Command::new(bulkhead_bin()),
+        };
         cmd.arg("run")
             .arg("--policy")
             .arg(&self.policy)

@@ -252,7 +252,7 @@ fn pods_join_and_leave_their_domain_as_the_api_server_reports_them() {
     if !privileged("k8s_pods") {
         return;
     }
-    let w = world(131);
+    let w = world(175);
     let kubelet = w.root.child("kubelet");
     let api = FakeApi::start();
     const P1: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";

@@ -213,3 +213,97 @@ fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The capabilities the shipped unit grants (`CapabilityBoundingSet=`), as
+/// `setpriv` names them: `bpf`, `perfmon`, ...
+fn unit_capabilities() -> Vec<String> {
+    let unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/bulkhead.service"),
+    )
+    .unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet= in the unit")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+fn bounding_set(caps: &[String]) -> String {
+    let mut arg = String::from("-all");
+    for c in caps {
+        arg += &format!(",+{c}");
+    }
+    arg
+}
+
+/// With exactly the unit's capabilities the agent starts, enforces, reloads
+/// and ends with CAP_BPF alone; without any one of the three it cannot
+/// load or attach without, it refuses to start and names that one.
+#[test]
+fn the_units_capabilities_suffice_and_each_required_one_is_named_when_missing() {
+    if !privileged("unit_capabilities") {
+        return;
+    }
+    let caps = unit_capabilities();
+    assert_eq!(caps.len(), 6, "{caps:?}");
+    let w = world(176);
+    let set = bounding_set(&caps);
+    let mut agent = Agent::start_under(
+        &w.root,
+        &w.policy("", ""),
+        &["setpriv", "--bounding-set", &set],
+    );
+    let dst = format!("{}:8080", w.link.v4(2));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "EPERM"
+    );
+    let bridge = "bridges:\n  - name: opened\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: test\n";
+    agent.reload(&w.policy("", bridge));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        "ECONNREFUSED"
+    );
+    let status = agent.cli(&["status", "--json"]);
+    let v: tests::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        v["capabilities"],
+        "capabilities after attach: CAP_BPF only (bounding set cleared, no_new_privs)"
+    );
+    let s = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    assert_eq!(
+        u64::from_str_radix(&status_field(&s, "CapBnd:"), 16).unwrap(),
+        CAP_BPF
+    );
+    drop(agent);
+
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.yaml");
+    fs::write(&policy, w.policy("", "")).unwrap();
+    for required in ["bpf", "perfmon", "net_admin"] {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != required).cloned().collect();
+        let bpffs = Path::new("/sys/fs/bpf").join(tests::unique("bulkhead-test-"));
+        let out = Command::new("setpriv")
+            .args(["--bounding-set", &bounding_set(&fewer)])
+            .arg(bulkhead_bin())
+            .arg("run")
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--cgroup-root")
+            .arg(&w.root.path)
+            .arg("--bpffs-dir")
+            .arg(&bpffs)
+            .args(["--no-stdout-events", "--no-audit-db"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "without {required}: {err}");
+        let name = format!("CAP_{}", required.to_uppercase());
+        assert!(
+            err.contains("missing capabilities") && err.contains(&name),
+            "without {required} the refusal must name {name}: {err}"
+        );
+        assert!(!bpffs.exists(), "nothing may be pinned without {required}");
+    }
+}

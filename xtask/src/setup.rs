@@ -31,9 +31,10 @@ const DEB_PACKAGES: &[&str] = &[
 /// which the `cc` crate compiles the bundled SQLite for the musl target.
 pub const STATIC_DEB_PACKAGES: &[&str] = &["musl-tools"];
 
-/// Debian packages `cargo xtask vm-test` needs on top: QEMU, and a static
-/// busybox for the VM's initramfs (`dpkg-deb` and `apt-get` come with Debian).
-pub const VM_DEB_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
+/// Debian packages `cargo xtask vm-test` needs on top: QEMU, a static
+/// busybox for the VM's initramfs (`dpkg-deb` and `apt-get` come with
+/// Debian), and systemd, which `vm-test --systemd` boots in the guest.
+pub const VM_DEB_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "systemd"];
 
 /// The Rust target of the static release build.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";

@@ -19,6 +19,8 @@
 mod initramfs;
 #[path = "vm/kernel.rs"]
 mod kernel;
+#[path = "vm/systemd.rs"]
+mod systemd;
 
 use std::{
     collections::BTreeMap,
@@ -56,6 +58,12 @@ pub struct Args {
     /// Only the domain and geofence suites (what `.ci/run` uses).
     #[arg(long)]
     quick: bool,
+    /// Instead of the suites: boot systemd (the host's) as PID 1, install
+    /// deploy/systemd/bulkhead.service and check it with `systemctl`: ready
+    /// only once enforcing, capabilities, reload, a rejected reload,
+    /// restart after kill -9, stop (what `.ci/run` uses too).
+    #[arg(long, conflicts_with_all = ["quick", "suites"])]
+    systemd: bool,
     /// Suites (test targets of the `tests` package) to run, comma-separated,
     /// e.g. `--suites domains,lifecycle`. Default: all, or those of --quick.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
@@ -605,14 +613,16 @@ pub fn run_task(args: Args) -> Result<()> {
     let agent = build_static(&[])?;
     let bins = build_tests()?;
     let build_secs = build.elapsed().as_secs_f64();
-    let suites: Vec<String> = if !args.suites.is_empty() {
+    let suites: Vec<String> = if args.systemd {
+        vec![systemd::SUITE.to_string()]
+    } else if !args.suites.is_empty() {
         args.suites.clone()
     } else if args.quick {
         QUICK_SUITES.iter().map(|s| s.to_string()).collect()
     } else {
         bins.suites.keys().cloned().collect()
     };
-    for s in &suites {
+    for s in suites.iter().filter(|_| !args.systemd) {
         if !bins.suites.contains_key(s) {
             bail!(
                 "no test suite `{s}`; the tests package has: {}",
@@ -621,10 +631,17 @@ pub fn run_task(args: Args) -> Result<()> {
         }
     }
 
-    let work = target_dir().join("vm-test").join(&kernel.slug);
+    let mut work = target_dir().join("vm-test").join(&kernel.slug);
+    if args.systemd {
+        work.push("systemd");
+    }
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let initrd = work.join("initramfs.cpio");
-    let bytes = build_initramfs(&kernel, &agent, &bins, &suites, &args.test_args, &initrd)?;
+    let bytes = if args.systemd {
+        systemd::build_initramfs(&agent, &bins.probe, &initrd)?
+    } else {
+        build_initramfs(&kernel, &agent, &bins, &suites, &args.test_args, &initrd)?
+    };
     eprintln!(
         "vm-test: initramfs {} ({:.0} MiB; suites: {})",
         initrd.display(),

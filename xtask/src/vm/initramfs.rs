@@ -95,6 +95,16 @@ impl Initramfs {
         Ok(())
     }
 
+    /// Puts every entry of `other` below `prefix` (e.g. a root file system
+    /// the guest's `/init` switches to).
+    pub fn nest(&mut self, prefix: &str, other: Initramfs) {
+        self.dir(prefix);
+        let base = Self::key(prefix);
+        for (k, e) in other.entries {
+            self.entries.insert(format!("{base}/{k}"), e);
+        }
+    }
+
     /// Total bytes of file data.
     pub fn data_len(&self) -> usize {
         self.entries
