@@ -74,6 +74,23 @@ impl PodSelector {
     }
 }
 
+impl std::fmt::Display for PodSelector {
+    /// `namespaces acme, ci; team=acme; tier In (staging, qa); legacy DoesNotExist`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "namespaces {}", self.namespaces.join(", "))?;
+        for (k, v) in &self.match_labels {
+            write!(f, "; {k}={v}")?;
+        }
+        for r in &self.match_expressions {
+            write!(f, "; {} {:?}", r.key, r.operator)?;
+            if !r.values.is_empty() {
+                write!(f, " ({})", r.values.join(", "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A pod placed in a domain through its cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {

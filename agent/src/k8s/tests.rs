@@ -561,3 +561,27 @@ fn k8s_pod_store_follows_watch_events() {
     assert_eq!(pods, [relabelled]);
     assert_eq!(store.version(), v2);
 }
+
+#[test]
+fn selectors_print_as_bulkhead_check_shows_them() {
+    let s = PodSelector {
+        namespaces: vec!["acme".into(), "ci".into()],
+        match_labels: [("team".to_string(), "acme".to_string())].into(),
+        match_expressions: vec![
+            Requirement {
+                key: "tier".into(),
+                operator: Operator::In,
+                values: vec!["staging".into(), "qa".into()],
+            },
+            Requirement {
+                key: "legacy".into(),
+                operator: Operator::DoesNotExist,
+                values: Vec::new(),
+            },
+        ],
+    };
+    assert_eq!(
+        s.to_string(),
+        "namespaces acme, ci; team=acme; tier In (staging, qa); legacy DoesNotExist"
+    );
+}

@@ -33,6 +33,9 @@ pub fn summary(p: &Policy) -> String {
     for (i, d) in p.domains.iter().enumerate() {
         line(format!("  {} (id {})", d.name, i + 1));
         line(format!("    cgroups:  {}", list(&d.cgroups)));
+        for s in &d.pods {
+            line(format!("    pods:     {s}"));
+        }
         line(format!("    networks: {}", list(&d.networks)));
         if let Some(t) = d.expires {
             line(format!("    expires:  {}", time(t)));
