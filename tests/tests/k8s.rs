@@ -173,6 +173,11 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
 }
 
 fn pod(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
+    pod_on(namespace, name, uid, labels, "cri-o")
+}
+
+/// A pod whose container runs under `runtime` (`cri-o`, `containerd`).
+fn pod_on(namespace: &str, name: &str, uid: &str, labels: Value, runtime: &str) -> Value {
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -181,7 +186,7 @@ fn pod(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
         "status": {
             "phase": "Running",
             "qosClass": "BestEffort",
-            "containerStatuses": [{"name": "app", "containerID": format!("cri-o://{}", uid.replace('-', "")),
+            "containerStatuses": [{"name": "app", "containerID": format!("{runtime}://{}", uid.replace('-', "")),
                                    "ready": true, "restartCount": 0, "image": "app:1", "imageID": ""}],
         },
     })
@@ -464,4 +469,73 @@ fn a_policy_that_selects_pods_needs_the_pod_watch() {
         !std::path::Path::new(&bpffs).exists(),
         "nothing may be pinned for a refused policy"
     );
+}
+
+/// The kubelet's systemd cgroup driver (with containerd), whose slices are
+/// named after the whole path: the pod's cgroup is
+/// `/R.slice/R-kubepods.slice/R-kubepods-besteffort.slice/R-kubepods-besteffort-pod<uid, _ for ->.slice`
+/// for a kubelet `--cgroup-root=R.slice`; the agent attaches at `R.slice`.
+#[test]
+fn pods_are_found_in_the_systemd_drivers_layout() {
+    if !privileged("k8s_systemd_layout") {
+        return;
+    }
+    let r = tests::unique("bhk");
+    let root = Cgroup::new(&format!("/{r}.slice"));
+    let prod = root.child("prod");
+    let link = tests::Link::new(177);
+    const UID: &str = "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+    let pod_cg = root.child(&format!(
+        "{r}-kubepods.slice/{r}-kubepods-besteffort.slice/{r}-kubepods-besteffort-pod{}.slice",
+        UID.replace('-', "_")
+    ));
+    let container = pod_cg.child(&format!("cri-containerd-{}.scope", UID.replace('-', "")));
+    let api = FakeApi::start();
+    api.change(
+        "ADDED",
+        pod_on(
+            "acme",
+            "db-0",
+            UID,
+            serde_json::json!({"team": "acme"}),
+            "containerd",
+        ),
+    );
+    let kubepods = format!("{}/{r}-kubepods.slice", root.rel);
+    let policy = format!(
+        r#"version: 1
+domains:
+  contractor:
+    pods:
+      - namespaces: [acme]
+    networks: [10.177.0.1/32]
+  pods:
+    cgroups: ["{kubepods}"]
+  prod:
+    cgroups: ["{p}"]
+    networks: [10.177.0.2/32]
+bridges:
+  - {{name: acme-to-prod, from: contractor, to: prod, ports: [tcp/8080], reason: "TICKET-8"}}
+"#,
+        p = prod.rel,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let agent = Agent::start_with_env(
+        &root,
+        &policy,
+        &["--k8s-node", "node-1"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let addr = format!("{}:8080", link.v4(2));
+    let server = Server::start(&prod, Some(&link.b), "tcp", &addr, 30 + tests::slack_secs());
+    let s = wait_status(&agent, &api, "db-0 placed", |s| !placed(s).is_empty());
+    assert_eq!(placed(&s), ["acme/db-0 -> contractor"]);
+    assert_eq!(s["pods"]["placed"][0]["cgroup"], pod_cg.rel.as_str());
+    assert_eq!(
+        probe(&container, Some(&link.a), &["connect", "tcp", &addr]),
+        "ok",
+        "the pod's container crosses the contractor bridge"
+    );
+    drop(server);
 }
