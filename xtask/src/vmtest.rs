@@ -61,7 +61,8 @@ pub struct Args {
     /// Instead of the suites: boot systemd (the host's) as PID 1, install
     /// deploy/systemd/bulkhead.service and check it with `systemctl`: ready
     /// only once enforcing, capabilities, reload, a rejected reload,
-    /// restart after kill -9, stop (what `.ci/run` uses too).
+    /// restart after kill -9, stop, and a refused start with one
+    /// capability fewer (what `.ci/run` uses too).
     #[arg(long, conflicts_with_all = ["quick", "suites"])]
     systemd: bool,
     /// Suites (test targets of the `tests` package) to run, comma-separated,

@@ -138,7 +138,23 @@ free81=$(conn 10.2.0.1:81)
 [ $st = 0 ] && [ "$(systemctl is-active bulkhead)" != active ] && [ "$s81" = EPERM ] && [ "$free81" = ENETUNREACH ]
 result unit_stop_leaves_enforcement_detach_removes_it $? "stop rc=$st :81 stopped=$s81 detached=$free81"
 
-sed "s/^/$M smoke: /" /run/bhvm-agent.log
+# One capability fewer (a runtime drop-in): the start fails, naming it.
+mkdir -p /run/systemd/system/bulkhead.service.d
+printf '[Service]\nCapabilityBoundingSet=~CAP_NET_ADMIN\nAmbientCapabilities=~CAP_NET_ADMIN\n' \
+  > /run/systemd/system/bulkhead.service.d/fewer.conf
+systemctl daemon-reload
+cp /run/bhvm-agent.log /run/bhvm-agent.before
+: > /run/bhvm-agent.log
+systemctl start bulkhead; st=$?
+systemctl stop bulkhead
+named=0; grep -q 'missing capabilities: CAP_NET_ADMIN' /run/bhvm-agent.log && named=1
+links=$(ls /sys/fs/bpf/bulkhead/links 2>/dev/null | wc -l)
+[ $st != 0 ] && [ $named = 1 ] && [ "$links" = 0 ]
+result unit_without_cap_net_admin_fails_naming_it $? "start rc=$st named=$named pinned links=$links: $(cat /run/bhvm-agent.log)"
+rm -r /run/systemd/system/bulkhead.service.d
+systemctl daemon-reload
+
+cat /run/bhvm-agent.before /run/bhvm-agent.log | sed "s/^/$M smoke: /"
 echo "$M suite-end systemd rc=$rc"
 echo "$M done"
 sync
