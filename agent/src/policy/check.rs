@@ -336,9 +336,9 @@ impl Checker {
                 }
             }
             if let Some(labels) = fields.get("match_labels")
-                && let Some(entries) = self.fields_any(labels, "`match_labels`")
+                && let Some(labels) = self.mapping(labels, "`match_labels`", None)
             {
-                for (key, key_pos, value) in entries {
+                for (key, key_pos, value) in labels.entries {
                     if let Err(why) = check_label_key(key) {
                         self.problem(key_pos, format!("label key `{key}`: {why}"));
                         continue;
@@ -432,38 +432,6 @@ impl Checker {
                 None
             }
         }
-    }
-
-    /// A mapping with free string keys (labels); repeated keys are reported.
-    fn fields_any<'a>(
-        &mut self,
-        node: &'a Node,
-        what: &str,
-    ) -> Option<Vec<(&'a str, Pos, &'a Node)>> {
-        let Kind::Map(entries) = &node.kind else {
-            self.wrong_type(node, what, "a mapping");
-            return None;
-        };
-        let mut out: Vec<(&str, Pos, &Node)> = Vec::new();
-        for (key, value) in entries {
-            let Kind::Str(name) = &key.kind else {
-                self.problem(
-                    key.pos,
-                    format!("unexpected key in {what}: {}", key.kind.describe()),
-                );
-                continue;
-            };
-            if let Some((_, first, _)) = out.iter().find(|(k, _, _)| k == name) {
-                let first = *first;
-                self.problem(
-                    key.pos,
-                    format!("duplicate key `{name}` (first at {first})"),
-                );
-                continue;
-            }
-            out.push((name, key.pos, value));
-        }
-        Some(out)
     }
 
     fn geo_rule(&mut self, node: &Node, what: &str) -> Option<GeoRule> {
@@ -820,6 +788,17 @@ impl Checker {
 
     /// A mapping with the given keys; unknown and repeated keys are reported.
     fn fields<'a>(&mut self, node: &'a Node, what: &str, known: &[&str]) -> Option<Fields<'a>> {
+        self.mapping(node, what, Some(known))
+    }
+
+    /// A mapping; keys not in `known` (when given) and repeated keys are
+    /// reported and skipped. `None` takes any string key (labels).
+    fn mapping<'a>(
+        &mut self,
+        node: &'a Node,
+        what: &str,
+        known: Option<&[&str]>,
+    ) -> Option<Fields<'a>> {
         let Kind::Map(entries) = &node.kind else {
             self.wrong_type(node, what, "a mapping");
             return None;
@@ -829,9 +808,10 @@ impl Checker {
             entries: Vec::new(),
         };
         for (key, value) in entries {
-            let name = match &key.kind {
-                Kind::Str(name) if known.contains(&name.as_str()) => name.as_str(),
-                Kind::Str(name) => {
+            let name = match (&key.kind, known) {
+                (Kind::Str(name), None) => name.as_str(),
+                (Kind::Str(name), Some(known)) if known.contains(&name.as_str()) => name.as_str(),
+                (Kind::Str(name), Some(known)) => {
                     let expected = known.join("`, `");
                     self.problem(
                         key.pos,
@@ -839,7 +819,7 @@ impl Checker {
                     );
                     continue;
                 }
-                other => {
+                (other, _) => {
                     self.problem(
                         key.pos,
                         format!("unexpected key in {what}: {}", other.describe()),
