@@ -1,7 +1,7 @@
 //! A validated policy + geo sources + the live cgroup tree → the exact
 //! contents of one slot of the kernel's policy maps.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use agent_common::maps::{
     BridgeRule, BridgeSet, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL, DOMAIN_EGRESS_GEO,
@@ -42,7 +42,9 @@ pub struct Compiled {
     pub cgroups: Vec<(u64, u32, String)>,
     pub net4: Vec<(Ipv4Net, u32)>,
     pub net6: Vec<(Ipv6Net, u32)>,
-    pub geo: CompiledGeo,
+    /// Shared between generations of the same policy file: bridges and
+    /// pods do not change it (see [`recompile`]).
+    pub geo: Arc<CompiledGeo>,
     pub bridges: BTreeMap<(u16, u16), BridgeSet>,
     pub bridge_names: Vec<BridgeName>,
     pub domain_names: Vec<String>,
@@ -104,6 +106,33 @@ pub fn compile(
     cgroup_mount: &Path,
     limits: EventLimits,
     tai: i64,
+) -> Result<Compiled> {
+    build(policy, cgroup_mount, limits, tai, |rules| {
+        Arc::new(geo.compile(rules))
+    })
+}
+
+/// [`compile`] for `policy` when only its bridges differ from the policy
+/// `prev` was compiled from (just-in-time bridges, placed pods): the geo
+/// tables depend on the domains' country rules and the geo sources alone,
+/// so `prev`'s are reused instead of being built again (the costly part
+/// with a full country database).
+pub fn recompile(
+    policy: &Policy,
+    prev: &Compiled,
+    cgroup_mount: &Path,
+    limits: EventLimits,
+    tai: i64,
+) -> Result<Compiled> {
+    build(policy, cgroup_mount, limits, tai, |_| prev.geo.clone())
+}
+
+fn build(
+    policy: &Policy,
+    cgroup_mount: &Path,
+    limits: EventLimits,
+    tai: i64,
+    geo: impl FnOnce(&[DomainGeo]) -> Arc<CompiledGeo>,
 ) -> Result<Compiled> {
     let config = Config {
         mode: match policy.mode {
@@ -212,7 +241,7 @@ pub fn compile(
         cgroups,
         net4,
         net6,
-        geo: geo.compile(&geo_rules),
+        geo: geo(&geo_rules),
         bridges,
         bridge_names,
         domain_names: policy.domains.iter().map(|d| d.name.clone()).collect(),
@@ -243,5 +272,28 @@ mod tests {
         assert_eq!(v4_mapped_net(&n), Some("10.1.0.0/16".parse().unwrap()));
         let n: Ipv6Net = "fd00::/48".parse().unwrap();
         assert_eq!(v4_mapped_net(&n), None);
+    }
+
+    /// A bridge more: everything but the bridges as a full compile gives,
+    /// and the geo tables shared instead of built again.
+    #[test]
+    fn recompile_shares_the_geo_tables_and_matches_a_full_compile() {
+        let text = "version: 1\ndomains:\n  a: {cgroups: [/a], networks: [10.1.0.0/16]}\n  b: {cgroups: [/b], egress: {countries: {allow: [DE]}}}\n";
+        let bridge = "bridges:\n  - {name: x, from: a, to: b, ports: [tcp/443], reason: r}\n";
+        let parse = |t: &str| crate::policy::parse_str(Path::new("p.yaml"), t).unwrap();
+        let (p1, p2) = (parse(text), parse(&format!("{text}{bridge}")));
+        let mount = tempfile::tempdir().unwrap();
+        let limits = EventLimits { rate: 0, burst: 0 };
+        let geo = GeoDb::empty();
+        let first = compile(&p1, &geo, mount.path(), limits, 0).unwrap();
+        let again = recompile(&p2, &first, mount.path(), limits, 0).unwrap();
+        let full = compile(&p2, &geo, mount.path(), limits, 0).unwrap();
+        assert!(Arc::ptr_eq(&first.geo, &again.geo));
+        assert_eq!(again.geo, full.geo);
+        assert_eq!(again.bridges, full.bridges);
+        assert_eq!(again.bridge_names, full.bridge_names);
+        assert_eq!(again.net4, full.net4);
+        assert_eq!(again.domains, full.domains);
+        assert_ne!(again.bridges, first.bridges);
     }
 }

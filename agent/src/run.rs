@@ -143,7 +143,13 @@ fn rebuild(
     placed: Option<&[Assignment]>,
 ) -> Result<Loaded> {
     let policy = jit.merged(&l.file, extra);
-    let mut compiled = compile::compile(&policy, &l.geo, mount, limits, compile::tai_offset_ns())?;
+    let mut compiled = compile::recompile(
+        &policy,
+        &l.compiled,
+        mount,
+        limits,
+        compile::tai_offset_ns(),
+    )?;
     compiled.place_pods(placed.unwrap_or(&l.compiled.pods));
     Ok(Loaded {
         file: l.file.clone(),
