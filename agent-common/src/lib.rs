@@ -6,6 +6,7 @@
 //! byte arrays, so neither side has to guess layout or byte order.
 #![cfg_attr(not(test), no_std)]
 
+pub mod addr;
 pub mod decide;
 pub mod event;
 pub mod maps;

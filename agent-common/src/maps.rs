@@ -1,6 +1,7 @@
 //! Map names, sizes, keys and values shared by the kernel programs and the agent.
 //!
-//! Policy maps are double-buffered: every key carries a `slot` (0 or 1). The
+//! Policy maps are double-buffered: every key carries a `slot` (0 or 1), or
+//! every array holds both slots one after the other. The
 //! agent writes a new policy completely into the inactive slot and then
 //! flips [`State::generation`] in one 8-byte write; each program reads that
 //! word once per decision, so a decision never mixes two policies.
@@ -14,10 +15,6 @@ pub const MAX_BRIDGE_RULES: usize = 16;
 pub const MAX_CGROUP_DEPTH: usize = 16;
 /// Configured cgroups per slot.
 pub const MAX_CGROUPS: u32 = 16 * 1024;
-/// Domain networks per family and slot.
-pub const MAX_NETWORKS: u32 = 64 * 1024;
-/// Merged geo prefixes per family and slot.
-pub const MAX_GEO_PREFIXES: u32 = 512 * 1024;
 /// Bridge (from, to) pairs per slot.
 pub const MAX_BRIDGE_PAIRS: u32 = 1024;
 /// Number of per-CPU counters; see [`counter_index`].
@@ -27,10 +24,9 @@ pub const MAP_STATE: &str = "BH_STATE";
 pub const MAP_CONFIG: &str = "BH_CONFIG";
 pub const MAP_CGROUPS: &str = "BH_CGROUPS";
 pub const MAP_DOMAINS: &str = "BH_DOMAINS";
-pub const MAP_NET4: &str = "BH_NET4";
-pub const MAP_NET6: &str = "BH_NET6";
-pub const MAP_GEO4: &str = "BH_GEO4";
-pub const MAP_GEO6: &str = "BH_GEO6";
+/// The address table's words and classes ([`crate::addr`]).
+pub const MAP_ADDR: &str = "BH_ADDR";
+pub const MAP_CLASSES: &str = "BH_CLASSES";
 pub const MAP_BRIDGES: &str = "BH_BRIDGES";
 pub const MAP_SOCKS: &str = "BH_SOCKS";
 pub const MAP_EVENTS: &str = "BH_EVENTS";
@@ -76,6 +72,10 @@ pub struct Config {
     pub event_rate: u32,
     /// Token bucket depth.
     pub event_burst: u32,
+    /// Words of the slot's address table in use (the rest is unreachable).
+    pub addr_words: u32,
+    /// Classes of the slot's address table in use.
+    pub addr_classes: u32,
     pub _pad: u32,
 }
 
@@ -109,48 +109,18 @@ pub struct DomainRec {
     pub _pad: u32,
 }
 
-/// LPM key data for IPv4 maps: slot byte, then the address.
-pub type Net4Key = [u8; 5];
-/// LPM key data for IPv6 maps: slot byte, then the address.
-pub type Net6Key = [u8; 17];
-
-/// Builds the LPM data of a v4 key; the prefix length stored beside it is
-/// `8 + prefix` because the slot byte is matched first.
-pub const fn net4_key(slot: u8, addr: [u8; 4]) -> Net4Key {
-    [slot, addr[0], addr[1], addr[2], addr[3]]
-}
-
-pub fn net6_key(slot: u8, addr: [u8; 16]) -> Net6Key {
-    let mut k = [0u8; 17];
-    k[0] = slot;
-    let mut i = 0;
-    while i < 16 {
-        k[i + 1] = addr[i];
-        i += 1;
-    }
-    k
-}
-
-/// Value of `BH_NET4`/`BH_NET6`.
+/// The geo verdicts of an address for every domain: bit `d` set in a mask
+/// = domain `d` denies it in that direction.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetValue {
-    pub domain: u32,
-}
-
-/// Value of `BH_GEO4`/`BH_GEO6`: a merged range with one verdict for every
-/// domain. Bit `d` set in a mask = domain `d` denies it in that direction.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct GeoValue {
     pub egress_deny: u64,
     pub ingress_deny: u64,
 }
 
 impl GeoValue {
-    /// An address no geo source places, where it lies inside a covering
-    /// (nested) entry; a lookup miss means the same. Bit 0 is no domain's
-    /// (ids start at 1).
+    /// An address no geo source places. Bit 0 is no domain's (ids start
+    /// at 1).
     pub const UNKNOWN: GeoValue = GeoValue {
         egress_deny: 1,
         ingress_deny: 1,
@@ -263,7 +233,6 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for CgroupKey {}
     unsafe impl aya::Pod for DomainRec {}
-    unsafe impl aya::Pod for NetValue {}
     unsafe impl aya::Pod for GeoValue {}
     unsafe impl aya::Pod for BridgeKey {}
     unsafe impl aya::Pod for BridgeRule {}
@@ -271,6 +240,8 @@ mod pod {
     unsafe impl aya::Pod for SockInfo {}
     unsafe impl aya::Pod for TokenBucket {}
     unsafe impl aya::Pod for crate::event::Event {}
+    unsafe impl aya::Pod for crate::addr::AddrLine {}
+    unsafe impl aya::Pod for crate::addr::AddrClass {}
 }
 
 /// Loopback destinations are the host itself: no geo source places them,
@@ -314,7 +285,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<State>(), 8);
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<CgroupKey>(), 16);
         assert_eq!(size_of::<DomainRec>(), 16);
         assert_eq!(size_of::<GeoValue>(), 16);
@@ -323,6 +294,8 @@ mod tests {
         assert_eq!(size_of::<BridgeSet>(), 8 + 32 * MAX_BRIDGE_RULES);
         assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8 + 24 + 24);
         assert_eq!(size_of::<TokenBucket>(), 16);
+        assert_eq!(size_of::<crate::addr::AddrLine>(), 64);
+        assert_eq!(size_of::<crate::addr::AddrClass>(), 24);
     }
 
     #[test]

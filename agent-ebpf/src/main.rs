@@ -18,16 +18,17 @@ mod packet;
 use core::mem::{size_of, zeroed};
 
 use agent_common::{
-    Decision, Direction, Event, Hook, Reason, Verdict, decide,
+    Decision, Direction, Event, Hook, Reason, Verdict,
+    addr::{self, AddrClass, AddrLine, LINE_WORDS, MAX_CLASSES, SLOT_LINES, SLOT_WORDS},
+    decide,
     event::{FAMILY_INET, FAMILY_INET6},
     maps::{
         BridgeKey, BridgeSet, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
         COUNTER_EVENTS_WANTED, CgroupKey, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
         DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, FlowKey, GeoValue, MAX_BRIDGE_PAIRS,
-        MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MAX_GEO_PREFIXES, MAX_NETWORKS, MODE_AUDIT,
-        NUM_COUNTERS, NUM_DOMAIN_COUNTERS, Net4Key, Net6Key, NetValue, SOCK_FLOW_SEEN,
-        SOCK_INITIATOR, SockInfo, State, TokenBucket, VerdictCache, counter_index,
-        domain_counter_index, is_loopback_v4, is_loopback_v6, net4_key, net6_key, v4_mapped,
+        MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MODE_AUDIT, NUM_COUNTERS, NUM_DOMAIN_COUNTERS,
+        SOCK_FLOW_SEEN, SOCK_INITIATOR, SockInfo, State, TokenBucket, VerdictCache, counter_index,
+        domain_counter_index, is_loopback_v4, is_loopback_v6, v4_mapped,
     },
 };
 use aya_ebpf::{
@@ -40,7 +41,7 @@ use aya_ebpf::{
         bpf_sk_release, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
 };
 
@@ -54,14 +55,12 @@ static BH_CONFIG: Array<Config> = Array::pinned(2, 0);
 static BH_CGROUPS: HashMap<CgroupKey, u32> = HashMap::pinned(2 * MAX_CGROUPS, 0);
 #[map(name = "BH_DOMAINS")]
 static BH_DOMAINS: Array<DomainRec> = Array::pinned(2 * MAX_DOMAINS, 0);
-#[map(name = "BH_NET4")]
-static BH_NET4: LpmTrie<Net4Key, NetValue> = LpmTrie::pinned(2 * MAX_NETWORKS, 0);
-#[map(name = "BH_NET6")]
-static BH_NET6: LpmTrie<Net6Key, NetValue> = LpmTrie::pinned(2 * MAX_NETWORKS, 0);
-#[map(name = "BH_GEO4")]
-static BH_GEO4: LpmTrie<Net4Key, GeoValue> = LpmTrie::pinned(2 * MAX_GEO_PREFIXES, 0);
-#[map(name = "BH_GEO6")]
-static BH_GEO6: LpmTrie<Net6Key, GeoValue> = LpmTrie::pinned(2 * MAX_GEO_PREFIXES, 0);
+/// Both slots of the address table (`agent_common::addr`); the agent
+/// writes a slot through `mmap`.
+#[map(name = "BH_ADDR")]
+static BH_ADDR: Array<AddrLine> = Array::pinned(2 * SLOT_LINES, BPF_F_MMAPABLE);
+#[map(name = "BH_CLASSES")]
+static BH_CLASSES: Array<AddrClass> = Array::pinned(2 * MAX_CLASSES, 0);
 #[map(name = "BH_BRIDGES")]
 static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> = HashMap::pinned(2 * MAX_BRIDGE_PAIRS, 0);
 #[map(name = "BH_COUNTERS")]
@@ -79,6 +78,8 @@ static BH_SOCKS: SkStorage<SockInfo> = SkStorage::new();
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 /// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum.
 const BPF_TCP_ESTABLISHED: u32 = 1;
 const IPPROTO_UDP: u32 = 17;
@@ -92,6 +93,8 @@ const AF_XDP: i32 = 44;
 /// it with `EPERM`.
 const LSM_ALLOW: i32 = 1;
 const LSM_DENY: i32 = 0;
+/// Map flag: userspace may `mmap` the array.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_CURRENT_NETNS` as the helpers' u64 netns argument.
 const CURRENT_NETNS: u64 = 0xffff_ffff;
 
@@ -179,28 +182,6 @@ fn current_domain(slot: u32) -> u32 {
     })
 }
 
-#[inline(always)]
-fn net4(slot: u32, addr: [u8; 4]) -> u32 {
-    let key = Key::new(8 + 32, net4_key(slot as u8, addr));
-    BH_NET4.get(&key).map_or(0, |v| v.domain)
-}
-
-#[inline(always)]
-fn net6(slot: u32, addr: [u8; 16]) -> u32 {
-    let key = Key::new(8 + 128, net6_key(slot as u8, addr));
-    BH_NET6.get(&key).map_or(0, |v| v.domain)
-}
-
-#[inline(always)]
-fn geo4(slot: u32, addr: [u8; 4]) -> Option<&'static GeoValue> {
-    BH_GEO4.get(Key::new(8 + 32, net4_key(slot as u8, addr)))
-}
-
-#[inline(always)]
-fn geo6(slot: u32, addr: [u8; 16]) -> Option<&'static GeoValue> {
-    BH_GEO6.get(Key::new(8 + 128, net6_key(slot as u8, addr)))
-}
-
 fn to16(a: [u8; 4]) -> [u8; 16] {
     let mut o = [0u8; 16];
     o[0] = a[0];
@@ -214,15 +195,24 @@ fn first4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }
 
-/// Domain of a peer address: its networks first, then (for a local
-/// listener) the domain of the socket that listens on it.
+/// What the policy says about a peer address: the domain whose networks
+/// hold it, or its geo verdicts (`None`: the table is corrupt, which reads
+/// as no domain and no country).
 #[inline(always)]
-fn peer_domain(slot: u32, family: u8, addr: &[u8; 16]) -> u32 {
-    if family == FAMILY_INET {
-        net4(slot, first4(addr))
-    } else {
-        net6(slot, *addr)
+fn classify(slot: u32, family: u8, addr: &[u8; 16]) -> Option<&'static AddrClass> {
+    let base = slot * SLOT_LINES;
+    let class = addr::lookup(family == FAMILY_INET6, addr, |w| {
+        if w >= SLOT_WORDS {
+            return None;
+        }
+        BH_ADDR
+            .get(base + w / LINE_WORDS)
+            .map(|line| line.0[(w % LINE_WORDS) as usize])
+    });
+    if class >= MAX_CLASSES {
+        return None;
     }
+    BH_CLASSES.get(slot * MAX_CLASSES + class)
 }
 
 /// Finds the local socket a connect would reach and returns its owner's
@@ -460,9 +450,9 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
             None => (FAMILY_INET6, raw, hook6),
         }
     };
-    let mut peer = peer_domain(a.slot, family, &dst);
-    if peer == 0 {
-        peer = listener_domain(ctx, a.slot, family, proto, &dst, dport);
+    let mut peer = peer_of(a.slot, family, &dst);
+    if peer.domain == 0 {
+        peer.domain = listener_domain(ctx, a.slot, family, proto, &dst, dport);
     }
     let port = u16::from_be_bytes(dport);
     let mut f = Flow {
@@ -476,19 +466,9 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         sport: [0; 2],
         dport,
     };
-    let mut d = decide_flow(
-        &a,
-        dom_id,
-        dom,
-        peer,
-        Direction::Egress,
-        proto as u8,
-        port,
-        &dst,
-        family,
-    );
+    let mut d = decide_flow(&a, dom_id, dom, &peer, Direction::Egress, proto as u8, port);
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if !d.allow && peer != 0 && peer != dom_id && is_sendmsg(hook) {
+    if !d.allow && peer.domain != 0 && peer.domain != dom_id && is_sendmsg(hook) {
         // A datagram server answering a client that reached it over a
         // bridge peer → local: the bridge covers the server's own port.
         let local_port = unsafe { (*sk).src_port } as u16;
@@ -496,12 +476,10 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
             &a,
             dom_id,
             dom,
-            peer,
+            &peer,
             Direction::Ingress,
             proto as u8,
             local_port,
-            &dst,
-            family,
         );
         if back.allow {
             d = back;
@@ -518,7 +496,7 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         &a,
         dom_id,
         dom,
-        peer,
+        peer.domain,
         unsafe { bpf_get_current_cgroup_id() },
         d,
         &f,
@@ -613,26 +591,49 @@ fn new_flow(
     true
 }
 
-/// Looks up bridges and geo only when the decision needs them.
+/// A peer address as the decision sees it.
+struct Peer {
+    /// Its domain (its networks', or for a local listener its owner's).
+    domain: u32,
+    /// Its geo verdicts; `None` where no source places it.
+    geo: Option<&'static GeoValue>,
+    /// Loopback: the host itself, placed by no geo source, so the
+    /// geofence leaves it to the listener's domain.
+    loopback: bool,
+}
+
+/// One walk of the address table gives both the domain and the country.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
+fn peer_of(slot: u32, family: u8, addr: &[u8; 16]) -> Peer {
+    let class = classify(slot, family, addr);
+    Peer {
+        domain: class.map_or(0, |c| c.domain),
+        geo: class.map(|c| &c.geo),
+        loopback: if family == FAMILY_INET {
+            is_loopback_v4(first4(addr))
+        } else {
+            is_loopback_v6(*addr)
+        },
+    }
+}
+
+/// Looks up bridges only when the decision needs them.
+#[inline(always)]
 fn decide_flow(
     a: &Active,
     dom_id: u32,
     dom: &DomainRec,
-    peer: u32,
+    peer: &Peer,
     dir: Direction,
     proto: u8,
     service_port: u16,
-    peer_addr: &[u8; 16],
-    family: u8,
 ) -> Decision {
     let now = unsafe { bpf_ktime_get_tai_ns() };
     let mut bridges: Option<&BridgeSet> = None;
-    if peer != 0 && peer != dom_id {
+    if peer.domain != 0 && peer.domain != dom_id {
         let (from, to) = match dir {
-            Direction::Egress => (dom_id, peer),
-            Direction::Ingress => (peer, dom_id),
+            Direction::Egress => (dom_id, peer.domain),
+            Direction::Ingress => (peer.domain, dom_id),
         };
         let key = BridgeKey {
             slot: a.slot,
@@ -642,33 +643,19 @@ fn decide_flow(
         bridges = unsafe { BH_BRIDGES.get(key) };
     }
     let mut local = *dom;
-    let mut geo = None;
-    if peer == 0 {
-        let loopback = if family == FAMILY_INET {
-            is_loopback_v4(first4(peer_addr))
-        } else {
-            is_loopback_v6(*peer_addr)
-        };
-        if loopback {
-            local.flags &= !(DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO);
-        } else if local.flags & (DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO) != 0 {
-            geo = if family == FAMILY_INET {
-                geo4(a.slot, first4(peer_addr))
-            } else {
-                geo6(a.slot, *peer_addr)
-            };
-        }
+    if peer.domain == 0 && peer.loopback {
+        local.flags &= !(DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO);
     }
     decide(
         dir,
         dom_id,
         &local,
-        peer,
+        peer.domain,
         bridges,
         proto,
         service_port,
         now,
-        geo,
+        peer.geo,
     )
 }
 
@@ -908,17 +895,15 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     };
     // Loopback packets were decided at connect time, where the listener's
     // domain is known; here the peer address has no domain.
-    let peer = peer_domain(a.slot, peer_family, &peer_key);
+    let peer = peer_of(a.slot, peer_family, &peer_key);
     let d = decide_flow(
         &a,
         dom_id,
         dom,
-        peer,
+        &peer,
         conn_dir,
         p.proto,
         u16::from_be_bytes(service_port),
-        &peer_key,
-        peer_family,
     );
     if d.allow && p.proto == IPPROTO_TCP as u8 {
         cache_verdict(full, info, &a, dom_id, &d);
@@ -934,7 +919,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         sport: p.sport,
         dport: p.dport,
     };
-    finish(&a, dom_id, dom, peer, cgroup_id, d, &f)
+    finish(&a, dom_id, dom, peer.domain, cgroup_id, d, &f)
 }
 
 /// The full socket behind a packet (null if none).
@@ -1002,6 +987,33 @@ pub fn bh_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
     skb(&ctx, Direction::Ingress)
+}
+
+/// Benchmarks only (`bulkhead run --bench-probes` loads and pins it, nothing
+/// attaches it): the address-table walk for the packet's destination and
+/// nothing else, to weigh it against the whole decision. Returns 0 where
+/// the destination is in a domain, 1 elsewhere.
+#[cgroup_skb(egress)]
+pub fn bh_probe_addr(ctx: SkBuffContext) -> i32 {
+    let Some(a) = active() else { return ALLOW };
+    let proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let (family, dst) = if proto == ETH_P_IP {
+        match ctx.load::<[u8; 4]>(16) {
+            Ok(d) => (FAMILY_INET, to16(d)),
+            Err(_) => return ALLOW,
+        }
+    } else if proto == ETH_P_IPV6 {
+        match ctx.load::<[u8; 16]>(24) {
+            Ok(d) => (FAMILY_INET6, d),
+            Err(_) => return ALLOW,
+        }
+    } else {
+        return ALLOW;
+    };
+    match classify(a.slot, family, &dst) {
+        Some(c) if c.domain != 0 => DENY,
+        _ => ALLOW,
+    }
 }
 
 const _: () = assert!(size_of::<Event>() == agent_common::event::EVENT_SIZE);

@@ -12,8 +12,9 @@ use anyhow::{Result, bail};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
+    addr::AddrTable,
     cgroup,
-    geo::{CompiledGeo, DomainGeo, GeoDb},
+    geo::{DomainGeo, GeoDb},
     k8s::Assignment,
     policy::{AuditLevel, Mode, Policy, UnknownCountry},
 };
@@ -42,9 +43,10 @@ pub struct Compiled {
     pub cgroups: Vec<(u64, u32, String)>,
     pub net4: Vec<(Ipv4Net, u32)>,
     pub net6: Vec<(Ipv6Net, u32)>,
-    /// Shared between generations of the same policy file: bridges and
-    /// pods do not change it (see [`recompile`]).
-    pub geo: Arc<CompiledGeo>,
+    /// What the kernel knows about peer addresses (networks and geo
+    /// verdicts). Shared between generations of the same policy file:
+    /// bridges and pods do not change it (see [`recompile`]).
+    pub addr: Arc<AddrTable>,
     pub bridges: BTreeMap<(u16, u16), BridgeSet>,
     pub bridge_names: Vec<BridgeName>,
     pub domain_names: Vec<String>,
@@ -107,16 +109,16 @@ pub fn compile(
     limits: EventLimits,
     tai: i64,
 ) -> Result<Compiled> {
-    build(policy, cgroup_mount, limits, tai, |rules| {
-        Arc::new(geo.compile(rules))
+    build(policy, cgroup_mount, limits, tai, |net4, net6, rules| {
+        Ok(Arc::new(AddrTable::build(net4, net6, &geo.compile(rules))?))
     })
 }
 
 /// [`compile`] for `policy` when only its bridges differ from the policy
-/// `prev` was compiled from (just-in-time bridges, placed pods): the geo
-/// tables depend on the domains' country rules and the geo sources alone,
-/// so `prev`'s are reused instead of being built again (the costly part
-/// with a full country database).
+/// `prev` was compiled from (just-in-time bridges, placed pods): the
+/// address table depends on the domains' networks, their country rules and
+/// the geo sources alone, so `prev`'s is reused instead of being built
+/// again (the costly part with a full country database).
 pub fn recompile(
     policy: &Policy,
     prev: &Compiled,
@@ -124,7 +126,9 @@ pub fn recompile(
     limits: EventLimits,
     tai: i64,
 ) -> Result<Compiled> {
-    build(policy, cgroup_mount, limits, tai, |_| prev.geo.clone())
+    build(policy, cgroup_mount, limits, tai, |_, _, _| {
+        Ok(prev.addr.clone())
+    })
 }
 
 fn build(
@@ -132,7 +136,7 @@ fn build(
     cgroup_mount: &Path,
     limits: EventLimits,
     tai: i64,
-    geo: impl FnOnce(&[DomainGeo]) -> Arc<CompiledGeo>,
+    addr: impl FnOnce(&[(Ipv4Net, u32)], &[(Ipv6Net, u32)], &[DomainGeo]) -> Result<Arc<AddrTable>>,
 ) -> Result<Compiled> {
     let config = Config {
         mode: match policy.mode {
@@ -141,6 +145,8 @@ fn build(
         },
         event_rate: limits.rate,
         event_burst: limits.burst,
+        addr_words: 0,
+        addr_classes: 0,
         _pad: 0,
     };
 
@@ -235,13 +241,18 @@ fn build(
         }
     }
 
+    let addr = addr(&net4, &net6, &geo_rules)?;
     Ok(Compiled {
-        config,
+        config: Config {
+            addr_words: addr.words.len() as u32,
+            addr_classes: addr.classes.len() as u32,
+            ..config
+        },
         domains,
         cgroups,
         net4,
         net6,
-        geo: geo(&geo_rules),
+        addr,
         bridges,
         bridge_names,
         domain_names: policy.domains.iter().map(|d| d.name.clone()).collect(),
@@ -275,7 +286,7 @@ mod tests {
     }
 
     /// A bridge more: everything but the bridges as a full compile gives,
-    /// and the geo tables shared instead of built again.
+    /// and the address table shared instead of built again.
     #[test]
     fn recompile_shares_the_geo_tables_and_matches_a_full_compile() {
         let text = "version: 1\ndomains:\n  a: {cgroups: [/a], networks: [10.1.0.0/16]}\n  b: {cgroups: [/b], egress: {countries: {allow: [DE]}}}\n";
@@ -288,8 +299,8 @@ mod tests {
         let first = compile(&p1, &geo, mount.path(), limits, 0).unwrap();
         let again = recompile(&p2, &first, mount.path(), limits, 0).unwrap();
         let full = compile(&p2, &geo, mount.path(), limits, 0).unwrap();
-        assert!(Arc::ptr_eq(&first.geo, &again.geo));
-        assert_eq!(again.geo, full.geo);
+        assert!(Arc::ptr_eq(&first.addr, &again.addr));
+        assert_eq!(again.addr, full.addr);
         assert_eq!(again.bridges, full.bridges);
         assert_eq!(again.bridge_names, full.bridge_names);
         assert_eq!(again.net4, full.net4);

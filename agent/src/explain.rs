@@ -1,12 +1,12 @@
 //! `bulkhead explain`: the verdict a compiled policy gives one connection,
 //! and which rule made it — by the same `agent_common::decide` the kernel
-//! runs, after the same lookups done on the compiled tables.
+//! runs, after the same walk of the same address table.
 
 use std::net::IpAddr;
 
 use agent_common::{
     Direction, Reason, decide,
-    maps::{DomainRec, GeoValue, MODE_AUDIT, is_loopback_v4, is_loopback_v6},
+    maps::{DomainRec, MODE_AUDIT, is_loopback_v4, is_loopback_v6},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
@@ -94,17 +94,6 @@ fn net_domain(c: &Compiled, ip: IpAddr) -> Option<(IpNet, u32)> {
     }
 }
 
-fn geo_value(c: &Compiled, ip: IpAddr) -> Option<GeoValue> {
-    match ip {
-        IpAddr::V4(a) => {
-            longest(&c.geo.v4, |n: &Ipv4Net| n.contains(&a), |n| n.prefix_len()).map(|(_, g)| g)
-        }
-        IpAddr::V6(a) => {
-            longest(&c.geo.v6, |n: &Ipv6Net| n.contains(&a), |n| n.prefix_len()).map(|(_, g)| g)
-        }
-    }
-}
-
 /// IPv4-mapped IPv6 is decided as IPv4, as in the kernel.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -145,8 +134,11 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
         .find(|(id, _)| *id == local_id)
         .map(|(_, r)| *r)
         .unwrap_or_default();
-    let net = net_domain(c, dst);
-    let peer_id = net.map_or(0, |(_, d)| d);
+    // The verdict comes from the kernel's own lookup; the network list
+    // only names the rule.
+    let class = *c.addr.class(dst);
+    let peer_id = class.domain;
+    let net = net_domain(c, dst).filter(|(_, d)| *d == peer_id);
     let loopback = match dst {
         IpAddr::V4(a) => is_loopback_v4(a.octets()),
         IpAddr::V6(a) => is_loopback_v6(a.octets()),
@@ -156,11 +148,7 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
             !(agent_common::maps::DOMAIN_EGRESS_GEO | agent_common::maps::DOMAIN_INGRESS_GEO);
     }
     let bridges = c.bridges.get(&(local_id as u16, peer_id as u16));
-    let g = if peer_id == 0 {
-        geo_value(c, dst)
-    } else {
-        None
-    };
+    let g = (peer_id == 0).then_some(class.geo);
     let now_tai = (now_unix_ns.saturating_add(tai_offset_ns())).max(0) as u64;
     let d = decide(
         Direction::Egress,

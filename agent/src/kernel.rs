@@ -56,6 +56,10 @@ impl Pins {
     pub fn link(&self, prog: &str) -> PathBuf {
         self.links().join(prog)
     }
+    /// Programs pinned for benchmarks (`run --bench-probes`), never attached.
+    pub fn probes(&self) -> PathBuf {
+        self.root.join("probes")
+    }
 }
 
 /// Makes sure a bpffs is mounted at (a parent of) `dir`'s base, mounting
@@ -267,6 +271,28 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<Op
     Ok(packet_sockets)
 }
 
+/// Programs only benchmarks use, loaded and pinned by `run --bench-probes`.
+pub const PROBES: [&str; 1] = ["bh_probe_addr"];
+
+/// Loads and pins [`PROBES`] under [`Pins::probes`] (not attached: they
+/// only serve `BPF_PROG_TEST_RUN`).
+pub fn pin_probes(ebpf: &mut Ebpf, pins: &Pins) -> Result<()> {
+    fs::create_dir_all(pins.probes())
+        .with_context(|| format!("creating {}", pins.probes().display()))?;
+    for name in PROBES {
+        let p: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        p.load().map_err(|e| verifier(name, e.into()))?;
+        let path = pins.probes().join(name);
+        let _ = fs::remove_file(&path);
+        p.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The `lsm_cgroup/socket_create` program refusing packet sockets.
 pub const LSM_PROGRAM: &str = "bh_socket_create";
 
@@ -320,7 +346,7 @@ fn retire(path: &Path) -> Result<()> {
 /// Removes every link and map bulkhead pinned: enforcement stops.
 pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for sub in [pins.links(), pins.maps()] {
+    for sub in [pins.links(), pins.probes(), pins.maps()] {
         let entries = match fs::read_dir(&sub) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,

@@ -1,6 +1,7 @@
 //! bulkhead's agent as a library: the binary (`src/main.rs`) is its CLI;
 //! fuzz targets and tools link the same modules.
 
+pub mod addr;
 pub mod bridges;
 pub mod caps;
 pub mod cgroup;
@@ -16,6 +17,7 @@ pub mod maps;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
+pub mod ranges;
 pub mod run;
 pub mod sink;
 pub mod store;

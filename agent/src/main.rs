@@ -111,6 +111,10 @@ enum Command {
         /// spec.nodeName. Needs a build with the `k8s` feature.
         #[arg(long, value_name = "NODE")]
         k8s_node: Option<String>,
+        /// For `cargo xtask bench`: also load and pin the benchmark probe
+        /// programs (never attached) under <bpffs dir>/probes.
+        #[arg(long, hide = true)]
+        bench_probes: bool,
     },
     /// Just-in-time bridges: time-boxed, recorded with who opened them and
     /// why; the policy's `jit_bridges:` says which pairs may get one and
@@ -404,13 +408,19 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             let limits = EventLimits { rate: 0, burst: 0 };
             let c = compile::compile(&p, &db, &mount, limits, compile::tai_offset_ns())?;
             print!("{}", policy::summary(&p));
+            let t = &c.addr;
             println!(
-                "compiled: {} cgroups present now, {} IPv4 + {} IPv6 domain networks, {} IPv4 + {} IPv6 geo prefixes",
+                "compiled: {} cgroups present now, {} IPv4 + {} IPv6 domain networks, {} IPv4 + {} IPv6 geo ranges; address table {} words ({} KiB) in {} IPv4 + {} IPv6 nodes, {} classes",
                 c.cgroups.len(),
                 c.net4.len(),
                 c.net6.len(),
-                c.geo.v4.len(),
-                c.geo.v6.len()
+                t.stats.geo.v4.merged_ranges,
+                t.stats.geo.v6.merged_ranges,
+                t.words.len(),
+                t.words.len() * 4 / 1024,
+                t.stats.nodes_v4,
+                t.stats.nodes_v6,
+                t.classes.len(),
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -434,6 +444,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             metrics_addr,
             allow_untrusted_policy,
             k8s_node,
+            bench_probes,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| control::default_state_dir(&bpffs_dir));
             let audit_db = match (no_audit_db, audit_db) {
@@ -459,6 +470,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 state_dir,
                 allow_untrusted_policy,
                 k8s_node,
+                bench_probes,
                 policy,
                 cgroup_root,
                 bpffs_dir,

@@ -5,34 +5,39 @@
 //! being written was last in force two generations ago: no program still
 //! reads it (a program reads the generation once and finishes in
 //! microseconds; a compile takes milliseconds), so it can be rewritten.
-//! Only the difference to what the slot holds is written, so alternating
-//! between two policies costs almost nothing.
+//! Of the hash maps only the difference to what the slot holds is written;
+//! the address table is copied whole into the slot's half of `BH_ADDR`
+//! through `mmap` (a few milliseconds for a full country database).
 
-use std::collections::HashMap;
-
-use agent_common::maps::{
-    BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, GeoValue, MAP_BRIDGES, MAP_CGROUPS,
-    MAP_CONFIG, MAP_DOMAINS, MAP_GEO4, MAP_GEO6, MAP_NET4, MAP_NET6, MAP_STATE, MAX_DOMAINS,
-    NetValue, State,
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd},
 };
-use anyhow::{Context as _, Result, anyhow};
+
+use agent_common::{
+    addr::{AddrClass, MAX_CLASSES, SLOT_WORDS},
+    maps::{
+        BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, MAP_ADDR, MAP_BRIDGES, MAP_CGROUPS,
+        MAP_CLASSES, MAP_CONFIG, MAP_DOMAINS, MAP_STATE, MAX_DOMAINS, State,
+    },
+};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    Ebpf, Pod,
-    maps::{Array, HashMap as BpfHash, LpmTrie, MapData, lpm_trie::Key},
+    Ebpf,
+    maps::{Array, HashMap as BpfHash, Map, MapData},
 };
-use ipnet::{Ipv4Net, Ipv6Net};
+use sha2::{Digest as _, Sha256};
 
 use crate::compile::Compiled;
 
-/// What one slot of the LPM and hash maps holds, mirrored in memory.
+/// What one slot of the hash maps holds, mirrored in memory.
 #[derive(Default)]
 struct Slot {
     cgroups: HashMap<u64, u32>,
-    net4: HashMap<(u32, [u8; 4]), NetValue>,
-    net6: HashMap<(u32, [u8; 16]), NetValue>,
-    geo4: HashMap<(u32, [u8; 4]), GeoValue>,
-    geo6: HashMap<(u32, [u8; 16]), GeoValue>,
     bridges: HashMap<(u16, u16), BridgeSet>,
+    /// Address table size, from the slot's config.
+    addr_words: u32,
+    addr_classes: u32,
 }
 
 pub struct PolicyMaps {
@@ -64,18 +69,14 @@ impl PolicyMaps {
                 slots[(k.slot & 1) as usize].cgroups.insert(k.cgroup_id, v);
             }
         }
-        read_lpm::<5, 4, NetValue>(ebpf, MAP_NET4, |s, k, v| {
-            slots[s].net4.insert(k, v);
-        })?;
-        read_lpm::<17, 16, NetValue>(ebpf, MAP_NET6, |s, k, v| {
-            slots[s].net6.insert(k, v);
-        })?;
-        read_lpm::<5, 4, GeoValue>(ebpf, MAP_GEO4, |s, k, v| {
-            slots[s].geo4.insert(k, v);
-        })?;
-        read_lpm::<17, 16, GeoValue>(ebpf, MAP_GEO6, |s, k, v| {
-            slots[s].geo6.insert(k, v);
-        })?;
+        {
+            let cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, MAP_CONFIG)?)?;
+            for (i, slot) in slots.iter_mut().enumerate() {
+                let c = cfg.get(&(i as u32), 0).context("reading BH_CONFIG")?;
+                slot.addr_words = c.addr_words;
+                slot.addr_classes = c.addr_classes;
+            }
+        }
         {
             let m: BpfHash<&mut MapData, BridgeKey, BridgeSet> =
                 BpfHash::try_from(map(ebpf, MAP_BRIDGES)?)?;
@@ -128,10 +129,6 @@ impl PolicyMaps {
     ) -> Result<()> {
         let s = &mut self.slots[slot as usize];
         {
-            let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, MAP_CONFIG)?)?;
-            cfg.set(slot, c.config, 0).context("writing BH_CONFIG")?;
-        }
-        {
             let mut doms: Array<&mut MapData, DomainRec> =
                 Array::try_from(map(ebpf, MAP_DOMAINS)?)?;
             let mut want = [DomainRec::default(); MAX_DOMAINS as usize];
@@ -165,22 +162,9 @@ impl PolicyMaps {
             })
             .context("writing BH_CGROUPS")?;
         }
-        let net4 = c
-            .net4
-            .iter()
-            .map(|(n, d)| (v4(n), NetValue { domain: *d }))
-            .collect();
-        sync_lpm::<5, 4, _>(ebpf, MAP_NET4, slot, &mut s.net4, net4, w)?;
-        let net6 = c
-            .net6
-            .iter()
-            .map(|(n, d)| (v6(n), NetValue { domain: *d }))
-            .collect();
-        sync_lpm::<17, 16, _>(ebpf, MAP_NET6, slot, &mut s.net6, net6, w)?;
-        let geo4 = c.geo.v4.iter().map(|(n, g)| (v4(n), *g)).collect();
-        sync_lpm::<5, 4, _>(ebpf, MAP_GEO4, slot, &mut s.geo4, geo4, w)?;
-        let geo6 = c.geo.v6.iter().map(|(n, g)| (v6(n), *g)).collect();
-        sync_lpm::<17, 16, _>(ebpf, MAP_GEO6, slot, &mut s.geo6, geo6, w)?;
+        write_addr(ebpf, slot, c)?;
+        s.addr_words = c.config.addr_words;
+        s.addr_classes = c.config.addr_classes;
         {
             let want: HashMap<(u16, u16), BridgeSet> =
                 c.bridges.iter().map(|(k, v)| (*k, *v)).collect();
@@ -199,6 +183,8 @@ impl PolicyMaps {
             })
             .context("writing BH_BRIDGES")?;
         }
+        let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, MAP_CONFIG)?)?;
+        cfg.set(slot, c.config, 0).context("writing BH_CONFIG")?;
         Ok(())
     }
 
@@ -207,10 +193,9 @@ impl PolicyMaps {
         let s = &self.slots[(generation & 1) as usize];
         serde_json::json!({
             "cgroups": s.cgroups.len(),
-            "net4": s.net4.len(),
-            "net6": s.net6.len(),
-            "geo4": s.geo4.len(),
-            "geo6": s.geo6.len(),
+            "addr_words": s.addr_words,
+            "addr_words_max": SLOT_WORDS,
+            "addr_classes": s.addr_classes,
             "bridge_pairs": s.bridges.len(),
         })
     }
@@ -244,12 +229,82 @@ impl PolicyMaps {
     }
 }
 
-fn v4(n: &Ipv4Net) -> (u32, [u8; 4]) {
-    (n.prefix_len() as u32, n.network().octets())
+/// The address table into the slot's half of `BH_ADDR` (one copy through
+/// `mmap`), its classes into `BH_CLASSES`.
+fn write_addr(ebpf: &mut Ebpf, slot: u32, c: &Compiled) -> Result<()> {
+    let t = &c.addr;
+    {
+        let Map::Array(data) = map(ebpf, MAP_ADDR)? else {
+            bail!("{MAP_ADDR} is not an array map");
+        };
+        let mut m = SlotMapping::new(data.fd().as_fd(), slot, t.words.len(), true)?;
+        m.words_mut().copy_from_slice(&t.words);
+    }
+    let mut classes: Array<&mut MapData, AddrClass> = Array::try_from(map(ebpf, MAP_CLASSES)?)?;
+    for (i, class) in t.classes.iter().enumerate() {
+        classes
+            .set(slot * MAX_CLASSES + i as u32, class, 0)
+            .context("writing BH_CLASSES")?;
+    }
+    Ok(())
 }
 
-fn v6(n: &Ipv6Net) -> (u32, [u8; 16]) {
-    (n.prefix_len() as u32, n.network().octets())
+/// The first `words` words of one slot of `BH_ADDR`, mapped into memory
+/// (`BPF_F_MMAPABLE`); unmapped on drop.
+struct SlotMapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+    words: usize,
+}
+
+impl SlotMapping {
+    fn new(fd: BorrowedFd<'_>, slot: u32, words: usize, write: bool) -> Result<SlotMapping> {
+        if words > SLOT_WORDS as usize {
+            bail!("address table of {words} words exceeds a slot ({SLOT_WORDS})");
+        }
+        const PAGE: usize = 4096;
+        let len = (words * 4).div_ceil(PAGE).max(1) * PAGE;
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let offset = slot as libc::off_t * SLOT_WORDS as libc::off_t * 4;
+        // SAFETY: a fresh shared mapping of the map's own pages; the kernel
+        // checks the range against the map's size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mapping slot {slot} of {MAP_ADDR}"));
+        }
+        Ok(SlotMapping { ptr, len, words })
+    }
+
+    fn words(&self) -> &[u32] {
+        // SAFETY: the mapping holds at least `words` u32s and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.words) }
+    }
+
+    fn words_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as above; mapped writable by `new(.., true)`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.words) }
+    }
+}
+
+impl Drop for SlotMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 /// Brings `have` to `want`, calling `op(key, Some(value))` to write and
@@ -280,56 +335,6 @@ where
             have.insert(k, v);
             w.updated += 1;
         }
-    }
-    Ok(())
-}
-
-/// Key data with the slot byte first (as `agent_common::maps::net4_key`);
-/// the prefix length covers it too.
-fn lpm_key<const K: usize, const A: usize>(slot: u32, len: u32, addr: &[u8; A]) -> Key<[u8; K]> {
-    let mut data = [0u8; K];
-    data[0] = slot as u8;
-    data[1..].copy_from_slice(addr);
-    Key::new(8 + len, data)
-}
-
-fn sync_lpm<const K: usize, const A: usize, V: Pod + PartialEq>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    slot: u32,
-    have: &mut HashMap<(u32, [u8; A]), V>,
-    want: HashMap<(u32, [u8; A]), V>,
-    w: &mut Written,
-) -> Result<()>
-where
-    [u8; K]: Pod,
-{
-    let mut m: LpmTrie<&mut MapData, [u8; K], V> = LpmTrie::try_from(map(ebpf, name)?)?;
-    sync(have, want, w, |(len, addr), v| {
-        let key = lpm_key::<K, A>(slot, *len, addr);
-        match v {
-            Some(v) => m.insert(&key, v, 0),
-            None => m.remove(&key),
-        }
-    })
-    .with_context(|| format!("writing {name}"))
-}
-
-fn read_lpm<const K: usize, const A: usize, V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    mut put: impl FnMut(usize, (u32, [u8; A]), V),
-) -> Result<()>
-where
-    [u8; K]: Pod,
-{
-    let m: LpmTrie<&mut MapData, [u8; K], V> = LpmTrie::try_from(map(ebpf, name)?)?;
-    for kv in m.iter() {
-        let (k, v) = kv.with_context(|| format!("reading {name}"))?;
-        let data = k.data();
-        let mut addr = [0u8; A];
-        addr.copy_from_slice(&data[1..]);
-        put((data[0] & 1) as usize, (k.prefix_len() - 8, addr), v);
     }
     Ok(())
 }
@@ -375,38 +380,28 @@ pub fn dump(maps_dir: &std::path::Path) -> Result<serde_json::Value> {
         .collect();
     br.sort();
     out.insert("bridges".into(), br.into());
-    for (name, v6) in [
-        (MAP_NET4, false),
-        (MAP_NET6, true),
-        (MAP_GEO4, false),
-        (MAP_GEO6, true),
-    ] {
-        let data = open(name)?;
-        let mut rows: Vec<String> = if name == MAP_NET4 || name == MAP_NET6 {
-            lpm_rows::<NetValue>(data, v6)?
-        } else {
-            lpm_rows::<GeoValue>(data, v6)?
-        };
-        rows.sort();
-        out.insert(name.to_lowercase(), rows.into());
+    // The address table: each slot's words in use as a digest (they are
+    // millions), its classes in full.
+    let addr = open(MAP_ADDR)?;
+    let classes: Array<MapData, AddrClass> = Array::try_from(Map::Array(open(MAP_CLASSES)?))?;
+    let mut tables = Vec::new();
+    for slot in 0..2u32 {
+        let cfg = config.get(&slot, 0)?;
+        let words = SlotMapping::new(addr.fd().as_fd(), slot, cfg.addr_words as usize, false)?;
+        let bytes: Vec<u8> = words.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+        let used: Vec<String> = (0..cfg.addr_classes)
+            .map(|i| {
+                classes
+                    .get(&(slot * MAX_CLASSES + i), 0)
+                    .map(|c| format!("{c:?}"))
+            })
+            .collect::<Result<_, _>>()?;
+        tables.push(serde_json::json!({
+            "words": cfg.addr_words,
+            "sha256": format!("{:x}", Sha256::digest(&bytes)),
+            "classes": used,
+        }));
     }
+    out.insert("addr".into(), tables.into());
     Ok(out.into())
-}
-
-fn lpm_rows<V: Pod + std::fmt::Debug>(data: MapData, v6: bool) -> Result<Vec<String>> {
-    use aya::maps::Map;
-    let fmt = |k: &[u8], len: u32, v: &V| format!("{}:{:?}/{}={v:?}", k[0], &k[1..], len - 8);
-    if v6 {
-        let m: LpmTrie<MapData, [u8; 17], V> = LpmTrie::try_from(Map::LpmTrie(data))?;
-        Ok(m.iter()
-            .filter_map(|kv| kv.ok())
-            .map(|(k, v)| fmt(&k.data(), k.prefix_len(), &v))
-            .collect())
-    } else {
-        let m: LpmTrie<MapData, [u8; 5], V> = LpmTrie::try_from(Map::LpmTrie(data))?;
-        Ok(m.iter()
-            .filter_map(|kv| kv.ok())
-            .map(|(k, v)| fmt(&k.data(), k.prefix_len(), &v))
-            .collect())
-    }
 }

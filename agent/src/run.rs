@@ -61,6 +61,8 @@ pub struct RunArgs {
     pub allow_untrusted_policy: bool,
     /// Watch this Kubernetes node's pods (`pods:` selectors).
     pub k8s_node: Option<String>,
+    /// Pin the benchmark probe programs too.
+    pub bench_probes: bool,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -253,6 +255,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
         }
     };
+    if args.bench_probes {
+        kernel::pin_probes(&mut ebpf, &pins)?;
+    }
     // The new maps and links are pinned now.
     kernel::secure(&pins)?;
     let seeded = listeners::seed(&mut ebpf, &mount).map(|(ok, failed)| {
@@ -353,7 +358,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let started = events::format_ts((compile::now_ns() + tai) as u64, tai);
 
     log(format!(
-        "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, {} geo prefixes; pinned under {}; {} pre-existing sockets recorded; control socket {}",
+        "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, address table of {} words; pinned under {}; {} pre-existing sockets recorded; control socket {}",
         args.policy.display(),
         &loaded.policy.sha256[..12.min(loaded.policy.sha256.len())],
         written.generation,
@@ -366,7 +371,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         loaded.policy.domains.len(),
         loaded.compiled.cgroups.len(),
         loaded.policy.bridges.len(),
-        loaded.compiled.geo.v4.len() + loaded.compiled.geo.v6.len(),
+        loaded.compiled.addr.words.len(),
         pins.root.display(),
         seeded,
         socket.display(),

@@ -1,20 +1,16 @@
-//! Sources + the domains' country rules → merged per-range verdicts → the
-//! fewest (nested) entries for the kernel's LPM maps.
-
-use std::net::{Ipv4Addr, Ipv6Addr};
+//! Sources + the domains' country rules → merged per-range verdicts, which
+//! the address table (`crate::addr`) turns into what the kernel walks.
 
 use agent_common::maps::{GeoValue, MAX_DOMAINS};
-use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
-    CompileStats, CompiledGeo, DomainGeo, FamilyStats, GeoDb, countries, lpm, mmdb, ranges,
-    rule_denies,
+    CompileStats, CompiledGeo, DomainGeo, FamilyStats, GeoDb, countries, mmdb, rule_denies,
 };
-use crate::policy::Country;
+use crate::{policy::Country, ranges};
 
 impl GeoDb {
-    /// Merged per-domain verdict ranges for the kernel's LPM maps. Empty when
-    /// no domain has a country rule.
+    /// Merged per-domain verdict ranges. Empty when no domain has a country
+    /// rule.
     ///
     /// # Panics
     /// If a domain id is outside 1..=63 (the policy never produces one).
@@ -29,7 +25,7 @@ impl GeoDb {
         let verdict = |c: &Country| table[countries::index(*c)];
         let mut stats = CompileStats::default();
         let mut out = CompiledGeo::default();
-        for (family, bits) in [(0, 32), (1, 128)] {
+        for family in [0, 1] {
             let mut merged = ranges::map(&self.feed[family], |p| verdict(&p.country));
             let mut read = self.feed_lines[family];
             for db in &self.dbs {
@@ -39,45 +35,21 @@ impl GeoDb {
             if family == 1 {
                 merged = ranges::cut(&merged, &mmdb::V6_HOLES);
             }
-            let entries = lpm::minimal(&merged, bits, GeoValue::UNKNOWN)
-                .unwrap_or_else(|| disjoint(&merged, bits));
-            let prefixes = entries.len();
-            for (net, len, val) in entries {
-                if family == 0 {
-                    out.v4
-                        .push((Ipv4Net::new_assert(Ipv4Addr::from(net as u32), len), val));
-                } else {
-                    out.v6
-                        .push((Ipv6Net::new_assert(Ipv6Addr::from(net), len), val));
-                }
-            }
             let fs = FamilyStats {
                 source_ranges: read,
                 merged_ranges: merged.len(),
-                prefixes,
             };
             if family == 0 {
                 stats.v4 = fs;
+                out.v4 = merged;
             } else {
                 stats.v6 = fs;
+                out.v6 = merged;
             }
         }
         out.stats = stats;
         out
     }
-}
-
-/// One entry per CIDR block of every span: what policies with too many
-/// distinct verdicts for [`lpm::minimal`] get.
-fn disjoint(spans: &[ranges::Span<GeoValue>], bits: u32) -> Vec<(u128, u8, GeoValue)> {
-    let mut out = Vec::new();
-    let mut buf = Vec::new();
-    for s in spans {
-        buf.clear();
-        ranges::prefixes(s.start, s.end, bits, &mut buf);
-        out.extend(buf.iter().map(|&(net, len)| (net, len, s.val)));
-    }
-    out
 }
 
 /// The verdict of every country for every domain, indexed by

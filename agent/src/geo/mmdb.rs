@@ -10,9 +10,9 @@ use maxminddb::{LookupResult, MaxMindDbError, Reader, WithinOptions};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::ranges::{self, Span};
 use super::{GeoError, countries};
 use crate::policy::Country;
+use crate::ranges::{self, Span};
 
 /// Where a database keeps the country.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,9 +15,7 @@
 mod compile;
 mod countries;
 mod geofeed;
-mod lpm;
 mod mmdb;
-mod ranges;
 #[cfg(test)]
 mod testdb;
 #[cfg(test)]
@@ -28,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use agent_common::maps::GeoValue;
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 
+use crate::ranges::{self, Span};
 use mmdb::Mmdb;
-use ranges::Span;
 
 use crate::policy::{Country, CountryList, GeoRule, GeoSources, UnknownCountry};
 
@@ -87,12 +85,13 @@ pub struct DomainGeo {
     pub ingress: Option<GeoRule>,
 }
 
-/// What the kernel's geo maps must hold. Addresses in no prefix are
-/// "unknown country" (each domain's `unknown_country` decides).
+/// Every domain's geo verdicts, as merged ranges per family (sorted,
+/// disjoint). Addresses in none are "unknown country" (each domain's
+/// `unknown_country` decides).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledGeo {
-    pub v4: Vec<(Ipv4Net, GeoValue)>,
-    pub v6: Vec<(Ipv6Net, GeoValue)>,
+    pub v4: Vec<Span<GeoValue>>,
+    pub v6: Vec<Span<GeoValue>>,
     pub stats: CompileStats,
 }
 
@@ -108,8 +107,6 @@ pub struct FamilyStats {
     pub source_ranges: usize,
     /// Ranges left after joining neighbours with the same verdict.
     pub merged_ranges: usize,
-    /// CIDR prefixes covering the merged ranges (what the map holds).
-    pub prefixes: usize,
 }
 
 /// Whether `rule` denies an address placed in `country` (`None`: no source
@@ -242,36 +239,17 @@ fn read(path: &Path) -> Result<Vec<u8>, GeoError> {
 /// Geofeed prefixes (possibly nested) → disjoint ranges per family, the
 /// most specific prefix winning, then the first one given.
 fn flatten(entries: &[(IpNet, Place)]) -> [Vec<Span<Place>>; 2] {
-    let mut out = [Vec::new(), Vec::new()];
-    for (family, bits) in [(0, 32u8), (1, 128)] {
-        let mut acc: Vec<Span<Place>> = Vec::new();
-        for len in (0..=bits).rev() {
-            let mut level: Vec<Span<Place>> = entries
-                .iter()
-                .filter(|(net, _)| net.addr().is_ipv4() == (family == 0) && net.prefix_len() == len)
-                .map(|(net, place)| {
-                    let (start, end) = match net {
-                        IpNet::V4(n) => (
-                            u32::from(n.network()).into(),
-                            u32::from(n.broadcast()).into(),
-                        ),
-                        IpNet::V6(n) => (n.network().into(), n.broadcast().into()),
-                    };
-                    Span {
-                        start,
-                        end,
-                        val: *place,
-                    }
-                })
-                .collect();
-            if level.is_empty() {
-                continue;
-            }
-            level.sort_by_key(|s| s.start); // stable: the first of equal prefixes stays first
-            level.dedup_by_key(|s| s.start);
-            acc = ranges::overlay(&acc, &level);
-        }
-        out[family] = acc;
+    let mut prefixes = [Vec::new(), Vec::new()];
+    for (net, place) in entries {
+        let (family, start, end) = match net {
+            IpNet::V4(n) => (
+                0,
+                u32::from(n.network()).into(),
+                u32::from(n.broadcast()).into(),
+            ),
+            IpNet::V6(n) => (1, n.network().into(), n.broadcast().into()),
+        };
+        prefixes[family].push((start, end, net.prefix_len(), *place));
     }
-    out
+    prefixes.map(|p| ranges::nested(&p))
 }

@@ -1,7 +1,6 @@
 //! Lookups and compile checks on fixtures written by [`super::testdb`], and
 //! on the real, full CC0 database from `@ip-location-db/geo-whois-asn-country-mmdb`.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -417,7 +416,7 @@ fn deny(codes: &[&str], unknown: UnknownCountry) -> Option<GeoRule> {
 }
 
 #[test]
-fn geo_compile_merges_to_minimal_prefixes() {
+fn geo_compile_merges_ranges_by_verdict() {
     let dir = TempDir::new().unwrap();
     let mut db = TestDb::new(6, "GeoLite2-Country");
     db.insert("1.0.0.0/24", geolite_country(Some("DE"), "DE"))
@@ -454,26 +453,28 @@ fn geo_compile_merges_to_minimal_prefixes() {
         egress_deny: e,
         ingress_deny: i,
     };
-    let v4: Vec<(String, GeoValue)> = c.v4.iter().map(|(n, g)| (n.to_string(), *g)).collect();
-    let s = |t: &str| t.to_string();
     assert_eq!(
-        v4,
+        spans(&c.v4, false),
         [
-            // Nested: the /21 holds the first /23's verdict.
-            (s("1.0.0.0/21"), v(0, 0)),
-            (s("1.0.2.0/23"), v(1 << 1, 0)),
-            (s("1.0.4.0/22"), v(1 << 1, 1 << 63))
+            // DE and FR share a verdict: one range.
+            ("1.0.0.0 - 1.0.1.255".to_string(), v(0, 0)),
+            ("1.0.2.0 - 1.0.3.255".to_string(), v(1 << 1, 0)),
+            ("1.0.4.0 - 1.0.7.255".to_string(), v(1 << 1, 1 << 63))
         ]
     );
-    let v6: Vec<(String, GeoValue)> = c.v6.iter().map(|(n, g)| (n.to_string(), *g)).collect();
     // The two /16 joined; the 6to4 alias is not there.
-    assert_eq!(v6, [(s("2a00::/15"), v(0, 0))]);
+    assert_eq!(
+        spans(&c.v6, true),
+        [(
+            "2a00:: - 2a01:ffff:ffff:ffff:ffff:ffff:ffff:ffff".to_string(),
+            v(0, 0)
+        )]
+    );
     assert_eq!(
         c.stats.v4,
         FamilyStats {
             source_ranges: 4,
             merged_ranges: 3,
-            prefixes: 3
         }
     );
     assert_eq!(
@@ -481,9 +482,22 @@ fn geo_compile_merges_to_minimal_prefixes() {
         FamilyStats {
             source_ranges: 2,
             merged_ranges: 1,
-            prefixes: 1
         }
     );
+}
+
+/// Compiled ranges as `first - last` and their value.
+fn spans(list: &[crate::ranges::Span<GeoValue>], v6: bool) -> Vec<(String, GeoValue)> {
+    let addr = |a: u128| {
+        if v6 {
+            Ipv6Addr::from(a).to_string()
+        } else {
+            Ipv4Addr::from(a as u32).to_string()
+        }
+    };
+    list.iter()
+        .map(|s| (format!("{} - {}", addr(s.start), addr(s.end)), s.val))
+        .collect()
 }
 
 #[test]
@@ -505,20 +519,25 @@ fn geo_compile_without_ipv4_subtree() {
         ingress: None,
     }];
     let c = geo.compile(&domains);
-    assert_eq!(c.v4, [("0.0.0.0/0".parse().unwrap(), GeoValue::default())]);
-    let v6: Vec<(String, GeoValue)> = c.v6.iter().map(|(n, g)| (n.to_string(), *g)).collect();
-    // ::/64 covers the rest of its block; the two /96 inside it that no
-    // source places (IPv4-compatible and IPv4-mapped) get explicit
-    // unknown entries.
-    let s = |t: &str| t.to_string();
     assert_eq!(
-        v6,
+        spans(&c.v4, false),
+        [("0.0.0.0 - 255.255.255.255".to_string(), GeoValue::default())]
+    );
+    // ::/64 without the two /96 inside it that no source places
+    // (IPv4-compatible and IPv4-mapped).
+    assert_eq!(
+        spans(&c.v6, true),
         [
-            (s("::/64"), GeoValue::default()),
-            (s("::/96"), GeoValue::UNKNOWN),
-            (s("::ffff:0.0.0.0/96"), GeoValue::UNKNOWN),
             (
-                s("2a00::/16"),
+                "::1:0:0 - ::fffe:ffff:ffff".to_string(),
+                GeoValue::default()
+            ),
+            (
+                "::1:0:0:0 - ::ffff:ffff:ffff:ffff".to_string(),
+                GeoValue::default()
+            ),
+            (
+                "2a00:: - 2a00:ffff:ffff:ffff:ffff:ffff:ffff:ffff".to_string(),
                 GeoValue {
                     egress_deny: 1 << 3,
                     ingress_deny: 0
@@ -529,47 +548,6 @@ fn geo_compile_without_ipv4_subtree() {
     check_verdicts(&geo, &domains, &sample_addresses(&geo, 1000, 1));
 }
 
-/// The kernel's view: longest-prefix match over the compiled lists, IPv4 and
-/// IPv4-mapped IPv6 in the IPv4 list.
-struct Lpm {
-    v4: Vec<HashMap<u128, GeoValue>>,
-    v6: Vec<HashMap<u128, GeoValue>>,
-}
-
-impl Lpm {
-    fn new(c: &CompiledGeo) -> Lpm {
-        let mut lpm = Lpm {
-            v4: vec![HashMap::new(); 33],
-            v6: vec![HashMap::new(); 129],
-        };
-        for (n, g) in &c.v4 {
-            let old = lpm.v4[n.prefix_len() as usize].insert(u32::from(n.network()).into(), *g);
-            assert!(old.is_none(), "duplicate prefix {n}");
-        }
-        for (n, g) in &c.v6 {
-            let old = lpm.v6[n.prefix_len() as usize].insert(n.network().into(), *g);
-            assert!(old.is_none(), "duplicate prefix {n}");
-        }
-        lpm
-    }
-
-    fn get(&self, ip: IpAddr) -> Option<GeoValue> {
-        let (maps, key, bits) = match ip.to_canonical() {
-            IpAddr::V4(a) => (&self.v4, u128::from(u32::from(a)), 32),
-            IpAddr::V6(a) => (&self.v6, u128::from(a), 128),
-        };
-        (0..=bits).rev().find_map(|len: u32| {
-            let map = &maps[len as usize];
-            if map.is_empty() {
-                return None;
-            }
-            let host = bits - len;
-            let net = if host == 128 { 0 } else { key >> host << host };
-            map.get(&net).copied()
-        })
-    }
-}
-
 /// Checks every address: the compiled verdict equals `lookup` + the rule,
 /// for every domain and both directions. Returns how many were checked.
 fn check_verdicts(geo: &GeoDb, domains: &[DomainGeo], addrs: &[IpAddr]) -> usize {
@@ -577,24 +555,25 @@ fn check_verdicts(geo: &GeoDb, domains: &[DomainGeo], addrs: &[IpAddr]) -> usize
     let compiled = geo.compile(domains);
     let took = t.elapsed();
     let st = compiled.stats;
+    let t = Instant::now();
+    // The kernel's view: its own walk of the address table built from it.
+    let table = crate::addr::AddrTable::build(&[], &[], &compiled).unwrap();
     println!(
-        "compile {:?}: IPv4 {} source ranges → {} merged → {} prefixes; IPv6 {} → {} → {}",
-        took,
+        "compile {took:?}: IPv4 {} source ranges → {} merged; IPv6 {} → {}; address table {} words in {:?}",
         st.v4.source_ranges,
         st.v4.merged_ranges,
-        st.v4.prefixes,
         st.v6.source_ranges,
         st.v6.merged_ranges,
-        st.v6.prefixes
+        table.words.len(),
+        t.elapsed(),
     );
     assert_eq!(
         (compiled.v4.len(), compiled.v6.len()),
-        (st.v4.prefixes, st.v6.prefixes)
+        (st.v4.merged_ranges, st.v6.merged_ranges)
     );
-    let lpm = Lpm::new(&compiled);
     for &addr in addrs {
         let country = geo.lookup(addr).map(|h| h.country);
-        let value = lpm.get(addr).filter(|v| !v.is_unknown());
+        let value = Some(table.class(addr).geo).filter(|v| !v.is_unknown());
         for d in domains {
             for (dir, rule, mask) in [
                 ("egress", &d.egress, value.map(|v| v.egress_deny)),

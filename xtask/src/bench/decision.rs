@@ -73,15 +73,11 @@ pub enum ProgSpec {
     Link { link: PathBuf, counters: PathBuf },
     /// `r0 = 1; exit`.
     AllowAll,
-    /// One LPM lookup in a pinned map.
-    Lpm {
-        map: PathBuf,
-        slot: u8,
-        family: usize,
-    },
-    /// The two-level direct-index prototype (IPv4): level 1 from a file of
-    /// packed `u64`s, level 2 from a file of 68-byte records.
-    Direct { level1: PathBuf, level2: PathBuf },
+    /// A pinned program (the agent's benchmark probes).
+    Pinned { prog: PathBuf },
+    /// One lookup in a plain LPM trie of the prefixes in a file of 17-byte
+    /// records (`u128` network, little-endian, and the prefix length).
+    Lpm { prefixes: PathBuf, family: usize },
 }
 
 pub fn prog_json(name: &str, p: &ProgSpec) -> Value {
@@ -90,11 +86,9 @@ pub fn prog_json(name: &str, p: &ProgSpec) -> Value {
             json!({"name": name, "kind": "link", "link": link, "counters": counters})
         }
         ProgSpec::AllowAll => json!({"name": name, "kind": "allow"}),
-        ProgSpec::Lpm { map, slot, family } => {
-            json!({"name": name, "kind": "lpm", "map": map, "slot": slot, "family": family})
-        }
-        ProgSpec::Direct { level1, level2 } => {
-            json!({"name": name, "kind": "direct", "level1": level1, "level2": level2, "family": V4})
+        ProgSpec::Pinned { prog } => json!({"name": name, "kind": "pinned", "prog": prog}),
+        ProgSpec::Lpm { prefixes, family } => {
+            json!({"name": name, "kind": "lpm", "prefixes": prefixes, "family": family})
         }
     }
 }
@@ -164,38 +158,27 @@ pub fn helper(spec_path: &str) -> Result<()> {
                 None,
                 None,
             ),
-            Some("lpm") => {
-                let map = sys::obj_get(s(p, "map")?.as_ref())?;
-                let family = p["family"].as_u64().unwrap_or(0) as usize;
-                let slot = p["slot"].as_u64().unwrap_or(0) as u8;
-                let fd = sys::load_lpm_probe(&map, slot, family == V6)
-                    .map_err(|e| anyhow!("loading LPM probe {name}: {e}"))?;
-                (fd, None, Some(family))
+            Some("pinned") => {
+                let fd = sys::obj_get(s(p, "prog")?.as_ref())
+                    .with_context(|| format!("opening pinned {name}"))?;
+                (fd, None, None)
             }
-            Some("direct") => {
-                let bytes = fs::read(s(p, "level1")?)?;
-                let values: Vec<u64> = bytes
-                    .chunks_exact(8)
-                    .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-                    .collect();
-                let l1 = sys::mmapable_u64_array(&values)
-                    .with_context(|| format!("creating level 1 of {name}"))?;
-                let items: Vec<(u32, Vec<u8>)> = fs::read(s(p, "level2")?)?
-                    .chunks_exact(68)
+            Some("lpm") => {
+                let family = p["family"].as_u64().unwrap_or(0) as usize;
+                let prefixes: Vec<(u128, u8)> = fs::read(s(p, "prefixes")?)?
+                    .chunks_exact(17)
                     .map(|c| {
-                        (
-                            u32::from_ne_bytes(c[..4].try_into().expect("4 bytes")),
-                            c[4..].to_vec(),
-                        )
+                        let net = u128::from_le_bytes(c[..16].try_into().expect("16 bytes"));
+                        (net, c[16])
                     })
                     .collect();
-                let l2 = sys::u32_hash(64, &items)
-                    .with_context(|| format!("creating level 2 of {name}"))?;
-                let fd = sys::load_direct_index_probe(&l1, &l2)
-                    .map_err(|e| anyhow!("loading direct-index probe {name}: {e}"))?;
-                // The program holds its own references to the maps.
-                drop((l1, l2));
-                (fd, None, Some(V4))
+                let map = sys::lpm_trie(family == V6, &prefixes)
+                    .with_context(|| format!("filling the LPM trie of {name}"))?;
+                let fd = sys::load_lpm_probe(&map, 0, family == V6)
+                    .map_err(|e| anyhow!("loading LPM probe {name}: {e}"))?;
+                // The program holds its own reference to the map.
+                drop(map);
+                (fd, None, Some(family))
             }
             k => bail!("spec: unknown program kind {k:?}"),
         };
@@ -314,71 +297,4 @@ pub fn helper(spec_path: &str) -> Result<()> {
     });
     println!("{out}");
     Ok(())
-}
-
-/// Level 1 packed, level 2 records, level-1 class per /24.
-pub type DirectIndex = (Vec<u64>, Vec<(u32, Vec<u8>)>, Vec<u8>);
-
-/// The two-level direct-index tables of an IPv4 allow-set (see
-/// `sys::load_direct_index_probe`): level 1 packed (a 2-bit class per /24:
-/// 0 denied, 1 allowed, 3 split), level 2 as `(/24 number, 64 bytes)`
-/// records for the split /24s, and the level-1 class of every /24.
-pub fn direct_index_table(allowed: &[(u128, u128)]) -> DirectIndex {
-    let mut class = vec![0u8; 1 << 24];
-    for &(a, b) in allowed {
-        let (first, last) = ((a >> 8) as usize, (b >> 8) as usize);
-        for (blk, c) in class.iter_mut().enumerate().take(last + 1).skip(first) {
-            let lo = (blk as u128) << 8;
-            let hi = lo | 0xff;
-            *c = if a <= lo && hi <= b { 1 } else { 3 };
-        }
-    }
-    let mut packed = vec![0u64; 1 << 19];
-    let mut level2 = Vec::new();
-    for (blk, c) in class.iter().enumerate() {
-        packed[blk >> 5] |= u64::from(*c) << ((blk & 31) * 2);
-        if *c == 3 {
-            let mut words = [0u64; 4 * 2];
-            let base = (blk as u128) << 8;
-            let i = allowed.partition_point(|r| r.1 < base);
-            for r in &allowed[i..] {
-                if r.0 > base | 0xff {
-                    break;
-                }
-                let lo = r.0.max(base) - base;
-                let hi = r.1.min(base | 0xff) - base;
-                for host in lo..=hi {
-                    words[(host >> 5) as usize] |= 1u64 << ((host & 31) * 2);
-                }
-            }
-            level2.push((
-                blk as u32,
-                words.iter().flat_map(|w| w.to_ne_bytes()).collect(),
-            ));
-        }
-    }
-    (packed, level2, class)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn direct_index_classes() {
-        // 10.0.0.0/24 allowed whole; 10.0.1.16-10.0.1.31 allowed (split).
-        let allowed = [(0x0a00_0000, 0x0a00_00ff), (0x0a00_0110, 0x0a00_011f)];
-        let (packed, level2, class) = direct_index_table(&allowed);
-        assert_eq!(class[0x0a0000], 1);
-        assert_eq!(class[0x0a0001], 3);
-        assert_eq!(class[0x0a0002], 0);
-        let blk = 0x0a0001usize;
-        assert_eq!((packed[blk >> 5] >> ((blk & 31) * 2)) & 3, 3);
-        assert_eq!(level2.len(), 1);
-        let (blk, bytes) = &level2[0];
-        assert_eq!(*blk, 0x0a0001);
-        let w0 = u64::from_ne_bytes(bytes[0..8].try_into().unwrap());
-        // hosts 16..=31 live in word 0, bits 32..64.
-        assert_eq!(w0, 0x5555_5555_0000_0000);
-    }
 }

@@ -175,11 +175,6 @@ pub fn subtract(a: &[Range], b: &[Range]) -> Vec<Range> {
     out
 }
 
-pub fn contains(list: &[Range], addr: u128) -> bool {
-    let i = list.partition_point(|r| r.1 < addr);
-    list.get(i).is_some_and(|r| r.0 <= addr)
-}
-
 /// splitmix64: small, seedable, good enough to spread addresses.
 pub struct Rng(u64);
 
@@ -248,6 +243,11 @@ pub fn nft_elements(family: usize, ranges: &[Range]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn contains(list: &[Range], addr: u128) -> bool {
+        let i = list.partition_point(|r| r.1 < addr);
+        list.get(i).is_some_and(|r| r.0 <= addr)
+    }
 
     #[test]
     fn range_algebra() {

@@ -489,7 +489,9 @@ fn phase_load(ctx: &Ctx, specs: &[Spec]) -> Result<(Vec<Agent>, Value)> {
                 Agent::stop(&mut a);
                 drop(a);
             }
-            let a = ctx.start_agent(spec.key, &path, &[])?;
+            // The probe programs (verified, pinned, never attached) serve
+            // the decision phase's bare address-table walks.
+            let a = ctx.start_agent(spec.key, &path, &["--bench-probes"])?;
             ready.push(a.ready.as_secs_f64() * 1e3);
             ready_cpu.push(a.ready_cpu_ms);
             eprintln!(
@@ -540,14 +542,6 @@ fn phase_load(ctx: &Ctx, specs: &[Spec]) -> Result<(Vec<Agent>, Value)> {
         agents.push(agent);
     }
     Ok((agents, Value::Array(out)))
-}
-
-/// The policy slot in force for an agent's maps (`generation & 1`).
-fn slot(agent: &Agent) -> Result<u8> {
-    let fd = sys::obj_get(&agent.map("BH_STATE"))?;
-    let mut v = [0u8; 8];
-    sys::lookup(&fd, &0u32.to_ne_bytes(), &mut v)?;
-    Ok((u64::from_ne_bytes(v) & 1) as u8)
 }
 
 fn phase_decision(ctx: &Ctx, specs: &[Spec], agents: &[Agent], rng: &mut Rng) -> Result<Value> {
@@ -606,107 +600,51 @@ fn phase_decision(ctx: &Ctx, specs: &[Spec], agents: &[Agent], rng: &mut Rng) ->
             },
         ));
     }
-    // Bare LPM lookups: empty trie, 10k networks, full geo.
-    for (key, map, fam) in [
-        ("empty", "BH_NET4", V4),
-        ("empty", "BH_NET6", V6),
-        ("n10k", "BH_NET4", V4),
-        ("n10k", "BH_NET6", V6),
-        ("geo_n10k", "BH_GEO4", V4),
-        ("geo_n10k", "BH_GEO6", V6),
-    ] {
+    // Bare address-table walks (the agent's own probe program on its own
+    // maps): empty table, 10k networks, full geo + 10k networks.
+    for key in ["empty", "n10k", "geo_n10k"] {
         let i = specs.iter().position(|s| s.key == key).expect("ladder key");
         progs.push(prog_json(
-            &format!("lpm:{key}:{map}"),
+            &format!("walk:{key}"),
+            &ProgSpec::Pinned {
+                prog: agents[i].probe("bh_probe_addr"),
+            },
+        ));
+    }
+    // The layout bulkhead had before, for comparison: a plain kernel LPM
+    // trie holding the CIDR prefixes of the full policy's allowed ranges
+    // (with `unknown_country: deny` an allow-list needs nothing else).
+    let mut lpm_prefixes = serde_json::Map::new();
+    for (fam, feed, bits) in [(V4, policy::FEED_V4, 32), (V6, policy::FEED_V6, 128)] {
+        let allowed = geo::union(&[&ctx.db.ranges_of(fam, &policy::ALLOW)[..], &[feed][..]]);
+        let mut prefixes = Vec::new();
+        for &(a, b) in &allowed {
+            geo::for_prefixes(a, b, bits, |net, len| prefixes.push((net, len)));
+        }
+        let file = ctx.work.join(format!("lpm-{fam}.bin"));
+        fs::write(
+            &file,
+            prefixes
+                .iter()
+                .flat_map(|(net, len)| net.to_le_bytes().into_iter().chain([*len as u8]))
+                .collect::<Vec<u8>>(),
+        )?;
+        lpm_prefixes.insert(
+            if fam == V4 { "v4" } else { "v6" }.into(),
+            json!(prefixes.len()),
+        );
+        progs.push(prog_json(
+            &format!("lpm:{}", if fam == V4 { "v4" } else { "v6" }),
             &ProgSpec::Lpm {
-                map: agents[i].map(map),
-                slot: slot(&agents[i])?,
+                prefixes: file,
                 family: fam,
             },
         ));
     }
-    // A prototype of another layout for the same IPv4 verdicts: two-level
-    // direct index (a 2-bit class per /24 in one mmap-able array, a hash of
-    // the split /24s), checked against the ground truth by its return value.
-    let allowed4 = geo::union(&[
-        &ctx.db.ranges_of(V4, &policy::ALLOW)[..],
-        &[policy::FEED_V4][..],
-    ]);
-    let (packed, level2, class) = decision::direct_index_table(&allowed4);
-    let l1_path = ctx.work.join("direct-index-l1.bin");
-    fs::write(
-        &l1_path,
-        packed
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect::<Vec<u8>>(),
-    )?;
-    let l2_path = ctx.work.join("direct-index-l2.bin");
-    fs::write(
-        &l2_path,
-        level2
-            .iter()
-            .flat_map(|(k, v)| k.to_ne_bytes().into_iter().chain(v.iter().copied()))
-            .collect::<Vec<u8>>(),
-    )?;
-    progs.push(prog_json(
-        "direct:geo_v4",
-        &ProgSpec::Direct {
-            level1: l1_path,
-            level2: l2_path,
-        },
-    ));
-    let split_blocks = level2.len();
-    let in_split = sets[0]
-        .addrs
-        .iter()
-        .filter(|&&a| class[(a >> 8) as usize] == 3)
-        .count();
-    // What the prototype must answer: 1 where the full policy allows by country.
-    let direct_want: Vec<(String, u64)> = sets
-        .iter()
-        .filter(|s| s.family == V4)
-        .map(|s| {
-            let allowed = s
-                .addrs
-                .iter()
-                .filter(|&&a| geo::contains(&allowed4, a))
-                .count() as u64;
-            (s.name.clone(), allowed)
-        })
-        .collect();
     let spec =
         json!({"progs": progs, "sets": set_specs, "repeat": ctx.p.repeat, "rounds": ctx.p.rounds});
     let mut res = run_testrun(ctx, &ctx.cg_work, "testrun", &spec)?;
-    let direct_ok: Vec<Value> = direct_want
-        .iter()
-        .map(|(set, want)| {
-            let got = res["checks"]
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .find(|c| c["prog"] == "direct:geo_v4" && c["set"] == set.as_str())
-                })
-                .and_then(|c| c["retvals"]["1"].as_u64())
-                .unwrap_or(0);
-            json!({"set": set, "allowed_by_prototype": got, "allowed_by_policy": want, "matches": got == *want})
-        })
-        .collect();
-    if direct_ok.iter().any(|d| d["matches"] != true) {
-        eprintln!(
-            "bench: WARNING: the direct-index prototype disagrees with the policy: {direct_ok:?}"
-        );
-    }
-    res["direct_index"] = json!({
-        "verdicts": direct_ok,
-        "level1_bytes": packed.len() * 8,
-        "level2_bytes": level2.len() * 64,
-        "table_bytes": packed.len() * 8 + level2.len() * 64,
-        "blocks_24": class.len(),
-        "split_blocks_24": split_blocks,
-        "allowed_v4_packets_in_split_blocks": in_split,
-        "allowed_v4_packets": sets[0].addrs.len(),
-    });
+    res["lpm_prefixes"] = Value::Object(lpm_prefixes);
 
     // Ground truth per policy and set, against the counters.
     let mut problems = Vec::new();

@@ -175,15 +175,6 @@ pub fn percpu_u64_sum(map: &OwnedFd, index: u32, cpus: usize) -> Result<u64> {
     Ok(vals.iter().sum())
 }
 
-/// `BPF_MAP_LOOKUP_ELEM` of a plain (not per-CPU) map into `value`.
-pub fn lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> Result<()> {
-    let mut a = Attr::new();
-    a.u32(0, map.as_raw_fd() as u32)
-        .u64(8, key.as_ptr() as u64)
-        .u64(16, value.as_mut_ptr() as u64);
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut a).map(|_| ())
-}
-
 /// One `BPF_PROG_TEST_RUN`: the program's return value and the kernel's
 /// average run time per repetition in nanoseconds.
 pub fn test_run(prog: &OwnedFd, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
@@ -226,10 +217,6 @@ pub mod asm {
     pub const fn mov_reg(dst: u8, src: u8) -> Insn {
         i(0xbf, dst, src, 0, 0)
     }
-    /// `dst += src` (64-bit).
-    pub const fn add_reg(dst: u8, src: u8) -> Insn {
-        i(0x0f, dst, src, 0, 0)
-    }
     /// `dst += imm` (64-bit).
     pub const fn add_imm(dst: u8, imm: i32) -> Insn {
         i(0x07, dst, 0, 0, imm)
@@ -252,42 +239,6 @@ pub mod asm {
     /// `dst = map` (`BPF_LD_IMM64` with `BPF_PSEUDO_MAP_FD`): two slots.
     pub const fn ld_map_fd(dst: u8, fd: i32) -> [Insn; 2] {
         [i(0x18, dst, 1, 0, fd), i(0, 0, 0, 0, 0)]
-    }
-    /// `dst = *(u32 *)(src + off)`.
-    pub const fn ldx_w(dst: u8, src: u8, off: i16) -> Insn {
-        i(0x61, dst, src, off, 0)
-    }
-    /// `dst = *(u64 *)(src + off)`.
-    pub const fn ldx_dw(dst: u8, src: u8, off: i16) -> Insn {
-        i(0x79, dst, src, off, 0)
-    }
-    /// `*(u32 *)(dst + off) = src`.
-    pub const fn stx_w(dst: u8, off: i16, src: u8) -> Insn {
-        i(0x63, dst, src, off, 0)
-    }
-    /// `dst >>= imm` (64-bit, logical).
-    pub const fn rsh_imm(dst: u8, imm: i32) -> Insn {
-        i(0x77, dst, 0, 0, imm)
-    }
-    /// `dst <<= imm` (64-bit).
-    pub const fn lsh_imm(dst: u8, imm: i32) -> Insn {
-        i(0x67, dst, 0, 0, imm)
-    }
-    /// `dst &= imm` (64-bit).
-    pub const fn and_imm(dst: u8, imm: i32) -> Insn {
-        i(0x57, dst, 0, 0, imm)
-    }
-    /// `dst >>= src` (64-bit, logical).
-    pub const fn rsh_reg(dst: u8, src: u8) -> Insn {
-        i(0x7f, dst, src, 0, 0)
-    }
-    /// `dst = be32(dst)` (byte swap on little-endian hosts, upper half zeroed).
-    pub const fn be32(dst: u8) -> Insn {
-        i(0xdc, dst, 0, 0, 32)
-    }
-    /// `if dst != imm goto +off`.
-    pub const fn jne_imm(dst: u8, imm: i32, off: i16) -> Insn {
-        i(0x55, dst, 0, off, imm)
     }
     /// `if dst == imm goto +off`.
     pub const fn jeq_imm(dst: u8, imm: i32, off: i16) -> Insn {
@@ -358,128 +309,36 @@ pub fn load_lpm_probe(map: &OwnedFd, slot: u8, v6: bool) -> std::result::Result<
     load_cgroup_skb(if v6 { "bench_lpm6" } else { "bench_lpm4" }, &p)
 }
 
-/// An array map of `u64` values that userspace can `mmap`
-/// (`BPF_F_MMAPABLE`), filled from `values` with one copy.
-pub fn mmapable_u64_array(values: &[u64]) -> Result<OwnedFd> {
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    const BPF_F_MMAPABLE: u32 = 1 << 10;
-    let mut a = Attr::new();
-    a.u32(0, BPF_MAP_TYPE_ARRAY)
-        .u32(4, 4)
-        .u32(8, 8)
-        .u32(12, values.len() as u32)
-        .u32(16, BPF_F_MMAPABLE);
-    let map = bpf(BPF_MAP_CREATE, &mut a).map(fd)?;
-    let len = values.len() * 8;
-    // SAFETY: mapping the whole array map we just created, writing within
-    // it, then unmapping.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            map.as_raw_fd(),
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(Error::last_os_error());
-        }
-        std::ptr::copy_nonoverlapping(values.as_ptr(), p.cast::<u64>(), values.len());
-        libc::munmap(p, len);
-    }
-    Ok(map)
-}
-
-/// A hash map with `u32` keys filled from `(key, value)` pairs.
-pub fn u32_hash(value_size: u32, items: &[(u32, Vec<u8>)]) -> Result<OwnedFd> {
-    const BPF_MAP_TYPE_HASH: u32 = 1;
+/// A plain LPM trie of `(network, prefix length)` entries with the key
+/// layout the probe uses (`u32` prefix length, slot byte 0, the address),
+/// each mapping to a `u32` 1.
+pub fn lpm_trie(v6: bool, prefixes: &[(u128, u8)]) -> Result<OwnedFd> {
+    const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+    const BPF_F_NO_PREALLOC: u32 = 1;
     const BPF_MAP_UPDATE_ELEM: u32 = 2;
+    let addr_len = if v6 { 16 } else { 4 };
     let mut a = Attr::new();
-    a.u32(0, BPF_MAP_TYPE_HASH)
-        .u32(4, 4)
-        .u32(8, value_size)
-        .u32(12, items.len().max(1) as u32);
+    a.u32(0, BPF_MAP_TYPE_LPM_TRIE)
+        .u32(4, 4 + 1 + addr_len as u32)
+        .u32(8, 4)
+        .u32(12, prefixes.len().max(1) as u32)
+        .u32(16, BPF_F_NO_PREALLOC);
     let map = bpf(BPF_MAP_CREATE, &mut a).map(fd)?;
-    for (k, v) in items {
+    let one = 1u32;
+    for &(net, len) in prefixes {
+        let mut key = Vec::with_capacity(4 + 1 + addr_len);
+        key.extend_from_slice(&(8 + u32::from(len)).to_ne_bytes());
+        key.push(0);
+        if v6 {
+            key.extend_from_slice(&net.to_be_bytes());
+        } else {
+            key.extend_from_slice(&(net as u32).to_be_bytes());
+        }
         let mut a = Attr::new();
         a.u32(0, map.as_raw_fd() as u32)
-            .u64(8, k as *const u32 as u64)
-            .u64(16, v.as_ptr() as u64);
+            .u64(8, key.as_ptr() as u64)
+            .u64(16, &one as *const u32 as u64);
         bpf(BPF_MAP_UPDATE_ELEM, &mut a)?;
     }
     Ok(map)
-}
-
-/// A two-level direct-index layout for IPv4 verdicts (DIR-24-8 with 2-bit
-/// classes). Level 1: a class per /24 (32 per `u64`, indexed by the top 19
-/// address bits): 0 denied, 1 allowed, 3 split. Level 2, for split /24s
-/// only: a hash from the /24 number to 256 two-bit classes (8 `u64`s).
-/// Returns the class's allow bit, so the verdicts can be checked.
-pub fn load_direct_index_probe(
-    level1: &OwnedFd,
-    level2: &OwnedFd,
-) -> std::result::Result<OwnedFd, String> {
-    use asm::*;
-    const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
-    const BPF_FUNC_SKB_LOAD_BYTES: i32 = 26;
-    let mut p = vec![
-        mov_reg(6, 1),
-        mov_reg(1, 6),
-        mov_imm(2, 16),
-        mov_reg(3, 10),
-        add_imm(3, -8),
-        mov_imm(4, 4),
-        call(BPF_FUNC_SKB_LOAD_BYTES),
-        jne_imm(0, 0, 42), // → out0
-        ldx_w(7, 10, -8),
-        be32(7),
-        mov_reg(8, 7),
-        rsh_imm(8, 13),
-        stx_w(10, -16, 8),
-    ];
-    p.extend(ld_map_fd(1, level1.as_raw_fd()));
-    p.extend([
-        mov_reg(2, 10),
-        add_imm(2, -16),
-        call(BPF_FUNC_MAP_LOOKUP_ELEM),
-        jeq_imm(0, 0, 31), // → out0
-        ldx_dw(1, 0, 0),
-        mov_reg(2, 7),
-        rsh_imm(2, 8),
-        and_imm(2, 31),
-        lsh_imm(2, 1),
-        rsh_reg(1, 2),
-        and_imm(1, 3),
-        jne_imm(1, 3, 20), // → ret
-        mov_reg(8, 7),
-        rsh_imm(8, 8),
-        stx_w(10, -16, 8),
-    ]);
-    p.extend(ld_map_fd(1, level2.as_raw_fd()));
-    p.extend([
-        mov_reg(2, 10),
-        add_imm(2, -16),
-        call(BPF_FUNC_MAP_LOOKUP_ELEM),
-        jeq_imm(0, 0, 14), // → out0
-        mov_reg(2, 7),
-        and_imm(2, 255),
-        rsh_imm(2, 5),
-        lsh_imm(2, 3),
-        add_reg(0, 2),
-        ldx_dw(1, 0, 0),
-        mov_reg(2, 7),
-        and_imm(2, 31),
-        lsh_imm(2, 1),
-        rsh_reg(1, 2),
-        and_imm(1, 3),
-        // ret:
-        mov_reg(0, 1),
-        and_imm(0, 1),
-        exit(),
-        // out0:
-        mov_imm(0, 0),
-        exit(),
-    ]);
-    load_cgroup_skb("bench_dir24_8", &p)
 }

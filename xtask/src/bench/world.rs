@@ -420,6 +420,11 @@ impl Agent {
     pub fn map(&self, name: &str) -> PathBuf {
         self.bpffs.join("maps").join(name)
     }
+
+    /// A program pinned by `run --bench-probes`.
+    pub fn probe(&self, prog: &str) -> PathBuf {
+        self.bpffs.join("probes").join(prog)
+    }
 }
 
 impl Drop for Agent {

@@ -1,10 +1,10 @@
 //! Address ranges as inclusive `u128` intervals (IPv4 uses the low 32 bits),
-//! and the three operations the compiler needs: join, overlay, split into
-//! CIDR prefixes.
+//! and what the compilers do with them: join, overlay, cut, and flatten
+//! nested prefixes.
 
 /// Addresses `start..=end`, all carrying `val`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Span<T> {
+pub struct Span<T> {
     pub start: u128,
     pub end: u128,
     pub val: T,
@@ -13,7 +13,7 @@ pub(super) struct Span<T> {
 /// Appends `s` to a sorted list of disjoint spans, extending the last span
 /// instead when the two touch and carry the same value. `s` must start after
 /// the last span ends.
-pub(super) fn push<T: PartialEq>(out: &mut Vec<Span<T>>, s: Span<T>) {
+pub(crate) fn push<T: PartialEq>(out: &mut Vec<Span<T>>, s: Span<T>) {
     if let Some(last) = out.last_mut() {
         debug_assert!(last.end < s.start, "spans out of order");
         if last.val == s.val && last.end.checked_add(1) == Some(s.start) {
@@ -25,7 +25,7 @@ pub(super) fn push<T: PartialEq>(out: &mut Vec<Span<T>>, s: Span<T>) {
 }
 
 /// Maps every value through `f`, joining neighbours that end up equal.
-pub(super) fn map<T, U: PartialEq>(spans: &[Span<T>], f: impl Fn(&T) -> U) -> Vec<Span<U>> {
+pub(crate) fn map<T, U: PartialEq>(spans: &[Span<T>], mut f: impl FnMut(&T) -> U) -> Vec<Span<U>> {
     let mut out = Vec::with_capacity(spans.len());
     for s in spans {
         push(
@@ -42,7 +42,7 @@ pub(super) fn map<T, U: PartialEq>(spans: &[Span<T>], f: impl Fn(&T) -> U) -> Ve
 
 /// `top` wins where it has a value; `bottom` fills the gaps. Both inputs are
 /// sorted and disjoint, and so is the result. Linear in the input sizes.
-pub(super) fn overlay<T: Copy + PartialEq>(top: &[Span<T>], bottom: &[Span<T>]) -> Vec<Span<T>> {
+pub(crate) fn overlay<T: Copy + PartialEq>(top: &[Span<T>], bottom: &[Span<T>]) -> Vec<Span<T>> {
     let mut out = Vec::with_capacity(top.len() + bottom.len());
     let mut t = 0;
     for b in bottom {
@@ -91,7 +91,7 @@ pub(super) fn overlay<T: Copy + PartialEq>(top: &[Span<T>], bottom: &[Span<T>]) 
 }
 
 /// Removes `holes` (sorted, disjoint, inclusive) from the spans.
-pub(super) fn cut<T: Copy + PartialEq>(spans: &[Span<T>], holes: &[(u128, u128)]) -> Vec<Span<T>> {
+pub(crate) fn cut<T: Copy + PartialEq>(spans: &[Span<T>], holes: &[(u128, u128)]) -> Vec<Span<T>> {
     let mut out = Vec::with_capacity(spans.len());
     for s in spans {
         let mut from = s.start;
@@ -130,32 +130,25 @@ pub(super) fn cut<T: Copy + PartialEq>(spans: &[Span<T>], holes: &[(u128, u128)]
     out
 }
 
-/// The fewest CIDR prefixes covering exactly `start..=end` in a space of
-/// `bits`-bit addresses, as `(network, prefix length)`, in address order.
-pub(super) fn prefixes(start: u128, end: u128, bits: u32, out: &mut Vec<(u128, u8)>) {
-    let mut s = start;
-    loop {
-        // Largest block that starts at `s` (alignment) and ends by `end`.
-        let align = if s == 0 {
-            bits
-        } else {
-            s.trailing_zeros().min(bits)
-        };
-        let fit = match (end - s).checked_add(1) {
-            Some(count) => 127 - count.leading_zeros(),
-            None => 128,
-        };
-        let k = align.min(fit);
-        out.push((s, (bits - k) as u8));
-        if k == 128 {
-            return;
-        }
-        let last = s + ((1u128 << k) - 1);
-        if last >= end {
-            return;
-        }
-        s = last + 1;
+/// Possibly nested prefixes `(first, last, prefix length, value)` →
+/// disjoint spans: the most specific prefix wins, then the first given.
+pub(crate) fn nested<T: Copy + PartialEq>(prefixes: &[(u128, u128, u8, T)]) -> Vec<Span<T>> {
+    let mut lens: Vec<u8> = prefixes.iter().map(|p| p.2).collect();
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    lens.dedup();
+    let mut acc: Vec<Span<T>> = Vec::new();
+    for len in lens {
+        let mut level: Vec<Span<T>> = prefixes
+            .iter()
+            .filter(|p| p.2 == len)
+            .map(|&(start, end, _, val)| Span { start, end, val })
+            .collect();
+        // Stable: the first of equal prefixes stays first.
+        level.sort_by_key(|s| s.start);
+        level.dedup_by_key(|s| s.start);
+        acc = overlay(&acc, &level);
     }
+    acc
 }
 
 #[cfg(test)]
@@ -234,24 +227,24 @@ mod tests {
     }
 
     #[test]
-    fn geo_prefixes_are_minimal() {
-        let mut v = Vec::new();
-        prefixes(0, u32::MAX as u128, 32, &mut v);
-        assert_eq!(v, [(0, 0)]);
-        v.clear();
-        prefixes(0, u128::MAX, 128, &mut v);
-        assert_eq!(v, [(0, 0)]);
-        v.clear();
-        // 10.0.0.1 - 10.0.0.6: /32 /31 /31 /32.
-        let a = 0x0a00_0000;
-        prefixes(a + 1, a + 6, 32, &mut v);
-        assert_eq!(v, [(a + 1, 32), (a + 2, 31), (a + 4, 31), (a + 6, 32)]);
-        v.clear();
-        prefixes(5, 5, 128, &mut v);
-        assert_eq!(v, [(5, 128)]);
-        v.clear();
-        prefixes(1, u128::MAX, 128, &mut v);
-        assert_eq!(v.len(), 128);
-        assert_eq!(v[127], (1u128 << 127, 1));
+    fn nested_prefixes_most_specific_first_given() {
+        let p = [
+            (0, 255, 24, 1),
+            (16, 31, 28, 2),
+            (16, 31, 28, 3),
+            (20, 20, 32, 4),
+            (0, 255, 24, 5),
+        ];
+        assert_eq!(
+            nested(&p),
+            [
+                sp(0, 15, 1),
+                sp(16, 19, 2),
+                sp(20, 20, 4),
+                sp(21, 31, 2),
+                sp(32, 255, 1)
+            ]
+        );
+        assert_eq!(nested::<u8>(&[]), []);
     }
 }

@@ -1,0 +1,199 @@
+//! The address table: what a decision needs to know about a peer address —
+//! the domain whose networks hold it, or else its geo verdicts — as one
+//! *class* per address, found by a multibit trie kept in one array map
+//! (`BH_ADDR`), with the classes in a second one (`BH_CLASSES`).
+//!
+//! Why this layout and not LPM tries: a kernel LPM trie is a binary trie of
+//! allocated nodes, and a lookup in one holding a country database chases
+//! 20 and more pointers. Here an IPv4 lookup reads two to five words and an
+//! IPv6 one about seven, each an array access the verifier inlines; domain
+//! networks and countries share the one walk; and the agent writes a whole
+//! slot with one memory copy through `mmap` instead of one syscall per
+//! prefix. `benchmarks` in the repository measure both.
+//!
+//! One slot is [`SLOT_WORDS`] `u32` words (slot `s` starts at word
+//! `s * SLOT_WORDS`), stored as lines of 16 words, one cache line each:
+//! - words `[0, 2^16)`: the IPv4 root, indexed by the top 16 address bits;
+//! - words `[2^16, 2^17)`: the IPv6 root, the same for IPv6;
+//! - then the nodes, `2^stride` words each, indexed by the next `stride`
+//!   bits of the address, every node starting on a line.
+//!
+//! A word with [`NODE`] clear is a leaf: the class index. With [`NODE`] set
+//! it names a node: its stride in bits 27..=30, its first word in bits
+//! 0..=26. Class [`CLASS_NONE`] is "no domain, and no geo source places it";
+//! the agent always writes it at index 0.
+
+use crate::maps::GeoValue;
+
+pub const ROOT_BITS: u32 = 16;
+pub const V4_ROOT: u32 = 0;
+pub const V6_ROOT: u32 = 1 << ROOT_BITS;
+/// Words both roots take at the start of a slot.
+pub const ROOT_WORDS: u32 = 2 << ROOT_BITS;
+pub const NODE: u32 = 1 << 31;
+pub const STRIDE_SHIFT: u32 = 27;
+pub const OFFSET_MASK: u32 = (1 << STRIDE_SHIFT) - 1;
+/// Node strides the agent writes; every step of a walk takes at least
+/// `MIN_STRIDE` bits, which bounds the walk for the verifier.
+pub const MIN_STRIDE: u32 = 4;
+pub const MAX_STRIDE: u32 = 8;
+/// Steps after the root: enough for 128 bits in strides of `MIN_STRIDE`.
+pub const MAX_STEPS: u32 = (128 - ROOT_BITS) / MIN_STRIDE;
+/// Words in one line (one map element, one cache line).
+pub const LINE_WORDS: u32 = 16;
+/// Words per slot: 16 MiB. The full CC0 country database with 10k domain
+/// networks takes about a sixth of it (`BENCHMARKS.md`).
+pub const SLOT_WORDS: u32 = 4 << 20;
+pub const SLOT_LINES: u32 = SLOT_WORDS / LINE_WORDS;
+/// Distinct classes per slot: every domain with networks, and every
+/// distinct geo verdict (at most one per country, plus "unknown").
+pub const MAX_CLASSES: u32 = 4096;
+pub const CLASS_NONE: u32 = 0;
+
+/// One element of `BH_ADDR`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrLine(pub [u32; LINE_WORDS as usize]);
+
+/// `BH_CLASSES[slot * MAX_CLASSES + class]`: what the addresses of a class
+/// have in common.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddrClass {
+    /// Verdicts for addresses in no domain ([`GeoValue::UNKNOWN`] where no
+    /// geo source places them, and for domain networks, where it is unused).
+    pub geo: GeoValue,
+    /// The domain whose networks hold the addresses; 0 = none.
+    pub domain: u32,
+    pub _pad: u32,
+}
+
+impl AddrClass {
+    pub const NONE: AddrClass = AddrClass {
+        geo: GeoValue::UNKNOWN,
+        domain: 0,
+        _pad: 0,
+    };
+}
+
+/// A node word.
+pub const fn node(stride: u32, offset: u32) -> u32 {
+    NODE | (stride << STRIDE_SHIFT) | offset
+}
+
+/// An address as the walk reads it: 128 bits, high half first, IPv4 in
+/// the top 32 bits.
+#[inline(always)]
+pub fn key(v6: bool, addr: &[u8; 16]) -> (u64, u64) {
+    let be = |i: usize| {
+        u64::from_be_bytes([
+            addr[i],
+            addr[i + 1],
+            addr[i + 2],
+            addr[i + 3],
+            addr[i + 4],
+            addr[i + 5],
+            addr[i + 6],
+            addr[i + 7],
+        ])
+    };
+    if v6 {
+        (be(0), be(8))
+    } else {
+        let v4 = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        ((v4 as u64) << 32, 0)
+    }
+}
+
+/// Bits `pos..pos + n` of the 128-bit `hi:lo` (n ≤ 15), as an integer.
+/// Wrapping shifts: a corrupt stride must not be a panic in userspace.
+#[inline(always)]
+pub fn bits(hi: u64, lo: u64, pos: u32, n: u32) -> u32 {
+    let end = pos + n;
+    let v = if end <= 64 {
+        hi.wrapping_shr(64 - end)
+    } else if pos >= 64 {
+        lo.wrapping_shr(128 - end)
+    } else {
+        hi.wrapping_shl(end - 64) | lo.wrapping_shr(128 - end)
+    };
+    (v & ((1u64 << n) - 1)) as u32
+}
+
+/// The class of an address. `word(i)` reads word `i` of the slot (`None`
+/// outside it); the kernel programs and `bulkhead explain` both call this.
+#[inline(always)]
+pub fn lookup(v6: bool, addr: &[u8; 16], word: impl Fn(u32) -> Option<u32>) -> u32 {
+    let (hi, lo) = key(v6, addr);
+    let root = if v6 { V6_ROOT } else { V4_ROOT };
+    let Some(mut w) = word(root + (hi >> (64 - ROOT_BITS)) as u32) else {
+        return CLASS_NONE;
+    };
+    let mut pos = ROOT_BITS;
+    let mut step = 0;
+    while step < MAX_STEPS {
+        if w & NODE == 0 {
+            return w;
+        }
+        let stride = (w >> STRIDE_SHIFT) & 0xf;
+        let at = (w & OFFSET_MASK) + bits(hi, lo, pos, stride);
+        w = match word(at) {
+            Some(next) => next,
+            None => return CLASS_NONE,
+        };
+        pos += stride;
+        step += 1;
+    }
+    if w & NODE == 0 { w } else { CLASS_NONE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_windows_cross_the_halves() {
+        let (hi, lo) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+        assert_eq!(bits(hi, lo, 0, 4), 0x0);
+        assert_eq!(bits(hi, lo, 16, 8), 0x45);
+        assert_eq!(bits(hi, lo, 60, 8), 0xff);
+        assert_eq!(bits(hi, lo, 64, 4), 0xf);
+        assert_eq!(bits(hi, lo, 124, 4), 0x0);
+        assert_eq!(bits(hi, lo, 120, 8), 0x10);
+        let (h4, l4) = key(false, &[10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            (h4 >> 48, bits(h4, l4, 16, 8), bits(h4, l4, 24, 8)),
+            (0x0a01, 2, 3)
+        );
+    }
+
+    #[test]
+    fn walks_roots_nodes_and_leaves() {
+        // v4 root: 10.1/16 → node at 131072 (stride 8), whose entry 2 →
+        // node at 131328 (stride 4) holding class 7 at nibble 0 of byte 3.
+        let mut words = vec![0u32; 131072 + 256 + 16];
+        words[0x0a01] = node(8, 131072);
+        words[131072 + 2] = node(4, 131328);
+        words[131328] = 7;
+        words[131072 + 3] = 5;
+        words[V6_ROOT as usize + 0x2001] = 9;
+        let get = |i: u32| words.get(i as usize).copied();
+        let a4 = |a: [u8; 4]| {
+            let mut k = [0u8; 16];
+            k[..4].copy_from_slice(&a);
+            k
+        };
+        assert_eq!(lookup(false, &a4([10, 1, 2, 15]), get), 7);
+        assert_eq!(lookup(false, &a4([10, 1, 2, 16]), get), 0);
+        assert_eq!(lookup(false, &a4([10, 1, 3, 200]), get), 5);
+        assert_eq!(lookup(false, &a4([10, 2, 0, 0]), get), 0);
+        let mut v6 = [0u8; 16];
+        v6[0] = 0x20;
+        v6[1] = 0x01;
+        assert_eq!(lookup(true, &v6, get), 9);
+        // A node word pointing outside the slot reads as "none".
+        words[0x0a02] = node(4, OFFSET_MASK);
+        let get = |i: u32| words.get(i as usize).copied();
+        assert_eq!(lookup(false, &a4([10, 2, 0, 0]), get), CLASS_NONE);
+    }
+}

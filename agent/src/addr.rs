@@ -1,0 +1,532 @@
+//! Domain networks and geo verdicts → the address table the kernel walks
+//! (layout in `agent_common::addr`): one class per address, as a multibit
+//! trie in one slot's words.
+//!
+//! Only the space around boundaries between classes takes nodes: a root
+//! entry, or a node entry, whose block is one class is a leaf. Nodes with
+//! the same contents are stored once (the DAG of a country database shares
+//! most of its small nodes). A node takes 16 entries (4 bits); a node whose
+//! block is busy takes 256 (8 bits), which saves one step on the way down
+//! for the memory of the wider node.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use agent_common::{
+    addr::{
+        self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
+        ROOT_WORDS, SLOT_WORDS, V4_ROOT, V6_ROOT,
+    },
+    maps::GeoValue,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::{
+    geo::{CompileStats, CompiledGeo},
+    ranges::{self, Span},
+};
+
+/// A node gets the wide stride when at least this many of its 16 narrow
+/// children would be nodes themselves (measured in `BENCHMARKS.md`: the
+/// full country database walks about 30% fewer steps for 3.5× the words).
+const WIDE_WHEN_MIXED: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(
+        "the address table needs more than the {cap} words one slot holds (domain networks and country boundaries): use fewer networks or fewer distinct country rules"
+    )]
+    TooLarge { cap: u32 },
+    #[error(
+        "{0} distinct address classes (domains with networks plus distinct country verdicts), more than the {MAX_CLASSES} a slot holds"
+    )]
+    TooManyClasses(usize),
+}
+
+/// One slot's contents: the words of `BH_ADDR` and the classes of
+/// `BH_CLASSES`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AddrTable {
+    pub words: Vec<u32>,
+    pub classes: Vec<AddrClass>,
+    pub stats: TableStats,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Distinct nodes below the roots, per family.
+    pub nodes_v4: usize,
+    pub nodes_v6: usize,
+    /// Nodes that were the same as one already stored.
+    pub shared: usize,
+    /// Whether wide nodes were used (they are given up when the table
+    /// would not fit a slot otherwise).
+    pub wide: bool,
+    /// The geo compile's range counts.
+    pub geo: CompileStats,
+}
+
+impl AddrTable {
+    /// Builds the table: domain networks first (longest prefix wins), geo
+    /// verdicts for every other address, [`CLASS_NONE`] where neither says.
+    pub fn build(
+        net4: &[(Ipv4Net, u32)],
+        net6: &[(Ipv6Net, u32)],
+        geo: &CompiledGeo,
+    ) -> Result<AddrTable, TableError> {
+        let mut classes = Classes::default();
+        let v4 = family_spans(
+            &mut classes,
+            net4.iter().map(|(n, d)| {
+                let (lo, hi) = (u32::from(n.network()), u32::from(n.broadcast()));
+                (lo.into(), hi.into(), n.prefix_len(), *d)
+            }),
+            &geo.v4,
+            32,
+        );
+        let v6 = family_spans(
+            &mut classes,
+            net6.iter()
+                .map(|(n, d)| (n.network().into(), n.broadcast().into(), n.prefix_len(), *d)),
+            &geo.v6,
+            128,
+        );
+        if classes.list.len() > MAX_CLASSES as usize {
+            return Err(TableError::TooManyClasses(classes.list.len()));
+        }
+        let trie = Trie::build(&v4, &v6, true).or_else(|_| Trie::build(&v4, &v6, false))?;
+        Ok(AddrTable {
+            words: trie.words,
+            classes: classes.list,
+            stats: TableStats {
+                nodes_v4: trie.nodes[0],
+                nodes_v6: trie.nodes[1],
+                shared: trie.shared,
+                wide: trie.wide,
+                geo: geo.stats,
+            },
+        })
+    }
+
+    /// The class the kernel finds for `ip`, by the kernel's own walk.
+    /// IPv4-mapped IPv6 is looked up as IPv4, as the kernel does.
+    pub fn class(&self, ip: IpAddr) -> &AddrClass {
+        let (v6, key) = match ip.to_canonical() {
+            IpAddr::V4(a) => {
+                let mut k = [0u8; 16];
+                k[..4].copy_from_slice(&a.octets());
+                (false, k)
+            }
+            IpAddr::V6(a) => (true, a.octets()),
+        };
+        let id = layout::lookup(v6, &key, |i| self.words.get(i as usize).copied());
+        self.classes.get(id as usize).unwrap_or(&AddrClass::NONE)
+    }
+}
+
+/// Classes by first use; index 0 is [`AddrClass::NONE`].
+struct Classes {
+    list: Vec<AddrClass>,
+    ids: HashMap<AddrClass, u32>,
+}
+
+impl Default for Classes {
+    fn default() -> Self {
+        Classes {
+            list: vec![AddrClass::NONE],
+            ids: HashMap::from([(AddrClass::NONE, CLASS_NONE)]),
+        }
+    }
+}
+
+impl Classes {
+    fn id(&mut self, c: AddrClass) -> u32 {
+        *self.ids.entry(c).or_insert_with(|| {
+            self.list.push(c);
+            (self.list.len() - 1) as u32
+        })
+    }
+}
+
+/// Spans of class ids covering the whole `bits`-bit space, in order.
+fn family_spans(
+    classes: &mut Classes,
+    nets: impl Iterator<Item = (u128, u128, u8, u32)>,
+    geo: &[Span<GeoValue>],
+    bits: u32,
+) -> Vec<Span<u32>> {
+    let domain = |d: u32| AddrClass {
+        domain: d,
+        ..AddrClass::NONE
+    };
+    let nets: Vec<_> = nets
+        .map(|(lo, hi, len, d)| (lo, hi, len, classes.id(domain(d))))
+        .collect();
+    let geo = ranges::map(geo, |g| {
+        classes.id(AddrClass {
+            geo: *g,
+            ..AddrClass::NONE
+        })
+    });
+    let last = if bits == 128 {
+        u128::MAX
+    } else {
+        (1 << bits) - 1
+    };
+    let all = [Span {
+        start: 0,
+        end: last,
+        val: CLASS_NONE,
+    }];
+    ranges::overlay(&ranges::nested(&nets), &ranges::overlay(&geo, &all))
+}
+
+struct Trie {
+    words: Vec<u32>,
+    /// Offset of each distinct node, by its entries.
+    seen: HashMap<Vec<u32>, u32>,
+    nodes: [usize; 2],
+    shared: usize,
+    wide: bool,
+}
+
+/// The table got too large for a slot.
+#[derive(Debug)]
+struct Full;
+
+impl From<Full> for TableError {
+    fn from(_: Full) -> TableError {
+        TableError::TooLarge { cap: SLOT_WORDS }
+    }
+}
+
+impl Trie {
+    fn build(v4: &[Span<u32>], v6: &[Span<u32>], wide: bool) -> Result<Trie, Full> {
+        let mut t = Trie {
+            words: vec![CLASS_NONE; ROOT_WORDS as usize],
+            seen: HashMap::new(),
+            nodes: [0, 0],
+            shared: 0,
+            wide,
+        };
+        for (family, spans, bits, root) in [(0, v4, 32, V4_ROOT), (1, v6, 128, V6_ROOT)] {
+            let before = t.seen.len();
+            let mut at = 0;
+            for r in 0..1u32 << ROOT_BITS {
+                let lo = u128::from(r) << (bits - ROOT_BITS);
+                t.words[(root + r) as usize] = t.entry(spans, &mut at, lo, ROOT_BITS, bits)?;
+            }
+            t.nodes[family] = t.seen.len() - before;
+        }
+        Ok(t)
+    }
+
+    /// The word for the block of `2^(bits - level)` addresses at `lo`.
+    /// `at` is the index of the span holding the previous block's start;
+    /// blocks come in address order.
+    fn entry(
+        &mut self,
+        spans: &[Span<u32>],
+        at: &mut usize,
+        lo: u128,
+        level: u32,
+        bits: u32,
+    ) -> Result<u32, Full> {
+        let hi = lo | last_offset(bits - level);
+        while spans[*at].end < lo {
+            *at += 1;
+        }
+        let s = spans[*at];
+        if s.end >= hi {
+            return Ok(s.val);
+        }
+        let stride = self.stride(spans, *at, lo, hi, level, bits);
+        let child = bits - level - stride;
+        let mut entries = Vec::with_capacity(1 << stride);
+        for c in 0..1u128 << stride {
+            entries.push(self.entry(spans, at, lo | c << child, level + stride, bits)?);
+        }
+        if let Some(&offset) = self.seen.get(&entries) {
+            self.shared += 1;
+            return Ok(layout::node(stride, offset));
+        }
+        let offset = self.words.len() as u32;
+        if self.words.len() + entries.len() > SLOT_WORDS as usize {
+            return Err(Full);
+        }
+        self.words.extend_from_slice(&entries);
+        self.seen.insert(entries, offset);
+        Ok(layout::node(stride, offset))
+    }
+
+    /// Wide when enough of the narrow children would need nodes of their
+    /// own: count the narrow children with a span boundary inside.
+    fn stride(
+        &self,
+        spans: &[Span<u32>],
+        at: usize,
+        lo: u128,
+        hi: u128,
+        level: u32,
+        bits: u32,
+    ) -> u32 {
+        let rest = bits - level;
+        if !self.wide || rest < MAX_STRIDE {
+            return MIN_STRIDE;
+        }
+        let child = rest - MIN_STRIDE;
+        let mut mixed = 0u16;
+        for s in &spans[at + 1..] {
+            if s.start > hi {
+                break;
+            }
+            if s.start & last_offset(child) != 0 {
+                mixed |= 1 << ((s.start - lo) >> child);
+                if mixed.count_ones() >= WIDE_WHEN_MIXED {
+                    return MAX_STRIDE;
+                }
+            }
+        }
+        MIN_STRIDE
+    }
+}
+
+/// `2^host - 1`: the last offset inside a block of `host` host bits.
+fn last_offset(host: u32) -> u128 {
+    if host >= 128 {
+        u128::MAX
+    } else {
+        (1 << host) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn geo(v4: Vec<Span<GeoValue>>, v6: Vec<Span<GeoValue>>) -> CompiledGeo {
+        CompiledGeo {
+            v4,
+            v6,
+            stats: CompileStats::default(),
+        }
+    }
+
+    fn g(e: u64) -> GeoValue {
+        GeoValue {
+            egress_deny: e,
+            ingress_deny: 0,
+        }
+    }
+
+    /// What the table must say for an address: the longest network, else
+    /// the geo span holding it, else nothing.
+    fn want(nets: &[(u128, u128, u8, u32)], geo: &[Span<GeoValue>], a: u128) -> AddrClass {
+        if let Some(n) = nets
+            .iter()
+            .filter(|n| n.0 <= a && a <= n.1)
+            .max_by_key(|n| n.2)
+        {
+            return AddrClass {
+                domain: n.3,
+                ..AddrClass::NONE
+            };
+        }
+        match geo.iter().find(|s| s.start <= a && a <= s.end) {
+            Some(s) => AddrClass {
+                geo: s.val,
+                ..AddrClass::NONE
+            },
+            None => AddrClass::NONE,
+        }
+    }
+
+    #[test]
+    fn addr_table_empty_policy_is_roots_only() {
+        let t = AddrTable::build(&[], &[], &CompiledGeo::default()).unwrap();
+        assert_eq!(t.words.len(), ROOT_WORDS as usize);
+        assert_eq!(t.classes, [AddrClass::NONE]);
+        assert_eq!(*t.class("10.1.2.3".parse().unwrap()), AddrClass::NONE);
+    }
+
+    #[test]
+    fn addr_table_networks_win_over_geo_and_nest() {
+        let net4: Vec<(Ipv4Net, u32)> = vec![
+            ("10.0.0.0/8".parse().unwrap(), 1),
+            ("10.1.2.0/24".parse().unwrap(), 1),
+            ("192.0.2.128/25".parse().unwrap(), 2),
+        ];
+        let net6: Vec<(Ipv6Net, u32)> = vec![("fd00:40::/48".parse().unwrap(), 3)];
+        let de = u128::from(u32::from(Ipv4Addr::new(192, 0, 2, 0)));
+        let geo = geo(
+            vec![Span {
+                start: de,
+                end: de + 255,
+                val: g(2),
+            }],
+            vec![Span {
+                start: u128::from("2a00::".parse::<Ipv6Addr>().unwrap()),
+                end: u128::from("2a00::ffff".parse::<Ipv6Addr>().unwrap()),
+                val: g(4),
+            }],
+        );
+        let t = AddrTable::build(&net4, &net6, &geo).unwrap();
+        let c = |s: &str| *t.class(s.parse().unwrap());
+        let dom = |d| AddrClass {
+            domain: d,
+            ..AddrClass::NONE
+        };
+        let geo_of = |e| AddrClass {
+            geo: g(e),
+            ..AddrClass::NONE
+        };
+        assert_eq!(c("10.200.0.1"), dom(1));
+        assert_eq!(c("10.1.2.3"), dom(1));
+        assert_eq!(c("192.0.2.127"), geo_of(2));
+        assert_eq!(c("192.0.2.128"), dom(2));
+        assert_eq!(c("192.0.3.0"), AddrClass::NONE);
+        assert_eq!(c("::ffff:192.0.2.200"), dom(2));
+        assert_eq!(c("fd00:40::1"), dom(3));
+        assert_eq!(c("fd00:41::1"), AddrClass::NONE);
+        assert_eq!(c("2a00::ffff"), geo_of(4));
+        assert_eq!(c("2a00::1:0"), AddrClass::NONE);
+    }
+
+    /// Random networks and geo spans, every boundary and random addresses
+    /// checked against the direct answer, with and without wide nodes.
+    #[test]
+    fn addr_table_agrees_with_a_direct_lookup() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..40 {
+            let (bits, v6) = if round % 2 == 0 {
+                (32, false)
+            } else {
+                (128, true)
+            };
+            let top = |r: u64| -> u128 {
+                let r = u128::from(r);
+                if v6 { r << 64 | r } else { r & 0xffff_ffff }
+            };
+            // Geo spans clustered in a few /16s, so nodes get deep and wide.
+            let mut geo_spans = Vec::new();
+            let mut at = top(rnd()) & !last_offset(bits - 12);
+            for _ in 0..(rnd() % 400) {
+                let gap = u128::from(rnd() % 4) * u128::from(1 + rnd() % 300);
+                let len = u128::from(rnd() % 5000);
+                let Some(start) = at.checked_add(gap) else {
+                    break;
+                };
+                let Some(end) = start.checked_add(len) else {
+                    break;
+                };
+                if end > last_offset(bits) {
+                    break;
+                }
+                ranges::push(
+                    &mut geo_spans,
+                    Span {
+                        start,
+                        end,
+                        val: g(1 << (1 + rnd() % 3)),
+                    },
+                );
+                at = end + 1;
+            }
+            let mut nets = Vec::new();
+            for i in 0..(rnd() % 30) {
+                let len = (8 + rnd() % u64::from(bits - 7)) as u8;
+                let host = bits - u32::from(len);
+                let base = if i % 2 == 0 && !geo_spans.is_empty() {
+                    geo_spans[(rnd() as usize) % geo_spans.len()].start
+                } else {
+                    top(rnd())
+                };
+                let lo = base & !last_offset(host);
+                nets.push((lo, lo | last_offset(host), len, 1 + (rnd() % 3) as u32));
+            }
+            // Different domains never overlap (the policy check refuses it).
+            let mut kept: Vec<(u128, u128, u8, u32)> = Vec::new();
+            for n in nets {
+                if !kept.iter().any(|k| k.3 != n.3 && k.0 <= n.1 && n.0 <= k.1) {
+                    kept.push(n);
+                }
+            }
+            let net4: Vec<(Ipv4Net, u32)> = kept
+                .iter()
+                .filter(|_| !v6)
+                .map(|&(lo, _, len, d)| (Ipv4Net::new_assert(Ipv4Addr::from(lo as u32), len), d))
+                .collect();
+            let net6: Vec<(Ipv6Net, u32)> = kept
+                .iter()
+                .filter(|_| v6)
+                .map(|&(lo, _, len, d)| (Ipv6Net::new_assert(Ipv6Addr::from(lo), len), d))
+                .collect();
+            let compiled = if v6 {
+                geo(Vec::new(), geo_spans.clone())
+            } else {
+                geo(geo_spans.clone(), Vec::new())
+            };
+            let mut probes: Vec<u128> = Vec::new();
+            for s in &geo_spans {
+                probes.extend([
+                    s.start,
+                    s.end,
+                    s.start.wrapping_sub(1),
+                    s.end.wrapping_add(1),
+                ]);
+            }
+            for n in &kept {
+                probes.extend([n.0, n.1, n.0.wrapping_sub(1), n.1.wrapping_add(1)]);
+            }
+            for _ in 0..2000 {
+                probes.push(top(rnd()));
+            }
+            for wide in [true, false] {
+                let mut classes = Classes::default();
+                let spans = family_spans(&mut classes, kept.iter().copied(), &geo_spans, bits);
+                let empty = family_spans(
+                    &mut classes,
+                    std::iter::empty(),
+                    &[],
+                    if v6 { 32 } else { 128 },
+                );
+                let (s4, s6) = if v6 {
+                    (&empty, &spans)
+                } else {
+                    (&spans, &empty)
+                };
+                let trie = Trie::build(s4, s6, wide).unwrap();
+                let table = AddrTable {
+                    words: trie.words,
+                    classes: classes.list,
+                    stats: TableStats::default(),
+                };
+                for &a in &probes {
+                    let a = a & last_offset(bits);
+                    let ip = if v6 {
+                        IpAddr::V6(Ipv6Addr::from(a))
+                    } else {
+                        IpAddr::V4(Ipv4Addr::from(a as u32))
+                    };
+                    // IPv4-mapped IPv6 is looked up as IPv4: not this family.
+                    if v6 && a >> 32 == 0xffff {
+                        continue;
+                    }
+                    assert_eq!(
+                        *table.class(ip),
+                        want(&kept, &geo_spans, a),
+                        "round {round} wide {wide}: {ip}"
+                    );
+                }
+            }
+            let full = AddrTable::build(&net4, &net6, &compiled).unwrap();
+            assert!(full.words.len() <= SLOT_WORDS as usize);
+        }
+    }
+}
