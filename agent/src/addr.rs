@@ -14,13 +14,14 @@ use std::{collections::HashMap, net::IpAddr};
 use agent_common::{
     addr::{
         self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
-        ROOT_WORDS, SLOT_WORDS, V4_ROOT, V6_ROOT,
+        ROOT_WORDS, SLOT_WORDS,
     },
     maps::GeoValue,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{
+    fxhash::FxBuild,
     geo::{CompileStats, CompiledGeo},
     ranges::{self, Span},
 };
@@ -126,14 +127,14 @@ impl AddrTable {
 /// Classes by first use; index 0 is [`AddrClass::NONE`].
 struct Classes {
     list: Vec<AddrClass>,
-    ids: HashMap<AddrClass, u32>,
+    ids: HashMap<AddrClass, u32, FxBuild>,
 }
 
 impl Default for Classes {
     fn default() -> Self {
         Classes {
             list: vec![AddrClass::NONE],
-            ids: HashMap::from([(AddrClass::NONE, CLASS_NONE)]),
+            ids: [(AddrClass::NONE, CLASS_NONE)].into_iter().collect(),
         }
     }
 }
@@ -180,10 +181,9 @@ fn family_spans(
     ranges::overlay(&ranges::nested(&nets), &ranges::overlay(&geo, &all))
 }
 
+/// Both families' tries in one slot image.
 struct Trie {
     words: Vec<u32>,
-    /// Offset of each distinct node, by its entries.
-    seen: HashMap<Vec<u32>, u32>,
     nodes: [usize; 2],
     shared: usize,
     wide: bool,
@@ -200,24 +200,70 @@ impl From<Full> for TableError {
 }
 
 impl Trie {
+    /// Builds IPv4 and IPv6 at the same time (they share nothing), then
+    /// lays them out: both roots, IPv4's nodes, IPv6's nodes.
     fn build(v4: &[Span<u32>], v6: &[Span<u32>], wide: bool) -> Result<Trie, Full> {
-        let mut t = Trie {
-            words: vec![CLASS_NONE; ROOT_WORDS as usize],
-            seen: HashMap::new(),
-            nodes: [0, 0],
+        let (f4, f6) = std::thread::scope(|s| {
+            let t4 = s.spawn(|| Family::build(v4, 32, wide));
+            let f6 = Family::build(v6, 128, wide);
+            (t4.join().expect("IPv4 trie build panicked"), f6)
+        });
+        let (f4, f6) = (f4?, f6?);
+        let base4 = ROOT_WORDS;
+        let base6 = base4 + f4.nodes.len() as u32;
+        if (base6 as usize) + f6.nodes.len() > SLOT_WORDS as usize {
+            return Err(Full);
+        }
+        let mut words = Vec::with_capacity(base6 as usize + f6.nodes.len());
+        let moved = |w: u32, base: u32| {
+            if w & layout::NODE == 0 { w } else { w + base }
+        };
+        words.extend(f4.root.iter().map(|&w| moved(w, base4)));
+        words.extend(f6.root.iter().map(|&w| moved(w, base6)));
+        words.extend(f4.nodes.iter().map(|&w| moved(w, base4)));
+        words.extend(f6.nodes.iter().map(|&w| moved(w, base6)));
+        Ok(Trie {
+            words,
+            nodes: [f4.count, f6.count],
+            shared: f4.shared + f6.shared,
+            wide,
+        })
+    }
+}
+
+/// One family's trie while it is built: node words hold offsets into
+/// `nodes`, moved to their place in the slot by [`Trie::build`].
+struct Family {
+    root: Vec<u32>,
+    nodes: Vec<u32>,
+    /// Offset of each distinct node, by its entries.
+    seen: HashMap<Vec<u32>, u32, FxBuild>,
+    /// One entry buffer per level of the recursion.
+    scratch: Vec<Vec<u32>>,
+    count: usize,
+    shared: usize,
+    wide: bool,
+}
+
+impl Family {
+    fn build(spans: &[Span<u32>], bits: u32, wide: bool) -> Result<Family, Full> {
+        let mut f = Family {
+            root: Vec::with_capacity(1 << ROOT_BITS),
+            nodes: Vec::new(),
+            seen: HashMap::default(),
+            scratch: Vec::new(),
+            count: 0,
             shared: 0,
             wide,
         };
-        for (family, spans, bits, root) in [(0, v4, 32, V4_ROOT), (1, v6, 128, V6_ROOT)] {
-            let before = t.seen.len();
-            let mut at = 0;
-            for r in 0..1u32 << ROOT_BITS {
-                let lo = u128::from(r) << (bits - ROOT_BITS);
-                t.words[(root + r) as usize] = t.entry(spans, &mut at, lo, ROOT_BITS, bits)?;
-            }
-            t.nodes[family] = t.seen.len() - before;
+        let mut at = 0;
+        for r in 0..1u32 << ROOT_BITS {
+            let lo = u128::from(r) << (bits - ROOT_BITS);
+            let w = f.entry(spans, &mut at, lo, ROOT_BITS, bits, 0)?;
+            f.root.push(w);
         }
-        Ok(t)
+        f.count = f.seen.len();
+        Ok(f)
     }
 
     /// The word for the block of `2^(bits - level)` addresses at `lo`.
@@ -230,6 +276,7 @@ impl Trie {
         lo: u128,
         level: u32,
         bits: u32,
+        depth: usize,
     ) -> Result<u32, Full> {
         let hi = lo | last_offset(bits - level);
         while spans[*at].end < lo {
@@ -241,20 +288,48 @@ impl Trie {
         }
         let stride = self.stride(spans, *at, lo, hi, level, bits);
         let child = bits - level - stride;
-        let mut entries = Vec::with_capacity(1 << stride);
-        for c in 0..1u128 << stride {
-            entries.push(self.entry(spans, at, lo | c << child, level + stride, bits)?);
+        if self.scratch.len() <= depth {
+            self.scratch.resize_with(depth + 1, Vec::new);
         }
-        if let Some(&offset) = self.seen.get(&entries) {
+        let mut entries = std::mem::take(&mut self.scratch[depth]);
+        entries.clear();
+        let n = 1u128 << stride;
+        let mut c = 0u128;
+        while c < n {
+            let clo = lo | c << child;
+            while spans[*at].end < clo {
+                *at += 1;
+            }
+            let s = spans[*at];
+            // Children wholly inside this span are leaves: take them all at
+            // once. (No overflow: a span ending past this node does not
+            // start at its first address, or the node would be a leaf.)
+            let whole = ((s.end.min(hi) - clo + 1) >> child).min(n - c);
+            if whole > 0 {
+                entries.extend(std::iter::repeat_n(s.val, whole as usize));
+                c += whole;
+            } else {
+                entries.push(self.entry(spans, at, clo, level + stride, bits, depth + 1)?);
+                c += 1;
+            }
+        }
+        let word = self.intern(stride, &entries);
+        self.scratch[depth] = entries;
+        word
+    }
+
+    /// A node word for these entries, stored once however often they occur.
+    fn intern(&mut self, stride: u32, entries: &[u32]) -> Result<u32, Full> {
+        if let Some(&offset) = self.seen.get(entries) {
             self.shared += 1;
             return Ok(layout::node(stride, offset));
         }
-        let offset = self.words.len() as u32;
-        if self.words.len() + entries.len() > SLOT_WORDS as usize {
+        let offset = self.nodes.len() as u32;
+        if ROOT_WORDS as usize + self.nodes.len() + entries.len() > SLOT_WORDS as usize {
             return Err(Full);
         }
-        self.words.extend_from_slice(&entries);
-        self.seen.insert(entries, offset);
+        self.nodes.extend_from_slice(entries);
+        self.seen.insert(entries.to_vec(), offset);
         Ok(layout::node(stride, offset))
     }
 

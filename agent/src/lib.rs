@@ -9,6 +9,7 @@ pub mod compile;
 pub mod control;
 pub mod events;
 pub mod explain;
+pub mod fxhash;
 pub mod geo;
 pub mod k8s;
 pub mod kernel;

@@ -3,14 +3,16 @@
 //! decodes, so nothing can fail later).
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
+use std::sync::Arc;
 
 use maxminddb::{LookupResult, MaxMindDbError, Reader, WithinOptions};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use super::{GeoError, countries};
+use crate::fxhash::FxBuild;
 use crate::policy::Country;
 use crate::ranges::{self, Span};
 
@@ -55,8 +57,20 @@ const ALIASES: [&str; 2] = ["2001::/32", "2002::/16"];
 pub(super) const V6_HOLES: [(u128, u128); 2] =
     [(0, 0xffff_ffff), (0xffff_0000_0000, 0xffff_ffff_ffff)];
 
+/// The file's bytes, shared by the reader and the tree walk (the reader
+/// keeps its own handle to itself).
+#[derive(Clone)]
+pub(super) struct Bytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 pub(super) struct Mmdb {
-    reader: Reader<Vec<u8>>,
+    bytes: Bytes,
+    reader: Reader<Bytes>,
     schema: Schema,
     /// [`ALIASES`] present in this database, as inclusive ranges.
     aliases: Vec<(u128, u128)>,
@@ -76,7 +90,8 @@ impl Mmdb {
             path: path.to_owned(),
             message: e.to_string(),
         };
-        let reader = Reader::from_source(bytes).map_err(not_mmdb)?;
+        let bytes = Bytes(Arc::new(bytes));
+        let reader = Reader::from_source(bytes.clone()).map_err(not_mmdb)?;
         let (schema, keys) = detect_schema(&reader).map_err(corrupt)?;
         let no_country = || GeoError::NoCountry {
             path: path.to_owned(),
@@ -84,6 +99,7 @@ impl Mmdb {
         };
         let schema = schema.ok_or_else(no_country)?;
         let mut db = Mmdb {
+            bytes,
             reader,
             schema,
             aliases: Vec::new(),
@@ -97,7 +113,7 @@ impl Mmdb {
         Ok(db)
     }
 
-    pub fn reader(&self) -> &Reader<Vec<u8>> {
+    pub fn reader(&self) -> &Reader<Bytes> {
         &self.reader
     }
 
@@ -117,59 +133,48 @@ impl Mmdb {
     }
 
     /// Walks the whole tree (IPv4, then IPv6 without the IPv4 subtree and
-    /// without aliases) into `spans`.
+    /// without aliases) into `spans`. The walk reads the search tree itself
+    /// (the format is the MaxMind DB spec's) and decodes each distinct
+    /// record once through the reader, which is what makes reading a
+    /// country database take milliseconds, not a second.
     fn read_tree(&mut self) -> Result<(), MaxMindDbError> {
-        let mut cache: HashMap<usize, Option<Country>> = HashMap::new();
+        let tree = Tree::new(self.reader.metadata(), self.bytes.as_ref())?;
+        let mut cache: HashMap<usize, Option<Country>, FxBuild> = HashMap::default();
         let mut spans = [Vec::new(), Vec::new()];
         let mut records = [0, 0];
         let v6 = self.reader.metadata().ip_version == 6;
-        let roots: &[&str] = if v6 {
-            &["0.0.0.0/0", "::/0"]
-        } else {
-            &["0.0.0.0/0"]
-        };
-        for (family, root) in roots.iter().enumerate() {
-            let root = root.parse().expect("valid CIDR literal");
-            for r in self.reader.within(root, WithinOptions::default())? {
-                let r = r?;
-                let net = r.network()?;
-                let (start, end) = match (family, net.ip()) {
-                    (0, IpAddr::V4(a)) => bounds(u32::from(a).into(), net.prefix(), 32),
-                    // An IPv6 database whose tree places all of ::/96 at once
-                    // (no IPv4 subtree): that record covers all of IPv4.
-                    (0, IpAddr::V6(_)) => (0, u32::MAX.into()),
-                    // The IPv4 subtree, already read.
-                    (_, IpAddr::V4(_)) => continue,
-                    (_, IpAddr::V6(a)) => bounds(a.into(), net.prefix(), 128),
-                };
+        let ipv4_start = if v6 { tree.ipv4_start() } else { 0 };
+        let mut families = vec![(0, ipv4_start, 32u32)];
+        if v6 {
+            families.push((1, 0, 128));
+        }
+        for (family, start, bits) in families {
+            // In the IPv6 walk the IPv4 subtree was read already, and every
+            // other record leading to it is an alias (Teredo, 6to4, mapped).
+            let skip = (family == 1 && ipv4_start < tree.node_count).then_some(ipv4_start);
+            tree.walk(start, bits, skip, |net, len, pointer| {
                 records[family] += 1;
-                let Some(offset) = r.offset() else { continue };
-                let country = match cache.get(&offset) {
+                let country = match cache.get(&pointer) {
                     Some(c) => *c,
                     None => {
-                        let c = decode_country(self.schema, &r)?;
-                        cache.insert(offset, c);
+                        let c = self.decode_at(family, net, pointer)?;
+                        cache.insert(pointer, c);
                         c
                     }
                 };
-                let Some(country) = country else { continue };
-                if spans[family]
-                    .last()
-                    .is_some_and(|s: &Span<Country>| s.end >= start)
-                {
-                    return Err(MaxMindDbError::invalid_database(
-                        "search tree networks out of order",
-                    ));
+                if let Some(country) = country {
+                    let (start, end) = bounds(net, len, bits);
+                    ranges::push(
+                        &mut spans[family],
+                        Span {
+                            start,
+                            end,
+                            val: country,
+                        },
+                    );
                 }
-                ranges::push(
-                    &mut spans[family],
-                    Span {
-                        start,
-                        end,
-                        val: country,
-                    },
-                );
-            }
+                Ok(())
+            })?;
         }
         if v6 {
             for alias in ALIASES {
@@ -191,11 +196,129 @@ impl Mmdb {
         self.records = records;
         Ok(())
     }
+
+    /// The country of the record the tree walk found at `pointer` for the
+    /// network at `net`, decoded through the reader's own lookup (which
+    /// must land on the same record).
+    fn decode_at(
+        &self,
+        family: usize,
+        net: u128,
+        pointer: usize,
+    ) -> Result<Option<Country>, MaxMindDbError> {
+        let ip = if family == 0 {
+            IpAddr::V4(Ipv4Addr::from(net as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(net))
+        };
+        let r = self.reader.lookup(ip)?;
+        let node_count = self.reader.metadata().node_count as usize;
+        if r.offset() != pointer.checked_sub(node_count + 16) {
+            return Err(MaxMindDbError::invalid_database(
+                "the search tree and a lookup disagree about a network's record",
+            ));
+        }
+        decode_country(self.schema, &r)
+    }
+}
+
+/// The search tree, read directly: `node_count` nodes of two records each,
+/// 24, 28 or 32 bits a record. A record below `node_count` is a node, equal
+/// to it means no data, above it points into the data section.
+struct Tree<'a> {
+    buf: &'a [u8],
+    node_count: usize,
+    record_size: u16,
+}
+
+impl<'a> Tree<'a> {
+    fn new(m: &maxminddb::Metadata, buf: &'a [u8]) -> Result<Tree<'a>, MaxMindDbError> {
+        let node_count = m.node_count as usize;
+        let tree_bytes = node_count
+            .checked_mul(usize::from(m.record_size) / 4)
+            .filter(|n| *n <= buf.len())
+            .ok_or_else(|| MaxMindDbError::invalid_database("search tree beyond the file"))?;
+        Ok(Tree {
+            buf: &buf[..tree_bytes],
+            node_count,
+            record_size: m.record_size,
+        })
+    }
+
+    /// Record `side` (0 left, 1 right) of `node`.
+    fn record(&self, node: usize, side: usize) -> usize {
+        let b = self.buf;
+        let be = |o: usize, n: usize| b[o..o + n].iter().fold(0usize, |a, &x| a << 8 | x as usize);
+        match self.record_size {
+            24 => be(node * 6 + side * 3, 3),
+            28 => {
+                let o = node * 7;
+                let mid = b[o + 3] as usize;
+                if side == 0 {
+                    (mid & 0xf0) << 20 | be(o, 3)
+                } else {
+                    (mid & 0x0f) << 24 | be(o + 4, 3)
+                }
+            }
+            _ => be(node * 8 + side * 4, 4),
+        }
+    }
+
+    /// The record reached from the root by 96 zero bits: where an IPv6
+    /// database keeps IPv4 (a node, or the record covering all of it).
+    fn ipv4_start(&self) -> usize {
+        let mut node = 0;
+        for _ in 0..96 {
+            if node >= self.node_count {
+                break;
+            }
+            node = self.record(node, 0);
+        }
+        node
+    }
+
+    /// Every network with data below record `start` of a `bits`-bit
+    /// space, in address order: `f(network, prefix length, record)`.
+    /// Records equal to `skip` are left out. A tree whose walk goes deeper
+    /// than the address or visits more nodes than it has is corrupt (a
+    /// cycle or shared subtrees), not walked for ever.
+    fn walk(
+        &self,
+        start: usize,
+        bits: u32,
+        skip: Option<usize>,
+        mut f: impl FnMut(u128, u8, usize) -> Result<(), MaxMindDbError>,
+    ) -> Result<(), MaxMindDbError> {
+        let mut stack = vec![(start, 0u128, 0u32)];
+        let mut visited = 0usize;
+        while let Some((node, net, depth)) = stack.pop() {
+            if Some(node) == skip {
+                continue;
+            }
+            if node > self.node_count {
+                f(net, depth as u8, node)?;
+                continue;
+            }
+            if node == self.node_count {
+                continue;
+            }
+            visited += 1;
+            if depth >= bits || visited > self.node_count {
+                return Err(MaxMindDbError::invalid_database(
+                    "search tree has a cycle or shared subtrees",
+                ));
+            }
+            let bit = 1u128 << (bits - 1 - depth);
+            stack.push((self.record(node, 1), net | bit, depth + 1));
+            stack.push((self.record(node, 0), net, depth + 1));
+        }
+        Ok(())
+    }
 }
 
 fn decode_country(
     schema: Schema,
-    r: &LookupResult<'_, Vec<u8>>,
+    r: &LookupResult<'_, Bytes>,
 ) -> Result<Option<Country>, MaxMindDbError> {
     let code = match schema {
         Schema::MaxMind => r.decode::<MaxMindRecord>()?.and_then(|m| {
@@ -221,7 +344,7 @@ fn bounds(net: u128, prefix: u8, bits: u32) -> (u128, u128) {
 
 /// Looks at the top-level keys of the first records to find the schema.
 /// Returns `None` and the keys seen when no country field is there.
-fn detect_schema(reader: &Reader<Vec<u8>>) -> Result<(Option<Schema>, String), MaxMindDbError> {
+fn detect_schema(reader: &Reader<Bytes>) -> Result<(Option<Schema>, String), MaxMindDbError> {
     const SAMPLE: usize = 16;
     let mut keys = BTreeSet::new();
     let mut seen = BTreeSet::new();

@@ -12,6 +12,7 @@ use tempfile::TempDir;
 use super::testdb::{TestDb, Value, s};
 use super::*;
 use crate::policy::{CountryList, GeoRule, UnknownCountry};
+use crate::ranges::Span;
 
 fn write(dir: &TempDir, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.path().join(name);
@@ -721,6 +722,80 @@ fn sample_addresses(geo: &GeoDb, random: usize, step: usize) -> Vec<IpAddr> {
         out.push(ip(special));
     }
     out
+}
+
+/// What the tree walk must find: the crate's own iteration over every
+/// network (`within`, aliases left out), joined the same way.
+fn spans_by_within(db: &mmdb::Mmdb) -> [Vec<Span<Country>>; 2] {
+    let r = db.reader();
+    let mut out = [Vec::new(), Vec::new()];
+    let roots: &[&str] = if r.metadata().ip_version == 6 {
+        &["0.0.0.0/0", "::/0"]
+    } else {
+        &["0.0.0.0/0"]
+    };
+    for (family, root) in roots.iter().enumerate() {
+        for n in r
+            .within(root.parse().unwrap(), WithinOptions::default())
+            .unwrap()
+        {
+            let n = n.unwrap();
+            let net = n.network().unwrap();
+            let host = |bits: u32| (1u128 << (bits - u32::from(net.prefix()))) - 1;
+            let (start, end) = match (family, net.ip()) {
+                (0, IpAddr::V4(a)) => {
+                    let a = u128::from(u32::from(a));
+                    (a, a | host(32))
+                }
+                (0, IpAddr::V6(_)) => (0, u128::from(u32::MAX)),
+                (_, IpAddr::V4(_)) => continue,
+                (_, IpAddr::V6(a)) => {
+                    let a = u128::from(a);
+                    let h = if net.prefix() == 0 {
+                        u128::MAX
+                    } else {
+                        host(128)
+                    };
+                    (a, a | h)
+                }
+            };
+            let Some(c) = db.country(n_addr(family, start)) else {
+                continue;
+            };
+            crate::ranges::push(&mut out[family], Span { start, end, val: c });
+        }
+    }
+    out
+}
+
+fn n_addr(family: usize, a: u128) -> IpAddr {
+    if family == 0 {
+        IpAddr::V4(Ipv4Addr::from(a as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+#[test]
+fn geo_tree_walk_finds_what_the_reader_iterates() {
+    let dir = TempDir::new().unwrap();
+    let mut fixtures = vec![write(&dir, "geolite.mmdb", &geolite_fixture())];
+    let mut odd = TestDb::new(6, "odd");
+    odd.insert("::/64", flat("DE"))
+        .insert("2a00::/16", flat("FR"));
+    fixtures.push(write(&dir, "odd.mmdb", &odd.build()));
+    let mut v4 = TestDb::new(4, "v4");
+    v4.insert("1.0.0.0/8", flat("RU"))
+        .insert("9.0.0.0/8", flat("KP"));
+    fixtures.push(write(&dir, "v4.mmdb", &v4.build()));
+    fixtures.extend(full_db());
+    for path in &fixtures {
+        let geo = load(&[path], &[]).unwrap();
+        let db = &geo.dbs[0];
+        let want = spans_by_within(db);
+        assert_eq!(db.spans[0], want[0], "{}: IPv4", path.display());
+        assert_eq!(db.spans[1], want[1], "{}: IPv6", path.display());
+    }
 }
 
 #[test]

@@ -52,6 +52,12 @@ pub struct Args {
     /// rounds. The numbers are noisier; the full run takes under 20.
     #[arg(long)]
     quick: bool,
+    /// Run only these phases after the load phase (comma-separated:
+    /// decision, update, network, storm), for working on one of them. The
+    /// results go to target/bench-partial.json; BENCHMARKS.md is not
+    /// touched.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Internal: the helper processes the benchmark starts inside cgroups
     /// and network namespaces (test-run loop, connect loops, servers).
     #[arg(long, hide = true, num_args = 1.., allow_hyphen_values = true)]
@@ -275,25 +281,43 @@ pub fn run(args: Args) -> Result<()> {
         clock = Instant::now();
     };
     lap("setup");
+    let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
+    for p in &args.only {
+        if !["decision", "update", "network", "storm"].contains(&p.as_str()) {
+            bail!("--only: unknown phase {p:?} (decision, update, network, storm)");
+        }
+    }
     eprintln!("bench: phase 1/5: policy compile + load, agent memory");
     let (mut agents, loads) = phase_load(&ctx, &specs)?;
     lap("load");
-    eprintln!("bench: phase 2/5: kernel decision cost (BPF_PROG_TEST_RUN)");
-    let decision = phase_decision(&ctx, &specs, &agents, &mut rng)?;
-    lap("decision");
+    let mut decision = Value::Null;
+    if wanted("decision") {
+        eprintln!("bench: phase 2/5: kernel decision cost (BPF_PROG_TEST_RUN)");
+        decision = phase_decision(&ctx, &specs, &agents, &mut rng)?;
+        lap("decision");
+    }
     // Only the full policy stays attached for the rest.
     let mut full = agents.pop().expect("five agents");
     drop(agents);
-    eprintln!("bench: phase 3/5: policy update (one network, SIGHUP)");
-    let update = phase_update(&ctx, &mut full, specs.last().expect("ladder"))?;
-    lap("update");
-    eprintln!("bench: phase 4/5: network namespaces over veth: none vs bulkhead vs nftables");
-    let network = net::phase(&ctx, &full, specs.last().expect("ladder"))?;
+    let mut update = Value::Null;
+    if wanted("update") {
+        eprintln!("bench: phase 3/5: policy update (one network, SIGHUP)");
+        update = phase_update(&ctx, &mut full, specs.last().expect("ladder"))?;
+        lap("update");
+    }
+    let mut network = Value::Null;
+    if wanted("network") {
+        eprintln!("bench: phase 4/5: network namespaces over veth: none vs bulkhead vs nftables");
+        network = net::phase(&ctx, &full, specs.last().expect("ladder"))?;
+        lap("network");
+    }
     drop(full);
-    lap("network");
-    eprintln!("bench: phase 5/5: deny storm, events against kernel counters");
-    let storm = storm::phase(&ctx, &specs[1])?;
-    lap("storm");
+    let mut storm = Value::Null;
+    if wanted("storm") {
+        eprintln!("bench: phase 5/5: deny storm, events against kernel counters");
+        storm = storm::phase(&ctx, &specs[1])?;
+        lap("storm");
+    }
     eprintln!("bench: phase seconds: {}", Value::Object(phases.clone()));
 
     let geo_analysis = geo_analysis(&ctx, &loads);
@@ -319,6 +343,16 @@ pub fn run(args: Args) -> Result<()> {
     results["meta"]["duration_s"] = json!(started.elapsed().as_secs_f64());
     results["meta"]["phase_s"] = Value::Object(phases);
     results["meta"]["loadavg_end"] = json!(first_line("cat /proc/loadavg"));
+    if !args.only.is_empty() {
+        let path = workspace_root().join("target/bench-partial.json");
+        fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+        eprintln!(
+            "bench: partial run ({}): {}",
+            args.only.join(","),
+            path.display()
+        );
+        return Ok(());
+    }
     report::write(&mut results)?;
     eprintln!(
         "bench: done in {:.0} s: bench/results.json, bench/*.svg, BENCHMARKS.md",
