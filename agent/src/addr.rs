@@ -11,12 +11,9 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
-use agent_common::{
-    addr::{
-        self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
-        ROOT_WORDS, SLOT_WORDS,
-    },
-    maps::GeoValue,
+use agent_common::addr::{
+    self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
+    ROOT_WORDS, SLOT_WORDS,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -74,27 +71,53 @@ impl AddrTable {
         net6: &[(Ipv6Net, u32)],
         geo: &CompiledGeo,
     ) -> Result<AddrTable, TableError> {
+        // Every class is known before any range is looked at: one per
+        // distinct geo verdict, one per domain with networks.
         let mut classes = Classes::default();
-        let v4 = family_spans(
-            &mut classes,
-            net4.iter().map(|(n, d)| {
+        let geo_class: Vec<u32> = geo
+            .values
+            .iter()
+            .map(|g| {
+                classes.id(AddrClass {
+                    geo: *g,
+                    ..AddrClass::NONE
+                })
+            })
+            .collect();
+        let mut domain = |d: u32| {
+            classes.id(AddrClass {
+                domain: d,
+                ..AddrClass::NONE
+            })
+        };
+        let nets4: Vec<_> = net4
+            .iter()
+            .map(|(n, d)| {
                 let (lo, hi) = (u32::from(n.network()), u32::from(n.broadcast()));
-                (lo.into(), hi.into(), n.prefix_len(), *d)
-            }),
-            &geo.v4,
-            32,
-        );
-        let v6 = family_spans(
-            &mut classes,
-            net6.iter()
-                .map(|(n, d)| (n.network().into(), n.broadcast().into(), n.prefix_len(), *d)),
-            &geo.v6,
-            128,
-        );
+                (lo.into(), hi.into(), n.prefix_len(), domain(*d))
+            })
+            .collect();
+        let nets6: Vec<_> = net6
+            .iter()
+            .map(|(n, d)| {
+                let (lo, hi) = (n.network().into(), n.broadcast().into());
+                (lo, hi, n.prefix_len(), domain(*d))
+            })
+            .collect();
         if classes.list.len() > MAX_CLASSES as usize {
             return Err(TableError::TooManyClasses(classes.list.len()));
         }
-        let trie = Trie::build(&v4, &v6, true).or_else(|_| Trie::build(&v4, &v6, false))?;
+        let v4 = Input {
+            nets: &nets4,
+            geo: &geo.v4,
+            geo_class: &geo_class,
+        };
+        let v6 = Input {
+            nets: &nets6,
+            geo: &geo.v6,
+            geo_class: &geo_class,
+        };
+        let trie = Trie::build(&v4, &v6)?;
         Ok(AddrTable {
             words: trie.words,
             classes: classes.list,
@@ -148,37 +171,23 @@ impl Classes {
     }
 }
 
-/// Spans of class ids covering the whole `bits`-bit space, in order.
-fn family_spans(
-    classes: &mut Classes,
-    nets: impl Iterator<Item = (u128, u128, u8, u32)>,
-    geo: &[Span<GeoValue>],
-    bits: u32,
-) -> Vec<Span<u32>> {
-    let domain = |d: u32| AddrClass {
-        domain: d,
-        ..AddrClass::NONE
-    };
-    let nets: Vec<_> = nets
-        .map(|(lo, hi, len, d)| (lo, hi, len, classes.id(domain(d))))
-        .collect();
-    let geo = ranges::map(geo, |g| {
-        classes.id(AddrClass {
-            geo: *g,
-            ..AddrClass::NONE
-        })
-    });
-    let last = if bits == 128 {
-        u128::MAX
-    } else {
-        (1 << bits) - 1
-    };
-    let all = [Span {
-        start: 0,
-        end: last,
-        val: CLASS_NONE,
-    }];
-    ranges::overlay(&ranges::nested(&nets), &ranges::overlay(&geo, &all))
+/// One family's networks (with their class) and geo ranges.
+struct Input<'a> {
+    nets: &'a [(u128, u128, u8, u32)],
+    geo: &'a [Span<u16>],
+    geo_class: &'a [u32],
+}
+
+impl Input<'_> {
+    /// Class spans in address order: networks (longest prefix first) over
+    /// geo verdicts; the gaps between them are [`CLASS_NONE`].
+    fn spans(&self) -> Vec<Span<u32>> {
+        let geo = ranges::map(self.geo, |i| self.geo_class[usize::from(*i)]);
+        if self.nets.is_empty() {
+            return geo;
+        }
+        ranges::overlay(&ranges::nested(self.nets), &geo)
+    }
 }
 
 /// Both families' tries in one slot image.
@@ -201,8 +210,18 @@ impl From<Full> for TableError {
 
 impl Trie {
     /// Builds IPv4 and IPv6 at the same time (they share nothing), then
-    /// lays them out: both roots, IPv4's nodes, IPv6's nodes.
-    fn build(v4: &[Span<u32>], v6: &[Span<u32>], wide: bool) -> Result<Trie, Full> {
+    /// lays them out: both roots, IPv4's nodes, IPv6's nodes. Wide nodes
+    /// are given up when they would not fit a slot.
+    fn build(v4: &Input, v6: &Input) -> Result<Trie, Full> {
+        let (s4, s6) = std::thread::scope(|s| {
+            let t = s.spawn(|| v4.spans());
+            let s6 = v6.spans();
+            (t.join().expect("IPv4 ranges panicked"), s6)
+        });
+        Trie::lay_out(&s4, &s6, true).or_else(|_| Trie::lay_out(&s4, &s6, false))
+    }
+
+    fn lay_out(v4: &[Span<u32>], v6: &[Span<u32>], wide: bool) -> Result<Trie, Full> {
         let (f4, f6) = std::thread::scope(|s| {
             let t4 = s.spawn(|| Family::build(v4, 32, wide));
             let f6 = Family::build(v6, 128, wide);
@@ -267,8 +286,8 @@ impl Family {
     }
 
     /// The word for the block of `2^(bits - level)` addresses at `lo`.
-    /// `at` is the index of the span holding the previous block's start;
-    /// blocks come in address order.
+    /// `at` is the index of the first span not wholly before the previous
+    /// block; blocks come in address order.
     fn entry(
         &mut self,
         spans: &[Span<u32>],
@@ -279,12 +298,9 @@ impl Family {
         depth: usize,
     ) -> Result<u32, Full> {
         let hi = lo | last_offset(bits - level);
-        while spans[*at].end < lo {
-            *at += 1;
-        }
-        let s = spans[*at];
-        if s.end >= hi {
-            return Ok(s.val);
+        let (class, end) = run_at(spans, at, lo);
+        if end >= hi {
+            return Ok(class);
         }
         let stride = self.stride(spans, *at, lo, hi, level, bits);
         let child = bits - level - stride;
@@ -297,16 +313,12 @@ impl Family {
         let mut c = 0u128;
         while c < n {
             let clo = lo | c << child;
-            while spans[*at].end < clo {
-                *at += 1;
-            }
-            let s = spans[*at];
-            // Children wholly inside this span are leaves: take them all at
-            // once. (No overflow: a span ending past this node does not
-            // start at its first address, or the node would be a leaf.)
-            let whole = ((s.end.min(hi) - clo + 1) >> child).min(n - c);
+            let (class, end) = run_at(spans, at, clo);
+            // Children wholly inside this run are leaves: take them all at
+            // once. (No overflow: the run is cut at this node's end.)
+            let whole = ((end.min(hi) - clo + 1) >> child).min(n - c);
             if whole > 0 {
-                entries.extend(std::iter::repeat_n(s.val, whole as usize));
+                entries.extend(std::iter::repeat_n(class, whole as usize));
                 c += whole;
             } else {
                 entries.push(self.entry(spans, at, clo, level + stride, bits, depth + 1)?);
@@ -334,7 +346,8 @@ impl Family {
     }
 
     /// Wide when enough of the narrow children would need nodes of their
-    /// own: count the narrow children with a span boundary inside.
+    /// own: count the narrow children with a class boundary (a span's
+    /// start or the address after its end) inside.
     fn stride(
         &self,
         spans: &[Span<u32>],
@@ -350,18 +363,34 @@ impl Family {
         }
         let child = rest - MIN_STRIDE;
         let mut mixed = 0u16;
-        for s in &spans[at + 1..] {
+        for s in &spans[at..] {
             if s.start > hi {
                 break;
             }
-            if s.start & last_offset(child) != 0 {
-                mixed |= 1 << ((s.start - lo) >> child);
-                if mixed.count_ones() >= WIDE_WHEN_MIXED {
-                    return MAX_STRIDE;
+            for edge in [Some(s.start), s.end.checked_add(1)].into_iter().flatten() {
+                if edge > lo && edge <= hi && edge & last_offset(child) != 0 {
+                    mixed |= 1 << ((edge - lo) >> child);
                 }
+            }
+            if mixed.count_ones() >= WIDE_WHEN_MIXED {
+                return MAX_STRIDE;
             }
         }
         MIN_STRIDE
+    }
+}
+
+/// The class at `addr` and the last address of its run (a span, or the
+/// gap before the next one). Moves `at` to the first span not wholly
+/// before `addr`.
+fn run_at(spans: &[Span<u32>], at: &mut usize, addr: u128) -> (u32, u128) {
+    while spans.get(*at).is_some_and(|s| s.end < addr) {
+        *at += 1;
+    }
+    match spans.get(*at) {
+        Some(s) if s.start <= addr => (s.val, s.end),
+        Some(s) => (CLASS_NONE, s.start - 1),
+        None => (CLASS_NONE, u128::MAX),
     }
 }
 
@@ -377,12 +406,25 @@ fn last_offset(host: u32) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_common::maps::GeoValue;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    fn geo(v4: Vec<Span<GeoValue>>, v6: Vec<Span<GeoValue>>) -> CompiledGeo {
+    /// Compiled geo from ranges of plain verdicts.
+    fn geo(v4: &[Span<GeoValue>], v6: &[Span<GeoValue>]) -> CompiledGeo {
+        let mut values = Vec::new();
+        let mut index = |g: &GeoValue| match values.iter().position(|v| v == g) {
+            Some(i) => i as u16,
+            None => {
+                values.push(*g);
+                (values.len() - 1) as u16
+            }
+        };
+        let v4 = ranges::map(v4, &mut index);
+        let v6 = ranges::map(v6, &mut index);
         CompiledGeo {
             v4,
             v6,
+            values,
             stats: CompileStats::default(),
         }
     }
@@ -434,12 +476,12 @@ mod tests {
         let net6: Vec<(Ipv6Net, u32)> = vec![("fd00:40::/48".parse().unwrap(), 3)];
         let de = u128::from(u32::from(Ipv4Addr::new(192, 0, 2, 0)));
         let geo = geo(
-            vec![Span {
+            &[Span {
                 start: de,
                 end: de + 255,
                 val: g(2),
             }],
-            vec![Span {
+            &[Span {
                 start: u128::from("2a00::".parse::<Ipv6Addr>().unwrap()),
                 end: u128::from("2a00::ffff".parse::<Ipv6Addr>().unwrap()),
                 val: g(4),
@@ -467,8 +509,9 @@ mod tests {
         assert_eq!(c("2a00::1:0"), AddrClass::NONE);
     }
 
-    /// Random networks and geo spans, every boundary and random addresses
-    /// checked against the direct answer, with and without wide nodes.
+    /// Random networks and geo spans (with gaps, clustered so nodes get
+    /// deep and wide), every boundary and random addresses checked against
+    /// the direct answer, with and without wide nodes.
     #[test]
     fn addr_table_agrees_with_a_direct_lookup() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -488,7 +531,6 @@ mod tests {
                 let r = u128::from(r);
                 if v6 { r << 64 | r } else { r & 0xffff_ffff }
             };
-            // Geo spans clustered in a few /16s, so nodes get deep and wide.
             let mut geo_spans = Vec::new();
             let mut at = top(rnd()) & !last_offset(bits - 12);
             for _ in 0..(rnd() % 400) {
@@ -543,9 +585,9 @@ mod tests {
                 .map(|&(lo, _, len, d)| (Ipv6Net::new_assert(Ipv6Addr::from(lo), len), d))
                 .collect();
             let compiled = if v6 {
-                geo(Vec::new(), geo_spans.clone())
+                geo(&[], &geo_spans)
             } else {
-                geo(geo_spans.clone(), Vec::new())
+                geo(&geo_spans, &[])
             };
             let mut probes: Vec<u128> = Vec::new();
             for s in &geo_spans {
@@ -562,24 +604,45 @@ mod tests {
             for _ in 0..2000 {
                 probes.push(top(rnd()));
             }
+            let full = AddrTable::build(&net4, &net6, &compiled).unwrap();
             for wide in [true, false] {
-                let mut classes = Classes::default();
-                let spans = family_spans(&mut classes, kept.iter().copied(), &geo_spans, bits);
-                let empty = family_spans(
-                    &mut classes,
-                    std::iter::empty(),
-                    &[],
-                    if v6 { 32 } else { 128 },
-                );
+                // The same classes as the full build; only the layout differs.
+                let class_of =
+                    |c: &AddrClass| full.classes.iter().position(|x| x == c).unwrap() as u32;
+                let geo_class: Vec<u32> = compiled
+                    .values
+                    .iter()
+                    .map(|g| {
+                        class_of(&AddrClass {
+                            geo: *g,
+                            ..AddrClass::NONE
+                        })
+                    })
+                    .collect();
+                let nets: Vec<_> = kept
+                    .iter()
+                    .map(|&(lo, hi, len, d)| {
+                        let c = class_of(&AddrClass {
+                            domain: d,
+                            ..AddrClass::NONE
+                        });
+                        (lo, hi, len, c)
+                    })
+                    .collect();
+                let spans = Input {
+                    nets: &nets,
+                    geo: if v6 { &compiled.v6 } else { &compiled.v4 },
+                    geo_class: &geo_class,
+                }
+                .spans();
                 let (s4, s6) = if v6 {
-                    (&empty, &spans)
+                    (Vec::new(), spans)
                 } else {
-                    (&spans, &empty)
+                    (spans, Vec::new())
                 };
-                let trie = Trie::build(s4, s6, wide).unwrap();
                 let table = AddrTable {
-                    words: trie.words,
-                    classes: classes.list,
+                    words: Trie::lay_out(&s4, &s6, wide).unwrap().words,
+                    classes: full.classes.clone(),
                     stats: TableStats::default(),
                 };
                 for &a in &probes {
@@ -593,15 +656,13 @@ mod tests {
                     if v6 && a >> 32 == 0xffff {
                         continue;
                     }
-                    assert_eq!(
-                        *table.class(ip),
-                        want(&kept, &geo_spans, a),
-                        "round {round} wide {wide}: {ip}"
-                    );
+                    let w = want(&kept, &geo_spans, a);
+                    assert_eq!(*table.class(ip), w, "round {round} wide {wide}: {ip}");
+                    if wide {
+                        assert_eq!(*full.class(ip), w, "round {round} full build: {ip}");
+                    }
                 }
             }
-            let full = AddrTable::build(&net4, &net6, &compiled).unwrap();
-            assert!(full.words.len() <= SLOT_WORDS as usize);
         }
     }
 }

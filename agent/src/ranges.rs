@@ -90,6 +90,15 @@ pub(crate) fn overlay<T: Copy + PartialEq>(top: &[Span<T>], bottom: &[Span<T>]) 
     out
 }
 
+/// Whether any span holds an address of `holes` (sorted, disjoint,
+/// inclusive).
+pub(crate) fn touches<T>(spans: &[Span<T>], holes: &[(u128, u128)]) -> bool {
+    holes.iter().any(|&(lo, hi)| {
+        let i = spans.partition_point(|s| s.end < lo);
+        spans.get(i).is_some_and(|s| s.start <= hi)
+    })
+}
+
 /// Removes `holes` (sorted, disjoint, inclusive) from the spans.
 pub(crate) fn cut<T: Copy + PartialEq>(spans: &[Span<T>], holes: &[(u128, u128)]) -> Vec<Span<T>> {
     let mut out = Vec::with_capacity(spans.len());
@@ -207,6 +216,15 @@ mod tests {
                 sp(500, u128::MAX, 0)
             ]
         );
+    }
+
+    #[test]
+    fn touches_finds_spans_in_holes() {
+        let spans = [sp(0, 9, 1), sp(20, 29, 1)];
+        assert!(touches(&spans, &[(5, 5)]));
+        assert!(touches(&spans, &[(10, 20)]));
+        assert!(!touches(&spans, &[(10, 19), (30, 40)]));
+        assert!(!touches::<u8>(&[], &[(0, 5)]));
     }
 
     #[test]

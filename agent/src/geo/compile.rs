@@ -21,34 +21,54 @@ impl GeoDb {
         {
             return CompiledGeo::default();
         }
-        let table = verdict_table(domains);
-        let verdict = |c: &Country| table[countries::index(*c)];
-        let mut stats = CompileStats::default();
-        let mut out = CompiledGeo::default();
-        for family in [0, 1] {
-            let mut merged = ranges::map(&self.feed[family], |p| verdict(&p.country));
+        // Each distinct verdict once; ranges carry its index, so merging
+        // compares small integers and the address table maps an index to
+        // its class without hashing verdicts.
+        let mut values: Vec<GeoValue> = Vec::new();
+        let index: Vec<u16> = verdict_table(domains)
+            .into_iter()
+            .map(|v| match values.iter().position(|x| *x == v) {
+                Some(i) => i as u16,
+                None => {
+                    values.push(v);
+                    (values.len() - 1) as u16
+                }
+            })
+            .collect();
+        let of = |c: &Country| index[countries::index(*c)];
+        let family = |family: usize| {
+            let mut merged = ranges::map(&self.feed[family], |p| of(&p.country));
             let mut read = self.feed_lines[family];
             for db in &self.dbs {
-                merged = ranges::overlay(&merged, &ranges::map(&db.spans[family], verdict));
+                let spans = ranges::map(&db.spans[family], of);
+                merged = if merged.is_empty() {
+                    spans
+                } else {
+                    ranges::overlay(&merged, &spans)
+                };
                 read += db.records[family];
             }
-            if family == 1 {
+            if family == 1 && ranges::touches(&merged, &mmdb::V6_HOLES) {
                 merged = ranges::cut(&merged, &mmdb::V6_HOLES);
             }
-            let fs = FamilyStats {
+            let stats = FamilyStats {
                 source_ranges: read,
                 merged_ranges: merged.len(),
             };
-            if family == 0 {
-                stats.v4 = fs;
-                out.v4 = merged;
-            } else {
-                stats.v6 = fs;
-                out.v6 = merged;
-            }
+            (merged, stats)
+        };
+        // The families share nothing: one thread each.
+        let ((v4, s4), (v6, s6)) = std::thread::scope(|s| {
+            let v4 = s.spawn(|| family(0));
+            let v6 = family(1);
+            (v4.join().expect("IPv4 geo compile panicked"), v6)
+        });
+        CompiledGeo {
+            v4,
+            v6,
+            values,
+            stats: CompileStats { v4: s4, v6: s6 },
         }
-        out.stats = stats;
-        out
     }
 }
 

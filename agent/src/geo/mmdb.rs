@@ -139,21 +139,23 @@ impl Mmdb {
     /// country database take milliseconds, not a second.
     fn read_tree(&mut self) -> Result<(), MaxMindDbError> {
         let tree = Tree::new(self.reader.metadata(), self.bytes.as_ref())?;
-        let mut cache: HashMap<usize, Option<Country>, FxBuild> = HashMap::default();
-        let mut spans = [Vec::new(), Vec::new()];
-        let mut records = [0, 0];
         let v6 = self.reader.metadata().ip_version == 6;
         let ipv4_start = if v6 { tree.ipv4_start() } else { 0 };
-        let mut families = vec![(0, ipv4_start, 32u32)];
-        if v6 {
-            families.push((1, 0, 128));
-        }
-        for (family, start, bits) in families {
+        // One family's networks: (joined spans, networks read).
+        let family = |family: usize| -> Result<(Vec<Span<Country>>, usize), MaxMindDbError> {
+            let (start, bits) = if family == 0 {
+                (ipv4_start, 32)
+            } else {
+                (0, 128)
+            };
             // In the IPv6 walk the IPv4 subtree was read already, and every
             // other record leading to it is an alias (Teredo, 6to4, mapped).
             let skip = (family == 1 && ipv4_start < tree.node_count).then_some(ipv4_start);
+            let mut cache: HashMap<usize, Option<Country>, FxBuild> = HashMap::default();
+            let mut spans = Vec::new();
+            let mut records = 0;
             tree.walk(start, bits, skip, |net, len, pointer| {
-                records[family] += 1;
+                records += 1;
                 let country = match cache.get(&pointer) {
                     Some(c) => *c,
                     None => {
@@ -165,7 +167,7 @@ impl Mmdb {
                 if let Some(country) = country {
                     let (start, end) = bounds(net, len, bits);
                     ranges::push(
-                        &mut spans[family],
+                        &mut spans,
                         Span {
                             start,
                             end,
@@ -175,7 +177,16 @@ impl Mmdb {
                 }
                 Ok(())
             })?;
-        }
+            Ok((spans, records))
+        };
+        // The two families' subtrees are disjoint: one thread each.
+        let (v4, v6_spans) = std::thread::scope(|s| {
+            let v4 = s.spawn(|| family(0));
+            let v6_spans = if v6 { family(1) } else { Ok((Vec::new(), 0)) };
+            (v4.join().expect("IPv4 tree walk panicked"), v6_spans)
+        });
+        let ((s4, r4), (s6, r6)) = (v4?, v6_spans?);
+        let (spans, records) = ([s4, s6], [r4, r6]);
         if v6 {
             for alias in ALIASES {
                 let net = alias.parse().expect("valid CIDR literal");

@@ -86,12 +86,14 @@ pub struct DomainGeo {
 }
 
 /// Every domain's geo verdicts, as merged ranges per family (sorted,
-/// disjoint). Addresses in none are "unknown country" (each domain's
-/// `unknown_country` decides).
+/// disjoint), each holding an index into `values`. Addresses in none are
+/// "unknown country" (each domain's `unknown_country` decides).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledGeo {
-    pub v4: Vec<Span<GeoValue>>,
-    pub v6: Vec<Span<GeoValue>>,
+    pub v4: Vec<Span<u16>>,
+    pub v6: Vec<Span<u16>>,
+    /// The distinct verdicts.
+    pub values: Vec<GeoValue>,
     pub stats: CompileStats,
 }
 

@@ -455,7 +455,7 @@ fn geo_compile_merges_ranges_by_verdict() {
         ingress_deny: i,
     };
     assert_eq!(
-        spans(&c.v4, false),
+        spans(&c, false),
         [
             // DE and FR share a verdict: one range.
             ("1.0.0.0 - 1.0.1.255".to_string(), v(0, 0)),
@@ -465,7 +465,7 @@ fn geo_compile_merges_ranges_by_verdict() {
     );
     // The two /16 joined; the 6to4 alias is not there.
     assert_eq!(
-        spans(&c.v6, true),
+        spans(&c, true),
         [(
             "2a00:: - 2a01:ffff:ffff:ffff:ffff:ffff:ffff:ffff".to_string(),
             v(0, 0)
@@ -487,8 +487,9 @@ fn geo_compile_merges_ranges_by_verdict() {
     );
 }
 
-/// Compiled ranges as `first - last` and their value.
-fn spans(list: &[crate::ranges::Span<GeoValue>], v6: bool) -> Vec<(String, GeoValue)> {
+/// Compiled ranges of one family as `first - last` and their verdict.
+fn spans(c: &CompiledGeo, v6: bool) -> Vec<(String, GeoValue)> {
+    let list = if v6 { &c.v6 } else { &c.v4 };
     let addr = |a: u128| {
         if v6 {
             Ipv6Addr::from(a).to_string()
@@ -497,7 +498,10 @@ fn spans(list: &[crate::ranges::Span<GeoValue>], v6: bool) -> Vec<(String, GeoVa
         }
     };
     list.iter()
-        .map(|s| (format!("{} - {}", addr(s.start), addr(s.end)), s.val))
+        .map(|s| {
+            let range = format!("{} - {}", addr(s.start), addr(s.end));
+            (range, c.values[usize::from(s.val)])
+        })
         .collect()
 }
 
@@ -521,13 +525,13 @@ fn geo_compile_without_ipv4_subtree() {
     }];
     let c = geo.compile(&domains);
     assert_eq!(
-        spans(&c.v4, false),
+        spans(&c, false),
         [("0.0.0.0 - 255.255.255.255".to_string(), GeoValue::default())]
     );
     // ::/64 without the two /96 inside it that no source places
     // (IPv4-compatible and IPv4-mapped).
     assert_eq!(
-        spans(&c.v6, true),
+        spans(&c, true),
         [
             (
                 "::1:0:0 - ::fffe:ffff:ffff".to_string(),
