@@ -196,23 +196,19 @@ fn first4(a: &[u8; 16]) -> [u8; 4] {
 }
 
 /// What the policy says about a peer address: the domain whose networks
-/// hold it, or its geo verdicts (`None`: the table is corrupt, which reads
-/// as no domain and no country).
+/// hold it, or its geo verdicts (`None` only if the class map could not be
+/// read). Indices are masked, not checked: a corrupt table reads wrong
+/// words of its own slot, never another slot's, and needs no branch.
 #[inline(always)]
 fn classify(slot: u32, family: u8, addr: &[u8; 16]) -> Option<&'static AddrClass> {
     let base = slot * SLOT_LINES;
     let class = addr::lookup(family == FAMILY_INET6, addr, |w| {
-        if w >= SLOT_WORDS {
-            return None;
-        }
+        let w = w & (SLOT_WORDS - 1);
         BH_ADDR
             .get(base + w / LINE_WORDS)
             .map(|line| line.0[(w % LINE_WORDS) as usize])
     });
-    if class >= MAX_CLASSES {
-        return None;
-    }
-    BH_CLASSES.get(slot * MAX_CLASSES + class)
+    BH_CLASSES.get(slot * MAX_CLASSES + (class & (MAX_CLASSES - 1)))
 }
 
 /// Finds the local socket a connect would reach and returns its owner's

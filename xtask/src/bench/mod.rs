@@ -53,7 +53,8 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these phases after the load phase (comma-separated:
-    /// decision, update, network, storm), for working on one of them. The
+    /// decision, update, network, storm; `load` for none), for working on
+    /// one of them. The
     /// results go to target/bench-partial.json; BENCHMARKS.md is not
     /// touched.
     #[arg(long, value_delimiter = ',')]
@@ -283,8 +284,8 @@ pub fn run(args: Args) -> Result<()> {
     lap("setup");
     let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
     for p in &args.only {
-        if !["decision", "update", "network", "storm"].contains(&p.as_str()) {
-            bail!("--only: unknown phase {p:?} (decision, update, network, storm)");
+        if !["load", "decision", "update", "network", "storm"].contains(&p.as_str()) {
+            bail!("--only: unknown phase {p:?} (load, decision, update, network, storm)");
         }
     }
     eprintln!("bench: phase 1/5: policy compile + load, agent memory");
@@ -859,7 +860,7 @@ fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
 /// only the allowed ranges (what an allow-list with `unknown_country: deny`
 /// strictly needs, absent = denied).
 fn geo_analysis(ctx: &Ctx, loads: &Value) -> Value {
-    let loaded: Vec<u64> = loads
+    let compiled: Vec<u64> = loads
         .as_array()
         .and_then(|a| a.iter().find(|p| p["key"] == "geo_n10k"))
         .and_then(|p| p["compiled"].as_str())
@@ -877,35 +878,14 @@ fn geo_analysis(ctx: &Ctx, loads: &Value) -> Value {
             .map(|&(a, b)| geo::prefix_count(a, b, bits))
             .sum()
     };
-    // Blocks that hold a boundary of the allowed set: what a direct-index
-    // table at that granularity would have to send to a second level.
-    let split = |fam: usize, shift: u32| -> usize {
-        let feed = if fam == V4 {
-            policy::FEED_V4
-        } else {
-            policy::FEED_V6
-        };
-        let ranges = geo::union(&[&ctx.db.ranges_of(fam, &policy::ALLOW)[..], &[feed][..]]);
-        let mask = (1u128 << shift) - 1;
-        let mut blocks = std::collections::BTreeSet::new();
-        for (a, b) in ranges {
-            if a & mask != 0 {
-                blocks.insert(a >> shift);
-            }
-            if b & mask != mask {
-                blocks.insert(b >> shift);
-            }
-        }
-        blocks.len()
-    };
     json!({
-        "split_v4_24": split(V4, 8),
-        "split_v6_32": split(V6, 96),
-        "split_v6_48": split(V6, 80),
         "allowed_ranges_v4": ctx.db.ranges_of(V4, &policy::ALLOW).len(),
         "allowed_ranges_v6": ctx.db.ranges_of(V6, &policy::ALLOW).len(),
-        "loaded_v4": loaded.get(3),
-        "loaded_v6": loaded.get(4),
+        "geo_ranges_v4": compiled.get(3),
+        "geo_ranges_v6": compiled.get(4),
+        "table_words": compiled.get(5),
+        "nodes_v4": compiled.get(7),
+        "nodes_v6": compiled.get(8),
         "allowed_only_v4": allowed(V4),
         "allowed_only_v6": allowed(V6),
     })

@@ -500,66 +500,42 @@ fn markdown(r: &Value) -> String {
         s.push('\n');
     }
     s.push_str("\nRatios in parentheses are against the same program with the empty policy, same packets.\n\n");
-    s.push_str("Bare LPM lookups (a 20-instruction program that only looks the packet's destination up in the pinned map of that policy; same slot byte as the agent's keys):\n\n| probe | entries | warm | cold |\n|---|---|---|---|\n");
+    s.push_str(
+        "Bare lookups: `bh_probe_addr` is the agent's own address-table walk (the `classify` of every hook) \
+         for the packet's destination and nothing else, loaded by the agent that holds the policy and run on \
+         its maps; `lpm` is one lookup in a plain kernel LPM trie holding the CIDR prefixes of the full \
+         policy's allowed ranges (what a prefix-based layout must hold for the same allow-list; bulkhead kept \
+         its verdicts in LPM tries before the address table). Both read the address from the packet first, \
+         as the allow-all loop does not.\n\n| probe | holds | warm | cold |\n|---|---|---|---|\n",
+    );
     for t in r["decision"]["timings"].as_array().into_iter().flatten() {
         let name = t["prog"].as_str().unwrap_or("");
-        if let Some(rest) = name.strip_prefix("lpm:") {
-            let mut parts = rest.split(':');
-            let (key, map) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let set = t["set"].as_str().unwrap_or("");
+        let row = if let Some(key) = name.strip_prefix("walk:") {
+            let nums = compiled_counts(policy(r, key)["compiled"].as_str().unwrap_or(""));
+            Some((
+                format!("`bh_probe_addr` on `{key}`, {set}"),
+                format!(
+                    "address table of {} words",
+                    nums.get(5).map_or("?".into(), |n| n.to_string())
+                ),
+            ))
+        } else {
+            name.strip_prefix("lpm:").map(|fam| {
+                (
+                    format!("plain LPM trie, {set}"),
+                    format!("{} {fam} prefixes", r["decision"]["lpm_prefixes"][fam]),
+                )
+            })
+        };
+        if let Some((probe, holds)) = row {
             let _ = writeln!(
                 s,
-                "| `{map}` of `{key}` on {} | {} | {:.1} ns | {:.1} ns |",
-                t["set"].as_str().unwrap_or(""),
-                entries_of(r, key, map),
+                "| {probe} | {holds} | {:.1} ns | {:.1} ns |",
                 f(&t["warm_ns"]),
                 f(&t["cold_ns"])
             );
         }
-    }
-    let di = &r["decision"]["direct_index"];
-    for set in ["allowed-v4", "random-v4"] {
-        let (dw, dc) = timing(r, "direct:geo_v4", set);
-        if dw.is_finite() {
-            let _ = writeln!(
-                s,
-                "| prototype: two-level direct index of the full policy's IPv4 verdicts ({:.1} MiB array + {:.0} KiB hash), on {set} | {} split /24s in level 2 | {dw:.1} ns | {dc:.1} ns |",
-                f(&di["level1_bytes"]) / 1048576.0,
-                f(&di["level2_bytes"]) / 1024.0,
-                di["split_blocks_24"],
-            );
-        }
-    }
-    if di.is_object() {
-        let verdicts: Vec<String> = di["verdicts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| {
-                format!(
-                    "it allows {} packets of {} where the policy allows {} ({})",
-                    v["allowed_by_prototype"],
-                    v["set"].as_str().unwrap_or(""),
-                    v["allowed_by_policy"],
-                    if v["matches"].as_bool().unwrap_or(false) {
-                        "matches the policy"
-                    } else {
-                        "**differs**"
-                    }
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            s,
-            "\nThe prototype is another layout for the same IPv4 country verdicts (DIR-24-8 with 2-bit classes): \
-             level 1 is one `BPF_F_MMAPABLE` array with a class per /24 (allowed, denied, or split: a range \
-             boundary inside the /24), written by the agent with one memory copy; level 2 is a hash of the split /24s \
-             with a class per address. Its return value is the allow bit, checked against the database: {}. \
-             {} of {} allowed-v4 packets land in a split /24 and take the second lookup (addresses sampled uniformly \
-             over ranges, so small ranges are over-represented).",
-            verdicts.join("; "),
-            di["allowed_v4_packets_in_split_blocks"],
-            di["allowed_v4_packets"]
-        );
     }
     if let Some(depth) = r["decision"]["depth"].as_object() {
         let _ = writeln!(
@@ -694,21 +670,21 @@ fn markdown(r: &Value) -> String {
     if let Some(ga) = r["geo_analysis"].as_object() {
         let _ = writeln!(
             s,
-            "\nGeo entries the full policy loads: {} IPv4 + {} IPv6 (nested LPM entries: every placed range, merged by \
-             verdict, then the fewest entries that give every address its verdict — ORTC, `agent/src/geo/lpm.rs`). \
-             Prefixes covering only the *allowed* ranges (DE/FR/NL + geofeed; {} + {} ranges): {} IPv4 + {} IPv6 — \
-             with `unknown_country: deny` an allow-list needs nothing else. Blocks that hold a boundary of the \
-             allowed set: {} IPv4 /24s; {} IPv6 /32s and {} IPv6 /48s (what a direct-index first level would send \
-             on to a second).",
-            ga["loaded_v4"],
-            ga["loaded_v6"],
-            ga["allowed_ranges_v4"],
-            ga["allowed_ranges_v6"],
+            "\nWhat the full policy compiles to: {} IPv4 + {} IPv6 geo ranges (every placed range, merged by \
+             verdict), and with the 10k networks an address table of {} words ({:.1} MiB of the slot's 16 MiB): \
+             {} IPv4 + {} IPv6 distinct nodes of 16 or 256 words, identical nodes stored once \
+             (`agent/src/addr.rs`). A prefix layout needs {} IPv4 + {} IPv6 CIDR prefixes just to cover the \
+             *allowed* ranges (DE/FR/NL + geofeed; {} + {} ranges), which is what the LPM probe above holds.",
+            ga["geo_ranges_v4"],
+            ga["geo_ranges_v6"],
+            ga["table_words"],
+            f(&ga["table_words"]) * 4.0 / 1048576.0,
+            ga["nodes_v4"],
+            ga["nodes_v6"],
             ga["allowed_only_v4"],
             ga["allowed_only_v6"],
-            ga["split_v4_24"],
-            ga["split_v6_32"],
-            ga["split_v6_48"]
+            ga["allowed_ranges_v4"],
+            ga["allowed_ranges_v6"],
         );
     }
 
@@ -802,23 +778,17 @@ fn markdown(r: &Value) -> String {
     s
 }
 
-fn entries_of(r: &Value, key: &str, map: &str) -> String {
-    let nums = compiled_counts(policy(r, key)["compiled"].as_str().unwrap_or(""));
-    let i = match map {
-        "BH_NET4" => 1,
-        "BH_NET6" => 2,
-        "BH_GEO4" => 3,
-        "BH_GEO6" => 4,
-        _ => return String::new(),
-    };
-    nums.get(i).map_or(String::new(), |n| n.to_string())
-}
-
 /// The numbers of `bulkhead check`'s "compiled:" line, in order: cgroups,
-/// IPv4 + IPv6 domain networks, IPv4 + IPv6 geo prefixes.
+/// IPv4 + IPv6 domain networks, IPv4 + IPv6 geo ranges, address table
+/// words, KiB, IPv4 + IPv6 nodes, classes.
 pub fn compiled_counts(line: &str) -> Vec<u64> {
     line.split_whitespace()
-        .filter_map(|w| w.trim_end_matches(',').parse().ok())
+        .filter_map(|w| {
+            w.trim_start_matches('(')
+                .trim_end_matches([',', ';'])
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -832,33 +802,35 @@ fn analysis(r: &Value) -> String {
     let full = t("geo_n10k", "allowed-v4");
     let full6 = t("geo_n10k", "allowed-v6");
     let empty6 = t("empty", "allowed-v6");
-    let probe = |name: &str, set: &str| t(name, set);
-    let lpm_empty4 = probe("lpm:empty:BH_NET4", "allowed-v4");
-    let lpm_n10k4 = probe("lpm:n10k:BH_NET4", "allowed-v4");
-    let lpm_geo4 = probe("lpm:geo_n10k:BH_GEO4", "allowed-v4");
-    let lpm_geo6 = probe("lpm:geo_n10k:BH_GEO6", "allowed-v6");
-    let lpm_n10k6 = probe("lpm:n10k:BH_NET6", "allowed-v6");
-    let lpm_empty6 = probe("lpm:empty:BH_NET6", "allowed-v6");
+    let walk_empty4 = t("walk:empty", "allowed-v4");
+    let walk_empty6 = t("walk:empty", "allowed-v6");
+    let walk_n10k4 = t("walk:n10k", "allowed-v4");
+    let walk_full4 = t("walk:geo_n10k", "allowed-v4");
+    let walk_full6 = t("walk:geo_n10k", "allowed-v6");
+    let lpm4 = t("lpm:v4", "allowed-v4");
+    let lpm6 = t("lpm:v6", "allowed-v6");
     let _ = writeln!(
         s,
         "- **Fixed cost.** The test-run loop with an allow-all program costs {allow:.1} ns per run; bulkhead's \
          `bh_egress` with the empty policy costs {empty:.1} ns on the same IPv4 packets, so the decision path \
          itself (cgroup-ancestry walk with one hash lookup per level, packet parse, socket-storage lookup, \
-         two LPM lookups on empty tries, the decision, a per-CPU counter) is about {:.0} ns.",
+         an address-table walk that ends at the root, the decision, per-CPU counters) is about {:.0} ns.",
         empty - allow
     );
     let _ = writeln!(
         s,
-        "- **Domain networks.** 10k networks add {:.1} ns over empty (IPv4). A bare lookup in that trie costs \
-         {lpm_n10k4:.1} ns against {lpm_empty4:.1} ns in an empty one (IPv6: {lpm_n10k6:.1} vs {lpm_empty6:.1} ns).",
+        "- **Domain networks.** 10k networks add {:.1} ns over empty (IPv4): they live in the same table as \
+         the countries, so they only lengthen some walks (bare walk {walk_n10k4:.1} ns against {walk_empty4:.1} ns \
+         on the empty table).",
         n10k - empty
     );
     let _ = writeln!(
         s,
-        "- **Country database.** The full DB adds {:.1} ns (IPv4) — a bare lookup in the geo trie alone costs \
-         {lpm_geo4:.1} ns IPv4 / {lpm_geo6:.1} ns IPv6, i.e. the geo LPM lookup is most of the added cost. \
-         Full DB + 10k networks: {full:.1} ns = {:.2}× empty (IPv4), {full6:.1} ns = {:.2}× (IPv6); net of the \
-         test-run loop: {:.2}× / {:.2}×.",
+        "- **Country database.** The full DB adds {:.1} ns (IPv4). Full DB + 10k networks: {full:.1} ns = {:.2}× \
+         empty (IPv4), {full6:.1} ns = {:.2}× (IPv6); net of the test-run loop: {:.2}× / {:.2}×. The bare walk of \
+         that table costs {walk_full4:.1} ns (IPv4) / {walk_full6:.1} ns (IPv6) against {walk_empty4:.1} / \
+         {walk_empty6:.1} ns on the empty one; one lookup in a plain LPM trie of only the allowed prefixes costs \
+         {lpm4:.1} / {lpm6:.1} ns.",
         geo - empty,
         full / empty,
         full6 / empty6,
@@ -866,22 +838,25 @@ fn analysis(r: &Value) -> String {
         (full6 - t("allow-all", "allowed-v6")) / (empty6 - t("allow-all", "allowed-v6")),
     );
     let rnd = t("geo_n10k", "random-v4");
-    let lpm_geo4_rnd = probe("lpm:geo_n10k:BH_GEO4", "random-v4");
     let _ = writeln!(
         s,
         "- **Denied traffic** (random-v4 under the full policy: mostly `country-denied`, each asking for an event): \
          {rnd:.1} ns vs {full:.1} ns for allowed destinations. The event path (TAI clock, per-cgroup token bucket \
-         in an LRU hash, ring-buffer reserve or the rate-limited/lost counter) is paid here, but random addresses \
-         also leave the geo trie earlier (bare lookup {lpm_geo4_rnd:.1} ns vs {lpm_geo4:.1} ns): the trie walk's \
-         cost depends on where the address lands. Denied connections stop at `connect()`, so in steady state \
-         the packet hooks mostly see allowed traffic."
+         in an LRU hash, ring-buffer reserve or the rate-limited/lost counter) is paid here; the walk itself is \
+         short for random addresses ({:.1} ns bare), most of which land in blocks of one verdict. Denied \
+         connections stop at `connect()`, so in steady state the packet hooks mostly see allowed traffic.",
+        t("walk:geo_n10k", "random-v4")
     );
     let (_, cold_full) = timing(r, "geo_n10k", "allowed-v4");
     let (_, cold_empty) = timing(r, "empty", "allowed-v4");
+    let (_, cold_walk) = timing(r, "walk:geo_n10k", "allowed-v4");
+    let (_, cold_lpm) = timing(r, "lpm:v4", "allowed-v4");
     let _ = writeln!(
         s,
         "- **Cold caches.** With one decision per syscall (caches disturbed in between) the full policy costs \
-         {cold_full:.1} ns vs {cold_empty:.1} ns empty ({:.2}×): deep trie walks miss the cache more.",
+         {cold_full:.1} ns vs {cold_empty:.1} ns empty ({:.2}×). A walk reads at most five words for IPv4 (each \
+         node a cache line or a few), an LPM trie lookup one node per branching bit: cold, the bare walk takes \
+         {cold_walk:.1} ns and the LPM lookup {cold_lpm:.1} ns.",
         cold_full / cold_empty
     );
     let p = policy(r, "geo_n10k");
@@ -890,38 +865,35 @@ fn analysis(r: &Value) -> String {
     let _ = writeln!(
         s,
         "- **Load time.** `bulkhead check` (parse, read the DB, compile) takes {check:.0} ms of the {ready:.0} ms to \
-         READY; the rest ({:.0} ms) is loading and verifying the programs ({:.0} ms on its own with the empty \
-         policy) and writing the maps — one `BPF_MAP_UPDATE_ELEM` syscall and one trie-node allocation per \
-         prefix. In CPU time: {:.0} ms to READY, {:.0} ms of it in `check`. nftables needs {:.0} ms ({:.0} ms \
-         CPU) for fewer, range-shaped elements. With 10k networks `check` alone takes {:.0} ms against {:.0} ms \
-         with 20: the policy check compares every pair of networks.",
+         READY; the rest ({:.0} ms) is almost all loading and verifying the programs ({:.0} ms on its own with the \
+         empty policy): the address table goes into its slot with one copy through `mmap`, the classes and the \
+         few hash maps with one syscall per entry. The database is read (both families at once), merged by \
+         verdict and turned into the table on two threads. In CPU time: {:.0} ms to READY, {:.0} ms of it in \
+         `check`. nftables needs {:.0} ms ({:.0} ms CPU) for its range-shaped elements. A reload that reads the \
+         database again takes {:.0} ms (the compile + load target).",
         ready - check,
         f(&policy(r, "empty")["ready_ms"]) - f(&policy(r, "empty")["check_ms"]),
         f(&p["ready_cpu_ms"]),
         f(&p["check_cpu_ms"]),
         f(&r["network"]["nft"]["load_ms"]),
         f(&r["network"]["nft"]["load_cpu_ms"]),
-        f(&policy(r, "n10k")["check_ms"]),
-        f(&policy(r, "d10")["check_ms"]),
+        f(&r["update"]["first_reload_ms"]),
     );
     let e = policy(r, "empty");
+    let words = compiled_counts(p["compiled"].as_str().unwrap_or(""))
+        .get(5)
+        .copied()
+        .unwrap_or(0);
     let _ = writeln!(
         s,
-        "- **Memory.** The agent holds {:.1} MB RSS with the full policy against {:.1} MB with the empty one \
-         ({:.0} bytes per loaded prefix); `bulkhead check` of the same policy (read the DB and compile, nothing \
-         kept for the kernel) peaks at {:.1} MB, so about {:.0} MB are what `run` keeps on top — the compiled \
-         policy, the per-slot mirror of the maps used for diffing, the geo sources for enriching events. \
-         The kernel maps take {:.1} MB.",
+        "- **Memory.** The agent holds {:.1} MB RSS with the full policy against {:.1} MB with the empty one; \
+         of the difference, {:.1} MB is the address table it keeps for `explain` and for the next slot, the rest \
+         the geo sources it keeps to name countries in events. `bulkhead check` of the same policy peaks at \
+         {:.1} MB. The kernel maps take {:.1} MB, most of it the address table's two preallocated 16 MiB slots.",
         f(&p["rss_kib"]) * 1024.0 / 1e6,
         f(&e["rss_kib"]) * 1024.0 / 1e6,
-        (f(&p["rss_kib"]) - f(&e["rss_kib"])) * 1024.0
-            / compiled_counts(p["compiled"].as_str().unwrap_or(""))
-                .iter()
-                .skip(1)
-                .sum::<u64>()
-                .max(1) as f64,
+        words as f64 * 4.0 / 1e6,
         f(&p["check_peak_rss_kib"]) * 1024.0 / 1e6,
-        (f(&p["rss_kib"]) - f(&p["check_peak_rss_kib"])) * 1024.0 / 1e6,
         f(&p["kernel_maps"]["total_bytes"]) / 1e6
     );
     let rr = net_test(r, "tcp_rr");
@@ -966,18 +938,17 @@ fn analysis(r: &Value) -> String {
             String::new()
         },
     );
-    let (dw, _) = timing(r, "direct:geo_v4", "allowed-v4");
-    if dw.is_finite() {
-        let _ = writeln!(
-            s,
-            "- **Layout.** One lookup in the direct-index prototype costs {dw:.1} ns against {lpm_geo4:.1} ns for the \
-             geo LPM trie (both bare programs, same packets; the allow-all loop alone is {allow:.1} ns). The agent \
-             keeps the LPM trie, with nested entries: it serves IPv4 and IPv6 alike (a direct index does not scale to \
-             IPv6), it loads in one pass of map updates, and nesting needs about a third of the entries that disjoint \
-             prefixes need, which is what brought compile + load under a second. The \
-             direct index stays the next step for IPv4 decision cost."
-        );
-    }
+    let _ = writeln!(
+        s,
+        "- **Layout.** Domain networks and every country verdict are one class per address, found by a \
+         multibit trie in one array map: a 16-bit root per family, then nodes of 16 entries (256 where most of \
+         the children would be nodes themselves), each word a class or the next node, identical nodes shared. \
+         The verifier inlines every array access, so a step is a few instructions; the bare walk costs \
+         {walk_full4:.1} ns (IPv4) and {walk_full6:.1} ns (IPv6) against {lpm4:.1} and {lpm6:.1} ns for one LPM \
+         trie lookup, and the decision needs one walk where LPM tries needed two lookups (networks, then \
+         countries). It serves both families (a flat direct index does not scale to IPv6), and it is written by \
+         one memory copy instead of one trie insert per prefix."
+    );
     s
 }
 
@@ -1006,9 +977,11 @@ mod tests {
     fn compiled_line() {
         assert_eq!(
             compiled_counts(
-                "compiled: 10 cgroups present now, 8000 IPv4 + 2000 IPv6 domain networks, 208840 IPv4 + 281186 IPv6 geo prefixes"
+                "compiled: 10 cgroups present now, 8000 IPv4 + 2000 IPv6 domain networks, 97843 IPv4 + 127551 IPv6 geo ranges; address table 2033552 words (7943 KiB) in 10063 IPv4 + 10967 IPv6 nodes, 3 classes"
             ),
-            [10, 8000, 2000, 208840, 281186]
+            [
+                10, 8000, 2000, 97843, 127551, 2033552, 7943, 10063, 10967, 3
+            ]
         );
     }
 
