@@ -44,7 +44,8 @@ pub const MAX_STEPS_V6: u32 = (128 - ROOT_BITS) / MIN_STRIDE;
 /// Words in one line (one map element, one cache line).
 pub const LINE_WORDS: u32 = 16;
 /// Words per slot: 16 MiB. The full CC0 country database with 10k domain
-/// networks takes about a sixth of it (`BENCHMARKS.md`).
+/// networks takes a little over half (`BENCHMARKS.md`); a table that would
+/// not fit is built again without wide nodes (a quarter of the words).
 pub const SLOT_WORDS: u32 = 4 << 20;
 pub const SLOT_LINES: u32 = SLOT_WORDS / LINE_WORDS;
 /// Distinct classes per slot: every domain with networks, and every
