@@ -111,7 +111,7 @@ impl Params {
                 check_reps: 5,
                 nft_reps: 3,
                 update_reps: 3,
-                net_rounds: 6,
+                net_rounds: 10,
                 net_secs: 2,
                 storm_n: 200_000,
             }

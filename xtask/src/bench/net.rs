@@ -452,8 +452,13 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     }))
 }
 
+fn per_call(calls: u64, ns: u64) -> Value {
+    json!({"calls": calls, "ns_per_call": if calls > 0 { ns as f64 / calls as f64 } else { f64::NAN }})
+}
+
 /// Enables `kernel.bpf_stats_enabled` for one more bulkhead-mode run of
-/// each test and reports the programs' average run time per call.
+/// each test and reports the programs' run time per call, per test, and
+/// per unit of each test (what the hooks add to one transaction).
 fn bpf_stats(ctx: &Ctx, agent: &Agent, m: &Mode) -> Result<Value> {
     let path = "/proc/sys/kernel/bpf_stats_enabled";
     let old = std::fs::read_to_string(path)?.trim().to_string();
@@ -464,27 +469,38 @@ fn bpf_stats(ctx: &Ctx, agent: &Agent, m: &Mode) -> Result<Value> {
         .collect::<std::io::Result<_>>()?;
     std::fs::write(path, "1")?;
     let result = (|| -> Result<Value> {
-        let before: Vec<_> = fds
-            .iter()
-            .map(sys::prog_info)
-            .collect::<std::io::Result<_>>()?;
-        let mut ran = Vec::new();
+        let snap =
+            || -> std::io::Result<Vec<sys::ProgInfo>> { fds.iter().map(sys::prog_info).collect() };
+        let mut totals = vec![(0u64, 0u64); progs.len()];
+        let mut by_test = serde_json::Map::new();
         for (test, _, _) in TESTS {
-            ran.push((test, run_test(ctx, m, test)?));
-        }
-        let after: Vec<_> = fds
-            .iter()
-            .map(sys::prog_info)
-            .collect::<std::io::Result<_>>()?;
-        let mut out = serde_json::Map::new();
-        for ((name, b), a) in progs.iter().zip(&before).zip(&after) {
-            let calls = a.run_cnt - b.run_cnt;
-            let ns = a.run_time_ns - b.run_time_ns;
-            out.insert(
-                (*name).into(),
-                json!({"calls": calls, "ns_per_call": if calls > 0 { ns as f64 / calls as f64 } else { f64::NAN }}),
+            let before = snap()?;
+            let rate = run_test(ctx, m, test)?;
+            let after = snap()?;
+            let mut per = serde_json::Map::new();
+            let mut ns_total = 0u64;
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                let (calls, ns) = (a.run_cnt - b.run_cnt, a.run_time_ns - b.run_time_ns);
+                totals[i].0 += calls;
+                totals[i].1 += ns;
+                ns_total += ns;
+                per.insert(progs[i].into(), per_call(calls, ns));
+            }
+            // Program time per unit of the test (transaction, message,
+            // connection), against the unit's time at the measured rate.
+            let units = rate * f64::from(ctx.p.net_secs);
+            let ns_per_unit = ns_total as f64 / units;
+            per.insert(
+                "per_unit".into(),
+                json!({"ns": ns_per_unit, "share": ns_per_unit * rate / 1e9, "rate": rate}),
             );
+            by_test.insert(test.into(), Value::Object(per));
         }
+        let mut out = serde_json::Map::new();
+        for (name, (calls, ns)) in progs.iter().zip(totals) {
+            out.insert((*name).into(), per_call(calls, ns));
+        }
+        out.insert("by_test".into(), Value::Object(by_test));
         Ok(Value::Object(out))
     })();
     let _ = std::fs::write(path, old);
