@@ -11,10 +11,13 @@ pub enum Hook {
     SkbEgress = 5,
     SkbIngress = 6,
     SockCreate = 7,
+    /// The agent's socket iterator, destroying a socket the packet hooks
+    /// cut ([`crate::maps::SOCK_CUT`]).
+    SockDestroy = 8,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 7] = [
+    pub const ALL: [Hook; 8] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
@@ -22,6 +25,7 @@ impl Hook {
         Hook::SkbEgress,
         Hook::SkbIngress,
         Hook::SockCreate,
+        Hook::SockDestroy,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -33,6 +37,7 @@ impl Hook {
             Hook::SkbEgress => "skb-egress",
             Hook::SkbIngress => "skb-ingress",
             Hook::SockCreate => "sock-create",
+            Hook::SockDestroy => "sock-destroy",
         }
     }
 
@@ -49,6 +54,9 @@ pub enum Verdict {
     Deny = 1,
     /// `mode: audit`: the policy denies it, but it was let through.
     WouldDeny = 2,
+    /// An established connection was destroyed: its packets had started
+    /// to be denied.
+    Cut = 3,
 }
 
 impl Verdict {
@@ -57,6 +65,7 @@ impl Verdict {
             Verdict::Allow => "allow",
             Verdict::Deny => "deny",
             Verdict::WouldDeny => "would-deny",
+            Verdict::Cut => "cut",
         }
     }
 
@@ -65,6 +74,7 @@ impl Verdict {
             0 => Some(Verdict::Allow),
             1 => Some(Verdict::Deny),
             2 => Some(Verdict::WouldDeny),
+            3 => Some(Verdict::Cut),
             _ => None,
         }
     }

@@ -46,6 +46,9 @@ pub const fn domain_counter_index(domain: u32, reason: u8) -> u32 {
 pub const COUNTER_EVENTS_WANTED: u32 = 8 * crate::reason::REASON_SLOTS;
 pub const COUNTER_EVENTS_RATE_LIMITED: u32 = COUNTER_EVENTS_WANTED + 1;
 pub const COUNTER_EVENTS_LOST: u32 = COUNTER_EVENTS_WANTED + 2;
+/// Established sockets whose packets the packet hooks started to deny
+/// ([`SOCK_CUT`]): the agent destroys the ones it can reach.
+pub const COUNTER_CUT_MARKED: u32 = COUNTER_EVENTS_WANTED + 3;
 
 /// Index of the counter for one decision of `hook` with `reason`.
 pub const fn counter_index(hook: u8, reason: u8) -> u32 {
@@ -173,6 +176,33 @@ pub struct BridgeSet {
 pub const SOCK_INITIATOR: u64 = 1 << 0;
 /// [`SockInfo::last_flow`] holds the last allowed datagram destination.
 pub const SOCK_FLOW_SEEN: u64 = 1 << 1;
+/// A packet of this established socket was denied (a policy tightened, a
+/// bridge or the domain expired): [`SockInfo::cut`] says which, and the
+/// agent's socket iterators destroy it (`bpf_sock_destroy`), so the
+/// application gets `ECONNABORTED` instead of waiting on a dead flow.
+pub const SOCK_CUT: u64 = 1 << 2;
+
+/// The decision that cut an established socket, kept in its storage for
+/// the agent's iterator to report once the socket is destroyed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CutRecord {
+    pub generation: u64,
+    /// The socket's cgroup.
+    pub cgroup_id: u64,
+    pub local: [u8; 16],
+    pub peer: [u8; 16],
+    pub bridge_id: u32,
+    pub local_port: [u8; 2],
+    pub peer_port: [u8; 2],
+    pub domain: u16,
+    pub peer_domain: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub reason: u8,
+    /// The denied packet came from the peer.
+    pub ingress: u8,
+}
 
 /// An unconnected socket's last allowed datagram flow: with `audit: all`
 /// only a datagram to a different destination (or allowed for a different
@@ -200,6 +230,8 @@ pub struct SockInfo {
     pub flags: u64,
     pub last_flow: FlowKey,
     pub verdict: VerdictCache,
+    /// Set with [`SOCK_CUT`].
+    pub cut: CutRecord,
 }
 
 /// An established TCP socket's last allowed packet verdict: its later
@@ -238,6 +270,7 @@ mod pod {
     unsafe impl aya::Pod for BridgeRule {}
     unsafe impl aya::Pod for BridgeSet {}
     unsafe impl aya::Pod for SockInfo {}
+    unsafe impl aya::Pod for CutRecord {}
     unsafe impl aya::Pod for TokenBucket {}
     unsafe impl aya::Pod for crate::event::Event {}
     unsafe impl aya::Pod for crate::addr::AddrLine {}
@@ -292,7 +325,11 @@ mod tests {
         assert_eq!(size_of::<BridgeKey>(), 8);
         assert_eq!(size_of::<BridgeRule>(), 32);
         assert_eq!(size_of::<BridgeSet>(), 8 + 32 * MAX_BRIDGE_RULES);
-        assert_eq!(size_of::<SockInfo>(), 8 * MAX_CGROUP_DEPTH + 8 + 24 + 24);
+        assert_eq!(size_of::<CutRecord>(), 64);
+        assert_eq!(
+            size_of::<SockInfo>(),
+            8 * MAX_CGROUP_DEPTH + 8 + 24 + 24 + 64
+        );
         assert_eq!(size_of::<TokenBucket>(), 16);
         assert_eq!(size_of::<crate::addr::AddrLine>(), 64);
         assert_eq!(size_of::<crate::addr::AddrClass>(), 24);
@@ -301,7 +338,7 @@ mod tests {
     #[test]
     fn counter_indices_fit() {
         const { assert!(counter_index(7, 31) < COUNTER_EVENTS_WANTED) };
-        const { assert!(COUNTER_EVENTS_LOST < NUM_COUNTERS) };
+        const { assert!(COUNTER_CUT_MARKED < NUM_COUNTERS) };
     }
 
     #[test]

@@ -23,12 +23,12 @@ use agent_common::{
     decide,
     event::{FAMILY_INET, FAMILY_INET6},
     maps::{
-        BridgeKey, BridgeSet, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
-        COUNTER_EVENTS_WANTED, CgroupKey, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
+        BridgeKey, BridgeSet, COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
+        COUNTER_EVENTS_WANTED, CgroupKey, Config, CutRecord, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
         DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, FlowKey, GeoValue, MAX_BRIDGE_PAIRS,
         MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MODE_AUDIT, NUM_COUNTERS, NUM_DOMAIN_COUNTERS,
-        SOCK_FLOW_SEEN, SOCK_INITIATOR, SockInfo, State, TokenBucket, VerdictCache, counter_index,
-        domain_counter_index, is_loopback_v4, is_loopback_v6, v4_mapped,
+        SOCK_CUT, SOCK_FLOW_SEEN, SOCK_INITIATOR, SockInfo, State, TokenBucket, VerdictCache,
+        counter_index, domain_counter_index, is_loopback_v4, is_loopback_v6, v4_mapped,
     },
 };
 use aya_ebpf::{
@@ -95,6 +95,8 @@ const LSM_ALLOW: i32 = 1;
 const LSM_DENY: i32 = 0;
 /// Map flag: userspace may `mmap` the array.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 /// `BPF_F_CURRENT_NETNS` as the helpers' u64 netns argument.
 const CURRENT_NETNS: u64 = 0xffff_ffff;
 
@@ -215,7 +217,7 @@ fn classify(slot: u32, family: u8, addr: &[u8; 16]) -> Option<&'static AddrClass
 /// domain under the current policy; 0 when there is none or it has no owner.
 #[inline(always)]
 fn listener_domain(
-    ctx: &SockAddrContext,
+    ctx: *mut core::ffi::c_void,
     slot: u32,
     family: u8,
     proto: u32,
@@ -236,9 +238,9 @@ fn listener_domain(
     };
     let sk = unsafe {
         if proto == IPPROTO_TCP {
-            bpf_sk_lookup_tcp(ctx.sock_addr.cast(), &mut tuple, size, CURRENT_NETNS, 0)
+            bpf_sk_lookup_tcp(ctx, &mut tuple, size, CURRENT_NETNS, 0)
         } else if proto == IPPROTO_UDP {
-            bpf_sk_lookup_udp(ctx.sock_addr.cast(), &mut tuple, size, CURRENT_NETNS, 0)
+            bpf_sk_lookup_udp(ctx, &mut tuple, size, CURRENT_NETNS, 0)
         } else {
             return 0;
         }
@@ -448,7 +450,7 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
     };
     let mut peer = peer_of(a.slot, family, &dst);
     if peer.domain == 0 {
-        peer.domain = listener_domain(ctx, a.slot, family, proto, &dst, dport);
+        peer.domain = listener_domain(ctx.sock_addr.cast(), a.slot, family, proto, &dst, dport);
     }
     let port = u16::from_be_bytes(dport);
     let mut f = Flow {
@@ -525,21 +527,23 @@ fn is_sendmsg(hook: Hook) -> bool {
 /// (null when the kernel could not allocate it).
 #[inline(always)]
 fn mark_initiator(sk: *mut bpf_sock) -> *mut SockInfo {
-    let mut init: SockInfo = unsafe { zeroed() };
-    init.flags = SOCK_INITIATOR;
+    // No initial value: a new storage starts zeroed (a SockInfo on this
+    // stack would not fit beside the connect hook's own).
     let p = unsafe {
         bpf_sk_storage_get(
             socks_map(),
             sk.cast(),
-            (&mut init as *mut SockInfo).cast(),
+            core::ptr::null_mut(),
             BPF_SK_STORAGE_GET_F_CREATE as u64,
         ) as *mut SockInfo
     };
     if !p.is_null() {
         unsafe {
             (*p).flags |= SOCK_INITIATOR;
-            // A (re)connect may change the peer: decide its packets anew.
+            // A (re)connect may change the peer: decide its packets anew,
+            // and a mark for the old peer no longer holds.
             (*p).verdict.generation = 0;
+            (*p).flags &= !SOCK_CUT;
         }
     }
     p
@@ -891,7 +895,21 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     };
     // Loopback packets were decided at connect time, where the listener's
     // domain is known; here the peer address has no domain.
-    let peer = peer_of(a.slot, peer_family, &peer_key);
+    let mut peer = peer_of(a.slot, peer_family, &peer_key);
+    // A packet through the loopback device goes to or comes from this host:
+    // as at connect time, a peer in no domain network has the domain of the
+    // socket listening on its address, so a bridge that expires or a policy
+    // that tightens cuts same-host connections too.
+    if peer.domain == 0 && unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX {
+        peer.domain = listener_domain(
+            ctx.skb.skb.cast(),
+            a.slot,
+            peer_family,
+            u32::from(p.proto),
+            &peer_key,
+            peer_port,
+        );
+    }
     let d = decide_flow(
         &a,
         dom_id,
@@ -903,6 +921,9 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     );
     if d.allow && p.proto == IPPROTO_TCP as u8 {
         cache_verdict(full, info, &a, dom_id, &d);
+    }
+    if !d.allow && a.config.mode != MODE_AUDIT {
+        mark_cut(full, info, &a, dom_id, &peer, &d, &p, dir, cgroup_id);
     }
     let f = Flow {
         family: p.family,
@@ -955,6 +976,53 @@ fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<(u32, u8)> {
         return None;
     }
     Some((c.domain, c.reason))
+}
+
+/// Marks an established socket whose packet was just denied, once: the
+/// agent's socket iterators destroy it and report the record.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
+fn mark_cut(
+    full: *mut bpf_sock,
+    info: *mut SockInfo,
+    a: &Active,
+    dom_id: u32,
+    peer: &Peer,
+    d: &Decision,
+    p: &Parsed,
+    dir: Direction,
+    cgroup_id: u64,
+) {
+    if info.is_null() || full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    let info = unsafe { &mut *info };
+    if info.flags & SOCK_CUT != 0 {
+        return;
+    }
+    let ingress = matches!(dir, Direction::Ingress);
+    let (local, peer_addr, local_port, peer_port) = if ingress {
+        (&p.dst, &p.src, p.dport, p.sport)
+    } else {
+        (&p.src, &p.dst, p.sport, p.dport)
+    };
+    info.cut = CutRecord {
+        generation: a.generation,
+        cgroup_id,
+        local: *local,
+        peer: *peer_addr,
+        bridge_id: d.bridge_id,
+        local_port,
+        peer_port,
+        domain: dom_id as u16,
+        peer_domain: peer.domain as u16,
+        family: p.family,
+        proto: p.proto,
+        reason: d.reason as u8,
+        ingress: ingress as u8,
+    };
+    info.flags |= SOCK_CUT;
+    count(COUNTER_CUT_MARKED);
 }
 
 /// Remembers an allowed packet's verdict on its socket, but only on an

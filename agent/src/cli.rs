@@ -260,6 +260,13 @@ pub fn render_status(v: &Value) -> String {
         e["subscribers"],
         e["subscriber_drops"]
     );
+    let c = &v["connections_cut"];
+    s += &format!(
+        "cut:         {} established connections marked, {} destroyed; {}\n",
+        c["marked"],
+        c["destroyed"],
+        c["how"].as_str().unwrap_or("")
+    );
     s += &format!("packet sockets: {}\n", str_of("packet_sockets"));
     s += &format!("{}\n", str_of("capabilities"));
     let p = &v["pods"];

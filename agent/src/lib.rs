@@ -7,6 +7,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod compile;
 pub mod control;
+pub mod cut;
 pub mod events;
 pub mod explain;
 pub mod fxhash;

@@ -156,7 +156,7 @@ enum Command {
         /// Only events whose source or destination is in this domain.
         #[arg(long)]
         domain: Option<String>,
-        /// Only this verdict: allow, deny or would-deny.
+        /// Only this verdict: allow, deny, would-deny or cut.
         #[arg(long)]
         verdict: Option<String>,
         /// Only this reason (e.g. cross-domain, country-denied).
@@ -251,7 +251,7 @@ enum AuditCommand {
         /// Country (ISO code) of the peer.
         #[arg(long)]
         country: Option<String>,
-        /// allow, deny or would-deny.
+        /// allow, deny, would-deny or cut.
         #[arg(long)]
         verdict: Option<String>,
         /// Reason name (see README).

@@ -17,8 +17,9 @@ use std::{
 use agent_common::{
     Hook, Reason,
     maps::{
-        COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_WANTED, MAP_COUNTERS,
-        MAP_DOMAIN_COUNTERS, counter_index, domain_counter_index,
+        COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
+        COUNTER_EVENTS_WANTED, MAP_COUNTERS, MAP_DOMAIN_COUNTERS, counter_index,
+        domain_counter_index,
     },
 };
 use anyhow::{Context as _, Result};
@@ -31,6 +32,8 @@ pub struct Gauges {
     pub load_micros: AtomicU64,
     pub delivered: Arc<AtomicU64>,
     pub subscriber_drops: AtomicU64,
+    /// Established connections the agent destroyed.
+    pub cuts_destroyed: Arc<AtomicU64>,
     /// The audit store's (written, dropped) counters, when there is a store.
     store: Mutex<Option<(Arc<AtomicU64>, Arc<AtomicU64>)>>,
     pub domain_names: Mutex<Vec<String>>,
@@ -127,6 +130,18 @@ pub fn render(maps_dir: &Path, g: &Gauges) -> String {
         "bulkhead_events_lost_total",
         "Events lost because the ring buffer was full.",
         at(&counters, COUNTER_EVENTS_LOST),
+    );
+    counter(
+        &mut s,
+        "bulkhead_connections_marked_total",
+        "Established connections whose packets the policy started to deny.",
+        at(&counters, COUNTER_CUT_MARKED),
+    );
+    counter(
+        &mut s,
+        "bulkhead_connections_destroyed_total",
+        "Of those, connections the agent destroyed (bpf_sock_destroy, its own network namespace).",
+        g.cuts_destroyed.load(Ordering::Relaxed),
     );
     counter(
         &mut s,

@@ -317,9 +317,9 @@ pub fn features() -> &'static [Feature] {
                 name: "bpf_sock_destroy kfunc",
                 since: V(6, 5),
                 need: Need::Optional(
-                    "connections established before a policy tightened are not cut at once; the cgroup_skb hooks drop their packets instead",
+                    "connections a policy stops allowing are not destroyed (the application sees no error); the cgroup_skb hooks drop their packets instead",
                 ),
-                used_for: "cutting established connections when a policy tightens",
+                used_for: "destroying established connections a policy stops allowing (agent's network namespace)",
                 probe: || btf_has_name("bpf_sock_destroy"),
             },
         ]

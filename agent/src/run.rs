@@ -12,11 +12,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::maps::MAP_EVENTS;
+use agent_common::{
+    Event,
+    maps::{COUNTER_CUT_MARKED, CutRecord, MAP_EVENTS},
+};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{MapData, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf},
 };
 
 use crate::{
@@ -25,6 +28,7 @@ use crate::{
     cgroup::{self, PathCache},
     compile::{self, Compiled, EventLimits},
     control::{self, Call, Hub, Request},
+    cut::Cutter,
     events::{self, Enricher, Generation},
     explain,
     geo::GeoDb,
@@ -277,6 +281,34 @@ pub fn run(args: RunArgs) -> Result<()> {
     });
     let control = control::bind(&args.run_dir, args.control_group)?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
+    // Tracing programs need CAP_PERFMON: load the socket iterators now.
+    let cutter = match socks_fd(&ebpf).and_then(Cutter::new) {
+        Ok(c) => {
+            log(
+                "established connections that a policy stops allowing are destroyed (bpf_sock_destroy) in this \
+                 network namespace; in others the packet hooks drop their traffic",
+            );
+            Some(c)
+        }
+        Err(e) => {
+            log(format!(
+                "warning: established connections that a policy stops allowing are not destroyed ({e:#}); \
+                 the packet hooks drop their traffic"
+            ));
+            None
+        }
+    };
+    let cuts = Arc::new(CutState {
+        enabled: cutter.is_some(),
+        destroyed: gauges.cuts_destroyed.clone(),
+        marked: AtomicU64::new(0),
+    });
+    // The reader thread's own handle on the counters, for the cut marks.
+    let counters_pin = pins.maps().join(agent_common::maps::MAP_COUNTERS);
+    let counters = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
+        MapData::from_pin(&counters_pin)
+            .with_context(|| format!("opening {}", counters_pin.display()))?,
+    ))?;
     // Everything that needs more than CAP_BPF is done; threads start below.
     let kept = caps::drop_after_attach()?;
     log(&kept);
@@ -329,16 +361,18 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let hub = Hub::new();
     let reader = {
-        let (enricher, stop, delivered, hub, store) = (
-            enricher.clone(),
-            stop.clone(),
-            delivered.clone(),
-            hub.clone(),
-            store.clone(),
-        );
+        let out = Output {
+            enricher: enricher.clone(),
+            sink,
+            delivered: delivered.clone(),
+            hub: hub.clone(),
+            store: store.clone(),
+        };
+        let (stop, cuts) = (stop.clone(), cuts.clone());
+        let cutter = cutter.map(|c| (c, counters, tai));
         thread::Builder::new()
             .name("events".into())
-            .spawn(move || read_events(ring, enricher, sink, stop, delivered, hub, store))?
+            .spawn(move || read_events(ring, out, cutter, cuts, stop))?
     };
     let (calls_tx, calls) = std::sync::mpsc::channel::<Call>();
     let wake_tx = calls_tx.clone();
@@ -450,6 +484,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                         hub: &hub,
                         enricher: &enricher,
                         cgroup_root: &root,
+                        cuts: &cuts,
                     };
                     let _ = call.reply.send(st.to_json(&mut ebpf, &pmaps));
                 }
@@ -791,14 +826,91 @@ fn refresh_cgroups(
     }
 }
 
-fn read_events(
-    mut ring: RingBuf<MapData>,
+/// Where enriched events go.
+struct Output {
     enricher: Arc<Mutex<Enricher>>,
-    mut sink: Sink,
-    stop: Arc<AtomicBool>,
+    sink: Sink,
     delivered: Arc<AtomicU64>,
     hub: Arc<Hub>,
     store: Option<Store>,
+}
+
+impl Output {
+    /// Enriches, then writes to the log, the store and live subscribers.
+    fn send(&mut self, events: impl IntoIterator<Item = Event>, kernel: bool) {
+        let mut batch = String::new();
+        {
+            let mut en = self.enricher.lock().expect("enricher lock");
+            for e in events {
+                // Only the kernel's events carry per-CPU sequence numbers.
+                if kernel {
+                    en.gap(&e);
+                }
+                let rec = en.enrich(&e);
+                if let Ok(json) = serde_json::to_string(&rec) {
+                    batch.push_str(&json);
+                    batch.push('\n');
+                }
+                if let Some(s) = &self.store {
+                    s.event(rec.clone());
+                }
+                self.hub.publish(rec);
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !batch.is_empty() {
+            self.sink.write(&batch);
+        }
+    }
+}
+
+/// Connections cut, for `status` and the metrics.
+struct CutState {
+    /// The kernel has `bpf_sock_destroy` and the iterators loaded.
+    enabled: bool,
+    destroyed: Arc<AtomicU64>,
+    /// Marked by the packet hooks (all namespaces).
+    marked: AtomicU64,
+}
+
+/// The `BH_SOCKS` socket storage the iterators read.
+fn socks_fd(ebpf: &Ebpf) -> Result<std::os::fd::BorrowedFd<'_>> {
+    use std::os::fd::AsFd as _;
+    match ebpf.map(agent_common::maps::MAP_SOCKS) {
+        Some(aya::maps::Map::SkStorage(m)) => Ok(m.fd().as_fd()),
+        _ => bail!("map BH_SOCKS missing from the object"),
+    }
+}
+
+/// The event for a socket an iterator destroyed: the workload's side as
+/// source, as for its own connections.
+fn cut_event(r: &CutRecord, now_tai_ns: u64) -> Event {
+    Event {
+        ts_tai_ns: now_tai_ns,
+        cgroup_id: r.cgroup_id,
+        generation: r.generation,
+        src_addr: r.local,
+        dst_addr: r.peer,
+        bridge_id: r.bridge_id,
+        src_port: r.local_port,
+        dst_port: r.peer_port,
+        src_domain: r.domain,
+        dst_domain: r.peer_domain,
+        family: r.family,
+        proto: r.proto,
+        hook: agent_common::Hook::SockDestroy as u8,
+        verdict: agent_common::Verdict::Cut as u8,
+        reason: r.reason,
+        ..Event::default()
+    }
+}
+
+fn read_events(
+    mut ring: RingBuf<MapData>,
+    mut out: Output,
+    cutter: Option<(Cutter, PerCpuArray<MapData, u64>, i64)>,
+    cuts: Arc<CutState>,
+    stop: Arc<AtomicBool>,
 ) {
     let fd = ring.as_raw_fd();
     loop {
@@ -809,29 +921,32 @@ fn read_events(
         };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, 100) };
-        let mut batch = String::new();
-        {
-            let mut en = enricher.lock().expect("enricher lock");
-            while let Some(item) = ring.next() {
-                let Some(e) = events::decode(&item) else {
-                    continue;
-                };
-                drop(item);
-                en.gap(&e);
-                let rec = en.enrich(&e);
-                if let Ok(json) = serde_json::to_string(&rec) {
-                    batch.push_str(&json);
-                    batch.push('\n');
-                }
-                if let Some(s) = &store {
-                    s.event(rec.clone());
-                }
-                hub.publish(rec);
-                delivered.fetch_add(1, Ordering::Relaxed);
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(e) = events::decode(&item) {
+                events.push(e);
             }
         }
-        if !batch.is_empty() {
-            sink.write(&batch);
+        out.send(events, true);
+        // Sockets the packet hooks marked since the last turn: destroy
+        // them (at most one iteration per turn, and only when there are
+        // new marks).
+        if let Some((cutter, counters, tai)) = &cutter {
+            let marked = counters
+                .get(&COUNTER_CUT_MARKED, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0);
+            if marked > cuts.marked.swap(marked, Ordering::Relaxed) {
+                match cutter.run() {
+                    Ok(records) => {
+                        let now = (compile::now_ns() + tai).max(0) as u64;
+                        cuts.destroyed
+                            .fetch_add(records.len() as u64, Ordering::Relaxed);
+                        out.send(records.iter().map(|r| cut_event(r, now)), false);
+                    }
+                    Err(e) => eprintln!("bulkhead: warning: cutting connections failed: {e:#}"),
+                }
+            }
         }
         if stop.load(Ordering::Relaxed) {
             return;
@@ -852,6 +967,7 @@ struct Status<'a> {
     hub: &'a Hub,
     enricher: &'a Mutex<Enricher>,
     cgroup_root: &'a Path,
+    cuts: &'a CutState,
 }
 
 impl Status<'_> {
@@ -926,6 +1042,15 @@ impl Status<'_> {
                 "sequence_gaps": gaps,
                 "subscribers": self.hub.subscribers(),
                 "subscriber_drops": self.hub.subscriber_drops.load(Ordering::Relaxed),
+            },
+            "connections_cut": {
+                "marked": get(COUNTER_CUT_MARKED),
+                "destroyed": self.cuts.destroyed.load(Ordering::Relaxed),
+                "how": if self.cuts.enabled {
+                    "destroyed with bpf_sock_destroy (the application sees ECONNABORTED) in the agent's network namespace; elsewhere their packets are dropped"
+                } else {
+                    "their packets are dropped (no bpf_sock_destroy: Linux 6.5+)"
+                },
             },
             "packet_sockets": self.packet_sockets,
             "capabilities": self.capabilities,

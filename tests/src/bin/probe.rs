@@ -9,6 +9,8 @@
 //!   probe storm ADDR:PORT COUNT [PAUSE_US] COUNT UDP connect() calls, print "eperm N other M"
 //!   probe trickle ADDR:PORT SECS          TCP connect, then a byte every 10 ms for SECS
 //!   probe sink ADDR:PORT SECS             accept one TCP connection, print bytes and last arrival
+//!   probe hold ADDR:PORT SECS             TCP connect, a byte every 10 ms until a write fails:
+//!                                         "error ERRNO at UNIX_NS", or "open" after SECS
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -33,6 +35,9 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
         Some(libc::EAGAIN) => "EAGAIN".into(),
         Some(libc::EINPROGRESS) => "EINPROGRESS".into(),
+        Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
+        Some(libc::ECONNRESET) => "ECONNRESET".into(),
+        Some(libc::EPIPE) => "EPIPE".into(),
         Some(n) => format!("errno{n}"),
         None => e.to_string(),
     }
@@ -213,6 +218,30 @@ fn trickle(to: SocketAddr, secs: u64) -> String {
     format!("sent {sent}")
 }
 
+/// Connects, prints `connected`, then writes a byte every 10 ms for
+/// `secs`; the first failing write ends it with `error ERRNO at UNIX_NS`
+/// (when it failed), else `open`.
+fn hold(to: SocketAddr, secs: u64) -> String {
+    let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return errno_name(&e),
+    };
+    println!("connected");
+    let _ = s.set_nodelay(true);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Err(e) = s.write_all(b".") {
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            return format!("error {} at {at}", errno_name(&e));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    "open".into()
+}
+
 /// Accepts one TCP connection and reads bytes for `secs`; prints `got N
 /// last UNIX_NS`, the wall-clock time the last byte arrived.
 fn sink(at: SocketAddr, secs: u64) -> String {
@@ -280,6 +309,7 @@ fn main() -> ExitCode {
         ),
         ["trickle", to, secs] => trickle(addr(to), secs.parse().expect("secs")),
         ["sink", at, secs] => sink(addr(at), secs.parse().expect("secs")),
+        ["hold", to, secs] => hold(addr(to), secs.parse().expect("secs")),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);
