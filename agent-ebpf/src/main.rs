@@ -910,7 +910,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
             peer_port,
         );
     }
-    let d = decide_flow(
+    let mut d = decide_flow(
         &a,
         dom_id,
         dom,
@@ -919,6 +919,27 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         p.proto,
         u16::from_be_bytes(service_port),
     );
+    if !d.allow && peer.domain != 0 && peer.domain != dom_id && p.proto == IPPROTO_UDP as u8 {
+        // Datagrams have no connection to say who started: as in the
+        // sendmsg hook, a bridge either way covers them (a server's reply
+        // over a bridge peer → local is on the server's own port).
+        let (back_dir, back_port) = match conn_dir {
+            Direction::Egress => (Direction::Ingress, local_port),
+            Direction::Ingress => (Direction::Egress, peer_port),
+        };
+        let back = decide_flow(
+            &a,
+            dom_id,
+            dom,
+            &peer,
+            back_dir,
+            p.proto,
+            u16::from_be_bytes(back_port),
+        );
+        if back.allow {
+            d = back;
+        }
+    }
     if d.allow && p.proto == IPPROTO_TCP as u8 {
         cache_verdict(full, info, &a, dom_id, &d);
     }
@@ -993,7 +1014,24 @@ fn mark_cut(
     dir: Direction,
     cgroup_id: u64,
 ) {
-    if info.is_null() || full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+    if full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    // An accepted socket has no storage of its own yet: give it one, so
+    // the serving end is cut too.
+    let info = if info.is_null() {
+        unsafe {
+            bpf_sk_storage_get(
+                socks_map(),
+                full.cast(),
+                core::ptr::null_mut(),
+                BPF_SK_STORAGE_GET_F_CREATE as u64,
+            ) as *mut SockInfo
+        }
+    } else {
+        info
+    };
+    if info.is_null() {
         return;
     }
     let info = unsafe { &mut *info };

@@ -388,6 +388,52 @@ fn loopback_between_domains_on_one_namespace_is_denied() {
     assert_eq!(field(&ev[0], "dst_domain"), "prod");
 }
 
+/// Over a bridge on loopback, both directions of a conversation pass, at
+/// connect time and in the packet hooks: TCP data after the handshake, and
+/// a UDP answer to a client socket that is itself bound (and so owned by
+/// its domain).
+#[test]
+fn loopback_bridge_carries_requests_and_replies() {
+    if !privileged("loopback_bridge") {
+        return;
+    }
+    let w = world(110);
+    let ns = Netns::new();
+    let bridge = "bridges:\n  - name: lo\n    from: contractor\n    to: prod\n    ports: [tcp/9200, udp/9201]\n    reason: \"T-3\"\n";
+    let _agent = Agent::start(&w.root, &w.policy("", bridge));
+    let tcp = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9200", 3);
+    let udp = Server::start(&w.prod, Some(&ns), "udp", "127.0.0.1:9201", 3);
+    let other = Server::start(&w.prod, Some(&ns), "udp", "127.0.0.1:9202", 3);
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&ns),
+            &["connect", "tcp", "127.0.0.1:9200"]
+        ),
+        "ok"
+    );
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&ns),
+            &["ask", "127.0.0.1:9210", "127.0.0.1:9201"]
+        ),
+        "reply"
+    );
+    // A prod port the bridge does not cover: refused at once.
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&ns),
+            &["ask", "127.0.0.1:9211", "127.0.0.1:9202"]
+        ),
+        "EPERM"
+    );
+    assert_eq!(tcp.finish(), 1);
+    assert_eq!(udp.finish(), 1);
+    assert_eq!(other.finish(), 0);
+}
+
 #[test]
 fn listener_bound_before_the_agent_started_is_covered() {
     if !privileged("preexisting_listener") {

@@ -9,6 +9,8 @@
 //!   probe storm ADDR:PORT COUNT [PAUSE_US] COUNT UDP connect() calls, print "eperm N other M"
 //!   probe trickle ADDR:PORT SECS          TCP connect, then a byte every 10 ms for SECS
 //!   probe sink ADDR:PORT SECS             accept one TCP connection, print bytes and last arrival
+//!   probe ask FROM:PORT ADDR:PORT         UDP from a bound socket: "ping", then "reply" if the
+//!                                         answer comes back within a second
 //!   probe hold ADDR:PORT SECS             TCP connect, a byte every 10 ms until a write fails:
 //!                                         "error ERRNO at UNIX_NS", or "open" after SECS
 //!   probe verdicts                        for each address on stdin (one a line),
@@ -91,6 +93,23 @@ fn sendto(to: SocketAddr) -> String {
     match s.send_to(b"ping", to) {
         Ok(_) => "ok".into(),
         Err(e) => errno_name(&e),
+    }
+}
+
+/// Binds `from` (so the answer goes to a bound, owned socket), sends
+/// "ping" to `to` and waits a second for the answer: `reply`, `no-reply`,
+/// or the send's errno.
+fn ask(from: SocketAddr, to: SocketAddr) -> String {
+    let s = UdpSocket::bind(from).expect("bind udp");
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    if let Err(e) = s.send_to(b"ping", to) {
+        return errno_name(&e);
+    }
+    let mut buf = [0u8; 8];
+    match s.recv_from(&mut buf) {
+        Ok((n, _)) if &buf[..n] == b"pong" => "reply".into(),
+        Ok(_) => "garbled".into(),
+        Err(_) => "no-reply".into(),
     }
 }
 
@@ -310,6 +329,7 @@ fn main() -> ExitCode {
         ["trickle", to, secs] => trickle(addr(to), secs.parse().expect("secs")),
         ["sink", at, secs] => sink(addr(at), secs.parse().expect("secs")),
         ["hold", to, secs] => hold(addr(to), secs.parse().expect("secs")),
+        ["ask", from, to] => ask(addr(from), addr(to)),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);
