@@ -748,11 +748,71 @@ fn explain_replay_lists_the_decisions_a_candidate_policy_would_change() {
     );
 }
 
+/// A server in `prod` and a client in `contractor` holding a connection to
+/// it, in the test's own network namespace (so over loopback).
+struct Held {
+    sink: std::process::Child,
+    hold: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Held {
+    fn open(w: &tests::world::World, dst: &str) -> Held {
+        let start = |cg, args: &[&str]| {
+            tests::command_in(cg, None, tests::probe_bin().to_str().unwrap(), args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut line = String::new();
+        let mut sink = start(&w.prod, &["sink", dst, "15"]);
+        BufReader::new(sink.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+        let mut hold = start(&w.contractor, &["hold", dst, "10"]);
+        let mut out = BufReader::new(hold.stdout.take().unwrap());
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "connected",
+            "the bridge lets the connection in"
+        );
+        Held { sink, hold, out }
+    }
+
+    /// Waits for the client's write to fail; asserts it failed with
+    /// `ECONNABORTED` and returns when (Unix ns).
+    fn ended(mut self) -> i128 {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let _ = self.hold.wait();
+        let _ = self.sink.kill();
+        let _ = self.sink.wait();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            words.get(..2),
+            Some(&["error", "ECONNABORTED"][..]),
+            "client saw: {line}"
+        );
+        words[3].parse().unwrap()
+    }
+}
+
+fn unix_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
 /// Same-host workloads of two domains (one network namespace, over
 /// loopback): a policy that drops their bridge destroys the open
 /// connection at its next packet, so the client's write fails with
 /// `ECONNABORTED` instead of the flow going quiet, and the cut is an
-/// audit event. (Sockets in other namespaces keep the packet backstop,
+/// audit event; so does the end of a just-in-time bridge. (Sockets in
+/// other namespaces keep the packet backstop,
 /// `jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead`.)
 #[test]
 fn a_connection_the_policy_stops_allowing_is_destroyed() {
@@ -763,60 +823,13 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
     let bridge = "bridges:\n  - name: loop\n    from: contractor\n    to: prod\n    ports: [tcp/47128]\n    reason: \"T-9\"\n";
     let mut agent = Agent::start(&w.root, &w.policy("", bridge));
     let dst = "127.0.0.1:47128";
-    let mut sink = tests::command_in(
-        &w.prod,
-        None,
-        tests::probe_bin().to_str().unwrap(),
-        &["sink", dst, "15"],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut sink_out = BufReader::new(sink.stdout.take().unwrap());
-    let mut line = String::new();
-    sink_out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "listening");
-    let mut hold = tests::command_in(
-        &w.contractor,
-        None,
-        tests::probe_bin().to_str().unwrap(),
-        &["hold", dst, "10"],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut hold_out = BufReader::new(hold.stdout.take().unwrap());
-    line.clear();
-    hold_out.read_line(&mut line).unwrap();
-    assert_eq!(
-        line.trim(),
-        "connected",
-        "the bridge lets the connection in"
-    );
+    let held = Held::open(&w, dst);
     std::thread::sleep(Duration::from_millis(300));
-
-    let before = std::time::SystemTime::now();
+    let reload_ns = unix_ns();
     agent.reload(&w.policy("", ""));
-    line.clear();
-    hold_out.read_line(&mut line).unwrap();
-    let _ = hold.wait();
-    let _ = sink.kill();
-    let _ = sink.wait();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(
-        words.get(..2),
-        Some(&["error", "ECONNABORTED"][..]),
-        "client saw: {line}"
-    );
-    let failed_ns: u128 = words[3].parse().unwrap();
-    let reload_ns = before
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let after_ms = (failed_ns as i128 - reload_ns as i128) / 1_000_000;
+    let after_ms = (held.ended() - reload_ns) / 1_000_000;
     eprintln!("the client's write failed {after_ms} ms after the reload began");
     assert!(after_ms < 2000, "cut {after_ms} ms after the reload");
-
     let cut = agent.wait_events(1, |e| field(e, "verdict") == "cut");
     assert_eq!(cut.len(), 1, "one cut event: {:?}", agent.events());
     let e = &cut[0];
@@ -827,24 +840,12 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
     assert_eq!(e["dport"], 47128, "{e}");
     assert_eq!(field(e, "proto"), "tcp", "{e}");
 
-    // A just-in-time bridge: it ends in the kernel at its instant, and
-    // the connection across it ends with it.
+    // A just-in-time bridge ends in the kernel at its instant, and the
+    // connection across it ends with it.
     agent.reload(&w.policy(
         "",
         "jit_bridges:\n  - from: contractor\n    to: prod\n    max_duration: 1h\n",
     ));
-    let mut sink = tests::command_in(
-        &w.prod,
-        None,
-        tests::probe_bin().to_str().unwrap(),
-        &["sink", dst, "15"],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut sink_out = BufReader::new(sink.stdout.take().unwrap());
-    line.clear();
-    sink_out.read_line(&mut line).unwrap();
     let opened = agent.cli(&[
         "bridge",
         "open",
@@ -864,41 +865,9 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
         "{}",
         String::from_utf8_lossy(&opened.stderr)
     );
-    let opened_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let mut hold = tests::command_in(
-        &w.contractor,
-        None,
-        tests::probe_bin().to_str().unwrap(),
-        &["hold", dst, "10"],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut hold_out = BufReader::new(hold.stdout.take().unwrap());
-    line.clear();
-    hold_out.read_line(&mut line).unwrap();
-    assert_eq!(
-        line.trim(),
-        "connected",
-        "the bridge lets the connection in"
-    );
-    line.clear();
-    hold_out.read_line(&mut line).unwrap();
-    let _ = hold.wait();
-    let _ = sink.kill();
-    let _ = sink.wait();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(
-        words.get(..2),
-        Some(&["error", "ECONNABORTED"][..]),
-        "client saw: {line}"
-    );
-    let failed_ns: u128 = words[3].parse().unwrap();
-    // The agent stamped the bridge a moment before `opened_ns`.
-    let after_expiry_ms = (failed_ns as i128 - (opened_ns as i128 + 2_000_000_000)) / 1_000_000;
+    // The agent stamped the bridge a moment before this.
+    let expiry_ns = unix_ns() + 2_000_000_000;
+    let after_expiry_ms = (Held::open(&w, dst).ended() - expiry_ns) / 1_000_000;
     eprintln!("the client's write failed {after_expiry_ms} ms after the bridge expired");
     assert!(
         after_expiry_ms <= 200,
