@@ -3,10 +3,21 @@
 //! against a compiled policy, so the two cannot disagree.
 
 use crate::maps::{
-    BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_INGRESS_GEO,
+    BRIDGE_REVERSE, BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_INGRESS_GEO,
     DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, GeoValue, MAX_BRIDGE_RULES,
 };
 use crate::reason::Reason;
+
+/// The two ports of a connection or datagram, host byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// The port being connected to: the peer's for egress, the
+    /// workload's own for ingress.
+    pub service: u16,
+    /// The other end's: the workload's own for egress, the peer's for
+    /// ingress; 0 where not known yet (a connect before its bind).
+    pub other: u16,
+}
 
 /// Which side of the workload the peer is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +55,8 @@ impl Decision {
 ///
 /// - `bridges`: the rules from the connecting domain to the accepting one
 ///   (`local → peer` for egress, `peer → local` for ingress).
-/// - `service_port`: the port being connected to (the peer's for egress,
-///   the workload's own for ingress), host byte order.
+/// - `ports`: the service port bridges match, and the other end's, which
+///   reverse datagram rules ([`BRIDGE_REVERSE`]) match instead.
 /// - `geo`: the merged geo range holding the peer address, if any source
 ///   places it; only consulted when the peer is in no domain.
 #[expect(
@@ -60,7 +71,7 @@ pub fn decide(
     peer_id: u32,
     bridges: Option<&BridgeSet>,
     proto: u8,
-    service_port: u16,
+    ports: Ports,
     now_tai_ns: u64,
     geo: Option<&GeoValue>,
 ) -> Decision {
@@ -68,15 +79,7 @@ pub fn decide(
         return Decision::new(Reason::DomainExpired, 0);
     }
     let mut d = decide_unexpired(
-        dir,
-        local_id,
-        local,
-        peer_id,
-        bridges,
-        proto,
-        service_port,
-        now_tai_ns,
-        geo,
+        dir, local_id, local, peer_id, bridges, proto, ports, now_tai_ns, geo,
     );
     if d.until_tai_ns > local.expires_tai_ns {
         d.until_tai_ns = local.expires_tai_ns;
@@ -97,7 +100,7 @@ fn decide_unexpired(
     peer_id: u32,
     bridges: Option<&BridgeSet>,
     proto: u8,
-    service_port: u16,
+    ports: Ports,
     now_tai_ns: u64,
     geo: Option<&GeoValue>,
 ) -> Decision {
@@ -105,7 +108,7 @@ fn decide_unexpired(
         return Decision::new(Reason::SameDomain, 0);
     }
     if peer_id != 0 {
-        return bridge_decision(bridges, proto, service_port, now_tai_ns);
+        return bridge_decision(bridges, proto, ports, now_tai_ns);
     }
     let (geo_flag, unknown_deny_flag) = match dir {
         Direction::Egress => (DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY),
@@ -132,7 +135,12 @@ fn decide_unexpired(
 }
 
 #[inline(always)]
-fn bridge_decision(bridges: Option<&BridgeSet>, proto: u8, port: u16, now_tai_ns: u64) -> Decision {
+fn bridge_decision(
+    bridges: Option<&BridgeSet>,
+    proto: u8,
+    ports: Ports,
+    now_tai_ns: u64,
+) -> Decision {
     let Some(set) = bridges else {
         return Decision::new(Reason::CrossDomain, 0);
     };
@@ -143,6 +151,8 @@ fn bridge_decision(bridges: Option<&BridgeSet>, proto: u8, port: u16, now_tai_ns
             break;
         }
         let r = &set.rules[i];
+        // Indexed, not branched: one path per rule for the verifier.
+        let port = [ports.service, ports.other][usize::from(r.flags & BRIDGE_REVERSE)];
         if r.proto != proto || port < r.port_lo || port > r.port_hi {
             continue;
         }
@@ -187,7 +197,8 @@ mod tests {
             port_lo: lo,
             port_hi: hi,
             proto,
-            _pad: [0; 7],
+            flags: 0,
+            _pad: [0; 6],
         };
         s
     }
@@ -200,7 +211,21 @@ mod tests {
         port: u16,
         now: u64,
     ) -> Decision {
-        decide(Direction::Egress, 1, local, peer, b, proto, port, now, None)
+        let ports = Ports {
+            service: port,
+            other: 0,
+        };
+        decide(
+            Direction::Egress,
+            1,
+            local,
+            peer,
+            b,
+            proto,
+            ports,
+            now,
+            None,
+        )
     }
 
     #[test]
@@ -255,6 +280,34 @@ mod tests {
         );
     }
 
+    /// A datagram bridge's reverse rule matches the sender's own port: a
+    /// server answering on the bridged port, not any port of the client.
+    #[test]
+    fn reverse_datagram_rules_match_the_other_port() {
+        let d = dom(0);
+        let mut b = bridge(PROTO_UDP, 53, 53, 0, NEVER, 4);
+        b.rules[0].flags = BRIDGE_REVERSE;
+        let send = |service, other| {
+            let ports = Ports { service, other };
+            decide(
+                Direction::Egress,
+                1,
+                &d,
+                2,
+                Some(&b),
+                PROTO_UDP,
+                ports,
+                5,
+                None,
+            )
+        };
+        // From port 53 to the client's 40000: the answer.
+        let answer = send(40000, 53);
+        assert_eq!((answer.reason, answer.bridge_id), (Reason::Bridge, 4));
+        // To port 53 (the destination's) from elsewhere: not this rule.
+        assert_eq!(send(53, 40000).reason, Reason::CrossDomain);
+    }
+
     #[test]
     fn expired_domain_reaches_nothing() {
         let mut d = dom(0);
@@ -284,7 +337,12 @@ mod tests {
             egress_deny: 1 << 2,
             ingress_deny: 0,
         };
-        let r = |peer, g| decide(Direction::Egress, 1, &d, peer, None, PROTO_TCP, 443, 0, g).reason;
+        let https = Ports {
+            service: 443,
+            other: 0,
+        };
+        let r =
+            |peer, g| decide(Direction::Egress, 1, &d, peer, None, PROTO_TCP, https, 0, g).reason;
         assert_eq!(r(0, Some(&deny_me)), Reason::CountryDenied);
         assert_eq!(r(0, Some(&other)), Reason::CountryAllowed);
         assert_eq!(r(0, None), Reason::CountryUnknown);
@@ -297,7 +355,7 @@ mod tests {
             0,
             None,
             PROTO_TCP,
-            443,
+            https,
             0,
             None,
         );
@@ -310,7 +368,7 @@ mod tests {
             0,
             None,
             PROTO_TCP,
-            443,
+            https,
             0,
             Some(&deny_me),
         );

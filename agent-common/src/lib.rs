@@ -12,6 +12,6 @@ pub mod event;
 pub mod maps;
 pub mod reason;
 
-pub use decide::{Decision, Direction, decide};
+pub use decide::{Decision, Direction, Ports, decide};
 pub use event::{Event, Hook, Verdict};
 pub use reason::Reason;

@@ -159,8 +159,18 @@ pub struct BridgeRule {
     pub port_lo: u16,
     pub port_hi: u16,
     pub proto: u8,
-    pub _pad: [u8; 7],
+    /// [`BRIDGE_REVERSE`].
+    pub flags: u8,
+    pub _pad: [u8; 6],
 }
+
+/// A datagram bridge `A → B` on ports P carries datagrams between any port
+/// of A and port P of B both ways: it is also compiled into the rules of
+/// `B → A`, flagged so, where it matches on B's own port (the sender's
+/// local port) instead of the destination port. That is what lets a
+/// server in B answer its clients in A, and A's replies come back, in the
+/// sendmsg hooks and in the packet hooks alike.
+pub const BRIDGE_REVERSE: u8 = 1;
 
 /// All bridge rules from one domain to another.
 #[repr(C)]

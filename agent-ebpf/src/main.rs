@@ -18,7 +18,7 @@ mod packet;
 use core::mem::{size_of, zeroed};
 
 use agent_common::{
-    Decision, Direction, Event, Hook, Reason, Verdict,
+    Decision, Direction, Event, Hook, Ports, Reason, Verdict,
     addr::{self, AddrClass, AddrLine, LINE_WORDS, MAX_CLASSES, SLOT_LINES, SLOT_WORDS},
     decide,
     event::{FAMILY_INET, FAMILY_INET6},
@@ -37,7 +37,7 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_smp_processor_id,
-        bpf_ktime_get_tai_ns, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_ktime_get_tai_ns, bpf_loop, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
         bpf_sk_release, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map},
@@ -145,28 +145,81 @@ fn active() -> Option<Active> {
     })
 }
 
-/// The nearest configured ancestor of a cgroup, walking from the root down
-/// so the deepest match wins. `ancestor(level)` returns 0 past the leaf.
+/// One walk up a cgroup's ancestry to its nearest configured ancestor
+/// (from the root down, so the deepest match wins), run by `bpf_loop`: the
+/// verifier checks a level once instead of once per level, which on older
+/// kernels is most of what loading the packet hooks costs.
+#[repr(C)]
+struct Walk {
+    /// What a level reads the ancestor id from: the skb, or an owner's
+    /// [`SockInfo`]; unused for the current task.
+    from: *const core::ffi::c_void,
+    slot: u32,
+    found: u32,
+}
+
+type WalkBody = extern "C" fn(u64, *mut core::ffi::c_void) -> i64;
+
 #[inline(always)]
-fn domain_of(slot: u32, ancestor: impl Fn(i32) -> u64) -> u32 {
-    let mut found = 0;
-    let mut level = 1;
-    while level <= MAX_CGROUP_DEPTH as i32 {
-        let id = ancestor(level);
-        if id == 0 {
-            break;
-        }
-        let key = CgroupKey {
-            cgroup_id: id,
-            slot,
-            _pad: 0,
-        };
-        if let Some(d) = unsafe { BH_CGROUPS.get(key) } {
-            found = *d;
-        }
-        level += 1;
+fn domain_of(slot: u32, from: *const core::ffi::c_void, body: WalkBody) -> u32 {
+    let mut w = Walk {
+        from,
+        slot,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_CGROUP_DEPTH as u32,
+            body as *mut core::ffi::c_void,
+            (&mut w as *mut Walk).cast(),
+            0,
+        )
+    };
+    w.found
+}
+
+/// One level: `id` is its cgroup (0 past the leaf, which ends the walk).
+#[inline(always)]
+fn walk_level(ctx: *mut core::ffi::c_void, id: u64) -> i64 {
+    let w = unsafe { &mut *ctx.cast::<Walk>() };
+    if id == 0 {
+        return 1;
     }
-    found
+    let key = CgroupKey {
+        cgroup_id: id,
+        slot: w.slot,
+        _pad: 0,
+    };
+    if let Some(d) = unsafe { BH_CGROUPS.get(key) } {
+        w.found = *d;
+    }
+    0
+}
+
+#[inline(never)]
+extern "C" fn walk_current(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    walk_level(ctx, unsafe {
+        bpf_get_current_ancestor_cgroup_id(i as i32 + 1)
+    })
+}
+
+#[inline(never)]
+extern "C" fn walk_skb(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let skb = unsafe { (*ctx.cast::<Walk>()).from }.cast_mut().cast();
+    walk_level(ctx, unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, i as i32 + 1)
+    })
+}
+
+#[inline(never)]
+extern "C" fn walk_owner(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let owner = unsafe { (*ctx.cast::<Walk>()).from }.cast::<SockInfo>();
+    let id = if (i as usize) < MAX_CGROUP_DEPTH {
+        unsafe { (*owner).ancestors[i as usize] }
+    } else {
+        0
+    };
+    walk_level(ctx, id)
 }
 
 #[inline(always)]
@@ -179,9 +232,7 @@ fn domain_rec(slot: u32, id: u32) -> Option<&'static DomainRec> {
 
 #[inline(always)]
 fn current_domain(slot: u32) -> u32 {
-    domain_of(slot, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    })
+    domain_of(slot, core::ptr::null(), walk_current)
 }
 
 fn to16(a: [u8; 4]) -> [u8; 16] {
@@ -253,14 +304,7 @@ fn listener_domain(
     };
     let mut domain = 0;
     if !owner.is_null() {
-        domain = domain_of(slot, |level| {
-            let i = (level - 1) as usize;
-            if i < MAX_CGROUP_DEPTH {
-                unsafe { (*owner).ancestors[i] }
-            } else {
-                0
-            }
-        });
+        domain = domain_of(slot, owner.cast(), walk_owner);
     }
     unsafe { bpf_sk_release(sk.cast()) };
     domain
@@ -464,25 +508,22 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
         sport: [0; 2],
         dport,
     };
-    let mut d = decide_flow(&a, dom_id, dom, &peer, Direction::Egress, proto as u8, port);
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if !d.allow && peer.domain != 0 && peer.domain != dom_id && is_sendmsg(hook) {
-        // A datagram server answering a client that reached it over a
-        // bridge peer → local: the bridge covers the server's own port.
-        let local_port = unsafe { (*sk).src_port } as u16;
-        let back = decide_flow(
-            &a,
-            dom_id,
-            dom,
-            &peer,
-            Direction::Ingress,
-            proto as u8,
-            local_port,
-        );
-        if back.allow {
-            d = back;
-        }
-    }
+    // The socket's own port (0 before its bind): a datagram server's answer
+    // goes out by the reverse rule of the bridge that let the request in.
+    let ports = Ports {
+        service: port,
+        other: unsafe { (*sk).src_port } as u16,
+    };
+    let d = decide_flow(
+        &a,
+        dom_id,
+        dom,
+        &peer,
+        Direction::Egress,
+        proto as u8,
+        ports,
+    );
     if d.allow || a.config.mode == MODE_AUDIT {
         // Connects always count as a new flow; a datagram is one when its
         // destination or reason differs from the socket's previous one.
@@ -626,7 +667,7 @@ fn decide_flow(
     peer: &Peer,
     dir: Direction,
     proto: u8,
-    service_port: u16,
+    ports: Ports,
 ) -> Decision {
     let now = unsafe { bpf_ktime_get_tai_ns() };
     let mut bridges: Option<&BridgeSet> = None;
@@ -653,7 +694,7 @@ fn decide_flow(
         peer.domain,
         bridges,
         proto,
-        service_port,
+        ports,
         now,
         peer.geo,
     )
@@ -843,9 +884,7 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         return ALLOW;
     }
     let skb_ptr = ctx.skb.skb;
-    let dom_id = domain_of(a.slot, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb_ptr, level)
-    });
+    let dom_id = domain_of(a.slot, skb_ptr.cast_const().cast(), walk_skb);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return ALLOW;
     };
@@ -882,10 +921,10 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     // port), everything else by its ingress rules (bridge peer → local on
     // the workload's port). Replies then pass exactly when the opening did.
     let initiator = !info.is_null() && unsafe { (*info).flags } & SOCK_INITIATOR != 0;
-    let (conn_dir, service_port) = if initiator {
-        (Direction::Egress, peer_port)
+    let (conn_dir, service_port, other_port) = if initiator {
+        (Direction::Egress, peer_port, local_port)
     } else {
-        (Direction::Ingress, local_port)
+        (Direction::Ingress, local_port, peer_port)
     };
     // An IPv4-mapped IPv6 peer is decided as its IPv4 address, as in the
     // connect hooks; the event keeps the real header.
@@ -896,50 +935,30 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     // Loopback packets were decided at connect time, where the listener's
     // domain is known; here the peer address has no domain.
     let mut peer = peer_of(a.slot, peer_family, &peer_key);
-    // A packet through the loopback device goes to or comes from this host:
-    // as at connect time, a peer in no domain network has the domain of the
-    // socket listening on its address, so a bridge that expires or a policy
-    // that tightens cuts same-host connections too.
-    if peer.domain == 0 && unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX {
+    // A TCP segment through the loopback device is a connection to or from
+    // this host: as at connect time, a peer in no domain network has the
+    // domain of the socket listening on its address, so a bridge that
+    // expires or a policy that tightens ends same-host connections too.
+    // (Datagrams keep their connect-time decision: which side is serving
+    // is not known here.)
+    if peer.domain == 0
+        && p.proto == IPPROTO_TCP as u8
+        && unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX
+    {
         peer.domain = listener_domain(
             ctx.skb.skb.cast(),
             a.slot,
             peer_family,
-            u32::from(p.proto),
+            IPPROTO_TCP,
             &peer_key,
             peer_port,
         );
     }
-    let mut d = decide_flow(
-        &a,
-        dom_id,
-        dom,
-        &peer,
-        conn_dir,
-        p.proto,
-        u16::from_be_bytes(service_port),
-    );
-    if !d.allow && peer.domain != 0 && peer.domain != dom_id && p.proto == IPPROTO_UDP as u8 {
-        // Datagrams have no connection to say who started: as in the
-        // sendmsg hook, a bridge either way covers them (a server's reply
-        // over a bridge peer → local is on the server's own port).
-        let (back_dir, back_port) = match conn_dir {
-            Direction::Egress => (Direction::Ingress, local_port),
-            Direction::Ingress => (Direction::Egress, peer_port),
-        };
-        let back = decide_flow(
-            &a,
-            dom_id,
-            dom,
-            &peer,
-            back_dir,
-            p.proto,
-            u16::from_be_bytes(back_port),
-        );
-        if back.allow {
-            d = back;
-        }
-    }
+    let ports = Ports {
+        service: u16::from_be_bytes(service_port),
+        other: u16::from_be_bytes(other_port),
+    };
+    let d = decide_flow(&a, dom_id, dom, &peer, conn_dir, p.proto, ports);
     if d.allow && p.proto == IPPROTO_TCP as u8 {
         cache_verdict(full, info, &a, dom_id, &d);
     }

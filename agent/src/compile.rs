@@ -4,9 +4,9 @@
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use agent_common::maps::{
-    BridgeRule, BridgeSet, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL, DOMAIN_EGRESS_GEO,
-    DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_EXISTS, DOMAIN_INGRESS_GEO, DOMAIN_INGRESS_UNKNOWN_DENY,
-    DomainRec, MAX_BRIDGE_RULES, MODE_AUDIT, MODE_ENFORCE,
+    BRIDGE_REVERSE, BridgeRule, BridgeSet, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
+    DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_EXISTS, DOMAIN_INGRESS_GEO,
+    DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, MAX_BRIDGE_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_UDP,
 };
 use anyhow::{Result, bail};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -218,26 +218,26 @@ fn build(
         });
         let from = b.from as u16 + 1;
         let to = b.to as u16 + 1;
-        let set = bridges.entry((from, to)).or_default();
         for p in &b.ports {
-            let n = set.count as usize;
-            if n >= MAX_BRIDGE_RULES {
-                bail!(
-                    "more than {MAX_BRIDGE_RULES} port rules between {} and {}",
-                    policy.domains[b.from].name,
-                    policy.domains[b.to].name
-                );
-            }
-            set.rules[n] = BridgeRule {
+            let rule = BridgeRule {
                 not_before_tai_ns: to_tai(b.not_before, tai, 0),
                 expires_tai_ns: to_tai(b.expires, tai, u64::MAX),
                 bridge_id,
                 port_lo: p.lo,
                 port_hi: p.hi,
                 proto: p.proto.number(),
-                _pad: [0; 7],
+                flags: 0,
+                _pad: [0; 6],
             };
-            set.count += 1;
+            add_rule(&mut bridges, (from, to), rule, policy)?;
+            // Datagrams both ways: see `BRIDGE_REVERSE`.
+            if rule.proto == PROTO_UDP {
+                let back = BridgeRule {
+                    flags: BRIDGE_REVERSE,
+                    ..rule
+                };
+                add_rule(&mut bridges, (to, from), back, policy)?;
+            }
         }
     }
 
@@ -258,6 +258,27 @@ fn build(
         domain_names: policy.domains.iter().map(|d| d.name.clone()).collect(),
         pods: Vec::new(),
     })
+}
+
+fn add_rule(
+    bridges: &mut BTreeMap<(u16, u16), BridgeSet>,
+    pair: (u16, u16),
+    rule: BridgeRule,
+    policy: &Policy,
+) -> Result<()> {
+    let set = bridges.entry(pair).or_default();
+    let n = set.count as usize;
+    if n >= MAX_BRIDGE_RULES {
+        let name = |id: u16| &policy.domains[id as usize - 1].name;
+        bail!(
+            "more than {MAX_BRIDGE_RULES} port rules between {} and {} (a UDP port counts for both directions)",
+            name(pair.0),
+            name(pair.1)
+        );
+    }
+    set.rules[n] = rule;
+    set.count += 1;
+    Ok(())
 }
 
 fn v4_mapped_net(n: &Ipv6Net) -> Option<Ipv4Net> {

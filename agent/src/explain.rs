@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use agent_common::{
-    Direction, Reason, decide,
+    Direction, Ports, Reason, decide,
     maps::{DomainRec, MODE_AUDIT, is_loopback_v4, is_loopback_v6},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -157,7 +157,11 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
         peer_id,
         bridges,
         q.proto.number(),
-        q.port,
+        // A new connection: its own port is not chosen yet.
+        Ports {
+            service: q.port,
+            other: 0,
+        },
         now_tai,
         g.as_ref(),
     );

@@ -271,6 +271,28 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<Op
     Ok(packet_sockets)
 }
 
+/// How much the verifier had to check, per program: what start-up time on
+/// a slow machine or an old kernel goes into.
+pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
+    let mut total = 0u64;
+    let mut parts = Vec::new();
+    for (name, _) in PROGRAMS.iter().chain(&[(LSM_PROGRAM, "")]) {
+        let n = ebpf
+            .program(name)
+            .and_then(|p| p.info().ok())
+            .and_then(|i| i.verified_instruction_count());
+        if let Some(n) = n {
+            total += u64::from(n);
+            parts.push(format!("{name} {n}"));
+        }
+    }
+    format!(
+        "programs loaded and attached in {:.1} s; the verifier checked {total} instructions ({})",
+        took.as_secs_f64(),
+        parts.join(", ")
+    )
+}
+
 /// Programs only benchmarks use, loaded and pinned by `run --bench-probes`.
 pub const PROBES: [&str; 1] = ["bh_probe_addr"];
 

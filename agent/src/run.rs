@@ -250,7 +250,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         written.generation,
         load_started.elapsed(),
     );
-    let packet_sockets = match kernel::attach_all(&mut ebpf, &pins, &root)? {
+    let verify_started = Instant::now();
+    let attached = kernel::attach_all(&mut ebpf, &pins, &root)?;
+    log(kernel::verified(&ebpf, verify_started.elapsed()));
+    let packet_sockets = match attached {
         None => "refused in domain workloads (BPF LSM)".to_string(),
         Some(why) => {
             log(format!(

@@ -581,3 +581,40 @@ fn check_reports_errors_with_file_line_col() {
     );
     assert!(err.contains("nowhere"));
 }
+
+/// A datagram bridge carries the conversation both ways: a server in
+/// `prod` answers every client in `contractor` that reached it over the
+/// bridge, and the answers get back (each client's own socket bound, so
+/// owned by its domain); a port the bridge does not cover stays closed.
+#[test]
+fn udp_server_behind_a_bridge_answers_each_client() {
+    if !privileged("udp_bridge") {
+        return;
+    }
+    let w = world(111);
+    let bridge = "bridges:\n  - name: u\n    from: contractor\n    to: prod\n    ports: [udp/9301]\n    reason: \"T-3\"\n";
+    let agent = Agent::start(&w.root, &w.policy("", bridge));
+    let srv = format!("{}:9301", w.link.v4(2));
+    let udp = Server::start(&w.prod, Some(&w.link.b), "udp", &srv, 3);
+    for port in [9311, 9312] {
+        let from = format!("{}:{port}", w.link.v4(1));
+        assert_eq!(
+            probe(&w.contractor, Some(&w.link.a), &["ask", &from, &srv]),
+            "reply",
+            "client on port {port}"
+        );
+    }
+    let closed = format!("{}:9302", w.link.v4(2));
+    let from = format!("{}:9313", w.link.v4(1));
+    assert_eq!(
+        probe(&w.contractor, Some(&w.link.a), &["ask", &from, &closed]),
+        "EPERM"
+    );
+    assert_eq!(udp.finish(), 2);
+    // The answers are bridged datagrams too: recorded, naming the bridge.
+    let answers = agent.wait_events(1, |e| {
+        field(e, "src_domain") == "prod" && field(e, "reason") == "bridge"
+    });
+    assert!(!answers.is_empty(), "{:?}", agent.events());
+    assert_eq!(field(&answers[0], "bridge"), "u");
+}
