@@ -139,6 +139,24 @@ pub fn load_and_use(sources: &GeoSources, data: &[u8]) {
         }
     }
     let compiled = geo.compile(&geo_rules());
-    assert!(compiled.v4.iter().all(|(n, _)| n.prefix_len() <= 32));
-    assert!(compiled.v6.iter().all(|(n, _)| n.prefix_len() <= 128));
+    for (spans, top) in [
+        (&compiled.v4, u128::from(u32::MAX)),
+        (&compiled.v6, u128::MAX),
+    ] {
+        for s in spans.iter() {
+            assert!(
+                s.start <= s.end && s.end <= top,
+                "a span outside its family"
+            );
+            assert!(
+                usize::from(s.val) < compiled.values.len(),
+                "a span names a verdict that does not exist"
+            );
+        }
+        // The address table is built from these: sorted and disjoint.
+        assert!(
+            spans.windows(2).all(|w| w[0].end < w[1].start),
+            "spans overlap or are unsorted"
+        );
+    }
 }
