@@ -1,8 +1,9 @@
 //! Traffic between network namespaces over veth, side by side:
 //! no policy, bulkhead enforcing the full policy, bulkhead on a domain
 //! without country rules, and nftables holding the same address sets in
-//! interval sets. Modes alternate round by round; each number is the
-//! median over rounds.
+//! interval sets. Each round runs every test once per mode, a test's
+//! modes back to back in an order that rotates each round; each number is
+//! the median over rounds.
 //!
 //! Layout: namespace S (servers) is joined to C0 (`10.251.0.0/24`) and C1
 //! (`10.251.1.0/24`) by two veth pairs. Clients in C0 run either in a
@@ -374,9 +375,11 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     let before = counter_rows(agent)?;
     let mut vals: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for round in 0..ctx.p.net_rounds {
-        for k in 0..modes.len() {
-            let m = &modes[(k + round) % modes.len()];
-            for (test, _, _) in TESTS {
+        // A test's modes run back to back, so a round's pair (mode, no
+        // policy) is seconds apart and shares the machine's mood.
+        for (test, _, _) in TESTS {
+            for k in 0..modes.len() {
+                let m = &modes[(k + round) % modes.len()];
                 let v = run_test(ctx, m, test)?;
                 vals.entry((m.key, test)).or_default().push(v);
             }
