@@ -610,7 +610,7 @@ fn jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead() {
         "{}",
         String::from_utf8_lossy(&opened.stderr)
     );
-    let opened_at = std::time::SystemTime::now();
+    let opened_ns = unix_ns();
     let list = String::from_utf8(agent.cli(&["bridge", "list"]).stdout).unwrap();
     assert!(
         list.contains("dba-access") && list.contains("TICKET-123"),
@@ -633,7 +633,7 @@ fn jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead() {
     let out = sink.wait_with_output().unwrap();
     let _ = trickle.wait_with_output();
     let line = String::from_utf8(out.stdout).unwrap();
-    let last_ns: u128 = line
+    let last_ns: i128 = line
         .lines()
         .last()
         .and_then(|l| l.split_whitespace().nth(3))
@@ -645,13 +645,9 @@ fn jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead() {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap();
-    let opened_ns = opened_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
     // The bridge expires 3 s after it was opened (the agent stamped it a
-    // moment before `opened_at`).
-    let after_expiry_ms = (last_ns as i128 - (opened_ns as i128 + 3_000_000_000)) / 1_000_000;
+    // moment before `opened_ns`).
+    let after_expiry_ms = (last_ns - (opened_ns + 3_000_000_000)) / 1_000_000;
     eprintln!("received {got} bytes; last one {after_expiry_ms} ms after expiry");
     assert!(got > 50, "data flowed while the bridge was open");
     assert!(
