@@ -16,6 +16,7 @@
 //! 5. storm: a bounded deny storm, events delivered against the kernel's
 //!    counters.
 
+mod ab;
 mod decision;
 mod geo;
 mod net;
@@ -83,6 +84,8 @@ pub struct Params {
     pub net_rounds: usize,
     /// Seconds per network measurement.
     pub net_secs: u32,
+    /// Seconds of each interleaved request/response run.
+    pub ab_secs: u32,
     /// Denied connects in the deny storm.
     pub storm_n: usize,
 }
@@ -100,6 +103,7 @@ impl Params {
                 update_reps: 1,
                 net_rounds: 1,
                 net_secs: 1,
+                ab_secs: 3,
                 storm_n: 20_000,
             }
         } else {
@@ -113,6 +117,7 @@ impl Params {
                 update_reps: 3,
                 net_rounds: 10,
                 net_secs: 2,
+                ab_secs: 20,
                 storm_n: 200_000,
             }
         }
@@ -332,6 +337,7 @@ pub fn run(args: Args) -> Result<()> {
             "load_reps": p.load_reps,
             "net_rounds": p.net_rounds,
             "net_secs": p.net_secs,
+            "ab_secs": p.ab_secs,
             "storm_connects": p.storm_n,
         },
         "policies": loads,
@@ -365,6 +371,8 @@ pub fn run(args: Args) -> Result<()> {
 fn internal(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("testrun") => decision::helper(args.get(1).ok_or_else(|| anyhow!("spec path"))?),
+        Some("rr-server") => ab::server(&args[1..]),
+        Some("rr-client") => ab::client(&args[1..]),
         Some("crr-server") => net::crr_server(&args[1..]),
         Some("crr-client") => net::crr_client(&args[1..]),
         Some("storm") => storm::helper(&args[1..]),

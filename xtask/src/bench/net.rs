@@ -40,6 +40,7 @@ use super::{
 const UDP_PORT: u16 = 11111;
 const TCP_PORT: u16 = 11112;
 const CRR_PORT: u16 = 11113;
+const AB_PORT: u16 = 11114;
 
 struct Mode<'a> {
     key: &'static str,
@@ -330,6 +331,20 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
         bail!("connect server did not start: {line:?}");
     }
     servers.push(Bg(crr));
+    let mut args = pinned_rt().split_off(1);
+    args.push(ctx.exe.to_string_lossy().into());
+    args.extend(ctx.helper_args("rr-server", &[AB_PORT.to_string(), "3600".into()]));
+    let mut rr = command_in(free, Some(&s), Path::new("chrt"), &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the request/response server")?;
+    let mut line = String::new();
+    BufReader::new(rr.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        bail!("request/response server did not start: {line:?}");
+    }
+    servers.push(Bg(rr));
     std::thread::sleep(Duration::from_millis(300));
 
     let all = [
@@ -407,6 +422,7 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
         );
     }
     let after = counter_rows(agent)?;
+    let interleaved = interleaved(ctx, &modes)?;
 
     // Per-call run time of the programs under this traffic (bpf_stats).
     let stats =
@@ -439,6 +455,7 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     Ok(json!({
         "modes": modes.iter().map(|m| json!({"key": m.key, "label": m.label})).collect::<Vec<_>>(),
         "tests": tests,
+        "interleaved": interleaved,
         "bulkhead_counters": counter_delta(&before, &after),
         "bpf_stats": stats,
         "nft": {
@@ -453,6 +470,70 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
             "ruleset_bytes": rules.len(),
         },
     }))
+}
+
+/// TCP and UDP request/response with every mode's connection in one
+/// client process, batches taking turns (see `ab`), plus a second
+/// no-policy connection: how far two identical modes land apart is the
+/// method's own error.
+fn interleaved(ctx: &Ctx, modes: &[Mode]) -> Result<Value> {
+    let free = ctx.cg_free.path.to_string_lossy();
+    let mut specs = Vec::new();
+    for m in modes {
+        let spec = |key: &str| {
+            format!(
+                "{key}={},{},{}:{AB_PORT}",
+                m.cgroup.display(),
+                m.ns.path().display(),
+                m.server
+            )
+        };
+        specs.push(spec(m.key));
+        if m.key == "none" {
+            specs.push(spec("none_again"));
+        }
+    }
+    let secs = ctx.p.ab_secs;
+    let mut out = serde_json::Map::new();
+    for proto in ["tcp", "udp"] {
+        let mut args: Vec<String> = vec![(secs + 30).to_string()];
+        args.extend(pinned_rt());
+        args.push(ctx.exe.to_string_lossy().into());
+        let mut helper = vec![proto.to_string(), secs.to_string(), free.to_string()];
+        helper.extend(specs.iter().cloned());
+        args.extend(ctx.helper_args("rr-client", &helper));
+        let run = command_in(&ctx.cg_free.path, None, Path::new("timeout"), &args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running the interleaved {proto} client"))?;
+        if !run.status.success() {
+            bail!(
+                "interleaved {proto} request/response failed ({}): {}",
+                run.status,
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
+        let v: Value = serde_json::from_slice(&run.stdout)
+            .with_context(|| format!("parsing the interleaved {proto} client's output"))?;
+        eprintln!(
+            "  interleaved {proto}_rr over {} rounds: {}",
+            v["rounds"],
+            modes
+                .iter()
+                .map(|m| m.key)
+                .chain(["none_again"])
+                .map(|k| format!(
+                    "{k} {:.4}",
+                    v["modes"][k]["paired_ratio_median"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        out.insert(format!("{proto}_rr"), v);
+    }
+    Ok(Value::Object(out))
 }
 
 fn per_call(calls: u64, ns: u64) -> Value {
