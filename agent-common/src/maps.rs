@@ -244,9 +244,12 @@ pub struct SockInfo {
     pub cut: CutRecord,
 }
 
-/// An established TCP socket's last allowed packet verdict: its later
-/// packets (same peer, same policy generation, before `until_tai_ns`) are
-/// allowed without deciding again. A connect clears it.
+/// A socket's last allowed packet verdict, so its later packets are
+/// allowed without deciding again while it holds: same policy generation,
+/// before `until_tai_ns`, and for a datagram socket the same conversation
+/// (a datagram socket can change peers with every packet). An established
+/// TCP socket keeps one peer for life, so its key is not compared; a
+/// connect clears the cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VerdictCache {
@@ -255,7 +258,17 @@ pub struct VerdictCache {
     pub until_tai_ns: u64,
     pub domain: u32,
     pub reason: u8,
-    pub _pad: [u8; 3],
+    /// Datagrams: the packet's address family, and whether the socket had
+    /// [`SOCK_INITIATOR`] (which rules judge it).
+    pub family: u8,
+    pub initiator: u8,
+    pub _pad: u8,
+    /// Datagrams: the peer's address and port, and the socket's own port,
+    /// as in the packet header.
+    pub peer: [u8; 16],
+    pub peer_port: [u8; 2],
+    pub local_port: [u8; 2],
+    pub _pad2: [u8; 4],
 }
 
 /// `BH_RATE` value: a per-cgroup token bucket for events.
@@ -338,8 +351,9 @@ mod tests {
         assert_eq!(size_of::<CutRecord>(), 64);
         assert_eq!(
             size_of::<SockInfo>(),
-            8 * MAX_CGROUP_DEPTH + 8 + 24 + 24 + 64
+            8 * MAX_CGROUP_DEPTH + 8 + 24 + 48 + 64
         );
+        assert_eq!(size_of::<VerdictCache>(), 48);
         assert_eq!(size_of::<TokenBucket>(), 16);
         assert_eq!(size_of::<crate::addr::AddrLine>(), 64);
         assert_eq!(size_of::<crate::addr::AddrClass>(), 24);

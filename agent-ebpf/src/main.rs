@@ -527,7 +527,7 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
     if d.allow || a.config.mode == MODE_AUDIT {
         // Connects always count as a new flow; a datagram is one when its
         // destination or reason differs from the socket's previous one.
-        let info = mark_initiator(sk);
+        let info = mark_initiator(sk, !is_sendmsg(hook));
         f.first =
             !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
     }
@@ -567,7 +567,7 @@ fn is_sendmsg(hook: Hook) -> bool {
 /// packet hooks judge its traffic by the egress rules. Returns its storage
 /// (null when the kernel could not allocate it).
 #[inline(always)]
-fn mark_initiator(sk: *mut bpf_sock) -> *mut SockInfo {
+fn mark_initiator(sk: *mut bpf_sock, connect: bool) -> *mut SockInfo {
     // No initial value: a new storage starts zeroed (a SockInfo on this
     // stack would not fit beside the connect hook's own).
     let p = unsafe {
@@ -582,8 +582,13 @@ fn mark_initiator(sk: *mut bpf_sock) -> *mut SockInfo {
         unsafe {
             (*p).flags |= SOCK_INITIATOR;
             // A (re)connect may change the peer: decide its packets anew,
-            // and a mark for the old peer no longer holds.
-            (*p).verdict.generation = 0;
+            // and a mark for the old peer no longer holds. A datagram
+            // send keeps its socket's verdict, which names its peer
+            // (`connect` is known when the program is compiled: no
+            // branch for the verifier).
+            if connect {
+                (*p).verdict.generation = 0;
+            }
             (*p).flags &= !SOCK_CUT;
         }
     }
@@ -732,7 +737,7 @@ pub fn bh_sendmsg6(ctx: SockAddrContext) -> i32 {
 pub fn bh_sock_create(ctx: SockContext) -> i32 {
     let sk = unsafe { &*ctx.sock };
     if sk.type_ == SOCK_DGRAM && (sk.protocol == IPPROTO_ICMP || sk.protocol == IPPROTO_ICMPV6) {
-        mark_initiator(ctx.sock);
+        mark_initiator(ctx.sock, true);
         return ALLOW;
     }
     if sk.type_ != SOCK_RAW {
@@ -878,18 +883,40 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     };
     let full = skb_full_sock(ctx);
     let info = sock_info(full);
-    if let Some((dom_id, reason)) = cached_verdict(info, &a) {
-        count(counter_index(hook as u8, reason));
-        bump(&BH_DOMSTATS, domain_counter_index(dom_id, reason));
-        return ALLOW;
+    let cached = cached_verdict(info, &a);
+    // An established TCP socket's verdict holds for all its packets.
+    if let Some(c) = cached
+        && c.family == 0
+    {
+        return cached_allow(hook, c);
     }
+    let initiator = !info.is_null() && unsafe { (*info).flags } & SOCK_INITIATOR != 0;
     let skb_ptr = ctx.skb.skb;
-    let dom_id = domain_of(a.slot, skb_ptr.cast_const().cast(), walk_skb);
-    let Some(dom) = domain_rec(a.slot, dom_id) else {
-        return ALLOW;
-    };
+    // A datagram socket's holds for the conversation it was decided for:
+    // parse first to see, and find the domain only when it does not. The
+    // parse has one call site, which keeps the verifier's work down.
+    let mut dom_id = 0;
+    let mut dom = None;
+    if cached.is_none() {
+        dom_id = domain_of(a.slot, skb_ptr.cast_const().cast(), walk_skb);
+        dom = domain_rec(a.slot, dom_id);
+        if dom.is_none() {
+            return ALLOW;
+        }
+    }
+    let parsed = parse(ctx);
+    if let Some(c) = cached {
+        if let Some(p) = &parsed
+            && same_conversation(c, p, dir, initiator)
+        {
+            return cached_allow(hook, c);
+        }
+        dom_id = domain_of(a.slot, skb_ptr.cast_const().cast(), walk_skb);
+        dom = domain_rec(a.slot, dom_id);
+    }
+    let Some(dom) = dom else { return ALLOW };
     let cgroup_id = unsafe { bpf_skb_cgroup_id(skb_ptr) };
-    let p: Parsed = match parse(ctx) {
+    let p: Parsed = match parsed {
         Some(p) => p,
         None => {
             let d = Decision {
@@ -912,15 +939,11 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
             return finish(&a, dom_id, dom, 0, cgroup_id, d, &f);
         }
     };
-    let (peer_addr, peer_port, local_port) = match dir {
-        Direction::Egress => (&p.dst, p.dport, p.sport),
-        Direction::Ingress => (&p.src, p.sport, p.dport),
-    };
+    let (peer_addr, peer_port, local_port) = conversation(&p, dir);
     // Judge the packet by who started the conversation: the workload's own
     // connections by its egress rules (bridge local → peer on the peer's
     // port), everything else by its ingress rules (bridge peer → local on
     // the workload's port). Replies then pass exactly when the opening did.
-    let initiator = !info.is_null() && unsafe { (*info).flags } & SOCK_INITIATOR != 0;
     let (conn_dir, service_port, other_port) = if initiator {
         (Direction::Egress, peer_port, local_port)
     } else {
@@ -959,8 +982,8 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         other: u16::from_be_bytes(other_port),
     };
     let d = decide_flow(&a, dom_id, dom, &peer, conn_dir, p.proto, ports);
-    if d.allow && p.proto == IPPROTO_TCP as u8 {
-        cache_verdict(full, info, &a, dom_id, &d);
+    if d.allow {
+        cache_verdict(full, info, &a, dom_id, &d, &p, dir, initiator);
     }
     if !d.allow && a.config.mode != MODE_AUDIT {
         mark_cut(full, info, &a, dom_id, &peer, &d, &p, dir, cgroup_id);
@@ -1001,21 +1024,62 @@ fn sock_info(full: *mut bpf_sock) -> *mut SockInfo {
 }
 
 /// The allowed verdict cached on this packet's socket, if it was decided
-/// under the policy in force and has not expired since: (domain, reason).
+/// under the policy in force and has not expired since; for a datagram
+/// socket (`family` set) it still has to be this packet's conversation.
+/// A reference into the storage, not a copy: the packet hooks' stack is
+/// nearly full.
 #[inline(always)]
-fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<(u32, u8)> {
+fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<&'static VerdictCache> {
     if info.is_null() {
         return None;
     }
-    let c = unsafe { (*info).verdict };
-    if c.generation != a.generation {
+    let c = unsafe { &(*info).verdict };
+    // Before any other field (see `cache_verdict`).
+    if unsafe { core::ptr::read_volatile(&c.generation) } != a.generation {
         return None;
     }
     // Most verdicts never expire: no clock read for them.
-    if c.until_tai_ns != u64::MAX && unsafe { bpf_ktime_get_tai_ns() } >= c.until_tai_ns {
+    let until = unsafe { core::ptr::read_volatile(&c.until_tai_ns) };
+    if until != u64::MAX && unsafe { bpf_ktime_get_tai_ns() } >= until {
         return None;
     }
-    Some((c.domain, c.reason))
+    Some(c)
+}
+
+#[inline(always)]
+fn cached_allow(hook: Hook, c: &VerdictCache) -> i32 {
+    count(counter_index(hook as u8, c.reason));
+    bump(&BH_DOMSTATS, domain_counter_index(c.domain, c.reason));
+    ALLOW
+}
+
+/// The packet's peer and the socket's own port, as the cache keys them.
+#[inline(always)]
+fn conversation(p: &Parsed, dir: Direction) -> (&[u8; 16], [u8; 2], [u8; 2]) {
+    match dir {
+        Direction::Egress => (&p.dst, p.dport, p.sport),
+        Direction::Ingress => (&p.src, p.sport, p.dport),
+    }
+}
+
+/// Whether a datagram belongs to the conversation its socket's verdict was
+/// decided for: everything the decision read from the packet and socket.
+/// (A socket has one protocol, and only datagrams leave a keyed verdict.)
+#[inline(always)]
+fn same_conversation(c: &VerdictCache, p: &Parsed, dir: Direction, initiator: bool) -> bool {
+    use core::ptr::read_volatile as get;
+    let (peer, peer_port, local_port) = conversation(p, dir);
+    // Volatile: read after the generation (see `cache_verdict`).
+    let cached = c.peer.as_ptr().cast::<u64>();
+    let ours = peer.as_ptr().cast::<u64>();
+    unsafe {
+        get(cached) == ours.read_unaligned()
+            && get(cached.add(1)) == ours.add(1).read_unaligned()
+            && get(&c.family) == p.family
+            && get(&c.initiator) == initiator as u8
+            && get(&c.peer_port) == peer_port
+            && get(&c.local_port) == local_port
+    }
 }
 
 /// Marks an established socket whose packet was just denied, once: the
@@ -1082,25 +1146,54 @@ fn mark_cut(
     count(COUNTER_CUT_MARKED);
 }
 
-/// Remembers an allowed packet's verdict on its socket, but only on an
-/// established TCP socket: it keeps one peer for the rest of its life (a
-/// new connect clears the cache), so its later packets ask the same
-/// question. A datagram socket can change peers with every packet.
+/// Remembers an allowed packet's verdict on its socket. An established
+/// TCP socket keeps one peer for the rest of its life (a new connect clears
+/// the cache), so its later packets ask the same question; a datagram
+/// socket's verdict is keyed by the conversation (see `same_conversation`).
 #[inline(always)]
-fn cache_verdict(full: *mut bpf_sock, info: *mut SockInfo, a: &Active, dom_id: u32, d: &Decision) {
+#[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
+fn cache_verdict(
+    full: *mut bpf_sock,
+    info: *mut SockInfo,
+    a: &Active,
+    dom_id: u32,
+    d: &Decision,
+    p: &Parsed,
+    dir: Direction,
+    initiator: bool,
+) {
     // `full` is checked again: the verifier does not know that a storage
     // pointer implies a socket.
-    if info.is_null() || full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+    if info.is_null() || full.is_null() {
         return;
     }
+    let tcp = p.proto == IPPROTO_TCP as u8;
+    if tcp && unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    // Field by field into the storage (a whole VerdictCache would not fit
+    // on the stack beside the rest), and invalid while being written: a
+    // packet of the same socket on another CPU reads the generation first,
+    // so it never takes this peer with another's verdict, or the reverse.
+    // Volatile, so the compiler keeps that order.
+    let c = unsafe { &raw mut (*info).verdict };
     unsafe {
-        (*info).verdict = VerdictCache {
-            generation: a.generation,
-            until_tai_ns: d.until_tai_ns,
-            domain: dom_id,
-            reason: d.reason as u8,
-            _pad: [0; 3],
-        };
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*c).generation, 0);
+        put(&raw mut (*c).until_tai_ns, d.until_tai_ns);
+        put(&raw mut (*c).domain, dom_id);
+        put(&raw mut (*c).reason, d.reason as u8);
+        let mut family = 0;
+        if !tcp {
+            let (peer, peer_port, local_port) = conversation(p, dir);
+            family = p.family;
+            put(&raw mut (*c).initiator, initiator as u8);
+            copy16(&raw mut (*c).peer, peer);
+            put(&raw mut (*c).peer_port, peer_port);
+            put(&raw mut (*c).local_port, local_port);
+        }
+        put(&raw mut (*c).family, family);
+        put(&raw mut (*c).generation, a.generation);
     }
 }
 

@@ -618,3 +618,47 @@ fn udp_server_behind_a_bridge_answers_each_client() {
     assert!(!answers.is_empty(), "{:?}", agent.events());
     assert_eq!(field(&answers[0], "bridge"), "u");
 }
+
+/// A datagram socket remembers the verdict of its last conversation, and
+/// only for that peer: a server in `prod` that has just answered an
+/// allowed peer still drops every datagram from a `contractor` address
+/// (sent by a process with no policy of its own, so only the server's
+/// packet hook stands in the way), before and after answering again.
+#[test]
+fn a_datagram_sockets_cached_verdict_holds_for_its_peer_only() {
+    if !privileged("udp_verdict_cache") {
+        return;
+    }
+    let w = world(114);
+    let agent = Agent::start(&w.root, &w.policy("", ""));
+    let srv = format!("{}:9401", w.link.v4(2));
+    let udp = Server::start(&w.prod, Some(&w.link.b), "udp", &srv, 3);
+    // Same domain: prod's own address, over the server namespace's loopback.
+    let friend = format!("{}:9411", w.link.v4(2));
+    // The same port: only the address tells the two apart.
+    let stranger = format!("{}:9411", w.link.v4(1));
+    for round in 0..2 {
+        assert_eq!(
+            probe(&w.outside, Some(&w.link.b), &["ask", &friend, &srv]),
+            "reply",
+            "round {round}: prod's own address"
+        );
+        assert_eq!(
+            probe(&w.outside, Some(&w.link.a), &["ask", &stranger, &srv]),
+            "no-reply",
+            "round {round}: a contractor address"
+        );
+    }
+    assert_eq!(udp.finish(), 2, "only the allowed datagrams reached it");
+    let drops = agent.wait_events(2, |e| {
+        field(e, "verdict") == "deny"
+            && field(e, "hook") == "skb-ingress"
+            && field(e, "src") == w.link.v4(1)
+    });
+    assert_eq!(drops.len(), 2, "{:?}", agent.events());
+    assert!(
+        drops
+            .iter()
+            .all(|e| field(e, "reason") == "cross-domain" && field(e, "src_domain") == "contractor")
+    );
+}

@@ -758,7 +758,7 @@ fn markdown(r: &Value) -> String {
              transactions on each in turn, in an order that rotates, for {} s per protocol; a mode's figure is the \
              median over rounds of its batch against the same round's no-policy batch, milliseconds apart. \
              *none_again* is a second no-policy connection: its distance from 100% is the method's own error. \
-             UDP is a connected socket, so every datagram is decided by the packet hooks (no verdict cache).\n\n\
+             UDP is a connected socket: its datagrams run the packet hooks only, which take the verdict the socket remembers for that peer.\n\n\
              | mode | TCP_RR (trans/s) | TCP ratio | UDP_RR (trans/s) | UDP ratio |\n|---|---|---|---|---|\n",
             ab["tcp_rr"]["batch"], r["params"]["ab_secs"],
         );
@@ -994,12 +994,14 @@ fn analysis(r: &Value) -> String {
          is {:.0} ns ({:.1}% of the transaction, bpf_stats included): `bh_egress` and `bh_ingress` on the \
          client, each taking the verdict cached on the established socket (valid for the policy generation \
          and until the domain's or bridge's expiry) instead of deciding again; the kernel's dispatch of a \
-         cgroup program and the socket-storage lookup make up the rest of the difference. A connected UDP \
-         socket has no cached verdict, so each datagram is decided in full in both packet hooks: UDP_RR is \
-         {:.1}% interleaved (nftables {:.1}%). The UDP 64-byte send rate is {:.1}% with bulkhead and {:.1}% \
-         with nftables: an unconnected `sendto()` pays a full decision in `sendmsg4` (with a listener lookup, \
-         `bpf_sk_lookup_udp`, for destinations outside the domains) and again in `bh_egress`: {:.0} ns per \
-         message ({:.1}% of it).{}",
+         cgroup program and the socket-storage lookup make up the rest of the difference. A datagram \
+         socket's verdict is remembered for its peer (address, port, own port, direction): a datagram to or \
+         from that peer parses its headers and compares, skipping the cgroup walk, the address table and \
+         the rules. UDP_RR is {:.1}% interleaved (nftables {:.1}%). The UDP 64-byte send rate is {:.1}% with \
+         bulkhead and {:.1}% with nftables: an unconnected `sendto()` still pays a full decision in \
+         `sendmsg4` (the sending task's domain, and a listener lookup, `bpf_sk_lookup_udp`, for destinations \
+         outside the domains), then the packet hook's remembered one: {:.0} ns per message ({:.1}% of \
+         it).{}",
         ab("tcp_rr", "bulkhead"),
         ab("tcp_rr", "nftables"),
         ab("tcp_rr", "none_again"),
