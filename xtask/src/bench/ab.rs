@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::json;
 
-use super::stats::median;
+use super::{stats::median, world};
 
 /// Bytes per request and per response, as sockperf's `-m 64`.
 pub const MSG: usize = 64;
@@ -30,12 +30,7 @@ const BATCH: usize = 200;
 /// thread each) and every UDP datagram to `PORT`. Exits after the given
 /// number of seconds at the latest.
 pub fn server(args: &[String]) -> Result<()> {
-    let port: u16 = args.first().ok_or_else(|| anyhow!("port"))?.parse()?;
-    let limit: u64 = args.get(1).map_or(Ok(600), |s| s.parse())?;
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(limit));
-        std::process::exit(0);
-    });
+    let port = world::server_args(args)?;
     let l = TcpListener::bind(("0.0.0.0", port))?;
     let u = UdpSocket::bind(("0.0.0.0", port))?;
     std::thread::spawn(move || {

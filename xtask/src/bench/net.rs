@@ -34,7 +34,7 @@ use super::{
     policy::Spec,
     stats::median,
     sys,
-    world::{Agent, Bg, Netns, command_in, run_timed, veth},
+    world::{self, Agent, Bg, Netns, command_in, run_timed, veth},
 };
 
 const UDP_PORT: u16 = 11111;
@@ -190,6 +190,27 @@ fn nft_ruleset(spec: &Spec, ctx: &Ctx) -> (String, usize, usize) {
     (text, d4.len(), d6.len())
 }
 
+/// Starts one of the bench's own servers and waits for its "listening".
+fn helper_server(
+    cgroup: &Path,
+    ns: &Netns,
+    program: &str,
+    args: &[String],
+    what: &str,
+) -> Result<Bg> {
+    let mut child = command_in(cgroup, Some(ns), Path::new(program), args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the {what} server"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        bail!("{what} server did not start: {line:?}");
+    }
+    Ok(Bg(child))
+}
+
 /// Sums the agent's counters per (hook, reason) for the hooks traffic hits.
 fn counter_rows(agent: &Agent) -> Result<Vec<(Hook, u8, u64)>> {
     let map = sys::obj_get(&agent.map("BH_COUNTERS"))?;
@@ -320,31 +341,11 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
         ctx.exe.to_string_lossy().into(),
     ];
     args.extend(ctx.helper_args("crr-server", &[CRR_PORT.to_string(), "3600".into()]));
-    let mut crr = command_in(free, Some(&s), Path::new("taskset"), &args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the connect server")?;
-    let mut line = String::new();
-    BufReader::new(crr.stdout.take().expect("piped")).read_line(&mut line)?;
-    if line.trim() != "listening" {
-        bail!("connect server did not start: {line:?}");
-    }
-    servers.push(Bg(crr));
+    servers.push(helper_server(free, &s, "taskset", &args, "connect")?);
     let mut args = pinned_rt().split_off(1);
     args.push(ctx.exe.to_string_lossy().into());
     args.extend(ctx.helper_args("rr-server", &[AB_PORT.to_string(), "3600".into()]));
-    let mut rr = command_in(free, Some(&s), Path::new("chrt"), &args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the request/response server")?;
-    let mut line = String::new();
-    BufReader::new(rr.stdout.take().expect("piped")).read_line(&mut line)?;
-    if line.trim() != "listening" {
-        bail!("request/response server did not start: {line:?}");
-    }
-    servers.push(Bg(rr));
+    servers.push(helper_server(free, &s, "chrt", &args, "request/response")?);
     std::thread::sleep(Duration::from_millis(300));
 
     let all = [
@@ -594,12 +595,7 @@ fn bpf_stats(ctx: &Ctx, agent: &Agent, m: &Mode) -> Result<Value> {
 /// Helper: accepts connections, echoes one byte, closes. Exits after the
 /// given number of seconds at the latest.
 pub fn crr_server(args: &[String]) -> Result<()> {
-    let port: u16 = args.first().ok_or_else(|| anyhow!("port"))?.parse()?;
-    let limit: u64 = args.get(1).map_or(Ok(600), |s| s.parse())?;
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(limit));
-        std::process::exit(0);
-    });
+    let port = world::server_args(args)?;
     let l = TcpListener::bind(("0.0.0.0", port))?;
     println!("listening");
     std::io::stdout().flush()?;

@@ -449,3 +449,16 @@ pub fn detach(bin: &Path, bpffs: &Path) {
         .stderr(Stdio::null())
         .status();
 }
+
+/// A server helper's arguments, `PORT [SECS]`: returns the port, and ends
+/// the process after SECS (default 600) whatever it is doing, so a
+/// benchmark that dies cannot leave a server behind.
+pub fn server_args(args: &[String]) -> Result<u16> {
+    let port: u16 = args.first().ok_or_else(|| anyhow!("port"))?.parse()?;
+    let limit: u64 = args.get(1).map_or(Ok(600), |s| s.parse())?;
+    thread::spawn(move || {
+        thread::sleep(Duration::from_secs(limit));
+        std::process::exit(0);
+    });
+    Ok(port)
+}
