@@ -1,10 +1,11 @@
-//! TCP request/response measured A/B within one process: one connection
-//! per mode, each made from that mode's cgroup and network namespace (a
-//! socket keeps both for life, and the cgroup hooks act on the socket's
-//! cgroup), then short batches of transactions on each in turn. Modes a
-//! few milliseconds apart share the machine's state — a VM's neighbours,
-//! the CPU's clock — which separate runs seconds apart do not: there a
-//! run scatters by ±10%, more than the few percent being measured.
+//! Request/response (TCP, or UDP on a connected socket) measured A/B
+//! within one process: one connection per mode, each made from that
+//! mode's cgroup and network namespace (a socket keeps both for life, and
+//! the cgroup hooks act on the socket's cgroup), then short batches of
+//! transactions on each in turn. Modes a few milliseconds apart share the
+//! machine's state — a VM's neighbours, the CPU's clock — which separate
+//! runs seconds apart do not: there a run scatters by ±10%, more than the
+//! few percent being measured.
 
 use std::{
     fs,
