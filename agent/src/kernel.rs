@@ -1,11 +1,17 @@
 //! Loading, attaching and pinning the kernel programs.
 //!
 //! Everything lives under one bpffs directory (default
-//! `/sys/fs/bpf/bulkhead`): `maps/` holds the policy, counter and event maps,
-//! `links/` one pinned link per program. Pinned links keep enforcing when
-//! the agent exits or crashes (fail closed). A new agent attaches its own
-//! links first and only then retires the pinned ones, so there is never a
-//! moment without enforcement.
+//! `/sys/fs/bpf/bulkhead`), in a subdirectory per map layout
+//! (`<layout>/maps`, `<layout>/links`): a binary whose maps differ from the
+//! pinned ones loads next to them instead of into them. Pinned links keep
+//! enforcing when the agent exits or crashes (fail closed).
+//!
+//! Start-up is ordered so that a process death at any instant leaves a
+//! whole policy enforced: every program is verified before anything is
+//! written or attached ([`verify_all`]); each link is pinned the moment it
+//! exists ([`attach`]), and a new policy only goes live once every link
+//! is pinned; links and maps of an earlier agent (or layout) are retired
+//! only after that ([`retire_others`]).
 
 use std::{
     fs,
@@ -26,40 +32,220 @@ use aya::{
 /// The kernel programs, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 
-/// Every program: (name in the object, what it does for `status`).
-pub const PROGRAMS: [(&str, &str); 9] = [
-    ("bh_connect4", "cgroup/connect4"),
-    ("bh_connect6", "cgroup/connect6"),
-    ("bh_sendmsg4", "cgroup/sendmsg4"),
-    ("bh_sendmsg6", "cgroup/sendmsg6"),
-    ("bh_sock_create", "cgroup/sock_create"),
-    ("bh_post_bind4", "cgroup/post_bind4"),
-    ("bh_post_bind6", "cgroup/post_bind6"),
-    ("bh_egress", "cgroup_skb/egress"),
-    ("bh_ingress", "cgroup_skb/ingress"),
+/// What kind of cgroup program, so loading and attaching need no name
+/// matching.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    SockAddr,
+    Sock,
+    Skb(CgroupSkbAttachType),
+}
+
+/// When a program attaches during start-up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Records who binds what; refuses nothing. Attached before the
+    /// sockets bound earlier are recorded, so none is missed in between.
+    Owners,
+    /// Decides. Inert while the generation in force is 0.
+    Enforce,
+}
+
+/// One kernel program of the object.
+pub struct Program {
+    /// Name in the object (and of its pinned link).
+    pub name: &'static str,
+    /// The hook, for `status`.
+    pub hook: &'static str,
+    pub kind: Kind,
+    pub stage: Stage,
+}
+
+/// Every cgroup program, in attach order: the packet hooks (the backstop)
+/// before the `connect`/`sendmsg` hooks, so when a new agent's own maps
+/// start deciding, all its hooks decide together.
+pub const PROGRAMS: [Program; 9] = [
+    Program {
+        name: "bh_post_bind4",
+        hook: "cgroup/post_bind4",
+        kind: Kind::Sock,
+        stage: Stage::Owners,
+    },
+    Program {
+        name: "bh_post_bind6",
+        hook: "cgroup/post_bind6",
+        kind: Kind::Sock,
+        stage: Stage::Owners,
+    },
+    Program {
+        name: "bh_sock_create",
+        hook: "cgroup/sock_create",
+        kind: Kind::Sock,
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_egress",
+        hook: "cgroup_skb/egress",
+        kind: Kind::Skb(CgroupSkbAttachType::Egress),
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_ingress",
+        hook: "cgroup_skb/ingress",
+        kind: Kind::Skb(CgroupSkbAttachType::Ingress),
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_connect4",
+        hook: "cgroup/connect4",
+        kind: Kind::SockAddr,
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_connect6",
+        hook: "cgroup/connect6",
+        kind: Kind::SockAddr,
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_sendmsg4",
+        hook: "cgroup/sendmsg4",
+        kind: Kind::SockAddr,
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_sendmsg6",
+        hook: "cgroup/sendmsg6",
+        kind: Kind::SockAddr,
+        stage: Stage::Enforce,
+    },
 ];
 
+/// Bumped when the meaning of a map or shared type changes while every
+/// size stays the same; size changes are caught by the fingerprint.
+const LAYOUT_REVISION: u32 = 1;
+
+/// Set only by the upgrade test: gives this binary another layout (a
+/// different `BH_CGROUPS` size, so its maps really do not fit the
+/// others'), as an earlier or later version would have.
+const TEST_LAYOUT_ENV: &str = "BULKHEAD_TEST_LAYOUT";
+
+/// The name of this binary's map layout: the revision and a fingerprint of
+/// every map's definition in the object (type, key and value size, entries,
+/// flags). Two binaries with the same name can share pinned maps; any other
+/// pair cannot, and a new one takes over under its own directory.
+pub fn layout() -> Result<String> {
+    use sha2::{Digest as _, Sha256};
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this bulkhead binary was built without its kernel programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"
+        );
+    }
+    let obj =
+        aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded kernel programs")?;
+    let mut maps: Vec<_> = obj.maps.iter().collect();
+    maps.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = Sha256::new();
+    for (name, m) in maps {
+        // The ring buffer's size is a run-time flag, not part of the layout.
+        let entries = if name == agent_common::maps::MAP_EVENTS {
+            0
+        } else {
+            m.max_entries()
+        };
+        h.update(format!(
+            "{name} {} {} {} {entries} {}\n",
+            m.map_type(),
+            m.key_size(),
+            m.value_size(),
+            m.map_flags()
+        ));
+    }
+    if let Some(salt) = test_layout() {
+        h.update(salt.as_bytes());
+    }
+    let digest = h.finalize();
+    Ok(format!(
+        "layout-{LAYOUT_REVISION}-{:02x}{:02x}{:02x}{:02x}",
+        digest[0], digest[1], digest[2], digest[3]
+    ))
+}
+
+fn test_layout() -> Option<String> {
+    std::env::var(TEST_LAYOUT_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// The pin directory (`root`) and this binary's layout directory in it.
 pub struct Pins {
     pub root: PathBuf,
+    pub layout: String,
 }
 
 impl Pins {
-    pub fn new(root: PathBuf) -> Self {
-        Pins { root }
+    pub fn new(root: PathBuf, layout: String) -> Self {
+        Pins { root, layout }
+    }
+    /// The pins of this binary's layout.
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(&self.layout)
     }
     pub fn maps(&self) -> PathBuf {
-        self.root.join("maps")
+        self.dir().join("maps")
     }
     pub fn links(&self) -> PathBuf {
-        self.root.join("links")
+        self.dir().join("links")
     }
     pub fn link(&self, prog: &str) -> PathBuf {
         self.links().join(prog)
     }
     /// Programs pinned for benchmarks (`run --bench-probes`), never attached.
     pub fn probes(&self) -> PathBuf {
-        self.root.join("probes")
+        self.dir().join("probes")
     }
+    /// The pins of whatever layout is there, for the commands that read
+    /// them without loading anything (`dump`): this binary's if present,
+    /// else the only other one.
+    pub fn found(root: PathBuf) -> Result<Self> {
+        let mine = layout()?;
+        if root.join(&mine).is_dir() {
+            return Ok(Pins::new(root, mine));
+        }
+        // `Pins::dir` of the unversioned layout is `root/.`: the root.
+        let others = layouts(&root);
+        match others.as_slice() {
+            [one] => Ok(Pins::new(root, one.clone())),
+            [] => bail!("nothing is pinned under {}", root.display()),
+            _ => bail!(
+                "several map layouts are pinned under {} ({}); an agent is taking over",
+                root.display(),
+                others.join(", ")
+            ),
+        }
+    }
+}
+
+/// The layout of agents from before layouts had directories: `maps/` and
+/// `links/` directly under the pin directory.
+const UNVERSIONED: &str = ".";
+
+/// Layout directories present under `root`, [`UNVERSIONED`] included.
+fn layouts(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if root.join("maps").is_dir() || root.join("links").is_dir() {
+        out.push(UNVERSIONED.to_string());
+    }
+    if let Ok(entries) = fs::read_dir(root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("layout-") && e.path().is_dir() {
+                out.push(name);
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Makes sure a bpffs is mounted at (a parent of) `dir`'s base, mounting
@@ -162,17 +348,18 @@ pub fn lock(pins: &Pins) -> Result<PinLock> {
     Ok(PinLock { _fd: dir.into() })
 }
 
-/// Whether an agent holds the lock right now.
-pub fn is_locked(pins: &Pins) -> bool {
-    let Ok(dir) = fs::File::open(&pins.root) else {
+/// Whether an agent holds the lock on the pin directory `root` right now.
+pub fn is_locked(root: &Path) -> bool {
+    let Ok(dir) = fs::File::open(root) else {
         return false;
     };
     // SAFETY: valid fd; the lock is released when `dir` closes.
     unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
 
-/// Loads the object, reusing the maps pinned by an earlier agent (so the
-/// policy in force stays in force) and pinning new ones.
+/// Loads the object, reusing the maps pinned by an earlier agent of the
+/// same layout (so the policy in force stays in force) and pinning new
+/// ones. Nothing is verified or attached yet.
 pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
     if EBPF_OBJECT.is_empty() {
         bail!(
@@ -184,6 +371,12 @@ pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pins.maps());
     loader.map_max_entries(agent_common::maps::MAP_EVENTS, ring_bytes);
+    if test_layout().is_some() {
+        loader.map_max_entries(
+            agent_common::maps::MAP_CGROUPS,
+            agent_common::maps::MAX_CGROUPS + 1,
+        );
+    }
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| explain_load_error(e.into()))
@@ -197,78 +390,101 @@ fn explain_load_error(e: anyhow::Error) -> anyhow::Error {
         return e.context("loading BPF programs was refused: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN (and CAP_SYS_ADMIN to mount bpffs)");
     }
     if chain.contains("map pin") || chain.contains("pinned") {
-        return e.context("the maps pinned by an earlier, different bulkhead version do not fit this one: run `bulkhead detach` first");
+        return e.context(
+            "the maps pinned under this layout's directory do not fit this binary (a build that \
+             changed a map without changing the layout name?); `bulkhead detach` removes them",
+        );
     }
     e.context("loading the kernel programs failed")
 }
 
-/// Attaches every program to `cgroup_root` with `BPF_F_ALLOW_MULTI`, pins
-/// the new links, and retires links pinned by an earlier agent only after
-/// all new ones are attached. Returns why packet sockets are not refused,
-/// or `None` when they are.
-pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<Option<String>> {
-    let cgroup = fs::File::open(cgroup_root)
-        .with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
+/// Verifies and loads every program into the kernel, attaching none: a
+/// program the kernel refuses stops the start before anything that is
+/// enforced changes. Returns why packet sockets cannot be refused (the
+/// optional BPF LSM program), or `None` when they can.
+pub fn verify_all(ebpf: &mut Ebpf) -> Result<Option<String>> {
+    for p in &PROGRAMS {
+        let name = p.name;
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+        let loaded = match p.kind {
+            Kind::SockAddr => TryInto::<&mut CgroupSockAddr>::try_into(prog)?.load(),
+            Kind::Sock => TryInto::<&mut CgroupSock>::try_into(prog)?.load(),
+            Kind::Skb(_) => TryInto::<&mut CgroupSkb>::try_into(prog)?.load(),
+        };
+        loaded.map_err(|e| verifier(name, e.into()))?;
+    }
+    // Packet sockets are only visible to the BPF LSM hook; it is optional
+    // because many kernels run without BPF LSM.
+    Ok(load_lsm(ebpf).err().map(|e| format!("{e:#}")))
+}
+
+/// Attaches the verified programs of `stage` to `cgroup` and pins each
+/// link the moment it exists: a new link is pinned under a temporary name
+/// and renamed over the pin of the link it replaces, so the old link
+/// detaches only once the new one enforces, and a death between the two
+/// steps leaves both (a stray temporary pin, retired by the next agent).
+pub fn attach(ebpf: &mut Ebpf, pins: &Pins, cgroup: &fs::File, stage: Stage) -> Result<()> {
+    fs::create_dir_all(pins.links())
+        .with_context(|| format!("creating {}", pins.links().display()))?;
     // These attach as BPF links, which the kernel always attaches with
     // BPF_F_ALLOW_MULTI (coexisting with systemd's and others' programs);
     // link_create itself takes no flags, so the mode passed is "no flags".
     let mode = CgroupAttachMode::Single;
-    let mut fresh: Vec<(&str, FdLink)> = Vec::new();
-    for (name, _) in PROGRAMS {
+    for p in PROGRAMS.iter().filter(|p| p.stage == stage) {
+        let name = p.name;
         let prog = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
-        let link: FdLink = match name {
-            "bh_egress" | "bh_ingress" => {
-                let p: &mut CgroupSkb = prog.try_into()?;
-                p.load().map_err(|e| verifier(name, e.into()))?;
-                let ty = if name == "bh_egress" {
-                    CgroupSkbAttachType::Egress
-                } else {
-                    CgroupSkbAttachType::Ingress
-                };
-                let id = p
-                    .attach(&cgroup, ty, mode)
-                    .with_context(|| format!("attaching {name}"))?;
-                p.take_link(id)?.try_into()?
-            }
-            "bh_sock_create" | "bh_post_bind4" | "bh_post_bind6" => {
-                let p: &mut CgroupSock = prog.try_into()?;
-                p.load().map_err(|e| verifier(name, e.into()))?;
-                let id = p
-                    .attach(&cgroup, mode)
-                    .with_context(|| format!("attaching {name}"))?;
-                p.take_link(id)?.try_into()?
-            }
-            _ => {
+        let link: FdLink = match p.kind {
+            Kind::SockAddr => {
                 let p: &mut CgroupSockAddr = prog.try_into()?;
-                p.load().map_err(|e| verifier(name, e.into()))?;
-                let id = p
-                    .attach(&cgroup, mode)
-                    .with_context(|| format!("attaching {name}"))?;
-                p.take_link(id)?.try_into()?
+                let id = p.attach(cgroup, mode);
+                p.take_link(id.with_context(|| format!("attaching {name}"))?)?
+                    .try_into()?
+            }
+            Kind::Sock => {
+                let p: &mut CgroupSock = prog.try_into()?;
+                let id = p.attach(cgroup, mode);
+                p.take_link(id.with_context(|| format!("attaching {name}"))?)?
+                    .try_into()?
+            }
+            Kind::Skb(ty) => {
+                let p: &mut CgroupSkb = prog.try_into()?;
+                let id = p.attach(cgroup, ty, mode);
+                p.take_link(id.with_context(|| format!("attaching {name}"))?)?
+                    .try_into()?
             }
         };
-        fresh.push((name, link));
+        pin_link(link, pins, name)?;
     }
-    // Packet sockets are only visible to the BPF LSM hook; it is optional
-    // because many kernels run without BPF LSM.
-    let packet_sockets = match attach_lsm(ebpf, &cgroup) {
-        Ok(link) => {
-            fresh.push((LSM_PROGRAM, link));
-            None
-        }
-        Err(e) => Some(format!("{e:#}")),
-    };
-    fs::create_dir_all(pins.links())
-        .with_context(|| format!("creating {}", pins.links().display()))?;
-    for (name, link) in fresh {
-        let path = pins.link(name);
-        retire(&path)?;
-        link.pin(&path)
-            .with_context(|| format!("pinning {}", path.display()))?;
+    if stage == Stage::Enforce && ebpf.program(LSM_PROGRAM).is_some_and(|p| p.fd().is_ok()) {
+        let p: &mut aya::programs::LsmCgroup = ebpf
+            .program_mut(LSM_PROGRAM)
+            .ok_or_else(|| anyhow!("program {LSM_PROGRAM} missing from the object"))?
+            .try_into()?;
+        let id = p.attach(cgroup).context("attaching the BPF LSM program")?;
+        pin_link(p.take_link(id)?.into(), pins, LSM_PROGRAM)?;
     }
-    Ok(packet_sockets)
+    Ok(())
+}
+
+/// Suffix of a link pinned but not yet renamed into place (bpffs refuses
+/// names with dots).
+const PENDING: &str = "_pending";
+
+fn pin_link(link: FdLink, pins: &Pins, name: &str) -> Result<()> {
+    let path = pins.link(name);
+    let pending = pins.link(&format!("{name}{PENDING}"));
+    // A stray pending pin of a dead agent: its link enforces the same maps;
+    // replacing the pin retires it.
+    retire(&pending)?;
+    link.pin(&pending)
+        .with_context(|| format!("pinning {}", pending.display()))?;
+    fs::rename(&pending, &path)
+        .with_context(|| format!("renaming {} to {}", pending.display(), path.display()))?;
+    Ok(())
 }
 
 /// How much the verifier had to check, per program: what start-up time on
@@ -276,7 +492,7 @@ pub fn attach_all(ebpf: &mut Ebpf, pins: &Pins, cgroup_root: &Path) -> Result<Op
 pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
     let mut total = 0u64;
     let mut parts = Vec::new();
-    for (name, _) in PROGRAMS.iter().chain(&[(LSM_PROGRAM, "")]) {
+    for name in PROGRAMS.iter().map(|p| p.name).chain([LSM_PROGRAM]) {
         let n = ebpf
             .program(name)
             .and_then(|p| p.info().ok())
@@ -287,7 +503,7 @@ pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
         }
     }
     format!(
-        "programs loaded and attached in {:.1} s; the verifier checked {total} instructions ({})",
+        "programs verified and loaded in {:.1} s; the verifier checked {total} instructions ({})",
         took.as_secs_f64(),
         parts.join(", ")
     )
@@ -318,7 +534,7 @@ pub fn pin_probes(ebpf: &mut Ebpf, pins: &Pins) -> Result<()> {
 /// The `lsm_cgroup/socket_create` program refusing packet sockets.
 pub const LSM_PROGRAM: &str = "bh_socket_create";
 
-fn attach_lsm(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink> {
+fn load_lsm(ebpf: &mut Ebpf) -> Result<()> {
     let lsms = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
     if !lsms.split(',').any(|l| l.trim() == "bpf") {
         bail!(
@@ -334,9 +550,7 @@ fn attach_lsm(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink> {
     // EPERM here means the kernel (or a lockdown) refuses LSM programs,
     // not missing privileges: the cgroup programs loaded fine.
     p.load("socket_create", &btf)
-        .context("the kernel refused the BPF LSM program")?;
-    let id = p.attach(cgroup).context("attaching the BPF LSM program")?;
-    Ok(p.take_link(id)?.into())
+        .context("the kernel refused the BPF LSM program")
 }
 
 fn verifier(name: &str, e: anyhow::Error) -> anyhow::Error {
@@ -365,10 +579,42 @@ fn retire(path: &Path) -> Result<()> {
     }
 }
 
-/// Removes every link and map bulkhead pinned: enforcement stops.
-pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
+/// Once this agent's links are pinned and its policy is live: retires what
+/// other agents left that no longer belongs, links first (they stop
+/// enforcing; this agent's already do), then their maps. That is every
+/// other layout's directory (an upgrade or a downgrade across map
+/// layouts), and stray pending link pins in this layout's own. Returns
+/// the layouts removed.
+pub fn retire_others(pins: &Pins) -> Result<Vec<String>> {
+    if let Ok(entries) = fs::read_dir(pins.links()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(PENDING) {
+                retire(&e.path())?;
+            }
+        }
+    }
     let mut removed = Vec::new();
-    for sub in [pins.links(), pins.probes(), pins.maps()] {
+    for other in layouts(&pins.root) {
+        if other == pins.layout {
+            continue;
+        }
+        remove_layout(&pins.root, &other)?;
+        removed.push(other);
+    }
+    Ok(removed)
+}
+
+/// Removes one layout's pins: links (retired, so they detach), probes,
+/// maps, then its directory.
+fn remove_layout(root: &Path, layout: &str) -> Result<Vec<PathBuf>> {
+    let dir = if layout == UNVERSIONED {
+        root.to_path_buf()
+    } else {
+        root.join(layout)
+    };
+    let mut removed = Vec::new();
+    for sub in ["links", "probes", "maps"] {
+        let sub = dir.join(sub);
         let entries = match fs::read_dir(&sub) {
             Ok(e) => e,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
@@ -381,10 +627,27 @@ pub fn detach(pins: &Pins) -> Result<Vec<PathBuf>> {
         }
         let _ = fs::remove_dir(&sub);
     }
-    match fs::remove_dir(&pins.root) {
+    if layout != UNVERSIONED {
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every link and map bulkhead pinned under `root`, of every
+/// layout: enforcement stops.
+pub fn detach(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for layout in layouts(root) {
+        removed.extend(remove_layout(root, &layout)?);
+    }
+    match fs::remove_dir(root) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", pins.root.display())),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", root.display())),
     }
     Ok(removed)
 }

@@ -630,7 +630,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dump { bpffs_dir } => {
-            let pins = kernel::Pins::new(bpffs_dir);
+            let pins = kernel::Pins::found(bpffs_dir)?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&bulkhead::maps::dump(&pins.maps())?)?
@@ -638,18 +638,17 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { bpffs_dir, force } => {
-            let pins = kernel::Pins::new(bpffs_dir);
-            if !force && kernel::is_locked(&pins) {
+            if !force && kernel::is_locked(&bpffs_dir) {
                 anyhow::bail!(
                     "an agent is running with {}; stop it first (its exit keeps enforcement pinned) or pass --force",
-                    pins.root.display()
+                    bpffs_dir.display()
                 );
             }
-            let removed = kernel::detach(&pins)?;
+            let removed = kernel::detach(&bpffs_dir)?;
             println!(
                 "detached: removed {} pinned objects under {}",
                 removed.len(),
-                pins.root.display()
+                bpffs_dir.display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -44,6 +44,16 @@ pub struct PolicyMaps {
     slots: [Slot; 2],
 }
 
+/// A policy written into the inactive slot, not yet in force.
+#[must_use = "a staged policy is not in force until committed"]
+pub struct Staged(Written);
+
+impl Staged {
+    pub fn generation(&self) -> u64 {
+        self.0.generation
+    }
+}
+
 /// Counts of what a switch wrote, for logs and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Written {
@@ -105,17 +115,46 @@ impl PolicyMaps {
 
     /// Writes `c` into the inactive slot and switches to it.
     pub fn switch(&mut self, ebpf: &mut Ebpf, c: &Compiled) -> Result<Written> {
-        let current = Self::generation(ebpf)?;
-        let next = current + 1;
+        let staged = self.stage(ebpf, c)?;
+        Self::commit(ebpf, staged)
+    }
+
+    /// Writes `c` into the inactive slot without putting it in force:
+    /// nothing any program decides changes until [`PolicyMaps::commit`].
+    pub fn stage(&mut self, ebpf: &mut Ebpf, c: &Compiled) -> Result<Staged> {
+        let next = Self::generation(ebpf)? + 1;
         let slot = (next & 1) as u32;
         let mut w = Written {
             generation: next,
             ..Default::default()
         };
         self.write_slot(ebpf, slot, c, &mut w)?;
+        Ok(Staged(w))
+    }
+
+    /// Puts a staged slot in force: one 8-byte write of the generation.
+    pub fn commit(ebpf: &mut Ebpf, staged: Staged) -> Result<Written> {
+        let w = staged.0;
         let mut state: Array<&mut MapData, State> = Array::try_from(map(ebpf, MAP_STATE)?)?;
+        // Only this agent writes the maps (it holds the pin directory's
+        // lock), so the generation cannot have moved since the slot was
+        // written; if it did, the slot may be the one in force.
+        let now = state.get(&0, 0)?.generation;
+        if now + 1 != w.generation {
+            bail!(
+                "the generation moved from {} to {now} while generation {} was written",
+                w.generation - 1,
+                w.generation
+            );
+        }
         state
-            .set(0, State { generation: next }, 0)
+            .set(
+                0,
+                State {
+                    generation: w.generation,
+                },
+                0,
+            )
             .context("switching BH_STATE")?;
         Ok(w)
     }

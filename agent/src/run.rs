@@ -205,6 +205,14 @@ fn sd_notify(state: &str) {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // Before anything is loaded: from here on SIGHUP, SIGTERM and SIGINT
+    // wait (queued) for the main loop instead of ending the agent with
+    // their default action halfway through a start.
+    let signals = {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
+            .context("installing signal handlers")?
+    };
     let mount = cgroup::cgroup2_mount()?;
     let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     if !root.starts_with(&mount) {
@@ -234,39 +242,27 @@ pub fn run(args: RunArgs) -> Result<()> {
     for w in crate::probe::check()? {
         log(format!("warning: {w}"));
     }
-    let pins = Pins::new(args.bpffs_dir.clone());
+    let pins = Pins::new(args.bpffs_dir.clone(), kernel::layout()?);
     kernel::ensure_bpffs(&pins.root)?;
     let _lock = kernel::lock(&pins)?;
     kernel::secure(&pins)?;
+    let cgroup_dir =
+        fs::File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
+    // The order below keeps a whole policy enforced at every instant, so a
+    // death anywhere in it (kill -9, OOM) opens nothing:
+    // 1. every program verified and loaded: a refusal stops here, with
+    //    nothing that enforces changed;
+    let verify_started = Instant::now();
     let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
+    let lsm = kernel::verify_all(&mut ebpf)?;
+    log(kernel::verified(&ebpf, verify_started.elapsed()));
+    // 2. the policy written into the slot no program reads;
     let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
     let previous = PolicyMaps::generation(&mut ebpf)?;
-    // The policy goes in before the new programs attach; programs an earlier
-    // agent left attached read the same pinned maps and switch with them.
-    let written = pmaps.switch(&mut ebpf, &loaded.compiled)?;
-    let gauges = Arc::new(Gauges::default());
-    gauges.note_policy(
-        &loaded.compiled.domain_names,
-        written.generation,
-        load_started.elapsed(),
-    );
-    let verify_started = Instant::now();
-    let attached = kernel::attach_all(&mut ebpf, &pins, &root)?;
-    log(kernel::verified(&ebpf, verify_started.elapsed()));
-    let packet_sockets = match attached {
-        None => "refused in domain workloads (BPF LSM)".to_string(),
-        Some(why) => {
-            log(format!(
-                "warning: packet sockets (AF_PACKET) are NOT refused: {why}; run domain workloads without CAP_NET_RAW"
-            ));
-            format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
-        }
-    };
-    if args.bench_probes {
-        kernel::pin_probes(&mut ebpf, &pins)?;
-    }
-    // The new maps and links are pinned now.
-    kernel::secure(&pins)?;
+    let staged = pmaps.stage(&mut ebpf, &loaded.compiled)?;
+    // 3. the post_bind hooks attached, then the sockets bound before them
+    //    recorded, so none is missed in between;
+    kernel::attach(&mut ebpf, &pins, &cgroup_dir, kernel::Stage::Owners)?;
     let seeded = listeners::seed(&mut ebpf, &mount).map(|(ok, failed)| {
         if failed > 0 {
             log(format!(
@@ -282,6 +278,40 @@ pub fn run(args: RunArgs) -> Result<()> {
         ));
         0
     });
+    // 4. every deciding hook attached, each link pinned as it is made
+    //    (with a fresh layout they decide nothing until step 5; adopting a
+    //    pinned one, they decide as the links they replace);
+    kernel::attach(&mut ebpf, &pins, &cgroup_dir, kernel::Stage::Enforce)?;
+    if args.bench_probes {
+        kernel::pin_probes(&mut ebpf, &pins)?;
+    }
+    // 5. the policy put in force, in one write;
+    let written = PolicyMaps::commit(&mut ebpf, staged)?;
+    // 6. and only then what earlier agents left retired: other layouts'
+    //    links and maps (an upgrade across map layouts), stray pins.
+    for gone in kernel::retire_others(&pins)? {
+        log(format!(
+            "retired the programs and maps of layout {gone} (this binary's is {})",
+            pins.layout
+        ));
+    }
+    let gauges = Arc::new(Gauges::default());
+    gauges.note_policy(
+        &loaded.compiled.domain_names,
+        written.generation,
+        load_started.elapsed(),
+    );
+    let packet_sockets = match lsm {
+        None => "refused in domain workloads (BPF LSM)".to_string(),
+        Some(why) => {
+            log(format!(
+                "warning: packet sockets (AF_PACKET) are NOT refused: {why}; run domain workloads without CAP_NET_RAW"
+            ));
+            format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
+        }
+    };
+    // The new maps and links are pinned now.
+    kernel::secure(&pins)?;
     let control = control::bind(&args.run_dir, args.control_group)?;
     let metrics_listener = args.metrics_addr.map(metrics::bind).transpose()?;
     // Tracing programs need CAP_PERFMON: load the socket iterators now.
@@ -435,8 +465,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let hup = Arc::new(AtomicBool::new(false));
     let term = Arc::new(AtomicBool::new(false));
     {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+        use signal_hook::consts::SIGHUP;
+        let mut signals = signals;
         let (hup, term, wake) = (hup.clone(), term.clone(), wake_tx);
         thread::Builder::new()
             .name("signals".into())
@@ -488,6 +518,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                         enricher: &enricher,
                         cgroup_root: &root,
                         cuts: &cuts,
+                        pins: &pins,
                     };
                     let _ = call.reply.send(st.to_json(&mut ebpf, &pmaps));
                 }
@@ -971,6 +1002,7 @@ struct Status<'a> {
     enricher: &'a Mutex<Enricher>,
     cgroup_root: &'a Path,
     cuts: &'a CutState,
+    pins: &'a Pins,
 }
 
 impl Status<'_> {
@@ -998,10 +1030,10 @@ impl Status<'_> {
                 }
             }
         }
-        let pins = Pins::new(self.args.bpffs_dir.clone());
+        let pins = self.pins;
         let programs: Vec<_> = kernel::PROGRAMS
             .iter()
-            .map(|(name, hook)| serde_json::json!({"name": name, "hook": hook, "pinned": pins.link(name).exists()}))
+            .map(|p| serde_json::json!({"name": p.name, "hook": p.hook, "pinned": pins.link(p.name).exists()}))
             .collect();
         let now = compile::now_ns();
         let bridges: Vec<_> = self
@@ -1032,6 +1064,7 @@ impl Status<'_> {
             "running_since": self.started,
             "cgroup_root": self.cgroup_root,
             "bpffs_dir": self.args.bpffs_dir,
+            "layout": pins.layout,
             "programs": programs,
             "maps": pmaps.fill(self.generation),
             "domains": self.loaded.policy.domains.iter().map(|d| &d.name).collect::<Vec<_>>(),

@@ -427,6 +427,19 @@ impl Agent {
     /// Forwards the agent's stderr to the test output (cargo shows it on
     /// failure) and, with `log`, also collects it; then waits for `READY=1`.
     fn spawn_logging(&mut self, extra: &[&str], log: Option<&AgentLog>) {
+        self.spawn_nowait(extra, log);
+        self.wait_ready();
+    }
+
+    /// Starts (or restarts) the agent without waiting for it: for tests
+    /// that act while it starts. [`Agent::wait_ready`] waits.
+    pub fn spawn_nowait(&mut self, extra: &[&str], log: Option<&AgentLog>) {
+        // A READY=1 of an earlier agent (killed right after sending it)
+        // must not pass for this one's.
+        self.notify.set_nonblocking(true).unwrap();
+        let mut stale = [0u8; 256];
+        while self.notify.recv(&mut stale).is_ok() {}
+        self.notify.set_nonblocking(false).unwrap();
         let mut child = self.command(extra).spawn().expect("spawn bulkhead");
         let stderr = child.stderr.take().unwrap();
         let sink = log.map(|l| l.0.clone());
@@ -438,18 +451,82 @@ impl Agent {
                 }
             }
         });
+        self.child = Some(child);
+    }
+
+    /// Waits for the running agent's `READY=1`.
+    pub fn wait_ready(&mut self) {
         let mut buf = [0u8; 256];
         loop {
             match self.notify.recv(&mut buf) {
                 Ok(n) if &buf[..n] == b"READY=1" => break,
                 Ok(_) => continue,
                 Err(e) => {
-                    let status = child.try_wait();
+                    let status = self.child.as_mut().map(|c| c.try_wait());
                     panic!("agent did not report READY=1: {e} (exit: {status:?})");
                 }
             }
         }
-        self.child = Some(child);
+    }
+
+    /// Sends `signal` to the running agent.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// The agent's exit status if it has exited (`None` while it runs).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// Waits (bounded) for the agent to exit; its status, or `None` if it
+    /// still runs after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(st) = self.exited() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next
+    /// starts.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// The layout directories pinned under the agent's bpffs directory.
+    pub fn layouts(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(&self.bpffs)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("layout-") || n == "maps" || n == "links")
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// The pin directory of the (one) layout in force.
+    pub fn pins(&self) -> PathBuf {
+        let layouts = self.layouts();
+        match layouts.as_slice() {
+            [one] if one.starts_with("layout-") => self.bpffs.join(one),
+            _ => panic!(
+                "expected one layout under {}: {layouts:?}",
+                self.bpffs.display()
+            ),
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -828,7 +828,7 @@ fn setup() -> Setup {
 }
 
 fn link(agent: &Agent, prog: &str) -> PathBuf {
-    agent.bpffs.join("links").join(prog)
+    agent.pins().join("links").join(prog)
 }
 
 fn hexdump(p: &[u8]) -> String {

@@ -97,12 +97,12 @@ fn pinned_objects_are_closed_to_unprivileged_users() {
     assert!(seen >= 10, "maps and links are pinned ({seen})");
 
     // An unprivileged user cannot even look up a pinned map by path.
-    let map = agent.bpffs.join("maps").join("BH_STATE");
+    let map = agent.pins().join("maps").join("BH_STATE");
     assert!(map.exists(), "{}", map.display());
     let out = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg("ls")
-        .arg(agent.bpffs.join("maps"))
+        .arg(agent.pins().join("maps"))
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -13,6 +13,12 @@
 //!                                         answer comes back within a second
 //!   probe hold ADDR:PORT SECS             TCP connect, a byte every 10 ms until a write fails:
 //!                                         "error ERRNO at UNIX_NS", or "open" after SECS
+//!   probe guard SECS KIND:ADDR:PORT...    for SECS, try each target in turn (KIND: udp-connect,
+//!                                         udp-sendto, tcp with a 100 ms connect timeout) and
+//!                                         print "UNIX_NS TARGET OUTCOME" whenever a target's
+//!                                         outcome changes (refused = EPERM, dropped = timed
+//!                                         out, open = it went through), "UNIX_NS totals
+//!                                         REFUSED OTHER" each second, then "rounds N"
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -216,6 +222,85 @@ fn storm(to: SocketAddr, count: u32, pause_us: u64) -> String {
     format!("eperm {eperm} other {other}")
 }
 
+/// One forbidden attempt of `kind` to `to`: "refused" (EPERM), "dropped"
+/// (no answer in time), "open" (it went through) or the errno's name.
+fn attempt(kind: &str, to: SocketAddr) -> String {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let res = match kind {
+        "udp-connect" => UdpSocket::bind(any).and_then(|s| s.connect(to)),
+        "udp-sendto" => UdpSocket::bind(any).and_then(|s| s.send_to(b"x", to).map(drop)),
+        "tcp" => TcpStream::connect_timeout(&to, Duration::from_millis(100)).map(drop),
+        _ => panic!("unknown guard kind {kind}"),
+    };
+    match res {
+        Ok(()) => "open".into(),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => "refused".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "dropped".into(),
+        Err(e) => errno_name(&e),
+    }
+}
+
+/// Forbidden attempts to every target in turn for `secs`, printing each
+/// change of a target's outcome with the time the attempt started (for
+/// "open") or ended (otherwise), so a test can line changes up with what
+/// the agent was doing.
+fn guard(secs: u64, targets: &[&str]) -> String {
+    let targets: Vec<(&str, &str, SocketAddr)> = targets
+        .iter()
+        .map(|t| {
+            let (kind, to) = t.split_once(':').expect("KIND:ADDR:PORT");
+            (*t, kind, addr(to))
+        })
+        .collect();
+    let mut last: Vec<String> = vec![String::new(); targets.len()];
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut next_totals = Instant::now();
+    let (mut rounds, mut refused, mut other) = (0u64, 0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    while Instant::now() < deadline {
+        rounds += 1;
+        for (i, (name, kind, to)) in targets.iter().enumerate() {
+            let started = unix_ns();
+            let outcome = attempt(kind, *to);
+            let at = if outcome == "open" {
+                started
+            } else {
+                unix_ns()
+            };
+            if outcome == "refused" || outcome == "dropped" {
+                refused += 1;
+            } else {
+                other += 1;
+            }
+            if outcome != last[i] {
+                let _ = writeln!(out, "{at} {name} {outcome}");
+                let _ = out.flush();
+                last[i] = outcome;
+            }
+        }
+        // Running totals once a second, so a test can count the attempts
+        // made while an agent of its choosing was in charge.
+        if Instant::now() >= next_totals {
+            let _ = writeln!(out, "{} totals {refused} {other}", unix_ns());
+            let _ = out.flush();
+            next_totals += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    format!("rounds {rounds}")
+}
+
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
 /// Connects over TCP and sends one byte every 10 ms for `secs`, ignoring
 /// send errors (a dropped flow just stops arriving). Prints `sent N`.
 fn trickle(to: SocketAddr, secs: u64) -> String {
@@ -330,6 +415,7 @@ fn main() -> ExitCode {
         ["sink", at, secs] => sink(addr(at), secs.parse().expect("secs")),
         ["hold", to, secs] => hold(addr(to), secs.parse().expect("secs")),
         ["ask", from, to] => ask(addr(from), addr(to)),
+        ["guard", secs, targets @ ..] => guard(secs.parse().expect("secs"), targets),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);

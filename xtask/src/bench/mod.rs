@@ -432,7 +432,7 @@ fn meta(ctx: &Ctx) -> Result<Value> {
 fn map_memory(agent: &Agent) -> Value {
     let mut maps = serde_json::Map::new();
     let mut total = 0u64;
-    if let Ok(entries) = fs::read_dir(agent.bpffs.join("maps")) {
+    if let Ok(entries) = fs::read_dir(agent.pins().join("maps")) {
         let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         names.sort();
         for path in names {
@@ -454,7 +454,7 @@ fn map_memory(agent: &Agent) -> Value {
 /// Size and verifier work of every program an agent pinned a link for.
 fn program_sizes(agent: &Agent) -> Value {
     let mut out = serde_json::Map::new();
-    if let Ok(entries) = fs::read_dir(agent.bpffs.join("links")) {
+    if let Ok(entries) = fs::read_dir(agent.pins().join("links")) {
         let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         names.sort();
         for path in names {

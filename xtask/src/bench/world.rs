@@ -413,17 +413,31 @@ impl Agent {
         }
     }
 
+    /// The agent's layout directory (`<bpffs>/layout-*`): the pins.
+    pub fn pins(&self) -> PathBuf {
+        fs::read_dir(&self.bpffs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("layout-"))
+            })
+            .unwrap_or_else(|| self.bpffs.clone())
+    }
+
     pub fn link(&self, prog: &str) -> PathBuf {
-        self.bpffs.join("links").join(prog)
+        self.pins().join("links").join(prog)
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
-        self.bpffs.join("maps").join(name)
+        self.pins().join("maps").join(name)
     }
 
     /// A program pinned by `run --bench-probes`.
     pub fn probe(&self, prog: &str) -> PathBuf {
-        self.bpffs.join("probes").join(prog)
+        self.pins().join("probes").join(prog)
     }
 }
 

@@ -148,7 +148,7 @@ cp /run/bhvm-agent.log /run/bhvm-agent.before
 systemctl start bulkhead; st=$?
 systemctl stop bulkhead
 named=0; grep -q 'missing capabilities: CAP_NET_ADMIN' /run/bhvm-agent.log && named=1
-links=$(ls /sys/fs/bpf/bulkhead/links 2>/dev/null | wc -l)
+links=$(ls /sys/fs/bpf/bulkhead/layout-*/links 2>/dev/null | wc -l)
 [ $st != 0 ] && [ $named = 1 ] && [ "$links" = 0 ]
 result unit_without_cap_net_admin_fails_naming_it $? "start rc=$st named=$named pinned links=$links: $(cat /run/bhvm-agent.log)"
 rm -r /run/systemd/system/bulkhead.service.d
