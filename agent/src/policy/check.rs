@@ -5,11 +5,11 @@
 //! policy is returned only when there were none.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use agent_common::maps::{MAX_BRIDGE_RULES, MAX_DOMAINS};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -48,6 +48,63 @@ struct Located<T> {
     value: T,
     pos: Pos,
     domain: usize,
+}
+
+/// A network as the overlap check reads it: IPv4-mapped IPv6 as IPv4, the
+/// way the kernel decides such destinations (`agent_common::maps::v4_mapped`).
+struct View {
+    net: IpNet,
+    /// Into [`Checker::networks`].
+    index: usize,
+    how: How,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum How {
+    AsWritten,
+    /// `::ffff:a.b.c.d/N`, N >= 96: the IPv4 network it spells.
+    Mapped,
+    /// All of IPv4, for an IPv6 network around `::ffff:0:0/96`; the
+    /// network is also seen as written.
+    HoldsMapped,
+}
+
+impl View {
+    fn of(net: IpNet, index: usize) -> Vec<View> {
+        let view = |net, how| View { net, index, how };
+        let IpNet::V6(v6) = net else {
+            return vec![view(net, How::AsWritten)];
+        };
+        if let Some(v4) = v6.network().to_ipv4_mapped()
+            && let Some(len) = v6.prefix_len().checked_sub(96)
+        {
+            return vec![view(IpNet::V4(Ipv4Net::new_assert(v4, len)), How::Mapped)];
+        }
+        let all_v4 = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0);
+        let mapped = Ipv6Net::new_assert(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96);
+        if v6.contains(&mapped) {
+            // Its mapped part decides nothing in the kernel (those
+            // destinations are looked up as IPv4), but the policy still
+            // gives them to this domain: that is the overlap to report.
+            return vec![
+                view(net, How::AsWritten),
+                view(IpNet::V4(all_v4), How::HoldsMapped),
+            ];
+        }
+        vec![view(net, How::AsWritten)]
+    }
+
+    /// `written` for a message, with how it is read when that differs.
+    fn describe(&self, written: IpNet) -> String {
+        match self.how {
+            How::AsWritten => format!("`{written}`"),
+            How::Mapped => format!("`{written}` (IPv4-mapped: {})", self.net),
+            How::HoldsMapped => format!(
+                "`{written}` (holds all IPv4-mapped addresses, decided as IPv4: {})",
+                self.net
+            ),
+        }
+    }
 }
 
 /// A bridge with what [`Checker::bridges`] needs to check bridges together.
@@ -718,39 +775,57 @@ impl Checker {
     /// Networks are disjoint between domains, so an address belongs to at
     /// most one domain. Overlaps within one domain are harmless.
     fn overlapping_networks(&mut self, domains: &[Domain]) {
+        // The kernel decides an IPv4-mapped destination as the IPv4
+        // address it embeds, so networks are compared as it reads them.
+        let views: Vec<View> = self
+            .networks
+            .iter()
+            .enumerate()
+            .flat_map(|(index, n)| View::of(n.value, index))
+            .collect();
         // CIDRs either nest or are disjoint, so after sorting by start
         // address (shorter prefix first) the networks containing the
         // current one are exactly those on a stack: O(n log n), not O(n²).
-        let mut order: Vec<usize> = (0..self.networks.len()).collect();
-        order.sort_by_key(|&i| {
-            let n = self.networks[i].value;
-            (n.network(), n.prefix_len(), i)
+        let mut order: Vec<usize> = (0..views.len()).collect();
+        order.sort_by_key(|&v| {
+            let n = views[v].net;
+            (n.network(), n.prefix_len(), views[v].index)
         });
         let mut stack: Vec<usize> = Vec::new();
         let mut found = Vec::new();
-        for &i in &order {
-            let net = self.networks[i].value;
+        for &v in &order {
+            let net = views[v].net;
             while let Some(&top) = stack.last() {
-                if self.networks[top].value.contains(&net) {
+                if views[top].net.contains(&net) {
                     break;
                 }
                 stack.pop();
             }
-            for &j in &stack {
-                let (a, b) = if j < i {
-                    (&self.networks[j], &self.networks[i])
+            for &w in &stack {
+                let (a, b) = if views[w].index < views[v].index {
+                    (&views[w], &views[v])
                 } else {
-                    (&self.networks[i], &self.networks[j])
+                    (&views[v], &views[w])
                 };
-                if a.domain != b.domain {
+                // Two networks around the mapped range overlap as IPv6
+                // too: that is the one report.
+                if a.how == How::HoldsMapped && b.how == How::HoldsMapped {
+                    continue;
+                }
+                let (na, nb) = (&self.networks[a.index], &self.networks[b.index]);
+                if na.domain != nb.domain {
                     let message = format!(
-                        "network `{}` of domain `{}` overlaps `{}` of domain `{}` (at {})",
-                        b.value, domains[b.domain].name, a.value, domains[a.domain].name, a.pos
+                        "network {} of domain `{}` overlaps {} of domain `{}` (at {})",
+                        b.describe(nb.value),
+                        domains[nb.domain].name,
+                        a.describe(na.value),
+                        domains[na.domain].name,
+                        na.pos
                     );
-                    found.push((b.pos, message));
+                    found.push((nb.pos, message));
                 }
             }
-            stack.push(i);
+            stack.push(v);
         }
         found.sort_by_key(|x| x.0);
         self.problems.extend(found);

@@ -508,6 +508,87 @@ domains:
     parse("version: 1\ndomains:\n  a: { cgroups: [/a], networks: [0.0.0.0/0, \"::/0\", 10.0.0.0/8] }\n").unwrap();
 }
 
+/// Domains `a` and `b` with these `networks` (the list's insides).
+fn two_networks(a: &str, b: &str) -> String {
+    format!(
+        "version: 1\ndomains:\n  a: {{ cgroups: [/a], networks: [{a}] }}\n  b: {{ cgroups: [/b], networks: [{b}] }}\n"
+    )
+}
+
+/// The kernel decides an IPv4-mapped destination (`::ffff:a.b.c.d`) as the
+/// IPv4 address it embeds, so a mapped network claims IPv4 addresses.
+#[test]
+fn ipv4_mapped_networks_overlap_ipv4_ones() {
+    rejects(
+        &two_networks("10.40.0.0/16", "\"::ffff:10.40.0.0/120\""),
+        "4:34",
+        "network `::ffff:10.40.0.0/120` (IPv4-mapped: 10.40.0.0/24) of domain `b` overlaps `10.40.0.0/16` of domain `a` (at 3:34)",
+    );
+    rejects(
+        &two_networks("\"::ffff:10.40.0.0/120\"", "10.40.0.0/16"),
+        "4:34",
+        "network `10.40.0.0/16` of domain `b` overlaps `::ffff:10.40.0.0/120` (IPv4-mapped: 10.40.0.0/24) of domain `a` (at 3:34)",
+    );
+    // The mapped network may be the larger one.
+    rejects(
+        &two_networks("\"::ffff:10.0.0.0/104\"", "10.40.0.0/16"),
+        "4:34",
+        "network `10.40.0.0/16` of domain `b` overlaps `::ffff:10.0.0.0/104` (IPv4-mapped: 10.0.0.0/8) of domain `a` (at 3:34)",
+    );
+    rejects(
+        &two_networks("\"::ffff:10.40.0.0/112\"", "\"::ffff:10.40.1.0/120\""),
+        "4:34",
+        "network `::ffff:10.40.1.0/120` (IPv4-mapped: 10.40.1.0/24) of domain `b` overlaps `::ffff:10.40.0.0/112` (IPv4-mapped: 10.40.0.0/16) of domain `a` (at 3:34)",
+    );
+}
+
+/// An IPv6 network around `::ffff:0:0/96` holds every mapped address, so
+/// it claims all of IPv4 as well.
+#[test]
+fn ipv6_networks_holding_the_mapped_range_overlap_all_ipv4_ones() {
+    rejects(
+        &two_networks("\"::/0\"", "10.40.0.0/16"),
+        "4:34",
+        "network `10.40.0.0/16` of domain `b` overlaps `::/0` (holds all IPv4-mapped addresses, decided as IPv4: 0.0.0.0/0) of domain `a` (at 3:34)",
+    );
+    rejects(
+        &two_networks("10.40.0.0/16", "\"::fffe:0:0/95\""),
+        "4:34",
+        "network `::fffe:0:0/95` (holds all IPv4-mapped addresses, decided as IPv4: 0.0.0.0/0) of domain `b` overlaps `10.40.0.0/16` of domain `a` (at 3:34)",
+    );
+    // Overlapping as IPv6 already: reported once, as IPv6.
+    rejects(
+        &two_networks("\"::/0\"", "\"::/64\""),
+        "4:34",
+        "network `::/64` of domain `b` overlaps `::/0` of domain `a` (at 3:34)",
+    );
+    // Networks beside the mapped range (`::/96` is IPv4-compatible) are
+    // decided as IPv6.
+    parse(&two_networks(
+        "\"::/96\", \"::fffe:0:0/96\"",
+        "10.40.0.0/16",
+    ))
+    .unwrap();
+    parse(&two_networks("10.40.0.0/16", "\"::/81\"")).unwrap();
+}
+
+#[test]
+fn ipv4_mapped_networks_apart_from_other_domains_are_accepted() {
+    parse(&two_networks("\"::ffff:10.40.0.0/112\"", "10.41.0.0/16")).unwrap();
+    parse(&two_networks("10.41.0.0/16", "\"::ffff:10.40.0.0/112\"")).unwrap();
+    // Within one domain an overlap is harmless, mapped or not.
+    let p = parse(&two_networks(
+        "10.40.0.0/16, \"::ffff:10.40.0.0/120\"",
+        "\"::ffff:10.41.0.0/112\", 10.41.0.0/16",
+    ))
+    .unwrap();
+    // Kept as written: the compiler places mapped networks as IPv4.
+    assert_eq!(
+        p.domains[0].networks[1],
+        "::ffff:10.40.0.0/120".parse().unwrap()
+    );
+}
+
 #[test]
 fn bad_cgroups() {
     let domain =
