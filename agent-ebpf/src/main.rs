@@ -32,8 +32,10 @@ use agent_common::{
     },
 };
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, bpf_sock_tuple},
-    btf_maps::SkStorage,
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
+        bpf_sock, bpf_sock_tuple,
+    },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_smp_processor_id,
@@ -73,7 +75,39 @@ static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 * 1024, 0);
 #[map(name = "BH_EVENTS")]
 static BH_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 #[btf_map]
-static BH_SOCKS: SkStorage<SockInfo> = SkStorage::new();
+static BH_SOCKS: PinnedSkStorage<SockInfo> = PinnedSkStorage::new();
+
+/// A socket storage map definition (BTF-style, as aya-ebpf's `SkStorage`)
+/// that asks to be pinned by name, which aya-ebpf's cannot: what a socket's
+/// storage holds (which side opened a connection, its cached verdict, a
+/// listener's owner) must outlive the agent that loaded the programs, or
+/// every restart would judge open connections as if older than the agent.
+#[repr(C)]
+struct PinnedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl<T> Sync for PinnedSkStorage<T> {}
+
+impl<T> PinnedSkStorage<T> {
+    const fn new() -> Self {
+        PinnedSkStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+}
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;

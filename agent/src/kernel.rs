@@ -132,7 +132,7 @@ const TEST_LAYOUT_ENV: &str = "BULKHEAD_TEST_LAYOUT";
 
 /// The name of this binary's map layout: the revision and a fingerprint of
 /// every map's definition in the object (type, key and value size, entries,
-/// flags). Two binaries with the same name can share pinned maps; any other
+/// flags, pinning). Two binaries with the same name can share pinned maps; any other
 /// pair cannot, and a new one takes over under its own directory.
 pub fn layout() -> Result<String> {
     use sha2::{Digest as _, Sha256};
@@ -154,11 +154,12 @@ pub fn layout() -> Result<String> {
             m.max_entries()
         };
         h.update(format!(
-            "{name} {} {} {} {entries} {}\n",
+            "{name} {} {} {} {entries} {} {:?}\n",
             m.map_type(),
             m.key_size(),
             m.value_size(),
-            m.map_flags()
+            m.map_flags(),
+            m.pinning()
         ));
     }
     if let Some(salt) = test_layout() {

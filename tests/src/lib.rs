@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod gaps;
 pub mod world;
 
 pub use serde_json::Value;

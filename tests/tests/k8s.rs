@@ -19,7 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{Agent, Cgroup, Server, Value, privileged, probe, world::world};
+use tests::{
+    Agent, Cgroup, Server, Value,
+    gaps::{Guards, Rng},
+    privileged, probe,
+    world::world,
+};
 
 /// What the fake API server knows: every pod change in order. The list is
 /// the state after all of them (resourceVersion = their count + 1); a
@@ -434,6 +439,86 @@ bridges:
         thread::sleep(Duration::from_millis(200));
     }
     drop(server);
+}
+
+/// kill -9 at random instants while a pod is placed in its domain and
+/// taken out again (each a generation switch): the pod's workload is in a
+/// domain at every instant (its selector's, or its path's), so nothing it
+/// may not do in either gets through.
+#[test]
+fn sigkill_at_random_instants_of_pod_placement_lets_nothing_through() {
+    if !privileged("k8s_pod_kills") {
+        return;
+    }
+    let mut rng = Rng::new("sigkill_at_random_instants_of_pod_placement_lets_nothing_through");
+    let w = world(180);
+    let kubelet = w.root.child("kubelet");
+    let api = FakeApi::start();
+    const P1: &str = "3c2d1e0f-4a5b-4c6d-8e7f-901a2b3c4d5e";
+    let p1 = pod_cgroup(&kubelet, P1);
+    let n = w.link.net;
+    let policy = format!(
+        r#"version: 1
+domains:
+  contractor:
+    pods: [{{namespaces: [acme], match_labels: {{team: acme}}}}]
+    networks: [10.{n}.0.1/32]
+  pods:
+    cgroups: ["{kubelet}/kubepods"]
+  prod:
+    cgroups: ["{p}"]
+    networks: [10.{n}.0.2/32]
+bridges:
+  - name: acme-to-prod
+    from: contractor
+    to: prod
+    ports: [tcp/9090]
+    reason: "TICKET-8"
+"#,
+        kubelet = kubelet.rel,
+        p = w.prod.rel,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let args = ["--k8s-node", "node-1", "--no-audit-db"];
+    let mut agent = Agent::start_with_env(
+        &w.root,
+        &policy,
+        &args,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let guards = Guards::start(&w, &p1.container);
+    guards.wait_refused();
+    let placed_now = |agent: &Agent| !placed(&status(agent)).is_empty();
+    let mut moves = 0;
+    for i in 0..10 {
+        let (kind, labels) = match i {
+            0 => ("ADDED", serde_json::json!({"team": "acme"})),
+            _ if i % 2 == 0 => ("MODIFIED", serde_json::json!({"team": "acme"})),
+            _ => ("MODIFIED", serde_json::json!({"team": "other"})),
+        };
+        let before = placed_now(&agent);
+        api.change(kind, pod("acme", "web-1", P1, labels));
+        // The watch delivers the change and the agent places the pod within
+        // about a second of it.
+        thread::sleep(rng.between(Duration::ZERO, Duration::from_millis(1500)));
+        agent.kill9();
+        agent.spawn(&args);
+        let want = i % 2 == 0;
+        wait_status(&agent, &api, "placement after restart", |s| {
+            s["pods"]["synced"] == true && placed(s).is_empty() != want
+        });
+        moves += usize::from(before != want);
+    }
+    assert_eq!(moves, 10);
+    guards.wait_refused();
+    let leaks = guards.leaks(&[]);
+    assert!(
+        leaks.is_empty(),
+        "{} leaks:\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
 }
 
 #[test]
