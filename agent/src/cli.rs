@@ -4,15 +4,18 @@ use std::{
     io::{BufRead as _, Write as _},
     net::IpAddr,
     path::Path,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use bulkhead::{
     cgroup,
     compile::{self, EventLimits},
     control::{self, Filter, Request},
+    events::Record,
     explain::{self, Answer, Query},
     geo::GeoDb,
     policy::{self, Proto},
@@ -305,20 +308,20 @@ pub fn render_status(v: &Value) -> String {
     s
 }
 
-/// Prints events as a table (default) or JSON lines.
+/// Prints events as a table (default) or JSON lines. With `follow`, see
+/// [`follow_events`].
 pub fn events(run_dir: &Path, filter: Filter, follow: bool, json: bool) -> Result<()> {
-    let mut reader = control::connect(run_dir, &Request::Events { follow, filter })?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let header = if json {
-        Ok(())
-    } else {
-        writeln!(
-            out,
-            "{:<30} {:<10} {:<22} {:<11} {:<5} {:<40} {:<28} COMM",
-            "TIME", "VERDICT", "REASON", "HOOK", "PROTO", "SRC -> DST", "DOMAINS"
-        )
+    if follow {
+        return follow_events(run_dir, filter, json);
+    }
+    let request = Request::Events {
+        follow,
+        filter,
+        from_ns: None,
+        counts_seq_gaps: false,
     };
-    quiet_on_broken_pipe(header)?;
+    let mut reader = control::connect(run_dir, &request)?;
+    let mut out = Printer::new(json)?;
     let mut line = String::new();
     loop {
         line.clear();
@@ -326,37 +329,226 @@ pub fn events(run_dir: &Path, filter: Filter, follow: bool, json: bool) -> Resul
             break;
         }
         let text = line.trim_end();
-        let v: Value = serde_json::from_str(text)
-            .with_context(|| format!("bad event from the agent: {text}"))?;
-        if v.get("ok") == Some(&Value::Bool(false)) {
-            bail!("{}", v["error"].as_str().unwrap_or("refused"));
-        }
-        let written = if json {
-            writeln!(out, "{text}")
-        } else if v.get("type").and_then(Value::as_str) == Some("lost") {
-            writeln!(
-                out,
-                "-- {} events lost: {}",
-                v["count"],
-                v["why"].as_str().unwrap_or("")
-            )
-        } else {
-            writeln!(out, "{}", table_row(&v))
-        };
-        // Flush when nothing more is waiting, so bursts cost few writes.
-        let written = written.and_then(|()| {
-            if reader.buffer().is_empty() {
-                out.flush()
-            } else {
-                Ok(())
-            }
-        });
-        if !quiet_on_broken_pipe(written)? {
+        let v = parse_line(text)?;
+        if !out.print(&v, text, reader.buffer().is_empty())? {
             return Ok(());
         }
     }
     quiet_on_broken_pipe(out.flush())?;
     Ok(())
+}
+
+/// First wait between attempts to reach the agent, doubled up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// `events --follow`: streams until stopped. Waits for an agent that is not
+/// up (no socket, or one that refuses), and reconnects when the agent goes
+/// away (the stream ends or fails), saying so once per outage on stderr. On
+/// reconnecting it asks for the events since shortly before the newest one
+/// it handled and drops those it handled already ([`control::Seen`]), so
+/// no event is printed twice; events the kernel queued in the pinned ring
+/// buffer while no agent ran come from the next agent. The domain, verdict
+/// and reason filters are applied here, not by the agent, so every event's
+/// `seq` is seen: a jump in a CPU's sequence is printed as a loss note
+/// (`"type": "lost"`) with the number of events missed, across reconnects
+/// too.
+fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
+    let socket = run_dir.join(control::SOCKET_NAME);
+    let since_floor = filter
+        .since_secs
+        .map(|s| compile::now_ns().saturating_sub(s.saturating_mul(1_000_000_000) as i64));
+    // The agent filters by age only; the rest is done here.
+    let local = Filter {
+        since_secs: None,
+        queue: None,
+        ..filter.clone()
+    };
+    let narrowed = filter.narrows();
+    let mut asked = Filter {
+        domain: None,
+        verdict: None,
+        reason: None,
+        ..filter
+    };
+    let mut out = Printer::new(json)?;
+    let mut seen = control::Seen::default();
+    // When the current outage started (said once on stderr).
+    let mut outage: Option<Instant> = None;
+    let mut connected_before = false;
+    let mut retry = RETRY_FIRST;
+    loop {
+        let mut from_ns = None;
+        if connected_before {
+            // `--since` counts from the start, not from this reconnect.
+            asked.since_secs = None;
+            from_ns = since_floor.max(seen.resume_from_ns());
+        }
+        let request = Request::Events {
+            follow: true,
+            filter: asked.clone(),
+            from_ns,
+            counts_seq_gaps: true,
+        };
+        let reader = match control::connect(run_dir, &request) {
+            Ok(r) => r,
+            Err(e) if control::agent_absent(&e) => {
+                if outage.is_none() {
+                    quiet_on_broken_pipe(out.flush())?;
+                    eprintln!(
+                        "bulkhead: waiting for the agent (control socket {})…",
+                        socket.display()
+                    );
+                    outage = Some(Instant::now());
+                }
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        retry = RETRY_FIRST;
+        if let Some(since) = outage.take() {
+            eprintln!(
+                "bulkhead: {} the agent after {:.1} s",
+                if connected_before {
+                    "reconnected to"
+                } else {
+                    "connected to"
+                },
+                since.elapsed().as_secs_f64()
+            );
+        }
+        if connected_before {
+            seen.reconnected();
+        }
+        connected_before = true;
+        if !pump(reader, &mut out, &mut seen, &local, narrowed)? {
+            return Ok(());
+        }
+        quiet_on_broken_pipe(out.flush())?;
+        eprintln!(
+            "bulkhead: the agent went away; waiting for it to come back (control socket {})…",
+            socket.display()
+        );
+        outage = Some(Instant::now());
+        std::thread::sleep(retry);
+    }
+}
+
+/// Prints one connection's stream until it ends or fails (`Ok(true)`: the
+/// agent went away) or whoever reads our output went away (`Ok(false)`).
+fn pump(
+    mut reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    out: &mut Printer,
+    seen: &mut control::Seen,
+    local: &Filter,
+    narrowed: bool,
+) -> Result<bool> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            // A line cut short by the agent's death is not an event.
+            Ok(_) if !line.ends_with('\n') => return Ok(true),
+            Ok(_) => {}
+            Err(e) if control::gone(&e) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+        let text = line.trim_end();
+        let v = parse_line(text)?;
+        let idle = reader.buffer().is_empty();
+        if v.get("type").is_some() {
+            if !out.print(&v, text, idle)? {
+                return Ok(false);
+            }
+            continue;
+        }
+        let Ok(r) = Record::deserialize(&v) else {
+            // Not an event this version knows: shown as it came.
+            if !out.print(&v, text, idle)? {
+                return Ok(false);
+            }
+            continue;
+        };
+        let missed = match seen.admit(&r, text) {
+            control::Admit::Repeat => continue,
+            control::Admit::New(m) => m,
+        };
+        if let Some(m) = missed {
+            let note = m.note(narrowed);
+            if !out.print(&note, &note.to_string(), false)? {
+                return Ok(false);
+            }
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let shown = !local.narrows() || local.matches(&r, now);
+        if shown && !out.print(&v, text, idle)? {
+            return Ok(false);
+        }
+        if !shown && idle && !quiet_on_broken_pipe(out.flush())? {
+            return Ok(false);
+        }
+    }
+}
+
+/// A line from the agent: an event, a loss note, or a refusal (an error).
+fn parse_line(text: &str) -> Result<Value> {
+    let v: Value =
+        serde_json::from_str(text).with_context(|| format!("bad event from the agent: {text}"))?;
+    if v.get("ok") == Some(&Value::Bool(false)) {
+        bail!("{}", v["error"].as_str().unwrap_or("refused"));
+    }
+    Ok(v)
+}
+
+/// Events and loss notes on stdout, as a table or JSON lines.
+struct Printer {
+    out: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    json: bool,
+}
+
+impl Printer {
+    /// Writes the table's header unless printing JSON.
+    fn new(json: bool) -> Result<Printer> {
+        let mut p = Printer {
+            out: std::io::BufWriter::new(std::io::stdout().lock()),
+            json,
+        };
+        if !json {
+            let header = writeln!(
+                p.out,
+                "{:<30} {:<10} {:<22} {:<11} {:<5} {:<40} {:<28} COMM",
+                "TIME", "VERDICT", "REASON", "HOOK", "PROTO", "SRC -> DST", "DOMAINS"
+            );
+            quiet_on_broken_pipe(header)?;
+        }
+        Ok(p)
+    }
+
+    /// Prints one line; flushes when `idle` (nothing more is waiting, so
+    /// bursts cost few writes). `Ok(false)` when our reader went away.
+    fn print(&mut self, v: &Value, text: &str, idle: bool) -> Result<bool> {
+        let written = if self.json {
+            writeln!(self.out, "{text}")
+        } else if v.get("type").and_then(Value::as_str) == Some("lost") {
+            writeln!(
+                self.out,
+                "-- {} events lost: {}",
+                v["count"],
+                v["why"].as_str().unwrap_or("")
+            )
+        } else {
+            writeln!(self.out, "{}", table_row(v))
+        };
+        let written = written.and_then(|()| if idle { self.out.flush() } else { Ok(()) });
+        quiet_on_broken_pipe(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// `Ok(true)` to go on, `Ok(false)` when whoever reads our output went away

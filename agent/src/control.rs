@@ -5,7 +5,7 @@
 //! command.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     fs,
     io::{BufRead as _, BufReader, Write as _},
     os::{
@@ -92,6 +92,23 @@ impl Filter {
         }
         true
     }
+
+    /// Narrows by domain, verdict or reason (not only by age).
+    pub fn narrows(&self) -> bool {
+        self.domain.is_some() || self.verdict.is_some() || self.reason.is_some()
+    }
+}
+
+/// An event's `ts` (RFC 3339) as Unix nanoseconds.
+pub fn ts_unix_ns(ts: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos()).ok())
+}
+
+/// `from_ns` of a follower that resumes: its events at or after that time.
+fn at_or_after(r: &Record, from_ns: Option<i64>) -> bool {
+    from_ns.is_none_or(|f| ts_unix_ns(&r.ts).is_none_or(|t| t >= f))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -108,6 +125,15 @@ pub enum Request {
     Events {
         follow: bool,
         filter: Filter,
+        /// Only events at or after this time (Unix ns): a follower that
+        /// reconnects asks for what it may not have seen yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_ns: Option<i64>,
+        /// The follower counts what it missed from the events' `seq`
+        /// itself: this subscriber's loss notes then count only the events
+        /// it lost that carry no sequence number, so nothing is counted twice.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        counts_seq_gaps: bool,
     },
     BridgeOpen {
         name: Option<String>,
@@ -216,6 +242,9 @@ type Live = (Receiver<Arc<Record>>, Arc<AtomicU64>);
 struct Sub {
     tx: SyncSender<Arc<Record>>,
     filter: Filter,
+    from_ns: Option<i64>,
+    /// Its client counts sequence gaps itself (`counts_seq_gaps`).
+    counts_seq_gaps: bool,
     lost: Arc<AtomicU64>,
 }
 
@@ -246,13 +275,16 @@ impl Hub {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut subs = self.subs.lock().expect("hub lock");
         subs.retain(|s| {
-            if !s.filter.matches(&r, now) {
+            if !s.filter.matches(&r, now) || !at_or_after(&r, s.from_ns) {
                 return true;
             }
             match s.tx.try_send(r.clone()) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
-                    s.lost.fetch_add(1, Ordering::Relaxed);
+                    // A client that counts sequence gaps sees this one as a gap.
+                    if !(s.counts_seq_gaps && r.seq != 0) {
+                        s.lost.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.subscriber_drops.fetch_add(1, Ordering::Relaxed);
                     true
                 }
@@ -265,14 +297,20 @@ impl Hub {
         self.subs.lock().expect("hub lock").len()
     }
 
-    fn subscribe(&self, filter: Filter, follow: bool) -> (Vec<Arc<Record>>, Option<Live>) {
+    fn subscribe(
+        &self,
+        filter: Filter,
+        follow: bool,
+        from_ns: Option<i64>,
+        counts_seq_gaps: bool,
+    ) -> (Vec<Arc<Record>>, Option<Live>) {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         // Take the backlog and register under one lock order, so no event
         // falls between them.
         let recent = self.recent.lock().expect("hub lock");
         let backlog = recent
             .iter()
-            .filter(|r| filter.matches(r, now))
+            .filter(|r| filter.matches(r, now) && at_or_after(r, from_ns))
             .cloned()
             .collect();
         if !follow {
@@ -283,6 +321,8 @@ impl Hub {
         self.subs.lock().expect("hub lock").push(Sub {
             tx,
             filter,
+            from_ns,
+            counts_seq_gaps,
             lost: lost.clone(),
         });
         (backlog, Some((rx, lost)))
@@ -391,8 +431,15 @@ fn handle(
         )?;
         return Ok(());
     }
-    if let Request::Events { follow, filter } = request {
-        return stream_events(out, &hub, filter, follow);
+    if let Request::Events {
+        follow,
+        filter,
+        from_ns,
+        counts_seq_gaps,
+    } = request
+    {
+        let (backlog, live) = hub.subscribe(filter, follow, from_ns, counts_seq_gaps);
+        return stream_events(out, backlog, live);
     }
     let (tx, rx) = mpsc::channel();
     calls
@@ -409,8 +456,7 @@ fn handle(
     Ok(())
 }
 
-fn stream_events(out: UnixStream, hub: &Hub, filter: Filter, follow: bool) -> Result<()> {
-    let (backlog, live) = hub.subscribe(filter, follow);
+fn stream_events(out: UnixStream, backlog: Vec<Arc<Record>>, live: Option<Live>) -> Result<()> {
     // Buffered: a burst goes out in few writes; flushed whenever the queue
     // runs dry, so a quiet stream is still live.
     let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
@@ -460,6 +506,162 @@ pub fn connect(run_dir: &Path, request: &Request) -> Result<BufReader<UnixStream
     Ok(BufReader::new(s))
 }
 
+/// The error of [`connect`] means no agent is there now (no socket, or a
+/// socket left by one that died, or one that closed as it died), so a
+/// follower can wait for the next one; any other error (e.g. permission
+/// denied) would not go away by waiting.
+pub fn agent_absent(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(gone)
+}
+
+/// An I/O error that says the agent is not (or no longer) on the socket.
+pub fn gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::NotFound
+            | K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+    )
+}
+
+/// How far back from the newest event it handled a follower asks again
+/// when it reconnects. Events reach the agent in the order they reserved
+/// their place in the ring buffer, which across CPUs differs from their
+/// timestamps' order by the time between a program reading the clock and
+/// reserving (microseconds, unless it was preempted in between); two
+/// seconds leave a wide margin.
+pub const RESUME_OVERLAP_NS: i64 = 2_000_000_000;
+
+/// What a follower has seen, kept across reconnects: the events it handled
+/// (so no event is printed twice) and the last sequence number of each CPU
+/// (so what it could not see is counted).
+///
+/// An event is the same event when `(ts, cpu, seq)` are: the kernel gives
+/// each decision that asks for an event the next number of its CPU's
+/// counter, and the counters live in pinned maps, so a `(cpu, seq)` pair is
+/// given once as long as those maps live; `ts` (nanoseconds, from the
+/// kernel's clock) tells apart the events of two lives of the maps (after a
+/// `detach`, or an upgrade to another map layout). Events the agent makes
+/// itself (`seq` 0: connections cut) are the same event when their whole
+/// line is. Only events at most [`RESUME_OVERLAP_NS`] older than the newest
+/// one are remembered: a reconnecting follower asks for nothing older.
+#[derive(Debug, Default)]
+pub struct Seen {
+    last_seq: HashMap<u16, u64>,
+    /// CPUs with no event since the last reconnect: a lower `seq` there
+    /// means the kernel's counters started again (new maps).
+    fresh: HashSet<u16>,
+    /// `(ts ns, cpu, seq, line if seq is 0)` of the recent events handled.
+    recent: BTreeSet<(i64, u16, u64, String)>,
+    newest_ns: Option<i64>,
+}
+
+/// Events of one CPU that a follower did not see: `seq` `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Missed {
+    pub cpu: u16,
+    pub first: u64,
+    pub last: u64,
+}
+
+impl Missed {
+    pub fn count(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    /// The note a follower prints, in the shape of the agent's loss notes.
+    pub fn note(&self, filtered: bool) -> Value {
+        let mut why = format!(
+            "cpu {}, seq {} to {}: rate limited or lost in the kernel, or lost on the way to this follower (agent restarting, follower behind)",
+            self.cpu, self.first, self.last
+        );
+        if filtered {
+            why += "; some may not match the filter";
+        }
+        serde_json::json!({
+            "type": "lost",
+            "count": self.count(),
+            "cpu": self.cpu,
+            "first_seq": self.first,
+            "last_seq": self.last,
+            "why": why,
+        })
+    }
+}
+
+/// What to do with an event a follower received.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Handled already (the agent sent it again after a reconnect).
+    Repeat,
+    /// New; `Some` when events of its CPU before it were not seen.
+    New(Option<Missed>),
+}
+
+impl Seen {
+    /// Notes a received event (`line` is its JSON text).
+    pub fn admit(&mut self, r: &Record, line: &str) -> Admit {
+        // Older than the overlap (the clock stepped back): no agent sends
+        // it again, so it need not be remembered.
+        let ts = ts_unix_ns(&r.ts)
+            .filter(|t| self.newest_ns.is_none_or(|n| *t >= n - RESUME_OVERLAP_NS));
+        if let Some(t) = ts {
+            let key = (
+                t,
+                r.cpu,
+                r.seq,
+                if r.seq == 0 {
+                    line.to_string()
+                } else {
+                    String::new()
+                },
+            );
+            if !self.recent.insert(key) {
+                return Admit::Repeat;
+            }
+            if self.newest_ns.is_none_or(|n| t > n) {
+                self.newest_ns = Some(t);
+                let floor = t - RESUME_OVERLAP_NS;
+                while self.recent.first().is_some_and(|k| k.0 < floor) {
+                    self.recent.pop_first();
+                }
+            }
+        }
+        if r.seq == 0 {
+            return Admit::New(None);
+        }
+        let fresh = self.fresh.remove(&r.cpu);
+        let missed = match self.last_seq.get(&r.cpu).copied() {
+            Some(p) if r.seq > p.saturating_add(1) => Some(Missed {
+                cpu: r.cpu,
+                first: p + 1,
+                last: r.seq - 1,
+            }),
+            // Late by a few microseconds (another program on this CPU took
+            // the next number and reserved first): already counted as missed.
+            Some(p) if r.seq <= p && !fresh => return Admit::New(None),
+            _ => None,
+        };
+        self.last_seq.insert(r.cpu, r.seq);
+        Admit::New(missed)
+    }
+
+    /// Call when the follower connects again after losing its agent.
+    pub fn reconnected(&mut self) {
+        self.fresh = self.last_seq.keys().copied().collect();
+    }
+
+    /// What a reconnecting follower asks for: events at or after this.
+    pub fn resume_from_ns(&self) -> Option<i64> {
+        self.newest_ns.map(|n| n - RESUME_OVERLAP_NS)
+    }
+}
+
 /// Sends a request and reads its single JSON answer.
 pub fn call(run_dir: &Path, request: &Request) -> Result<Value> {
     let mut r = connect(run_dir, request)?;
@@ -476,4 +678,154 @@ pub fn call(run_dir: &Path, request: &Request) -> Result<Value> {
         );
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event at `secs` seconds past 2026-01-01T00:00:00Z.
+    fn rec(secs: i64, cpu: u16, seq: u64) -> Record {
+        let t = time::OffsetDateTime::from_unix_timestamp(1_767_225_600 + secs).unwrap();
+        Record {
+            ts: t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
+            verdict: "deny".into(),
+            reason: "cross-domain".into(),
+            hook: "connect4".into(),
+            proto: "tcp".into(),
+            src: None,
+            sport: None,
+            dst: Some("10.0.0.2".into()),
+            dport: Some(443),
+            pid: None,
+            comm: None,
+            uid: None,
+            cgroup: "/c".into(),
+            cgroup_id: 7,
+            src_domain: Some("a".into()),
+            dst_domain: Some("b".into()),
+            country: None,
+            geo_source: None,
+            geo_source_built: None,
+            bridge: None,
+            generation: 1,
+            seq,
+            cpu,
+        }
+    }
+
+    fn admit(seen: &mut Seen, r: &Record) -> Admit {
+        seen.admit(r, &serde_json::to_string(r).unwrap())
+    }
+
+    fn missed(cpu: u16, first: u64, last: u64) -> Admit {
+        Admit::New(Some(Missed { cpu, first, last }))
+    }
+
+    #[test]
+    fn a_follower_prints_nothing_twice_and_counts_what_it_missed() {
+        let mut seen = Seen::default();
+        assert_eq!(seen.resume_from_ns(), None);
+        assert_eq!(admit(&mut seen, &rec(0, 0, 1)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(1, 0, 2)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(1, 1, 40)), Admit::New(None));
+        // The agent restarts; the follower asks from shortly before the
+        // newest event it handled, and gets those again.
+        seen.reconnected();
+        let newest = ts_unix_ns(&rec(1, 0, 2).ts).unwrap();
+        assert_eq!(seen.resume_from_ns(), Some(newest - RESUME_OVERLAP_NS));
+        assert_eq!(admit(&mut seen, &rec(0, 0, 1)), Admit::Repeat);
+        assert_eq!(admit(&mut seen, &rec(1, 0, 2)), Admit::Repeat);
+        assert_eq!(admit(&mut seen, &rec(1, 1, 40)), Admit::Repeat);
+        // What the kernel queued while no agent ran, minus 3 rate limited.
+        assert_eq!(admit(&mut seen, &rec(2, 0, 3)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(3, 0, 7)), missed(0, 4, 6));
+        assert_eq!(admit(&mut seen, &rec(3, 1, 45)), missed(1, 41, 44));
+        assert_eq!(
+            Missed {
+                cpu: 0,
+                first: 4,
+                last: 6
+            }
+            .count(),
+            3
+        );
+        // Another CPU's first event: nothing to count from.
+        assert_eq!(admit(&mut seen, &rec(3, 2, 900)), Admit::New(None));
+    }
+
+    #[test]
+    fn the_same_sequence_number_in_another_life_of_the_maps_is_another_event() {
+        let mut seen = Seen::default();
+        assert_eq!(admit(&mut seen, &rec(0, 0, 10)), Admit::New(None));
+        // `detach` and a new agent: the counters start again.
+        seen.reconnected();
+        assert_eq!(admit(&mut seen, &rec(1, 0, 1)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(1, 0, 3)), missed(0, 2, 2));
+        // Same (cpu, seq) as an event handled before, another time.
+        assert_eq!(admit(&mut seen, &rec(2, 0, 10)), missed(0, 4, 9));
+    }
+
+    #[test]
+    fn an_event_late_by_microseconds_is_printed_and_not_counted_again() {
+        let mut seen = Seen::default();
+        assert_eq!(admit(&mut seen, &rec(0, 0, 5)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(0, 0, 7)), missed(0, 6, 6));
+        assert_eq!(admit(&mut seen, &rec(0, 0, 6)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(0, 0, 8)), Admit::New(None));
+    }
+
+    #[test]
+    fn events_the_agent_made_are_the_same_when_their_line_is() {
+        let mut seen = Seen::default();
+        let mut cut = rec(0, 0, 0);
+        cut.verdict = "cut".into();
+        assert_eq!(admit(&mut seen, &cut), Admit::New(None));
+        assert_eq!(admit(&mut seen, &cut), Admit::Repeat);
+        // Another connection cut at the same instant.
+        cut.dport = Some(80);
+        assert_eq!(admit(&mut seen, &cut), Admit::New(None));
+    }
+
+    #[test]
+    fn only_the_overlap_is_remembered() {
+        let mut seen = Seen::default();
+        assert_eq!(admit(&mut seen, &rec(0, 0, 1)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(1, 0, 2)), Admit::New(None));
+        assert_eq!(admit(&mut seen, &rec(10, 0, 3)), Admit::New(None));
+        assert_eq!(seen.recent.len(), 1, "{:?}", seen.recent);
+        assert_eq!(admit(&mut seen, &rec(10, 0, 3)), Admit::Repeat);
+    }
+
+    #[test]
+    fn a_resuming_subscriber_gets_only_what_it_asked_for_and_its_losses_once() {
+        let hub = Hub::new();
+        for s in 0..10 {
+            hub.publish(rec(s, 0, s as u64 + 1));
+        }
+        let from = ts_unix_ns(&rec(7, 0, 0).ts);
+        let filter = Filter {
+            queue: Some(64),
+            ..Filter::default()
+        };
+        let (backlog, live) = hub.subscribe(filter, true, from, true);
+        let seqs: Vec<u64> = backlog.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [8, 9, 10]);
+        let (rx, lost) = live.unwrap();
+        // Older than asked: not sent live either.
+        hub.publish(rec(1, 1, 1));
+        // 64 queued (the smallest queue), then 6 with seq dropped, which
+        // the client sees as a gap, and one cut event it cannot see.
+        for s in 0..70 {
+            hub.publish(rec(20, 2, s + 1));
+        }
+        hub.publish(rec(21, 2, 0));
+        let got: Vec<Arc<Record>> = rx.try_iter().collect();
+        assert_eq!(got.len(), 64);
+        assert!(got.iter().all(|r| r.cpu == 2), "{got:?}");
+        assert_eq!(lost.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.subscriber_drops.load(Ordering::Relaxed), 7);
+    }
 }
