@@ -29,7 +29,7 @@ pub struct EventLimits {
 
 /// A bridge as the agent names it in events: policy bridges first, then
 /// just-in-time ones; `bridge_id` in the kernel is `index + 1`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BridgeName {
     pub name: String,
     pub reason: String,

@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -63,11 +64,46 @@ pub struct Enricher {
     /// Last sequence number seen per CPU, to report gaps.
     last_seq: HashMap<u16, u64>,
     pub gaps: u64,
+    /// Where the names of recent generations are kept (see
+    /// [`Enricher::recall`]).
+    names_file: Option<PathBuf>,
+}
+
+/// Generations whose names are kept on disk: those whose programs may have
+/// queued events while no agent ran.
+const KEEP_ON_DISK: usize = 16;
+
+/// One generation's names as kept on disk.
+#[derive(Serialize, serde::Deserialize)]
+struct Names {
+    generation: u64,
+    domains: Vec<String>,
+    bridges: Vec<BridgeName>,
 }
 
 /// Keep names for this many past generations: events decided under them may
 /// still be in the ring buffer after a reload.
 const KEEP_GENERATIONS: usize = 1024;
+
+fn read_names(file: &Path) -> Vec<Names> {
+    std::fs::read(file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Written whole and renamed into place, so a crash leaves the old file.
+fn write_names(file: &Path, names: &[Names]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(names)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}
 
 pub fn decode(bytes: &[u8]) -> Option<Event> {
     if bytes.len() < EVENT_SIZE {
@@ -117,13 +153,51 @@ impl Enricher {
             tai_offset_ns,
             last_seq: HashMap::new(),
             gaps: 0,
+            names_file: None,
         }
+    }
+
+    /// Keeps the names of every generation added from now on in `file`, and
+    /// reads those an earlier agent kept there: events its programs queued
+    /// in the pinned ring buffer while no agent ran are named by the
+    /// generation that decided them, which this agent did not compile.
+    /// (Their countries come from this agent's geo sources.)
+    pub fn recall(&mut self, file: PathBuf, geo: &Arc<GeoDb>) {
+        for n in read_names(&file) {
+            self.generations.entry(n.generation).or_insert_with(|| {
+                Arc::new(Generation {
+                    domain_names: n.domains,
+                    bridge_names: n.bridges,
+                    geo: geo.clone(),
+                })
+            });
+        }
+        self.names_file = Some(file);
     }
 
     pub fn add_generation(&mut self, generation: u64, g: Generation) {
         self.generations.insert(generation, Arc::new(g));
         while self.generations.len() > KEEP_GENERATIONS {
             self.generations.pop_first();
+        }
+        if let Some(file) = &self.names_file {
+            let names: Vec<Names> = self
+                .generations
+                .iter()
+                .rev()
+                .take(KEEP_ON_DISK)
+                .map(|(generation, g)| Names {
+                    generation: *generation,
+                    domains: g.domain_names.clone(),
+                    bridges: g.bridge_names.clone(),
+                })
+                .collect();
+            if let Err(e) = write_names(file, &names) {
+                eprintln!(
+                    "bulkhead: warning: keeping generation names in {}: {e:#}",
+                    file.display()
+                );
+            }
         }
     }
 

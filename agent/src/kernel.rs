@@ -130,6 +130,10 @@ const LAYOUT_REVISION: u32 = 1;
 /// others'), as an earlier or later version would have.
 const TEST_LAYOUT_ENV: &str = "BULKHEAD_TEST_LAYOUT";
 
+/// Set only by tests: the program named is treated as refused by the
+/// verifier, to show that such a start changes nothing that enforces.
+const TEST_REFUSE_ENV: &str = "BULKHEAD_TEST_REFUSE_PROGRAM";
+
 /// The name of this binary's map layout: the revision and a fingerprint of
 /// every map's definition in the object (type, key and value size, entries,
 /// flags, pinning). Two binaries with the same name can share pinned maps; any other
@@ -409,6 +413,9 @@ pub fn verify_all(ebpf: &mut Ebpf) -> Result<Option<String>> {
         let prog = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+        if std::env::var(TEST_REFUSE_ENV).is_ok_and(|v| v == name) {
+            bail!("the kernel verifier rejected {name} ({TEST_REFUSE_ENV} says so, for a test)");
+        }
         let loaded = match p.kind {
             Kind::SockAddr => TryInto::<&mut CgroupSockAddr>::try_into(prog)?.load(),
             Kind::Sock => TryInto::<&mut CgroupSock>::try_into(prog)?.load(),

@@ -285,6 +285,23 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.bench_probes {
         kernel::pin_probes(&mut ebpf, &pins)?;
     }
+    // The names of the generation about to go live (and of those before
+    // it, whose events may wait in the ring) are known and kept first.
+    let tai = compile::tai_offset_ns();
+    let mut paths = PathCache::new(mount.clone());
+    for (id, _, p) in &loaded.compiled.cgroups {
+        paths.insert(*id, p.clone());
+    }
+    let enricher = Arc::new(Mutex::new(Enricher::new(paths, tai)));
+    {
+        let mut en = enricher.lock().expect("enricher lock");
+        en.recall(
+            args.state_dir
+                .join(format!("generations-{}.json", pins.layout)),
+            &loaded.geo,
+        );
+        en.add_generation(staged.generation(), generation_names(&loaded));
+    }
     // 5. the policy put in force, in one write;
     let written = PolicyMaps::commit(&mut ebpf, staged)?;
     // 6. and only then what earlier agents left retired: other layouts'
@@ -361,17 +378,6 @@ pub fn run(args: RunArgs) -> Result<()> {
             });
         }
     };
-
-    let tai = compile::tai_offset_ns();
-    let mut paths = PathCache::new(mount.clone());
-    for (id, _, p) in &loaded.compiled.cgroups {
-        paths.insert(*id, p.clone());
-    }
-    let enricher = Arc::new(Mutex::new(Enricher::new(paths, tai)));
-    enricher
-        .lock()
-        .expect("enricher lock")
-        .add_generation(written.generation, generation_names(&loaded));
 
     let ring: RingBuf<MapData> = RingBuf::try_from(
         ebpf.take_map(MAP_EVENTS)
