@@ -207,9 +207,10 @@ pub fn render_status(v: &Value) -> String {
         v["generation"]
     );
     s += &format!(
-        "cgroup root: {}\npinned:      {}\n",
+        "cgroup root: {}\npinned:      {}/{} (map layout)\n",
         str_of("cgroup_root"),
-        str_of("bpffs_dir")
+        str_of("bpffs_dir"),
+        str_of("layout")
     );
     s += "programs:\n";
     for p in v["programs"].as_array().into_iter().flatten() {

@@ -72,6 +72,24 @@ result() { # NAME STATUS [WHY]
 conn() { sh -c 'echo $$ > /sys/fs/cgroup/bhvm/contractor/cgroup.procs && exec /bh/probe connect tcp "$0"' "$1"; }
 pid() { systemctl show -p MainPID --value bulkhead; }
 gen() { bulkhead status --json | sed -n 's/^  "generation": \([0-9]*\),*$/\1/p'; }
+# The layout directories pinned now, and the one the agent reports.
+layouts() { ls -d /sys/fs/bpf/bulkhead/layout-* 2>/dev/null | sed 's|.*/||' | tr '\n' ' ' | sed 's/ $//'; }
+slayout() { bulkhead status --json | sed -n 's/^  "layout": "\(.*\)",*$/\1/p'; }
+# `systemctl restart bulkhead` (sets st) while a contractor workload keeps
+# trying a forbidden connect (bounded: until the restart is over, at most
+# 20000 tries); sets tried and leaked (the first outcomes other than EPERM).
+restart_guarded() {
+  rm -f /run/bhvm-guard.stop; : > /run/bhvm-guard.out
+  ( i=0
+    while [ ! -e /run/bhvm-guard.stop ] && [ $i -lt 20000 ]; do conn 10.2.0.1:81; i=$((i+1)); done
+  ) >> /run/bhvm-guard.out 2>&1 &
+  gp=$!
+  i=0; while [ ! -s /run/bhvm-guard.out ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+  systemctl restart bulkhead; st=$?
+  touch /run/bhvm-guard.stop; wait $gp
+  tried=$(grep -c . /run/bhvm-guard.out)
+  leaked=$(grep -v '^EPERM$' /run/bhvm-guard.out | head -5 | tr '\n' ' ')
+}
 wait_active() { # wait (bounded) for a new main pid other than $1
   i=0
   while [ $i -lt 300 ]; do
@@ -130,6 +148,36 @@ result unit_restarts_after_kill_9_and_enforces_meanwhile $? "while dead :80=$dea
 
 grep -q '"dport":81' /var/log/bulkhead/events.jsonl
 result unit_events_log_in_its_logs_directory $? "$(ls -l /var/log/bulkhead 2>&1)"
+
+# An upgrade onto a binary of another map layout (a runtime drop-in gives
+# the same binary another one), then back: each restart takes over from the
+# pinned layout without a gap, and leaves only its own.
+la=$(layouts)
+mkdir -p /run/systemd/system/bulkhead.service.d
+printf '[Service]\nEnvironment=BULKHEAD_TEST_LAYOUT=older\n' \
+  > /run/systemd/system/bulkhead.service.d/layout.conf
+systemctl daemon-reload
+restart_guarded
+a80=$(conn 10.2.0.1:80); a81=$(conn 10.2.0.1:81)
+lb=$(layouts); sb=$(slayout)
+retired=0; grep -qF "retired the programs and maps of layout $la (this binary's is $lb)" /run/bhvm-agent.log && retired=1
+echo "$M note: restart $la -> $lb: $tried forbidden connects during it, not refused: ${leaked:-none}"
+[ $st = 0 ] && [ "$(systemctl is-active bulkhead)" = active ] && [ "$a81" = EPERM ] && [ "$a80" = ENETUNREACH ] \
+  && [ "$tried" -gt 0 ] && [ -z "$leaked" ] && [ -n "$la" ] && [ "$la" = "${la% *}" ] && [ -n "$lb" ] && [ "$lb" = "${lb% *}" ] \
+  && [ "$lb" != "$la" ] && [ "$sb" = "$lb" ] && [ $retired = 1 ]
+result unit_restart_onto_another_layout_keeps_enforcing $? "restart rc=$st :80=$a80 :81=$a81; during it $tried tries, not refused: ${leaked:-none}; layouts '$la' -> '$lb', status '$sb', retired line=$retired"
+
+rm /run/systemd/system/bulkhead.service.d/layout.conf
+rmdir /run/systemd/system/bulkhead.service.d
+systemctl daemon-reload
+restart_guarded
+a80=$(conn 10.2.0.1:80); a81=$(conn 10.2.0.1:81)
+lc=$(layouts); sc=$(slayout)
+retired=0; grep -qF "retired the programs and maps of layout $lb (this binary's is $lc)" /run/bhvm-agent.log && retired=1
+echo "$M note: restart $lb -> $lc: $tried forbidden connects during it, not refused: ${leaked:-none}"
+[ $st = 0 ] && [ "$(systemctl is-active bulkhead)" = active ] && [ "$a81" = EPERM ] && [ "$a80" = ENETUNREACH ] \
+  && [ "$tried" -gt 0 ] && [ -z "$leaked" ] && [ "$lc" = "$la" ] && [ "$sc" = "$la" ] && [ $retired = 1 ]
+result unit_restart_back_onto_the_first_layout_keeps_enforcing $? "restart rc=$st :80=$a80 :81=$a81; during it $tried tries, not refused: ${leaked:-none}; layouts '$lb' -> '$lc' (first '$la'), status '$sc', retired line=$retired"
 
 systemctl stop bulkhead; st=$?
 s81=$(conn 10.2.0.1:81)
