@@ -16,18 +16,18 @@ use crate::{Cgroup, Server, command_in, probe_bin, world::World};
 /// (`BULKHEAD_TEST_SEED`).
 pub struct Rng(u64);
 
+/// A seed for a test's random choices: `BULKHEAD_TEST_SEED`, else the
+/// clock (print it, so a failure can be replayed).
+pub fn seed() -> u64 {
+    std::env::var("BULKHEAD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| unix_ns() as u64)
+}
+
 impl Rng {
     pub fn new(test: &str) -> Rng {
-        let seed = std::env::var("BULKHEAD_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
+        let seed = seed() | 1;
         eprintln!("{test}: BULKHEAD_TEST_SEED={seed}");
         Rng(seed)
     }
@@ -183,6 +183,23 @@ impl Guards {
         (0..2).map(|g| last[g] - first[g].unwrap_or(last[g])).sum()
     }
 
+    /// Fails the test, with the timeline, if anything got through (see
+    /// [`Guards::leaks`]).
+    pub fn assert_no_leaks(&self, resets: &[u128]) {
+        let leaks = self.leaks(resets);
+        let longest = leaks
+            .iter()
+            .filter_map(|l| l.split(", ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        assert!(
+            leaks.is_empty(),
+            "{} leaks, up to {longest} ms after a first refusal; the first ones:\n{}",
+            leaks.len(),
+            leaks[..leaks.len().min(20)].join("\n")
+        );
+    }
+
     /// The forbidden attempts that got through after the first refusal
     /// (EPERM, of any target) since the last of `resets` before them: each
     /// reset is a moment the test itself removed enforcement.
@@ -201,19 +218,26 @@ impl Guards {
             .collect();
         changes.sort();
         let mut out = Vec::new();
-        let timeline = || {
+        // What happened in the 2 s before the first leak (bounded: an
+        // unenforced second holds thousands of attempts).
+        let timeline = |leak_at: u128| {
             let t0 = changes.first().map_or(0, |c| c.0);
             let mut all: Vec<(u128, String)> = changes
                 .iter()
                 .map(|(at, t, o)| (*at, format!("{t} {o}")))
                 .chain(resets.iter().map(|r| (*r, "RESET".to_string())))
+                .filter(|(at, _)| *at + 2_000_000_000 >= leak_at && *at <= leak_at)
                 .collect();
             all.sort();
-            all.iter()
+            all.dedup_by(|a, b| a.1 == b.1 && a.1.ends_with("open"));
+            let skip = all.len().saturating_sub(300);
+            all[skip..]
+                .iter()
                 .map(|(at, what)| format!("{:>8.1} ms {what}", (at - t0) as f64 / 1e6))
                 .collect::<Vec<_>>()
                 .join("\n")
         };
+        let mut first_leak = None;
         let mut armed: Option<u128> = None;
         for &(at, target, outcome) in &changes {
             if resets
@@ -231,6 +255,7 @@ impl Guards {
                 "dropped" => {}
                 _ => {
                     if let Some(since) = armed {
+                        first_leak.get_or_insert(at);
                         out.push(format!(
                             "{target} {outcome} at {at}, {} ms after the first refusal",
                             (at - since) / 1_000_000
@@ -240,7 +265,10 @@ impl Guards {
             }
         }
         if !out.is_empty() {
-            eprintln!("timeline:\n{}", timeline());
+            eprintln!(
+                "before the first leak:\n{}",
+                timeline(first_leak.unwrap_or(0))
+            );
         }
         out
     }

@@ -16,8 +16,9 @@
 //!   probe guard SECS KIND:ADDR:PORT...    for SECS, try each target in turn (KIND: udp-connect,
 //!                                         udp-sendto, tcp with a 100 ms connect timeout) and
 //!                                         print "UNIX_NS TARGET OUTCOME" whenever a target's
-//!                                         outcome changes (refused = EPERM, dropped = timed
-//!                                         out, open = it went through), "UNIX_NS totals
+//!                                         outcome changes and for every attempt that went
+//!                                         through (refused = EPERM, dropped = timed out,
+//!                                         open = it went through), "UNIX_NS totals
 //!                                         REFUSED OTHER" each second, then "rounds N"
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
@@ -276,7 +277,10 @@ fn guard(secs: u64, targets: &[&str]) -> String {
             } else {
                 other += 1;
             }
-            if outcome != last[i] {
+            // Every attempt that went through is printed, not only the
+            // change to it: a target that was open before enforcement began
+            // and stayed open after would otherwise go unseen.
+            if outcome != last[i] || outcome == "open" {
                 let _ = writeln!(out, "{at} {name} {outcome}");
                 let _ = out.flush();
                 last[i] = outcome;
