@@ -574,12 +574,26 @@ impl Agent {
             .collect()
     }
 
-    /// Waits (bounded) until `n` events match `pred`; returns them.
+    /// Waits (bounded) until `n` events match `pred`, then until no more
+    /// arrive for a moment (so an "exactly n" assertion sees a late extra
+    /// one); returns them.
     pub fn wait_events(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        const SETTLE: Duration = Duration::from_millis(300);
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut stable: Option<(usize, Instant)> = None;
         loop {
             let got: Vec<Value> = self.events().into_iter().filter(|e| pred(e)).collect();
-            if got.len() >= n || Instant::now() > deadline {
+            if got.len() >= n {
+                match stable {
+                    Some((len, since)) if len == got.len() => {
+                        if since.elapsed() >= SETTLE {
+                            return got;
+                        }
+                    }
+                    _ => stable = Some((got.len(), Instant::now())),
+                }
+            }
+            if Instant::now() > deadline {
                 return got;
             }
             std::thread::sleep(Duration::from_millis(50));
