@@ -228,15 +228,7 @@ fn kernel_verdicts_match_the_database_for_allow_and_deny_lists() {
     let t0 = Instant::now();
     let db = Db::open(&db_path);
     let nets = db.networks();
-    let seed = std::env::var("BULKHEAD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = tests::gaps::seed();
     println!(
         "database {} ({}, {} placed networks, read in {:?}); seed {seed} (BULKHEAD_TEST_SEED)",
         db_path.display(),

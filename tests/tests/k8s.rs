@@ -512,13 +512,7 @@ bridges:
     }
     assert_eq!(moves, 10);
     guards.wait_refused();
-    let leaks = guards.leaks(&[]);
-    assert!(
-        leaks.is_empty(),
-        "{} leaks:\n{}",
-        leaks.len(),
-        leaks.join("\n")
-    );
+    guards.assert_no_leaks(&[]);
 }
 
 #[test]
