@@ -186,7 +186,13 @@ impl Guards {
     /// Fails the test, with the timeline, if anything got through (see
     /// [`Guards::leaks`]).
     pub fn assert_no_leaks(&self, resets: &[u128]) {
-        let leaks = self.leaks(resets);
+        self.assert_no_leaks_from(0, resets);
+    }
+
+    /// [`Guards::assert_no_leaks`] for what happened from `from` on (e.g.
+    /// once an earlier version, with gaps of its own, was up).
+    pub fn assert_no_leaks_from(&self, from: u128, resets: &[u128]) {
+        let leaks = self.leaks_from(from, resets);
         let longest = leaks
             .iter()
             .filter_map(|l| l.split(", ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
@@ -204,6 +210,10 @@ impl Guards {
     /// (EPERM, of any target) since the last of `resets` before them: each
     /// reset is a moment the test itself removed enforcement.
     pub fn leaks(&self, resets: &[u128]) -> Vec<String> {
+        self.leaks_from(0, resets)
+    }
+
+    fn leaks_from(&self, from: u128, resets: &[u128]) -> Vec<String> {
         let seen = self.seen.lock().unwrap();
         let mut changes: Vec<(u128, &str, &str)> = seen
             .iter()
@@ -239,7 +249,7 @@ impl Guards {
         };
         let mut first_leak = None;
         let mut armed: Option<u128> = None;
-        for &(at, target, outcome) in &changes {
+        for &(at, target, outcome) in changes.iter().filter(|c| c.0 >= from) {
             if resets
                 .iter()
                 .any(|r| armed.is_some_and(|a| a < *r) && *r <= at)

@@ -329,6 +329,8 @@ pub struct Agent {
     pub cgroup_root: PathBuf,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
+    /// Another `bulkhead` binary for `run` (an earlier version).
+    run_bin: Option<PathBuf>,
     notify: std::os::unix::net::UnixDatagram,
 }
 
@@ -388,6 +390,7 @@ impl Agent {
             cgroup_root: cgroup_root.path.clone(),
             env: Vec::new(),
             wrapper: Vec::new(),
+            run_bin: None,
             dir,
             notify,
         }
@@ -397,10 +400,10 @@ impl Agent {
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(bulkhead_bin());
+                c.args(args).arg(self.run_bin());
                 c
             }
-            None => Command::new(bulkhead_bin()),
+            None => Command::new(self.run_bin()),
         };
         cmd.arg("run")
             .arg("--policy")
@@ -493,6 +496,16 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(10));
         }
         None
+    }
+
+    /// Runs `bin` (e.g. an earlier version) instead of this build's
+    /// agent from the next start on; `None` goes back.
+    pub fn set_run_bin(&mut self, bin: Option<PathBuf>) {
+        self.run_bin = bin;
+    }
+
+    fn run_bin(&self) -> PathBuf {
+        self.run_bin.clone().unwrap_or_else(bulkhead_bin)
     }
 
     /// Sets (or with `None` removes) an environment variable for the next

@@ -439,3 +439,38 @@ fn events_queued_while_no_agent_ran_carry_their_generations_names() {
     assert_eq!(tests::field(e, "dst_domain"), "prod", "{e}");
     assert_eq!(e["generation"], 1, "{e}");
 }
+
+/// The upgrade from an earlier version's binary (`BULKHEAD_TEST_PREVIOUS_BIN`,
+/// e.g. one built from the last release), whose pins may have another
+/// layout or none (agents before layouts pinned under `maps/` and `links/`):
+/// run with `-- --ignored` when such a binary is at hand.
+#[test]
+#[ignore = "needs BULKHEAD_TEST_PREVIOUS_BIN, a bulkhead binary of an earlier version"]
+fn an_upgrade_from_the_previous_version_has_no_gap() {
+    let previous = std::env::var_os("BULKHEAD_TEST_PREVIOUS_BIN")
+        .expect("BULKHEAD_TEST_PREVIOUS_BIN: a bulkhead binary of an earlier version");
+    if !privileged("upgrade_from_previous_version") {
+        return;
+    }
+    let w = world(184);
+    let guards = Guards::start(&w, &w.contractor);
+    let mut agent = Agent::start_with(&w.root, &policy(&w, false), QUIET);
+    // Only the previous version's pins from here on.
+    agent.kill9();
+    detach(&agent);
+    agent.set_run_bin(Some(previous.into()));
+    agent.spawn(QUIET);
+    guards.wait_refused();
+    let up = unix_ns();
+    let before = agent.layouts();
+    agent.signal(libc::SIGTERM);
+    agent.wait_exit(Duration::from_secs(10)).expect("stopped");
+    agent.set_run_bin(None);
+    let took = timed(|| agent.spawn(QUIET));
+    let after = agent.layouts();
+    eprintln!("{before:?} -> {after:?} in {took:?}");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(after[0].starts_with("layout-"), "{after:?}");
+    guards.wait_refused();
+    guards.assert_no_leaks_from(up, &[]);
+}
