@@ -2,9 +2,11 @@
 //! their map lookups, and `bulkhead explain` calls it after the same lookups
 //! against a compiled policy, so the two cannot disagree.
 
+use crate::event::{FAMILY_INET, FAMILY_INET6, Verdict};
 use crate::maps::{
     BRIDGE_REVERSE, BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_INGRESS_GEO,
-    DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, GeoValue, MAX_BRIDGE_RULES,
+    DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, GeoValue, MAX_BRIDGE_RULES, MODE_AUDIT, is_loopback_v4,
+    is_loopback_v6, v4_mapped,
 };
 use crate::reason::Reason;
 
@@ -48,6 +50,141 @@ impl Decision {
             until_tai_ns: u64::MAX,
         }
     }
+
+    /// What happens to the connection under the policy's `mode`
+    /// ([`MODE_AUDIT`]: a denial is recorded as `would-deny` and let through).
+    #[inline(always)]
+    pub const fn verdict(&self, mode: u32) -> Verdict {
+        match (self.allow, mode == MODE_AUDIT) {
+            (true, _) => Verdict::Allow,
+            (false, true) => Verdict::WouldDeny,
+            (false, false) => Verdict::Deny,
+        }
+    }
+}
+
+/// A peer address as every decision sees it: an IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`) is the IPv4 address it stands for, and an IPv4
+/// address sits in the first four bytes. (IPv4-compatible `::a.b.c.d`
+/// stays IPv6: the kernel routes it as the IPv6 address it is.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u8,
+    pub addr: [u8; 16],
+}
+
+impl PeerAddr {
+    /// `addr` of `family`, as the socket or packet carries it.
+    #[inline(always)]
+    pub fn new(family: u8, addr: [u8; 16]) -> PeerAddr {
+        if family == FAMILY_INET6
+            && let Some(v4) = v4_mapped(addr)
+        {
+            let mut a = [0u8; 16];
+            a[0] = v4[0];
+            a[1] = v4[1];
+            a[2] = v4[2];
+            a[3] = v4[3];
+            return PeerAddr {
+                family: FAMILY_INET,
+                addr: a,
+            };
+        }
+        PeerAddr { family, addr }
+    }
+
+    /// The host itself (`127.0.0.0/8`, `::1`).
+    #[inline(always)]
+    pub fn is_loopback(&self) -> bool {
+        if self.family == FAMILY_INET {
+            is_loopback_v4([self.addr[0], self.addr[1], self.addr[2], self.addr[3]])
+        } else {
+            is_loopback_v6(self.addr)
+        }
+    }
+}
+
+/// What the decision knows about a peer.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer<'a> {
+    /// Its domain, from [`peer_domain`]; 0 = none.
+    pub domain: u32,
+    /// Its geo verdicts; `None` where no source places it.
+    pub geo: Option<&'a GeoValue>,
+    /// Loopback ([`PeerAddr::is_loopback`]): the host itself, which no geo
+    /// source places, so a geofence does not judge it.
+    pub loopback: bool,
+}
+
+/// A peer's domain: that of the domain networks holding its address, else
+/// that of the socket on this host listening on it (`listener`: the
+/// owner's domain, 0 where nothing listens or its owner is in no domain).
+/// `listener` runs only when the networks give none: in the kernel it is a
+/// socket lookup.
+#[inline(always)]
+pub fn peer_domain(network: u32, listener: impl FnOnce() -> u32) -> u32 {
+    if network != 0 { network } else { listener() }
+}
+
+/// One level of the walk down a cgroup's ancestry (from the root's child
+/// to the cgroup itself) to its nearest configured ancestor: a level whose
+/// cgroup `domain_of` knows gives `found` its domain, so the deepest one
+/// wins. Returns `false` past the cgroup's own level (`id` 0), which ends
+/// the walk.
+#[inline(always)]
+pub fn walk_level(found: &mut u32, id: u64, domain_of: impl FnOnce(u64) -> Option<u32>) -> bool {
+    if id == 0 {
+        return false;
+    }
+    if let Some(d) = domain_of(id) {
+        *found = d;
+    }
+    true
+}
+
+/// [`decide`] for a peer as [`Peer`] describes it: `bridges` is asked for
+/// the rules from the connecting domain to the accepting one only when the
+/// peer is in another domain, and a loopback peer in no domain is not
+/// judged by a geofence (nothing places the host in a country: its
+/// listener's domain decides, or nothing does).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat scalars keep the kernel call cheap"
+)]
+#[inline(always)]
+pub fn decide_peer<'b>(
+    dir: Direction,
+    local_id: u32,
+    local: &DomainRec,
+    peer: &Peer<'_>,
+    bridges: impl FnOnce(u32, u32) -> Option<&'b BridgeSet>,
+    proto: u8,
+    ports: Ports,
+    now_tai_ns: u64,
+) -> Decision {
+    let mut set = None;
+    if peer.domain != 0 && peer.domain != local_id {
+        set = match dir {
+            Direction::Egress => bridges(local_id, peer.domain),
+            Direction::Ingress => bridges(peer.domain, local_id),
+        };
+    }
+    let mut local = *local;
+    if peer.domain == 0 && peer.loopback {
+        local.flags &= !(DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO);
+    }
+    decide(
+        dir,
+        local_id,
+        &local,
+        peer.domain,
+        set,
+        proto,
+        ports,
+        now_tai_ns,
+        peer.geo,
+    )
 }
 
 /// Decides one connection or packet of a workload in domain `local` (id
@@ -373,5 +510,118 @@ mod tests {
             Some(&deny_me),
         );
         assert_eq!(ing.reason, Reason::NoDomain);
+    }
+
+    #[test]
+    fn peers_are_prepared_as_the_kernel_decides_them() {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let p = PeerAddr::new(FAMILY_INET6, mapped);
+        assert_eq!(p.family, FAMILY_INET);
+        assert_eq!(&p.addr[..4], &[127, 0, 0, 1]);
+        assert!(p.addr[4..].iter().all(|b| *b == 0));
+        assert!(p.is_loopback());
+        // IPv4-compatible `::127.0.0.1` is IPv6, and not `::1`.
+        let mut compat = [0u8; 16];
+        compat[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let c = PeerAddr::new(FAMILY_INET6, compat);
+        assert_eq!(c.family, FAMILY_INET6);
+        assert!(!c.is_loopback());
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(PeerAddr::new(FAMILY_INET6, one).is_loopback());
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(PeerAddr::new(FAMILY_INET, v4).addr, v4);
+    }
+
+    #[test]
+    fn the_listener_is_asked_only_outside_domain_networks() {
+        assert_eq!(peer_domain(3, || panic!("looked up")), 3);
+        assert_eq!(peer_domain(0, || 5), 5);
+        // The deepest configured level wins; id 0 ends the walk.
+        let known = |id: u64| match id {
+            10 => Some(1),
+            30 => Some(2),
+            _ => None,
+        };
+        let mut found = 0;
+        for id in [10, 20, 30, 40, 0, 10] {
+            if !walk_level(&mut found, id, known) {
+                break;
+            }
+        }
+        assert_eq!(found, 2);
+    }
+
+    #[test]
+    fn loopback_peers_in_no_domain_skip_the_geofence() {
+        let d = dom(DOMAIN_EGRESS_GEO | DOMAIN_EGRESS_UNKNOWN_DENY);
+        let https = Ports {
+            service: 443,
+            other: 0,
+        };
+        let no_bridges = |_: u32, _: u32| -> Option<&BridgeSet> { panic!("no bridge needed") };
+        let r = |domain, loopback| {
+            let peer = Peer {
+                domain,
+                geo: None,
+                loopback,
+            };
+            decide_peer(
+                Direction::Egress,
+                1,
+                &d,
+                &peer,
+                no_bridges,
+                PROTO_TCP,
+                https,
+                0,
+            )
+            .reason
+        };
+        assert_eq!(r(0, false), Reason::CountryUnknown);
+        assert_eq!(r(0, true), Reason::NoDomain);
+        assert_eq!(r(1, true), Reason::SameDomain);
+    }
+
+    #[test]
+    fn bridges_are_asked_from_the_connecting_domain() {
+        let d = dom(0);
+        let b = bridge(PROTO_TCP, 443, 443, 0, NEVER, 9);
+        let https = Ports {
+            service: 443,
+            other: 0,
+        };
+        let peer = Peer {
+            domain: 2,
+            geo: None,
+            loopback: true,
+        };
+        for (dir, want) in [(Direction::Egress, (1, 2)), (Direction::Ingress, (2, 1))] {
+            let d = decide_peer(
+                dir,
+                1,
+                &d,
+                &peer,
+                |from, to| ((from, to) == want).then_some(&b),
+                PROTO_TCP,
+                https,
+                0,
+            );
+            assert_eq!((d.reason, d.bridge_id), (Reason::Bridge, 9), "{dir:?}");
+        }
+    }
+
+    #[test]
+    fn audit_mode_turns_denials_into_would_deny() {
+        let d = dom(0);
+        let deny = eg(&d, 2, None, PROTO_TCP, 80, 5);
+        let allow = eg(&d, 1, None, PROTO_TCP, 80, 5);
+        assert_eq!(deny.verdict(crate::maps::MODE_ENFORCE), Verdict::Deny);
+        assert_eq!(deny.verdict(MODE_AUDIT), Verdict::WouldDeny);
+        assert_eq!(allow.verdict(MODE_AUDIT), Verdict::Allow);
     }
 }

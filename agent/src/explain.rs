@@ -1,20 +1,36 @@
 //! `bulkhead explain`: the verdict a compiled policy gives one connection,
-//! and which rule made it — by the same `agent_common::decide` the kernel
-//! runs, after the same walk of the same address table.
+//! and which rule made it — by the same steps the kernel's connect hook
+//! takes, most of them the same code (`agent_common::decide`): the peer
+//! address prepared as the hook prepares it ([`PeerAddr`]), the same walk
+//! of the same address table, for an address in no domain network the
+//! domain of the socket listening on it, found in the workload's network
+//! namespace as the hook's `bpf_sk_lookup_tcp`/`udp` finds it
+//! ([`listeners::lookup`]) with its owner's cgroup ancestry walked level by
+//! level as the hook walks it ([`walk_level`]), the geofence set aside for a
+//! loopback peer in no domain and the bridges asked for the same pair
+//! ([`decide_peer`]), and the verdict for the policy's mode
+//! ([`Decision::verdict`]).
 
-use std::net::IpAddr;
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::BorrowedFd,
+    path::PathBuf,
+};
 
 use agent_common::{
-    Direction, Ports, Reason, decide,
-    maps::{DomainRec, MODE_AUDIT, is_loopback_v4, is_loopback_v6},
+    Decision, Direction, Ports, Reason,
+    decide::{Peer, PeerAddr, decide_peer, peer_domain, walk_level},
+    event::{FAMILY_INET, FAMILY_INET6},
+    maps::{DOMAIN_EGRESS_GEO, DomainRec},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 use crate::{
-    cgroup::glob_match,
+    cgroup::{self, glob_match},
     compile::{Compiled, tai_offset_ns},
     geo::GeoDb,
+    listeners::{self, Listener, Lookup, Owner},
     policy::{Policy, Proto},
 };
 
@@ -29,8 +45,11 @@ pub struct Query {
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Answer {
+    /// `allow`, `deny`, `would-deny` (audit mode), or `unknown` where the
+    /// decision hangs on a listener whose owner cannot be read.
     pub verdict: &'static str,
     pub reason: &'static str,
+    /// The reason's code; 0 with verdict `unknown`.
     pub reason_code: u8,
     /// Human sentence naming the rule that decided.
     pub rule: String,
@@ -38,6 +57,9 @@ pub struct Answer {
     /// The pattern that put the workload in its domain.
     pub workload_pattern: Option<String>,
     pub dst_domain: Option<String>,
+    /// What put the destination in its domain: a network of the policy,
+    /// or the socket listening on it (`listener 127.0.0.1:7411 of cgroup
+    /// /prod.slice`).
     pub dst_network: Option<String>,
     pub country: Option<String>,
     pub geo_source: Option<String>,
@@ -94,16 +116,96 @@ fn net_domain(c: &Compiled, ip: IpAddr) -> Option<(IpNet, u32)> {
     }
 }
 
-/// IPv4-mapped IPv6 is decided as IPv4, as in the kernel.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+/// The destination as the connect hook prepares it (IPv4-mapped IPv6 as
+/// IPv4).
+fn peer_addr(ip: IpAddr) -> (PeerAddr, IpAddr) {
+    let p = match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            PeerAddr::new(FAMILY_INET, b)
+        }
+        IpAddr::V6(a) => PeerAddr::new(FAMILY_INET6, a.octets()),
+    };
+    let ip = if p.family == FAMILY_INET {
+        IpAddr::V4(Ipv4Addr::new(p.addr[0], p.addr[1], p.addr[2], p.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(p.addr))
+    };
+    (p, ip)
+}
+
+/// The domain of a listener's owner under `c`: its ancestry walked as the
+/// connect hook walks it, each level looked up among the cgroups the
+/// policy's patterns (and placed pods) name.
+fn owner_domain(c: &Compiled, owner: &Owner) -> u32 {
+    let mut found = 0;
+    if let Some(ancestors) = owner.ancestors() {
+        for &id in ancestors {
+            let known = |id| {
+                c.cgroups
+                    .iter()
+                    .find(|(cg, _, _)| *cg == id)
+                    .map(|(_, d, _)| *d)
+            };
+            if !walk_level(&mut found, id, known) {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// The listeners of this host, looked up for a query as the connect hook
+/// looks them up: in the network namespace of the query's cgroup, with a
+/// TCP listener's owner from the socket storage `BH_SOCKS` where its map is
+/// given (see [`listeners::lookup`]).
+pub struct HostListeners<'a> {
+    mount: PathBuf,
+    storage: Option<BorrowedFd<'a>>,
+}
+
+impl<'a> HostListeners<'a> {
+    pub fn new(storage: Option<BorrowedFd<'a>>) -> Self {
+        HostListeners {
+            mount: cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
+            storage,
+        }
+    }
+
+    pub fn lookup(&self, q: &Query, dst: IpAddr) -> Lookup {
+        let netns = listeners::netns_of_cgroup(&self.mount, &q.cgroup);
+        listeners::lookup(
+            &netns,
+            q.proto == Proto::Tcp,
+            dst,
+            q.port,
+            self.storage,
+            &self.mount,
+        )
     }
 }
 
+/// [`explain_with`] looking listeners up on this host, with owners from the
+/// cgroups their sockets were created in (no socket storage at hand): what
+/// `explain --policy` does, from the caller's view of the host.
 pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_ns: i64) -> Answer {
-    let dst = canonical(q.dst);
+    let host = HostListeners::new(None);
+    explain_with(policy, c, geo, q, now_unix_ns, &|q, ip| host.lookup(q, ip))
+}
+
+/// The answer for `q` at `now_unix_ns`. `listener` says what listens on
+/// the (prepared) destination address; it is asked only when that address
+/// is in no domain network, as in the kernel.
+pub fn explain_with(
+    policy: &Policy,
+    c: &Compiled,
+    geo: &GeoDb,
+    q: &Query,
+    now_unix_ns: i64,
+    listener: &dyn Fn(&Query, IpAddr) -> Lookup,
+) -> Answer {
+    let (addr, dst) = peer_addr(q.dst);
     let hit = geo.lookup(dst);
     let country = hit
         .as_ref()
@@ -128,7 +230,7 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
         };
     };
     let local_id = local_idx as u32 + 1;
-    let mut local: DomainRec = c
+    let local: DomainRec = c
         .domains
         .iter()
         .find(|(id, _)| *id == local_id)
@@ -137,25 +239,59 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
     // The verdict comes from the kernel's own lookup; the network list
     // only names the rule.
     let class = *c.addr.class(dst);
-    let peer_id = class.domain;
-    let net = net_domain(c, dst).filter(|(_, d)| *d == peer_id);
-    let loopback = match dst {
-        IpAddr::V4(a) => is_loopback_v4(a.octets()),
-        IpAddr::V6(a) => is_loopback_v6(a.octets()),
+    let mut looked = None;
+    let peer_id = peer_domain(class.domain, || {
+        let l = listener(q, dst);
+        let d = match &l.listener {
+            Listener::Found { owner, .. } => owner_domain(c, owner),
+            _ => 0,
+        };
+        looked = Some(l);
+        d
+    });
+    let name = |id: u32| {
+        (id as usize)
+            .checked_sub(1)
+            .and_then(|i| policy.domains.get(i))
+            .map(|d| d.name.clone())
     };
-    if peer_id == 0 && loopback {
-        local.flags &=
-            !(agent_common::maps::DOMAIN_EGRESS_GEO | agent_common::maps::DOMAIN_INGRESS_GEO);
+    let local_name = policy.domains[local_idx].name.clone();
+    let svc = format!("{}/{}", q.proto.name(), q.port);
+    if let Some(Lookup {
+        netns,
+        listener: Listener::Unknown(why),
+    }) = &looked
+    {
+        return Answer {
+            verdict: "unknown",
+            reason: "unknown",
+            reason_code: 0,
+            rule: format!(
+                "{dst} is in no domain network, so the kernel decides {svc} to it by the domain \
+                 of the socket listening on {dst}:{} in {netns}: {why}",
+                q.port
+            ),
+            workload_domain: Some(local_name),
+            workload_pattern: Some(pattern),
+            dst_domain: None,
+            dst_network: None,
+            country,
+            geo_source,
+            bridge: None,
+        };
     }
-    let bridges = c.bridges.get(&(local_id as u16, peer_id as u16));
-    let g = (peer_id == 0).then_some(class.geo);
+    let peer = Peer {
+        domain: peer_id,
+        geo: Some(&class.geo),
+        loopback: addr.is_loopback(),
+    };
     let now_tai = (now_unix_ns.saturating_add(tai_offset_ns())).max(0) as u64;
-    let d = decide(
+    let d: Decision = decide_peer(
         Direction::Egress,
         local_id,
         &local,
-        peer_id,
-        bridges,
+        &peer,
+        |from, to| c.bridges.get(&(from as u16, to as u16)),
         q.proto.number(),
         // A new connection: its own port is not chosen yet.
         Ports {
@@ -163,10 +299,7 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
             other: 0,
         },
         now_tai,
-        g.as_ref(),
     );
-    let name = |id: u32| policy.domains.get(id as usize - 1).map(|d| d.name.clone());
-    let local_name = policy.domains[local_idx].name.clone();
     let bridge = (d.bridge_id != 0)
         .then(|| {
             c.bridge_names
@@ -174,26 +307,68 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
                 .map(|b| b.name.clone())
         })
         .flatten();
-    let svc = format!("{}/{}", q.proto.name(), q.port);
+    // What made the destination's domain: a network, or the listener.
+    let (listening, dst_network) = match &looked {
+        Some(Lookup {
+            listener: Listener::Found {
+                bound, owner, path, ..
+            },
+            ..
+        }) => {
+            let of = match (owner, path) {
+                (Owner::Unrecorded, _) => "with no recorded owner".to_string(),
+                (_, Some(p)) => format!("of cgroup {p}"),
+                (_, None) => "of a cgroup that no longer exists".to_string(),
+            };
+            let l = format!("listener {bound} {of}");
+            (Some(l.clone()), Some(l))
+        }
+        _ => (
+            None,
+            net_domain(c, dst)
+                .filter(|(_, d)| *d == peer_id)
+                .map(|(n, _)| n.to_string()),
+        ),
+    };
+    let peer_name = name(peer_id).unwrap_or_default();
+    let dst_is = match &listening {
+        Some(l) if peer_id != 0 => format!("{dst}:{} reaches {l}, domain {peer_name}", q.port),
+        Some(l) => format!("{dst}:{} reaches {l}, which is in no domain", q.port),
+        None if peer_id != 0 => format!("{dst} belongs to domain {peer_name}"),
+        None => format!("{dst} belongs to no domain"),
+    };
+    let geofenced = local.flags & DOMAIN_EGRESS_GEO != 0;
     let rule = match d.reason {
         Reason::DomainExpired => format!("domain {local_name} has expired: it reaches nothing"),
+        Reason::SameDomain if listening.is_some() => format!("{dst_is}: {local_name}'s own"),
         Reason::SameDomain => format!("{dst} belongs to {local_name}'s own networks"),
         Reason::Bridge => format!(
-            "bridge {} opens {svc} from {local_name} to {}",
+            "bridge {} opens {svc} from {local_name} to {peer_name}{}",
             bridge.clone().unwrap_or_default(),
-            name(peer_id).unwrap_or_default()
+            listening
+                .as_ref()
+                .map(|_| format!(" ({dst_is})"))
+                .unwrap_or_default()
         ),
         Reason::BridgeOutsideWindow => format!(
-            "bridge {} covers {svc} but is outside its time window",
+            "bridge {} covers {svc} but is outside its time window ({dst_is})",
             bridge.clone().unwrap_or_default()
         ),
-        Reason::CrossDomain => format!(
-            "{dst} belongs to domain {}; no bridge from {local_name} covers {svc}",
-            name(peer_id).unwrap_or_default()
-        ),
-        Reason::NoDomain => {
-            format!("{dst} belongs to no domain and {local_name} has no egress geofence")
+        Reason::CrossDomain => format!("{dst_is}; no bridge from {local_name} covers {svc}"),
+        Reason::NoDomain if peer.loopback && geofenced => {
+            let nothing = match &looked {
+                Some(Lookup {
+                    netns,
+                    listener: Listener::Nothing,
+                }) if q.port != 0 => format!(" (nothing listens on it in {netns})"),
+                _ => String::new(),
+            };
+            format!(
+                "{dst_is}{nothing}: the host itself, which no geo source places, so \
+                 {local_name}'s egress geofence does not judge it"
+            )
         }
+        Reason::NoDomain => format!("{dst_is} and {local_name} has no egress geofence"),
         Reason::CountryAllowed => format!(
             "{local_name}'s egress geofence allows {}",
             country.clone().unwrap_or_default()
@@ -210,20 +385,15 @@ pub fn explain(policy: &Policy, c: &Compiled, geo: &GeoDb, q: &Query, now_unix_n
         }
         other => other.name().to_string(),
     };
-    let verdict = match (d.allow, c.config.mode == MODE_AUDIT) {
-        (true, _) => "allow",
-        (false, true) => "would-deny",
-        (false, false) => "deny",
-    };
     Answer {
-        verdict,
+        verdict: d.verdict(c.config.mode).name(),
         reason: d.reason.name(),
         reason_code: d.reason as u8,
         rule,
         workload_domain: Some(local_name),
-        workload_pattern: Some(pattern.to_string()),
+        workload_pattern: Some(pattern),
         dst_domain: (peer_id != 0).then(|| name(peer_id)).flatten(),
-        dst_network: net.map(|(n, _)| n.to_string()),
+        dst_network,
         country,
         geo_source,
         bridge,
@@ -239,10 +409,11 @@ pub fn render(a: &Answer) -> String {
         s += &format!("workload: domain {d} (cgroup pattern {p})\n");
     }
     if let Some(d) = &a.dst_domain {
-        s += &format!(
-            "destination: domain {d} (network {})\n",
-            a.dst_network.as_deref().unwrap_or("?")
-        );
+        let by = match a.dst_network.as_deref() {
+            Some(l) if l.starts_with("listener ") => l.to_string(),
+            n => format!("network {}", n.unwrap_or("?")),
+        };
+        s += &format!("destination: domain {d} ({by})\n");
     }
     if let Some(c) = &a.country {
         s += &format!(
@@ -362,5 +533,182 @@ mod tests {
         assert_eq!(none.workload_domain, None);
         assert_eq!(none.verdict, "allow");
         assert!(render(&a).starts_with("verdict: deny\nreason:  cross-domain (16)\n"));
+    }
+
+    fn owned_by(path: &str, ancestors: &[u64]) -> Lookup {
+        let mut a = [0u64; agent_common::maps::MAX_CGROUP_DEPTH];
+        a[..ancestors.len()].copy_from_slice(ancestors);
+        Lookup {
+            netns: "the test's".into(),
+            listener: Listener::Found {
+                bound: "127.0.0.1:7411".parse().unwrap(),
+                owner: Owner::Recorded(a),
+                path: Some(path.into()),
+            },
+        }
+    }
+
+    fn nothing() -> Lookup {
+        Lookup {
+            netns: "the test's".into(),
+            listener: Listener::Nothing,
+        }
+    }
+
+    /// A loopback destination is decided by the domain of the socket
+    /// listening on it, whose ancestry is walked as the kernel walks it
+    /// (the deepest configured level wins), and the answer names it.
+    #[test]
+    fn a_listener_gives_a_loopback_destination_its_owners_domain() {
+        let (p, mut c) = setup(POLICY);
+        c.cgroups.push((4242, 2, "/prod.slice".into()));
+        let g = GeoDb::empty();
+        let prod = |q: &Query, ip: IpAddr| {
+            assert_eq!(
+                ip,
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "prepared as IPv4"
+            );
+            assert_eq!(q.port, 7411);
+            owned_by("/prod.slice/web", &[4242, 4243])
+        };
+        let x = explain_with(
+            &p,
+            &c,
+            &g,
+            &q("/contractors.slice", "127.0.0.1", 7411, Proto::Tcp),
+            0,
+            &prod,
+        );
+        assert_eq!((x.verdict, x.reason), ("deny", "cross-domain"));
+        assert_eq!(x.dst_domain.as_deref(), Some("prod"));
+        assert!(
+            x.rule
+                .contains("listener 127.0.0.1:7411 of cgroup /prod.slice/web, domain prod"),
+            "{}",
+            x.rule
+        );
+        assert!(
+            render(&x).contains(
+                "destination: domain prod (listener 127.0.0.1:7411 of cgroup /prod.slice/web)"
+            ),
+            "{}",
+            render(&x)
+        );
+        // IPv4-mapped, it is the same address; over the bridge's port it passes.
+        let mapped = |q: &Query, ip: IpAddr| {
+            assert_eq!(ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+            let mut l = owned_by("/prod.slice", &[4242]);
+            if let Listener::Found { bound, .. } = &mut l.listener {
+                bound.set_port(q.port);
+            }
+            l
+        };
+        let b = explain_with(
+            &p,
+            &c,
+            &g,
+            &q("/contractors.slice", "::ffff:127.0.0.1", 443, Proto::Tcp),
+            0,
+            &mapped,
+        );
+        assert_eq!((b.reason, b.bridge.as_deref()), ("bridge", Some("ci")));
+        assert!(
+            b.rule.contains("(127.0.0.1:443 reaches listener"),
+            "{}",
+            b.rule
+        );
+        // Prod's own listener is prod's.
+        let own = explain_with(
+            &p,
+            &c,
+            &g,
+            &q("/prod.slice/db", "127.0.0.1", 7411, Proto::Tcp),
+            0,
+            &prod,
+        );
+        assert_eq!((own.verdict, own.reason), ("allow", "same-domain"));
+        // A destination in a domain network never asks.
+        let never = |_: &Query, _: IpAddr| -> Lookup { panic!("listener looked up") };
+        let net = explain_with(
+            &p,
+            &c,
+            &g,
+            &q("/contractors.slice", "10.40.0.9", 7411, Proto::Tcp),
+            0,
+            &never,
+        );
+        assert_eq!(net.reason, "cross-domain");
+        assert_eq!(net.dst_network.as_deref(), Some("10.40.0.0/16"));
+    }
+
+    /// Loopback in no domain (nothing listens, or its owner is in none) is
+    /// not judged by a geofence, which knows no country for the host; any
+    /// other address in no domain is.
+    #[test]
+    fn loopback_in_no_domain_is_not_geofenced() {
+        let fenced = POLICY.replace(
+            "    networks: [10.20.0.0/16]\n",
+            "    networks: [10.20.0.0/16]\n    egress: { countries: { allow: [DE] }, unknown_country: deny }\n",
+        );
+        let (p, c) = setup(&fenced);
+        let g = GeoDb::empty();
+        let contractor = |dst| q("/contractors.slice", dst, 9, Proto::Udp);
+        let lo = explain_with(&p, &c, &g, &contractor("127.0.0.1"), 0, &|_, _| nothing());
+        assert_eq!((lo.verdict, lo.reason), ("allow", "no-domain"));
+        assert!(
+            lo.rule.contains("nothing listens on it in the test's"),
+            "{}",
+            lo.rule
+        );
+        let lo6 = explain_with(&p, &c, &g, &contractor("::1"), 0, &|_, _| nothing());
+        assert_eq!(lo6.reason, "no-domain");
+        let nobody = |_: &Query, _: IpAddr| Lookup {
+            netns: "the test's".into(),
+            listener: Listener::Found {
+                bound: "0.0.0.0:9".parse().unwrap(),
+                owner: Owner::Unrecorded,
+                path: None,
+            },
+        };
+        let unowned = explain_with(&p, &c, &g, &contractor("127.0.0.1"), 0, &nobody);
+        assert_eq!(unowned.reason, "no-domain");
+        assert!(
+            unowned
+                .rule
+                .contains("listener 0.0.0.0:9 with no recorded owner, which is in no domain"),
+            "{}",
+            unowned.rule
+        );
+        let far = explain_with(&p, &c, &g, &contractor("10.99.0.1"), 0, &|_, _| nothing());
+        assert_eq!((far.verdict, far.reason), ("deny", "country-unknown"));
+    }
+
+    /// When the listener's owner cannot be read, the answer says so instead
+    /// of guessing.
+    #[test]
+    fn an_unreadable_listener_makes_the_answer_unknown() {
+        let (p, c) = setup(POLICY);
+        let unknown = |_: &Query, _: IpAddr| Lookup {
+            netns: "the network namespace of /x (that of pid 7)".into(),
+            listener: Listener::Unknown("no rights".into()),
+        };
+        let a = explain_with(
+            &p,
+            &c,
+            &GeoDb::empty(),
+            &q("/contractors.slice", "127.0.0.1", 7411, Proto::Tcp),
+            0,
+            &unknown,
+        );
+        assert_eq!(
+            (a.verdict, a.reason, a.reason_code),
+            ("unknown", "unknown", 0)
+        );
+        assert!(
+            a.rule.contains("listening on 127.0.0.1:7411 in the network namespace of /x (that of pid 7): no rights"),
+            "{}",
+            a.rule
+        );
     }
 }

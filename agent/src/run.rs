@@ -536,7 +536,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 } => {
                     let _ = call
                         .reply
-                        .send(explain_call(&current, &cgroup, &dst, port, &proto));
+                        .send(explain_call(&current, &ebpf, &cgroup, &dst, port, &proto));
                 }
                 Request::BridgeOpen {
                     name,
@@ -1135,7 +1135,18 @@ fn read_counters(ebpf: &mut Ebpf, name: &str) -> Vec<u64> {
         .collect()
 }
 
-fn explain_call(l: &Loaded, cgroup: &str, dst: &str, port: u16, proto: &str) -> serde_json::Value {
+/// `explain` for the policy in force. A destination in no domain network
+/// is decided by the socket listening on it, a TCP listener's owner read
+/// from the socket storage the connect hook reads (`BH_SOCKS`, through
+/// `sock_diag`, which needs only the CAP_BPF the agent keeps).
+fn explain_call(
+    l: &Loaded,
+    ebpf: &Ebpf,
+    cgroup: &str,
+    dst: &str,
+    port: u16,
+    proto: &str,
+) -> serde_json::Value {
     let Ok(ip) = dst.parse() else {
         return serde_json::json!({"ok": false, "error": format!("not an IP address: {dst}")});
     };
@@ -1149,8 +1160,15 @@ fn explain_call(l: &Loaded, cgroup: &str, dst: &str, port: u16, proto: &str) -> 
         port,
         proto,
     };
+    let socks = match ebpf.map(agent_common::maps::MAP_SOCKS) {
+        Some(aya::maps::Map::SkStorage(m)) => Some(std::os::fd::AsFd::as_fd(m.fd())),
+        _ => None,
+    };
+    let host = explain::HostListeners::new(socks);
     let now = compile::now_ns();
-    let a = explain::explain(&l.policy, &l.compiled, &l.geo, &q, now);
+    let a = explain::explain_with(&l.policy, &l.compiled, &l.geo, &q, now, &|q, ip| {
+        host.lookup(q, ip)
+    });
     serde_json::json!({"ok": true, "answer": a})
 }
 

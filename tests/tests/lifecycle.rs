@@ -174,44 +174,427 @@ fn reload_switches_generations_and_rejected_reloads_change_nothing() {
     assert_eq!(server.finish(), 1);
 }
 
+/// One connection of [`explain_agrees_with_the_kernel`]: who connects, from
+/// which network namespace (`None`: the host's, where the agent runs), how,
+/// where, and the reason the kernel gives.
+struct Case<'a> {
+    cg: &'a tests::Cgroup,
+    netns: Option<&'a tests::Netns>,
+    proto: &'static str,
+    dst: String,
+    reason: &'static str,
+}
+
+/// Makes the connection (`connect` for TCP, `sendto` for UDP) and returns
+/// the probe's result and the agent's event for it (`None` for a workload
+/// in no domain, which the kernel does not decide).
+fn kernel_decides(agent: &Agent, c: &Case) -> (String, Option<Value>) {
+    // The kernel records an IPv4-mapped destination as the IPv4 it is.
+    let to: std::net::SocketAddr = c.dst.parse().unwrap();
+    let (ip, port) = (to.ip().to_canonical().to_string(), to.port());
+    let this = |e: &Value| {
+        let hook = field(e, "hook");
+        (hook.starts_with("connect") || hook.starts_with("sendmsg"))
+            && field(e, "cgroup") == c.cg.rel
+            && field(e, "dst") == ip
+            && e["dport"].as_u64() == Some(u64::from(port))
+            && field(e, "proto") == c.proto
+    };
+    let before = agent.events().iter().filter(|e| this(e)).count();
+    let how = if c.proto == "udp" {
+        "sendto"
+    } else {
+        "connect"
+    };
+    let got = probe(c.cg, c.netns, &[how, c.proto, &c.dst]);
+    if c.reason.is_empty() {
+        return (got, None);
+    }
+    let mut ev = agent.wait_events(before + 1, this);
+    assert_eq!(
+        ev.len(),
+        before + 1,
+        "{} {} from {}: one new event, got {ev:?}",
+        c.proto,
+        c.dst,
+        c.cg.rel
+    );
+    (got, ev.pop())
+}
+
+/// `explain --json` for the case, from the live agent or (`policy`) for a
+/// policy file, without the agent.
+fn explained(agent: &Agent, c: &Case, policy: Option<&std::path::Path>) -> Value {
+    let mut args = vec![
+        "explain", "--json", "--cgroup", &c.cg.rel, "--dst", &c.dst, "--proto", c.proto,
+    ];
+    let file;
+    if let Some(p) = policy {
+        file = p.display().to_string();
+        args.extend(["--policy", &file]);
+    }
+    json(&agent.cli(&args))
+}
+
+/// `explain` gives the kernel's verdict and reason for every reason a
+/// connect can get: decided by domain networks, bridges and their windows,
+/// expiry, the geofence (a geofeed places test addresses), and by the
+/// socket listening on a loopback address of the host (the listener's
+/// domain; in no domain, no geofence judges the host). The live agent reads
+/// a listener's owner from the socket storage the kernel reads; `explain
+/// --policy` from the cgroup the socket was created in.
 #[test]
 fn explain_agrees_with_the_kernel() {
     if !privileged("explain_vs_kernel") {
         return;
     }
     let w = world(123);
-    let bridges = "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080, udp/5300]\n    reason: \"T-1\"\n";
-    let agent = Agent::start(&w.root, &w.policy("", bridges));
-    let (v4, v6) = (w.link.v4(2), w.link.v6(2));
-    let cases: Vec<(&tests::Cgroup, &str, String)> = vec![
-        (&w.contractor, "tcp", format!("{v4}:8080")),
-        (&w.contractor, "tcp", format!("{v4}:8081")),
-        (&w.contractor, "udp", format!("{v4}:5300")),
-        (&w.contractor, "udp", format!("{v4}:5301")),
-        (&w.contractor, "tcp", format!("[{v6}]:8080")),
-        (&w.contractor, "tcp", format!("[{v6}]:9")),
-        (&w.contractor, "tcp", format!("[::ffff:{v4}]:9")),
-        (&w.contractor, "tcp", format!("{}:9", w.link.v4(1))),
-        (&w.prod, "tcp", format!("{}:9", w.link.v4(1))),
-        (&w.outside, "tcp", format!("{v4}:9")),
+    let gone = w.root.child("gone");
+    let lab = w.root.child("lab");
+    let n = w.link.net;
+    let dir = tempfile::tempdir().unwrap();
+    let feed = dir.path().join("geofeed.csv");
+    std::fs::write(&feed, format!("10.{n}.0.3/32,DE,,,\n10.{n}.0.4/32,FR,,,\n")).unwrap();
+    // Loopback ports of the host's namespace, below the ephemeral range.
+    let base = 20000 + (std::process::id() % 1200) as u16 * 10;
+    let (lo_prod, lo_bridged, lo_udp, lo6_prod, lo_outside, lo_nothing) =
+        (base, base + 1, base + 2, base + 3, base + 4, base + 5);
+    let policy = format!(
+        r#"version: 1
+mode: enforce
+geo:
+  geofeeds: ["{feed}"]
+domains:
+  contractor:
+    cgroups: ["{c}"]
+    networks: [10.{n}.0.1/32, "fd00:{n}::1/128"]
+    egress: {{ countries: {{ allow: [DE] }}, unknown_country: deny }}
+    audit: all
+  gone:
+    cgroups: ["{g}"]
+    networks: [10.{n}.0.9/32]
+    expires: 2020-01-01T00:00:00Z
+    audit: all
+  lab:
+    cgroups: ["{l}"]
+    audit: all
+  prod:
+    cgroups: ["{p}"]
+    networks: [10.{n}.0.2/32, "fd00:{n}::2/128"]
+    egress: {{ countries: {{ deny: [FR] }}, unknown_country: allow }}
+    audit: all
+bridges:
+  - name: b
+    from: contractor
+    to: prod
+    ports: [tcp/8080, udp/5300, tcp/{lo_bridged}]
+    reason: "T-1"
+  - name: later
+    from: contractor
+    to: prod
+    ports: [tcp/8082]
+    not_before: 2099-01-01T00:00:00Z
+    expires: 2099-02-01T00:00:00Z
+    reason: "T-2"
+"#,
+        feed = feed.display(),
+        c = w.contractor.rel,
+        g = gone.rel,
+        l = lab.rel,
+        p = w.prod.rel,
+    );
+    let agent = Agent::start(&w.root, &policy);
+    let secs = 60 + tests::slack_secs();
+    // Listeners on the host's loopback: prod's, and one in no domain.
+    let _servers = [
+        Server::start(&w.prod, None, "tcp", &format!("127.0.0.1:{lo_prod}"), secs),
+        Server::start(
+            &w.prod,
+            None,
+            "tcp",
+            &format!("127.0.0.1:{lo_bridged}"),
+            secs,
+        ),
+        Server::start(&w.prod, None, "udp", &format!("127.0.0.1:{lo_udp}"), secs),
+        Server::start(&w.prod, None, "tcp", &format!("[::1]:{lo6_prod}"), secs),
+        Server::start(
+            &w.outside,
+            None,
+            "tcp",
+            &format!("127.0.0.1:{lo_outside}"),
+            secs,
+        ),
     ];
-    for (cg, proto, dst) in cases {
-        let kernel = if proto == "udp" {
-            probe(cg, Some(&w.link.a), &["sendto", "udp", &dst])
-        } else {
-            probe(cg, Some(&w.link.a), &["connect", "tcp", &dst])
+    let (v4, v6) = (w.link.v4(2), w.link.v6(2));
+    let a = Some(&w.link.a);
+    let case = |cg, netns, proto, dst: String, reason| Case {
+        cg,
+        netns,
+        proto,
+        dst,
+        reason,
+    };
+    let cases = vec![
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("{}:9", w.link.v4(1)),
+            "same-domain",
+        ),
+        case(&w.contractor, a, "tcp", format!("{v4}:8080"), "bridge"),
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("{v4}:8081"),
+            "cross-domain",
+        ),
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("{v4}:8082"),
+            "bridge-outside-window",
+        ),
+        case(&w.contractor, a, "udp", format!("{v4}:5300"), "bridge"),
+        case(
+            &w.contractor,
+            a,
+            "udp",
+            format!("{v4}:5301"),
+            "cross-domain",
+        ),
+        case(&w.contractor, a, "tcp", format!("[{v6}]:8080"), "bridge"),
+        case(&w.contractor, a, "tcp", format!("[{v6}]:9"), "cross-domain"),
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("[::ffff:{v4}]:9"),
+            "cross-domain",
+        ),
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("[::ffff:{v4}]:8080"),
+            "bridge",
+        ),
+        case(
+            &w.contractor,
+            a,
+            "udp",
+            format!("10.{n}.0.3:7000"),
+            "country-allowed",
+        ),
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("10.{n}.0.4:7000"),
+            "country-denied",
+        ),
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("10.{n}.0.5:7000"),
+            "country-unknown",
+        ),
+        case(
+            &w.prod,
+            a,
+            "udp",
+            format!("10.{n}.0.5:7000"),
+            "country-unknown-allowed",
+        ),
+        case(
+            &w.prod,
+            a,
+            "tcp",
+            format!("10.{n}.0.4:7001"),
+            "country-denied",
+        ),
+        case(&lab, a, "udp", format!("10.{n}.0.5:7002"), "no-domain"),
+        case(&gone, a, "tcp", format!("{v4}:8080"), "domain-expired"),
+        case(
+            &w.prod,
+            a,
+            "tcp",
+            format!("{}:9", w.link.v4(1)),
+            "cross-domain",
+        ),
+        case(&w.outside, a, "tcp", format!("{v4}:9"), ""),
+        // Same-host destinations: the listener's domain decides.
+        case(
+            &w.contractor,
+            None,
+            "tcp",
+            format!("127.0.0.1:{lo_prod}"),
+            "cross-domain",
+        ),
+        case(
+            &w.contractor,
+            None,
+            "tcp",
+            format!("127.0.0.1:{lo_bridged}"),
+            "bridge",
+        ),
+        case(
+            &w.contractor,
+            None,
+            "udp",
+            format!("127.0.0.1:{lo_udp}"),
+            "cross-domain",
+        ),
+        case(
+            &w.contractor,
+            None,
+            "tcp",
+            format!("[::1]:{lo6_prod}"),
+            "cross-domain",
+        ),
+        case(
+            &w.contractor,
+            None,
+            "tcp",
+            format!("[::ffff:127.0.0.1]:{lo_prod}"),
+            "cross-domain",
+        ),
+        case(
+            &w.prod,
+            None,
+            "tcp",
+            format!("127.0.0.1:{lo_prod}"),
+            "same-domain",
+        ),
+        case(
+            &lab,
+            None,
+            "tcp",
+            format!("127.0.0.1:{lo_prod}"),
+            "cross-domain",
+        ),
+        // In no domain, the host is not judged by contractor's geofence.
+        case(
+            &w.contractor,
+            None,
+            "tcp",
+            format!("127.0.0.1:{lo_outside}"),
+            "no-domain",
+        ),
+        case(
+            &w.contractor,
+            None,
+            "tcp",
+            format!("127.0.0.1:{lo_nothing}"),
+            "no-domain",
+        ),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &cases {
+        let (got, event) = kernel_decides(&agent, c);
+        let live = explained(&agent, c, None);
+        let file = explained(&agent, c, Some(&agent.policy));
+        let what = format!("{} {} from {}", c.proto, c.dst, c.cg.rel);
+        let Some(e) = event else {
+            assert_ne!(got, "EPERM", "{what}");
+            for ex in [&live, &file] {
+                assert_eq!(
+                    (field(ex, "verdict"), &ex["workload_domain"]),
+                    ("allow", &Value::Null),
+                    "{what}: {ex}"
+                );
+            }
+            continue;
         };
-        let ex = json(&agent.cli(&[
-            "explain", "--json", "--cgroup", &cg.rel, "--dst", &dst, "--proto", proto,
-        ]));
-        let explained_deny = field(&ex, "verdict") == "deny";
         assert_eq!(
-            kernel == "EPERM",
-            explained_deny,
-            "{proto} {dst} from {}: kernel said {kernel}, explain said {ex}",
-            cg.rel
+            field(&e, "reason"),
+            c.reason,
+            "{what}: the kernel's event {e}"
+        );
+        assert_eq!(
+            got == "EPERM",
+            field(&e, "verdict") == "deny",
+            "{what}: {got}, {e}"
+        );
+        for ex in [&live, &file] {
+            assert_eq!(
+                (field(ex, "verdict"), field(ex, "reason")),
+                (field(&e, "verdict"), field(&e, "reason")),
+                "{what}: kernel's event {e}, explain said {ex}"
+            );
+            assert_eq!(
+                field(ex, "dst_domain"),
+                field(&e, "dst_domain"),
+                "{what}: {ex}"
+            );
+        }
+        seen.insert(c.reason);
+    }
+    assert_eq!(seen.len(), 10, "every reason a connect can get: {seen:?}");
+    // The live answer names the listener that made the destination prod's.
+    let c = &cases[19];
+    let rule = explained(&agent, c, None)["rule"].to_string();
+    assert!(
+        rule.contains(&format!(
+            "listener 127.0.0.1:{lo_prod} of cgroup {}, domain prod",
+            w.prod.rel
+        )),
+        "{rule}"
+    );
+
+    // A listener in another network namespace than the agent's: prod's in
+    // the contractor's, where a contractor process runs. The agent, left
+    // with CAP_BPF, cannot enter it to read the owner: it says so rather
+    // than guess. `explain --policy`, run as root, enters it.
+    let _prod_in_a = Server::start(&w.prod, a, "tcp", &format!("127.0.0.1:{lo_prod}"), secs);
+    let _wildcard_in_a = Server::start(&w.prod, a, "tcp", &format!("0.0.0.0:{lo_udp}"), secs);
+    let mut resident = tests::command_in(&w.contractor, a, "sleep", &[&secs.to_string()])
+        .spawn()
+        .unwrap();
+    let foreign = [
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("127.0.0.1:{lo_prod}"),
+            "cross-domain",
+        ),
+        // The kernel's lookup does not ask whether the address is this
+        // host's: a wildcard listener gives any address in no domain
+        // network its owner's domain.
+        case(
+            &w.contractor,
+            a,
+            "tcp",
+            format!("10.{n}.0.77:{lo_udp}"),
+            "cross-domain",
+        ),
+    ];
+    for c in &foreign {
+        let (_, event) = kernel_decides(&agent, c);
+        let e = event.unwrap();
+        let what = format!("{} {} from {} in its namespace", c.proto, c.dst, c.cg.rel);
+        assert_eq!(field(&e, "reason"), c.reason, "{what}: {e}");
+        let file = explained(&agent, c, Some(&agent.policy));
+        assert_eq!(
+            (field(&file, "verdict"), field(&file, "reason")),
+            (field(&e, "verdict"), field(&e, "reason")),
+            "{what}: kernel's event {e}, explain --policy said {file}"
+        );
+        let live = explained(&agent, c, None);
+        eprintln!("{what}: the kernel's event {e}; the agent's explain {live}");
+        let agrees = (field(&live, "verdict"), field(&live, "reason"))
+            == (field(&e, "verdict"), field(&e, "reason"));
+        assert!(
+            agrees || field(&live, "verdict") == "unknown",
+            "{what}: kernel's event {e}, explain said {live}"
         );
     }
+    let _ = resident.kill();
+    let _ = resident.wait();
 }
 
 /// Policy A and B give the same connections the same verdict by different
