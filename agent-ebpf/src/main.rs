@@ -20,15 +20,14 @@ use core::mem::{size_of, zeroed};
 use agent_common::{
     Decision, Direction, Event, Hook, Ports, Reason, Verdict,
     addr::{self, AddrClass, AddrLine, LINE_WORDS, MAX_CLASSES, SLOT_LINES, SLOT_WORDS},
-    decide,
+    decide::{self, Peer, PeerAddr, decide_peer, peer_domain},
     event::{FAMILY_INET, FAMILY_INET6},
     maps::{
         BridgeKey, BridgeSet, COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
         COUNTER_EVENTS_WANTED, CgroupKey, Config, CutRecord, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
-        DOMAIN_EGRESS_GEO, DOMAIN_INGRESS_GEO, DomainRec, FlowKey, GeoValue, MAX_BRIDGE_PAIRS,
-        MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS, MODE_AUDIT, NUM_COUNTERS, NUM_DOMAIN_COUNTERS,
-        SOCK_CUT, SOCK_FLOW_SEEN, SOCK_INITIATOR, SockInfo, State, TokenBucket, VerdictCache,
-        counter_index, domain_counter_index, is_loopback_v4, is_loopback_v6, v4_mapped,
+        DomainRec, FlowKey, MAX_BRIDGE_PAIRS, MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_DOMAINS,
+        MODE_AUDIT, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, SOCK_CUT, SOCK_FLOW_SEEN, SOCK_INITIATOR,
+        SockInfo, State, TokenBucket, VerdictCache, counter_index, domain_counter_index,
     },
 };
 use aya_ebpf::{
@@ -213,21 +212,24 @@ fn domain_of(slot: u32, from: *const core::ffi::c_void, body: WalkBody) -> u32 {
 }
 
 /// One level: `id` is its cgroup (0 past the leaf, which ends the walk).
+/// The step itself is `agent_common`'s, which `explain` takes too.
 #[inline(always)]
 fn walk_level(ctx: *mut core::ffi::c_void, id: u64) -> i64 {
     let w = unsafe { &mut *ctx.cast::<Walk>() };
-    if id == 0 {
-        return 1;
-    }
-    let key = CgroupKey {
-        cgroup_id: id,
-        slot: w.slot,
-        _pad: 0,
+    let slot = w.slot;
+    let configured = |id| {
+        let key = CgroupKey {
+            cgroup_id: id,
+            slot,
+            _pad: 0,
+        };
+        unsafe { BH_CGROUPS.get(key) }.copied()
     };
-    if let Some(d) = unsafe { BH_CGROUPS.get(key) } {
-        w.found = *d;
+    if decide::walk_level(&mut w.found, id, configured) {
+        0
+    } else {
+        1
     }
-    0
 }
 
 #[inline(never)]
@@ -414,12 +416,7 @@ fn finish(
 ) -> i32 {
     count(counter_index(f.hook as u8, d.reason as u8));
     bump(&BH_DOMSTATS, domain_counter_index(dom_id, d.reason as u8));
-    let audit = a.config.mode == MODE_AUDIT;
-    let verdict = match (d.allow, audit) {
-        (true, _) => Verdict::Allow,
-        (false, true) => Verdict::WouldDeny,
-        (false, false) => Verdict::Deny,
-    };
+    let verdict = d.verdict(a.config.mode);
     // Denials and bridge crossings are always recorded; with `audit: all`,
     // allowed connections too, but only from the connection-level hooks so
     // it is one event per connect, not per packet.
@@ -514,22 +511,23 @@ fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) ->
     let proto = sa.protocol;
     let dport = (sa.user_port as u16).to_ne_bytes();
     // The verifier refuses `user_ip6` reads in v4 programs (and vice versa),
-    // so the family is fixed per program, not read from the context.
-    let (family, dst, hook) = if !V6 {
-        (FAMILY_INET, to16(sa.user_ip4.to_ne_bytes()), hook4)
+    // so the family is fixed per program, not read from the context. An
+    // IPv4-mapped address is decided as IPv4; IPv4-compatible `::a.b.c.d`
+    // stays IPv6: the kernel routes it as IPv6, to the IPv6 address it is
+    // (docs/THREAT_MODEL.md).
+    let (addr, hook) = if !V6 {
+        (
+            PeerAddr::new(FAMILY_INET, to16(sa.user_ip4.to_ne_bytes())),
+            hook4,
+        )
     } else {
-        let raw = user_ip6(sa);
-        // IPv4-compatible `::a.b.c.d` stays IPv6: the kernel routes it as
-        // IPv6, to the IPv6 address it is (docs/THREAT_MODEL.md).
-        match v4_mapped(raw) {
-            Some(v4) => (FAMILY_INET, to16(v4), hook6),
-            None => (FAMILY_INET6, raw, hook6),
-        }
+        (PeerAddr::new(FAMILY_INET6, user_ip6(sa)), hook6)
     };
-    let mut peer = peer_of(a.slot, family, &dst);
-    if peer.domain == 0 {
-        peer.domain = listener_domain(ctx.sock_addr.cast(), a.slot, family, proto, &dst, dport);
-    }
+    let (family, dst) = (addr.family, addr.addr);
+    let mut peer = peer_of(a.slot, &addr);
+    peer.domain = peer_domain(peer.domain, || {
+        listener_domain(ctx.sock_addr.cast(), a.slot, family, proto, &dst, dport)
+    });
     let port = u16::from_be_bytes(dport);
     let mut f = Flow {
         family,
@@ -671,33 +669,21 @@ fn new_flow(
     true
 }
 
-/// A peer address as the decision sees it.
-struct Peer {
-    /// Its domain (its networks', or for a local listener its owner's).
-    domain: u32,
-    /// Its geo verdicts; `None` where no source places it.
-    geo: Option<&'static GeoValue>,
-    /// Loopback: the host itself, placed by no geo source, so the
-    /// geofence leaves it to the listener's domain.
-    loopback: bool,
-}
-
-/// One walk of the address table gives both the domain and the country.
+/// What the address table says about a peer: one walk gives both the
+/// domain of the networks holding it and its country. (A local listener's
+/// domain comes on top: [`peer_domain`].)
 #[inline(always)]
-fn peer_of(slot: u32, family: u8, addr: &[u8; 16]) -> Peer {
-    let class = classify(slot, family, addr);
+fn peer_of(slot: u32, addr: &PeerAddr) -> Peer<'static> {
+    let class = classify(slot, addr.family, &addr.addr);
     Peer {
         domain: class.map_or(0, |c| c.domain),
         geo: class.map(|c| &c.geo),
-        loopback: if family == FAMILY_INET {
-            is_loopback_v4(first4(addr))
-        } else {
-            is_loopback_v6(*addr)
-        },
+        loopback: addr.is_loopback(),
     }
 }
 
-/// Looks up bridges only when the decision needs them.
+/// The decision for a peer, as `agent_common` (and `explain`) takes it:
+/// bridges looked up only when it needs them.
 #[inline(always)]
 fn decide_flow(
     a: &Active,
@@ -709,34 +695,16 @@ fn decide_flow(
     ports: Ports,
 ) -> Decision {
     let now = unsafe { bpf_ktime_get_tai_ns() };
-    let mut bridges: Option<&BridgeSet> = None;
-    if peer.domain != 0 && peer.domain != dom_id {
-        let (from, to) = match dir {
-            Direction::Egress => (dom_id, peer.domain),
-            Direction::Ingress => (peer.domain, dom_id),
-        };
+    let slot = a.slot;
+    let bridges = |from: u32, to: u32| {
         let key = BridgeKey {
-            slot: a.slot,
+            slot,
             from: from as u16,
             to: to as u16,
         };
-        bridges = unsafe { BH_BRIDGES.get(key) };
-    }
-    let mut local = *dom;
-    if peer.domain == 0 && peer.loopback {
-        local.flags &= !(DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO);
-    }
-    decide(
-        dir,
-        dom_id,
-        &local,
-        peer.domain,
-        bridges,
-        proto,
-        ports,
-        now,
-        peer.geo,
-    )
+        unsafe { BH_BRIDGES.get(key) }
+    };
+    decide_peer(dir, dom_id, dom, peer, bridges, proto, ports, now)
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -985,31 +953,28 @@ fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     };
     // An IPv4-mapped IPv6 peer is decided as its IPv4 address, as in the
     // connect hooks; the event keeps the real header.
-    let (peer_family, peer_key) = match v4_mapped(*peer_addr) {
-        Some(v4) if p.family == FAMILY_INET6 => (FAMILY_INET, to16(v4)),
-        _ => (p.family, *peer_addr),
-    };
+    let key = PeerAddr::new(p.family, *peer_addr);
+    let (peer_family, peer_key) = (key.family, key.addr);
     // Loopback packets were decided at connect time, where the listener's
     // domain is known; here the peer address has no domain.
-    let mut peer = peer_of(a.slot, peer_family, &peer_key);
+    let mut peer = peer_of(a.slot, &key);
     // A TCP segment through the loopback device is a connection to or from
     // this host: as at connect time, a peer in no domain network has the
     // domain of the socket listening on its address, so a bridge that
     // expires or a policy that tightens ends same-host connections too.
     // (Datagrams keep their connect-time decision: which side is serving
     // is not known here.)
-    if peer.domain == 0
-        && p.proto == IPPROTO_TCP as u8
-        && unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX
-    {
-        peer.domain = listener_domain(
-            ctx.skb.skb.cast(),
-            a.slot,
-            peer_family,
-            IPPROTO_TCP,
-            &peer_key,
-            peer_port,
-        );
+    if p.proto == IPPROTO_TCP as u8 && unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX {
+        peer.domain = peer_domain(peer.domain, || {
+            listener_domain(
+                ctx.skb.skb.cast(),
+                a.slot,
+                peer_family,
+                IPPROTO_TCP,
+                &peer_key,
+                peer_port,
+            )
+        });
     }
     let ports = Ports {
         service: u16::from_be_bytes(service_port),

@@ -15,7 +15,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd::{run, run_capture};
 
 /// Modules the end-to-end tests use that distributions build as modules.
-const MODULES: &[(&str, &str)] = &[("veth", "CONFIG_VETH")];
+const MODULES: &[(&str, &str)] = &[
+    ("veth", "CONFIG_VETH"),
+    ("inet_diag", "CONFIG_INET_DIAG"),
+    ("tcp_diag", "CONFIG_INET_TCP_DIAG"),
+    ("udp_diag", "CONFIG_INET_UDP_DIAG"),
+];
 
 /// Options the VM run needs built in (`=y`): without them the kernel cannot
 /// boot from the initramfs, show a console, or run the agent at all.
