@@ -386,19 +386,22 @@ fn handle(
 ) -> Result<()> {
     let p = peer(&conn)?;
     let mut out = conn.try_clone()?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
-    let request: Request = match serde_json::from_str(&line) {
+    conn.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let request = match read_request(&conn) {
         Ok(r) => r,
-        Err(e) => {
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({"ok": false, "error": format!("bad request: {e}")})
-            )?;
+        Err(why) => {
+            eprintln!(
+                "bulkhead: control: request from pid {} uid {} gid {} refused: {why}",
+                p.pid, p.uid, p.gid
+            );
+            // Unread input left behind (an oversized request) resets the
+            // connection when it closes, but only after the client has
+            // read what was sent before.
+            writeln!(out, "{}", serde_json::json!({"ok": false, "error": why}))?;
             return Ok(());
         }
     };
+    conn.set_read_timeout(None)?;
     let allowed = authorized(&p, group);
     let what = format!(
         "{} from pid {} uid {} gid {}: {}",
@@ -454,6 +457,63 @@ fn handle(
         .map_err(|_| anyhow!("agent did not answer"))?;
     writeln!(out, "{answer}")?;
     Ok(())
+}
+
+/// The longest request line accepted (the CLI's are a few hundred bytes).
+pub const MAX_REQUEST: usize = 1 << 20;
+/// How long a client has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads one request: a line of JSON, at most [`MAX_REQUEST`] bytes, within
+/// the socket's read timeout. A line cut short by the end of input is still
+/// read (it may be whole JSON). Whatever the bytes, the error is a sentence
+/// for the client's JSON error reply.
+fn read_request(conn: impl std::io::Read) -> Result<Request, String> {
+    use std::io::{ErrorKind, Read as _};
+    let mut line = Vec::new();
+    let read = BufReader::new(conn)
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line);
+    let newline = line.last() == Some(&b'\n');
+    match read {
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            return Err(if line.is_empty() {
+                format!("no request within {} s", REQUEST_TIMEOUT.as_secs())
+            } else {
+                format!(
+                    "incomplete request: {} bytes and no newline within {} s",
+                    line.len(),
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            });
+        }
+        Err(e) => return Err(format!("reading the request: {e}")),
+    }
+    if line.len() > MAX_REQUEST {
+        return Err(format!(
+            "request longer than {MAX_REQUEST} bytes (one line of JSON is expected)"
+        ));
+    }
+    if line.is_empty() {
+        return Err("empty request: the connection ended before a request line".into());
+    }
+    let text = std::str::from_utf8(&line).map_err(|e| {
+        format!(
+            "bad request: not UTF-8 (invalid byte at offset {}); one line of JSON is expected",
+            e.valid_up_to()
+        )
+    })?;
+    serde_json::from_str(text).map_err(|e| {
+        if newline {
+            format!("bad request: {e}")
+        } else {
+            format!(
+                "bad request: {e} (the input ended after {} bytes with no newline)",
+                line.len()
+            )
+        }
+    })
 }
 
 fn stream_events(out: UnixStream, backlog: Vec<Arc<Record>>, live: Option<Live>) -> Result<()> {
@@ -722,6 +782,48 @@ mod tests {
 
     fn missed(cpu: u16, first: u64, last: u64) -> Admit {
         Admit::New(Some(Missed { cpu, first, last }))
+    }
+
+    /// Every request that cannot be read gets an error sentence, whatever
+    /// its bytes; a whole request is read with or without its newline.
+    #[test]
+    fn unreadable_requests_get_an_error_whatever_their_bytes() {
+        let read = |b: &[u8]| read_request(std::io::Cursor::new(b.to_vec()));
+        assert!(matches!(
+            read(b"{\"cmd\":\"status\"}\n"),
+            Ok(Request::Status)
+        ));
+        assert!(matches!(read(b"{\"cmd\":\"status\"}"), Ok(Request::Status)));
+        let says = |b: &[u8], what: &str| {
+            let e = read(b).unwrap_err();
+            assert!(e.contains(what), "{:?}: {e}", String::from_utf8_lossy(b));
+        };
+        says(
+            b"\x00\xff\xfe\x01garbage\n",
+            "not UTF-8 (invalid byte at offset 1)",
+        );
+        says(
+            b"\x7fELF\x02\x01\x01",
+            "bad request: expected value at line 1 column 1",
+        );
+        says(
+            b"{\"cmd\":\"stat",
+            "EOF while parsing a string at line 1 column 12 (the input ended after 12 bytes with no newline)",
+        );
+        says(b"{\"cmd\":\"launch\"}\n", "unknown variant `launch`");
+        says(b"", "empty request");
+        says(b"\n", "bad request: EOF while parsing");
+        // Never more than the limit is read, however long the line is.
+        let endless = std::io::Read::take(std::io::repeat(b'['), 1 << 40);
+        let e = read_request(endless).unwrap_err();
+        assert_eq!(
+            e,
+            format!("request longer than {MAX_REQUEST} bytes (one line of JSON is expected)")
+        );
+        let mut exact = vec![b' '; MAX_REQUEST - 17];
+        exact.extend_from_slice(b"{\"cmd\":\"status\"}\n");
+        assert_eq!(exact.len(), MAX_REQUEST);
+        assert!(matches!(read(&exact), Ok(Request::Status)));
     }
 
     #[test]

@@ -498,6 +498,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut current = loaded;
     let mut last_check = Instant::now();
     while !term.load(Ordering::Relaxed) {
+        // /healthz: the loop turns (at least every 100 ms).
+        gauges.beat();
         gauges.subscriber_drops.store(
             hub.subscriber_drops.load(Ordering::Relaxed),
             Ordering::Relaxed,

@@ -296,7 +296,7 @@ fn k8s_daemonset_is_least_privilege_and_wired_to_the_agent() {
     for (probe, path) in [
         ("startupProbe", "/healthz"),
         ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/metrics"),
+        ("readinessProbe", "/readyz"),
     ] {
         assert_eq!(c[probe]["httpGet"]["path"], path);
         assert_eq!(c[probe]["httpGet"]["port"], port["name"]);
