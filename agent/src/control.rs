@@ -363,7 +363,13 @@ pub fn serve(
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else {
+                    // Out of file descriptors, say: the client stays queued,
+                    // so back off instead of spinning on it.
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
                 let (calls, hub, store) = (calls.clone(), hub.clone(), store.clone());
                 let _ = thread::Builder::new()
                     .name("control-conn".into())

@@ -74,6 +74,13 @@ fn parse_table(text: &str, tcp: bool) -> Vec<u64> {
         .collect()
 }
 
+/// The processes in `/proc`.
+fn pids() -> std::io::Result<impl Iterator<Item = u32>> {
+    Ok(fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())))
+}
+
 fn socket_inode(link: &Path) -> Option<u64> {
     let target = fs::read_link(link).ok()?;
     let s = target.to_str()?;
@@ -130,14 +137,7 @@ pub fn seed(ebpf: &mut Ebpf, mount: &Path) -> Result<(usize, usize)> {
     let mut seeded = 0;
     let mut failed = 0;
     let self_pid = std::process::id();
-    for entry in fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids()? {
         if pid == self_pid {
             continue;
         }
@@ -713,14 +713,7 @@ fn find_cgroup(mount: &Path, rel: &str, id: u64) -> Option<String> {
 
 /// Who holds socket `inode` now: a process and its fd for it.
 fn holder(inode: u64) -> Option<(u32, i32)> {
-    for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids().ok()? {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
