@@ -32,6 +32,16 @@ use aya::{
 /// The kernel programs, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 
+/// The embedded programs, or why there are none.
+fn object() -> Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this bulkhead binary was built without its kernel programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"
+        );
+    }
+    Ok(EBPF_OBJECT)
+}
+
 /// What kind of cgroup program, so loading and attaching need no name
 /// matching.
 #[derive(Clone, Copy)]
@@ -140,11 +150,6 @@ const TEST_REFUSE_ENV: &str = "BULKHEAD_TEST_REFUSE_PROGRAM";
 /// pair cannot, and a new one takes over under its own directory.
 pub fn layout() -> Result<String> {
     use sha2::{Digest as _, Sha256};
-    if EBPF_OBJECT.is_empty() {
-        bail!(
-            "this bulkhead binary was built without its kernel programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"
-        );
-    }
     let obj =
         aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded kernel programs")?;
     let mut maps: Vec<_> = obj.maps.iter().collect();
@@ -366,11 +371,6 @@ pub fn is_locked(root: &Path) -> bool {
 /// same layout (so the policy in force stays in force) and pinning new
 /// ones. Nothing is verified or attached yet.
 pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
-    if EBPF_OBJECT.is_empty() {
-        bail!(
-            "this bulkhead binary was built without its kernel programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"
-        );
-    }
     fs::create_dir_all(pins.maps())
         .with_context(|| format!("creating {}", pins.maps().display()))?;
     let mut loader = EbpfLoader::new();
@@ -383,7 +383,7 @@ pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
         );
     }
     loader
-        .load(EBPF_OBJECT)
+        .load(object()?)
         .map_err(|e| explain_load_error(e.into()))
 }
 
