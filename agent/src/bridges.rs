@@ -47,6 +47,7 @@ pub struct OpenRequest {
 }
 
 /// The open just-in-time bridges and the file that keeps them.
+#[derive(Clone)]
 pub struct Jit {
     path: PathBuf,
     pub open: Vec<JitBridge>,

@@ -12,13 +12,13 @@ use serde::Deserialize as _;
 use serde_json::Value;
 
 use bulkhead::{
-    cgroup,
+    cgroup, client,
     compile::{self, EventLimits},
-    control::{self, Filter, Request},
     events::Record,
     explain::{self, Answer, Query},
     geo::GeoDb,
     policy::{self, Proto},
+    runtime::protocol::{Filter, Request, SOCKET_NAME, Status},
 };
 
 /// `10.0.0.1`, `10.0.0.1:443`, `fd00::1`, `[fd00::1]:443` → (address, port; 0 = any).
@@ -141,169 +141,100 @@ pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
     Ok(changed)
 }
 
-pub fn render_answer(a: &Value) -> String {
-    let a: Answer = match serde_json::from_value::<AnswerView>(a.clone()) {
-        Ok(v) => v.into(),
-        Err(_) => return format!("{a}\n"),
-    };
-    explain::render(&a)
-}
-
-/// `Answer` has `&'static str` fields; this is its owned mirror for reading JSON.
-#[derive(serde::Deserialize)]
-struct AnswerView {
-    verdict: String,
-    reason: String,
-    reason_code: u8,
-    rule: String,
-    workload_domain: Option<String>,
-    workload_pattern: Option<String>,
-    dst_domain: Option<String>,
-    dst_network: Option<String>,
-    country: Option<String>,
-    geo_source: Option<String>,
-    bridge: Option<String>,
-}
-
-impl From<AnswerView> for Answer {
-    fn from(v: AnswerView) -> Answer {
-        Answer {
-            verdict: leak(v.verdict),
-            reason: leak(v.reason),
-            reason_code: v.reason_code,
-            rule: v.rule,
-            workload_domain: v.workload_domain,
-            workload_pattern: v.workload_pattern,
-            dst_domain: v.dst_domain,
-            dst_network: v.dst_network,
-            country: v.country,
-            geo_source: v.geo_source,
-            bridge: v.bridge,
-        }
-    }
-}
-
-/// The CLI prints one answer and exits; leaking two short strings is fine.
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
-}
-
-pub fn render_status(v: &Value) -> String {
+pub fn render_status(v: &Status) -> String {
     let mut s = String::new();
-    let str_of = |k: &str| {
-        v[k].as_str()
-            .map_or_else(|| v[k].to_string(), str::to_string)
-    };
     s += &format!(
         "agent:       pid {} running since {}\n",
-        v["pid"],
-        str_of("running_since")
+        v.pid, v.running_since
     );
     s += &format!(
         "policy:      {} (sha256 {}), mode {}, generation {}\n",
-        str_of("policy"),
-        str_of("sha256"),
-        str_of("mode"),
-        v["generation"]
+        v.policy.display(),
+        v.sha256,
+        v.mode,
+        v.generation
     );
     s += &format!(
         "cgroup root: {}\npinned:      {}/{} (map layout)\n",
-        str_of("cgroup_root"),
-        str_of("bpffs_dir"),
-        str_of("layout")
+        v.cgroup_root.display(),
+        v.bpffs_dir.display(),
+        v.layout
     );
     s += "programs:\n";
-    for p in v["programs"].as_array().into_iter().flatten() {
-        let pinned = if p["pinned"] == true {
+    for p in &v.programs {
+        let pinned = if p.pinned {
             "attached, pinned"
         } else {
             "NOT PINNED"
         };
-        s += &format!(
-            "  {:<20} {:<16} {pinned}\n",
-            p["hook"].as_str().unwrap_or(""),
-            p["name"].as_str().unwrap_or("")
-        );
+        s += &format!("  {:<20} {:<16} {pinned}\n", p.hook, p.name);
     }
-    s += &format!("maps:        {}\n", v["maps"]);
+    let m = &v.maps;
+    s += &format!(
+        "maps:        {} cgroups, address table {} of {} words ({} classes), {} bridge pairs\n",
+        m.cgroups, m.addr_words, m.addr_words_max, m.addr_classes, m.bridge_pairs
+    );
     s += "bridges:\n";
-    for b in v["bridges"].as_array().into_iter().flatten() {
-        let left = match b["seconds_left"].as_i64() {
+    for b in &v.bridges {
+        let left = match b.seconds_left {
             Some(n) if n > 0 => format!("{n}s left"),
             Some(_) => "expired".into(),
             None => "no expiry".into(),
         };
         s += &format!(
-            "  {} {} -> {} {} {} ({left}) {}\n",
-            b["name"].as_str().unwrap_or(""),
-            b["from"].as_str().unwrap_or(""),
-            b["to"].as_str().unwrap_or(""),
-            b["ports"],
-            if b["open"] == true { "open" } else { "closed" },
-            b["reason"].as_str().unwrap_or("")
+            "  {} {} -> {} {:?} {} ({left}) {}\n",
+            b.name,
+            b.from,
+            b.to,
+            b.ports,
+            if b.open { "open" } else { "closed" },
+            b.reason
         );
     }
     s += "decisions:\n";
-    for d in v["decisions"].as_array().into_iter().flatten() {
+    for d in &v.decisions {
         s += &format!(
             "  {:<12} {:<6} {:<24} {}\n",
-            d["hook"].as_str().unwrap_or(""),
-            d["verdict"].as_str().unwrap_or(""),
-            d["reason"].as_str().unwrap_or(""),
-            d["count"]
+            d.hook, d.verdict, d.reason, d.count
         );
     }
-    let e = &v["events"];
+    let e = &v.events;
     s += &format!(
         "events:      {} wanted, {} delivered, {} rate limited, {} lost (ring full), {} sequence gaps, {} subscribers ({} dropped)\n",
-        e["wanted"],
-        e["delivered"],
-        e["rate_limited"],
-        e["lost_ring_full"],
-        e["sequence_gaps"],
-        e["subscribers"],
-        e["subscriber_drops"]
+        e.wanted,
+        e.delivered,
+        e.rate_limited,
+        e.lost_ring_full,
+        e.sequence_gaps,
+        e.subscribers,
+        e.subscriber_drops
     );
-    let c = &v["connections_cut"];
+    let c = &v.connections_cut;
     s += &format!(
         "cut:         {} established connections marked, {} destroyed; {}\n",
-        c["marked"],
-        c["destroyed"],
-        c["how"].as_str().unwrap_or("")
+        c.marked, c.destroyed, c.how
     );
-    s += &format!("packet sockets: {}\n", str_of("packet_sockets"));
-    s += &format!("{}\n", str_of("capabilities"));
-    let p = &v["pods"];
-    if p.is_object() {
-        let placed = p["placed"].as_array().map_or(&[][..], |a| a.as_slice());
-        let count = |k: &str| p[k].as_array().map_or(0, Vec::len);
+    s += &format!("packet sockets: {}\n", v.packet_sockets);
+    s += &format!("{}\n", v.capabilities);
+    if let Some(p) = &v.pods {
         s += &format!(
             "pods:        node {}, {}, {} pods, {} placed, {} waiting for their cgroup, {} in conflict\n",
-            p["node"].as_str().unwrap_or(""),
-            if p["synced"] == true {
+            p.node,
+            if p.synced {
                 "synced"
             } else {
                 "NOT SYNCED with the API server yet"
             },
-            p["pods"],
-            placed.len(),
-            count("pending"),
-            count("conflicts"),
+            p.pods,
+            p.placed.len(),
+            p.pending.len(),
+            p.conflicts.len(),
         );
-        for a in placed {
-            s += &format!(
-                "  {} -> {} ({})\n",
-                a["pod"].as_str().unwrap_or(""),
-                a["domain"].as_str().unwrap_or(""),
-                a["cgroup"].as_str().unwrap_or("")
-            );
+        for a in &p.placed {
+            s += &format!("  {} -> {} ({})\n", a.pod, a.domain, a.cgroup);
         }
-        for c in p["conflicts"].as_array().into_iter().flatten() {
-            s += &format!(
-                "  {} selected by {} (none applied)\n",
-                c["pod"].as_str().unwrap_or(""),
-                c["domains"]
-            );
+        for c in &p.conflicts {
+            s += &format!("  {} selected by {:?} (none applied)\n", c.pod, c.domains);
         }
     }
     s
@@ -321,7 +252,7 @@ pub fn events(run_dir: &Path, filter: Filter, follow: bool, json: bool) -> Resul
         from_ns: None,
         counts_seq_gaps: false,
     };
-    let mut reader = control::connect(run_dir, &request)?;
+    let mut reader = client::connect(run_dir, &request)?;
     let mut out = Printer::new(json)?;
     let mut line = String::new();
     loop {
@@ -348,7 +279,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// up (no socket, or one that refuses), and reconnects when the agent goes
 /// away (the stream ends or fails), saying so once per outage on stderr. On
 /// reconnecting it asks for the events since shortly before the newest one
-/// it handled and drops those it handled already ([`control::Seen`]), so
+/// it handled and drops those it handled already ([`client::Seen`]), so
 /// no event is printed twice; events the kernel queued in the pinned ring
 /// buffer while no agent ran come from the next agent. The domain, verdict
 /// and reason filters are applied here, not by the agent, so every event's
@@ -356,7 +287,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// (`"type": "lost"`) with the number of events missed, across reconnects
 /// too.
 fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
-    let socket = run_dir.join(control::SOCKET_NAME);
+    let socket = run_dir.join(SOCKET_NAME);
     let since_floor = filter
         .since_secs
         .map(|s| compile::now_ns().saturating_sub(s.saturating_mul(1_000_000_000) as i64));
@@ -374,7 +305,7 @@ fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
         ..filter
     };
     let mut out = Printer::new(json)?;
-    let mut seen = control::Seen::default();
+    let mut seen = client::Seen::default();
     // When the current outage started (said once on stderr).
     let mut outage: Option<Instant> = None;
     let mut connected_before = false;
@@ -392,9 +323,9 @@ fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
             from_ns,
             counts_seq_gaps: true,
         };
-        let reader = match control::connect(run_dir, &request) {
+        let reader = match client::connect(run_dir, &request) {
             Ok(r) => r,
-            Err(e) if control::agent_absent(&e) => {
+            Err(e) if client::agent_absent(&e) => {
                 if outage.is_none() {
                     quiet_on_broken_pipe(out.flush())?;
                     eprintln!(
@@ -443,7 +374,7 @@ fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
 fn pump(
     mut reader: std::io::BufReader<std::os::unix::net::UnixStream>,
     out: &mut Printer,
-    seen: &mut control::Seen,
+    seen: &mut client::Seen,
     local: &Filter,
     narrowed: bool,
 ) -> Result<bool> {
@@ -454,7 +385,7 @@ fn pump(
             // A line cut short by the agent's death is not an event.
             Ok(_) if !line.ends_with('\n') => return Ok(true),
             Ok(_) => {}
-            Err(e) if control::gone(&e) => return Ok(true),
+            Err(e) if client::gone(&e) => return Ok(true),
             Err(e) => return Err(e.into()),
         }
         let text = line.trim_end();
@@ -474,8 +405,8 @@ fn pump(
             continue;
         };
         let missed = match seen.admit(&r, text) {
-            control::Admit::Repeat => continue,
-            control::Admit::New(m) => m,
+            client::Admit::Repeat => continue,
+            client::Admit::New(m) => m,
         };
         if let Some(m) = missed {
             let note = m.note(narrowed);

@@ -24,7 +24,7 @@ use agent_common::{
     maps::{DOMAIN_EGRESS_GEO, DomainRec},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
     cgroup::{self, glob_match},
@@ -43,12 +43,14 @@ pub struct Query {
     pub proto: Proto,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Answer {
     /// `allow`, `deny`, `would-deny` (audit mode), or `unknown` where the
     /// decision hangs on a listener whose owner cannot be read.
-    pub verdict: &'static str,
-    pub reason: &'static str,
+    #[serde(deserialize_with = "known_name")]
+    pub verdict: Name,
+    #[serde(deserialize_with = "known_name")]
+    pub reason: Name,
     /// The reason's code; 0 with verdict `unknown`.
     pub reason_code: u8,
     /// Human sentence naming the rule that decided.
@@ -184,6 +186,25 @@ impl<'a> HostListeners<'a> {
             &self.mount,
         )
     }
+}
+
+/// A verdict or reason name, from the tables in `agent-common`. (An alias,
+/// so serde's derive does not ask the input to live for `'static`.)
+pub type Name = &'static str;
+
+/// Reads a verdict or reason name back as the reason table's own
+/// `&'static str`: the names are a closed set, so the CLI reading an
+/// answer needs no owned copy (a name outside the set is an error).
+fn known_name<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    use serde::de::Error as _;
+    let s = String::deserialize(d)?;
+    const VERDICTS: [&str; 5] = ["allow", "deny", "would-deny", "cut", "unknown"];
+    Reason::ALL
+        .iter()
+        .map(|r| r.name())
+        .chain(VERDICTS)
+        .find(|n| *n == s)
+        .ok_or_else(|| D::Error::custom(format!("unknown verdict or reason `{s}`")))
 }
 
 /// [`explain_with`] looking listeners up on this host, with owners from the

@@ -13,7 +13,17 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use bulkhead::{cgroup, compile, compile::EventLimits, control, geo, kernel, policy, run, sink};
+use bulkhead::{
+    cgroup, client, compile,
+    compile::EventLimits,
+    explain, geo, kernel, policy,
+    runtime::{
+        self,
+        logging::LogFormat,
+        protocol::{Filter, Reply, Request, Response},
+    },
+    sink,
+};
 
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/bulkhead";
 
@@ -115,6 +125,16 @@ enum Command {
         /// programs (never attached) under <bpffs dir>/probes.
         #[arg(long, hide = true)]
         bench_probes: bool,
+        /// Which log records are written: a level (error, warn, info,
+        /// debug, trace) or a filter in RUST_LOG syntax
+        /// (`info,bulkhead::runtime=debug`) [default: BULKHEAD_LOG, else
+        /// RUST_LOG, else info].
+        #[arg(long, value_name = "FILTER")]
+        log_level: Option<String>,
+        /// `text` for terminals and the journal; `json` (one object per
+        /// line) for Kubernetes and log pipelines.
+        #[arg(long, value_enum, default_value_t)]
+        log_format: LogFormat,
     },
     /// Just-in-time bridges: time-boxed, recorded with who opened them and
     /// why; the policy's `jit_bridges:` says which pairs may get one and
@@ -332,7 +352,7 @@ impl AuditDb {
     fn path(&self) -> PathBuf {
         self.db
             .clone()
-            .unwrap_or_else(|| control::default_state_dir(&self.bpffs_dir).join("audit.db"))
+            .unwrap_or_else(|| client::default_state_dir(&self.bpffs_dir).join("audit.db"))
     }
 }
 
@@ -351,7 +371,7 @@ impl AgentArgs {
     fn run_dir(&self) -> PathBuf {
         self.run_dir
             .clone()
-            .unwrap_or_else(|| control::default_run_dir(&self.bpffs_dir))
+            .unwrap_or_else(|| client::default_run_dir(&self.bpffs_dir))
     }
 }
 
@@ -369,6 +389,12 @@ fn parse_duration(s: &str) -> Result<u64, String> {
         _ => return Err(format!("bad duration unit in `{s}` (s, m, h or d)")),
     };
     Ok(n * mul)
+}
+
+/// A reply of another kind than the request asks for: an agent of another
+/// version, most likely.
+fn unexpected(r: Response) -> Result<ExitCode> {
+    anyhow::bail!("unexpected reply from the agent (another version?): {r:?}")
 }
 
 fn ring_size(s: &str) -> Result<u32, String> {
@@ -445,8 +471,11 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             allow_untrusted_policy,
             k8s_node,
             bench_probes,
+            log_level,
+            log_format,
         } => {
-            let state_dir = state_dir.unwrap_or_else(|| control::default_state_dir(&bpffs_dir));
+            runtime::logging::init(log_level.as_deref(), log_format)?;
+            let state_dir = state_dir.unwrap_or_else(|| client::default_state_dir(&bpffs_dir));
             let audit_db = match (no_audit_db, audit_db) {
                 (true, _) => None,
                 (false, Some(p)) => Some(p),
@@ -454,10 +483,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             };
             let control_group = control_group
                 .as_deref()
-                .map(control::group_id)
+                .map(runtime::control::group_id)
                 .transpose()?;
-            let run_dir = run_dir.unwrap_or_else(|| control::default_run_dir(&bpffs_dir));
-            run::run(run::RunArgs {
+            let run_dir = run_dir.unwrap_or_else(|| client::default_run_dir(&bpffs_dir));
+            let ran = runtime::run(runtime::RunArgs {
                 run_dir,
                 control_group,
                 rotation: sink::Rotation {
@@ -481,25 +510,37 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                     rate: event_rate,
                     burst: event_burst,
                 },
-            })?;
-            Ok(ExitCode::SUCCESS)
+            });
+            match ran {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                // In the log's own format, so a pipeline parsing it sees why.
+                Err(e) if log_format == LogFormat::Json => {
+                    tracing::error!("{e:#}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Status { agent, json } => {
-            let v = control::call(&agent.run_dir(), &control::Request::Status)?;
+            let status = match client::call(&agent.run_dir(), &Request::Status)? {
+                Response::Status(s) => s,
+                other => return unexpected(other),
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                let reply = Reply::from(Response::Status(status));
+                println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
-                print!("{}", cli::render_status(&v));
+                print!("{}", cli::render_status(&status));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload { agent } => {
-            let v = control::call(&agent.run_dir(), &control::Request::Reload)?;
-            println!(
-                "reloaded: generation {} (sha256 {})",
-                v["generation"],
-                v["sha256"].as_str().unwrap_or("")
-            );
+            match client::call(&agent.run_dir(), &Request::Reload)? {
+                Response::Reloaded { generation, sha256 } => {
+                    println!("reloaded: generation {generation} (sha256 {sha256})")
+                }
+                other => return unexpected(other),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Events {
@@ -512,7 +553,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             since,
             queue,
         } => {
-            let filter = control::Filter {
+            let filter = Filter {
                 queue: Some(queue),
                 domain,
                 verdict,
@@ -542,23 +583,24 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             let (cgroup, dst) = (cgroup.unwrap_or_default(), dst.unwrap_or_default());
             let (ip, port) = cli::parse_dst(&dst)?;
             let answer = match policy {
-                Some(path) => {
-                    serde_json::to_value(cli::explain_file(&path, &cgroup, ip, port, &proto)?)?
-                }
+                Some(path) => cli::explain_file(&path, &cgroup, ip, port, &proto)?,
                 None => {
-                    let req = control::Request::Explain {
+                    let req = Request::Explain {
                         cgroup,
                         dst: ip.to_string(),
                         port,
                         proto,
                     };
-                    control::call(&agent.run_dir(), &req)?["answer"].take()
+                    match client::call(&agent.run_dir(), &req)? {
+                        Response::Explained { answer } => answer,
+                        other => return unexpected(other),
+                    }
                 }
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
-                print!("{}", cli::render_answer(&answer));
+                print!("{}", explain::render(&answer));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -573,7 +615,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                     reason,
                     name,
                 } => {
-                    let req = control::Request::BridgeOpen {
+                    let req = Request::BridgeOpen {
                         name,
                         from,
                         to,
@@ -581,43 +623,46 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                         for_secs,
                         reason,
                     };
-                    let v = control::call(&agent.run_dir(), &req)?;
-                    let b = &v["bridge"];
+                    let (b, generation) = match client::call(&agent.run_dir(), &req)? {
+                        Response::BridgeOpened { bridge, generation } => (bridge, generation),
+                        other => return unexpected(other),
+                    };
                     println!(
-                        "opened {} ({} -> {} {}) until {} (generation {})",
-                        b["name"].as_str().unwrap_or(""),
-                        b["from"].as_str().unwrap_or(""),
-                        b["to"].as_str().unwrap_or(""),
-                        b["ports"],
-                        bulkhead::events::format_ts(b["expires"].as_i64().unwrap_or(0) as u64, 0),
-                        v["generation"]
+                        "opened {} ({} -> {} {:?}) until {} (generation {generation})",
+                        b.name,
+                        b.from,
+                        b.to,
+                        b.ports,
+                        bulkhead::events::format_ts(b.expires as u64, 0),
                     );
                 }
                 BridgeCommand::Close { agent, name } => {
-                    let v =
-                        control::call(&agent.run_dir(), &control::Request::BridgeClose { name })?;
-                    println!(
-                        "closed {} (generation {})",
-                        v["bridge"]["name"].as_str().unwrap_or(""),
-                        v["generation"]
-                    );
+                    match client::call(&agent.run_dir(), &Request::BridgeClose { name })? {
+                        Response::BridgeClosed { bridge, generation } => {
+                            println!("closed {} (generation {generation})", bridge.name)
+                        }
+                        other => return unexpected(other),
+                    }
                 }
                 BridgeCommand::List { agent, json } => {
-                    let v = control::call(&agent.run_dir(), &control::Request::BridgeList)?;
+                    let bridges = match client::call(&agent.run_dir(), &Request::BridgeList)? {
+                        Response::Bridges { bridges } => bridges,
+                        other => return unexpected(other),
+                    };
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&v["bridges"])?);
+                        println!("{}", serde_json::to_string_pretty(&bridges)?);
                     } else {
-                        for e in v["bridges"].as_array().into_iter().flatten() {
-                            let b = &e["bridge"];
+                        for e in &bridges {
+                            let b = &e.bridge;
                             println!(
-                                "{:<32} {} -> {} {} {}s left, opened by uid {}: {}",
-                                b["name"].as_str().unwrap_or(""),
-                                b["from"].as_str().unwrap_or(""),
-                                b["to"].as_str().unwrap_or(""),
-                                b["ports"],
-                                e["seconds_left"],
-                                b["opened_by"]["uid"],
-                                b["reason"].as_str().unwrap_or("")
+                                "{:<32} {} -> {} {:?} {}s left, opened by uid {}: {}",
+                                b.name,
+                                b.from,
+                                b.to,
+                                b.ports,
+                                e.seconds_left,
+                                b.opened_by.uid,
+                                b.reason
                             );
                         }
                     }

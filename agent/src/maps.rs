@@ -228,15 +228,15 @@ impl PolicyMaps {
     }
 
     /// Entries per map in the slot of `generation`, for `status`.
-    pub fn fill(&self, generation: u64) -> serde_json::Value {
+    pub fn fill(&self, generation: u64) -> crate::runtime::protocol::MapFill {
         let s = &self.slots[(generation & 1) as usize];
-        serde_json::json!({
-            "cgroups": s.cgroups.len(),
-            "addr_words": s.addr_words,
-            "addr_words_max": SLOT_WORDS,
-            "addr_classes": s.addr_classes,
-            "bridge_pairs": s.bridges.len(),
-        })
+        crate::runtime::protocol::MapFill {
+            cgroups: s.cgroups.len(),
+            addr_words: s.addr_words as usize,
+            addr_words_max: SLOT_WORDS as usize,
+            addr_classes: s.addr_classes as usize,
+            bridge_pairs: s.bridges.len(),
+        }
     }
 
     /// Adds cgroups that appeared after the policy was compiled (a new pod

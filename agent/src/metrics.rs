@@ -28,7 +28,6 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
-    thread,
     time::{Duration, Instant},
 };
 
@@ -385,29 +384,6 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
     bound.with_context(|| format!("binding metrics address {addr}"))
 }
 
-/// Serves until the process exits, on a current-thread tokio runtime of its
-/// own in a thread named `metrics`. [`run`] is the server itself, for an
-/// agent already on tokio.
-pub fn serve(listener: TcpListener, maps_dir: PathBuf, g: Arc<Gauges>) -> Result<()> {
-    listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .context("starting the metrics runtime")?;
-    thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => run(l, maps_dir, g).await,
-                    Err(e) => eprintln!("bulkhead: warning: metrics endpoint not served: {e}"),
-                }
-            })
-        })?;
-    Ok(())
-}
-
 /// What a connection's task and the accept loop share.
 struct Shared {
     registry: Registry,
@@ -628,7 +604,7 @@ mod tests {
         g.beat();
         assert!(g.quiet_for().unwrap() < Duration::from_secs(1));
         g.heartbeat_ms.store(1, Ordering::Relaxed);
-        thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
         assert!(g.quiet_for().unwrap() >= Duration::from_millis(4));
     }
 }

@@ -1,0 +1,1150 @@
+//! The agent as a state machine. [`Agent::start`] brings up enforcement
+//! with no gap; after that every change of the policy in force (a reload,
+//! a bridge opened, closed or expired, pods placed) goes through one
+//! transition, [`Agent::apply`]; requests are answered by
+//! [`Agent::handle`] and the clock by [`Agent::tick`]. The loop that drives
+//! them is in [`super::run`].
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_common::maps::MAP_EVENTS;
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use tracing::{field, info, info_span, warn};
+
+use super::{
+    control::Hub,
+    output::{CutState, Cuts, socks_fd},
+    protocol::{
+        BridgeState, CutCounts, DecisionCount, EventCounts, OpenBridge, Peer, PlacedPod,
+        PodConflict, PodsState, ProgramState, Request, Response, Status,
+    },
+};
+use crate::{
+    bridges::{Jit, JitBridge, OpenRequest, Opener},
+    caps,
+    cgroup::{self, PathCache},
+    compile::{self, Compiled, EventLimits},
+    cut::Cutter,
+    events::{self, Enricher, Generation},
+    explain,
+    geo::GeoDb,
+    k8s::{
+        Assignment, Assignments,
+        node::{NodePods, selects_pods},
+    },
+    kernel::{self, PinLock, Pins},
+    listeners,
+    maps::PolicyMaps,
+    metrics::Gauges,
+    policy::{self, Policy},
+    sink::Rotation,
+    store::{Change, Store},
+};
+
+pub struct RunArgs {
+    pub policy: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs_dir: PathBuf,
+    pub events_log: Option<PathBuf>,
+    pub stdout_events: bool,
+    pub ring_buffer_bytes: u32,
+    pub limits: EventLimits,
+    pub run_dir: PathBuf,
+    pub control_group: Option<u32>,
+    pub rotation: Rotation,
+    pub audit_db: Option<PathBuf>,
+    pub audit_retention: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Persistent state (just-in-time bridges).
+    pub state_dir: PathBuf,
+    /// Accept policy and geo files that non-root users could change.
+    pub allow_untrusted_policy: bool,
+    /// Watch this Kubernetes node's pods (`pods:` selectors).
+    pub k8s_node: Option<String>,
+    /// Pin the benchmark probe programs too.
+    pub bench_probes: bool,
+}
+
+/// Everything one loaded policy needs beside the kernel maps.
+pub struct Loaded {
+    /// The policy file as read.
+    file: Policy,
+    /// The file plus the open just-in-time bridges: what is enforced.
+    policy: Policy,
+    geo: Arc<GeoDb>,
+    compiled: Compiled,
+    /// Modification times of the policy and geo files, to notice changes.
+    stamps: Stamps,
+}
+
+/// Modification times of the policy file and then its geo files.
+type Stamps = Vec<(PathBuf, Option<SystemTime>)>;
+
+fn stamp(p: &Path) -> Option<SystemTime> {
+    fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// What reading a policy file needs; owned, so it can be done off the loop.
+struct Source {
+    path: PathBuf,
+    allow_untrusted: bool,
+    mount: PathBuf,
+    limits: EventLimits,
+    jit: Jit,
+    /// The geo part of the policy in force, reused when its files are unchanged.
+    prev: Option<(policy::GeoSources, Stamps, Arc<GeoDb>)>,
+}
+
+impl Source {
+    /// Reads, checks and compiles the policy file (pods are placed after).
+    fn load(self) -> Result<Loaded> {
+        let path = &self.path;
+        let trusted = |what: &str, p: &Path| {
+            if self.allow_untrusted {
+                return Ok(());
+            }
+            crate::trust::check(what, p)
+                .with_context(|| format!("policy {} rejected", path.display()))
+        };
+        trusted("policy file", path)?;
+        // One diagnostic per line, each starting with `file:line:col:`.
+        let file =
+            policy::load(path).map_err(|d| anyhow!("policy {} rejected:\n{d}", path.display()))?;
+        let mut stamps = vec![(path.to_path_buf(), stamp(path))];
+        for p in file.geo.databases.iter().chain(&file.geo.geofeeds) {
+            trusted("geo file", p)?;
+            stamps.push((p.clone(), stamp(p)));
+        }
+        // Unchanged geo files are not read again: reloads stay fast and
+        // events of recent generations share one database in memory.
+        let geo = match self.prev {
+            Some((cfg, st, geo)) if cfg == file.geo && st[1..] == stamps[1..] => geo,
+            _ => Arc::new(
+                GeoDb::load(&file.geo)
+                    .with_context(|| format!("policy {} rejected", path.display()))?,
+            ),
+        };
+        let policy = self.jit.merged(&file, None);
+        let compiled = compile::compile(
+            &policy,
+            &geo,
+            &self.mount,
+            self.limits,
+            compile::tai_offset_ns(),
+        )?;
+        Ok(Loaded {
+            file,
+            policy,
+            geo,
+            compiled,
+            stamps,
+        })
+    }
+}
+
+/// Compiling a policy with a full country database allocates far more than
+/// it keeps; hand the freed pages back so the agent's RSS is what it holds.
+/// (glibc keeps them otherwise; musl's allocator, of the static build,
+/// returns them by itself and has no `malloc_trim`.)
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Tells systemd (Type=notify) what the agent is doing.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    // Never wait for the service manager: a reader that stopped reading
+    // (its queue is only ~10 datagrams) must not stall the agent.
+    let _ = sock.set_nonblocking(true);
+    let bytes = path.as_encoded_bytes();
+    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+}
+
+/// Why the policy in force changes: the one input of [`Agent::apply`]
+/// beside the next policy, deciding what is logged and recorded.
+pub enum Why {
+    /// The policy file (or a geo file) changed, SIGHUP, or `reload`.
+    Reload {
+        started: Instant,
+    },
+    BridgeOpened(JitBridge),
+    BridgeClosed {
+        bridge: JitBridge,
+        by: Peer,
+    },
+    BridgesExpired(Vec<JitBridge>),
+    Pods {
+        before: Assignments,
+    },
+}
+
+impl Why {
+    fn kind(&self) -> &'static str {
+        match self {
+            Why::Reload { .. } => "reload",
+            Why::BridgeOpened(_) => "bridge-opened",
+            Why::BridgeClosed { .. } => "bridge-closed",
+            Why::BridgesExpired(_) => "bridge-expired",
+            Why::Pods { .. } => "pods",
+        }
+    }
+}
+
+/// What [`Agent::start`] hands to the tasks around the state machine.
+pub struct Started {
+    pub ring: RingBuf<MapData>,
+    pub cuts: Option<Cuts>,
+    pub control: (std::os::unix::net::UnixListener, PathBuf),
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+pub struct Agent {
+    args: RunArgs,
+    mount: PathBuf,
+    root: PathBuf,
+    pins: Pins,
+    /// Held while the agent runs: one agent per pin directory.
+    _lock: PinLock,
+    ebpf: Ebpf,
+    pmaps: PolicyMaps,
+    current: Loaded,
+    jit: Jit,
+    pub pods: Option<NodePods>,
+    pub enricher: Arc<Mutex<Enricher>>,
+    pub gauges: Arc<Gauges>,
+    pub store: Option<Store>,
+    pub hub: Arc<Hub>,
+    pub delivered: Arc<AtomicU64>,
+    cuts: Arc<CutState>,
+    packet_sockets: String,
+    capabilities: String,
+    started: String,
+    last_tick: Instant,
+}
+
+impl Agent {
+    /// Loads, verifies, stages, attaches and commits, in the order that
+    /// keeps a whole policy enforced at every instant, so a death anywhere
+    /// in it (kill -9, OOM) opens nothing.
+    pub fn start(args: RunArgs) -> Result<(Agent, Started)> {
+        let span = info_span!("start", generation = field::Empty, policy = field::Empty);
+        let _entered = span.enter();
+        let mount = cgroup::cgroup2_mount()?;
+        let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+        if !root.starts_with(&mount) {
+            bail!(
+                "--cgroup-root {} is not inside the cgroup v2 mount {}",
+                root.display(),
+                mount.display()
+            );
+        }
+        let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
+        let expired_while_down = jit.expire(compile::now_ns())?;
+        let load_started = Instant::now();
+        if args.k8s_node.is_some() && !cfg!(feature = "k8s") {
+            bail!(
+                "--k8s-node: this bulkhead was built without Kubernetes support (cargo feature `k8s`)"
+            );
+        }
+        let mut pods = args
+            .k8s_node
+            .as_ref()
+            .map(|node| NodePods::new(node.clone(), &mount));
+        let mut loaded = Source {
+            path: args.policy.clone(),
+            allow_untrusted: args.allow_untrusted_policy,
+            mount: mount.clone(),
+            limits: args.limits,
+            jit: jit.clone(),
+            prev: None,
+        }
+        .load()?;
+        place_pods(&mut loaded, pods.as_mut(), &args.policy)?;
+        span.record("policy", short(&loaded.policy.sha256));
+
+        for w in caps::check()? {
+            warn!("{w}");
+        }
+        for w in crate::probe::check()? {
+            warn!("{w}");
+        }
+        let pins = Pins::new(args.bpffs_dir.clone(), kernel::layout()?);
+        kernel::ensure_bpffs(&pins.root)?;
+        let lock = kernel::lock(&pins)?;
+        kernel::secure(&pins)?;
+        let cgroup_dir =
+            fs::File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
+        // 1. every program verified and loaded: a refusal stops here, with
+        //    nothing that enforces changed;
+        let verify_started = Instant::now();
+        let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
+        let lsm = kernel::verify_all(&mut ebpf)?;
+        info!("{}", kernel::verified(&ebpf, verify_started.elapsed()));
+        // 2. the policy written into the slot no program reads;
+        let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
+        let previous = PolicyMaps::generation(&mut ebpf)?;
+        let staged = pmaps.stage(&mut ebpf, &loaded.compiled)?;
+        // 3. the post_bind hooks attached, then the sockets bound before them
+        //    recorded, so none is missed in between;
+        kernel::attach(&mut ebpf, &pins, &cgroup_dir, kernel::Stage::Owners)?;
+        let seeded = match listeners::seed(&mut ebpf, &mount) {
+            Ok((ok, failed)) => {
+                if failed > 0 {
+                    warn!(
+                        "{failed} sockets bound before start could not be recorded (pidfd_getfd refused: \
+                         CAP_SYS_PTRACE missing?); connections to them are decided as if they had no domain"
+                    );
+                }
+                ok
+            }
+            Err(e) => {
+                warn!("could not record sockets bound before start: {e:#}");
+                0
+            }
+        };
+        // 4. every deciding hook attached, each link pinned as it is made
+        //    (with a fresh layout they decide nothing until step 5; adopting
+        //    a pinned one, they decide as the links they replace);
+        kernel::attach(&mut ebpf, &pins, &cgroup_dir, kernel::Stage::Enforce)?;
+        if args.bench_probes {
+            kernel::pin_probes(&mut ebpf, &pins)?;
+        }
+        // The names of the generation about to go live (and of those
+        // before it, whose events may wait in the ring) are known first.
+        let tai = compile::tai_offset_ns();
+        let mut paths = PathCache::new(mount.clone());
+        for (id, _, p) in &loaded.compiled.cgroups {
+            paths.insert(*id, p.clone());
+        }
+        let enricher = Arc::new(Mutex::new(Enricher::new(paths, tai)));
+        {
+            let mut en = enricher.lock().expect("enricher lock");
+            en.recall(
+                args.state_dir
+                    .join(format!("generations-{}.json", pins.layout)),
+                &loaded.geo,
+            );
+            en.add_generation(staged.generation(), generation_names(&loaded));
+        }
+        // 5. the policy put in force, in one write;
+        let written = PolicyMaps::commit(&mut ebpf, staged)?;
+        span.record("generation", written.generation);
+        // 6. and only then what earlier agents left retired: other
+        //    layouts' links and maps (an upgrade across map layouts), stray
+        //    pins.
+        for gone in kernel::retire_others(&pins)? {
+            info!(
+                "retired the programs and maps of layout {gone} (this binary's is {})",
+                pins.layout
+            );
+        }
+        let gauges = Arc::new(Gauges::default());
+        gauges.note_policy(
+            &loaded.compiled.domain_names,
+            written.generation,
+            load_started.elapsed(),
+        );
+        let packet_sockets = match lsm {
+            None => "refused in domain workloads (BPF LSM)".to_string(),
+            Some(why) => {
+                warn!(
+                    "packet sockets (AF_PACKET) are NOT refused: {why}; run domain workloads without CAP_NET_RAW"
+                );
+                format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
+            }
+        };
+        // The new maps and links are pinned now.
+        kernel::secure(&pins)?;
+        let control = super::control::bind(&args.run_dir, args.control_group)?;
+        let metrics = args.metrics_addr.map(crate::metrics::bind).transpose()?;
+        // Tracing programs need CAP_PERFMON: load the socket iterators now.
+        let cutter = match socks_fd(&ebpf).and_then(Cutter::new) {
+            Ok(c) => {
+                info!(
+                    "established connections that a policy stops allowing are destroyed (bpf_sock_destroy) in this \
+                     network namespace; in others the packet hooks drop their traffic"
+                );
+                Some(c)
+            }
+            Err(e) => {
+                warn!(
+                    "established connections that a policy stops allowing are not destroyed ({e:#}); \
+                     the packet hooks drop their traffic"
+                );
+                None
+            }
+        };
+        let cut_state = Arc::new(CutState {
+            enabled: cutter.is_some(),
+            destroyed: gauges.cuts_destroyed.clone(),
+            marked: AtomicU64::new(0),
+        });
+        let cuts = match cutter {
+            Some(cutter) => {
+                // The events task's own handle on the counters, for the marks.
+                let pin = pins.maps().join(agent_common::maps::MAP_COUNTERS);
+                let counters = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
+                    MapData::from_pin(&pin)
+                        .with_context(|| format!("opening {}", pin.display()))?,
+                ))?;
+                Some(Cuts {
+                    cutter,
+                    counters,
+                    tai_offset_ns: tai,
+                    state: cut_state.clone(),
+                })
+            }
+            None => None,
+        };
+        // Everything that needs more than CAP_BPF is done.
+        let capabilities = caps::drop_after_attach()?;
+        info!("{capabilities}");
+        let store = args
+            .audit_db
+            .as_deref()
+            .map(|p| Store::start(p, args.audit_retention))
+            .transpose()?;
+        let ring: RingBuf<MapData> = RingBuf::try_from(
+            ebpf.take_map(MAP_EVENTS)
+                .ok_or_else(|| anyhow!("map {MAP_EVENTS} missing"))?,
+        )?;
+        if let Some(st) = &store {
+            gauges.set_store(st);
+        }
+        let started = events::format_ts((compile::now_ns() + tai) as u64, tai);
+        info!(
+            "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, address table of {} words; pinned under {}; {} pre-existing sockets recorded; control socket {}",
+            args.policy.display(),
+            short(&loaded.policy.sha256),
+            written.generation,
+            if previous != 0 {
+                format!(", adopted generation {previous}")
+            } else {
+                String::new()
+            },
+            root.display(),
+            loaded.policy.domains.len(),
+            loaded.compiled.cgroups.len(),
+            loaded.policy.bridges.len(),
+            loaded.compiled.addr.words.len(),
+            pins.root.display(),
+            seeded,
+            control.1.display(),
+        );
+        let agent = Agent {
+            mount,
+            root,
+            pins,
+            _lock: lock,
+            ebpf,
+            pmaps,
+            current: loaded,
+            jit,
+            pods,
+            enricher,
+            delivered: gauges.delivered.clone(),
+            gauges,
+            store,
+            hub: Hub::new(),
+            cuts: cut_state,
+            packet_sockets,
+            capabilities,
+            started,
+            last_tick: Instant::now(),
+            args,
+        };
+        agent.record(
+            "start",
+            Some(written.generation),
+            format!(
+                "agent pid {} attached to {}",
+                std::process::id(),
+                agent.root.display()
+            ),
+        );
+        for b in &expired_while_down {
+            agent.record("bridge-expired", Some(written.generation), bridge_detail(b));
+        }
+        release_freed_memory();
+        Ok((
+            agent,
+            Started {
+                ring,
+                cuts,
+                control,
+                metrics,
+            },
+        ))
+    }
+
+    /// Adds a row to the audit trail's changes, naming the policy in force.
+    fn record(&self, kind: &str, generation: Option<u64>, detail: String) {
+        if let Some(s) = &self.store {
+            s.change(Change {
+                kind: kind.to_string(),
+                policy: Some(self.args.policy.display().to_string()),
+                sha256: generation.map(|_| self.current.policy.sha256.clone()),
+                generation,
+                detail,
+            });
+        }
+    }
+
+    /// The one transition: puts `next` in force (its names known to the
+    /// enricher before any event of its generation can arrive), then notes,
+    /// logs and records it as `why` says; or, when `next` could not be built
+    /// or written, keeps the policy in force and reports why.
+    pub fn apply(&mut self, next: Result<Loaded>, why: Why) -> Result<u64> {
+        let span = info_span!(
+            "apply",
+            why = why.kind(),
+            generation = field::Empty,
+            policy = field::Empty,
+            outcome = field::Empty
+        );
+        let _entered = span.enter();
+        let switched = next.and_then(|next| {
+            span.record("policy", short(&next.policy.sha256));
+            let generation = PolicyMaps::next_generation(&mut self.ebpf)?;
+            self.enricher
+                .lock()
+                .expect("enricher lock")
+                .add_generation(generation, generation_names(&next));
+            let w = self
+                .pmaps
+                .switch(&mut self.ebpf, &next.compiled)
+                .context("writing the maps failed; the generation in force is unchanged")?;
+            if let Why::BridgeOpened(b) = &why {
+                self.jit.commit(b.clone())?;
+            }
+            Ok((next, w))
+        });
+        let (next, w) = match switched {
+            Ok(done) => done,
+            Err(e) => {
+                span.record("outcome", "rejected");
+                match why {
+                    Why::Reload { .. } => {
+                        // The rejected file's stamps are remembered, so it
+                        // is not read again every second.
+                        for (p, t) in &mut self.current.stamps {
+                            *t = stamp(p);
+                        }
+                        warn!("reload rejected, the running policy stays in force:\n{e:#}");
+                        self.record("reload-rejected", None, format!("{e:#}"));
+                    }
+                    Why::BridgesExpired(_) => {
+                        warn!("removing expired bridges from the maps failed: {e:#}")
+                    }
+                    Why::Pods { before } => {
+                        warn!("placing pods failed: {e:#}");
+                        if let Some(p) = &mut self.pods {
+                            p.failed(before);
+                        }
+                    }
+                    Why::BridgeOpened(_) | Why::BridgeClosed { .. } => {
+                        info!("{e:#}")
+                    }
+                }
+                return Err(e);
+            }
+        };
+        span.record("generation", w.generation);
+        span.record("outcome", "applied");
+        let took = match &why {
+            Why::Reload { started } => started.elapsed(),
+            _ => Duration::ZERO,
+        };
+        self.gauges
+            .note_policy(&next.compiled.domain_names, w.generation, took);
+        let before = std::mem::replace(&mut self.current, next);
+        let g = Some(w.generation);
+        match why {
+            Why::Reload { .. } => {
+                info!(
+                    "reloaded {} (sha256 {}): generation {} ({} entries written, {} removed)",
+                    self.args.policy.display(),
+                    short(&self.current.policy.sha256),
+                    w.generation,
+                    w.updated,
+                    w.deleted
+                );
+                self.record(
+                    "reload",
+                    g,
+                    format!("{} entries written, {} removed", w.updated, w.deleted),
+                );
+            }
+            Why::BridgeOpened(b) => {
+                info!("bridge opened: {}", bridge_detail(&b));
+                self.record("bridge-opened", g, bridge_detail(&b));
+            }
+            Why::BridgeClosed { bridge, by } => {
+                let who = format!("closed by uid {} pid {}", by.uid, by.pid);
+                info!("bridge closed: {} ({who})", bridge.name);
+                self.record(
+                    "bridge-closed",
+                    g,
+                    format!("{} ({who})", bridge_detail(&bridge)),
+                );
+            }
+            Why::BridgesExpired(gone) => {
+                for b in &gone {
+                    info!("bridge expired: {}", b.name);
+                    self.record("bridge-expired", g, bridge_detail(b));
+                }
+            }
+            Why::Pods { before: placed } => {
+                let detail = pod_moves(
+                    &self.current.policy,
+                    &placed.assigned,
+                    &self.current.compiled.pods,
+                );
+                info!("pods: {detail} (generation {})", w.generation);
+                self.record("pods", g, detail);
+                let mut en = self.enricher.lock().expect("enricher lock");
+                for a in &self.current.compiled.pods {
+                    en.paths().insert(a.cgroup_id, a.cgroup.clone());
+                }
+            }
+        }
+        drop(before);
+        Ok(w.generation)
+    }
+
+    /// The same policy file with another set of just-in-time bridges, or
+    /// with pods placed anew (`placed`; `None` keeps the current ones).
+    fn rebuild(&self, extra: Option<&JitBridge>, placed: Option<&[Assignment]>) -> Result<Loaded> {
+        let l = &self.current;
+        let policy = self.jit.merged(&l.file, extra);
+        let mut compiled = compile::recompile(
+            &policy,
+            &l.compiled,
+            &self.mount,
+            self.args.limits,
+            compile::tai_offset_ns(),
+        )?;
+        compiled.place_pods(placed.unwrap_or(&l.compiled.pods));
+        Ok(Loaded {
+            file: l.file.clone(),
+            policy,
+            geo: l.geo.clone(),
+            compiled,
+            stamps: l.stamps.clone(),
+        })
+    }
+
+    /// Reads the policy file again, off the loop (compiling a full country
+    /// database takes a second), and puts it in force.
+    pub async fn reload(&mut self) -> Response {
+        sd_notify("RELOADING=1");
+        let started = Instant::now();
+        let source = Source {
+            path: self.args.policy.clone(),
+            allow_untrusted: self.args.allow_untrusted_policy,
+            mount: self.mount.clone(),
+            limits: self.args.limits,
+            jit: self.jit.clone(),
+            prev: Some((
+                self.current.file.geo.clone(),
+                self.current.stamps.clone(),
+                self.current.geo.clone(),
+            )),
+        };
+        let next = match tokio::task::spawn_blocking(move || source.load()).await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow!("compiling the policy failed: {e}")),
+        };
+        let next = next.and_then(|mut l| {
+            place_pods(&mut l, self.pods.as_mut(), &self.args.policy)?;
+            Ok(l)
+        });
+        let answer = match self.apply(next, Why::Reload { started }) {
+            Ok(generation) => Response::Reloaded {
+                generation,
+                sha256: self.current.policy.sha256.clone(),
+            },
+            Err(e) => Response::error(format!(
+                "reload rejected, the running policy stays in force:\n{e:#}"
+            )),
+        };
+        release_freed_memory();
+        sd_notify("READY=1");
+        answer
+    }
+
+    /// Answers one control request.
+    pub async fn handle(&mut self, request: Request, peer: Peer) -> Response {
+        match request {
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Reload => self.reload().await,
+            Request::Explain {
+                cgroup,
+                dst,
+                port,
+                proto,
+            } => self.explain(&cgroup, &dst, port, &proto),
+            Request::BridgeOpen {
+                name,
+                from,
+                to,
+                ports,
+                for_secs,
+                reason,
+            } => {
+                let by = Opener {
+                    uid: peer.uid,
+                    gid: peer.gid,
+                    pid: peer.pid,
+                };
+                let req = OpenRequest {
+                    name,
+                    from,
+                    to,
+                    ports,
+                    for_secs,
+                    reason,
+                };
+                let bridge = match self
+                    .jit
+                    .prepare(&self.current.file, req, by, compile::now_ns())
+                {
+                    Ok(b) => b,
+                    Err(e) => return Response::error(format!("{e:#}")),
+                };
+                let next = self.rebuild(Some(&bridge), None);
+                match self.apply(next, Why::BridgeOpened(bridge.clone())) {
+                    Ok(generation) => Response::BridgeOpened { bridge, generation },
+                    Err(e) => Response::error(format!("{e:#}")),
+                }
+            }
+            Request::BridgeClose { name } => {
+                let bridge = match self.jit.close(&name) {
+                    Ok(b) => b,
+                    Err(e) => return Response::error(format!("{e:#}")),
+                };
+                let next = self.rebuild(None, None);
+                let why = Why::BridgeClosed {
+                    bridge: bridge.clone(),
+                    by: peer,
+                };
+                match self.apply(next, why) {
+                    Ok(generation) => Response::BridgeClosed { bridge, generation },
+                    Err(e) => Response::error(format!("{e:#}")),
+                }
+            }
+            Request::BridgeList => {
+                let now = compile::now_ns();
+                Response::Bridges {
+                    bridges: self
+                        .jit
+                        .open
+                        .iter()
+                        .map(|b| OpenBridge {
+                            bridge: b.clone(),
+                            seconds_left: (b.expires - now) / 1_000_000_000,
+                        })
+                        .collect(),
+                }
+            }
+            // Streamed by the control task itself.
+            Request::Events { .. } => Response::error("events are streamed, not answered"),
+        }
+    }
+
+    /// Every turn of the loop (100 ms): pods to place; every second also
+    /// changed files, new cgroups and expired bridges. Returns whether the
+    /// policy file should be read again.
+    pub fn tick(&mut self) -> bool {
+        // /healthz: the loop turns.
+        self.gauges.beat();
+        self.gauges.subscriber_drops.store(
+            self.hub.subscriber_drops.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        let second = self.last_tick.elapsed() >= Duration::from_secs(1);
+        let mut reload = false;
+        if second {
+            self.last_tick = Instant::now();
+            reload = self.files_changed();
+            self.refresh_cgroups();
+            // The kernel stopped honouring expired bridges at their
+            // instant; here they leave the state file, the maps and the
+            // audit trail.
+            match self.jit.expire(compile::now_ns()) {
+                Ok(gone) if !gone.is_empty() => {
+                    let next = self.rebuild(None, None);
+                    let _ = self.apply(next, Why::BridgesExpired(gone));
+                }
+                Ok(_) => {}
+                Err(e) => warn!("updating {}: {e:#}", self.args.state_dir.display()),
+            }
+        }
+        let place = self
+            .pods
+            .as_ref()
+            .is_some_and(|p| p.due(&self.current.policy, second));
+        if place && !reload {
+            self.place();
+        }
+        reload
+    }
+
+    /// A touch or a rewrite with the same bytes is not a new policy.
+    fn files_changed(&mut self) -> bool {
+        let l = &mut self.current;
+        if l.stamps.iter().all(|(p, t)| stamp(p) == *t) {
+            return false;
+        }
+        let same_policy =
+            policy::file_sha256(&self.args.policy).is_ok_and(|h| h == l.policy.sha256);
+        let geo_same = l.stamps.iter().skip(1).all(|(p, t)| stamp(p) == *t);
+        if same_policy && geo_same {
+            for (p, t) in &mut l.stamps {
+                *t = stamp(p);
+            }
+            return false;
+        }
+        true
+    }
+
+    fn place(&mut self) {
+        let Some(p) = self.pods.as_mut() else { return };
+        let before = p.last.clone();
+        let now = p.place(&self.current.policy);
+        if now.assigned != before.assigned {
+            let next = self.rebuild(None, Some(&now.assigned));
+            let _ = self.apply(
+                next,
+                Why::Pods {
+                    before: before.clone(),
+                },
+            );
+        }
+        if now.conflicts != before.conflicts {
+            for (pod, ds) in &now.conflicts {
+                let names: Vec<&str> = ds
+                    .iter()
+                    .map(|d| self.current.policy.domains[*d].name.as_str())
+                    .collect();
+                warn!(
+                    "pod {pod} is selected by domains {}; it gets none of them \
+                     (its cgroup path decides)",
+                    names.join(", ")
+                );
+            }
+        }
+    }
+
+    /// Cgroups created after the policy was compiled that a glob or path
+    /// now names: the kernel already treats children of configured cgroups
+    /// as theirs; this adds new top-level matches (e.g. a new contractor pod).
+    fn refresh_cgroups(&mut self) {
+        let mut found = Vec::new();
+        for (i, d) in self.current.policy.domains.iter().enumerate() {
+            for pattern in &d.cgroups {
+                for (path, id) in cgroup::resolve(&self.mount, pattern) {
+                    found.push((id, i as u32 + 1, path));
+                }
+            }
+        }
+        let pairs: Vec<(u64, u32)> = found.iter().map(|(id, d, _)| (*id, *d)).collect();
+        match self.pmaps.add_cgroups(&mut self.ebpf, &pairs) {
+            Ok(0) => {}
+            Ok(n) => {
+                let mut en = self.enricher.lock().expect("enricher lock");
+                for (id, _, p) in found {
+                    en.paths().insert(id, p);
+                }
+                info!("{n} new cgroups joined their domains");
+            }
+            Err(e) => warn!("adding new cgroups failed: {e:#}"),
+        }
+    }
+
+    /// `explain` for the policy in force. A destination in no domain
+    /// network is decided by the socket listening on it, a TCP listener's
+    /// owner read from the socket storage the connect hook reads
+    /// (`BH_SOCKS`, through `sock_diag`, which needs only the CAP_BPF the
+    /// agent keeps).
+    fn explain(&self, cgroup: &str, dst: &str, port: u16, proto: &str) -> Response {
+        let Ok(ip) = dst.parse() else {
+            return Response::error(format!("not an IP address: {dst}"));
+        };
+        let proto = match proto {
+            "udp" => policy::Proto::Udp,
+            _ => policy::Proto::Tcp,
+        };
+        let q = explain::Query {
+            cgroup: cgroup.to_string(),
+            dst: ip,
+            port,
+            proto,
+        };
+        let host = explain::HostListeners::new(socks_fd(&self.ebpf).ok());
+        let l = &self.current;
+        let answer = explain::explain_with(
+            &l.policy,
+            &l.compiled,
+            &l.geo,
+            &q,
+            compile::now_ns(),
+            &|q, ip| host.lookup(q, ip),
+        );
+        Response::Explained { answer }
+    }
+
+    /// What `bulkhead status` shows.
+    pub fn status(&mut self) -> Status {
+        use agent_common::{
+            Hook, Reason,
+            maps::{
+                COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
+                COUNTER_EVENTS_WANTED, MAP_COUNTERS, counter_index,
+            },
+        };
+        let generation = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
+        let counters = read_counters(&mut self.ebpf, MAP_COUNTERS);
+        let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+        let mut decisions = Vec::new();
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                let n = get(counter_index(hook as u8, reason as u8));
+                if n > 0 {
+                    decisions.push(DecisionCount {
+                        hook: hook.name().into(),
+                        reason: reason.name().into(),
+                        verdict: if reason.is_deny() { "deny" } else { "allow" }.into(),
+                        count: n,
+                    });
+                }
+            }
+        }
+        let l = &self.current;
+        let now = compile::now_ns();
+        let bridges = l
+            .policy
+            .bridges
+            .iter()
+            .map(|b| BridgeState {
+                name: b.name.clone(),
+                from: l.policy.domains[b.from].name.clone(),
+                to: l.policy.domains[b.to].name.clone(),
+                ports: b
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        if p.lo == p.hi {
+                            format!("{}/{}", p.proto.name(), p.lo)
+                        } else {
+                            format!("{}/{}-{}", p.proto.name(), p.lo, p.hi)
+                        }
+                    })
+                    .collect(),
+                open: b.not_before.is_none_or(|t| t <= now) && b.expires.is_none_or(|t| t > now),
+                seconds_left: b.expires.map(|t| (t - now) / 1_000_000_000),
+                reason: b.reason.clone(),
+            })
+            .collect();
+        let names = &l.policy.domains;
+        let pods = self.pods.as_ref().map(|p| PodsState {
+            node: p.node.clone(),
+            synced: p.store.synced(),
+            pods: p.store.snapshot().1.len(),
+            placed: l
+                .compiled
+                .pods
+                .iter()
+                .map(|a| PlacedPod {
+                    pod: a.pod.clone(),
+                    domain: names[a.domain].name.clone(),
+                    cgroup: a.cgroup.clone(),
+                })
+                .collect(),
+            pending: p.last.pending.clone(),
+            conflicts: p
+                .last
+                .conflicts
+                .iter()
+                .map(|(pod, ds)| PodConflict {
+                    pod: pod.clone(),
+                    domains: ds.iter().map(|d| names[*d].name.clone()).collect(),
+                })
+                .collect(),
+        });
+        Status {
+            pid: std::process::id(),
+            policy: self.args.policy.clone(),
+            sha256: l.policy.sha256.clone(),
+            mode: format!("{:?}", l.policy.mode).to_lowercase(),
+            generation,
+            running_since: self.started.clone(),
+            cgroup_root: self.root.clone(),
+            bpffs_dir: self.args.bpffs_dir.clone(),
+            layout: self.pins.layout.clone(),
+            programs: kernel::PROGRAMS
+                .iter()
+                .map(|p| ProgramState {
+                    name: p.name.into(),
+                    hook: p.hook.into(),
+                    pinned: self.pins.link(p.name).exists(),
+                })
+                .collect(),
+            maps: self.pmaps.fill(generation),
+            domains: l.policy.domains.iter().map(|d| d.name.clone()).collect(),
+            bridges,
+            decisions,
+            events: EventCounts {
+                wanted: get(COUNTER_EVENTS_WANTED),
+                rate_limited: get(COUNTER_EVENTS_RATE_LIMITED),
+                lost_ring_full: get(COUNTER_EVENTS_LOST),
+                delivered: self.delivered.load(Ordering::Relaxed),
+                sequence_gaps: self.enricher.lock().map(|e| e.gaps).unwrap_or(0),
+                subscribers: self.hub.subscribers(),
+                subscriber_drops: self.hub.subscriber_drops.load(Ordering::Relaxed),
+            },
+            connections_cut: CutCounts {
+                marked: get(COUNTER_CUT_MARKED),
+                destroyed: self.cuts.destroyed.load(Ordering::Relaxed),
+                how: if self.cuts.enabled {
+                    "destroyed with bpf_sock_destroy (the application sees ECONNABORTED) in the agent's network namespace; elsewhere their packets are dropped"
+                } else {
+                    "their packets are dropped (no bpf_sock_destroy: Linux 6.5+)"
+                }
+                .into(),
+            },
+            packet_sockets: self.packet_sockets.clone(),
+            capabilities: self.capabilities.clone(),
+            pods,
+        }
+    }
+
+    /// The pinned maps' directory (the metrics read the counters there).
+    pub fn pins_maps(&self) -> PathBuf {
+        self.pins.maps()
+    }
+
+    /// Records the stop; enforcement stays pinned.
+    pub fn stop(mut self, socket: &Path) {
+        let last = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
+        self.record("stop", Some(last), "enforcement stays pinned".into());
+        let _ = fs::remove_file(socket);
+        // Give the store's writer a moment to commit the last batch.
+        if self.store.is_some() {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        info!(
+            "stopping; {} events delivered; enforcement stays pinned under {} (`bulkhead detach` removes it)",
+            self.delivered.load(Ordering::Relaxed),
+            self.pins.root.display()
+        );
+    }
+}
+
+/// Places the node's pods for a freshly read policy; without a pod watch,
+/// a policy that selects pods is refused.
+fn place_pods(l: &mut Loaded, pods: Option<&mut NodePods>, path: &Path) -> Result<()> {
+    match pods {
+        Some(pods) => l.compiled.place_pods(&pods.place(&l.policy).assigned),
+        None if selects_pods(&l.policy) => bail!(
+            "policy {} rejected: its domains select pods (`pods:`) but the agent does not \
+             watch Kubernetes; run it with --k8s-node",
+            path.display()
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
+/// The first 12 hex digits of a policy's sha256, as logs show it.
+fn short(sha256: &str) -> &str {
+    &sha256[..12.min(sha256.len())]
+}
+
+/// "acme/web-1 -> contractor, acme/old left contractor" for the log and
+/// the audit trail.
+fn pod_moves(policy: &Policy, before: &[Assignment], after: &[Assignment]) -> String {
+    let name = |d: usize| policy.domains.get(d).map_or("?", |d| d.name.as_str());
+    let mut out = Vec::new();
+    for a in after {
+        if !before
+            .iter()
+            .any(|b| b.uid == a.uid && b.domain == a.domain && b.cgroup_id == a.cgroup_id)
+        {
+            out.push(format!("{} -> {} ({})", a.pod, name(a.domain), a.cgroup));
+        }
+    }
+    for b in before {
+        if !after.iter().any(|a| a.uid == b.uid && a.domain == b.domain) {
+            out.push(format!("{} left {}", b.pod, name(b.domain)));
+        }
+    }
+    if out.is_empty() {
+        "no change".into()
+    } else {
+        out.join(", ")
+    }
+}
+
+fn generation_names(l: &Loaded) -> Generation {
+    Generation {
+        domain_names: l.compiled.domain_names.clone(),
+        bridge_names: l.compiled.bridge_names.clone(),
+        geo: l.geo.clone(),
+    }
+}
+
+/// Per-CPU counters summed over CPUs.
+fn read_counters(ebpf: &mut Ebpf, name: &str) -> Vec<u64> {
+    let Some(map) = ebpf.map(name) else {
+        return Vec::new();
+    };
+    let Ok(arr) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else {
+        return Vec::new();
+    };
+    arr.iter()
+        .map(|v| v.map(|v| v.iter().sum()).unwrap_or(0))
+        .collect()
+}
+
+fn bridge_detail(b: &JitBridge) -> String {
+    format!(
+        "{} {} -> {} {} for {}s by uid {} pid {}: {}",
+        b.name,
+        b.from,
+        b.to,
+        b.ports.join(","),
+        (b.expires - b.opened) / 1_000_000_000,
+        b.opened_by.uid,
+        b.opened_by.pid,
+        b.reason
+    )
+}

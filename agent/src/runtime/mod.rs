@@ -1,0 +1,136 @@
+//! The running agent: one tokio runtime (current-thread) whose loop drives
+//! the [`agent::Agent`] state machine. Around it, tasks on the same loop:
+//! the events task ([`output`]), a task per control client ([`control`]),
+//! the metrics endpoint, the Kubernetes pod watch. Blocking work (policy
+//! compilation, SQLite) runs off the loop: `spawn_blocking`, and the audit
+//! store's own writer thread.
+//!
+//! Current-thread because the state machine owns its state without locks
+//! and one core is plenty for it: what the loop does per event is
+//! microseconds, and the one long step (compiling a policy) is off it.
+
+pub mod agent;
+pub mod control;
+pub mod logging;
+pub mod output;
+pub mod protocol;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+pub use agent::RunArgs;
+use agent::{Agent, sd_notify};
+use output::Output;
+
+/// `bulkhead run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("bulkhead")
+        .build()
+        .context("starting the agent's runtime")?;
+    let result = rt.block_on(serve(args));
+    // Tasks still waiting on clients (followers, idle connections) end here.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn serve(args: RunArgs) -> Result<()> {
+    // Before anything is loaded: from here on SIGHUP, SIGTERM and SIGINT
+    // wait (queued) for the loop instead of ending the agent with their
+    // default action halfway through a start.
+    let mut hup = signal(SignalKind::hangup()).context("installing signal handlers")?;
+    let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+
+    let stdout_events = args.stdout_events;
+    let events_log = args.events_log.clone();
+    let rotation = args.rotation;
+    let control_group = args.control_group;
+    let k8s_node = args.k8s_node.clone();
+    let (mut agent, started) = Agent::start(args)?;
+    if k8s_node.is_some() {
+        start_pod_watch(&agent);
+    }
+
+    let sink = crate::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
+    let (stop_events, stopped) = oneshot::channel();
+    let events = tokio::spawn(output::read(
+        started.ring,
+        Output {
+            enricher: agent.enricher.clone(),
+            sink,
+            delivered: agent.delivered.clone(),
+            hub: agent.hub.clone(),
+            store: agent.store.clone(),
+        },
+        started.cuts,
+        stopped,
+    ));
+    // Room for a burst of clients; each waits for its answer anyway.
+    let (calls_tx, mut calls) = mpsc::channel(256);
+    let (listener, socket) = started.control;
+    tokio::spawn(control::serve(
+        listener,
+        control::Server {
+            group: control_group,
+            calls: calls_tx,
+            hub: agent.hub.clone(),
+            store: agent.store.clone(),
+        },
+    ));
+    if let Some(listener) = started.metrics {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tokio::spawn(crate::metrics::run(
+            listener,
+            agent.pins_maps(),
+            agent.gauges.clone(),
+        ));
+        info!("metrics on http://{addr}/metrics");
+    }
+    sd_notify("READY=1");
+
+    let mut turn = tokio::time::interval(Duration::from_millis(100));
+    turn.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let reload = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => true,
+            Some(call) = calls.recv() => {
+                let answer = agent.handle(call.request, call.peer).await;
+                let _ = call.reply.send(answer);
+                false
+            }
+            _ = turn.tick() => agent.tick(),
+        };
+        if reload {
+            agent.reload().await;
+        }
+    }
+    let _ = stop_events.send(());
+    if let Err(e) = events.await {
+        warn!("the events task ended badly: {e}");
+    }
+    agent.stop(&socket);
+    Ok(())
+}
+
+/// The pod watch on the agent's loop (feature `k8s`).
+#[cfg(feature = "k8s")]
+fn start_pod_watch(agent: &Agent) {
+    if let Some(p) = &agent.pods {
+        tokio::spawn(crate::k8s::watch::run(p.node.clone(), p.store.clone()));
+    }
+}
+
+#[cfg(not(feature = "k8s"))]
+fn start_pod_watch(_: &Agent) {}
