@@ -97,17 +97,14 @@ impl Sink {
             let (chunk, tail) = rest.split_at(cut);
             rest = tail;
             if let Err(e) = f.write_all(chunk.as_bytes()) {
-                eprintln!(
-                    "bulkhead: warning: writing the events log {} failed: {e}",
-                    path.display()
-                );
+                tracing::warn!("writing the events log {} failed: {e}", path.display());
                 return;
             }
             *len += chunk.len() as u64;
             if self.rotation.max_bytes > 0 && *len >= self.rotation.max_bytes {
                 let path = path.clone();
                 if let Err(e) = self.rotate(&path) {
-                    eprintln!("bulkhead: warning: rotating the events log failed: {e:#}");
+                    tracing::warn!("rotating the events log failed: {e:#}");
                     return;
                 }
             }

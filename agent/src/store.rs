@@ -171,10 +171,7 @@ fn writer(mut conn: Connection, rx: Receiver<Item>, retention: Duration, written
                 Ok(()) => {
                     written.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
-                Err(e) => eprintln!(
-                    "bulkhead: warning: audit store write failed ({} rows): {e:#}",
-                    batch.len()
-                ),
+                Err(e) => tracing::warn!("audit store write failed ({} rows): {e:#}", batch.len()),
             }
         }
         if last_prune.elapsed() > Duration::from_secs(60) {
@@ -184,7 +181,7 @@ fn writer(mut conn: Connection, rx: Receiver<Item>, retention: Duration, written
                 if let Err(e) =
                     conn.execute(&format!("DELETE FROM {table} WHERE ts_ns < ?1"), [cutoff])
                 {
-                    eprintln!("bulkhead: warning: audit store retention failed: {e}");
+                    tracing::warn!("audit store retention failed: {e}");
                 }
             }
         }
