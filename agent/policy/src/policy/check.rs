@@ -1101,14 +1101,10 @@ pub(super) fn parse_ports(text: &str) -> Result<PortRange, String> {
             "port `{text}` needs a protocol, e.g. tcp/{text} or udp/{text}"
         ));
     };
-    let proto = match proto {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => {
-            return Err(format!(
-                "unknown protocol `{proto}` in `{text}` (expected tcp or udp)"
-            ));
-        }
+    let Some(proto) = Proto::from_name(proto) else {
+        return Err(format!(
+            "unknown protocol `{proto}` in `{text}` (expected tcp or udp)"
+        ));
     };
     let port = |s: &str| -> Result<u16, String> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -1139,7 +1135,6 @@ pub(super) fn parse_ports(text: &str) -> Result<PortRange, String> {
     Ok(PortRange { proto, lo, hi })
 }
 
-/// RFC 3339 to unix nanoseconds.
 /// `90s`, `30m`, `2h`, `7d` → seconds (at least one second).
 fn parse_duration(text: &str) -> Result<u64, String> {
     let bad = || format!("invalid duration `{text}` (expected e.g. 30m, 2h, 7d)");
@@ -1160,6 +1155,7 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
+/// RFC 3339 to unix nanoseconds.
 fn parse_time(text: &str) -> Result<i64, String> {
     let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
         format!("invalid time `{text}` ({e}); expected RFC 3339 like 2027-03-31T00:00:00Z")
