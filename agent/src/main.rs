@@ -13,6 +13,8 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+// Every duration flag takes the policy's durations (`30s`, `10m`, `2h`, `7d`).
+use bulkhead::duration::parse_duration;
 use bulkhead::{cgroup, compile, compile::EventLimits, control, geo, kernel, policy, run, sink};
 
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/bulkhead";
@@ -353,22 +355,6 @@ impl AgentArgs {
             .clone()
             .unwrap_or_else(|| control::default_run_dir(&self.bpffs_dir))
     }
-}
-
-/// `90`, `30s`, `10m`, `2h`, `1d` → seconds.
-fn parse_duration(s: &str) -> Result<u64, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration `{s}` (e.g. 30s, 10m, 2h, 1d)"))?;
-    let mul = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("bad duration unit in `{s}` (s, m, h or d)")),
-    };
-    Ok(n * mul)
 }
 
 fn ring_size(s: &str) -> Result<u32, String> {

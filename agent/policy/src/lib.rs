@@ -9,6 +9,7 @@ pub mod addr;
 pub mod cgroup;
 pub mod clock;
 pub mod compile;
+pub mod duration;
 pub mod explain;
 pub mod fxhash;
 pub mod geo;
