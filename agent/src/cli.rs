@@ -7,18 +7,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use serde::Deserialize as _;
 use serde_json::Value;
 
 use bulkhead::{
-    cgroup,
+    Candidate, LoadError, candidate, cgroup, clock,
     compile::{self, EventLimits},
     control::{self, Filter, Request},
     events::Record,
     explain::{self, Answer, Query},
-    geo::GeoDb,
-    policy::{self, Proto},
+    policy::Proto,
 };
 
 /// `10.0.0.1`, `10.0.0.1:443`, `fd00::1`, `[fd00::1]:443` → (address, port; 0 = any).
@@ -33,13 +32,16 @@ pub fn parse_dst(s: &str) -> Result<(IpAddr, u16)> {
 }
 
 /// A policy file compiled as the agent would, without touching the kernel.
-fn candidate(path: &Path) -> Result<(policy::Policy, GeoDb, compile::Compiled)> {
-    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
-    let geo = GeoDb::load(&p.geo)?;
+/// Any owner will do: the caller chose the file to read, nothing is
+/// enforced from it.
+pub fn candidate(path: &Path) -> Result<Candidate, LoadError> {
     let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
-    let limits = EventLimits { rate: 0, burst: 0 };
-    let c = compile::compile(&p, &geo, &mount, limits, compile::tai_offset_ns())?;
-    Ok((p, geo, c))
+    let opts = candidate::Options {
+        cgroup_mount: &mount,
+        limits: EventLimits { rate: 0, burst: 0 },
+        tai: clock::tai_offset_ns(),
+    };
+    Candidate::load(path, &mut candidate::trust_any, &opts)
 }
 
 /// Explains against a candidate policy file, without any agent.
@@ -50,7 +52,12 @@ pub fn explain_file(
     port: u16,
     proto: &str,
 ) -> Result<Answer> {
-    let (p, geo, c) = candidate(path)?;
+    let Candidate {
+        policy: p,
+        geo,
+        compiled: c,
+        ..
+    } = candidate(path)?;
     let proto = if proto == "udp" {
         Proto::Udp
     } else {
@@ -69,7 +76,12 @@ pub fn explain_file(
 /// `explain --replay EVENTS --policy NEW`: every recorded connection
 /// decision whose verdict NEW would change. Returns how many changed.
 pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
-    let (p, geo, c) = candidate(path)?;
+    let Candidate {
+        policy: p,
+        geo,
+        compiled: c,
+        ..
+    } = candidate(path)?;
     let text =
         std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
     let (mut seen, mut changed) = (0, 0);

@@ -5,7 +5,9 @@
 //! `bulkhead-policy`; its modules are re-exported here under their old
 //! paths. `compile`, `explain` and `trust` add what needs the host.
 
-pub use bulkhead_policy::{addr, duration, fxhash, geo, policy, ranges, selector};
+pub use bulkhead_policy::{
+    Candidate, LoadError, addr, candidate, duration, fxhash, geo, policy, ranges, selector,
+};
 
 pub mod bridges;
 pub mod caps;

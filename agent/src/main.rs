@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 // Every duration flag takes the policy's durations (`30s`, `10m`, `2h`, `7d`).
 use bulkhead::duration::parse_duration;
-use bulkhead::{cgroup, compile, compile::EventLimits, control, geo, kernel, policy, run, sink};
+use bulkhead::{LoadError, compile::EventLimits, control, kernel, policy, run, sink};
 
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/bulkhead";
 
@@ -379,20 +379,17 @@ fn main() -> ExitCode {
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Check { policy: path } => {
-            let p = match policy::load(&path) {
-                Ok(p) => p,
-                Err(diags) => {
+            let (p, c) = match cli::candidate(&path) {
+                Ok(cand) => (cand.policy, cand.compiled),
+                Err(LoadError::Policy(diags)) => {
                     eprint!("{diags}");
                     if !diags.to_string().ends_with('\n') {
                         eprintln!();
                     }
                     return Ok(ExitCode::from(1));
                 }
+                Err(e) => return Err(e.into()),
             };
-            let db = geo::GeoDb::load(&p.geo)?;
-            let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
-            let limits = EventLimits { rate: 0, burst: 0 };
-            let c = compile::compile(&p, &db, &mount, limits, compile::tai_offset_ns())?;
             print!("{}", policy::summary(&p));
             let t = &c.addr;
             println!(

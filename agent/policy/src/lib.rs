@@ -6,6 +6,7 @@
 //! listeners a connect would reach.
 
 pub mod addr;
+pub mod candidate;
 pub mod cgroup;
 pub mod clock;
 pub mod compile;
@@ -18,3 +19,5 @@ pub mod policy;
 pub mod ranges;
 pub mod selector;
 pub mod trust;
+
+pub use candidate::{Candidate, LoadError};
