@@ -122,17 +122,8 @@ fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-/// `CLOCK_TAI` ns → RFC 3339 UTC with nanoseconds.
-pub fn format_ts(tai_ns: u64, tai_offset_ns: i64) -> String {
-    let unix = tai_ns as i128 - tai_offset_ns as i128;
-    time::OffsetDateTime::from_unix_timestamp_nanos(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("@{unix}"))
-}
+// Timestamps are the clock module's: kernel time to RFC 3339.
+pub use crate::clock::format_ts;
 
 /// The protocol's name from the one table (`agent_common::proto`), or its
 /// number.

@@ -3,7 +3,7 @@
 //! time and an NTP step or a suspended VM cannot stretch an expiry; the
 //! policy states Unix times. The offset between the two clocks is read by
 //! the agent (`bulkhead::clock::tai_offset_ns`, a `clock_gettime` call) and
-//! handed in; everything here is arithmetic.
+//! handed in; everything here is arithmetic (and formatting).
 
 /// Wall-clock time as Unix nanoseconds.
 pub fn now_ns() -> i64 {
@@ -35,6 +35,19 @@ pub fn now_tai(now_unix_ns: i64, offset: i64) -> u64 {
     to_tai(Some(now_unix_ns), offset, 0)
 }
 
+/// `CLOCK_TAI` ns → RFC 3339 UTC with nanoseconds (`@<unix ns>` where
+/// out of the calendar's range). With offset 0, Unix ns.
+pub fn format_ts(tai_ns: u64, tai_offset_ns: i64) -> String {
+    let unix = tai_ns as i128 - tai_offset_ns as i128;
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{unix}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +58,16 @@ mod tests {
         assert_eq!(to_tai(Some(100), 37, 0), 137);
         assert_eq!(to_tai(Some(-1000), 37, 0), 0);
         assert_eq!(now_tai(-1000, 37), 0);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(
+            format_ts(37_000_000_000, 37_000_000_000),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(format_ts(1_500_000_000, 0), "1970-01-01T00:00:01.5Z");
+        assert_eq!(format_ts(u64::MAX, 0), "2554-07-21T23:34:33.709551615Z");
     }
 
     #[test]
