@@ -33,6 +33,7 @@ use std::{
 };
 
 use agent_common::maps::{MAP_SOCKS, MAX_CGROUP_DEPTH, SockInfo};
+use agent_common::proto::{PROTO_TCP, PROTO_UDP};
 use anyhow::{Result, anyhow};
 use aya::{
     Ebpf,
@@ -289,12 +290,8 @@ fn diag_request(tcp: bool, family: u8, port: u16, storage: Option<i32>) -> Vec<u
     m.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend(1u32.to_ne_bytes()); // seq
     m.extend(0u32.to_ne_bytes()); // pid
-    let proto = if tcp {
-        libc::IPPROTO_TCP
-    } else {
-        libc::IPPROTO_UDP
-    };
-    m.extend([family, proto as u8, 0, 0]);
+    let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    m.extend([family, proto, 0, 0]);
     let states: u32 = if tcp { 1 << TCP_LISTEN } else { u32::MAX };
     m.extend(states.to_ne_bytes());
     // inet_diag_sockid: the dump keeps sockets of this source port only.
