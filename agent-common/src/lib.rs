@@ -8,10 +8,13 @@
 
 pub mod addr;
 pub mod decide;
+pub mod domain;
 pub mod event;
 pub mod maps;
+pub mod proto;
 pub mod reason;
 
 pub use decide::{Decision, Direction, Ports, decide};
+pub use domain::DomainId;
 pub use event::{Event, Hook, Verdict};
 pub use reason::Reason;

@@ -143,8 +143,8 @@ pub struct BridgeKey {
     pub to: u16,
 }
 
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+// The numbers live in the protocol table; here for the kernel side.
+pub use crate::proto::{PROTO_TCP, PROTO_UDP};
 
 /// One proto/port-range rule of a bridge, with its validity window.
 #[repr(C)]

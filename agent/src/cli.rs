@@ -7,17 +7,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use serde::Deserialize as _;
 use serde_json::Value;
 
 use bulkhead::{
-    cgroup, client,
-    compile::{self, EventLimits},
+    Candidate, LoadError, candidate, cgroup, client, clock,
+    compile::EventLimits,
     events::Record,
     explain::{self, Answer, Query},
-    geo::GeoDb,
-    policy::{self, Proto},
+    policy::Proto,
     runtime::protocol::{Filter, Request, SOCKET_NAME, Status},
 };
 
@@ -33,13 +32,16 @@ pub fn parse_dst(s: &str) -> Result<(IpAddr, u16)> {
 }
 
 /// A policy file compiled as the agent would, without touching the kernel.
-fn candidate(path: &Path) -> Result<(policy::Policy, GeoDb, compile::Compiled)> {
-    let p = policy::load(path).map_err(|d| anyhow!("{d}"))?;
-    let geo = GeoDb::load(&p.geo)?;
+/// Any owner will do: the caller chose the file to read, nothing is
+/// enforced from it.
+pub fn candidate(path: &Path) -> Result<Candidate, LoadError> {
     let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
-    let limits = EventLimits { rate: 0, burst: 0 };
-    let c = compile::compile(&p, &geo, &mount, limits, compile::tai_offset_ns())?;
-    Ok((p, geo, c))
+    let opts = candidate::Options {
+        cgroup_mount: &mount,
+        limits: EventLimits { rate: 0, burst: 0 },
+        tai: clock::tai_offset_ns(),
+    };
+    Candidate::load(path, &mut candidate::trust_any, &opts)
 }
 
 /// Explains against a candidate policy file, without any agent.
@@ -50,26 +52,32 @@ pub fn explain_file(
     port: u16,
     proto: &str,
 ) -> Result<Answer> {
-    let (p, geo, c) = candidate(path)?;
-    let proto = if proto == "udp" {
-        Proto::Udp
-    } else {
-        Proto::Tcp
-    };
+    let Candidate {
+        policy: p,
+        geo,
+        compiled: c,
+        ..
+    } = candidate(path)?;
+    let proto = Proto::from_name(proto).unwrap_or(Proto::Tcp);
     let q = Query {
         cgroup: cgroup_path.to_string(),
         dst: ip,
         port,
         proto,
     };
-    let now = compile::now_ns();
+    let now = clock::now_ns();
     Ok(explain::explain(&p, &c, &geo, &q, now))
 }
 
 /// `explain --replay EVENTS --policy NEW`: every recorded connection
 /// decision whose verdict NEW would change. Returns how many changed.
 pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
-    let (p, geo, c) = candidate(path)?;
+    let Candidate {
+        policy: p,
+        geo,
+        compiled: c,
+        ..
+    } = candidate(path)?;
     let text =
         std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?;
     let (mut seen, mut changed) = (0, 0);
@@ -89,11 +97,10 @@ pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
         let Ok(ip) = dst.parse::<IpAddr>() else {
             continue;
         };
-        let proto = if e["proto"] == "udp" {
-            Proto::Udp
-        } else {
-            Proto::Tcp
-        };
+        let proto = e["proto"]
+            .as_str()
+            .and_then(Proto::from_name)
+            .unwrap_or(Proto::Tcp);
         let q = Query {
             cgroup: cg.to_string(),
             dst: ip,
@@ -104,7 +111,7 @@ pub fn replay(events: &Path, path: &Path, json: bool) -> Result<usize> {
             .as_str()
             .map(rfc3339_ns)
             .transpose()?
-            .unwrap_or_else(compile::now_ns);
+            .unwrap_or_else(clock::now_ns);
         let a = explain::explain(&p, &c, &geo, &q, ts);
         seen += 1;
         let was_allowed = e["verdict"] == "allow";
@@ -290,7 +297,7 @@ fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
     let socket = run_dir.join(SOCKET_NAME);
     let since_floor = filter
         .since_secs
-        .map(|s| compile::now_ns().saturating_sub(s.saturating_mul(1_000_000_000) as i64));
+        .map(|s| clock::now_ns().saturating_sub(s.saturating_mul(1_000_000_000) as i64));
     // The agent filters by age only; the rest is done here.
     let local = Filter {
         since_secs: None,
@@ -553,7 +560,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                 from_ns = Some(
                     from_ns
                         .unwrap_or(i64::MIN)
-                        .max(compile::now_ns() - s as i64 * 1_000_000_000),
+                        .max(clock::now_ns() - s as i64 * 1_000_000_000),
                 );
             }
             let dst = match dst {
@@ -634,7 +641,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
             Ok(())
         }
         crate::AuditCommand::Changes { db, since } => {
-            let from = since.map(|s| compile::now_ns() - s as i64 * 1_000_000_000);
+            let from = since.map(|s| clock::now_ns() - s as i64 * 1_000_000_000);
             for c in bulkhead::store::changes(&db.path(), from, 100_000)? {
                 println!(
                     "{} {:<16} gen {:<5} {} {} {}",

@@ -13,7 +13,7 @@ use std::{
 };
 
 use agent_common::{
-    Event, Hook, Reason, Verdict,
+    DomainId, Event, Hook, Reason, Verdict,
     event::{EVENT_SIZE, FAMILY_INET, FAMILY_INET6},
 };
 use serde::Serialize;
@@ -122,26 +122,15 @@ fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-/// `CLOCK_TAI` ns → RFC 3339 UTC with nanoseconds.
-pub fn format_ts(tai_ns: u64, tai_offset_ns: i64) -> String {
-    let unix = tai_ns as i128 - tai_offset_ns as i128;
-    time::OffsetDateTime::from_unix_timestamp_nanos(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("@{unix}"))
-}
+// Timestamps are the clock module's: kernel time to RFC 3339.
+pub use crate::clock::format_ts;
 
+/// The protocol's name from the one table (`agent_common::proto`), or its
+/// number.
 pub fn proto_name(p: u8) -> String {
-    match p {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        255 => "raw".into(),
-        n => n.to_string(),
+    match agent_common::proto::proto_name(p) {
+        Some(name) => name.into(),
+        None => p.to_string(),
     }
 }
 
@@ -223,13 +212,11 @@ impl Enricher {
     pub fn enrich(&mut self, e: &Event) -> Record {
         let g = self.generations.get(&e.generation).cloned();
         let name = |id: u16| -> Option<String> {
-            if id == 0 {
-                return None;
-            }
+            let index = DomainId::from(id).index()?;
             Some(match &g {
                 Some(g) => g
                     .domain_names
-                    .get(id as usize - 1)
+                    .get(index)
                     .cloned()
                     .unwrap_or_else(|| format!("#{id}")),
                 None => format!("#{id}"),

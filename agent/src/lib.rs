@@ -1,25 +1,29 @@
 //! bulkhead's agent as a library: the binary (`src/main.rs`) is its CLI;
 //! fuzz targets and tools link the same modules.
+//!
+//! The pure part (policy, geo, compile, explain's decisions) is the crate
+//! `bulkhead-policy`; its modules are re-exported here under their old
+//! paths. `compile`, `explain` and `trust` add what needs the host.
 
-pub mod addr;
+pub use bulkhead_policy::{
+    Candidate, LoadError, addr, candidate, duration, fxhash, geo, policy, ranges, selector,
+};
+
 pub mod bridges;
 pub mod caps;
 pub mod cgroup;
 pub mod client;
+pub mod clock;
 pub mod compile;
 pub mod cut;
 pub mod events;
 pub mod explain;
-pub mod fxhash;
-pub mod geo;
 pub mod k8s;
 pub mod kernel;
 pub mod listeners;
 pub mod maps;
 pub mod metrics;
-pub mod policy;
 pub mod probe;
-pub mod ranges;
 pub mod runtime;
 pub mod sink;
 pub mod store;

@@ -33,6 +33,7 @@ use std::{
 };
 
 use agent_common::maps::{MAP_SOCKS, MAX_CGROUP_DEPTH, SockInfo};
+use agent_common::proto::{PROTO_TCP, PROTO_UDP};
 use anyhow::{Result, anyhow};
 use aya::{
     Ebpf,
@@ -289,12 +290,8 @@ fn diag_request(tcp: bool, family: u8, port: u16, storage: Option<i32>) -> Vec<u
     m.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend(1u32.to_ne_bytes()); // seq
     m.extend(0u32.to_ne_bytes()); // pid
-    let proto = if tcp {
-        libc::IPPROTO_TCP
-    } else {
-        libc::IPPROTO_UDP
-    };
-    m.extend([family, proto as u8, 0, 0]);
+    let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    m.extend([family, proto, 0, 0]);
     let states: u32 = if tcp { 1 << TCP_LISTEN } else { u32::MAX };
     m.extend(states.to_ne_bytes());
     // inet_diag_sockid: the dump keeps sockets of this source port only.
@@ -622,56 +619,8 @@ fn in_netns<T: Send>(
     })
 }
 
-/// Who owns the socket a connect reaches, as the connect hook learns it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Owner {
-    /// Its `BH_SOCKS` entry: the cgroup ancestry the connect hook walks.
-    Recorded([u64; MAX_CGROUP_DEPTH]),
-    /// It has no `BH_SOCKS` entry: the connect hook finds no owner.
-    Unrecorded,
-    /// No socket storage to read: the ancestry of the cgroup it was
-    /// created in, which is what `post_bind` records unless another
-    /// process bound it.
-    Creator([u64; MAX_CGROUP_DEPTH]),
-    /// No `sock_diag` either: the ancestry of the cgroup of the process
-    /// holding it, what the agent records for a socket bound before it
-    /// started ([`seed`]).
-    Holder([u64; MAX_CGROUP_DEPTH]),
-}
-
-impl Owner {
-    /// The owner's cgroup ancestry, if it has one.
-    pub fn ancestors(&self) -> Option<&[u64; MAX_CGROUP_DEPTH]> {
-        match self {
-            Owner::Recorded(a) | Owner::Creator(a) | Owner::Holder(a) => Some(a),
-            Owner::Unrecorded => None,
-        }
-    }
-}
-
-/// What a connect to an address in no domain network reaches on this host.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listener {
-    /// Nothing listens there.
-    Nothing,
-    Found {
-        /// Where it is bound, e.g. `127.0.0.1:7411` or `[::]:53`.
-        bound: SocketAddr,
-        owner: Owner,
-        /// The owner's cgroup path, while it exists.
-        path: Option<String>,
-    },
-    /// Something may listen there, but whose it is cannot be read: why.
-    Unknown(String),
-}
-
-/// A listener lookup and where it looked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lookup {
-    /// The network namespace, in words.
-    pub netns: String,
-    pub listener: Listener,
-}
+// What a lookup finds is plain data, which `explain` decides on.
+pub use bulkhead_policy::listener::{Listener, Lookup, Owner};
 
 /// The path (relative to `mount`) of the cgroup whose ancestry this is,
 /// found level by level; `None` once it no longer exists.

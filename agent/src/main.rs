@@ -13,10 +13,12 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+// Every duration flag takes the policy's durations (`30s`, `10m`, `2h`, `7d`).
+use bulkhead::duration::parse_duration;
 use bulkhead::{
-    cgroup, client, compile,
+    LoadError, client,
     compile::EventLimits,
-    explain, geo, kernel, policy,
+    explain, kernel, policy,
     runtime::{
         self,
         logging::LogFormat,
@@ -375,22 +377,6 @@ impl AgentArgs {
     }
 }
 
-/// `90`, `30s`, `10m`, `2h`, `1d` → seconds.
-fn parse_duration(s: &str) -> Result<u64, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration `{s}` (e.g. 30s, 10m, 2h, 1d)"))?;
-    let mul = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("bad duration unit in `{s}` (s, m, h or d)")),
-    };
-    Ok(n * mul)
-}
-
 /// A reply of another kind than the request asks for: an agent of another
 /// version, most likely.
 fn unexpected(r: Response) -> Result<ExitCode> {
@@ -419,20 +405,17 @@ fn main() -> ExitCode {
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Check { policy: path } => {
-            let p = match policy::load(&path) {
-                Ok(p) => p,
-                Err(diags) => {
+            let (p, c) = match cli::candidate(&path) {
+                Ok(cand) => (cand.policy, cand.compiled),
+                Err(LoadError::Policy(diags)) => {
                     eprint!("{diags}");
                     if !diags.to_string().ends_with('\n') {
                         eprintln!();
                     }
                     return Ok(ExitCode::from(1));
                 }
+                Err(e) => return Err(e.into()),
             };
-            let db = geo::GeoDb::load(&p.geo)?;
-            let mount = cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
-            let limits = EventLimits { rate: 0, burst: 0 };
-            let c = compile::compile(&p, &db, &mount, limits, compile::tai_offset_ns())?;
             print!("{}", policy::summary(&p));
             let t = &c.addr;
             println!(

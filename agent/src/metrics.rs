@@ -32,7 +32,7 @@ use std::{
 };
 
 use agent_common::{
-    Hook, Reason,
+    DomainId, Hook, Reason,
     maps::{
         COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
         COUNTER_EVENTS_WANTED, MAP_COUNTERS, MAP_DOMAIN_COUNTERS, counter_index,
@@ -168,7 +168,10 @@ impl Collector for Exposition {
         let mut samples: Vec<(Labels, u64)> = Vec::new();
         for (i, name) in names.iter().enumerate() {
             for r in Reason::ALL {
-                let n = at(&domains, domain_counter_index(i as u32 + 1, r as u8));
+                let n = at(
+                    &domains,
+                    domain_counter_index(DomainId::from_index(i).raw(), r as u8),
+                );
                 if n > 0 {
                     samples.push((
                         [

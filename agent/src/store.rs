@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use rusqlite::{Connection, OpenFlags, params, params_from_iter};
 
-use crate::{compile, events::Record};
+use crate::{clock, events::Record};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -104,7 +104,7 @@ fn open(path: &Path) -> Result<Connection> {
 fn ts_ns(r: &Record) -> i64 {
     time::OffsetDateTime::parse(&r.ts, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp_nanos() as i64)
-        .unwrap_or_else(|_| compile::now_ns())
+        .unwrap_or_else(|_| clock::now_ns())
 }
 
 fn addr_bin(a: Option<&str>) -> Option<Vec<u8>> {
@@ -176,7 +176,7 @@ fn writer(mut conn: Connection, rx: Receiver<Item>, retention: Duration, written
         }
         if last_prune.elapsed() > Duration::from_secs(60) {
             last_prune = Instant::now();
-            let cutoff = compile::now_ns() - retention.as_nanos() as i64;
+            let cutoff = clock::now_ns() - retention.as_nanos() as i64;
             for table in ["events", "changes"] {
                 if let Err(e) =
                     conn.execute(&format!("DELETE FROM {table} WHERE ts_ns < ?1"), [cutoff])
@@ -226,7 +226,7 @@ fn insert(conn: &mut Connection, batch: &[Item]) -> Result<()> {
                     ])?;
                 }
                 Item::Change(c) => {
-                    let now = compile::now_ns();
+                    let now = clock::now_ns();
                     let ts = crate::events::format_ts(now as u64, 0);
                     ch.execute(params![
                         now,

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use bulkhead::policy::GeoSources;
+use bulkhead_policy::policy::GeoSources;
 use bulkhead_fuzz::{load_and_use, write};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,11 +1,11 @@
-//! Policy files: parse + validate (`bulkhead::policy::load`, which also
+//! Policy files: parse + validate (`bulkhead_policy::policy::load`, which also
 //! reports non-UTF-8 input), then for a valid policy the summary and the
 //! compiler, against a small cgroup tree and a reference geo source.
 //! Rejections are expected; panics, hangs and leaks are bugs.
 
 #![no_main]
 
-use bulkhead::{
+use bulkhead_policy::{
     compile::{self, EventLimits},
     policy,
 };

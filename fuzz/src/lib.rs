@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use bulkhead::{
+use bulkhead_policy::{
     geo::{DomainGeo, GeoDb},
     policy::{CountryList, GeoRule, GeoSources, UnknownCountry},
 };

@@ -34,7 +34,9 @@ use std::{collections::BTreeMap, sync::Mutex};
 
 pub use cgroups::{Driver, Layout, Located, detect, locate};
 pub use pod::{ContainerId, PodError, PodInfo, Qos, pods_from_json, pods_from_value};
-pub use selector::{Assignment, Assignments, Operator, PodSelector, Requirement, assign};
+pub use selector::{
+    Assignment, Assignments, Operator, PodSelector, Requirement, SelectsPod, assign,
+};
 
 /// A change to the node's pods, as a watch reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,96 +12,26 @@
 //! where Kubernetes draws its authorization lines, so they are the part of
 //! a selector a workload cannot choose for itself.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::Path,
-};
+use std::{collections::BTreeSet, path::Path};
+
+use agent_common::DomainId;
 
 use super::{
     cgroups::{self, Layout},
     pod::PodInfo,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Operator {
-    In,
-    NotIn,
-    Exists,
-    DoesNotExist,
+pub use bulkhead_policy::selector::{Assignment, Operator, PodSelector, Requirement};
+
+/// [`PodSelector::matches_labels`] for a pod as the API server describes it.
+pub trait SelectsPod {
+    fn matches(&self, pod: &PodInfo) -> bool;
 }
 
-/// One `matchExpressions` entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Requirement {
-    pub key: String,
-    pub operator: Operator,
-    /// For `In` and `NotIn`; empty for the others.
-    pub values: Vec<String>,
-}
-
-impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        let value = labels.get(&self.key);
-        match self.operator {
-            Operator::In => value.is_some_and(|v| self.values.contains(v)),
-            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
-            Operator::Exists => value.is_some(),
-            Operator::DoesNotExist => value.is_none(),
-        }
+impl SelectsPod for PodSelector {
+    fn matches(&self, pod: &PodInfo) -> bool {
+        self.matches_labels(&pod.namespace, &pod.labels)
     }
-}
-
-/// Which pods a domain holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodSelector {
-    /// Namespaces the pods may be in; required (empty matches nothing).
-    pub namespaces: Vec<String>,
-    pub match_labels: BTreeMap<String, String>,
-    pub match_expressions: Vec<Requirement>,
-}
-
-impl PodSelector {
-    pub fn matches(&self, pod: &PodInfo) -> bool {
-        self.namespaces.contains(&pod.namespace)
-            && self
-                .match_labels
-                .iter()
-                .all(|(k, v)| pod.labels.get(k) == Some(v))
-            && self
-                .match_expressions
-                .iter()
-                .all(|r| r.matches(&pod.labels))
-    }
-}
-
-impl std::fmt::Display for PodSelector {
-    /// `namespaces acme, ci; team=acme; tier In (staging, qa); legacy DoesNotExist`
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "namespaces {}", self.namespaces.join(", "))?;
-        for (k, v) in &self.match_labels {
-            write!(f, "; {k}={v}")?;
-        }
-        for r in &self.match_expressions {
-            write!(f, "; {} {:?}", r.key, r.operator)?;
-            if !r.values.is_empty() {
-                write!(f, " ({})", r.values.join(", "))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A pod placed in a domain through its cgroup.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Assignment {
-    /// Index into the policy's domains (the kernel's id is `index + 1`).
-    pub domain: usize,
-    /// `namespace/name`, for logs.
-    pub pod: String,
-    pub uid: String,
-    /// The pod's cgroup, relative to the cgroup v2 mount.
-    pub cgroup: String,
-    pub cgroup_id: u64,
 }
 
 /// The outcome of [`assign`]: what goes into the kernel, and what the
@@ -122,11 +52,17 @@ pub struct Assignments {
 
 impl Assignments {
     /// `(cgroup id, kernel domain id, path)`, the shape of
-    /// `Compiled::cgroups` (the kernel's domain id is `index + 1`).
+    /// `Compiled::cgroups`.
     pub fn cgroup_entries(&self) -> Vec<(u64, u32, String)> {
         self.assigned
             .iter()
-            .map(|a| (a.cgroup_id, a.domain as u32 + 1, a.cgroup.clone()))
+            .map(|a| {
+                (
+                    a.cgroup_id,
+                    DomainId::from_index(a.domain).raw(),
+                    a.cgroup.clone(),
+                )
+            })
             .collect()
     }
 }

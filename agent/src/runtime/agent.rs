@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::maps::MAP_EVENTS;
+use agent_common::{DomainId, maps::MAP_EVENTS};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
@@ -32,12 +32,14 @@ use super::{
     },
 };
 use crate::{
+    Candidate, LoadError,
     bridges::{Jit, JitBridge, OpenRequest, Opener},
     caps,
     cgroup::{self, PathCache},
+    clock,
     compile::{self, Compiled, EventLimits},
     cut::Cutter,
-    events::{self, Enricher, Generation},
+    events::{Enricher, Generation},
     explain,
     geo::GeoDb,
     k8s::{
@@ -111,45 +113,51 @@ impl Source {
     /// Reads, checks and compiles the policy file (pods are placed after).
     fn load(self) -> Result<Loaded> {
         let path = &self.path;
-        let trusted = |what: &str, p: &Path| {
-            if self.allow_untrusted {
-                return Ok(());
+        // Each file's stamp is taken when it is checked, before it is read,
+        // so a change made during the load is noticed at the next tick.
+        let stamps = std::cell::RefCell::new(Vec::new());
+        let opts = crate::candidate::Options {
+            cgroup_mount: &self.mount,
+            limits: self.limits,
+            tai: clock::tai_offset_ns(),
+        };
+        let loaded = Candidate::load_with(
+            path,
+            &mut |what, p| {
+                if !self.allow_untrusted {
+                    crate::trust::check(what, p)?;
+                }
+                stamps.borrow_mut().push((p.to_path_buf(), stamp(p)));
+                Ok(())
+            },
+            &opts,
+            // Unchanged geo files are not read again: reloads stay fast and
+            // events of recent generations share one database in memory.
+            |file| {
+                self.prev
+                    .as_ref()
+                    .filter(|(cfg, st, _)| *cfg == file.geo && st[1..] == stamps.borrow()[1..])
+                    .map(|(_, _, geo)| geo.clone())
+            },
+            |file| self.jit.merged(file, None),
+        );
+        let c = match loaded {
+            Ok(c) => c,
+            // One diagnostic per line, each starting with `file:line:col:`.
+            Err(LoadError::Policy(d)) => bail!("policy {} rejected:\n{d}", path.display()),
+            Err(e @ LoadError::Compile(_)) => return Err(e.into()),
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("policy {} rejected", path.display()))
+                );
             }
-            crate::trust::check(what, p)
-                .with_context(|| format!("policy {} rejected", path.display()))
         };
-        trusted("policy file", path)?;
-        // One diagnostic per line, each starting with `file:line:col:`.
-        let file =
-            policy::load(path).map_err(|d| anyhow!("policy {} rejected:\n{d}", path.display()))?;
-        let mut stamps = vec![(path.to_path_buf(), stamp(path))];
-        for p in file.geo.databases.iter().chain(&file.geo.geofeeds) {
-            trusted("geo file", p)?;
-            stamps.push((p.clone(), stamp(p)));
-        }
-        // Unchanged geo files are not read again: reloads stay fast and
-        // events of recent generations share one database in memory.
-        let geo = match self.prev {
-            Some((cfg, st, geo)) if cfg == file.geo && st[1..] == stamps[1..] => geo,
-            _ => Arc::new(
-                GeoDb::load(&file.geo)
-                    .with_context(|| format!("policy {} rejected", path.display()))?,
-            ),
-        };
-        let policy = self.jit.merged(&file, None);
-        let compiled = compile::compile(
-            &policy,
-            &geo,
-            &self.mount,
-            self.limits,
-            compile::tai_offset_ns(),
-        )?;
         Ok(Loaded {
-            file,
-            policy,
-            geo,
-            compiled,
-            stamps,
+            file: c.file,
+            policy: c.policy,
+            geo: c.geo,
+            compiled: c.compiled,
+            stamps: stamps.into_inner(),
         })
     }
 }
@@ -267,7 +275,7 @@ impl Agent {
             );
         }
         let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
-        let expired_while_down = jit.expire(compile::now_ns())?;
+        let expired_while_down = jit.expire(clock::now_ns())?;
         let load_started = Instant::now();
         if args.k8s_node.is_some() && !cfg!(feature = "k8s") {
             bail!(
@@ -339,7 +347,7 @@ impl Agent {
         }
         // The names of the generation about to go live (and of those
         // before it, whose events may wait in the ring) are known first.
-        let tai = compile::tai_offset_ns();
+        let tai = clock::tai_offset_ns();
         let mut paths = PathCache::new(mount.clone());
         for (id, _, p) in &loaded.compiled.cgroups {
             paths.insert(*id, p.clone());
@@ -439,7 +447,7 @@ impl Agent {
         if let Some(st) = &store {
             gauges.set_store(st);
         }
-        let started = events::format_ts((compile::now_ns() + tai) as u64, tai);
+        let started = clock::format_ts((clock::now_ns() + tai) as u64, tai);
         info!(
             "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, address table of {} words; pinned under {}; {} pre-existing sockets recorded; control socket {}",
             args.policy.display(),
@@ -650,7 +658,7 @@ impl Agent {
             &l.compiled,
             &self.mount,
             self.args.limits,
-            compile::tai_offset_ns(),
+            clock::tai_offset_ns(),
         )?;
         compiled.place_pods(placed.unwrap_or(&l.compiled.pods));
         Ok(Loaded {
@@ -735,7 +743,7 @@ impl Agent {
                 };
                 let bridge = match self
                     .jit
-                    .prepare(&self.current.file, req, by, compile::now_ns())
+                    .prepare(&self.current.file, req, by, clock::now_ns())
                 {
                     Ok(b) => b,
                     Err(e) => return Response::error(format!("{e:#}")),
@@ -762,7 +770,7 @@ impl Agent {
                 }
             }
             Request::BridgeList => {
-                let now = compile::now_ns();
+                let now = clock::now_ns();
                 Response::Bridges {
                     bridges: self
                         .jit
@@ -799,7 +807,7 @@ impl Agent {
             // The kernel stopped honouring expired bridges at their
             // instant; here they leave the state file, the maps and the
             // audit trail.
-            match self.jit.expire(compile::now_ns()) {
+            match self.jit.expire(clock::now_ns()) {
                 Ok(gone) if !gone.is_empty() => {
                     let next = self.rebuild(None, None);
                     let _ = self.apply(next, Why::BridgesExpired(gone));
@@ -872,7 +880,7 @@ impl Agent {
         for (i, d) in self.current.policy.domains.iter().enumerate() {
             for pattern in &d.cgroups {
                 for (path, id) in cgroup::resolve(&self.mount, pattern) {
-                    found.push((id, i as u32 + 1, path));
+                    found.push((id, DomainId::from_index(i).raw(), path));
                 }
             }
         }
@@ -899,10 +907,7 @@ impl Agent {
         let Ok(ip) = dst.parse() else {
             return Response::error(format!("not an IP address: {dst}"));
         };
-        let proto = match proto {
-            "udp" => policy::Proto::Udp,
-            _ => policy::Proto::Tcp,
-        };
+        let proto = policy::Proto::from_name(proto).unwrap_or(policy::Proto::Tcp);
         let q = explain::Query {
             cgroup: cgroup.to_string(),
             dst: ip,
@@ -916,7 +921,7 @@ impl Agent {
             &l.compiled,
             &l.geo,
             &q,
-            compile::now_ns(),
+            clock::now_ns(),
             &|q, ip| host.lookup(q, ip),
         );
         Response::Explained { answer }
@@ -949,7 +954,7 @@ impl Agent {
             }
         }
         let l = &self.current;
-        let now = compile::now_ns();
+        let now = clock::now_ns();
         let bridges = l
             .policy
             .bridges

@@ -23,7 +23,7 @@ use tracing::warn;
 
 use super::control::Hub;
 use crate::{
-    compile,
+    clock,
     cut::Cutter,
     events::{self, Enricher},
     sink::Sink,
@@ -131,7 +131,7 @@ impl Cuts {
         }
         match self.cutter.run() {
             Ok(records) => {
-                let now = (compile::now_ns() + self.tai_offset_ns).max(0) as u64;
+                let now = clock::now_tai(clock::now_ns(), self.tai_offset_ns);
                 self.state
                     .destroyed
                     .fetch_add(records.len() as u64, Ordering::Relaxed);

@@ -4,9 +4,10 @@
 
 use std::path::PathBuf;
 
+use agent_common::{DomainId, proto};
 use ipnet::IpNet;
 
-pub use crate::k8s::{Operator, PodSelector, Requirement};
+pub use crate::selector::{Operator, PodSelector, Requirement};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -74,18 +75,25 @@ pub enum Proto {
     Udp,
 }
 
+/// Numbers and names from the one protocol table, `agent_common::proto`.
 impl Proto {
     pub const fn number(self) -> u8 {
         match self {
-            Proto::Tcp => agent_common::maps::PROTO_TCP,
-            Proto::Udp => agent_common::maps::PROTO_UDP,
+            Proto::Tcp => proto::PROTO_TCP,
+            Proto::Udp => proto::PROTO_UDP,
         }
     }
 
-    pub const fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
+    pub fn name(self) -> &'static str {
+        proto::proto_name(self.number()).expect("tcp and udp are in the protocol table")
+    }
+
+    /// `tcp` or `udp`: the protocols a port rule can name.
+    pub fn from_name(name: &str) -> Option<Proto> {
+        match proto::proto_number(name)? {
+            proto::PROTO_TCP => Some(Proto::Tcp),
+            proto::PROTO_UDP => Some(Proto::Udp),
+            _ => None,
         }
     }
 }
@@ -129,7 +137,7 @@ pub struct Policy {
     pub version: u32,
     pub mode: Mode,
     pub geo: GeoSources,
-    /// In file order; the kernel's domain id is `index + 1`.
+    /// In file order; the kernel's id is [`DomainId::from_index`].
     pub domains: Vec<Domain>,
     pub bridges: Vec<Bridge>,
     /// Which domain pairs may get just-in-time bridges (`bulkhead bridge
@@ -147,11 +155,11 @@ pub struct JitRule {
 }
 
 impl Policy {
-    /// The kernel's id of a domain (`index + 1`).
+    /// The kernel's id of a domain ([`DomainId::from_index`]).
     pub fn domain_id(&self, name: &str) -> Option<u32> {
         self.domains
             .iter()
             .position(|d| d.name == name)
-            .map(|i| i as u32 + 1)
+            .map(|i| DomainId::from_index(i).raw())
     }
 }

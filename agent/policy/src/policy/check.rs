@@ -16,6 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use super::model::*;
 use super::yaml::{Kind, Node, Pos};
 use super::{country, glob};
+use crate::duration::parse_duration;
 
 /// Domain ids are 1..=63: id 0 means "no domain" and ids are bit positions
 /// in the kernel's 64-bit geo masks.
@@ -1101,14 +1102,10 @@ pub(super) fn parse_ports(text: &str) -> Result<PortRange, String> {
             "port `{text}` needs a protocol, e.g. tcp/{text} or udp/{text}"
         ));
     };
-    let proto = match proto {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => {
-            return Err(format!(
-                "unknown protocol `{proto}` in `{text}` (expected tcp or udp)"
-            ));
-        }
+    let Some(proto) = Proto::from_name(proto) else {
+        return Err(format!(
+            "unknown protocol `{proto}` in `{text}` (expected tcp or udp)"
+        ));
     };
     let port = |s: &str| -> Result<u16, String> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -1140,26 +1137,6 @@ pub(super) fn parse_ports(text: &str) -> Result<PortRange, String> {
 }
 
 /// RFC 3339 to unix nanoseconds.
-/// `90s`, `30m`, `2h`, `7d` → seconds (at least one second).
-fn parse_duration(text: &str) -> Result<u64, String> {
-    let bad = || format!("invalid duration `{text}` (expected e.g. 30m, 2h, 7d)");
-    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = text.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let mul = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(bad()),
-    };
-    let secs = n.checked_mul(mul).ok_or_else(bad)?;
-    if secs == 0 {
-        return Err(format!("duration `{text}` must be longer than zero"));
-    }
-    Ok(secs)
-}
-
 fn parse_time(text: &str) -> Result<i64, String> {
     let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
         format!("invalid time `{text}` ({e}); expected RFC 3339 like 2027-03-31T00:00:00Z")
