@@ -14,9 +14,9 @@ use serde_json::Value;
 use bulkhead::{
     Candidate, LoadError, candidate, cgroup, client, clock,
     compile::EventLimits,
-    events::Record,
     explain::{self, Answer, Query},
     policy::Proto,
+    runtime::events::Record,
     runtime::protocol::{Filter, Request, SOCKET_NAME, Status},
 };
 
@@ -573,7 +573,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                 }),
                 None => None,
             };
-            let q = bulkhead::store::Query {
+            let q = bulkhead::runtime::store::Query {
                 from_ns,
                 to_ns: to.as_deref().map(rfc3339_ns).transpose()?,
                 domain,
@@ -587,7 +587,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
                 reason,
                 limit,
             };
-            let rows = bulkhead::store::query(&db.path(), &q)?;
+            let rows = bulkhead::runtime::store::query(&db.path(), &q)?;
             let mut out = std::io::stdout().lock();
             match format.as_str() {
                 "json" => {
@@ -642,7 +642,7 @@ pub fn audit(cmd: crate::AuditCommand) -> Result<()> {
         }
         crate::AuditCommand::Changes { db, since } => {
             let from = since.map(|s| clock::now_ns() - s as i64 * 1_000_000_000);
-            for c in bulkhead::store::changes(&db.path(), from, 100_000)? {
+            for c in bulkhead::runtime::store::changes(&db.path(), from, 100_000)? {
                 println!(
                     "{} {:<16} gen {:<5} {} {} {}",
                     c["ts"].as_str().unwrap_or(""),

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use crate::{
-    events::Record,
+    runtime::events::Record,
     runtime::protocol::{Reply, Request, Response, SOCKET_NAME, ts_unix_ns},
 };
 

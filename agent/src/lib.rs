@@ -9,22 +9,17 @@ pub use bulkhead_policy::{
     Candidate, LoadError, addr, candidate, duration, fxhash, geo, policy, ranges, selector,
 };
 
-pub mod bridges;
 pub mod caps;
 pub mod cgroup;
 pub mod client;
 pub mod clock;
 pub mod compile;
 pub mod cut;
-pub mod events;
 pub mod explain;
 pub mod k8s;
 pub mod kernel;
 pub mod listeners;
 pub mod maps;
-pub mod metrics;
 pub mod probe;
 pub mod runtime;
-pub mod sink;
-pub mod store;
 pub mod trust;

@@ -23,8 +23,8 @@ use bulkhead::{
         self,
         logging::LogFormat,
         protocol::{Filter, Reply, Request, Response},
+        sink,
     },
-    sink,
 };
 
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/bulkhead";
@@ -616,7 +616,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                         b.from,
                         b.to,
                         b.ports,
-                        bulkhead::events::format_ts(b.expires as u64, 0),
+                        bulkhead::clock::format_ts(b.expires as u64, 0),
                     );
                 }
                 BridgeCommand::Close { agent, name } => {

@@ -6,7 +6,7 @@
 use agent_common::{Event, event::EVENT_SIZE};
 use bulkhead::{
     cgroup::PathCache,
-    events::{self, Enricher},
+    runtime::events::{self, Enricher},
 };
 
 fn unhex(lines: &[&str]) -> Vec<u8> {

@@ -9,7 +9,7 @@ use agent_common::event::EVENT_SIZE;
 use bulkhead::{
     cgroup::PathCache,
     compile::BridgeName,
-    events::{self, Enricher, Generation},
+    runtime::events::{self, Enricher, Generation},
 };
 use bulkhead_fuzz::{cgroup_mount, reference_geo};
 use libfuzzer_sys::fuzz_target;

@@ -32,14 +32,11 @@ use super::{
     },
 };
 use crate::{
-    Candidate, LoadError,
-    bridges::{Jit, JitBridge, OpenRequest, Opener},
-    caps,
+    Candidate, LoadError, caps,
     cgroup::{self, PathCache},
     clock,
     compile::{self, Compiled, EventLimits},
     cut::Cutter,
-    events::{Enricher, Generation},
     explain,
     geo::GeoDb,
     k8s::{
@@ -49,10 +46,12 @@ use crate::{
     kernel::{self, PinLock, Pins},
     listeners,
     maps::PolicyMaps,
-    metrics::Gauges,
     policy::{self, Policy},
-    sink::Rotation,
-    store::{Change, Store},
+    runtime::bridges::{Jit, JitBridge, OpenRequest, Opener},
+    runtime::events::{Enricher, Generation},
+    runtime::metrics::Gauges,
+    runtime::sink::Rotation,
+    runtime::store::{Change, Store},
 };
 
 pub struct RunArgs {
@@ -392,7 +391,10 @@ impl Agent {
         // The new maps and links are pinned now.
         kernel::secure(&pins)?;
         let control = super::control::bind(&args.run_dir, args.control_group)?;
-        let metrics = args.metrics_addr.map(crate::metrics::bind).transpose()?;
+        let metrics = args
+            .metrics_addr
+            .map(crate::runtime::metrics::bind)
+            .transpose()?;
         // Tracing programs need CAP_PERFMON: load the socket iterators now.
         let cutter = match socks_fd(&ebpf).and_then(Cutter::new) {
             Ok(c) => {

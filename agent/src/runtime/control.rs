@@ -33,8 +33,8 @@ use super::protocol::{
     Filter, MAX_REQUEST, Peer, REQUEST_TIMEOUT, Reply, Request, Response, SOCKET_NAME, ts_unix_ns,
 };
 use crate::{
-    events::Record,
-    store::{Change, Store},
+    runtime::events::Record,
+    runtime::store::{Change, Store},
 };
 
 /// A command the agent's state machine answers.

@@ -10,10 +10,15 @@
 //! microseconds, and the one long step (compiling a policy) is off it.
 
 pub mod agent;
+pub mod bridges;
 pub mod control;
+pub mod events;
 pub mod logging;
+pub mod metrics;
 pub mod output;
 pub mod protocol;
+pub mod sink;
+pub mod store;
 
 use std::time::Duration;
 
@@ -59,7 +64,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         start_pod_watch(&agent);
     }
 
-    let sink = crate::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
+    let sink = crate::runtime::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
     let (stop_events, stopped) = oneshot::channel();
     let events = tokio::spawn(output::read(
         started.ring,
@@ -89,7 +94,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        tokio::spawn(crate::metrics::run(
+        tokio::spawn(crate::runtime::metrics::run(
             listener,
             agent.pins_maps(),
             agent.gauges.clone(),

@@ -25,9 +25,9 @@ use super::control::Hub;
 use crate::{
     clock,
     cut::Cutter,
-    events::{self, Enricher},
-    sink::Sink,
-    store::Store,
+    runtime::events::{self, Enricher},
+    runtime::sink::Sink,
+    runtime::store::Store,
 };
 
 /// Where enriched events go.

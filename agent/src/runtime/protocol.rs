@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{bridges::JitBridge, events::Record};
+use super::{bridges::JitBridge, events::Record};
 
 pub const SOCKET_NAME: &str = "control.sock";
 

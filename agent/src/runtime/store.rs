@@ -21,7 +21,8 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use rusqlite::{Connection, OpenFlags, params, params_from_iter};
 
-use crate::{clock, events::Record};
+use super::events::Record;
+use crate::clock;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -227,7 +228,7 @@ fn insert(conn: &mut Connection, batch: &[Item]) -> Result<()> {
                 }
                 Item::Change(c) => {
                     let now = clock::now_ns();
-                    let ts = crate::events::format_ts(now as u64, 0);
+                    let ts = crate::runtime::events::format_ts(now as u64, 0);
                     ch.execute(params![
                         now,
                         ts,

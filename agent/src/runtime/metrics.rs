@@ -89,7 +89,7 @@ impl Gauges {
         }
     }
 
-    pub fn set_store(&self, store: &crate::store::Store) {
+    pub fn set_store(&self, store: &crate::runtime::store::Store) {
         if let Ok(mut s) = self.store.lock() {
             *s = Some((store.written.clone(), store.dropped.clone()));
         }
