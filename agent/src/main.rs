@@ -21,6 +21,7 @@ use bulkhead::{
     explain, kernel, policy,
     runtime::{
         self,
+        bridges::OpenRequest,
         logging::LogFormat,
         protocol::{Filter, Reply, Request, Response},
         sink,
@@ -598,14 +599,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                     reason,
                     name,
                 } => {
-                    let req = Request::BridgeOpen {
+                    let req = Request::BridgeOpen(OpenRequest {
                         name,
                         from,
                         to,
                         ports,
                         for_secs,
                         reason,
-                    };
+                    });
                     let (b, generation) = match client::call(&agent.run_dir(), &req)? {
                         Response::BridgeOpened { bridge, generation } => (bridge, generation),
                         other => return unexpected(other),

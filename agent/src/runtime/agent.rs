@@ -47,7 +47,7 @@ use crate::{
     listeners,
     maps::PolicyMaps,
     policy::{self, Policy},
-    runtime::bridges::{Jit, JitBridge, OpenRequest, Opener},
+    runtime::bridges::{Jit, JitBridge, Opener},
     runtime::events::{Enricher, Generation},
     runtime::metrics::Gauges,
     runtime::sink::Rotation,
@@ -722,26 +722,11 @@ impl Agent {
                 port,
                 proto,
             } => self.explain(&cgroup, &dst, port, &proto),
-            Request::BridgeOpen {
-                name,
-                from,
-                to,
-                ports,
-                for_secs,
-                reason,
-            } => {
+            Request::BridgeOpen(req) => {
                 let by = Opener {
                     uid: peer.uid,
                     gid: peer.gid,
                     pid: peer.pid,
-                };
-                let req = OpenRequest {
-                    name,
-                    from,
-                    to,
-                    ports,
-                    for_secs,
-                    reason,
                 };
                 let bridge = match self
                     .jit

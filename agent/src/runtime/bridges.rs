@@ -36,7 +36,8 @@ pub struct JitBridge {
     pub opened_by: Opener,
 }
 
-/// A request to open one.
+/// A request to open one (as the CLI sends it on the control socket).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct OpenRequest {
     pub name: Option<String>,
     pub from: String,

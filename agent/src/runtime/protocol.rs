@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{bridges::JitBridge, events::Record};
+use super::{
+    bridges::{JitBridge, OpenRequest},
+    events::Record,
+};
 
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -41,14 +44,7 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         counts_seq_gaps: bool,
     },
-    BridgeOpen {
-        name: Option<String>,
-        from: String,
-        to: String,
-        ports: Vec<String>,
-        for_secs: u64,
-        reason: String,
-    },
+    BridgeOpen(OpenRequest),
     BridgeClose {
         name: String,
     },
@@ -285,6 +281,18 @@ mod tests {
             back.response,
             Response::Reloaded { generation: 7, .. }
         ));
+        let open = Request::BridgeOpen(OpenRequest {
+            name: None,
+            from: "contractor".into(),
+            to: "prod".into(),
+            ports: vec!["tcp/5432".into()],
+            for_secs: 600,
+            reason: "T-1".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&open).unwrap(),
+            r#"{"cmd":"bridge-open","name":null,"from":"contractor","to":"prod","ports":["tcp/5432"],"for_secs":600,"reason":"T-1"}"#
+        );
         let e: Reply = Response::error("no such bridge: x").into();
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
