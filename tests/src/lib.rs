@@ -38,13 +38,80 @@ pub fn privileged(test: &str) -> bool {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A short name unique to this test process and call.
+/// A short name unique to this test process and call: the full process id
+/// (no two live processes share it) and a per-process counter. With a
+/// two-letter prefix it fits an interface name (15 bytes).
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}x{}",
-        std::process::id() % 100_000,
+        std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Where [`net_id`] keeps its locks: one file per number, shared by every
+/// test process on the host.
+const NET_LOCKS: &str = "/run/bulkhead-tests";
+/// The numbers [`net_id`] hands out: `10.N.0.0/16` and `fd00:N::/32` for N
+/// in this range (private ranges; N is written in decimal, which reads as
+/// hex digits in the IPv6 prefix).
+pub const NET_IDS: std::ops::RangeInclusive<u8> = 100..=249;
+
+/// A number for a test's addresses, held (an `flock` on
+/// `/run/bulkhead-tests/net-N.lock`) until dropped, so no two tests
+/// running at once, in this process or in any other test binary, get the
+/// same one. The kernel releases the lock when the process dies, even by
+/// SIGKILL, so a crashed run leaves nothing to clean up.
+///
+/// A test owns every address under `10.N.0.0/16` and `fd00:N::/32`: its
+/// veth pair (`10.N.0.0/24`, see [`Link`]) and any other network its
+/// policy names (`10.N.S.0/24` for some S ≠ 0).
+pub struct NetId {
+    pub n: u8,
+    _lock: fs::File,
+}
+
+impl NetId {
+    /// `10.N.sub.host`
+    pub fn v4(&self, sub: u8, host: u8) -> String {
+        format!("10.{}.{sub}.{host}", self.n)
+    }
+
+    /// `fd00:N:sub::host` (hex groups; `N` in decimal digits).
+    pub fn v6(&self, sub: u16, host: u16) -> String {
+        format!("fd00:{}:{sub:x}::{host:x}", self.n)
+    }
+}
+
+/// Hands out a [`NetId`] no other live test holds; panics (with the
+/// holders to look at) when all are taken.
+pub fn net_id() -> NetId {
+    fs::create_dir_all(NET_LOCKS).unwrap_or_else(|e| panic!("mkdir {NET_LOCKS}: {e}"));
+    let (first, count) = (*NET_IDS.start() as u32, NET_IDS.len() as u32);
+    // Start somewhere else in each process and call, so concurrent
+    // binaries rarely race for the same file.
+    let start = std::process::id().wrapping_mul(7) + SEQ.fetch_add(1, Ordering::Relaxed);
+    for i in 0..count {
+        let n = (first + (start + i) % count) as u8;
+        let path = Path::new(NET_LOCKS).join(format!("net-{n}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        // SAFETY: flock on a descriptor this function owns.
+        let got = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0;
+        if got {
+            return NetId { n, _lock: lock };
+        }
+    }
+    panic!("all {count} test network numbers are held (see `lslocks` for {NET_LOCKS})");
 }
 
 pub fn cgroup2_mount() -> PathBuf {
@@ -153,16 +220,22 @@ impl Drop for Netns {
     }
 }
 
-/// Two namespaces joined by a veth pair, with v4 and v6 test addresses:
-/// `a` holds `10.<net>.0.1` / `fd00:<net>::1`, `b` holds `.2` / `::2`.
+/// Two namespaces joined by a veth pair, with v4 and v6 test addresses
+/// from a harness-allocated [`NetId`] `N`: `a` holds `10.N.0.1` /
+/// `fd00:N::1`, `b` holds `.2` / `::2`.
 pub struct Link {
     pub a: Netns,
     pub b: Netns,
+    /// `N`, the second octet of every address of this link.
     pub net: u8,
+    /// Released after the namespaces are gone (fields drop in order).
+    pub id: NetId,
 }
 
 impl Link {
-    pub fn new(net: u8) -> Link {
+    pub fn new() -> Link {
+        let id = net_id();
+        let net = id.n;
         let (a, b) = (Netns::new(), Netns::new());
         let va = unique("va");
         let vb = unique("vb");
@@ -177,7 +250,7 @@ impl Link {
             ));
             ns.ip(&format!("link set {dev} up"));
         }
-        Link { a, b, net }
+        Link { a, b, net, id }
     }
 
     pub fn v4(&self, host: u8) -> String {
@@ -186,6 +259,12 @@ impl Link {
 
     pub fn v6(&self, host: u8) -> String {
         format!("fd00:{}::{host}", self.net)
+    }
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link::new()
     }
 }
 

@@ -64,7 +64,7 @@ fn deny_storm_accounting_identity_holds_exactly() {
     if !privileged("deny_storm") {
         return;
     }
-    let w = world(131);
+    let w = world();
     // A tiny ring and a per-cgroup rate limit, so every path is taken:
     // delivered, rate limited and lost.
     let p = w.policy("", "");
@@ -132,7 +132,7 @@ fn a_stalled_subscriber_loses_only_its_own_events() {
     if !privileged("stalled_subscriber") {
         return;
     }
-    let w = world(132);
+    let w = world();
     let agent = Agent::start_with(
         &w.root,
         &w.policy("", ""),
@@ -203,7 +203,7 @@ fn the_events_log_rotates_and_stays_bounded() {
     if !privileged("rotation") {
         return;
     }
-    let w = world(133);
+    let w = world();
     let agent = Agent::start_with(
         &w.root,
         &w.policy("", ""),
@@ -248,7 +248,7 @@ fn audit_query_finds_exactly_one_domains_denials_in_a_time_range() {
     if !privileged("audit_query") {
         return;
     }
-    let w = world(134);
+    let w = world();
     let db = tempfile::tempdir().unwrap();
     let db_path = db.path().join("audit.db");
     let agent = Agent::start_with(
@@ -351,7 +351,7 @@ fn the_store_survives_kill_9() {
     if !privileged("store_kill9") {
         return;
     }
-    let w = world(135);
+    let w = world();
     let db = tempfile::tempdir().unwrap();
     let db_path = db.path().join("audit.db");
     let mut agent = Agent::start_with(
@@ -395,7 +395,7 @@ fn metrics_count_decisions_by_domain_and_the_socket_refuses_strangers() {
     if !privileged("metrics") {
         return;
     }
-    let w = world(136);
+    let w = world();
     // A free loopback port for the metrics endpoint.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -456,7 +456,7 @@ fn audit_all_records_one_event_per_flow_not_per_datagram() {
     if !privileged("audit_all_flows") {
         return;
     }
-    let w = world(135);
+    let w = world();
     let bridge = "bridges:\n  - name: dns\n    from: contractor\n    to: prod\n    ports: [udp/5300-5310]\n    reason: T-5\n";
     let agent = Agent::start(&w.root, &w.policy("    audit: all\n", bridge));
     let a = format!("{}:5300", w.link.v4(2));

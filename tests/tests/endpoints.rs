@@ -283,7 +283,7 @@ fn metrics_port_answers_probes_under_1000_idle_and_1000_half_sent_connections() 
     }
     let _serial = serial();
     set_nofile(None);
-    let w = world(190);
+    let w = world();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let agent = Agent::start_with(
         &w.root,
@@ -331,7 +331,7 @@ fn metrics_port_answers_probes_at_its_connection_bound() {
         return;
     }
     let _serial = serial();
-    let w = world(191);
+    let w = world();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     set_nofile(Some(1024));
     let agent = Agent::start_with(
@@ -460,7 +460,7 @@ fn control_socket_answers_under_1000_idle_clients() {
     }
     let _serial = serial();
     set_nofile(None);
-    let w = world(192);
+    let w = world();
     let agent = Agent::start_with(&w.root, &w.policy("", ""), &["--no-audit-db"]);
     let before = status_works(&agent).expect("status");
     let started = Instant::now();
@@ -511,7 +511,7 @@ fn control_socket_answers_every_unreadable_request_with_a_json_error() {
         return;
     }
     let _serial = serial();
-    let w = world(193);
+    let w = world();
     let agent = Agent::start_with(&w.root, &w.policy("", ""), &["--no-audit-db"]);
     let quick = Duration::from_secs(5);
 

@@ -186,7 +186,7 @@ fn a_follower_started_first_streams_across_two_kill9_restarts_once_and_counts_th
     if !privileged("follow_across_restarts") {
         return;
     }
-    let w = world(186);
+    let w = world();
     let to = |port: u16| format!("{}:{port}", w.link.v4(2));
     // A control socket path known before any agent runs, so the follower
     // can start first. A small event budget per cgroup (5 at once, 1 a
@@ -429,7 +429,7 @@ fn a_follower_cut_off_from_a_running_agent_resumes_since_without_repeats() {
     if !privileged("follow_resumes_since") {
         return;
     }
-    let w = world(187);
+    let w = world();
     let to = |port: u16| format!("{}:{port}", w.link.v4(2));
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let proxy = Proxy::start(agent.run_dir().join("control.sock"));

@@ -26,7 +26,7 @@ fn status_events_and_explain_over_the_control_socket() {
     if !privileged("status_events_explain") {
         return;
     }
-    let w = world(121);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8080", w.link.v4(2));
 
@@ -127,7 +127,7 @@ fn reload_switches_generations_and_rejected_reloads_change_nothing() {
     if !privileged("reload") {
         return;
     }
-    let w = world(122);
+    let w = world();
     let base = w.policy("", "");
     let mut agent = Agent::start(&w.root, &base);
     let dst = format!("{}:8080", w.link.v4(2));
@@ -248,7 +248,7 @@ fn explain_agrees_with_the_kernel() {
     if !privileged("explain_vs_kernel") {
         return;
     }
-    let w = world(123);
+    let w = world();
     let gone = w.root.child("gone");
     let lab = w.root.child("lab");
     let n = w.link.net;
@@ -630,7 +630,7 @@ fn a_thousand_reloads_never_mix_two_policies() {
     if !privileged("reload_atomicity") {
         return;
     }
-    let w = world(124);
+    let w = world();
     let (a, b) = (policy_ab(&w, true), policy_ab(&w, false));
     let mut agent = Agent::start_with(
         &w.root,
@@ -712,7 +712,7 @@ fn malformed_policies_are_rejected_and_change_nothing() {
     if !privileged("malformed_policies") {
         return;
     }
-    let w = world(126);
+    let w = world();
     let good = w.policy(
         "    expires: 2099-01-01T00:00:00Z\n    audit: all\n",
         "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-1\"\n  - name: window\n    from: prod\n    to: contractor\n    ports: [udp/5300-5310]\n    not_before: 2026-01-01T00:00:00Z\n    expires: 2099-01-01T00:00:00Z\n    reason: \"T-2\"\njit_bridges:\n  - from: contractor\n    to: prod\n    max_duration: 2h\n",
@@ -859,7 +859,7 @@ fn jit_bridge_lifecycle_and_cut_within_100ms_with_the_agent_dead() {
     if !privileged("jit_bridge") {
         return;
     }
-    let w = world(127);
+    let w = world();
     let p = w.policy(
         "",
         "jit_bridges:\n  - from: contractor\n    to: prod\n    max_duration: 1h\n",
@@ -1022,7 +1022,7 @@ fn explain_replay_lists_the_decisions_a_candidate_policy_would_change() {
     if !privileged("explain_replay") {
         return;
     }
-    let w = world(128);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8080", w.link.v4(2));
     assert_eq!(
@@ -1142,7 +1142,7 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
     if !privileged("cut") {
         return;
     }
-    let w = world(128);
+    let w = world();
     let bridge = "bridges:\n  - name: loop\n    from: contractor\n    to: prod\n    ports: [tcp/47128]\n    reason: \"T-9\"\n";
     let mut agent = Agent::start(&w.root, &w.policy("", bridge));
     let dst = "127.0.0.1:47128";
