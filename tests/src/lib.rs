@@ -692,6 +692,39 @@ impl Agent {
         }
     }
 
+    /// All events, once the log has stopped growing for the same settle
+    /// time as [`Agent::wait_events`] (bounded): for an exact count or an
+    /// exact list of everything logged.
+    pub fn settled_events(&self) -> Vec<Value> {
+        self.wait_events(0, |_| true)
+    }
+
+    /// The number of lines in `path` once it has at least `at_least` and
+    /// has stopped growing for the settle time of [`Agent::wait_events`];
+    /// bounded by `within` (then the count so far).
+    pub fn settled_lines(path: &Path, at_least: usize, within: Duration) -> usize {
+        const SETTLE: Duration = Duration::from_millis(300);
+        let deadline = Instant::now() + within;
+        let mut stable: Option<(usize, Instant)> = None;
+        loop {
+            let n = fs::read_to_string(path).map_or(0, |t| t.lines().count());
+            if n >= at_least {
+                match stable {
+                    Some((m, since)) if m == n => {
+                        if since.elapsed() >= SETTLE {
+                            return n;
+                        }
+                    }
+                    _ => stable = Some((n, Instant::now())),
+                }
+            }
+            if Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn run_cli(&self, args: &[&str]) -> Output {
         Command::new(bulkhead_bin())
             .args(args)
