@@ -656,12 +656,15 @@ impl Agent {
         }
     }
 
-    /// All events so far, parsed.
+    /// All events so far, parsed: the complete lines (a line the agent is
+    /// still writing is left for the next read).
     pub fn events(&self) -> Vec<Value> {
         let Ok(text) = fs::read_to_string(&self.events) else {
             return Vec::new();
         };
-        text.lines()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
             .collect()
     }
