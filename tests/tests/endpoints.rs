@@ -30,6 +30,8 @@ const HELD: usize = 2_000;
 /// line within 10 s (`control::REQUEST_TIMEOUT`).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound on every `status` while clients hold the control socket.
+const CONTROL_BOUND: Duration = Duration::from_secs(1);
 
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -451,11 +453,14 @@ fn garbage(n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// 1,000 idle clients on the control socket: `status` still works, and
-/// each idle client is told it sent no request.
+/// 1,000 idle clients and 1,000 that sent half a request (`{"cmd":"sta`,
+/// no newline) on the control socket: `status` answers within
+/// [`CONTROL_BOUND`] each time and a new client's `status` works; then each
+/// idle client is told it sent no request, and each half-sent one that its
+/// request is incomplete.
 #[test]
-fn control_socket_answers_under_1000_idle_clients() {
-    if !privileged("control_socket_under_idle_clients") {
+fn control_socket_answers_under_1000_idle_and_1000_half_sent_clients() {
+    if !privileged("control_socket_under_idle_and_half_sent_clients") {
         return;
     }
     let _serial = serial();
@@ -464,37 +469,54 @@ fn control_socket_answers_under_1000_idle_clients() {
     let agent = Agent::start_with(&w.root, &w.policy("", ""), &["--no-audit-db"]);
     let before = status_works(&agent).expect("status");
     let started = Instant::now();
-    let idle: Vec<UnixStream> = (0..1_000)
+    let held: Vec<UnixStream> = (0..HELD)
         .map(|i| {
-            UnixStream::connect(control_socket(&agent))
-                .unwrap_or_else(|e| panic!("idle client {i}: {e}"))
+            let mut s = UnixStream::connect(control_socket(&agent))
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
+            if i % 2 == 1 {
+                s.write_all(b"{\"cmd\":\"sta")
+                    .unwrap_or_else(|e| panic!("half-sent client {i}: {e}"));
+            }
+            s
         })
         .collect();
-    eprintln!("1,000 idle clients connected in {:?}", started.elapsed());
+    eprintln!(
+        "1,000 idle and 1,000 half-sent clients connected in {:?}",
+        started.elapsed()
+    );
     let mut under = Vec::new();
     for _ in 0..5 {
-        under.push(status_works(&agent).expect("status with 1,000 idle clients"));
+        under.push(status_works(&agent).expect("status with 2,000 clients held"));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("status: {before:?} alone; with 1,000 idle clients {under:?}");
+    eprintln!("status: {before:?} alone; with 2,000 clients held {under:?}");
     assert!(
-        under.iter().all(|t| *t < Duration::from_secs(2)),
-        "{under:?}"
+        under.iter().all(|t| *t < CONTROL_BOUND),
+        "status slower than {CONTROL_BOUND:?}: {under:?}"
     );
+    // A new client with a whole request, raw: answered at once.
+    let answer = control_answer(&agent, b"{\"cmd\":\"status\"}\n", false, CONTROL_BOUND)
+        .expect("a new client's status");
+    assert_eq!(answer["generation"], 1, "a status answer: {answer}");
 
-    // Each idle client gets its error once its time is up, and is closed.
+    // Each held client gets its error once its time is up, and is closed.
     let deadline = started + REQUEST_TIMEOUT + Duration::from_secs(10);
-    for (i, s) in idle.into_iter().enumerate() {
+    for (i, s) in held.into_iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
-        let error = refused(
-            &format!("idle client {i}"),
-            read_answer(s),
-            "no request within 10 s",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        if i == 0 {
-            eprintln!("each idle client, after {:?}: {error}", started.elapsed());
+        let (kind, what) = if i % 2 == 0 {
+            ("idle", "no request within 10 s")
+        } else {
+            (
+                "half-sent",
+                "incomplete request: 11 bytes and no newline within 10 s",
+            )
+        };
+        let error = refused(&format!("{kind} client {i}"), read_answer(s), what)
+            .unwrap_or_else(|e| panic!("{e}"));
+        if i < 2 {
+            eprintln!("each {kind} client, after {:?}: {error}", started.elapsed());
         }
     }
     status_works(&agent).expect("status afterwards");
