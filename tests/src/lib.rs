@@ -537,18 +537,29 @@ impl Agent {
         self.child = Some(child);
     }
 
-    /// Waits for the running agent's `READY=1`.
+    /// Waits for the running agent's `READY=1`; fails at once if the agent
+    /// exits first (a refused flag, say), else after [`ready_timeout`].
     pub fn wait_ready(&mut self) {
         let mut buf = [0u8; 256];
-        loop {
+        let deadline = Instant::now() + ready_timeout();
+        self.notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let outcome = loop {
             match self.notify.recv(&mut buf) {
-                Ok(n) if &buf[..n] == b"READY=1" => break,
+                Ok(n) if &buf[..n] == b"READY=1" => break Ok(()),
                 Ok(_) => continue,
                 Err(e) => {
-                    let status = self.child.as_mut().map(|c| c.try_wait());
-                    panic!("agent did not report READY=1: {e} (exit: {status:?})");
+                    let exited = self.exited();
+                    if exited.is_some() || Instant::now() > deadline {
+                        break Err(format!("{e} (exit: {exited:?})"));
+                    }
                 }
             }
+        };
+        self.notify.set_read_timeout(Some(ready_timeout())).unwrap();
+        if let Err(why) = outcome {
+            panic!("agent did not report READY=1: {why}");
         }
     }
 
@@ -884,6 +895,24 @@ impl Agent {
         extra: &[&str],
     ) -> (Agent, AgentLog) {
         let mut agent = Agent::prepare(cgroup_root, policy);
+        let log = AgentLog::default();
+        agent.spawn_capturing(extra, &log);
+        (agent, log)
+    }
+
+    /// Like [`Agent::start_capturing`], with extra environment variables
+    /// for this and every later start.
+    pub fn start_capturing_with_env(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Agent, AgentLog) {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let log = AgentLog::default();
         agent.spawn_capturing(extra, &log);
         (agent, log)
