@@ -995,3 +995,37 @@ pub fn ready_timeout() -> Duration {
         .unwrap_or(30);
     Duration::from_secs(secs)
 }
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    /// Numbers held at once are distinct, in this process and against any
+    /// other: a second process cannot take one this process holds, and
+    /// can once it is dropped.
+    #[test]
+    fn net_ids_are_unique_across_processes() {
+        if !privileged("net_ids_unique") {
+            return;
+        }
+        let held: Vec<NetId> = (0..20).map(|_| net_id()).collect();
+        let mut ns: Vec<u8> = held.iter().map(|h| h.n).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        assert_eq!(ns.len(), held.len(), "{ns:?}");
+        assert!(ns.iter().all(|n| NET_IDS.contains(n)), "{ns:?}");
+        let other_takes = |n: u8| {
+            Command::new("flock")
+                .args(["--nonblock", "--conflict-exit-code", "99"])
+                .arg(Path::new(NET_LOCKS).join(format!("net-{n}.lock")))
+                .arg("true")
+                .status()
+                .expect("run flock(1)")
+                .code()
+        };
+        let n = held[0].n;
+        assert_eq!(other_takes(n), Some(99), "another process took net {n}");
+        drop(held);
+        assert_eq!(other_takes(n), Some(0), "net {n} is free once dropped");
+    }
+}
