@@ -1028,4 +1028,23 @@ mod harness_tests {
         drop(held);
         assert_eq!(other_takes(n), Some(0), "net {n} is free once dropped");
     }
+
+    /// A count taken once `at_least` lines are there still sees a line
+    /// that comes 150 ms later (a count returned as soon as it was reached
+    /// would miss it, and an "exactly n" assertion would pass wrongly).
+    #[test]
+    fn settled_lines_sees_a_late_extra_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        fs::write(&path, "a\nb\n").unwrap();
+        let late = path.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            let mut text = fs::read_to_string(&late).unwrap();
+            text.push_str("c\n");
+            fs::write(&late, text).unwrap();
+        });
+        assert_eq!(Agent::settled_lines(&path, 2, Duration::from_secs(5)), 3);
+        writer.join().unwrap();
+    }
 }
