@@ -385,3 +385,26 @@ fn json_logs_take_their_level_from_bulkhead_log() {
         &lines[mark.min(lines.len())..]
     );
 }
+
+/// The reader above on lines as tracing-subscriber's JSON format writes
+/// them (current span under `span`, the stack under `spans`), so a failure
+/// of the tests above is the agent's, not the reader's.
+#[test]
+fn apply_lines_are_read_from_tracing_json() {
+    let lines: Vec<Value> = [
+        r#"{"timestamp":"2026-12-04T23:00:00.000001Z","level":"INFO","fields":{"message":"policy applied","outcome":"applied"},"target":"bulkhead::run","span":{"generation":2,"why":"reload","name":"apply"},"spans":[{"generation":2,"why":"reload","name":"apply"}]}"#,
+        r#"{"timestamp":"2026-12-04T23:00:00.000002Z","level":"DEBUG","fields":{"message":"maps written"},"target":"bulkhead::maps","span":{"name":"write"},"spans":[{"generation":2,"why":"reload","name":"apply"},{"name":"write"}]}"#,
+        r#"{"timestamp":"2026-12-04T23:00:00.000003Z","level":"INFO","fields":{"message":"outcome outside","outcome":"applied"},"target":"bulkhead::run"}"#,
+        r#"{"timestamp":"2026-12-04T23:00:00.000004Z","level":"WARN","fields":{"message":"policy rejected","outcome":"rejected"},"target":"bulkhead::run","span":{"generation":2,"why":"control","name":"apply"},"spans":[{"generation":2,"why":"control","name":"apply"}]}"#,
+    ]
+    .iter()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    let applied = applies(&lines, "applied");
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(applied[0]["why"], "reload");
+    assert_eq!(applied[0]["generation"], "2");
+    assert!(apply_fields(&lines[1]).is_some(), "nested under apply");
+    assert!(apply_fields(&lines[2]).is_none(), "outside any span");
+    assert_eq!(applies(&lines, "rejected").len(), 1);
+}
