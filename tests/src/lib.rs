@@ -38,13 +38,80 @@ pub fn privileged(test: &str) -> bool {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A short name unique to this test process and call.
+/// A short name unique to this test process and call: the full process id
+/// (no two live processes share it) and a per-process counter. With a
+/// two-letter prefix it fits an interface name (15 bytes).
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}x{}",
-        std::process::id() % 100_000,
+        std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Where [`net_id`] keeps its locks: one file per number, shared by every
+/// test process on the host.
+const NET_LOCKS: &str = "/run/bulkhead-tests";
+/// The numbers [`net_id`] hands out: `10.N.0.0/16` and `fd00:N::/32` for N
+/// in this range (private ranges; N is written in decimal, which reads as
+/// hex digits in the IPv6 prefix).
+pub const NET_IDS: std::ops::RangeInclusive<u8> = 100..=249;
+
+/// A number for a test's addresses, held (an `flock` on
+/// `/run/bulkhead-tests/net-N.lock`) until dropped, so no two tests
+/// running at once, in this process or in any other test binary, get the
+/// same one. The kernel releases the lock when the process dies, even by
+/// SIGKILL, so a crashed run leaves nothing to clean up.
+///
+/// A test owns every address under `10.N.0.0/16` and `fd00:N::/32`: its
+/// veth pair (`10.N.0.0/24`, see [`Link`]) and any other network its
+/// policy names (`10.N.S.0/24` for some S ≠ 0).
+pub struct NetId {
+    pub n: u8,
+    _lock: fs::File,
+}
+
+impl NetId {
+    /// `10.N.sub.host`
+    pub fn v4(&self, sub: u8, host: u8) -> String {
+        format!("10.{}.{sub}.{host}", self.n)
+    }
+
+    /// `fd00:N:sub::host` (hex groups; `N` in decimal digits).
+    pub fn v6(&self, sub: u16, host: u16) -> String {
+        format!("fd00:{}:{sub:x}::{host:x}", self.n)
+    }
+}
+
+/// Hands out a [`NetId`] no other live test holds; panics (with the
+/// holders to look at) when all are taken.
+pub fn net_id() -> NetId {
+    fs::create_dir_all(NET_LOCKS).unwrap_or_else(|e| panic!("mkdir {NET_LOCKS}: {e}"));
+    let (first, count) = (*NET_IDS.start() as u32, NET_IDS.len() as u32);
+    // Start somewhere else in each process and call, so concurrent
+    // binaries rarely race for the same file.
+    let start = std::process::id().wrapping_mul(7) + SEQ.fetch_add(1, Ordering::Relaxed);
+    for i in 0..count {
+        let n = (first + (start + i) % count) as u8;
+        let path = Path::new(NET_LOCKS).join(format!("net-{n}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        // SAFETY: flock on a descriptor this function owns.
+        let got = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0;
+        if got {
+            return NetId { n, _lock: lock };
+        }
+    }
+    panic!("all {count} test network numbers are held (see `lslocks` for {NET_LOCKS})");
 }
 
 pub fn cgroup2_mount() -> PathBuf {
@@ -153,16 +220,22 @@ impl Drop for Netns {
     }
 }
 
-/// Two namespaces joined by a veth pair, with v4 and v6 test addresses:
-/// `a` holds `10.<net>.0.1` / `fd00:<net>::1`, `b` holds `.2` / `::2`.
+/// Two namespaces joined by a veth pair, with v4 and v6 test addresses
+/// from a harness-allocated [`NetId`] `N`: `a` holds `10.N.0.1` /
+/// `fd00:N::1`, `b` holds `.2` / `::2`.
 pub struct Link {
     pub a: Netns,
     pub b: Netns,
+    /// `N`, the second octet of every address of this link.
     pub net: u8,
+    /// Released after the namespaces are gone (fields drop in order).
+    pub id: NetId,
 }
 
 impl Link {
-    pub fn new(net: u8) -> Link {
+    pub fn new() -> Link {
+        let id = net_id();
+        let net = id.n;
         let (a, b) = (Netns::new(), Netns::new());
         let va = unique("va");
         let vb = unique("vb");
@@ -177,7 +250,7 @@ impl Link {
             ));
             ns.ip(&format!("link set {dev} up"));
         }
-        Link { a, b, net }
+        Link { a, b, net, id }
     }
 
     pub fn v4(&self, host: u8) -> String {
@@ -186,6 +259,12 @@ impl Link {
 
     pub fn v6(&self, host: u8) -> String {
         format!("fd00:{}::{host}", self.net)
+    }
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link::new()
     }
 }
 
@@ -458,18 +537,29 @@ impl Agent {
         self.child = Some(child);
     }
 
-    /// Waits for the running agent's `READY=1`.
+    /// Waits for the running agent's `READY=1`; fails at once if the agent
+    /// exits first (a refused flag, say), else after [`ready_timeout`].
     pub fn wait_ready(&mut self) {
         let mut buf = [0u8; 256];
-        loop {
+        let deadline = Instant::now() + ready_timeout();
+        self.notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let outcome = loop {
             match self.notify.recv(&mut buf) {
-                Ok(n) if &buf[..n] == b"READY=1" => break,
+                Ok(n) if &buf[..n] == b"READY=1" => break Ok(()),
                 Ok(_) => continue,
                 Err(e) => {
-                    let status = self.child.as_mut().map(|c| c.try_wait());
-                    panic!("agent did not report READY=1: {e} (exit: {status:?})");
+                    let exited = self.exited();
+                    if exited.is_some() || Instant::now() > deadline {
+                        break Err(format!("{e} (exit: {exited:?})"));
+                    }
                 }
             }
+        };
+        self.notify.set_read_timeout(Some(ready_timeout())).unwrap();
+        if let Err(why) = outcome {
+            panic!("agent did not report READY=1: {why}");
         }
     }
 
@@ -577,12 +667,15 @@ impl Agent {
         }
     }
 
-    /// All events so far, parsed.
+    /// All events so far, parsed: the complete lines (a line the agent is
+    /// still writing is left for the next read).
     pub fn events(&self) -> Vec<Value> {
         let Ok(text) = fs::read_to_string(&self.events) else {
             return Vec::new();
         };
-        text.lines()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
             .collect()
     }
@@ -608,6 +701,39 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// All events, once the log has stopped growing for the same settle
+    /// time as [`Agent::wait_events`] (bounded): for an exact count or an
+    /// exact list of everything logged.
+    pub fn settled_events(&self) -> Vec<Value> {
+        self.wait_events(0, |_| true)
+    }
+
+    /// The number of lines in `path` once it has at least `at_least` and
+    /// has stopped growing for the settle time of [`Agent::wait_events`];
+    /// bounded by `within` (then the count so far).
+    pub fn settled_lines(path: &Path, at_least: usize, within: Duration) -> usize {
+        const SETTLE: Duration = Duration::from_millis(300);
+        let deadline = Instant::now() + within;
+        let mut stable: Option<(usize, Instant)> = None;
+        loop {
+            let n = fs::read_to_string(path).map_or(0, |t| t.lines().count());
+            if n >= at_least {
+                match stable {
+                    Some((m, since)) if m == n => {
+                        if since.elapsed() >= SETTLE {
+                            return n;
+                        }
+                    }
+                    _ => stable = Some((n, Instant::now())),
+                }
+            }
+            if Instant::now() > deadline {
+                return n;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -774,6 +900,24 @@ impl Agent {
         (agent, log)
     }
 
+    /// Like [`Agent::start_capturing`], with extra environment variables
+    /// for this and every later start.
+    pub fn start_capturing_with_env(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Agent, AgentLog) {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let log = AgentLog::default();
+        agent.spawn_capturing(extra, &log);
+        (agent, log)
+    }
+
     /// Like [`Agent::spawn`], and also appends the agent's stderr lines to `log`.
     pub fn spawn_capturing(&mut self, extra: &[&str], log: &AgentLog) {
         self.spawn_logging(extra, Some(log));
@@ -850,4 +994,57 @@ pub fn ready_timeout() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    /// Numbers held at once are distinct, in this process and against any
+    /// other: a second process cannot take one this process holds, and
+    /// can once it is dropped.
+    #[test]
+    fn net_ids_are_unique_across_processes() {
+        if !privileged("net_ids_unique") {
+            return;
+        }
+        let held: Vec<NetId> = (0..20).map(|_| net_id()).collect();
+        let mut ns: Vec<u8> = held.iter().map(|h| h.n).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        assert_eq!(ns.len(), held.len(), "{ns:?}");
+        assert!(ns.iter().all(|n| NET_IDS.contains(n)), "{ns:?}");
+        let other_takes = |n: u8| {
+            Command::new("flock")
+                .args(["--nonblock", "--conflict-exit-code", "99"])
+                .arg(Path::new(NET_LOCKS).join(format!("net-{n}.lock")))
+                .arg("true")
+                .status()
+                .expect("run flock(1)")
+                .code()
+        };
+        let n = held[0].n;
+        assert_eq!(other_takes(n), Some(99), "another process took net {n}");
+        drop(held);
+        assert_eq!(other_takes(n), Some(0), "net {n} is free once dropped");
+    }
+
+    /// A count taken once `at_least` lines are there still sees a line
+    /// that comes 150 ms later (a count returned as soon as it was reached
+    /// would miss it, and an "exactly n" assertion would pass wrongly).
+    #[test]
+    fn settled_lines_sees_a_late_extra_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        fs::write(&path, "a\nb\n").unwrap();
+        let late = path.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            let mut text = fs::read_to_string(&late).unwrap();
+            text.push_str("c\n");
+            fs::write(&late, text).unwrap();
+        });
+        assert_eq!(Agent::settled_lines(&path, 2, Duration::from_secs(5)), 3);
+        writer.join().unwrap();
+    }
 }

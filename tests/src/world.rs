@@ -14,14 +14,16 @@ pub struct World {
     pub link: Link,
 }
 
-pub fn world(net: u8) -> World {
+/// A fresh world; its addresses come from a [`crate::NetId`] the harness
+/// hands out (`w.link.net`), unique among the tests running at once.
+pub fn world() -> World {
     let root = Cgroup::new(&unique("/bh-test-"));
     World {
         contractor: root.child("contractor"),
         prod: root.child("prod"),
         outside: root.child("outside"),
         root,
-        link: Link::new(net),
+        link: Link::new(),
     }
 }
 

@@ -65,8 +65,8 @@ fn echo_requests(ns: &Netns) -> (u64, u64) {
 }
 
 /// A world whose namespaces allow TCP Fast Open and ping sockets for everyone.
-fn world_with_sysctls(net: u8) -> World {
-    let w = world(net);
+fn world_with_sysctls() -> World {
+    let w = world();
     for ns in [&w.link.a, &w.link.b] {
         sysctl(ns, "net.ipv4.tcp_fastopen=3");
         sysctl(ns, "net.ipv4.ping_group_range='0 2147483647'");
@@ -79,7 +79,7 @@ fn tcp_fast_open_is_decided_at_connect() {
     if !privileged("tcp_fast_open") {
         return;
     }
-    let w = world_with_sysctls(160);
+    let w = world_with_sysctls();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let (v4, v6) = (w.link.v4(2), w.link.v6(2));
     let s4 = Server::start(&w.outside, Some(&w.link.b), "tcp", &format!("{v4}:8080"), 3);
@@ -119,7 +119,7 @@ fn ping_sockets_connected_and_unconnected() {
     if !privileged("ping_sockets") {
         return;
     }
-    let w = world_with_sysctls(161);
+    let w = world_with_sysctls();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let (v4, v6) = (w.link.v4(2), w.link.v6(2));
     let before = echo_requests(&w.link.b);
@@ -180,22 +180,34 @@ fn ping_sockets_cannot_bypass_the_egress_geofence() {
     if !privileged("ping_geofence") {
         return;
     }
-    let w = world_with_sysctls(162);
+    let w = world_with_sysctls();
     // A third address in B, in no domain, that the geofeed puts in FR.
+    let (fr4, fr6) = (w.link.v4(3), w.link.v6(3));
     let dev = veth(&w.link.b);
-    w.link.b.ip(&format!("addr add 10.162.0.3/24 dev {dev}"));
+    w.link.b.ip(&format!("addr add {fr4}/24 dev {dev}"));
     w.link
         .b
-        .ip(&format!("-6 addr add fd00:162::3/64 dev {dev} nodad"));
+        .ip(&format!("-6 addr add {fr6}/64 dev {dev} nodad"));
     let dir = tempfile::tempdir().unwrap();
     let feed = dir.path().join("geofeed.csv");
-    fs::write(&feed, "10.162.0.3/32,FR,,,\nfd00:162::3/128,FR,,,\n").unwrap();
+    fs::write(&feed, format!("{fr4}/32,FR,,,\n{fr6}/128,FR,,,\n")).unwrap();
+    let own = format!(
+        "    networks: [{}/32, \"{}/128\"]\n",
+        w.link.v4(1),
+        w.link.v6(1)
+    );
     let policy = w
         .policy("", "")
-        .replacen("domains:\n", &format!("geo:\n  geofeeds: [\"{}\"]\ndomains:\n", feed.display()), 1)
         .replacen(
-            "    networks: [10.162.0.1/32, \"fd00:162::1/128\"]\n",
-            "    networks: [10.162.0.1/32, \"fd00:162::1/128\"]\n    egress: { countries: { allow: [DE] }, unknown_country: deny }\n",
+            "domains:\n",
+            &format!("geo:\n  geofeeds: [\"{}\"]\ndomains:\n", feed.display()),
+            1,
+        )
+        .replacen(
+            &own,
+            &format!(
+                "{own}    egress: {{ countries: {{ allow: [DE] }}, unknown_country: deny }}\n"
+            ),
             1,
         );
     assert!(
@@ -209,27 +221,15 @@ fn ping_sockets_cannot_bypass_the_egress_geofence() {
     // their unconnected sends too (without that mark it judged them as
     // replies, by the ingress rules, and they went through).
     assert_eq!(
-        probe(
-            &w.contractor,
-            Some(&w.link.a),
-            &["ping", "sendto", "10.162.0.3"]
-        ),
+        probe(&w.contractor, Some(&w.link.a), &["ping", "sendto", &fr4]),
         "EPERM"
     );
     assert_eq!(
-        probe(
-            &w.contractor,
-            Some(&w.link.a),
-            &["ping", "sendto", "fd00:162::3"]
-        ),
+        probe(&w.contractor, Some(&w.link.a), &["ping", "sendto", &fr6]),
         "sent-but-ETIMEDOUT"
     );
     assert_eq!(
-        probe(
-            &w.contractor,
-            Some(&w.link.a),
-            &["ping", "connect", "10.162.0.3"]
-        ),
+        probe(&w.contractor, Some(&w.link.a), &["ping", "connect", &fr4]),
         "EPERM"
     );
     assert_eq!(
@@ -237,7 +237,7 @@ fn ping_sockets_cannot_bypass_the_egress_geofence() {
         before,
         "no echo request reached FR"
     );
-    for dst in ["10.162.0.3", "fd00:162::3"] {
+    for dst in [&fr4, &fr6] {
         let ev = agent.wait_events(1, |e| {
             deny_to(e, dst, None) && field(e, "hook") == "skb-egress"
         });
@@ -252,7 +252,7 @@ fn raw_ip_sockets_are_refused_before_anything_is_sent() {
     if !privileged("raw_ip_sockets") {
         return;
     }
-    let w = world(163);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let before = echo_requests(&w.link.b);
     assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw4"]), "EPERM");
@@ -268,7 +268,7 @@ fn packet_sockets_are_refused_or_need_cap_net_raw() {
     if !privileged("packet_sockets") {
         return;
     }
-    let w = world(164);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let peer = format!("{}:5000", w.link.v4(2));
     let server = Server::start(&w.outside, Some(&w.link.b), "udp", &peer, 3);
@@ -314,14 +314,14 @@ fn ipv4_mapped_destinations_are_ipv4_and_compatible_ones_ipv6() {
     if !privileged("v4_in_v6") {
         return;
     }
-    let w = world(165);
+    let w = world();
     let v4 = w.link.v4(2);
     // prod also lists the IPv4-compatible spelling of its address, as an
     // IPv6 network: that is what makes it prod's.
     let compat_net = format!("\"::{v4}/128\"");
     let policy = w.policy("", "").replacen(
-        "networks: [10.165.0.2/32,",
-        &format!("networks: [10.165.0.2/32, {compat_net},"),
+        &format!("networks: [{v4}/32,"),
+        &format!("networks: [{v4}/32, {compat_net},"),
         1,
     );
     assert!(
@@ -389,7 +389,7 @@ fn unconnected_udp_sendto_and_sendmmsg() {
     if !privileged("sendmmsg") {
         return;
     }
-    let w = world(166);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let prod = format!("{}:5300", w.link.v4(2));
     let far = Server::start(&w.outside, Some(&w.link.b), "udp", &prod, 3);
@@ -476,7 +476,7 @@ fn connected_udp_socket_loses_its_destination_on_reload() {
     if !privileged("connected_udp_reload") {
         return;
     }
-    let w = world(167);
+    let w = world();
     let mut agent = Agent::start(&w.root, &bridged(&w, "udp/5400"));
     let to = format!("{}:5400", w.link.v4(2));
     let server = Server::start(&w.outside, Some(&w.link.b), "udp", &to, 4);
@@ -537,7 +537,7 @@ fn established_tcp_flow_stops_after_tightening() {
     if !privileged("established_tcp") {
         return;
     }
-    let w = world(168);
+    let w = world();
     let mut agent = Agent::start(&w.root, &bridged(&w, "tcp/5500"));
     let to = format!("{}:5500", w.link.v4(2));
     let peer = sink(&w, &to, 4);
@@ -568,7 +568,7 @@ fn io_uring_connect_is_decided_like_connect() {
     if !privileged("io_uring") {
         return;
     }
-    let w = world(169);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let tcp = format!("{}:8080", w.link.v4(2));
     let udp = format!("[{}]:5353", w.link.v6(2));
@@ -609,7 +609,7 @@ fn socket_created_before_joining_the_domain_is_judged_at_connect() {
     if !privileged("premove") {
         return;
     }
-    let w = world(170);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let tcp = format!("{}:8080", w.link.v4(2));
     let udp = format!("{}:5353", w.link.v4(2));
@@ -655,7 +655,7 @@ fn limit_socket_connected_before_joining_the_domain_keeps_its_flow() {
     if !privileged("limit_preconnected") {
         return;
     }
-    let w = world(171);
+    let w = world();
     let _agent = Agent::start(&w.root, &w.policy("", ""));
     let to = format!("{}:5600", w.link.v4(2));
     let peer = sink(&w, &to, 3);
@@ -678,7 +678,7 @@ fn child_processes_and_threads_stay_in_the_domain() {
     if !privileged("children_threads") {
         return;
     }
-    let w = world(172);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let to = format!("{}:8080", w.link.v4(2));
     let server = Server::start(&w.outside, Some(&w.link.b), "tcp", &to, 3);
@@ -719,7 +719,7 @@ fn reparenting_inside_the_own_subtree_keeps_the_domain() {
     if !privileged("reparenting") {
         return;
     }
-    let w = world(173);
+    let w = world();
     let a = w.contractor.child("a");
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let to = format!("{}:8080", w.link.v4(2));
@@ -752,7 +752,7 @@ fn mptcp_is_decided_at_connect() {
     if !privileged("mptcp") {
         return;
     }
-    let w = world(174);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let to = format!("{}:8080", w.link.v4(2));
     let server = Server::start(&w.outside, Some(&w.link.b), "tcp", &to, 3);

@@ -21,7 +21,7 @@ fn cross_domain_tcp_and_udp_denied_with_eperm_and_one_event_each() {
     if !privileged("cross_domain") {
         return;
     }
-    let w = world(101);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = w.link.v4(2);
 
@@ -114,11 +114,14 @@ fn same_domain_and_domainless_workloads_are_allowed() {
     if !privileged("same_domain") {
         return;
     }
-    let w = world(102);
+    let w = world();
     // Both ends of the link belong to contractor here.
     let p = format!(
-        "version: 1\ndomains:\n  contractor:\n    cgroups: [\"{}\"]\n    networks: [10.102.0.0/24]\n  prod:\n    cgroups: [\"{}\"]\n    networks: [10.199.102.0/24]\n",
-        w.contractor.rel, w.prod.rel
+        "version: 1\ndomains:\n  contractor:\n    cgroups: [\"{}\"]\n    networks: [{}/24]\n  prod:\n    cgroups: [\"{}\"]\n    networks: [{}/24]\n",
+        w.contractor.rel,
+        w.link.id.v4(0, 0),
+        w.prod.rel,
+        w.link.id.v4(199, 0),
     );
     let _agent = Agent::start(&w.root, &p);
     let dst = w.link.v4(2);
@@ -170,7 +173,7 @@ fn bridge_allows_only_its_proto_and_port() {
     if !privileged("bridge_ports") {
         return;
     }
-    let w = world(103);
+    let w = world();
     let bridges = "bridges:\n  - name: ci-to-prod\n    from: contractor\n    to: prod\n    ports: [tcp/8080, udp/5300-5310]\n    reason: \"TICKET-1 test\"\n";
     let agent = Agent::start(&w.root, &w.policy("", bridges));
     let dst = w.link.v4(2);
@@ -229,7 +232,7 @@ fn bridge_expiry_applies_in_the_kernel_while_the_agent_is_dead() {
     if !privileged("bridge_expiry") {
         return;
     }
-    let w = world(104);
+    let w = world();
     // The bridge comes with a reload once the agent runs, so a slow start
     // (emulated kernels) cannot eat its window.
     let mut agent = Agent::start(&w.root, &w.policy("", ""));
@@ -273,7 +276,7 @@ fn nested_cgroup_created_after_start_is_in_its_parents_domain() {
     if !privileged("nested_cgroup") {
         return;
     }
-    let w = world(105);
+    let w = world();
     let _agent = Agent::start(&w.root, &w.policy("", ""));
     let job = w.contractor.child("job-42");
     let nested = job.child("step");
@@ -290,7 +293,7 @@ fn ipv6_and_v4_mapped_destinations_are_decided() {
     if !privileged("ipv6") {
         return;
     }
-    let w = world(106);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let v6 = format!("[{}]:8080", w.link.v6(2));
     assert_eq!(
@@ -330,7 +333,7 @@ fn raw_sockets_refused_in_domain_workloads_only() {
     if !privileged("raw_socket") {
         return;
     }
-    let w = world(107);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw4"]), "EPERM");
     assert_eq!(probe(&w.contractor, Some(&w.link.a), &["raw6"]), "EPERM");
@@ -345,7 +348,7 @@ fn loopback_between_domains_on_one_namespace_is_denied() {
     if !privileged("loopback") {
         return;
     }
-    let w = world(108);
+    let w = world();
     let ns = Netns::new();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     // A prod service listening on loopback, v4 and v6, in a shared namespace.
@@ -397,7 +400,7 @@ fn loopback_bridge_carries_requests_and_replies() {
     if !privileged("loopback_bridge") {
         return;
     }
-    let w = world(110);
+    let w = world();
     let ns = Netns::new();
     let bridge = "bridges:\n  - name: lo\n    from: contractor\n    to: prod\n    ports: [tcp/9200, udp/9201]\n    reason: \"T-3\"\n";
     let _agent = Agent::start(&w.root, &w.policy("", bridge));
@@ -439,7 +442,7 @@ fn listener_bound_before_the_agent_started_is_covered() {
     if !privileged("preexisting_listener") {
         return;
     }
-    let w = world(109);
+    let w = world();
     let ns = Netns::new();
     // It must still listen once the agent is up.
     let life = 4 + tests::slack_secs();
@@ -465,7 +468,7 @@ fn inbound_from_another_domains_network_is_dropped() {
     if !privileged("ingress") {
         return;
     }
-    let w = world(110);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8443", w.link.v4(2));
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 4);
@@ -488,7 +491,7 @@ fn audit_mode_decides_and_logs_but_never_blocks() {
     if !privileged("audit_mode") {
         return;
     }
-    let w = world(111);
+    let w = world();
     let p = w.policy("", "").replace("mode: enforce", "mode: audit");
     let agent = Agent::start(&w.root, &p);
     let dst = format!("{}:8080", w.link.v4(2));
@@ -510,7 +513,7 @@ fn enforcement_survives_kill_and_detach_removes_it() {
     if !privileged("kill_and_detach") {
         return;
     }
-    let w = world(112);
+    let w = world();
     let mut agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8080", w.link.v4(2));
 
@@ -559,7 +562,7 @@ fn check_reports_errors_with_file_line_col() {
     if !privileged("check_cli") {
         return;
     }
-    let w = world(113);
+    let w = world();
     let bad = w.policy(
         "",
         "bridges:\n  - name: x\n    from: contractor\n    to: nowhere\n    ports: [tcp/1]\n    reason: r\n",
@@ -591,7 +594,7 @@ fn udp_server_behind_a_bridge_answers_each_client() {
     if !privileged("udp_bridge") {
         return;
     }
-    let w = world(111);
+    let w = world();
     let bridge = "bridges:\n  - name: u\n    from: contractor\n    to: prod\n    ports: [udp/9301]\n    reason: \"T-3\"\n";
     let agent = Agent::start(&w.root, &w.policy("", bridge));
     let srv = format!("{}:9301", w.link.v4(2));
@@ -629,7 +632,7 @@ fn a_datagram_sockets_cached_verdict_holds_for_its_peer_only() {
     if !privileged("udp_verdict_cache") {
         return;
     }
-    let w = world(114);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let srv = format!("{}:9401", w.link.v4(2));
     let udp = Server::start(&w.prod, Some(&w.link.b), "udp", &srv, 3);

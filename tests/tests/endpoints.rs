@@ -30,6 +30,8 @@ const HELD: usize = 2_000;
 /// line within 10 s (`control::REQUEST_TIMEOUT`).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound on every `status` while clients hold the control socket.
+const CONTROL_BOUND: Duration = Duration::from_secs(1);
 
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -283,7 +285,7 @@ fn metrics_port_answers_probes_under_1000_idle_and_1000_half_sent_connections() 
     }
     let _serial = serial();
     set_nofile(None);
-    let w = world(190);
+    let w = world();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let agent = Agent::start_with(
         &w.root,
@@ -331,7 +333,7 @@ fn metrics_port_answers_probes_at_its_connection_bound() {
         return;
     }
     let _serial = serial();
-    let w = world(191);
+    let w = world();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     set_nofile(Some(1024));
     let agent = Agent::start_with(
@@ -378,7 +380,7 @@ fn control_answer(
     if end {
         s.shutdown(Shutdown::Write).unwrap();
     }
-    read_answer(s)
+    only_answer(s)
 }
 
 fn read_answer(s: UnixStream) -> Result<Value, String> {
@@ -387,6 +389,31 @@ fn read_answer(s: UnixStream) -> Result<Value, String> {
         Ok(0) => Err("closed without an answer".into()),
         Ok(_) => serde_json::from_str(&line).map_err(|e| format!("not JSON ({e}): {line:?}")),
         Err(e) => Err(format!("no answer: {e}")),
+    }
+}
+
+/// Like [`read_answer`], and the answer is the only line: after it the
+/// agent closes the connection or sends nothing more (within 300 ms).
+fn only_answer(s: UnixStream) -> Result<Value, String> {
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let answer = match r.read_line(&mut line) {
+        Ok(0) => return Err("closed without an answer".into()),
+        Ok(_) => serde_json::from_str(&line).map_err(|e| format!("not JSON ({e}): {line:?}"))?,
+        Err(e) => return Err(format!("no answer: {e}")),
+    };
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    if rest.is_empty() {
+        Ok(answer)
+    } else {
+        Err(format!(
+            "more than one line: {line:?} then {:?}",
+            String::from_utf8_lossy(&rest)
+        ))
     }
 }
 
@@ -451,57 +478,77 @@ fn garbage(n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// 1,000 idle clients on the control socket: `status` still works, and
-/// each idle client is told it sent no request.
+/// 1,000 idle clients and 1,000 that sent half a request (`{"cmd":"sta`,
+/// no newline) on the control socket: `status` answers within
+/// [`CONTROL_BOUND`] each time and a new client's `status` works; then each
+/// idle client is told it sent no request, and each half-sent one that its
+/// request is incomplete.
 #[test]
-fn control_socket_answers_under_1000_idle_clients() {
-    if !privileged("control_socket_under_idle_clients") {
+fn control_socket_answers_under_1000_idle_and_1000_half_sent_clients() {
+    if !privileged("control_socket_under_idle_and_half_sent_clients") {
         return;
     }
     let _serial = serial();
     set_nofile(None);
-    let w = world(192);
+    let w = world();
     let agent = Agent::start_with(&w.root, &w.policy("", ""), &["--no-audit-db"]);
     let before = status_works(&agent).expect("status");
     let started = Instant::now();
-    let idle: Vec<UnixStream> = (0..1_000)
+    let held: Vec<UnixStream> = (0..HELD)
         .map(|i| {
-            UnixStream::connect(control_socket(&agent))
-                .unwrap_or_else(|e| panic!("idle client {i}: {e}"))
+            let mut s = UnixStream::connect(control_socket(&agent))
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
+            if i % 2 == 1 {
+                s.write_all(b"{\"cmd\":\"sta")
+                    .unwrap_or_else(|e| panic!("half-sent client {i}: {e}"));
+            }
+            s
         })
         .collect();
-    eprintln!("1,000 idle clients connected in {:?}", started.elapsed());
+    eprintln!(
+        "1,000 idle and 1,000 half-sent clients connected in {:?}",
+        started.elapsed()
+    );
     let mut under = Vec::new();
     for _ in 0..5 {
-        under.push(status_works(&agent).expect("status with 1,000 idle clients"));
+        under.push(status_works(&agent).expect("status with 2,000 clients held"));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("status: {before:?} alone; with 1,000 idle clients {under:?}");
+    eprintln!("status: {before:?} alone; with 2,000 clients held {under:?}");
     assert!(
-        under.iter().all(|t| *t < Duration::from_secs(2)),
-        "{under:?}"
+        under.iter().all(|t| *t < CONTROL_BOUND),
+        "status slower than {CONTROL_BOUND:?}: {under:?}"
     );
+    // A new client with a whole request, raw: answered at once.
+    let answer = control_answer(&agent, b"{\"cmd\":\"status\"}\n", false, CONTROL_BOUND)
+        .expect("a new client's status");
+    assert_eq!(answer["generation"], 1, "a status answer: {answer}");
 
-    // Each idle client gets its error once its time is up, and is closed.
+    // Each held client gets its error once its time is up, and is closed.
     let deadline = started + REQUEST_TIMEOUT + Duration::from_secs(10);
-    for (i, s) in idle.into_iter().enumerate() {
+    for (i, s) in held.into_iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
-        let error = refused(
-            &format!("idle client {i}"),
-            read_answer(s),
-            "no request within 10 s",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        if i == 0 {
-            eprintln!("each idle client, after {:?}: {error}", started.elapsed());
+        let (kind, what) = if i % 2 == 0 {
+            ("idle", "no request within 10 s")
+        } else {
+            (
+                "half-sent",
+                "incomplete request: 11 bytes and no newline within 10 s",
+            )
+        };
+        let error = refused(&format!("{kind} client {i}"), read_answer(s), what)
+            .unwrap_or_else(|e| panic!("{e}"));
+        if i < 2 {
+            eprintln!("each {kind} client, after {:?}: {error}", started.elapsed());
         }
     }
     status_works(&agent).expect("status afterwards");
 }
 
-/// Whatever a control request holds, a JSON error says what is wrong with
-/// it: binary garbage (with a newline, or ended), invalid UTF-8 inside
+/// Whatever a control request holds, one JSON error line (and nothing
+/// more) says what is wrong with it: binary garbage (with a newline, or ended), invalid UTF-8 inside
 /// JSON, a line longer than the limit that is still being sent, a request
 /// cut short by the end of input, and a partial line the client never
 /// finishes.
@@ -511,7 +558,7 @@ fn control_socket_answers_every_unreadable_request_with_a_json_error() {
         return;
     }
     let _serial = serial();
-    let w = world(193);
+    let w = world();
     let agent = Agent::start_with(&w.root, &w.policy("", ""), &["--no-audit-db"]);
     let quick = Duration::from_secs(5);
 
@@ -574,7 +621,7 @@ fn control_socket_answers_every_unreadable_request_with_a_json_error() {
     let started = Instant::now();
     checks.refused(
         "an endless line",
-        read_answer(s),
+        only_answer(s),
         "request longer than 1048576 bytes",
     );
     let sent = writer.join().unwrap();
@@ -592,7 +639,7 @@ fn control_socket_answers_every_unreadable_request_with_a_json_error() {
         .unwrap();
     checks.refused(
         "an unfinished line",
-        read_answer(partial),
+        only_answer(partial),
         "incomplete request: 11 bytes and no newline within 10 s",
     );
     let waited = partial_started.elapsed();

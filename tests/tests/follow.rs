@@ -15,6 +15,10 @@ use std::{
 
 use tests::{Agent, Cgroup, Netns, Value, bulkhead_bin, command_in, privileged, world::world};
 
+/// How long nothing new must arrive before a wait returns (as
+/// [`Agent::wait_events`]).
+const SETTLE: Duration = Duration::from_millis(300);
+
 /// Lines a child wrote, collected by a thread as they come.
 #[derive(Clone, Default)]
 struct Lines(Arc<Mutex<Vec<String>>>);
@@ -36,16 +40,28 @@ impl Lines {
         self.0.lock().unwrap().clone()
     }
 
-    /// Waits (at most `secs`) until `pred` holds for the lines so far.
+    /// Waits (at most `secs`) until `pred` holds for the lines so far,
+    /// then until no line arrives for [`SETTLE`] (so a count asserted on
+    /// what it returns also sees a late extra line); returns the lines.
     fn wait(&self, secs: u64, what: &str, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut stable: Option<(usize, Instant)> = None;
         loop {
             let lines = self.get();
             if pred(&lines) {
-                return lines;
+                match stable {
+                    Some((n, since)) if n == lines.len() => {
+                        if since.elapsed() >= SETTLE {
+                            return lines;
+                        }
+                    }
+                    _ => stable = Some((lines.len(), Instant::now())),
+                }
+            } else {
+                stable = None;
             }
             assert!(
-                Instant::now() < deadline,
+                Instant::now() < deadline + SETTLE * 2,
                 "waited {secs} s for {what}; got:\n{}",
                 lines.join("\n")
             );
@@ -186,7 +202,7 @@ fn a_follower_started_first_streams_across_two_kill9_restarts_once_and_counts_th
     if !privileged("follow_across_restarts") {
         return;
     }
-    let w = world(186);
+    let w = world();
     let to = |port: u16| format!("{}:{port}", w.link.v4(2));
     // A control socket path known before any agent runs, so the follower
     // can start first. A small event budget per cgroup (5 at once, 1 a
@@ -429,7 +445,7 @@ fn a_follower_cut_off_from_a_running_agent_resumes_since_without_repeats() {
     if !privileged("follow_resumes_since") {
         return;
     }
-    let w = world(187);
+    let w = world();
     let to = |port: u16| format!("{}:{port}", w.link.v4(2));
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let proxy = Proxy::start(agent.run_dir().join("control.sock"));

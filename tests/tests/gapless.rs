@@ -94,7 +94,7 @@ fn sigkill_at_50_random_instants_lets_nothing_through() {
         return;
     }
     let mut rng = Rng::new("sigkill_at_50_random_instants_lets_nothing_through");
-    let w = world(177);
+    let w = world();
     let guards = Guards::start(&w, &w.contractor);
     let mut agent = Agent::start_with(&w.root, &policy(&w, false), QUIET);
     guards.wait_refused();
@@ -186,7 +186,7 @@ fn sighup_and_sigterm_at_random_instants_never_open_a_gap() {
         return;
     }
     let mut rng = Rng::new("sighup_and_sigterm_at_random_instants_never_open_a_gap");
-    let w = world(178);
+    let w = world();
     let guards = Guards::start(&w, &w.contractor);
     let mut agent = Agent::start_with(&w.root, &policy(&w, false), QUIET);
     guards.wait_refused();
@@ -248,7 +248,7 @@ fn an_upgrade_across_map_layouts_has_no_gap_and_leaves_one_layout() {
         return;
     }
     let mut rng = Rng::new("an_upgrade_across_map_layouts_has_no_gap_and_leaves_one_layout");
-    let w = world(179);
+    let w = world();
     let guards = Guards::start(&w, &w.contractor);
     let mut agent = Agent::start_with_env(
         &w.root,
@@ -312,7 +312,7 @@ fn a_bridged_connection_survives_agent_restarts() {
     if !privileged("bridged_connection_survives_restarts") {
         return;
     }
-    let w = world(181);
+    let w = world();
     let bridge = "bridges:\n  - name: web\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-9\"\n";
     let mut agent = Agent::start_with(&w.root, &w.policy("", bridge), QUIET);
     let dst = format!("{}:8080", w.link.v4(2));
@@ -376,7 +376,7 @@ fn an_agent_whose_programs_are_refused_changes_nothing_in_force() {
     if !privileged("refused_programs_change_nothing") {
         return;
     }
-    let w = world(182);
+    let w = world();
     let mut agent = Agent::start_with(&w.root, &w.policy("", ""), QUIET);
     let dst = format!("{}:8080", w.link.v4(2));
     let server = tests::Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 30);
@@ -421,7 +421,7 @@ fn events_queued_while_no_agent_ran_carry_their_generations_names() {
     if !privileged("queued_events_named") {
         return;
     }
-    let w = world(183);
+    let w = world();
     let mut agent = Agent::start(&w.root, &w.policy("", ""));
     agent.kill9();
     let dst = format!("{}:7123", w.link.v4(2));
@@ -452,7 +452,7 @@ fn an_upgrade_from_the_previous_version_has_no_gap() {
     if !privileged("upgrade_from_previous_version") {
         return;
     }
-    let w = world(184);
+    let w = world();
     let guards = Guards::start(&w, &w.contractor);
     let mut agent = Agent::start_with(&w.root, &policy(&w, false), QUIET);
     // Only the previous version's pins from here on.

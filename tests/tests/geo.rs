@@ -357,6 +357,9 @@ fn kernel_verdicts_match_the_database_for_allow_and_deny_lists() {
     let allow = root.child("allow-list");
     let deny = root.child("deny-list");
     let ns = Netns::new();
+    // The domains' own networks: numbers no other running test holds.
+    let id = tests::net_id();
+    let n = id.n;
     let policy = format!(
         r#"version: 1
 mode: enforce
@@ -365,11 +368,11 @@ geo:
 domains:
   allowlist:
     cgroups: ["{a}"]
-    networks: [10.250.0.0/24, "fd00:250::/48"]
+    networks: [10.{n}.0.0/24, "fd00:{n}::/48"]
     egress: {{ countries: {{ allow: [{al}] }}, unknown_country: deny }}
   denylist:
     cgroups: ["{d}"]
-    networks: [10.251.0.0/24, "fd00:251::/48"]
+    networks: [10.{n}.1.0/24, "fd00:{n}:1::/48"]
     egress: {{ countries: {{ deny: [{dl}] }}, unknown_country: allow }}
 "#,
         db = db_path.display(),
@@ -464,8 +467,8 @@ fn ingress_from_a_geofeed_denied_country_is_dropped_and_logged() {
     let outside = root.child("outside");
     // Clients in `a`, prod servers in `b`; the geofeed puts one pair's
     // clients in KP and the other's in DE.
-    let kp = Link::new(120);
-    let de = Link::new(121);
+    let kp = Link::new();
+    let de = Link::new();
     let dir = tempfile::tempdir().unwrap();
     let feed = dir.path().join("office-geofeed.csv");
     fs::write(
@@ -613,6 +616,8 @@ fn egress_denied_country_events_carry_country_and_source() {
     let root = Cgroup::new(&unique("/bh-geo-"));
     let app = root.child("app");
     let ns = Netns::new();
+    let id = tests::net_id();
+    let n = id.n;
     let policy = format!(
         r#"version: 1
 geo:
@@ -621,7 +626,7 @@ geo:
 domains:
   eu-only:
     cgroups: ["{a}"]
-    networks: [10.252.0.0/24]
+    networks: [10.{n}.0.0/24]
     egress: {{ countries: {{ allow: [DE, FR, NL] }}, unknown_country: deny }}
 "#,
         db = db_path.display(),
@@ -742,6 +747,8 @@ fn bad_geo_inputs_are_rejected_and_enforcement_stays() {
     let root = Cgroup::new(&unique("/bh-geo-"));
     let app = root.child("app");
     let ns = Netns::new();
+    let id = tests::net_id();
+    let n = id.n;
     let policy = |db: &str, feed: &str, allow: &str| {
         format!(
             r#"version: 1
@@ -751,7 +758,7 @@ geo:
 domains:
   eu-only:
     cgroups: ["{a}"]
-    networks: [10.253.0.0/24]
+    networks: [10.{n}.0.0/24]
     egress: {{ countries: {{ allow: [{allow}] }}, unknown_country: deny }}
 "#,
             a = app.rel

@@ -262,7 +262,7 @@ fn pods_join_and_leave_their_domain_as_the_api_server_reports_them() {
     if !privileged("k8s_pods") {
         return;
     }
-    let w = world(175);
+    let w = world();
     let kubelet = w.root.child("kubelet");
     let api = FakeApi::start();
     const P1: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
@@ -451,7 +451,7 @@ fn sigkill_at_random_instants_of_pod_placement_lets_nothing_through() {
         return;
     }
     let mut rng = Rng::new("sigkill_at_random_instants_of_pod_placement_lets_nothing_through");
-    let w = world(180);
+    let w = world();
     let kubelet = w.root.child("kubelet");
     let api = FakeApi::start();
     const P1: &str = "3c2d1e0f-4a5b-4c6d-8e7f-901a2b3c4d5e";
@@ -562,7 +562,7 @@ fn pods_are_found_in_the_systemd_drivers_layout() {
     let r = tests::unique("bhk");
     let root = Cgroup::new(&format!("/{r}.slice"));
     let prod = root.child("prod");
-    let link = tests::Link::new(177);
+    let link = tests::Link::new();
     const UID: &str = "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
     let pod_cg = root.child(&format!(
         "{r}-kubepods.slice/{r}-kubepods-besteffort.slice/{r}-kubepods-besteffort-pod{}.slice",
@@ -587,16 +587,18 @@ domains:
   contractor:
     pods:
       - namespaces: [acme]
-    networks: [10.177.0.1/32]
+    networks: [{c}/32]
   pods:
     cgroups: ["{kubepods}"]
   prod:
     cgroups: ["{p}"]
-    networks: [10.177.0.2/32]
+    networks: [{p4}/32]
 bridges:
   - {{name: acme-to-prod, from: contractor, to: prod, ports: [tcp/8080], reason: "TICKET-8"}}
 "#,
         p = prod.rel,
+        c = link.v4(1),
+        p4 = link.v4(2),
     );
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());

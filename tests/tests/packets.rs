@@ -45,12 +45,28 @@ fn run(cgroup: &Cgroup, link: &std::path::Path, pkts: &[Vec<u8>]) -> Vec<u32> {
         })
         .collect()
 }
-const NET: u8 = 150;
+thread_local! {
+    /// The second octet of this test's addresses ([`tests::NetId`]), set by
+    /// [`setup`] before any packet is built on this thread.
+    static NET: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
 
-const C4: [u8; 4] = [10, NET, 0, 1];
-const P4: [u8; 4] = [10, NET, 0, 2];
+fn net() -> u8 {
+    let n = NET.with(std::cell::Cell::get);
+    assert_ne!(n, 0, "packets built before setup() chose the addresses");
+    n
+}
+
+fn c4() -> [u8; 4] {
+    [10, net(), 0, 1]
+}
+fn p4() -> [u8; 4] {
+    [10, net(), 0, 2]
+}
 /// In no domain, placed by no geo source.
-const X4: [u8; 4] = [10, NET, 0, 9];
+fn x4() -> [u8; 4] {
+    [10, net(), 0, 9]
+}
 const FR4: [u8; 4] = [192, 0, 2, 7];
 const DE4: [u8; 4] = [198, 51, 100, 7];
 
@@ -65,16 +81,18 @@ fn v6(prefix: [u16; 3], last: u16) -> [u8; 16] {
 
 /// The harness writes `fd00:{net}::`, so the decimal net number is read
 /// as hex digits.
-const NET6: u16 = 0x0150;
+fn net6() -> u16 {
+    u16::from_str_radix(&net().to_string(), 16).unwrap()
+}
 
 fn c6() -> [u8; 16] {
-    v6([0xfd00, NET6, 0], 1)
+    v6([0xfd00, net6(), 0], 1)
 }
 fn p6() -> [u8; 16] {
-    v6([0xfd00, NET6, 0], 2)
+    v6([0xfd00, net6(), 0], 2)
 }
 fn x6() -> [u8; 16] {
-    v6([0xfd00, NET6, 0], 9)
+    v6([0xfd00, net6(), 0], 9)
 }
 fn fr6() -> [u8; 16] {
     v6([0x2001, 0xdb8, 1], 7)
@@ -244,86 +262,96 @@ fn case(name: impl Into<String>, pkt: Vec<u8>, want: u32) -> Case {
 fn egress_cases() -> Vec<Case> {
     let mut v = vec![
         // Well-formed IPv4: decided by destination.
-        case("v4 tcp to own domain", v4pkt(C4, C4, TCP, 40000, 443), PASS),
+        case(
+            "v4 tcp to own domain",
+            v4pkt(c4(), c4(), TCP, 40000, 443),
+            PASS,
+        ),
         case(
             "v4 tcp to another domain",
-            v4pkt(C4, P4, TCP, 40000, 443),
+            v4pkt(c4(), p4(), TCP, 40000, 443),
             DROP,
         ),
         case(
             "v4 udp to another domain",
-            v4pkt(C4, P4, UDP, 40000, 53),
+            v4pkt(c4(), p4(), UDP, 40000, 53),
             DROP,
         ),
         case(
             "v4 tcp to no domain, unknown country",
-            v4pkt(C4, X4, TCP, 40000, 443),
+            v4pkt(c4(), x4(), TCP, 40000, 443),
             PASS,
         ),
         case(
             "v4 tcp to a denied country",
-            v4pkt(C4, FR4, TCP, 40000, 443),
+            v4pkt(c4(), FR4, TCP, 40000, 443),
             DROP,
         ),
         case(
             "v4 tcp to an allowed country",
-            v4pkt(C4, DE4, TCP, 40000, 443),
+            v4pkt(c4(), DE4, TCP, 40000, 443),
             PASS,
         ),
         case(
             "v4 tcp reply from the bridged port",
-            v4pkt(C4, P4, TCP, 8080, 40000),
+            v4pkt(c4(), p4(), TCP, 8080, 40000),
             PASS,
         ),
         case(
             "v4 udp from the bridged port (bridge is tcp)",
-            v4pkt(C4, P4, UDP, 8080, 40000),
+            v4pkt(c4(), p4(), UDP, 8080, 40000),
             DROP,
         ),
         case(
             "v4 icmp to another domain",
-            eth(0x0800, &ip4(C4, P4, ICMP, &[], &[8, 0, 0, 0, 0, 1, 0, 1])),
+            eth(
+                0x0800,
+                &ip4(c4(), p4(), ICMP, &[], &[8, 0, 0, 0, 0, 1, 0, 1]),
+            ),
             DROP,
         ),
         case(
             "v4 icmp to no domain",
-            eth(0x0800, &ip4(C4, X4, ICMP, &[], &[8, 0, 0, 0, 0, 1, 0, 1])),
+            eth(
+                0x0800,
+                &ip4(c4(), x4(), ICMP, &[], &[8, 0, 0, 0, 0, 1, 0, 1]),
+            ),
             PASS,
         ),
         case(
             "v4 unknown protocol 253 to no domain",
-            eth(0x0800, &ip4(C4, X4, 253, &[], b"abcd")),
+            eth(0x0800, &ip4(c4(), x4(), 253, &[], b"abcd")),
             PASS,
         ),
         case(
             "v4 unknown protocol 253 to another domain",
-            eth(0x0800, &ip4(C4, P4, 253, &[], b"abcd")),
+            eth(0x0800, &ip4(c4(), p4(), 253, &[], b"abcd")),
             DROP,
         ),
         // Zero-length payloads.
         case(
             "v4 udp header only, to no domain",
-            eth(0x0800, &ip4(C4, X4, UDP, &[], &l4(UDP, 40000, 53, b""))),
+            eth(0x0800, &ip4(c4(), x4(), UDP, &[], &l4(UDP, 40000, 53, b""))),
             PASS,
         ),
         case(
             "v4 udp header only, to another domain",
-            eth(0x0800, &ip4(C4, P4, UDP, &[], &l4(UDP, 40000, 53, b""))),
+            eth(0x0800, &ip4(c4(), p4(), UDP, &[], &l4(UDP, 40000, 53, b""))),
             DROP,
         ),
         case(
             "v4 icmp, no payload at all, to no domain",
-            eth(0x0800, &ip4(C4, X4, ICMP, &[], &[])),
+            eth(0x0800, &ip4(c4(), x4(), ICMP, &[], &[])),
             PASS,
         ),
         case(
             "v4 tcp, no tcp header at all (ports missing)",
-            eth(0x0800, &ip4(C4, X4, TCP, &[], &[])),
+            eth(0x0800, &ip4(c4(), x4(), TCP, &[], &[])),
             DROP,
         ),
         case(
             "v4 tcp cut after 2 bytes of ports",
-            eth(0x0800, &ip4(C4, X4, TCP, &[], &[0x9c, 0x40])),
+            eth(0x0800, &ip4(c4(), x4(), TCP, &[], &[0x9c, 0x40])),
             DROP,
         ),
         // Truncated and malformed IPv4 headers: unparsable, dropped even to
@@ -331,14 +359,14 @@ fn egress_cases() -> Vec<Case> {
         case("empty network layer", eth(0x0800, &[]), REFUSED),
         case(
             "v4 header cut at 19 bytes",
-            eth(0x0800, &ip4(C4, X4, ICMP, &[], &[])[..19]),
+            eth(0x0800, &ip4(c4(), x4(), ICMP, &[], &[])[..19]),
             REFUSED,
         ),
         case("v4 header cut at 1 byte", eth(0x0800, &[0x45]), REFUSED),
         case(
             "version 6 inside an IPv4 frame",
             {
-                let mut l3 = ip4(C4, X4, UDP, &[], &l4(UDP, 1, 2, b"x"));
+                let mut l3 = ip4(c4(), x4(), UDP, &[], &l4(UDP, 1, 2, b"x"));
                 l3[0] = 0x65;
                 eth(0x0800, &l3)
             },
@@ -350,21 +378,47 @@ fn egress_cases() -> Vec<Case> {
             eth(
                 0x0806,
                 &[
-                    0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, NET, 0, 1, 0, 0, 0, 0, 0, 0, 10,
-                    NET, 0, 9,
+                    0,
+                    1,
+                    8,
+                    0,
+                    6,
+                    4,
+                    0,
+                    1,
+                    2,
+                    0,
+                    0,
+                    0,
+                    0,
+                    1,
+                    10,
+                    net(),
+                    0,
+                    1,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    10,
+                    net(),
+                    0,
+                    9,
                 ],
             ),
             DROP,
         ),
     ];
     for ihl in 0..5u8 {
-        let mut l3 = ip4(C4, X4, ICMP, &[], &[8, 0, 0, 0, 0, 1, 0, 1]);
+        let mut l3 = ip4(c4(), x4(), ICMP, &[], &[8, 0, 0, 0, 0, 1, 0, 1]);
         l3[0] = 0x40 | ihl;
         v.push(case(format!("v4 IHL {ihl} (< 5)"), eth(0x0800, &l3), DROP));
     }
     // IHL pointing past the end of the packet (no ports needed: ICMP).
     for ihl in [6u8, 10, 15] {
-        let mut l3 = ip4(C4, X4, ICMP, &[], &[8, 0]);
+        let mut l3 = ip4(c4(), x4(), ICMP, &[], &[8, 0]);
         l3[0] = 0x40 | ihl;
         v.push(case(
             format!("v4 IHL {ihl} past a 22-byte packet"),
@@ -373,28 +427,28 @@ fn egress_cases() -> Vec<Case> {
         ));
     }
     // Total length disagreeing with the packet.
-    let mut short = ip4(C4, X4, ICMP, &[], &[8, 0, 0, 0]);
+    let mut short = ip4(c4(), x4(), ICMP, &[], &[8, 0, 0, 0]);
     short[2..4].copy_from_slice(&19u16.to_be_bytes());
     v.push(case(
         "v4 total length below the header",
         eth(0x0800, &short),
         DROP,
     ));
-    let mut long = ip4(C4, X4, ICMP, &[], &[8, 0, 0, 0]);
+    let mut long = ip4(c4(), x4(), ICMP, &[], &[8, 0, 0, 0]);
     long[2..4].copy_from_slice(&200u16.to_be_bytes());
     v.push(case(
         "v4 total length past the packet",
         eth(0x0800, &long),
         DROP,
     ));
-    let mut zero = ip4(C4, X4, ICMP, &[], &[8, 0, 0, 0]);
+    let mut zero = ip4(c4(), x4(), ICMP, &[], &[8, 0, 0, 0]);
     zero[2..4].copy_from_slice(&0u16.to_be_bytes());
     v.push(case(
         "v4 total length 0 on a small packet",
         eth(0x0800, &zero),
         DROP,
     ));
-    let mut cut_ports = ip4(C4, X4, UDP, &[], &l4(UDP, 8080, 53, b"xy"));
+    let mut cut_ports = ip4(c4(), x4(), UDP, &[], &l4(UDP, 8080, 53, b"xy"));
     cut_ports[2..4].copy_from_slice(&22u16.to_be_bytes());
     v.push(case(
         "v4 ports beyond the total length (trailing bytes)",
@@ -408,7 +462,7 @@ fn egress_cases() -> Vec<Case> {
         let n = (ihl as usize - 5) * 4;
         let mut decoy = vec![1u8; n];
         decoy[..2].copy_from_slice(&8080u16.to_be_bytes());
-        let l3 = ip4(C4, P4, TCP, &decoy, &l4(TCP, 40000, 443, b"x"));
+        let l3 = ip4(c4(), p4(), TCP, &decoy, &l4(TCP, 40000, 443, b"x"));
         v.push(case(
             format!("v4 IHL {ihl}, decoy port in options"),
             eth(0x0800, &l3),
@@ -416,7 +470,7 @@ fn egress_cases() -> Vec<Case> {
         ));
         let mut opts = vec![1u8; n];
         opts[..2].copy_from_slice(&40000u16.to_be_bytes());
-        let l3 = ip4(C4, P4, TCP, &opts, &l4(TCP, 8080, 40000, b"x"));
+        let l3 = ip4(c4(), p4(), TCP, &opts, &l4(TCP, 8080, 40000, b"x"));
         v.push(case(
             format!("v4 IHL {ihl}, bridged port after options"),
             eth(0x0800, &l3),
@@ -425,21 +479,21 @@ fn egress_cases() -> Vec<Case> {
     }
     // Fragments: the first carries the ports; later ones are decided with
     // port 0 (never a bridged port).
-    let mut first = ip4(C4, P4, TCP, &[], &l4(TCP, 8080, 40000, b"x"));
+    let mut first = ip4(c4(), p4(), TCP, &[], &l4(TCP, 8080, 40000, b"x"));
     first[6] = 0x20; // MF, offset 0
     v.push(case(
         "v4 first fragment from the bridged port",
         eth(0x0800, &first),
         PASS,
     ));
-    let mut later = ip4(C4, P4, TCP, &[], &l4(TCP, 8080, 40000, b"x"));
+    let mut later = ip4(c4(), p4(), TCP, &[], &l4(TCP, 8080, 40000, b"x"));
     later[6..8].copy_from_slice(&0x2010u16.to_be_bytes());
     v.push(case(
         "v4 non-first fragment that looks like the bridged port",
         eth(0x0800, &later),
         DROP,
     ));
-    let mut later_free = ip4(C4, X4, TCP, &[], b"middle of a segment");
+    let mut later_free = ip4(c4(), x4(), TCP, &[], b"middle of a segment");
     later_free[6..8].copy_from_slice(&0x0020u16.to_be_bytes());
     v.push(case(
         "v4 non-first fragment to no domain",
@@ -483,7 +537,7 @@ fn egress_cases() -> Vec<Case> {
         // and placed in no country); IPv4-mapped ones stand for IPv4.
         case(
             "v6 to IPv4-compatible ::<prod v4> (an IPv6 address in no domain)",
-            v6pkt(c6(), compat(P4), &[], TCP, 40000, 443),
+            v6pkt(c6(), compat(p4()), &[], TCP, 40000, 443),
             PASS,
         ),
         case(
@@ -498,7 +552,7 @@ fn egress_cases() -> Vec<Case> {
         ),
         case(
             "v6 to IPv4-mapped ::ffff:<prod v4>",
-            v6pkt(c6(), mapped(P4), &[], UDP, 40000, 53),
+            v6pkt(c6(), mapped(p4()), &[], UDP, 40000, 53),
             DROP,
         ),
         case(
@@ -710,29 +764,33 @@ fn ingress_cases() -> Vec<Case> {
     let mut v = vec![
         case(
             "v4 from another domain to the bridged port",
-            v4pkt(P4, C4, TCP, 40000, 8080),
+            v4pkt(p4(), c4(), TCP, 40000, 8080),
             PASS,
         ),
         case(
             "v4 from another domain to another port",
-            v4pkt(P4, C4, TCP, 40000, 22),
+            v4pkt(p4(), c4(), TCP, 40000, 22),
             DROP,
         ),
         case(
             "v4 udp from another domain to the bridged port number",
-            v4pkt(P4, C4, UDP, 40000, 8080),
+            v4pkt(p4(), c4(), UDP, 40000, 8080),
             DROP,
         ),
-        case("v4 from own domain", v4pkt(C4, C4, TCP, 40000, 22), PASS),
-        case("v4 from no domain", v4pkt(X4, C4, TCP, 40000, 22), PASS),
+        case(
+            "v4 from own domain",
+            v4pkt(c4(), c4(), TCP, 40000, 22),
+            PASS,
+        ),
+        case("v4 from no domain", v4pkt(x4(), c4(), TCP, 40000, 22), PASS),
         case(
             "v4 from a denied country",
-            v4pkt(FR4, C4, TCP, 40000, 22),
+            v4pkt(FR4, c4(), TCP, 40000, 22),
             DROP,
         ),
         case(
             "v4 from an allowed country",
-            v4pkt(DE4, C4, TCP, 40000, 22),
+            v4pkt(DE4, c4(), TCP, 40000, 22),
             PASS,
         ),
         case(
@@ -742,12 +800,12 @@ fn ingress_cases() -> Vec<Case> {
         ),
         case(
             "v4 truncated",
-            eth(0x0800, &v4pkt(X4, C4, TCP, 1, 2)[14..30]),
+            eth(0x0800, &v4pkt(x4(), c4(), TCP, 1, 2)[14..30]),
             REFUSED,
         ),
         case(
             "v4 cut inside the ports",
-            eth(0x0800, &v4pkt(X4, C4, TCP, 1, 2)[14..36]),
+            eth(0x0800, &v4pkt(x4(), c4(), TCP, 1, 2)[14..36]),
             DROP,
         ),
         case(
@@ -762,12 +820,12 @@ fn ingress_cases() -> Vec<Case> {
         ),
         case(
             "v6 from IPv4-mapped ::ffff:<prod v4>",
-            v6pkt(mapped(P4), c6(), &[], TCP, 40000, 22),
+            v6pkt(mapped(p4()), c6(), &[], TCP, 40000, 22),
             DROP,
         ),
         case(
             "v6 from IPv4-compatible ::<prod v4> (an IPv6 address in no domain)",
-            v6pkt(compat(P4), c6(), &[], TCP, 40000, 22),
+            v6pkt(compat(p4()), c6(), &[], TCP, 40000, 22),
             PASS,
         ),
         case(
@@ -781,7 +839,7 @@ fn ingress_cases() -> Vec<Case> {
             PASS,
         ),
     ];
-    let mut l3 = ip4(X4, C4, TCP, &[], &[]);
+    let mut l3 = ip4(x4(), c4(), TCP, &[], &[]);
     l3[0] = 0x4f;
     v.push(case("v4 IHL 15 past the packet", eth(0x0800, &l3), DROP));
     v
@@ -793,9 +851,14 @@ fn policy(w: &tests::world::World, feed: &std::path::Path) -> String {
         "bridges:\n  - name: prod-to-contractor\n    from: prod\n    to: contractor\n    ports: [tcp/8080]\n    reason: \"hostile packet tests\"\n",
     );
     let geo = format!("geo:\n  geofeeds: [\"{}\"]\ndomains:\n", feed.display());
+    let own = format!(
+        "    networks: [{}/32, \"{}/128\"]\n",
+        w.link.v4(1),
+        w.link.v6(1)
+    );
     base.replacen("domains:\n", &geo, 1).replacen(
-        "    networks: [10.150.0.1/32, \"fd00:150::1/128\"]\n",
-        "    networks: [10.150.0.1/32, \"fd00:150::1/128\"]\n    egress: { countries: { allow: [DE] }, unknown_country: allow }\n    ingress: { countries: { deny: [FR] } }\n",
+        &own,
+        &format!("{own}    egress: {{ countries: {{ allow: [DE] }}, unknown_country: allow }}\n    ingress: {{ countries: {{ deny: [FR] }} }}\n"),
         1,
     )
 }
@@ -809,7 +872,8 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let w = world(NET);
+    let w = world();
+    NET.with(|n| n.set(w.link.net));
     let dir = tempfile::tempdir().unwrap();
     let feed = dir.path().join("geofeed.csv");
     fs::write(
@@ -893,8 +957,8 @@ fn test_runs_decide_for_the_callers_cgroup() {
     let s = setup();
     let egress = link(&s.agent, "bh_egress");
     let pkts = vec![
-        v4pkt(C4, P4, TCP, 40000, 443),
-        eth(0x0800, &ip4(C4, P4, TCP, &[], &[])[..20]),
+        v4pkt(c4(), p4(), TCP, 40000, 443),
+        eth(0x0800, &ip4(c4(), p4(), TCP, &[], &[])[..20]),
     ];
     assert_eq!(run(&s.w.contractor, &egress, &pkts), [DROP, DROP]);
     // The same packets from a workload in no domain are not touched.
@@ -932,7 +996,7 @@ fn addr4(r: &mut Rng) -> [u8; 4] {
     if r.chance(15) {
         [r.byte(), r.byte(), r.byte(), r.byte()]
     } else {
-        r.pick(&[C4, P4, X4, FR4, DE4, [127, 0, 0, 1]])
+        r.pick(&[c4(), p4(), x4(), FR4, DE4, [127, 0, 0, 1]])
     }
 }
 
@@ -1161,8 +1225,8 @@ fn classify(v6: bool, a: &[u8; 16]) -> Peer {
         None
     };
     match v4 {
-        Some(x) if x == C4 => Peer::Own,
-        Some(x) if x == P4 => Peer::Prod,
+        Some(x) if x == c4() => Peer::Own,
+        Some(x) if x == p4() => Peer::Prod,
         Some([192, 0, 2, _]) => Peer::Denied,
         Some(_) => Peer::Free,
         None if *a == c6() => Peer::Own,

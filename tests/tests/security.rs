@@ -27,7 +27,7 @@ fn capabilities_are_dropped_after_attach_and_reload_still_works() {
     if !privileged("capabilities_dropped") {
         return;
     }
-    let w = world(131);
+    let w = world();
     let mut agent = Agent::start(&w.root, &w.policy("", ""));
     let dst = format!("{}:8080", w.link.v4(2));
     assert_eq!(
@@ -79,7 +79,7 @@ fn pinned_objects_are_closed_to_unprivileged_users() {
     if !privileged("pinned_objects") {
         return;
     }
-    let w = world(132);
+    let w = world();
     let agent = Agent::start(&w.root, &w.policy("", ""));
     let mut seen = 0;
     let mut todo = vec![agent.bpffs.clone()];
@@ -136,7 +136,7 @@ fn a_pin_directory_owned_by_another_user_is_refused() {
     if !privileged("pin_dir_owner") {
         return;
     }
-    let w = world(133);
+    let w = world();
     let dir = std::path::PathBuf::from("/sys/fs/bpf").join(tests::unique("bulkhead-test-"));
     tests::sh("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf");
     fs::create_dir(&dir).unwrap();
@@ -164,7 +164,7 @@ fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
     if !privileged("untrusted_policy") {
         return;
     }
-    let w = world(134);
+    let w = world();
     let policy = w.policy("", "");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.yaml");
@@ -247,7 +247,7 @@ fn the_units_capabilities_suffice_and_each_required_one_is_named_when_missing() 
     }
     let caps = unit_capabilities();
     assert_eq!(caps.len(), 6, "{caps:?}");
-    let w = world(176);
+    let w = world();
     let set = bounding_set(&caps);
     let mut agent = Agent::start_under(
         &w.root,
