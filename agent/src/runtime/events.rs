@@ -182,10 +182,7 @@ impl Enricher {
                 })
                 .collect();
             if let Err(e) = write_names(file, &names) {
-                eprintln!(
-                    "bulkhead: warning: keeping generation names in {}: {e:#}",
-                    file.display()
-                );
+                tracing::warn!("keeping generation names in {}: {e:#}", file.display());
             }
         }
     }
