@@ -21,7 +21,7 @@ use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use tracing::{field, info, info_span, warn};
+use tracing::{Level, field, info, warn};
 
 use super::{
     control::Hub,
@@ -262,7 +262,12 @@ impl Agent {
     /// keeps a whole policy enforced at every instant, so a death anywhere
     /// in it (kill -9, OOM) opens nothing.
     pub fn start(args: RunArgs) -> Result<(Agent, Started)> {
-        let span = info_span!("start", generation = field::Empty, policy = field::Empty);
+        let span = tracing::span!(
+            Level::WARN,
+            "start",
+            generation = field::Empty,
+            policy = field::Empty
+        );
         let _entered = span.enter();
         let mount = cgroup::cgroup2_mount()?;
         let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
@@ -533,12 +538,15 @@ impl Agent {
     /// logs and records it as `why` says; or, when `next` could not be built
     /// or written, keeps the policy in force and reports why.
     pub fn apply(&mut self, next: Result<Loaded>, why: Why) -> Result<u64> {
-        let span = info_span!(
+        // At WARN, so a log filtered to warnings still says which change a
+        // warning is about. The outcome is a field of the one line that
+        // reports it, not of the span (it would repeat on every line after).
+        let span = tracing::span!(
+            Level::WARN,
             "apply",
             why = why.kind(),
             generation = field::Empty,
-            policy = field::Empty,
-            outcome = field::Empty
+            policy = field::Empty
         );
         let _entered = span.enter();
         let switched = next.and_then(|next| {
@@ -560,7 +568,6 @@ impl Agent {
         let (next, w) = match switched {
             Ok(done) => done,
             Err(e) => {
-                span.record("outcome", "rejected");
                 match why {
                     Why::Reload { .. } => {
                         // The rejected file's stamps are remembered, so it
@@ -568,27 +575,33 @@ impl Agent {
                         for (p, t) in &mut self.current.stamps {
                             *t = stamp(p);
                         }
-                        warn!("reload rejected, the running policy stays in force:\n{e:#}");
+                        warn!(
+                            outcome = "rejected",
+                            "reload rejected, the running policy stays in force:\n{e:#}"
+                        );
                         self.record("reload-rejected", None, format!("{e:#}"));
                     }
                     Why::BridgesExpired(_) => {
-                        warn!("removing expired bridges from the maps failed: {e:#}")
+                        warn!(
+                            outcome = "rejected",
+                            "removing expired bridges from the maps failed: {e:#}"
+                        )
                     }
                     Why::Pods { before } => {
-                        warn!("placing pods failed: {e:#}");
+                        warn!(outcome = "rejected", "placing pods failed: {e:#}");
                         if let Some(p) = &mut self.pods {
                             p.failed(before);
                         }
                     }
+                    // The client is told; its mistake is not the agent's.
                     Why::BridgeOpened(_) | Why::BridgeClosed { .. } => {
-                        info!("{e:#}")
+                        info!(outcome = "rejected", "{e:#}")
                     }
                 }
                 return Err(e);
             }
         };
         span.record("generation", w.generation);
-        span.record("outcome", "applied");
         let took = match &why {
             Why::Reload { started } => started.elapsed(),
             _ => Duration::ZERO,
@@ -600,6 +613,7 @@ impl Agent {
         match why {
             Why::Reload { .. } => {
                 info!(
+                    outcome = "applied",
                     "reloaded {} (sha256 {}): generation {} ({} entries written, {} removed)",
                     self.args.policy.display(),
                     short(&self.current.policy.sha256),
@@ -614,12 +628,15 @@ impl Agent {
                 );
             }
             Why::BridgeOpened(b) => {
-                info!("bridge opened: {}", bridge_detail(&b));
+                info!(outcome = "applied", "bridge opened: {}", bridge_detail(&b));
                 self.record("bridge-opened", g, bridge_detail(&b));
             }
             Why::BridgeClosed { bridge, by } => {
                 let who = format!("closed by uid {} pid {}", by.uid, by.pid);
-                info!("bridge closed: {} ({who})", bridge.name);
+                info!(
+                    outcome = "applied",
+                    "bridge closed: {} ({who})", bridge.name
+                );
                 self.record(
                     "bridge-closed",
                     g,
@@ -627,8 +644,9 @@ impl Agent {
                 );
             }
             Why::BridgesExpired(gone) => {
+                let names: Vec<&str> = gone.iter().map(|b| b.name.as_str()).collect();
+                info!(outcome = "applied", "bridges expired: {}", names.join(", "));
                 for b in &gone {
-                    info!("bridge expired: {}", b.name);
                     self.record("bridge-expired", g, bridge_detail(b));
                 }
             }
@@ -638,7 +656,10 @@ impl Agent {
                     &placed.assigned,
                     &self.current.compiled.pods,
                 );
-                info!("pods: {detail} (generation {})", w.generation);
+                info!(
+                    outcome = "applied",
+                    "pods: {detail} (generation {})", w.generation
+                );
                 self.record("pods", g, detail);
                 let mut en = self.enricher.lock().expect("enricher lock");
                 for a in &self.current.compiled.pods {
