@@ -1,5 +1,7 @@
 //! Client side of the CLI: talking to the agent and printing for people.
 
+pub mod client;
+
 use std::{
     io::{BufRead as _, Write as _},
     net::IpAddr,
@@ -12,7 +14,7 @@ use serde::Deserialize as _;
 use serde_json::Value;
 
 use bulkhead::{
-    Candidate, LoadError, candidate, cgroup, client, clock,
+    Candidate, LoadError, candidate, cgroup, clock,
     compile::EventLimits,
     explain::{self, Answer, Query},
     policy::Proto,

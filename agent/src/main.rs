@@ -8,6 +8,8 @@
 
 mod cli;
 
+use cli::client;
+
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
@@ -16,7 +18,7 @@ use clap::{Parser, Subcommand};
 // Every duration flag takes the policy's durations (`30s`, `10m`, `2h`, `7d`).
 use bulkhead::duration::parse_duration;
 use bulkhead::{
-    LoadError, client,
+    LoadError,
     compile::EventLimits,
     explain, kernel, policy,
     runtime::{

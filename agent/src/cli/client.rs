@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{
+use bulkhead::{
     runtime::events::Record,
     runtime::protocol::{Reply, Request, Response, SOCKET_NAME, ts_unix_ns},
 };
