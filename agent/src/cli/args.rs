@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 // Every duration flag takes the policy's durations (`30s`, `10m`, `2h`, `7d`).
-use anyhow::{Context as _, Result};
 use bulkhead::duration::parse_duration;
 use bulkhead::{
     clock,
@@ -126,7 +126,7 @@ pub enum Command {
     },
 }
 
-/// `run`'s flags, as given; [`super::run::run_args`] resolves them.
+/// `run`'s flags, as given; `run::run_args` resolves them.
 #[derive(clap::Args)]
 pub struct RunFlags {
     /// The policy file (YAML).

@@ -18,6 +18,8 @@ use clap::Parser as _;
 
 use args::{AuditCommand, BridgeCommand, Cli, Command};
 
+/// Runs the command line's command; an error is printed once, with its
+/// causes, and exits 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
