@@ -13,7 +13,7 @@ use super::{
     render,
 };
 
-/// `status`.
+/// `status`: as text, or with `--json` the agent's reply as it came.
 pub fn status(run_dir: &Path, json: bool) -> Result<ExitCode> {
     let reply = call(run_dir, &Request::Status)?;
     let Response::Status(status) = reply else {
@@ -28,7 +28,7 @@ pub fn status(run_dir: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `reload`.
+/// `reload`: the generation now in force; a rejected policy is the error.
 pub fn reload(run_dir: &Path) -> Result<ExitCode> {
     let reply = call(run_dir, &Request::Reload)?;
     let Response::Reloaded { generation, sha256 } = reply else {
@@ -38,7 +38,7 @@ pub fn reload(run_dir: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `bridge open`.
+/// `bridge open`: until when, and from which policy generation.
 pub fn bridge_open(run_dir: &Path, bridge: NewBridge) -> Result<ExitCode> {
     let reply = call(run_dir, &bridge.into())?;
     let Response::BridgeOpened {
@@ -67,7 +67,7 @@ pub fn bridge_close(run_dir: &Path, name: String) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `bridge list`.
+/// `bridge list`: one line per bridge, or JSON.
 pub fn bridge_list(run_dir: &Path, json: bool) -> Result<ExitCode> {
     let reply = call(run_dir, &Request::BridgeList)?;
     let Response::Bridges { bridges } = reply else {

@@ -23,10 +23,11 @@ use super::{
     render,
 };
 
-/// `events`: as a table (default) or JSON lines.
+/// `events`: as a table (default) or JSON lines. With `follow`, see
+/// [`follow_events`].
 pub fn events(run_dir: &Path, filter: Filter, follow: bool, json: bool) -> Result<ExitCode> {
     if follow {
-        self::follow(run_dir, filter, json)?;
+        follow_events(run_dir, filter, json)?;
     } else {
         recent(run_dir, filter, json)?;
     }
@@ -75,7 +76,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// `seq` is seen: a jump in a CPU's sequence is printed as a loss note
 /// (`"type": "lost"`) with the number of events missed, across reconnects
 /// too.
-fn follow(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
+fn follow_events(run_dir: &Path, filter: Filter, json: bool) -> Result<()> {
     let since_floor = filter.since_secs.map(since_ns);
     // The agent filters by age only; the rest is done here.
     let local = Filter {
