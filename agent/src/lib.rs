@@ -11,7 +11,6 @@ pub use bulkhead_policy::{
 
 pub mod caps;
 pub mod cgroup;
-pub mod client;
 pub mod clock;
 pub mod compile;
 pub mod cut;

@@ -5,34 +5,16 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{
+use bulkhead::{
     runtime::events::Record,
     runtime::protocol::{Reply, Request, Response, SOCKET_NAME, ts_unix_ns},
 };
-
-/// Default run directory for a pin directory: `/run/<its name>`, so agents
-/// with different pin directories never share a control socket.
-pub fn default_run_dir(bpffs_dir: &Path) -> PathBuf {
-    PathBuf::from("/run").join(instance_name(bpffs_dir))
-}
-
-/// `/var/lib/<name of the bpffs dir>`: the default state directory.
-pub fn default_state_dir(bpffs_dir: &Path) -> PathBuf {
-    PathBuf::from("/var/lib").join(instance_name(bpffs_dir))
-}
-
-/// An agent instance is named by its pin directory (`bulkhead` by default).
-fn instance_name(bpffs_dir: &Path) -> String {
-    bpffs_dir
-        .file_name()
-        .map_or_else(|| "bulkhead".into(), |n| n.to_string_lossy().into_owned())
-}
 
 /// Client side: sends one request and returns the connected stream.
 pub fn connect(run_dir: &Path, request: &Request) -> Result<BufReader<UnixStream>> {
@@ -216,6 +198,12 @@ pub fn call(run_dir: &Path, request: &Request) -> Result<Response> {
     }
 }
 
+/// A reply of another kind than the request asks for: an agent of another
+/// version, most likely.
+pub fn unexpected(r: Response) -> anyhow::Error {
+    anyhow::anyhow!("unexpected reply from the agent (another version?): {r:?}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,33 +211,16 @@ mod tests {
     /// An event at `secs` seconds past 2026-01-01T00:00:00Z.
     fn rec(secs: i64, cpu: u16, seq: u64) -> Record {
         let t = time::OffsetDateTime::from_unix_timestamp(1_767_225_600 + secs).unwrap();
-        Record {
-            ts: t
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap(),
-            verdict: "deny".into(),
-            reason: "cross-domain".into(),
-            hook: "connect4".into(),
-            proto: "tcp".into(),
-            src: None,
-            sport: None,
-            dst: Some("10.0.0.2".into()),
-            dport: Some(443),
-            pid: None,
-            comm: None,
-            uid: None,
-            cgroup: "/c".into(),
-            cgroup_id: 7,
-            src_domain: Some("a".into()),
-            dst_domain: Some("b".into()),
-            country: None,
-            geo_source: None,
-            geo_source_built: None,
-            bridge: None,
-            generation: 1,
-            seq,
-            cpu,
-        }
+        let ts = t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        // A follower reads `ts`, `cpu` and `seq`; the rest only has to parse.
+        serde_json::from_value(serde_json::json!({
+            "ts": ts, "verdict": "deny", "reason": "cross-domain", "hook": "connect4",
+            "proto": "tcp", "dst": "10.0.0.2", "dport": 443, "cgroup": "/c", "cgroup_id": 7,
+            "src_domain": "a", "dst_domain": "b", "generation": 1, "seq": seq, "cpu": cpu,
+        }))
+        .unwrap()
     }
 
     fn admit(seen: &mut Seen, r: &Record) -> Admit {

@@ -1,0 +1,84 @@
+//! The commands that ask the running agent one thing and print its answer:
+//! `status`, `reload` and `bridge open|close|list`.
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::Result;
+
+use bulkhead::runtime::protocol::{Reply, Request, Response};
+
+use super::{
+    args::NewBridge,
+    client::{call, unexpected},
+    render,
+};
+
+/// `status`: as text, or with `--json` the agent's reply as it came.
+pub fn status(run_dir: &Path, json: bool) -> Result<ExitCode> {
+    let reply = call(run_dir, &Request::Status)?;
+    let Response::Status(status) = reply else {
+        return Err(unexpected(reply));
+    };
+    if json {
+        let reply = Reply::from(Response::Status(status));
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        print!("{}", render::status(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `reload`: the generation now in force; a rejected policy is the error.
+pub fn reload(run_dir: &Path) -> Result<ExitCode> {
+    let reply = call(run_dir, &Request::Reload)?;
+    let Response::Reloaded { generation, sha256 } = reply else {
+        return Err(unexpected(reply));
+    };
+    println!("reloaded: generation {generation} (sha256 {sha256})");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bridge open`: until when, and from which policy generation.
+pub fn bridge_open(run_dir: &Path, bridge: NewBridge) -> Result<ExitCode> {
+    let reply = call(run_dir, &bridge.into())?;
+    let Response::BridgeOpened {
+        bridge: b,
+        generation,
+    } = reply
+    else {
+        return Err(unexpected(reply));
+    };
+    println!(
+        "opened {} ({}) until {} (generation {generation})",
+        b.name,
+        render::route(&b.from, &b.to, &b.ports),
+        bulkhead::clock::format_ts(b.expires as u64, 0),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bridge close`.
+pub fn bridge_close(run_dir: &Path, name: String) -> Result<ExitCode> {
+    let reply = call(run_dir, &Request::BridgeClose { name })?;
+    let Response::BridgeClosed { bridge, generation } = reply else {
+        return Err(unexpected(reply));
+    };
+    println!("closed {} (generation {generation})", bridge.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bridge list`: one line per bridge, or JSON.
+pub fn bridge_list(run_dir: &Path, json: bool) -> Result<ExitCode> {
+    let reply = call(run_dir, &Request::BridgeList)?;
+    let Response::Bridges { bridges } = reply else {
+        return Err(unexpected(reply));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&bridges)?);
+    } else {
+        for e in &bridges {
+            println!("{}", render::open_bridge(e));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
