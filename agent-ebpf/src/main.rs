@@ -34,10 +34,7 @@ mod walk;
 
 use core::mem::size_of;
 
-use agent_common::{
-    Direction, Event, Hook,
-    event::{FAMILY_INET, FAMILY_INET6},
-};
+use agent_common::{Direction, Event, Hook};
 use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup},
     programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
@@ -91,35 +88,6 @@ pub fn bh_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
     skb::skb(&ctx, Direction::Ingress)
-}
-
-/// Benchmarks only (`bulkhead run --bench-probes` loads and pins it, nothing
-/// attaches it): the address-table walk for the packet's destination and
-/// nothing else, to weigh it against the whole decision. Returns 0 where
-/// the destination is in a domain, 1 elsewhere.
-#[cgroup_skb(egress)]
-pub fn bh_probe_addr(ctx: SkBuffContext) -> i32 {
-    let Some(a) = policy::active() else {
-        return events::ALLOW;
-    };
-    let proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    let (family, dst) = if proto == 0x0800 {
-        match ctx.load::<[u8; 4]>(16) {
-            Ok(d) => (FAMILY_INET, addr::to16(d)),
-            Err(_) => return events::ALLOW,
-        }
-    } else if proto == 0x86dd {
-        match ctx.load::<[u8; 16]>(24) {
-            Ok(d) => (FAMILY_INET6, d),
-            Err(_) => return events::ALLOW,
-        }
-    } else {
-        return events::ALLOW;
-    };
-    match addr::classify(a.slot, family, &dst) {
-        Some(c) if c.domain != 0 => events::DENY,
-        _ => events::ALLOW,
-    }
 }
 
 const _: () = assert!(size_of::<Event>() == agent_common::event::EVENT_SIZE);
