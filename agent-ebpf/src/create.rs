@@ -8,6 +8,7 @@ use aya_ebpf::{
 
 use crate::{
     events::{ALLOW, DENY, Flow, finish},
+    log::{program, rare},
     policy::{active, domain_rec},
     socks::mark_initiator,
     walk::current_domain,
@@ -36,7 +37,13 @@ pub(crate) const LSM_DENY: i32 = 0;
 pub(crate) fn sock_create(ctx: &SockContext) -> i32 {
     let sk = unsafe { &*ctx.sock };
     if sk.type_ == SOCK_DGRAM && (sk.protocol == IPPROTO_ICMP || sk.protocol == IPPROTO_ICMPV6) {
-        mark_initiator(ctx.sock, true);
+        if mark_initiator(ctx.sock, true).is_null() {
+            rare!(
+                program(Hook::SockCreate),
+                "no storage for a ping socket of cgroup {}: its packets are judged as the peer's conversation",
+                unsafe { bpf_get_current_cgroup_id() }
+            );
+        }
         return ALLOW;
     }
     if sk.type_ != SOCK_RAW {

@@ -15,6 +15,7 @@
 //!   socket owner is in); [`addr`]: the address table lookup;
 //! - [`peer`]: the peer of a decision and the glue to `agent_common::decide`;
 //! - [`events`]: counters, events and their rate limit;
+//! - [`log`]: the kernel's own warnings (aya-log), on rare paths only;
 //! - [`socks`]: socket storage (owner, initiator, verdict cache, cut marks);
 //! - [`sock_addr`], [`skb`] (with [`packet`]), [`create`]: the hook bodies.
 #![no_std]
@@ -23,6 +24,7 @@
 mod addr;
 mod create;
 mod events;
+mod log;
 mod maps;
 mod packet;
 mod peer;
@@ -72,12 +74,12 @@ pub fn bh_socket_create(ctx: LsmContext) -> i32 {
 
 #[cgroup_sock(post_bind4)]
 pub fn bh_post_bind4(ctx: SockContext) -> i32 {
-    socks::record_owner(&ctx)
+    socks::record_owner(&ctx, "bulkhead::kernel::bh_post_bind4")
 }
 
 #[cgroup_sock(post_bind6)]
 pub fn bh_post_bind6(ctx: SockContext) -> i32 {
-    socks::record_owner(&ctx)
+    socks::record_owner(&ctx, "bulkhead::kernel::bh_post_bind6")
 }
 
 #[cgroup_skb(egress)]

@@ -11,6 +11,7 @@ use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddr
 use crate::{
     addr::to16,
     events::{ALLOW, Flow, finish},
+    log::{program, rare},
     peer::{decide_flow, listener_domain, peer_of},
     policy::{active, domain_rec},
     socks::{mark_initiator, new_flow},
@@ -74,14 +75,16 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         proto as u8,
         ports,
     );
+    let mut stored = true;
     if d.allow || a.config.mode == MODE_AUDIT {
         // Connects always count as a new flow; a datagram is one when its
         // destination or reason differs from the socket's previous one.
         let info = mark_initiator(sk, !is_sendmsg(hook));
+        stored = !info.is_null();
         f.first =
             !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
     }
-    finish(
+    let rc = finish(
         &a,
         dom_id,
         dom,
@@ -89,7 +92,18 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         unsafe { bpf_get_current_cgroup_id() },
         d,
         &f,
-    )
+    );
+    // Logged last, when little else is live, so the verifier walks the
+    // log once instead of once per decision path (logged where the storage
+    // is taken, it cost each connect/sendmsg program 5x its instructions).
+    if !stored {
+        rare!(
+            program(hook),
+            "no storage for a connecting socket of cgroup {}: its packets are judged as the peer's conversation",
+            unsafe { bpf_get_current_cgroup_id() }
+        );
+    }
+    rc
 }
 
 /// The context only allows 4-byte loads of `user_ip6`: read word by word.

@@ -14,14 +14,15 @@ use agent_common::{
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_tai_ns, bpf_sk_fullsock,
-        bpf_sk_storage_get,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_tai_ns,
+        bpf_sk_fullsock, bpf_sk_storage_get,
     },
     programs::{SkBuffContext, SockContext},
 };
 
 use crate::{
     events::{ALLOW, bump, copy16, count},
+    log::rare,
     maps::{BH_DOMSTATS, BH_SOCKS},
     packet::Parsed,
     peer::IPPROTO_TCP,
@@ -39,7 +40,7 @@ pub(crate) fn socks_map() -> *mut core::ffi::c_void {
 /// Records the owner's cgroup ancestry on every bound socket so connects
 /// to it can be decided by its domain.
 #[inline(always)]
-pub(crate) fn record_owner(ctx: &SockContext) -> i32 {
+pub(crate) fn record_owner(ctx: &SockContext, program: &'static str) -> i32 {
     let mut owner: SockInfo = unsafe { zeroed() };
     let mut i = 0;
     while i < MAX_CGROUP_DEPTH {
@@ -58,7 +59,13 @@ pub(crate) fn record_owner(ctx: &SockContext) -> i32 {
             BPF_SK_STORAGE_GET_F_CREATE as u64,
         ) as *mut SockInfo
     };
-    if !p.is_null() {
+    if p.is_null() {
+        rare!(
+            program,
+            "no storage for a bound socket of cgroup {}: connects to it are decided as if it had no owner",
+            unsafe { bpf_get_current_cgroup_id() }
+        );
+    } else {
         // An entry may exist already (seeded by the agent for a socket that
         // predates it): the binder's ancestry wins, its flags stay.
         unsafe { (*p).ancestors = owner.ancestors };

@@ -156,6 +156,11 @@ pub fn layout() -> Result<String> {
     maps.sort_by(|a, b| a.0.cmp(b.0));
     let mut h = Sha256::new();
     for (name, m) in maps {
+        // Unpinned maps (the kernel log's ring buffer, globals) are never
+        // shared: they do not decide whether two binaries can share pins.
+        if m.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
         // The ring buffer's size is a run-time flag, not part of the layout.
         let entries = if name == agent_common::maps::MAP_EVENTS {
             0
@@ -521,6 +526,46 @@ pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
 /// (agent-ebpf's `bulkhead-bench` binary), so production never carries them.
 static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-bench"));
+
+/// The kernel programs' log records (aya-log: rare paths only, see
+/// agent-ebpf's `log.rs`), each with its program as the `log` target
+/// (`bulkhead::kernel::bh_ingress`, ...).
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Takes the kernel log's ring buffer out of `ebpf`, to be read by
+/// [`drive_kernel_log`]. Call it after [`verify_all`]: the loaded programs
+/// hold the ring buffer open, so a logger dropped later closes nothing
+/// they need (taken before they load, it would). `None` when the object
+/// has no log sites, which is not an error.
+pub fn start_kernel_log(ebpf: &mut Ebpf) -> Result<Option<KernelLog>> {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => Ok(Some(logger)),
+        Err(aya_log::Error::MapNotFound) => Ok(None),
+        Err(e) => Err(e).context("opening the kernel programs' log"),
+    }
+}
+
+/// Forwards the kernel's log records into the `log` crate as they arrive,
+/// for as long as the agent runs: a task on the agent's tokio runtime
+/// (`tokio::spawn(drive_kernel_log(logger))`), woken by the ring buffer's
+/// fd, so no thread polls. Records that arrive while nothing reads are
+/// kept until the ring buffer is full, then dropped by the kernel.
+pub async fn drive_kernel_log(logger: KernelLog) -> Result<()> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns the ring buffer's fd for its whole life and
+    // always returns that one.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("watching the kernel programs' log")?;
+    loop {
+        let mut ready = fd
+            .readable_mut()
+            .await
+            .context("waiting for the kernel programs' log")?;
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
 
 /// Programs only benchmarks use, loaded and pinned by `run --bench-probes`.
 pub const PROBES: [&str; 1] = ["bh_probe_addr"];
