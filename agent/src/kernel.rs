@@ -731,3 +731,56 @@ pub fn detach(root: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The kernel log opens on the real object once its programs are
+    /// verified, and a task drives it. Needs root (loading programs) and a
+    /// bpffs; skips with the reason otherwise, fails instead under CI.
+    #[test]
+    fn kernel_log_starts_after_verification() {
+        let skip = |why: &str| {
+            assert!(std::env::var_os("CI").is_none(), "{why}");
+            eprintln!("SKIPPED: {why}");
+        };
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return skip("needs root to load BPF programs");
+        }
+        if EBPF_OBJECT.is_empty() {
+            return skip("built without the kernel programs (bpf-linker missing)");
+        }
+        let root = PathBuf::from(format!(
+            "/sys/fs/bpf/bulkhead-test-log-{}",
+            std::process::id()
+        ));
+        if ensure_bpffs(&root).is_err() {
+            return skip("no bpffs");
+        }
+        let pins = Pins::new(root.clone(), layout().expect("layout"));
+        let result = (|| -> Result<()> {
+            let mut ebpf = load(&pins, 4096)?;
+            verify_all(&mut ebpf)?;
+            let logger = start_kernel_log(&mut ebpf)?.context("no kernel log in the object")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let driven =
+                    tokio::time::timeout(Duration::from_millis(200), drive_kernel_log(logger));
+                // Nothing logs here: the task is still waiting when the time is up.
+                assert!(driven.await.is_err(), "the kernel log task ended");
+            });
+            // A second start on the same object finds its log taken: no
+            // logger, not an error.
+            assert!(start_kernel_log(&mut ebpf)?.is_none());
+            Ok(())
+        })();
+        let _ = detach(&root);
+        result.expect("kernel log");
+    }
+}
