@@ -1,5 +1,7 @@
-//! Compiles the kernel programs (`agent-ebpf`) and leaves the object in
-//! OUT_DIR, where `include_bytes_aligned!` embeds it: the agent is one binary.
+//! Compiles the kernel programs (`agent-ebpf`) and leaves the objects in
+//! OUT_DIR, where `include_bytes_aligned!` embeds them: the agent is one
+//! binary. `bulkhead` is the production object; `bulkhead-bench` holds the
+//! programs only benchmarks load (`run --bench-probes`).
 //!
 //! The eBPF build needs nightly and bpf-linker (`cargo xtask setup`). Without
 //! them the agent still builds, with an empty object, so `cargo build` and
@@ -18,7 +20,9 @@ fn main() -> anyhow::Result<()> {
         println!(
             "cargo:warning=bpf-linker not found: building without kernel programs (run `cargo xtask setup`)"
         );
-        fs::write(out_dir.join("bulkhead"), b"").context("writing the empty eBPF placeholder")?;
+        for object in ["bulkhead", "bulkhead-bench"] {
+            fs::write(out_dir.join(object), b"").context("writing the empty eBPF placeholder")?;
+        }
         return Ok(());
     }
     let ebpf = Package {

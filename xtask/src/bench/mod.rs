@@ -821,8 +821,47 @@ fn with_net(base: &str, spec: &Spec, net: &str) -> String {
     }
 }
 
+/// Seconds the idle agent is watched for its CPU use.
+const IDLE_SECS: u64 = 10;
+
+/// The idle agent's steady RSS and the CPU it uses doing nothing (ticks
+/// of `/proc/PID/stat` over [`IDLE_SECS`]: timers, watches, the event
+/// poll).
+fn idle_agent(agent: &Agent) -> Value {
+    let (rss, _) = world::rss_kib(agent.pid).unwrap_or((0, 0));
+    let before = world::cpu_ms(agent.pid);
+    std::thread::sleep(Duration::from_secs(IDLE_SECS));
+    let after = world::cpu_ms(agent.pid);
+    let cpu_ms = match (before, after) {
+        (Some(b), Some(a)) => a - b,
+        _ => f64::NAN,
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    json!({
+        "rss_kib": rss,
+        "secs": IDLE_SECS,
+        "cpu_ms": cpu_ms,
+        "cpu_ticks": (cpu_ms * hz / 1e3).round(),
+        "cpu_share": cpu_ms / (IDLE_SECS as f64 * 1e3),
+    })
+}
+
+/// Resets the agent's peak RSS (`VmHWM`) to its current RSS, so the next
+/// read is the peak of what happened since.
+fn reset_peak_rss(pid: u32) -> bool {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
 fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
     let base = fs::read_to_string(&agent.policy)?;
+    let idle = idle_agent(agent);
+    eprintln!(
+        "  idle agent: RSS {:.1} MB, {} CPU ticks in {IDLE_SECS} s",
+        idle["rss_kib"].as_f64().unwrap_or(f64::NAN) * 1024.0 / 1e6,
+        idle["cpu_ticks"]
+    );
+    let peak_reset = reset_peak_rss(agent.pid);
     // The first reload is the full compile + load: a newer database makes
     // the agent read it again, and the still empty second slot of the
     // double buffer takes the whole policy. Later reloads write only the
@@ -833,7 +872,17 @@ fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
         .set_modified(std::time::SystemTime::now())
         .context("touching the geo database")?;
     let first = agent.reload()?.as_secs_f64() * 1e3;
-    eprintln!("  first reload (reads the database again, fills the second slot): {first:.0} ms");
+    // The peak of the full reload alone (start-up's is behind the reset).
+    let reload_peak = world::rss_kib(agent.pid)
+        .filter(|_| peak_reset)
+        .map(|(_, hwm)| hwm);
+    eprintln!(
+        "  first reload (reads the database again, fills the second slot): {first:.0} ms, peak RSS {}",
+        reload_peak.map_or("unknown".into(), |k| format!(
+            "{:.1} MB",
+            k as f64 * 1024.0 / 1e6
+        ))
+    );
     let taken: Vec<String> = spec.nets.iter().map(policy::Net::cidr).collect();
     let candidates: Vec<String> = (0..=255u32)
         .map(|i| format!("198.18.{i}.0/24"))
@@ -857,6 +906,8 @@ fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
         .collect();
     Ok(json!({
         "first_reload_ms": first,
+        "first_reload_peak_rss_kib": reload_peak,
+        "idle": idle,
         "reload_ms": median(&times),
         "reload_ms_all": times,
         "kernel_maps_after_reload": maps_after["total_bytes"],

@@ -664,6 +664,22 @@ fn markdown(r: &Value) -> String {
         f(&nft["update_one_element_ms"]),
         f(&r["update"]["first_reload_ms"])
     );
+    let idle = &r["update"]["idle"];
+    if idle.is_object() {
+        let peak = r["update"]["first_reload_peak_rss_kib"].as_f64().map_or(
+            "not measured (`/proc/PID/clear_refs` refused)".into(),
+            |k| format!("{:.1} MB", k * 1.024 / 1e3),
+        );
+        let _ = writeln!(
+            s,
+            "\nThe agent with the full policy, idle: RSS {:.1} MB; {} CPU ticks in {} s ({:.2}% of one CPU: timers, file watches, the event poll). \
+             Peak RSS during the first reload (full compile into the empty slot; the peak counter reset just before it): {peak}.",
+            f(&idle["rss_kib"]) * 1.024 / 1e3,
+            idle["cpu_ticks"],
+            idle["secs"],
+            f(&idle["cpu_share"]) * 100.0
+        );
+    }
     let progs = &policy(r, "empty")["programs"];
     if let Some(o) = progs.as_object() {
         let total: u64 = o

@@ -1,0 +1,79 @@
+//! Every map the programs share with the agent, pinned by name so a new
+//! agent (and the benchmark probes) open the same ones.
+
+use agent_common::{
+    addr::{AddrClass, AddrLine, MAX_CLASSES, SLOT_LINES},
+    maps::{
+        BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, MAX_BRIDGE_PAIRS, MAX_CGROUPS,
+        MAX_DOMAINS, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, SockInfo, State, TokenBucket,
+    },
+};
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+#[map(name = "BH_STATE")]
+pub(crate) static BH_STATE: Array<State> = Array::pinned(1, 0);
+#[map(name = "BH_CONFIG")]
+pub(crate) static BH_CONFIG: Array<Config> = Array::pinned(2, 0);
+#[map(name = "BH_CGROUPS")]
+pub(crate) static BH_CGROUPS: HashMap<CgroupKey, u32> = HashMap::pinned(2 * MAX_CGROUPS, 0);
+#[map(name = "BH_DOMAINS")]
+pub(crate) static BH_DOMAINS: Array<DomainRec> = Array::pinned(2 * MAX_DOMAINS, 0);
+/// Both slots of the address table (`agent_common::addr`); the agent
+/// writes a slot through `mmap`.
+#[map(name = "BH_ADDR")]
+pub(crate) static BH_ADDR: Array<AddrLine> = Array::pinned(2 * SLOT_LINES, BPF_F_MMAPABLE);
+#[map(name = "BH_CLASSES")]
+pub(crate) static BH_CLASSES: Array<AddrClass> = Array::pinned(2 * MAX_CLASSES, 0);
+#[map(name = "BH_BRIDGES")]
+pub(crate) static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> =
+    HashMap::pinned(2 * MAX_BRIDGE_PAIRS, 0);
+#[map(name = "BH_COUNTERS")]
+pub(crate) static BH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
+#[map(name = "BH_DOMSTATS")]
+pub(crate) static BH_DOMSTATS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_DOMAIN_COUNTERS, 0);
+#[map(name = "BH_RATE")]
+pub(crate) static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 * 1024, 0);
+/// Sized by the agent at load time (`--ring-buffer-bytes`).
+#[map(name = "BH_EVENTS")]
+pub(crate) static BH_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+#[btf_map]
+pub(crate) static BH_SOCKS: PinnedSkStorage<SockInfo> = PinnedSkStorage::new();
+
+/// A socket storage map definition (BTF-style, as aya-ebpf's `SkStorage`)
+/// that asks to be pinned by name, which aya-ebpf's cannot: what a socket's
+/// storage holds (which side opened a connection, its cached verdict, a
+/// listener's owner) must outlive the agent that loaded the programs, or
+/// every restart would judge open connections as if older than the agent.
+#[repr(C)]
+pub(crate) struct PinnedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl<T> Sync for PinnedSkStorage<T> {}
+
+impl<T> PinnedSkStorage<T> {
+    const fn new() -> Self {
+        PinnedSkStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+}
+
+/// Map flag: userspace may `mmap` the array.
+pub(crate) const BPF_F_MMAPABLE: u32 = 1 << 10;

@@ -1,0 +1,115 @@
+//! The peer of a decision (address table, local listener) and the
+//! decision glue around `agent_common::decide`.
+
+use core::mem::zeroed;
+
+use agent_common::{
+    Decision, Direction, Ports,
+    decide::{Peer, PeerAddr, decide_peer},
+    event::FAMILY_INET,
+    maps::{BridgeKey, DomainRec, SockInfo},
+};
+use aya_ebpf::{
+    bindings::bpf_sock_tuple,
+    helpers::generated::{
+        bpf_ktime_get_tai_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_sk_storage_get,
+    },
+};
+
+use crate::{
+    addr::{classify, first4},
+    maps::BH_BRIDGES,
+    policy::Active,
+    socks::socks_map,
+    walk::{domain_of, walk_owner},
+};
+
+pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_UDP: u32 = 17;
+/// `BPF_F_CURRENT_NETNS` as the helpers' u64 netns argument.
+pub(crate) const CURRENT_NETNS: u64 = 0xffff_ffff;
+
+/// Finds the local socket a connect would reach and returns its owner's
+/// domain under the current policy; 0 when there is none or it has no owner.
+#[inline(always)]
+pub(crate) fn listener_domain(
+    ctx: *mut core::ffi::c_void,
+    slot: u32,
+    family: u8,
+    proto: u32,
+    dst: &[u8; 16],
+    dport: [u8; 2],
+) -> u32 {
+    let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
+    let size = if family == FAMILY_INET {
+        tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(first4(dst));
+        tuple.__bindgen_anon_1.ipv4.dport = u16::from_ne_bytes(dport);
+        12u32
+    } else {
+        // SAFETY: both are 16 plain bytes.
+        tuple.__bindgen_anon_1.ipv6.daddr =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*dst) };
+        tuple.__bindgen_anon_1.ipv6.dport = u16::from_ne_bytes(dport);
+        36u32
+    };
+    let sk = unsafe {
+        if proto == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(ctx, &mut tuple, size, CURRENT_NETNS, 0)
+        } else if proto == IPPROTO_UDP {
+            bpf_sk_lookup_udp(ctx, &mut tuple, size, CURRENT_NETNS, 0)
+        } else {
+            return 0;
+        }
+    };
+    if sk.is_null() {
+        return 0;
+    }
+    let owner = unsafe {
+        bpf_sk_storage_get(socks_map(), sk.cast(), core::ptr::null_mut(), 0) as *const SockInfo
+    };
+    let mut domain = 0;
+    if !owner.is_null() {
+        domain = domain_of(slot, owner.cast(), walk_owner);
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    domain
+}
+
+/// What the address table says about a peer: one walk gives both the
+/// domain of the networks holding it and its country. (A local listener's
+/// domain comes on top: [`peer_domain`].)
+#[inline(always)]
+pub(crate) fn peer_of(slot: u32, addr: &PeerAddr) -> Peer<'static> {
+    let class = classify(slot, addr.family, &addr.addr);
+    Peer {
+        domain: class.map_or(0, |c| c.domain),
+        geo: class.map(|c| &c.geo),
+        loopback: addr.is_loopback(),
+    }
+}
+
+/// The decision for a peer, as `agent_common` (and `explain`) takes it:
+/// bridges looked up only when it needs them.
+#[inline(always)]
+pub(crate) fn decide_flow(
+    a: &Active,
+    dom_id: u32,
+    dom: &DomainRec,
+    peer: &Peer,
+    dir: Direction,
+    proto: u8,
+    ports: Ports,
+) -> Decision {
+    let now = unsafe { bpf_ktime_get_tai_ns() };
+    let slot = a.slot;
+    let bridges = |from: u32, to: u32| {
+        let key = BridgeKey {
+            slot,
+            from: from as u16,
+            to: to as u16,
+        };
+        unsafe { BH_BRIDGES.get(key) }
+    };
+    decide_peer(dir, dom_id, dom, peer, bridges, proto, ports, now)
+}

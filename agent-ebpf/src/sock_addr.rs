@@ -1,0 +1,128 @@
+//! The connect and sendmsg decision (v4 and v6): the main decision point.
+
+use agent_common::{
+    Direction, Hook, Ports,
+    decide::{PeerAddr, peer_domain},
+    event::{FAMILY_INET, FAMILY_INET6},
+    maps::MODE_AUDIT,
+};
+use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddrContext};
+
+use crate::{
+    addr::to16,
+    events::{ALLOW, Flow, finish},
+    log::{program, rare},
+    peer::{decide_flow, listener_domain, peer_of},
+    policy::{active, domain_rec},
+    socks::{mark_initiator, new_flow},
+    walk::current_domain,
+};
+
+/// The sock_addr decision shared by connect and sendmsg, v4 and v6.
+#[inline(always)]
+pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) -> i32 {
+    let Some(a) = active() else { return ALLOW };
+    let dom_id = current_domain(a.slot);
+    let Some(dom) = domain_rec(a.slot, dom_id) else {
+        return ALLOW;
+    };
+    let sa = unsafe { &*ctx.sock_addr };
+    let proto = sa.protocol;
+    let dport = (sa.user_port as u16).to_ne_bytes();
+    // The verifier refuses `user_ip6` reads in v4 programs (and vice versa),
+    // so the family is fixed per program, not read from the context. An
+    // IPv4-mapped address is decided as IPv4; IPv4-compatible `::a.b.c.d`
+    // stays IPv6: the kernel routes it as IPv6, to the IPv6 address it is
+    // (docs/THREAT_MODEL.md).
+    let (addr, hook) = if !V6 {
+        (
+            PeerAddr::new(FAMILY_INET, to16(sa.user_ip4.to_ne_bytes())),
+            hook4,
+        )
+    } else {
+        (PeerAddr::new(FAMILY_INET6, user_ip6(sa)), hook6)
+    };
+    let (family, dst) = (addr.family, addr.addr);
+    let mut peer = peer_of(a.slot, &addr);
+    peer.domain = peer_domain(peer.domain, || {
+        listener_domain(ctx.sock_addr.cast(), a.slot, family, proto, &dst, dport)
+    });
+    let port = u16::from_be_bytes(dport);
+    let mut f = Flow {
+        family,
+        proto: proto as u8,
+        hook,
+        task: true,
+        first: true,
+        src: [0; 16],
+        dst,
+        sport: [0; 2],
+        dport,
+    };
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    // The socket's own port (0 before its bind): a datagram server's answer
+    // goes out by the reverse rule of the bridge that let the request in.
+    let ports = Ports {
+        service: port,
+        other: unsafe { (*sk).src_port } as u16,
+    };
+    let d = decide_flow(
+        &a,
+        dom_id,
+        dom,
+        &peer,
+        Direction::Egress,
+        proto as u8,
+        ports,
+    );
+    let mut stored = true;
+    if d.allow || a.config.mode == MODE_AUDIT {
+        // Connects always count as a new flow; a datagram is one when its
+        // destination or reason differs from the socket's previous one.
+        let info = mark_initiator(sk, !is_sendmsg(hook));
+        stored = !info.is_null();
+        f.first =
+            !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
+    }
+    let rc = finish(
+        &a,
+        dom_id,
+        dom,
+        peer.domain,
+        unsafe { bpf_get_current_cgroup_id() },
+        d,
+        &f,
+    );
+    // Logged last, when little else is live, so the verifier walks the
+    // log once instead of once per decision path (logged where the storage
+    // is taken, it cost each connect/sendmsg program 5x its instructions).
+    if !stored {
+        rare!(
+            program(hook),
+            "no storage for a connecting socket of cgroup {}: its packets are judged as the peer's conversation",
+            unsafe { bpf_get_current_cgroup_id() }
+        );
+    }
+    rc
+}
+
+/// The context only allows 4-byte loads of `user_ip6`: read word by word.
+#[inline(always)]
+pub(crate) fn user_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = unsafe { core::ptr::read_volatile(&sa.user_ip6[i]) }.to_ne_bytes();
+        out[i * 4] = w[0];
+        out[i * 4 + 1] = w[1];
+        out[i * 4 + 2] = w[2];
+        out[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+pub(crate) fn is_sendmsg(hook: Hook) -> bool {
+    matches!(hook, Hook::Sendmsg4 | Hook::Sendmsg6)
+}

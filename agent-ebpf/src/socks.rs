@@ -1,0 +1,348 @@
+//! What a socket's storage holds: who binds it, which side started its
+//! conversation, its cached verdict and its cut mark.
+
+use core::mem::zeroed;
+
+use agent_common::{
+    Decision, Direction, Hook, Reason,
+    decide::Peer,
+    maps::{
+        COUNTER_CUT_MARKED, CutRecord, FlowKey, MAX_CGROUP_DEPTH, SOCK_CUT, SOCK_FLOW_SEEN,
+        SOCK_INITIATOR, SockInfo, VerdictCache, counter_index, domain_counter_index,
+    },
+};
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_tai_ns,
+        bpf_sk_fullsock, bpf_sk_storage_get,
+    },
+    programs::{SkBuffContext, SockContext},
+};
+
+use crate::{
+    events::{ALLOW, bump, copy16, count},
+    log::rare,
+    maps::{BH_DOMSTATS, BH_SOCKS},
+    packet::Parsed,
+    peer::IPPROTO_TCP,
+    policy::Active,
+};
+
+/// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum.
+pub(crate) const BPF_TCP_ESTABLISHED: u32 = 1;
+
+#[inline(always)]
+pub(crate) fn socks_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&BH_SOCKS).cast_mut().cast()
+}
+
+/// Records the owner's cgroup ancestry on every bound socket so connects
+/// to it can be decided by its domain.
+#[inline(always)]
+pub(crate) fn record_owner(ctx: &SockContext, program: &'static str) -> i32 {
+    let mut owner: SockInfo = unsafe { zeroed() };
+    let mut i = 0;
+    while i < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(i as i32 + 1) };
+        if id == 0 {
+            break;
+        }
+        owner.ancestors[i] = id;
+        i += 1;
+    }
+    let p = unsafe {
+        bpf_sk_storage_get(
+            socks_map(),
+            ctx.sock.cast(),
+            (&mut owner as *mut SockInfo).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        ) as *mut SockInfo
+    };
+    if p.is_null() {
+        rare!(
+            program,
+            "no storage for a bound socket of cgroup {}: connects to it are decided as if it had no owner",
+            unsafe { bpf_get_current_cgroup_id() }
+        );
+    } else {
+        // An entry may exist already (seeded by the agent for a socket that
+        // predates it): the binder's ancestry wins, its flags stay.
+        unsafe { (*p).ancestors = owner.ancestors };
+    }
+    ALLOW
+}
+
+/// Flags the socket as the side that started the conversation, so the
+/// packet hooks judge its traffic by the egress rules. Returns its storage
+/// (null when the kernel could not allocate it).
+#[inline(always)]
+pub(crate) fn mark_initiator(sk: *mut bpf_sock, connect: bool) -> *mut SockInfo {
+    // No initial value: a new storage starts zeroed (a SockInfo on this
+    // stack would not fit beside the connect hook's own).
+    let p = unsafe {
+        bpf_sk_storage_get(
+            socks_map(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        ) as *mut SockInfo
+    };
+    if !p.is_null() {
+        unsafe {
+            (*p).flags |= SOCK_INITIATOR;
+            // A (re)connect may change the peer: decide its packets anew,
+            // and a mark for the old peer no longer holds. A datagram
+            // send keeps its socket's verdict, which names its peer
+            // (`connect` is known when the program is compiled: no
+            // branch for the verifier).
+            if connect {
+                (*p).verdict.generation = 0;
+            }
+            (*p).flags &= !SOCK_CUT;
+        }
+    }
+    p
+}
+
+/// Byte by byte: a derived `==` on arrays may become a `bcmp` call, which
+/// BPF does not have.
+#[inline(always)]
+pub(crate) fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        diff |= a.dst[i] ^ b.dst[i];
+        i += 1;
+    }
+    diff == 0 && a.port == b.port && a.proto == b.proto && a.reason == b.reason
+}
+
+/// Whether an allowed datagram starts a new flow on its socket: its
+/// destination or reason differs from the previous one. Remembers it.
+#[inline(always)]
+pub(crate) fn new_flow(
+    info: *mut SockInfo,
+    dst: &[u8; 16],
+    dport: [u8; 2],
+    proto: u8,
+    reason: Reason,
+) -> bool {
+    if info.is_null() {
+        return true;
+    }
+    let info = unsafe { &mut *info };
+    let flow = FlowKey {
+        dst: *dst,
+        port: dport,
+        proto,
+        reason: reason as u8,
+        _pad: [0; 4],
+    };
+    if info.flags & SOCK_FLOW_SEEN != 0 && same_flow(&info.last_flow, &flow) {
+        return false;
+    }
+    info.last_flow = flow;
+    info.flags |= SOCK_FLOW_SEEN;
+    true
+}
+
+/// The full socket behind a packet (null if none).
+#[inline(always)]
+pub(crate) fn skb_full_sock(ctx: &SkBuffContext) -> *mut bpf_sock {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    unsafe { bpf_sk_fullsock(sk) }
+}
+
+/// A full socket's storage, if it has any (null otherwise).
+#[inline(always)]
+pub(crate) fn sock_info(full: *mut bpf_sock) -> *mut SockInfo {
+    if full.is_null() {
+        return core::ptr::null_mut();
+    }
+    unsafe {
+        bpf_sk_storage_get(socks_map(), full.cast(), core::ptr::null_mut(), 0) as *mut SockInfo
+    }
+}
+
+/// The allowed verdict cached on this packet's socket, if it was decided
+/// under the policy in force and has not expired since; for a datagram
+/// socket (`family` set) it still has to be this packet's conversation.
+/// A reference into the storage, not a copy: the packet hooks' stack is
+/// nearly full.
+#[inline(always)]
+pub(crate) fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<&'static VerdictCache> {
+    if info.is_null() {
+        return None;
+    }
+    let c = unsafe { &(*info).verdict };
+    // Before any other field (see `cache_verdict`).
+    if unsafe { core::ptr::read_volatile(&c.generation) } != a.generation {
+        return None;
+    }
+    // Most verdicts never expire: no clock read for them.
+    let until = unsafe { core::ptr::read_volatile(&c.until_tai_ns) };
+    if until != u64::MAX && unsafe { bpf_ktime_get_tai_ns() } >= until {
+        return None;
+    }
+    Some(c)
+}
+
+#[inline(always)]
+pub(crate) fn cached_allow(hook: Hook, c: &VerdictCache) -> i32 {
+    count(counter_index(hook as u8, c.reason));
+    bump(&BH_DOMSTATS, domain_counter_index(c.domain, c.reason));
+    ALLOW
+}
+
+/// The packet's peer and the socket's own port, as the cache keys them.
+#[inline(always)]
+pub(crate) fn conversation(p: &Parsed, dir: Direction) -> (&[u8; 16], [u8; 2], [u8; 2]) {
+    match dir {
+        Direction::Egress => (&p.dst, p.dport, p.sport),
+        Direction::Ingress => (&p.src, p.sport, p.dport),
+    }
+}
+
+/// Whether a datagram belongs to the conversation its socket's verdict was
+/// decided for: everything the decision read from the packet and socket.
+/// (A socket has one protocol, and only datagrams leave a keyed verdict.)
+#[inline(always)]
+pub(crate) fn same_conversation(
+    c: &VerdictCache,
+    p: &Parsed,
+    dir: Direction,
+    initiator: bool,
+) -> bool {
+    use core::ptr::read_volatile as get;
+    let (peer, peer_port, local_port) = conversation(p, dir);
+    // Volatile: read after the generation (see `cache_verdict`).
+    let cached = c.peer.as_ptr().cast::<u64>();
+    let ours = peer.as_ptr().cast::<u64>();
+    unsafe {
+        get(cached) == ours.read_unaligned()
+            && get(cached.add(1)) == ours.add(1).read_unaligned()
+            && get(&c.family) == p.family
+            && get(&c.initiator) == initiator as u8
+            && get(&c.peer_port) == peer_port
+            && get(&c.local_port) == local_port
+    }
+}
+
+/// Marks an established socket whose packet was just denied, once: the
+/// agent's socket iterators destroy it and report the record.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
+pub(crate) fn mark_cut(
+    full: *mut bpf_sock,
+    info: *mut SockInfo,
+    a: &Active,
+    dom_id: u32,
+    peer: &Peer,
+    d: &Decision,
+    p: &Parsed,
+    dir: Direction,
+    cgroup_id: u64,
+) {
+    if full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    // An accepted socket has no storage of its own yet: give it one, so
+    // the serving end is cut too.
+    let info = if info.is_null() {
+        unsafe {
+            bpf_sk_storage_get(
+                socks_map(),
+                full.cast(),
+                core::ptr::null_mut(),
+                BPF_SK_STORAGE_GET_F_CREATE as u64,
+            ) as *mut SockInfo
+        }
+    } else {
+        info
+    };
+    if info.is_null() {
+        return;
+    }
+    let info = unsafe { &mut *info };
+    if info.flags & SOCK_CUT != 0 {
+        return;
+    }
+    let ingress = matches!(dir, Direction::Ingress);
+    let (local, peer_addr, local_port, peer_port) = if ingress {
+        (&p.dst, &p.src, p.dport, p.sport)
+    } else {
+        (&p.src, &p.dst, p.sport, p.dport)
+    };
+    info.cut = CutRecord {
+        generation: a.generation,
+        cgroup_id,
+        local: *local,
+        peer: *peer_addr,
+        bridge_id: d.bridge_id,
+        local_port,
+        peer_port,
+        domain: dom_id as u16,
+        peer_domain: peer.domain as u16,
+        family: p.family,
+        proto: p.proto,
+        reason: d.reason as u8,
+        ingress: ingress as u8,
+    };
+    info.flags |= SOCK_CUT;
+    count(COUNTER_CUT_MARKED);
+}
+
+/// Remembers an allowed packet's verdict on its socket. An established
+/// TCP socket keeps one peer for the rest of its life (a new connect clears
+/// the cache), so its later packets ask the same question; a datagram
+/// socket's verdict is keyed by the conversation (see `same_conversation`).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
+pub(crate) fn cache_verdict(
+    full: *mut bpf_sock,
+    info: *mut SockInfo,
+    a: &Active,
+    dom_id: u32,
+    d: &Decision,
+    p: &Parsed,
+    dir: Direction,
+    initiator: bool,
+) {
+    // `full` is checked again: the verifier does not know that a storage
+    // pointer implies a socket.
+    if info.is_null() || full.is_null() {
+        return;
+    }
+    let tcp = p.proto == IPPROTO_TCP as u8;
+    if tcp && unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    // Field by field into the storage (a whole VerdictCache would not fit
+    // on the stack beside the rest), and invalid while being written: a
+    // packet of the same socket on another CPU reads the generation first,
+    // so it never takes this peer with another's verdict, or the reverse.
+    // Volatile, so the compiler keeps that order.
+    let c = unsafe { &raw mut (*info).verdict };
+    unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*c).generation, 0);
+        put(&raw mut (*c).until_tai_ns, d.until_tai_ns);
+        put(&raw mut (*c).domain, dom_id);
+        put(&raw mut (*c).reason, d.reason as u8);
+        let mut family = 0;
+        if !tcp {
+            let (peer, peer_port, local_port) = conversation(p, dir);
+            family = p.family;
+            put(&raw mut (*c).initiator, initiator as u8);
+            copy16(&raw mut (*c).peer, peer);
+            put(&raw mut (*c).peer_port, peer_port);
+            put(&raw mut (*c).local_port, local_port);
+        }
+        put(&raw mut (*c).family, family);
+        put(&raw mut (*c).generation, a.generation);
+    }
+}

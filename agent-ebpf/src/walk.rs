@@ -1,0 +1,97 @@
+//! Cgroup ancestry walks: which domain a task, a packet or a socket's
+//! owner belongs to (its nearest configured ancestor).
+
+use agent_common::{
+    decide,
+    maps::{CgroupKey, MAX_CGROUP_DEPTH, SockInfo},
+};
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_ancestor_cgroup_id, bpf_loop, bpf_skb_ancestor_cgroup_id,
+};
+
+use crate::maps::BH_CGROUPS;
+
+/// One walk up a cgroup's ancestry to its nearest configured ancestor
+/// (from the root down, so the deepest match wins), run by `bpf_loop`: the
+/// verifier checks a level once instead of once per level, which on older
+/// kernels is most of what loading the packet hooks costs.
+#[repr(C)]
+pub(crate) struct Walk {
+    /// What a level reads the ancestor id from: the skb, or an owner's
+    /// [`SockInfo`]; unused for the current task.
+    from: *const core::ffi::c_void,
+    slot: u32,
+    found: u32,
+}
+
+pub(crate) type WalkBody = extern "C" fn(u64, *mut core::ffi::c_void) -> i64;
+
+#[inline(always)]
+pub(crate) fn domain_of(slot: u32, from: *const core::ffi::c_void, body: WalkBody) -> u32 {
+    let mut w = Walk {
+        from,
+        slot,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_CGROUP_DEPTH as u32,
+            body as *mut core::ffi::c_void,
+            (&mut w as *mut Walk).cast(),
+            0,
+        )
+    };
+    w.found
+}
+
+/// One level: `id` is its cgroup (0 past the leaf, which ends the walk).
+/// The step itself is `agent_common`'s, which `explain` takes too.
+#[inline(always)]
+pub(crate) fn walk_level(ctx: *mut core::ffi::c_void, id: u64) -> i64 {
+    let w = unsafe { &mut *ctx.cast::<Walk>() };
+    let slot = w.slot;
+    let configured = |id| {
+        let key = CgroupKey {
+            cgroup_id: id,
+            slot,
+            _pad: 0,
+        };
+        unsafe { BH_CGROUPS.get(key) }.copied()
+    };
+    if decide::walk_level(&mut w.found, id, configured) {
+        0
+    } else {
+        1
+    }
+}
+
+#[inline(never)]
+pub(crate) extern "C" fn walk_current(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    walk_level(ctx, unsafe {
+        bpf_get_current_ancestor_cgroup_id(i as i32 + 1)
+    })
+}
+
+#[inline(never)]
+pub(crate) extern "C" fn walk_skb(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let skb = unsafe { (*ctx.cast::<Walk>()).from }.cast_mut().cast();
+    walk_level(ctx, unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, i as i32 + 1)
+    })
+}
+
+#[inline(never)]
+pub(crate) extern "C" fn walk_owner(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let owner = unsafe { (*ctx.cast::<Walk>()).from }.cast::<SockInfo>();
+    let id = if (i as usize) < MAX_CGROUP_DEPTH {
+        unsafe { (*owner).ancestors[i as usize] }
+    } else {
+        0
+    };
+    walk_level(ctx, id)
+}
+
+#[inline(always)]
+pub(crate) fn current_domain(slot: u32) -> u32 {
+    domain_of(slot, core::ptr::null(), walk_current)
+}
