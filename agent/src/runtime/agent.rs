@@ -228,6 +228,8 @@ impl Why {
 /// What [`Agent::start`] hands to the tasks around the state machine.
 pub struct Started {
     pub ring: RingBuf<MapData>,
+    /// The kernel programs' own log (aya-log), when the object has one.
+    pub kernel_log: Option<kernel::KernelLog>,
     pub cuts: Option<Cuts>,
     pub control: (std::os::unix::net::UnixListener, PathBuf),
     pub metrics: Option<std::net::TcpListener>,
@@ -320,6 +322,8 @@ impl Agent {
         let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
         let lsm = kernel::verify_all(&mut ebpf)?;
         info!("{}", kernel::verified(&ebpf, verify_started.elapsed()));
+        // After verification: the loaded programs hold its ring buffer open.
+        let kernel_log = kernel::start_kernel_log(&mut ebpf)?;
         // 2. the policy written into the slot no program reads;
         let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
         let previous = PolicyMaps::generation(&mut ebpf)?;
@@ -513,6 +517,7 @@ impl Agent {
             agent,
             Started {
                 ring,
+                kernel_log,
                 cuts,
                 control,
                 metrics,

@@ -69,7 +69,14 @@ async fn serve(args: RunArgs) -> Result<()> {
         start_pod_watch(&agent);
     }
 
-    let sink = crate::runtime::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
+    if let Some(log) = started.kernel_log {
+        tokio::spawn(async move {
+            if let Err(e) = crate::kernel::drive_kernel_log(log).await {
+                warn!("the kernel programs' log is no longer read: {e:#}");
+            }
+        });
+    }
+    let sink = self::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
     let (stop_events, stopped) = oneshot::channel();
     let events = tokio::spawn(output::read(
         started.ring,
