@@ -7,10 +7,13 @@ use std::{net::IpAddr, os::fd::BorrowedFd, path::PathBuf};
 pub use bulkhead_policy::explain::*;
 
 use crate::{
-    cgroup, clock,
+    clock,
     compile::Compiled,
     geo::GeoDb,
-    listeners::{self, Lookup},
+    kernel::{
+        cgroup,
+        listeners::{self, Lookup},
+    },
     policy::{Policy, Proto},
 };
 

@@ -9,16 +9,10 @@ pub use bulkhead_policy::{
     Candidate, LoadError, addr, candidate, duration, fxhash, geo, policy, ranges, selector,
 };
 
-pub mod caps;
-pub mod cgroup;
 pub mod clock;
 pub mod compile;
-pub mod cut;
 pub mod explain;
 pub mod k8s;
 pub mod kernel;
-pub mod listeners;
-pub mod maps;
-pub mod probe;
 pub mod runtime;
 pub mod trust;

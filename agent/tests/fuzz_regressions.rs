@@ -5,7 +5,7 @@
 
 use agent_common::{Event, event::EVENT_SIZE};
 use bulkhead::{
-    cgroup::PathCache,
+    kernel::cgroup::PathCache,
     runtime::events::{self, Enricher},
 };
 

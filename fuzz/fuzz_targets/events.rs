@@ -7,7 +7,7 @@
 
 use agent_common::event::EVENT_SIZE;
 use bulkhead::{
-    cgroup::PathCache,
+    kernel::cgroup::PathCache,
     compile::BridgeName,
     runtime::events::{self, Enricher, Generation},
 };

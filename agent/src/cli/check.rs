@@ -4,7 +4,9 @@ use std::{path::Path, process::ExitCode};
 
 use anyhow::Result;
 
-use bulkhead::{Candidate, LoadError, candidate, cgroup, clock, compile::EventLimits, policy};
+use bulkhead::{
+    Candidate, LoadError, candidate, clock, compile::EventLimits, kernel::cgroup, policy,
+};
 
 use super::render;
 

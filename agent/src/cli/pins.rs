@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::Result;
 
-use bulkhead::{kernel, maps};
+use bulkhead::kernel::{self, maps};
 
 /// `dump`: the pinned policy maps as JSON.
 pub fn dump(bpffs_dir: PathBuf) -> Result<ExitCode> {

@@ -26,7 +26,7 @@ use std::{
 };
 
 use super::pod::{ContainerId, PodInfo, Qos};
-use crate::cgroup;
+use crate::kernel::cgroup;
 
 /// The kubelet's `cgroupDriver`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -51,7 +51,7 @@ impl Tree {
     }
 
     fn id(&self, rel: &str) -> u64 {
-        crate::cgroup::cgroup_id(&self.abs(rel)).unwrap()
+        crate::kernel::cgroup::cgroup_id(&self.abs(rel)).unwrap()
     }
 
     fn mount(&self) -> &Path {

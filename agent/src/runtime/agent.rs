@@ -24,6 +24,13 @@ use aya::{
 use tracing::{Level, field, info, warn};
 
 use super::{
+    bridges::{Jit, JitBridge, Opener},
+    events::{Enricher, Generation},
+    metrics::Gauges,
+    sink::Rotation,
+    store::{Change, Store},
+};
+use super::{
     control::Hub,
     output::{CutState, Cuts, socks_fd},
     protocol::{
@@ -32,26 +39,22 @@ use super::{
     },
 };
 use crate::{
-    Candidate, LoadError, caps,
-    cgroup::{self, PathCache},
-    clock,
+    Candidate, LoadError, clock,
     compile::{self, Compiled, EventLimits},
-    cut::Cutter,
     explain,
     geo::GeoDb,
     k8s::{
         Assignment, Assignments,
         node::{NodePods, selects_pods},
     },
-    kernel::{self, PinLock, Pins},
-    listeners,
-    maps::PolicyMaps,
+    kernel::{
+        self, PinLock, Pins, caps,
+        cgroup::{self, PathCache},
+        cut::Cutter,
+        listeners,
+        maps::PolicyMaps,
+    },
     policy::{self, Policy},
-    runtime::bridges::{Jit, JitBridge, Opener},
-    runtime::events::{Enricher, Generation},
-    runtime::metrics::Gauges,
-    runtime::sink::Rotation,
-    runtime::store::{Change, Store},
 };
 
 pub struct RunArgs {
@@ -307,7 +310,7 @@ impl Agent {
         for w in caps::check()? {
             warn!("{w}");
         }
-        for w in crate::probe::check()? {
+        for w in crate::kernel::features::check()? {
             warn!("{w}");
         }
         let pins = Pins::new(args.bpffs_dir.clone(), kernel::layout()?);

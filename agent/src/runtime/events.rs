@@ -18,7 +18,7 @@ use agent_common::{
 };
 use serde::Serialize;
 
-use crate::{cgroup::PathCache, compile::BridgeName, geo::GeoDb};
+use crate::{compile::BridgeName, geo::GeoDb, kernel::cgroup::PathCache};
 
 /// Names for one policy generation.
 pub struct Generation {

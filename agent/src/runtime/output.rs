@@ -24,7 +24,7 @@ use tracing::warn;
 use super::control::Hub;
 use crate::{
     clock,
-    cut::Cutter,
+    kernel::cut::Cutter,
     runtime::events::{self, Enricher},
     runtime::sink::Sink,
     runtime::store::Store,

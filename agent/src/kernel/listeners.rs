@@ -40,7 +40,7 @@ use aya::{
     maps::{MapData, SkStorage},
 };
 
-use crate::cgroup;
+use crate::kernel::cgroup;
 
 /// Inodes of bound sockets listed in one network namespace's tables.
 fn bound_inodes(pid: u32) -> HashSet<u64> {

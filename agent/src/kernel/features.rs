@@ -166,7 +166,7 @@ pub fn features() -> &'static [Feature] {
                 since: V(4, 5),
                 need: Need::Required,
                 used_for: "domains are cgroups; every program attaches to a cgroup v2 directory",
-                probe: || match crate::cgroup::cgroup2_mount() {
+                probe: || match crate::kernel::cgroup::cgroup2_mount() {
                     Ok(_) => Probed::Yes,
                     Err(_) => Probed::No,
                 },
