@@ -712,7 +712,7 @@ fn markdown(r: &Value) -> String {
             "\nWhat the full policy compiles to: {} IPv4 + {} IPv6 geo ranges (every placed range, merged by \
              verdict), and with the 10k networks an address table of {} words ({:.1} MiB of the slot's 16 MiB): \
              {} IPv4 + {} IPv6 distinct nodes of 16 or 256 words, identical nodes stored once \
-             (`agent/src/addr.rs`). A prefix layout needs {} IPv4 + {} IPv6 CIDR prefixes just to cover the \
+             (`agent/policy/src/addr.rs`). A prefix layout needs {} IPv4 + {} IPv6 CIDR prefixes just to cover the \
              *allowed* ranges (DE/FR/NL + geofeed; {} + {} ranges), which is what the LPM probe above holds.",
             ga["geo_ranges_v4"],
             ga["geo_ranges_v6"],
