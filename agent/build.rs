@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let ebpf = Package {
-        name: "agent-ebpf",
+        name: "bulkhead-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-ebpf"),
         ..Default::default()
     };

@@ -1,7 +1,7 @@
 //! The address table lookup: what the policy says about an address.
 
-use agent_common::addr::{self, AddrClass, LINE_WORDS, MAX_CLASSES, SLOT_LINES, SLOT_WORDS};
-use agent_common::event::FAMILY_INET6;
+use bulkhead_common::addr::{self, AddrClass, LINE_WORDS, MAX_CLASSES, SLOT_LINES, SLOT_WORDS};
+use bulkhead_common::event::FAMILY_INET6;
 
 use crate::maps::{BH_ADDR, BH_CLASSES};
 

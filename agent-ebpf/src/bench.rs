@@ -24,8 +24,8 @@ mod maps;
 )]
 mod policy;
 
-use agent_common::event::{FAMILY_INET, FAMILY_INET6};
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use bulkhead_common::event::{FAMILY_INET, FAMILY_INET6};
 
 use crate::{
     addr::{classify, to16},

@@ -1,10 +1,10 @@
 //! Socket creation: raw and packet sockets would bypass every other hook.
 
-use agent_common::{Decision, Hook, Reason, maps::DOMAIN_ALLOW_RAW};
 use aya_ebpf::{
     helpers::generated::bpf_get_current_cgroup_id,
     programs::{LsmContext, SockContext},
 };
+use bulkhead_common::{Decision, Hook, Reason, maps::DOMAIN_ALLOW_RAW};
 
 use crate::{
     events::{ALLOW, DENY, Flow, finish},

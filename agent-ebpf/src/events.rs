@@ -1,18 +1,18 @@
 //! Counting decisions and emitting their events, rate limited per cgroup.
 
-use agent_common::{
-    Decision, Event, Hook, Reason, Verdict,
-    maps::{
-        COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_WANTED, Config,
-        DOMAIN_AUDIT_ALL, DomainRec, TokenBucket, counter_index, domain_counter_index,
-    },
-};
 use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_smp_processor_id, bpf_ktime_get_tai_ns,
     },
     maps::PerCpuArray,
+};
+use bulkhead_common::{
+    Decision, Event, Hook, Reason, Verdict,
+    maps::{
+        COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_WANTED, Config,
+        DOMAIN_AUDIT_ALL, DomainRec, TokenBucket, counter_index, domain_counter_index,
+    },
 };
 
 use crate::{

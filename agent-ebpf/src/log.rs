@@ -14,7 +14,7 @@
 //! it is inlined into every decision of every hook, the packet hooks'
 //! included.
 
-use agent_common::Hook;
+use bulkhead_common::Hook;
 
 /// A warning from the kernel, with the program it came from as its log
 /// target. aya-log-ebpf 0.2 ignores the context argument, so the helpers

@@ -13,7 +13,7 @@
 //! - [`maps`]: every pinned map; [`policy`]: the generation in force;
 //! - [`walk`]: cgroup ancestry walks (which domain a task, packet or
 //!   socket owner is in); [`addr`]: the address table lookup;
-//! - [`peer`]: the peer of a decision and the glue to `agent_common::decide`;
+//! - [`peer`]: the peer of a decision and the glue to `bulkhead_common::decide`;
 //! - [`events`]: counters, events and their rate limit;
 //! - [`log`]: the kernel's own warnings (aya-log), on rare paths only;
 //! - [`socks`]: socket storage (owner, initiator, verdict cache, cut marks);
@@ -36,11 +36,11 @@ mod walk;
 
 use core::mem::size_of;
 
-use agent_common::{Direction, Event, Hook};
 use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup},
     programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
 };
+use bulkhead_common::{Direction, Event, Hook};
 
 #[cgroup_sock_addr(connect4)]
 pub fn bh_connect4(ctx: SockAddrContext) -> i32 {
@@ -92,7 +92,7 @@ pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
     skb::skb(&ctx, Direction::Ingress)
 }
 
-const _: () = assert!(size_of::<Event>() == agent_common::event::EVENT_SIZE);
+const _: () = assert!(size_of::<Event>() == bulkhead_common::event::EVENT_SIZE);
 
 #[cfg(not(test))]
 #[panic_handler]

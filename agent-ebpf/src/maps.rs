@@ -1,17 +1,17 @@
 //! Every map the programs share with the agent, pinned by name so a new
 //! agent (and the benchmark probes) open the same ones.
 
-use agent_common::{
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use bulkhead_common::{
     addr::{AddrClass, AddrLine, MAX_CLASSES, SLOT_LINES},
     maps::{
         BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, MAX_BRIDGE_PAIRS, MAX_CGROUPS,
         MAX_DOMAINS, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, SockInfo, State, TokenBucket,
     },
-};
-use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
-    macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "BH_STATE")]
@@ -22,7 +22,7 @@ pub(crate) static BH_CONFIG: Array<Config> = Array::pinned(2, 0);
 pub(crate) static BH_CGROUPS: HashMap<CgroupKey, u32> = HashMap::pinned(2 * MAX_CGROUPS, 0);
 #[map(name = "BH_DOMAINS")]
 pub(crate) static BH_DOMAINS: Array<DomainRec> = Array::pinned(2 * MAX_DOMAINS, 0);
-/// Both slots of the address table (`agent_common::addr`); the agent
+/// Both slots of the address table (`bulkhead_common::addr`); the agent
 /// writes a slot through `mmap`.
 #[map(name = "BH_ADDR")]
 pub(crate) static BH_ADDR: Array<AddrLine> = Array::pinned(2 * SLOT_LINES, BPF_F_MMAPABLE);

@@ -30,8 +30,8 @@
 //!
 //! Any other skb protocol is unparsable.
 
-use agent_common::event::{FAMILY_INET, FAMILY_INET6};
 use aya_ebpf::programs::SkBuffContext;
+use bulkhead_common::event::{FAMILY_INET, FAMILY_INET6};
 
 /// Aligned, addresses first, for the reason given at `Flow`.
 #[repr(C, align(8))]

@@ -1,20 +1,20 @@
 //! The peer of a decision (address table, local listener) and the
-//! decision glue around `agent_common::decide`.
+//! decision glue around `bulkhead_common::decide`.
 
 use core::mem::zeroed;
 
-use agent_common::{
-    Decision, Direction, Ports,
-    decide::{Peer, PeerAddr, decide_peer},
-    event::FAMILY_INET,
-    maps::{BridgeKey, DomainRec, SockInfo},
-};
 use aya_ebpf::{
     bindings::bpf_sock_tuple,
     helpers::generated::{
         bpf_ktime_get_tai_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
         bpf_sk_storage_get,
     },
+};
+use bulkhead_common::{
+    Decision, Direction, Ports,
+    decide::{Peer, PeerAddr, decide_peer},
+    event::FAMILY_INET,
+    maps::{BridgeKey, DomainRec, SockInfo},
 };
 
 use crate::{
@@ -89,7 +89,7 @@ pub(crate) fn peer_of(slot: u32, addr: &PeerAddr) -> Peer<'static> {
     }
 }
 
-/// The decision for a peer, as `agent_common` (and `explain`) takes it:
+/// The decision for a peer, as `bulkhead_common` (and `explain`) takes it:
 /// bridges looked up only when it needs them.
 #[inline(always)]
 pub(crate) fn decide_flow(

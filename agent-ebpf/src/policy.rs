@@ -1,7 +1,7 @@
 //! The policy in force: every program reads the generation once and uses
 //! its slot for all lookups, so a decision never mixes two policies.
 
-use agent_common::maps::{Config, DomainRec, MAX_DOMAINS};
+use bulkhead_common::maps::{Config, DomainRec, MAX_DOMAINS};
 
 use crate::maps::{BH_CONFIG, BH_DOMAINS, BH_STATE};
 

@@ -1,12 +1,12 @@
 //! The packet-level check, for both directions: the backstop for flows
 //! older than the policy, and the ingress side.
 
-use agent_common::{
+use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext};
+use bulkhead_common::{
     Decision, Direction, Hook, Ports, Reason,
     decide::{PeerAddr, peer_domain},
     maps::{MODE_AUDIT, SOCK_INITIATOR},
 };
-use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext};
 
 use crate::{
     events::{ALLOW, Flow, finish},

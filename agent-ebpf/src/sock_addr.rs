@@ -1,12 +1,12 @@
 //! The connect and sendmsg decision (v4 and v6): the main decision point.
 
-use agent_common::{
+use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddrContext};
+use bulkhead_common::{
     Direction, Hook, Ports,
     decide::{PeerAddr, peer_domain},
     event::{FAMILY_INET, FAMILY_INET6},
     maps::MODE_AUDIT,
 };
-use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddrContext};
 
 use crate::{
     addr::to16,

@@ -3,14 +3,6 @@
 
 use core::mem::zeroed;
 
-use agent_common::{
-    Decision, Direction, Hook, Reason,
-    decide::Peer,
-    maps::{
-        COUNTER_CUT_MARKED, CutRecord, FlowKey, MAX_CGROUP_DEPTH, SOCK_CUT, SOCK_FLOW_SEEN,
-        SOCK_INITIATOR, SockInfo, VerdictCache, counter_index, domain_counter_index,
-    },
-};
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::{
@@ -18,6 +10,14 @@ use aya_ebpf::{
         bpf_sk_fullsock, bpf_sk_storage_get,
     },
     programs::{SkBuffContext, SockContext},
+};
+use bulkhead_common::{
+    Decision, Direction, Hook, Reason,
+    decide::Peer,
+    maps::{
+        COUNTER_CUT_MARKED, CutRecord, FlowKey, MAX_CGROUP_DEPTH, SOCK_CUT, SOCK_FLOW_SEEN,
+        SOCK_INITIATOR, SockInfo, VerdictCache, counter_index, domain_counter_index,
+    },
 };
 
 use crate::{

@@ -1,12 +1,12 @@
 //! Cgroup ancestry walks: which domain a task, a packet or a socket's
 //! owner belongs to (its nearest configured ancestor).
 
-use agent_common::{
-    decide,
-    maps::{CgroupKey, MAX_CGROUP_DEPTH, SockInfo},
-};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_loop, bpf_skb_ancestor_cgroup_id,
+};
+use bulkhead_common::{
+    decide,
+    maps::{CgroupKey, MAX_CGROUP_DEPTH, SockInfo},
 };
 
 use crate::maps::BH_CGROUPS;
@@ -45,7 +45,7 @@ pub(crate) fn domain_of(slot: u32, from: *const core::ffi::c_void, body: WalkBod
 }
 
 /// One level: `id` is its cgroup (0 past the leaf, which ends the walk).
-/// The step itself is `agent_common`'s, which `explain` takes too.
+/// The step itself is `bulkhead_common`'s, which `explain` takes too.
 #[inline(always)]
 pub(crate) fn walk_level(ctx: *mut core::ffi::c_void, id: u64) -> i64 {
     let w = unsafe { &mut *ctx.cast::<Walk>() };

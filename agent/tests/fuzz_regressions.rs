@@ -3,11 +3,11 @@
 //! names the target and the artifact it came from; the artifact's bytes are
 //! inline, so the test needs nothing but the agent crate.
 
-use agent_common::{Event, event::EVENT_SIZE};
 use bulkhead::{
     kernel::cgroup::PathCache,
     runtime::events::{self, Enricher},
 };
+use bulkhead_common::{Event, event::EVENT_SIZE};
 
 fn unhex(lines: &[&str]) -> Vec<u8> {
     let s: String = lines.concat();

@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use agent_common::event::EVENT_SIZE;
+use bulkhead_common::event::EVENT_SIZE;
 use bulkhead::{
     kernel::cgroup::PathCache,
     compile::BridgeName,

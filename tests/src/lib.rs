@@ -394,7 +394,9 @@ pub fn bulkhead_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("bulkhead binary not found: set BULKHEAD_BIN or run `cargo build --release -p agent`");
+    panic!(
+        "bulkhead binary not found: set BULKHEAD_BIN or run `cargo build --release -p bulkhead`"
+    );
 }
 
 /// A running `bulkhead run`, on its own cgroup root and pin directory.

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::Reason;
+use bulkhead_common::Reason;
 use tests::{Agent, Server, Value, bulkhead_bin, field, privileged, probe, world::world};
 
 fn json(out: &std::process::Output) -> Value {

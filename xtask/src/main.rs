@@ -156,12 +156,18 @@ fn build(release: bool) -> Result<PathBuf> {
 
 /// The agent as users get it: with the Kubernetes pod watch (`k8s`), so
 /// the binary the tests and the demo run is the one a DaemonSet runs.
-const AGENT_FEATURES: &str = "agent/k8s";
+const AGENT_FEATURES: &str = "bulkhead/k8s";
 
 fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "agent", "--features", AGENT_FEATURES])
-        .args(locked());
+    cmd.args([
+        "build",
+        "--package",
+        "bulkhead",
+        "--features",
+        AGENT_FEATURES,
+    ])
+    .args(locked());
     if release {
         cmd.arg("--release");
     }
@@ -189,7 +195,7 @@ fn test(unprivileged_only: bool, test_args: &[String]) -> Result<()> {
             "clippy",
             "--workspace",
             "--exclude",
-            "agent-ebpf",
+            "bulkhead-ebpf",
             "--all-targets",
             "--features",
             AGENT_FEATURES,
@@ -200,7 +206,7 @@ fn test(unprivileged_only: bool, test_args: &[String]) -> Result<()> {
         .args([
             "clippy",
             "--package",
-            "agent-ebpf",
+            "bulkhead-ebpf",
             "--target",
             "bpfel-unknown-none",
             "-Z",

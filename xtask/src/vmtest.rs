@@ -104,7 +104,7 @@ fn target_dir() -> PathBuf {
     )
 }
 
-/// `cargo build --release -p agent --target x86_64-unknown-linux-musl
+/// `cargo build --release -p bulkhead --target x86_64-unknown-linux-musl
 /// [--features F]`, checked to be statically linked; returns the binary's
 /// path (`target/x86_64-unknown-linux-musl/release/bulkhead`).
 pub fn build_static(features: &[String]) -> Result<PathBuf> {
@@ -113,7 +113,7 @@ pub fn build_static(features: &[String]) -> Result<PathBuf> {
         "build",
         "--release",
         "--package",
-        "agent",
+        "bulkhead",
         "--target",
         MUSL_TARGET,
     ])

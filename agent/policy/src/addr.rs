@@ -1,5 +1,5 @@
 //! Domain networks and geo verdicts → the address table the kernel walks
-//! (layout in `agent_common::addr`): one class per address, as a multibit
+//! (layout in `bulkhead_common::addr`): one class per address, as a multibit
 //! trie in one slot's words.
 //!
 //! Only the space around boundaries between classes takes nodes: a root
@@ -11,7 +11,7 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
-use agent_common::addr::{
+use bulkhead_common::addr::{
     self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
     ROOT_WORDS, SLOT_WORDS,
 };
@@ -406,7 +406,7 @@ fn last_offset(host: u32) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::maps::GeoValue;
+    use bulkhead_common::maps::GeoValue;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     /// Compiled geo from ranges of plain verdicts.

@@ -3,13 +3,13 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use agent_common::DomainId;
-use agent_common::maps::{
+use anyhow::{Result, bail};
+use bulkhead_common::DomainId;
+use bulkhead_common::maps::{
     BRIDGE_REVERSE, BridgeRule, BridgeSet, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
     DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_EXISTS, DOMAIN_INGRESS_GEO,
     DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, MAX_BRIDGE_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_UDP,
 };
-use anyhow::{Result, bail};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{

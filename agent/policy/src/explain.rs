@@ -1,6 +1,6 @@
 //! `bulkhead explain`: the verdict a compiled policy gives one connection,
 //! and which rule made it — by the same steps the kernel's connect hook
-//! takes, most of them the same code (`agent_common::decide`): the peer
+//! takes, most of them the same code (`bulkhead_common::decide`): the peer
 //! address prepared as the hook prepares it ([`PeerAddr`]), the same walk
 //! of the same address table, for an address in no domain network the
 //! domain of the socket listening on it, found in the workload's network
@@ -13,7 +13,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use agent_common::{
+use bulkhead_common::{
     Decision, Direction, DomainId, Ports, Reason,
     decide::{Peer, PeerAddr, decide_peer, peer_domain, walk_level},
     event::{FAMILY_INET, FAMILY_INET6},
@@ -542,7 +542,7 @@ mod tests {
     }
 
     fn owned_by(path: &str, ancestors: &[u64]) -> Lookup {
-        let mut a = [0u64; agent_common::maps::MAX_CGROUP_DEPTH];
+        let mut a = [0u64; bulkhead_common::maps::MAX_CGROUP_DEPTH];
         a[..ancestors.len()].copy_from_slice(ancestors);
         Lookup {
             netns: "the test's".into(),

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use agent_common::maps::MAX_CGROUP_DEPTH;
+use bulkhead_common::maps::MAX_CGROUP_DEPTH;
 
 /// Who owns the socket a connect reaches, as the connect hook learns it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 #[cfg(doc)]
-use agent_common::DomainId;
+use bulkhead_common::DomainId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operator {

@@ -14,7 +14,7 @@
 
 use std::{collections::BTreeSet, path::Path};
 
-use agent_common::DomainId;
+use bulkhead_common::DomainId;
 
 use super::{
     cgroups::{self, Layout},

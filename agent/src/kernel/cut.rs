@@ -22,10 +22,10 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
-use agent_common::maps::{CutRecord, SOCK_CUT, SockInfo};
 use anyhow::{Context as _, Result};
 use aya::Btf;
 use aya_obj::btf::BtfKind;
+use bulkhead_common::maps::{CutRecord, SOCK_CUT, SockInfo};
 
 /// One loaded iterator per protocol, attached (its link) and ready to run.
 pub struct Cutter {

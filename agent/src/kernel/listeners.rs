@@ -32,13 +32,13 @@ use std::{
     path::Path,
 };
 
-use agent_common::maps::{MAP_SOCKS, MAX_CGROUP_DEPTH, SockInfo};
-use agent_common::proto::{PROTO_TCP, PROTO_UDP};
 use anyhow::{Result, anyhow};
 use aya::{
     Ebpf,
     maps::{MapData, SkStorage},
 };
+use bulkhead_common::maps::{MAP_SOCKS, MAX_CGROUP_DEPTH, SockInfo};
+use bulkhead_common::proto::{PROTO_TCP, PROTO_UDP};
 
 use crate::kernel::cgroup;
 

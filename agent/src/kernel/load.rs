@@ -128,11 +128,11 @@ pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
         .with_context(|| format!("creating {}", pins.maps().display()))?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pins.maps());
-    loader.map_max_entries(agent_common::maps::MAP_EVENTS, ring_bytes);
+    loader.map_max_entries(bulkhead_common::maps::MAP_EVENTS, ring_bytes);
     if test_layout().is_some() {
         loader.map_max_entries(
-            agent_common::maps::MAP_CGROUPS,
-            agent_common::maps::MAX_CGROUPS + 1,
+            bulkhead_common::maps::MAP_CGROUPS,
+            bulkhead_common::maps::MAX_CGROUPS + 1,
         );
     }
     loader

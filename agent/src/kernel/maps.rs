@@ -14,17 +14,17 @@ use std::{
     os::fd::{AsFd, AsRawFd as _, BorrowedFd},
 };
 
-use agent_common::{
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHash, Map, MapData},
+};
+use bulkhead_common::{
     addr::{AddrClass, MAX_CLASSES, SLOT_WORDS},
     maps::{
         BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, MAP_ADDR, MAP_BRIDGES, MAP_CGROUPS,
         MAP_CLASSES, MAP_CONFIG, MAP_DOMAINS, MAP_STATE, MAX_DOMAINS, State,
     },
-};
-use anyhow::{Context as _, Result, anyhow, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap as BpfHash, Map, MapData},
 };
 use sha2::{Digest as _, Sha256};
 

@@ -40,7 +40,7 @@ pub fn layout() -> Result<String> {
             continue;
         }
         // The ring buffer's size is a run-time flag, not part of the layout.
-        let entries = if name == agent_common::maps::MAP_EVENTS {
+        let entries = if name == bulkhead_common::maps::MAP_EVENTS {
             0
         } else {
             m.max_entries()

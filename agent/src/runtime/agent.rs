@@ -15,12 +15,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::{DomainId, maps::MAP_EVENTS};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
 };
+use bulkhead_common::{DomainId, maps::MAP_EVENTS};
 use tracing::{Level, field, info, warn};
 
 use super::{
@@ -432,7 +432,7 @@ impl Agent {
         let cuts = match cutter {
             Some(cutter) => {
                 // The events task's own handle on the counters, for the marks.
-                let pin = pins.maps().join(agent_common::maps::MAP_COUNTERS);
+                let pin = pins.maps().join(bulkhead_common::maps::MAP_COUNTERS);
                 let counters = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
                     MapData::from_pin(&pin)
                         .with_context(|| format!("opening {}", pin.display()))?,
@@ -945,7 +945,7 @@ impl Agent {
 
     /// What `bulkhead status` shows.
     pub fn status(&mut self) -> Status {
-        use agent_common::{
+        use bulkhead_common::{
             Hook, Reason,
             maps::{
                 COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,

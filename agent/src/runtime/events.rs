@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use agent_common::{
+use bulkhead_common::{
     DomainId, Event, Hook, Reason, Verdict,
     event::{EVENT_SIZE, FAMILY_INET, FAMILY_INET6},
 };
@@ -125,10 +125,10 @@ fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
 // Timestamps are the clock module's: kernel time to RFC 3339.
 pub use crate::clock::format_ts;
 
-/// The protocol's name from the one table (`agent_common::proto`), or its
+/// The protocol's name from the one table (`bulkhead_common::proto`), or its
 /// number.
 pub fn proto_name(p: u8) -> String {
-    match agent_common::proto::proto_name(p) {
+    match bulkhead_common::proto::proto_name(p) {
         Some(name) => name.into(),
         None => p.to_string(),
     }

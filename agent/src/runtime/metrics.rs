@@ -31,7 +31,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{
+use anyhow::{Context as _, Result};
+use aya::maps::{Map, MapData, PerCpuArray};
+use bulkhead_common::{
     DomainId, Hook, Reason,
     maps::{
         COUNTER_CUT_MARKED, COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED,
@@ -39,8 +41,6 @@ use agent_common::{
         domain_counter_index,
     },
 };
-use anyhow::{Context as _, Result};
-use aya::maps::{Map, MapData, PerCpuArray};
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,

@@ -12,12 +12,12 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{
+use anyhow::{Result, bail};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use bulkhead_common::{
     Event,
     maps::{COUNTER_CUT_MARKED, CutRecord},
 };
-use anyhow::{Result, bail};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 use tracing::warn;
 
@@ -80,7 +80,7 @@ pub struct CutState {
 /// The `BH_SOCKS` socket storage the iterators and `explain` read.
 pub fn socks_fd(ebpf: &aya::Ebpf) -> Result<BorrowedFd<'_>> {
     use std::os::fd::AsFd as _;
-    match ebpf.map(agent_common::maps::MAP_SOCKS) {
+    match ebpf.map(bulkhead_common::maps::MAP_SOCKS) {
         Some(aya::maps::Map::SkStorage(m)) => Ok(m.fd().as_fd()),
         _ => bail!("map BH_SOCKS missing from the object"),
     }
@@ -102,8 +102,8 @@ fn cut_event(r: &CutRecord, now_tai_ns: u64) -> Event {
         dst_domain: r.peer_domain,
         family: r.family,
         proto: r.proto,
-        hook: agent_common::Hook::SockDestroy as u8,
-        verdict: agent_common::Verdict::Cut as u8,
+        hook: bulkhead_common::Hook::SockDestroy as u8,
+        verdict: bulkhead_common::Verdict::Cut as u8,
         reason: r.reason,
         ..Event::default()
     }

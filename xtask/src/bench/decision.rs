@@ -10,14 +10,14 @@
 
 use std::{collections::BTreeMap, fs, os::fd::OwnedFd, path::PathBuf};
 
-use agent_common::{
+use anyhow::{Context as _, Result, anyhow, bail};
+use bulkhead_common::{
     Hook,
     maps::{
         COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_WANTED, counter_index,
     },
     reason::REASON_SLOTS,
 };
-use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use super::{

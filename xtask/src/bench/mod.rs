@@ -204,7 +204,7 @@ pub fn run(args: Args) -> Result<()> {
     let bin = match std::env::var_os("BULKHEAD_BIN") {
         Some(p) => PathBuf::from(p),
         None => {
-            run_cmd(cargo().args(["build", "--release", "--package", "agent"]))?;
+            run_cmd(cargo().args(["build", "--release", "--package", "bulkhead"]))?;
             workspace_root().join("target/release/bulkhead")
         }
     };

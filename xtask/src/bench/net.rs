@@ -24,8 +24,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{Hook, maps::counter_index, reason::REASON_SLOTS};
 use anyhow::{Context as _, Result, anyhow, bail};
+use bulkhead_common::{Hook, maps::counter_index, reason::REASON_SLOTS};
 use serde_json::{Value, json};
 
 use super::{
@@ -234,7 +234,7 @@ fn counter_delta(before: &[(Hook, u8, u64)], after: &[(Hook, u8, u64)]) -> Value
     let mut m = serde_json::Map::new();
     for ((h, r, a), (_, _, b)) in after.iter().zip(before) {
         if a > b {
-            let name = agent_common::Reason::from_code(*r).map_or("?", |x| x.name());
+            let name = bulkhead_common::Reason::from_code(*r).map_or("?", |x| x.name());
             m.insert(format!("{}/{}", h.name(), name), json!(a - b));
         }
     }

@@ -14,7 +14,7 @@ pub const ALLOW: [[u8; 2]; 3] = [*b"DE", *b"FR", *b"NL"];
 
 /// Reason codes (agent-common's table) the ground truth uses.
 pub mod reason {
-    use agent_common::Reason;
+    use bulkhead_common::Reason;
     pub const SAME_DOMAIN: u8 = Reason::SameDomain as u8;
     pub const NO_DOMAIN: u8 = Reason::NoDomain as u8;
     pub const COUNTRY_ALLOWED: u8 = Reason::CountryAllowed as u8;

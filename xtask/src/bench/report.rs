@@ -589,7 +589,7 @@ fn markdown(r: &Value) -> String {
                         let name = k
                             .parse::<u8>()
                             .ok()
-                            .and_then(agent_common::Reason::from_code)
+                            .and_then(bulkhead_common::Reason::from_code)
                             .map_or(k.as_str(), |r| r.name());
                         format!("{name}: {v}")
                     })

@@ -11,13 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{
+use anyhow::{Context as _, Result, anyhow, bail};
+use bulkhead_common::{
     Hook, Reason,
     maps::{
         COUNTER_EVENTS_LOST, COUNTER_EVENTS_RATE_LIMITED, COUNTER_EVENTS_WANTED, counter_index,
     },
 };
-use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use super::{

@@ -1,7 +1,7 @@
 //! Sources + the domains' country rules → merged per-range verdicts, which
 //! the address table (`crate::addr`) turns into what the kernel walks.
 
-use agent_common::maps::{GeoValue, MAX_DOMAINS};
+use bulkhead_common::maps::{GeoValue, MAX_DOMAINS};
 
 use super::{
     CompileStats, CompiledGeo, DomainGeo, FamilyStats, GeoDb, countries, mmdb, rule_denies,

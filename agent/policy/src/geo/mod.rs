@@ -25,7 +25,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use agent_common::maps::GeoValue;
+use bulkhead_common::maps::GeoValue;
 use ipnet::IpNet;
 
 use crate::ranges::{self, Span};

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use agent_common::maps::GeoValue;
+use bulkhead_common::maps::GeoValue;
 use maxminddb::WithinOptions;
 use tempfile::TempDir;
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use agent_common::maps::{MAX_BRIDGE_RULES, MAX_DOMAINS};
+use bulkhead_common::maps::{MAX_BRIDGE_RULES, MAX_DOMAINS};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -52,7 +52,7 @@ struct Located<T> {
 }
 
 /// A network as the overlap check reads it: IPv4-mapped IPv6 as IPv4, the
-/// way the kernel decides such destinations (`agent_common::maps::v4_mapped`).
+/// way the kernel decides such destinations (`bulkhead_common::maps::v4_mapped`).
 struct View {
     net: IpNet,
     /// Into [`Checker::networks`].

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use agent_common::{DomainId, proto};
+use bulkhead_common::{DomainId, proto};
 use ipnet::IpNet;
 
 pub use crate::selector::{Operator, PodSelector, Requirement};
@@ -75,7 +75,7 @@ pub enum Proto {
     Udp,
 }
 
-/// Numbers and names from the one protocol table, `agent_common::proto`.
+/// Numbers and names from the one protocol table, `bulkhead_common::proto`.
 impl Proto {
     pub const fn number(self) -> u8 {
         match self {
