@@ -12,10 +12,11 @@ use tracing_subscriber::{EnvFilter, fmt};
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// `LEVEL span{fields}: message`, for people and the journal.
+    // `LEVEL span{fields}: message`, for people and the journal. (Plain
+    // comments: doc comments here would turn `run --help` into its long form.)
     #[default]
     Text,
-    /// One JSON object per line: timestamp, level, target, fields, spans.
+    // One JSON object per line: timestamp, level, target, fields, spans.
     Json,
 }
 
