@@ -274,37 +274,15 @@ impl Agent {
             policy = field::Empty
         );
         let _entered = span.enter();
-        let mount = cgroup::cgroup2_mount()?;
-        let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-        if !root.starts_with(&mount) {
-            bail!(
-                "--cgroup-root {} is not inside the cgroup v2 mount {}",
-                root.display(),
-                mount.display()
-            );
-        }
-        let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
-        let expired_while_down = jit.expire(clock::now_ns())?;
         let load_started = Instant::now();
-        if args.k8s_node.is_some() && !cfg!(feature = "k8s") {
-            bail!(
-                "--k8s-node: this bulkhead was built without Kubernetes support (cargo feature `k8s`)"
-            );
-        }
-        let mut pods = args
-            .k8s_node
-            .as_ref()
-            .map(|node| NodePods::new(node.clone(), &mount));
-        let mut loaded = Source {
-            path: args.policy.clone(),
-            allow_untrusted: args.allow_untrusted_policy,
-            mount: mount.clone(),
-            limits: args.limits,
-            jit: jit.clone(),
-            prev: None,
-        }
-        .load()?;
-        place_pods(&mut loaded, pods.as_mut(), &args.policy)?;
+        let FirstPolicy {
+            mount,
+            root,
+            jit,
+            expired_while_down,
+            pods,
+            loaded,
+        } = first_policy(&args)?;
         span.record("policy", short(&loaded.policy.sha256));
 
         for w in caps::check()? {
@@ -334,21 +312,7 @@ impl Agent {
         // 3. the post_bind hooks attached, then the sockets bound before them
         //    recorded, so none is missed in between;
         kernel::attach(&mut ebpf, &pins, &cgroup_dir, kernel::Stage::Owners)?;
-        let seeded = match listeners::seed(&mut ebpf, &mount) {
-            Ok((ok, failed)) => {
-                if failed > 0 {
-                    warn!(
-                        "{failed} sockets bound before start could not be recorded (pidfd_getfd refused: \
-                         CAP_SYS_PTRACE missing?); connections to them are decided as if they had no domain"
-                    );
-                }
-                ok
-            }
-            Err(e) => {
-                warn!("could not record sockets bound before start: {e:#}");
-                0
-            }
-        };
+        let seeded = seed_listeners(&mut ebpf, &mount);
         // 4. every deciding hook attached, each link pinned as it is made
         //    (with a fresh layout they decide nothing until step 5; adopting
         //    a pinned one, they decide as the links they replace);
@@ -359,20 +323,11 @@ impl Agent {
         // The names of the generation about to go live (and of those
         // before it, whose events may wait in the ring) are known first.
         let tai = clock::tai_offset_ns();
-        let mut paths = PathCache::new(mount.clone());
-        for (id, _, p) in &loaded.compiled.cgroups {
-            paths.insert(*id, p.clone());
-        }
-        let enricher = Arc::new(Mutex::new(Enricher::new(paths, tai)));
-        {
-            let mut en = enricher.lock().expect("enricher lock");
-            en.recall(
-                args.state_dir
-                    .join(format!("generations-{}.json", pins.layout)),
-                &loaded.geo,
-            );
-            en.add_generation(staged.generation(), generation_names(&loaded));
-        }
+        let enricher = enricher(&mount, &loaded, &args.state_dir, &pins.layout, tai);
+        enricher
+            .lock()
+            .expect("enricher lock")
+            .add_generation(staged.generation(), generation_names(&loaded));
         // 5. the policy put in force, in one write;
         let written = PolicyMaps::commit(&mut ebpf, staged)?;
         span.record("generation", written.generation);
@@ -391,15 +346,7 @@ impl Agent {
             written.generation,
             load_started.elapsed(),
         );
-        let packet_sockets = match lsm {
-            None => "refused in domain workloads (BPF LSM)".to_string(),
-            Some(why) => {
-                warn!(
-                    "packet sockets (AF_PACKET) are NOT refused: {why}; run domain workloads without CAP_NET_RAW"
-                );
-                format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
-            }
-        };
+        let packet_sockets = packet_sockets(lsm);
         // The new maps and links are pinned now.
         kernel::secure(&pins)?;
         let control = super::control::bind(&args.run_dir, args.control_group)?;
@@ -408,44 +355,7 @@ impl Agent {
             .map(crate::runtime::metrics::bind)
             .transpose()?;
         // Tracing programs need CAP_PERFMON: load the socket iterators now.
-        let cutter = match socks_fd(&ebpf).and_then(Cutter::new) {
-            Ok(c) => {
-                info!(
-                    "established connections that a policy stops allowing are destroyed (bpf_sock_destroy) in this \
-                     network namespace; in others the packet hooks drop their traffic"
-                );
-                Some(c)
-            }
-            Err(e) => {
-                warn!(
-                    "established connections that a policy stops allowing are not destroyed ({e:#}); \
-                     the packet hooks drop their traffic"
-                );
-                None
-            }
-        };
-        let cut_state = Arc::new(CutState {
-            enabled: cutter.is_some(),
-            destroyed: gauges.cuts_destroyed.clone(),
-            marked: AtomicU64::new(0),
-        });
-        let cuts = match cutter {
-            Some(cutter) => {
-                // The events task's own handle on the counters, for the marks.
-                let pin = pins.maps().join(bulkhead_common::maps::MAP_COUNTERS);
-                let counters = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
-                    MapData::from_pin(&pin)
-                        .with_context(|| format!("opening {}", pin.display()))?,
-                ))?;
-                Some(Cuts {
-                    cutter,
-                    counters,
-                    tai_offset_ns: tai,
-                    state: cut_state.clone(),
-                })
-            }
-            None => None,
-        };
+        let (cut_state, cuts) = cuts(&ebpf, &pins, &gauges, tai)?;
         // Everything that needs more than CAP_BPF is done.
         let capabilities = caps::drop_after_attach()?;
         info!("{capabilities}");
@@ -576,40 +486,53 @@ impl Agent {
         let (next, w) = match switched {
             Ok(done) => done,
             Err(e) => {
-                match why {
-                    Why::Reload { .. } => {
-                        // The rejected file's stamps are remembered, so it
-                        // is not read again every second.
-                        for (p, t) in &mut self.current.stamps {
-                            *t = stamp(p);
-                        }
-                        warn!(
-                            outcome = "rejected",
-                            "reload rejected, the running policy stays in force:\n{e:#}"
-                        );
-                        self.record("reload-rejected", None, format!("{e:#}"));
-                    }
-                    Why::BridgesExpired(_) => {
-                        warn!(
-                            outcome = "rejected",
-                            "removing expired bridges from the maps failed: {e:#}"
-                        )
-                    }
-                    Why::Pods { before } => {
-                        warn!(outcome = "rejected", "placing pods failed: {e:#}");
-                        if let Some(p) = &mut self.pods {
-                            p.failed(before);
-                        }
-                    }
-                    // The client is told; its mistake is not the agent's.
-                    Why::BridgeOpened(_) | Why::BridgeClosed { .. } => {
-                        info!(outcome = "rejected", "{e:#}")
-                    }
-                }
+                self.rejected(why, &e);
                 return Err(e);
             }
         };
         span.record("generation", w.generation);
+        self.applied(next, why, &w);
+        Ok(w.generation)
+    }
+
+    /// Logs and records a change that could not be made; the policy in
+    /// force stays.
+    fn rejected(&mut self, why: Why, e: &anyhow::Error) {
+        match why {
+            Why::Reload { .. } => {
+                // The rejected file's stamps are remembered, so it
+                // is not read again every second.
+                for (p, t) in &mut self.current.stamps {
+                    *t = stamp(p);
+                }
+                warn!(
+                    outcome = "rejected",
+                    "reload rejected, the running policy stays in force:\n{e:#}"
+                );
+                self.record("reload-rejected", None, format!("{e:#}"));
+            }
+            Why::BridgesExpired(_) => {
+                warn!(
+                    outcome = "rejected",
+                    "removing expired bridges from the maps failed: {e:#}"
+                )
+            }
+            Why::Pods { before } => {
+                warn!(outcome = "rejected", "placing pods failed: {e:#}");
+                if let Some(p) = &mut self.pods {
+                    p.failed(before);
+                }
+            }
+            // The client is told; its mistake is not the agent's.
+            Why::BridgeOpened(_) | Why::BridgeClosed { .. } => {
+                info!(outcome = "rejected", "{e:#}")
+            }
+        }
+    }
+
+    /// Puts `next` in the agent's hands once the kernel enforces it; logs
+    /// and records it as `why` says.
+    fn applied(&mut self, next: Loaded, why: Why, w: &crate::kernel::maps::Written) {
         let took = match &why {
             Why::Reload { started } => started.elapsed(),
             _ => Duration::ZERO,
@@ -676,7 +599,6 @@ impl Agent {
             }
         }
         drop(before);
-        Ok(w.generation)
     }
 
     /// The same policy file with another set of just-in-time bridges, or
@@ -1088,6 +1010,161 @@ impl Agent {
             self.pins.root.display()
         );
     }
+}
+
+/// The policy side of a start: where the cgroups are, the bridges still
+/// open, the pods, and the policy file read and compiled.
+struct FirstPolicy {
+    mount: PathBuf,
+    root: PathBuf,
+    jit: Jit,
+    /// Just-in-time bridges that expired while no agent ran.
+    expired_while_down: Vec<JitBridge>,
+    pods: Option<NodePods>,
+    loaded: Loaded,
+}
+
+fn first_policy(args: &RunArgs) -> Result<FirstPolicy> {
+    let mount = cgroup::cgroup2_mount()?;
+    let root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    if !root.starts_with(&mount) {
+        bail!(
+            "--cgroup-root {} is not inside the cgroup v2 mount {}",
+            root.display(),
+            mount.display()
+        );
+    }
+    let mut jit = Jit::load(&args.state_dir.join("bridges.json"))?;
+    let expired_while_down = jit.expire(clock::now_ns())?;
+    if args.k8s_node.is_some() && !cfg!(feature = "k8s") {
+        bail!(
+            "--k8s-node: this bulkhead was built without Kubernetes support (cargo feature `k8s`)"
+        );
+    }
+    let mut pods = args
+        .k8s_node
+        .as_ref()
+        .map(|node| NodePods::new(node.clone(), &mount));
+    let mut loaded = Source {
+        path: args.policy.clone(),
+        allow_untrusted: args.allow_untrusted_policy,
+        mount: mount.clone(),
+        limits: args.limits,
+        jit: jit.clone(),
+        prev: None,
+    }
+    .load()?;
+    place_pods(&mut loaded, pods.as_mut(), &args.policy)?;
+    Ok(FirstPolicy {
+        mount,
+        root,
+        jit,
+        expired_while_down,
+        pods,
+        loaded,
+    })
+}
+
+/// Records the sockets bound before the post_bind hooks were attached;
+/// how many. A failure costs those sockets their domain, not the start.
+fn seed_listeners(ebpf: &mut Ebpf, mount: &Path) -> usize {
+    match listeners::seed(ebpf, mount) {
+        Ok((ok, failed)) => {
+            if failed > 0 {
+                warn!(
+                    "{failed} sockets bound before start could not be recorded (pidfd_getfd refused: \
+                     CAP_SYS_PTRACE missing?); connections to them are decided as if they had no domain"
+                );
+            }
+            ok
+        }
+        Err(e) => {
+            warn!("could not record sockets bound before start: {e:#}");
+            0
+        }
+    }
+}
+
+/// The enricher, knowing the cgroups of the policy and the names of the
+/// generations earlier agents left events of.
+fn enricher(
+    mount: &Path,
+    loaded: &Loaded,
+    state_dir: &Path,
+    layout: &str,
+    tai: i64,
+) -> Arc<Mutex<Enricher>> {
+    let mut paths = PathCache::new(mount.to_path_buf());
+    for (id, _, p) in &loaded.compiled.cgroups {
+        paths.insert(*id, p.clone());
+    }
+    let mut en = Enricher::new(paths, tai);
+    en.recall(
+        state_dir.join(format!("generations-{layout}.json")),
+        &loaded.geo,
+    );
+    Arc::new(Mutex::new(en))
+}
+
+/// What `status` says of packet sockets, warning when they are not refused.
+fn packet_sockets(lsm: Option<String>) -> String {
+    match lsm {
+        None => "refused in domain workloads (BPF LSM)".to_string(),
+        Some(why) => {
+            warn!(
+                "packet sockets (AF_PACKET) are NOT refused: {why}; run domain workloads without CAP_NET_RAW"
+            );
+            format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
+        }
+    }
+}
+
+/// The connection cutter (socket iterators and `bpf_sock_destroy`), when
+/// the kernel has it, with its own handle on the counters for the marks.
+fn cuts(
+    ebpf: &Ebpf,
+    pins: &Pins,
+    gauges: &Gauges,
+    tai: i64,
+) -> Result<(Arc<CutState>, Option<Cuts>)> {
+    let cutter = match socks_fd(ebpf).and_then(Cutter::new) {
+        Ok(c) => {
+            info!(
+                "established connections that a policy stops allowing are destroyed (bpf_sock_destroy) in this \
+                 network namespace; in others the packet hooks drop their traffic"
+            );
+            Some(c)
+        }
+        Err(e) => {
+            warn!(
+                "established connections that a policy stops allowing are not destroyed ({e:#}); \
+                 the packet hooks drop their traffic"
+            );
+            None
+        }
+    };
+    let cut_state = Arc::new(CutState {
+        enabled: cutter.is_some(),
+        destroyed: gauges.cuts_destroyed.clone(),
+        marked: AtomicU64::new(0),
+    });
+    let cuts = match cutter {
+        Some(cutter) => {
+            // The events task's own handle on the counters, for the marks.
+            let pin = pins.maps().join(bulkhead_common::maps::MAP_COUNTERS);
+            let counters = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
+                MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?,
+            ))?;
+            Some(Cuts {
+                cutter,
+                counters,
+                tai_offset_ns: tai,
+                state: cut_state.clone(),
+            })
+        }
+        None => None,
+    };
+    Ok((cut_state, cuts))
 }
 
 /// Places the node's pods for a freshly read policy; without a pod watch,
