@@ -18,6 +18,7 @@ pub mod agent;
 pub mod bridges;
 pub mod control;
 pub mod events;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod output;
@@ -59,9 +60,6 @@ async fn serve(args: RunArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
     let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
 
-    let stdout_events = args.stdout_events;
-    let events_log = args.events_log.clone();
-    let rotation = args.rotation;
     let control_group = args.control_group;
     let k8s_node = args.k8s_node.clone();
     let (mut agent, started) = Agent::start(args)?;
@@ -69,13 +67,13 @@ async fn serve(args: RunArgs) -> Result<()> {
         start_pod_watch(&agent);
     }
 
-    let sink = crate::runtime::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
     let (stop_events, stopped) = oneshot::channel();
     let events = tokio::spawn(output::read(
         started.ring,
         Output {
             enricher: agent.enricher.clone(),
-            sink,
+            log: agent.log.clone(),
+            stdout: agent.stdout.clone(),
             delivered: agent.delivered.clone(),
             hub: agent.hub.clone(),
             store: agent.store.clone(),
