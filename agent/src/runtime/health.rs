@@ -194,6 +194,8 @@ pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// An output's failing/recovered state, for its warnings and retries.
 pub struct Health {
     counts: Arc<Counts>,
+    /// What the output holds at most while it fails (`16 MiB of events`).
+    holds: &'static str,
     /// Since when, why, and the counters then.
     failing: Option<Failing>,
     backoff: Duration,
@@ -212,9 +214,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
 impl Health {
-    pub fn new(counts: Arc<Counts>) -> Health {
+    pub fn new(counts: Arc<Counts>, holds: &'static str) -> Health {
         Health {
             counts,
+            holds,
             failing: None,
             backoff: FIRST_RETRY,
             retry_at: None,
@@ -247,10 +250,11 @@ impl Health {
             }
             None => {
                 tracing::warn!(
-                    "{}: writing failed ({}: {err}); holding up to {holding}+ events and retrying; \
-                     a summary every {} s while it fails",
+                    "{}: writing failed ({}: {err}); retrying with backoff, holding up to {} \
+                     meanwhile ({holding} now); a summary every {} s while it fails",
                     self.counts.name,
                     cause.name(),
+                    self.holds,
                     SUMMARY_EVERY.as_secs()
                 );
                 self.failing = Some(Failing {
@@ -271,12 +275,17 @@ impl Health {
         self.backoff = FIRST_RETRY;
         self.retry_at = None;
         if let Some(f) = self.failing.take() {
+            let dropped = self.counts.dropped_total() - f.dropped_then;
             tracing::warn!(
-                "{}: writing again after {:.1} s ({}); {} events dropped meanwhile (a gap record says which)",
+                "{}: writing again after {:.1} s ({}); {}",
                 self.counts.name,
                 f.since.elapsed().as_secs_f64(),
                 f.cause.name(),
-                self.counts.dropped_total() - f.dropped_then,
+                if dropped == 0 {
+                    "nothing was lost".to_string()
+                } else {
+                    format!("{dropped} events were dropped meanwhile (a gap record says so)")
+                }
             );
         }
     }

@@ -122,7 +122,7 @@ impl Lines {
         let w = Writer {
             rx,
             target,
-            health: Health::new(counts.clone()),
+            health: Health::new(counts.clone(), "16 MiB of events"),
             counts: counts.clone(),
             reopen: reopen.clone(),
             backlog: VecDeque::new(),

@@ -145,7 +145,7 @@ impl Store {
             changes_dropped: Arc::new(AtomicU64::new(0)),
         };
         let w = Writer {
-            health: Health::new(store.counts.clone()),
+            health: Health::new(store.counts.clone(), "65536 event rows"),
             counts: store.counts.clone(),
             backlog: VecDeque::new(),
             events: 0,
