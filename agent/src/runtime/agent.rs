@@ -725,15 +725,19 @@ impl Agent {
         })
     }
 
+    /// SIGHUP and `bulkhead reload` (not a reload because the policy file
+    /// changed): the events log is reopened at its path, as logrotate's
+    /// `create` mode expects.
+    pub fn reopen_outputs(&self) {
+        if let Some(l) = &self.log {
+            l.reopen();
+        }
+    }
+
     /// Reads the policy file again, off the loop (compiling a full country
     /// database takes a second), and puts it in force.
     pub async fn reload(&mut self) -> Response {
         sd_notify("RELOADING=1");
-        // SIGHUP and `reload` also reopen the events log (logrotate's
-        // `create` mode moved it away).
-        if let Some(l) = &self.log {
-            l.reopen();
-        }
         let started = Instant::now();
         let source = Source {
             path: self.args.policy.clone(),
@@ -773,7 +777,10 @@ impl Agent {
     pub async fn handle(&mut self, request: Request, peer: Peer) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Reload => self.reload().await,
+            Request::Reload => {
+                self.reopen_outputs();
+                self.reload().await
+            }
             Request::Explain {
                 cgroup,
                 dst,

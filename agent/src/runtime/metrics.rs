@@ -588,6 +588,11 @@ mod tests {
             Duration::from_micros(12_345),
         );
         g.delivered.store(5, Ordering::Relaxed);
+        let log = Counts::new("events-log");
+        log.pending.store(2, Ordering::Relaxed);
+        log.wrote(1);
+        log.drop_event("2026-12-05T00:00:00Z", Cause::DiskFull);
+        g.set_outputs(vec![log, Counts::new("audit-store")]);
         g
     }
 
@@ -610,6 +615,14 @@ mod tests {
             "bulkhead_subscriber_drops_total 0",
             "bulkhead_store_rows_total 0",
             "bulkhead_store_dropped_total 0",
+            "# TYPE bulkhead_output_written_total counter",
+            "bulkhead_output_written_total{output=\"events-log\"} 1",
+            "bulkhead_output_written_total{output=\"audit-store\"} 0",
+            "# TYPE bulkhead_output_pending gauge",
+            "bulkhead_output_pending{output=\"events-log\"} 1",
+            "bulkhead_output_dropped_total{output=\"events-log\",cause=\"disk_full\"} 1",
+            "bulkhead_output_dropped_total{output=\"events-log\",cause=\"locked\"} 0",
+            "bulkhead_output_dropped_total{output=\"audit-store\",cause=\"queue_full\"} 0",
             "# TYPE bulkhead_policy_generation gauge",
             "bulkhead_policy_generation 3",
             "bulkhead_policy_load_seconds 0.012345",

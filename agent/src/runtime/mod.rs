@@ -2,8 +2,10 @@
 //! the [`agent::Agent`] state machine. Around it, tasks on the same loop:
 //! the events task ([`output`]), a task per control client ([`control`]),
 //! the metrics endpoint, the Kubernetes pod watch. Blocking work (policy
-//! compilation, SQLite) runs off the loop: `spawn_blocking`, and the audit
-//! store's own writer thread.
+//! compilation, file and SQLite writes) runs off the loop: `spawn_blocking`,
+//! and one writer thread per output (the events log, stdout, the audit
+//! store), each fed by a bounded queue the events task only `try_send`s to
+//! (see [`health`] for their counters).
 //!
 //! Current-thread, measured against a 2-worker multi-thread runtime and the
 //! threads it replaces: capabilities are per thread, so the agent must drop
@@ -112,7 +114,10 @@ async fn serve(args: RunArgs) -> Result<()> {
         let reload = tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => true,
+            _ = hup.recv() => {
+                agent.reopen_outputs();
+                true
+            }
             Some(call) = calls.recv() => {
                 let answer = agent.handle(call.request, call.peer).await;
                 let _ = call.reply.send(answer);

@@ -3,7 +3,10 @@
 //! ask ("what did contractor workloads try to reach in production last
 //! week?"). The agent writes in batches committed at least twice a second,
 //! so a `kill -9` loses at most the last half second and never corrupts
-//! the file; retention deletes old rows.
+//! the file; retention deletes old rows. While the database is locked by
+//! another writer or the disk is full, the writer holds up to [`BACKLOG`]
+//! event rows and retries with backoff; beyond that it drops them, counted
+//! by cause, and writes a `gap` row in `changes` once it writes again.
 
 use std::{
     collections::VecDeque,
