@@ -94,6 +94,15 @@ fn strict_lines(path: &Path) -> (Vec<Value>, Vec<Value>) {
     (events, gaps)
 }
 
+/// An RFC 3339 UTC time (`...:SS[.fraction]Z`) in an order that compares
+/// right whatever the number of fraction digits.
+fn ts_key(ts: &str) -> (String, u64) {
+    let ts = ts.trim_end_matches('Z');
+    let (secs, frac) = ts.split_once('.').unwrap_or((ts, ""));
+    let nanos = format!("{frac:0<9}")[..9].parse().unwrap();
+    (secs.to_string(), nanos)
+}
+
 fn warnings(log: &AgentLog) -> Vec<String> {
     log.lines()
         .into_iter()
@@ -195,11 +204,21 @@ fn a_full_disk_loses_nothing_silently() {
         during = now;
     }
     eprintln!("disk full: {}", during["outputs"]);
+    let delivered = during["events"]["delivered"].as_u64().unwrap();
     for name in ["events-log", "audit-store"] {
         let o = output(&during, name);
         assert!(
             o["dropped"]["disk_full"].as_u64().unwrap() > 0,
             "{name} dropped past its backlog: {o}"
+        );
+        assert!(
+            o["pending"].as_u64().unwrap() > 0,
+            "{name} holds a backlog: {o}"
+        );
+        assert_eq!(
+            o["written"].as_u64().unwrap() + o["pending"].as_u64().unwrap() + dropped(o),
+            delivered,
+            "{name}: written + pending + dropped = delivered, also while failing: {o}"
         );
     }
 
@@ -226,7 +245,29 @@ fn a_full_disk_loses_nothing_silently() {
     assert_eq!(gaps.len(), 1, "one gap record for one outage: {gaps:?}");
     assert_eq!(gaps[0]["count"].as_u64(), Some(dropped(lo)), "{}", gaps[0]);
     assert_eq!(gaps[0]["cause"], "disk_full");
-    assert!(gaps[0]["first_ts"].is_string() && gaps[0]["last_ts"].is_string());
+    let (first, last) = (
+        gaps[0]["first_ts"].as_str().unwrap(),
+        gaps[0]["last_ts"].as_str().unwrap(),
+    );
+    let (first, last) = (ts_key(first), ts_key(last));
+    assert!(first <= last, "{}", gaps[0]);
+    // The hole is where the gap record stands: events before it are older
+    // than its first event, events after it newer than its last.
+    let at = fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("\"type\":\"gap\""))
+        .unwrap();
+    assert!(
+        events[..at]
+            .iter()
+            .all(|e| ts_key(tests::field(e, "ts")) < first)
+    );
+    assert!(
+        events[at..]
+            .iter()
+            .all(|e| ts_key(tests::field(e, "ts")) > last)
+    );
 
     let so = output(&st, "audit-store");
     let rows = audit_rows(&db, &["query", "--format", "json", "--limit", "1000000"]);
