@@ -411,6 +411,8 @@ pub struct Agent {
     /// Another `bulkhead` binary for `run` (an earlier version).
     run_bin: Option<PathBuf>,
     notify: std::os::unix::net::UnixDatagram,
+    /// Events on the agent's stdout, to a pipe ([`Agent::take_stdout`]).
+    stdout_events: bool,
 }
 
 impl Agent {
@@ -472,6 +474,7 @@ impl Agent {
             run_bin: None,
             dir,
             notify,
+            stdout_events: false,
         }
     }
 
@@ -493,11 +496,15 @@ impl Agent {
             .arg(&self.bpffs)
             .arg("--events-log")
             .arg(&self.events)
-            .arg("--no-stdout-events")
+            .args((!self.stdout_events).then_some("--no-stdout-events"))
             .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
-            .stdout(Stdio::null())
+            .stdout(if self.stdout_events {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped());
         cmd
     }
@@ -916,6 +923,25 @@ impl Agent {
         let log = AgentLog::default();
         agent.spawn_capturing(extra, &log);
         (agent, log)
+    }
+
+    /// Like [`Agent::start_capturing`], with events on the agent's stdout
+    /// too, to a pipe the test reads ([`Agent::take_stdout`]) or not.
+    pub fn start_capturing_with_stdout(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        extra: &[&str],
+    ) -> (Agent, AgentLog) {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.stdout_events = true;
+        let log = AgentLog::default();
+        agent.spawn_capturing(extra, &log);
+        (agent, log)
+    }
+
+    /// The running agent's stdout (with [`Agent::start_capturing_with_stdout`]).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
     }
 
     /// Like [`Agent::start_capturing`], with the events log at `events`

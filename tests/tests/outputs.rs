@@ -15,8 +15,26 @@ use std::{
 
 use tests::{Agent, AgentLog, Tmpfs, Value, bulkhead_bin, privileged, world::world};
 
+/// `status --json`, which must answer within 10 s (a stalled agent loop
+/// fails the test instead of hanging it).
 fn status(agent: &Agent) -> Value {
-    let out = agent.cli(&["status", "--json"]);
+    let mut child = Command::new(bulkhead_bin())
+        .args(["status", "--json", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent did not answer `status` within 10 s: its loop is stalled");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -491,4 +509,84 @@ fn a_torn_line_is_repaired_at_start() {
         );
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A stdout nobody reads (a stuck journal, a paused container runtime)
+/// fills its pipe and its queue: it drops what does not fit, counted, while
+/// the events log gets every event at once and enforcement goes on; once
+/// read again, its stream has a gap record and every line whole.
+#[test]
+fn a_stuck_stdout_stalls_nothing_else() {
+    if !privileged("stuck_stdout") {
+        return;
+    }
+    const STORM: u32 = 30_000;
+    let w = world();
+    let (mut agent, _log) = Agent::start_capturing_with_stdout(
+        &w.root,
+        &w.policy("", ""),
+        &[
+            "--event-rate",
+            "0",
+            "--ring-buffer-bytes",
+            "16777216",
+            "--no-audit-db",
+        ],
+    );
+    let stdout = agent.take_stdout().unwrap();
+    storm_done(storm_bg(&w, STORM, 0), STORM);
+    // The log has every event, stdout still unread.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stuck = loop {
+        let st = status(&agent);
+        let lo = output(&st, "events-log");
+        if lo["written"].as_u64() == Some(u64::from(STORM)) || Instant::now() > deadline {
+            break st;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let delivered = stuck["events"]["delivered"].as_u64().unwrap();
+    assert_eq!(delivered, u64::from(STORM), "{}", stuck["events"]);
+    let lo = output(&stuck, "events-log");
+    assert_eq!(lo["written"].as_u64(), Some(delivered), "{lo}");
+    let so = output(&stuck, "stdout");
+    eprintln!("stdout unread: {so}");
+    assert!(so["dropped"]["queue_full"].as_u64().unwrap() > 0, "{so}");
+    assert_eq!(
+        so["written"].as_u64().unwrap() + so["pending"].as_u64().unwrap() + dropped(so),
+        delivered,
+        "{so}"
+    );
+    // Read again: what it held comes out, then its gap record.
+    let reader = thread::spawn(move || {
+        let mut lines = Vec::new();
+        for l in BufReader::new(stdout).lines() {
+            lines.push(l.unwrap());
+        }
+        lines
+    });
+    let st = settle(&agent, Duration::from_secs(30));
+    let so = output(&st, "stdout");
+    assert_eq!(so["pending"], 0, "{so}");
+    assert_eq!(
+        so["written"].as_u64().unwrap() + dropped(so),
+        delivered,
+        "{so}"
+    );
+    agent.kill9();
+    let lines = reader.join().unwrap();
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let gaps: Vec<&Value> = parsed.iter().filter(|v| v["type"] == "gap").collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0]["output"], "stdout");
+    assert_eq!(gaps[0]["cause"], "queue_full");
+    assert_eq!(gaps[0]["count"].as_u64(), Some(dropped(so)));
+    assert_eq!(
+        (parsed.len() - 1) as u64,
+        so["written"].as_u64().unwrap(),
+        "stdout carried what it says it wrote"
+    );
 }
