@@ -582,6 +582,9 @@ fn a_stuck_stdout_stalls_nothing_else() {
     let gaps: Vec<&Value> = parsed.iter().filter(|v| v["type"] == "gap").collect();
     assert_eq!(gaps.len(), 1, "{gaps:?}");
     assert_eq!(gaps[0]["output"], "stdout");
+    // Everything it dropped came after what it held: the gap record is
+    // where the hole is, last.
+    assert_eq!(parsed.last().unwrap()["type"], "gap");
     assert_eq!(gaps[0]["cause"], "queue_full");
     assert_eq!(gaps[0]["count"].as_u64(), Some(dropped(so)));
     assert_eq!(

@@ -68,10 +68,16 @@ pub struct Gap {
     pub first_ts: Option<String>,
     pub last_ts: Option<String>,
     by_cause: [u64; 4],
+    /// The hand-over number ([`Counts::hand`]) of the first event missed:
+    /// the gap record goes before the first later event written.
+    first_seq: u64,
 }
 
 impl Gap {
-    fn add(&mut self, ts: &str, cause: Cause) {
+    fn add(&mut self, ts: &str, cause: Cause, seq: u64) {
+        if self.count == 0 {
+            self.first_seq = seq;
+        }
         self.count += 1;
         if self.first_ts.is_none() {
             self.first_ts = Some(ts.to_string());
@@ -120,6 +126,8 @@ pub struct Counts {
     pub pending: AtomicU64,
     dropped: [AtomicU64; 4],
     gap: Mutex<Gap>,
+    /// Events handed to the output so far (numbers them, in order).
+    handed: AtomicU64,
 }
 
 impl Counts {
@@ -130,17 +138,26 @@ impl Counts {
             pending: AtomicU64::new(0),
             dropped: Default::default(),
             gap: Mutex::new(Gap::default()),
+            handed: AtomicU64::new(0),
         })
     }
 
-    /// An event (of time `ts`) this output will never write; its next gap
-    /// record counts it.
-    pub fn drop_event(&self, ts: &str, cause: Cause) {
+    /// An event is handed to the output: it is pending; returns its
+    /// number (in the order events are handed over, from one task).
+    pub fn hand(&self) -> u64 {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.handed.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The pending event number `seq` (of time `ts`) will never be
+    /// written; the output's next gap record counts it.
+    pub fn drop_event(&self, ts: &str, cause: Cause, seq: u64) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
         self.dropped[cause as usize].fetch_add(1, Ordering::Relaxed);
         self.gap
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add(ts, cause);
+            .add(ts, cause, seq);
     }
 
     /// A drop counted without a gap record (live followers get their own
@@ -157,6 +174,13 @@ impl Counts {
 
     pub fn has_gap(&self) -> bool {
         self.gap.lock().unwrap_or_else(|e| e.into_inner()).count > 0
+    }
+
+    /// Whether events handed before event `seq` were dropped: their gap
+    /// record goes before it.
+    pub fn has_gap_before(&self, seq: u64) -> bool {
+        let g = self.gap.lock().unwrap_or_else(|e| e.into_inner());
+        g.count > 0 && g.first_seq < seq
     }
 
     pub fn dropped(&self, cause: Cause) -> u64 {
@@ -318,9 +342,17 @@ mod tests {
     fn a_gap_counts_its_events_their_times_and_why() {
         let c = Counts::new("events-log");
         assert!(c.take_gap().is_none());
-        c.drop_event("2026-12-05T00:00:01Z", Cause::DiskFull);
-        c.drop_event("2026-12-05T00:00:02Z", Cause::DiskFull);
-        c.drop_event("2026-12-05T00:00:03Z", Cause::QueueFull);
+        let first = c.hand();
+        c.drop_event("2026-12-05T00:00:01Z", Cause::DiskFull, first);
+        for (ts, cause) in [
+            ("2026-12-05T00:00:02Z", Cause::DiskFull),
+            ("2026-12-05T00:00:03Z", Cause::QueueFull),
+        ] {
+            let seq = c.hand();
+            c.drop_event(ts, cause, seq);
+        }
+        assert!(!c.has_gap_before(first) && c.has_gap_before(first + 1));
+        assert_eq!(c.pending.load(Ordering::Relaxed), 0);
         let g = c.take_gap().unwrap();
         assert!(c.take_gap().is_none());
         let r = g.record("events-log");

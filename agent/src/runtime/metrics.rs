@@ -589,9 +589,12 @@ mod tests {
         );
         g.delivered.store(5, Ordering::Relaxed);
         let log = Counts::new("events-log");
-        log.pending.store(2, Ordering::Relaxed);
+        for _ in 0..2 {
+            log.hand();
+        }
         log.wrote(1);
-        log.drop_event("2026-12-05T00:00:00Z", Cause::DiskFull);
+        let seq = log.hand();
+        log.drop_event("2026-12-05T00:00:00Z", Cause::DiskFull, seq);
         g.set_outputs(vec![log, Counts::new("audit-store")]);
         g
     }

@@ -56,10 +56,12 @@ pub const BACKLOG_BYTES: usize = 16 << 20;
 /// The most written in one `write`.
 const CHUNK: usize = 256 << 10;
 
-/// One event's line (ending in `\n`) and its time (for gap records).
+/// One event's line (ending in `\n`), its time (for gap records) and its
+/// hand-over number ([`Counts::hand`]).
 struct Line {
     ts: String,
     text: String,
+    seq: u64,
 }
 
 /// The events task's handle on a line output.
@@ -143,15 +145,15 @@ impl Lines {
 
     /// Queues one event's line (`text` ends in `\n`); never waits.
     pub fn send(&self, ts: &str, text: String) {
-        self.counts.pending.fetch_add(1, Ordering::Relaxed);
+        let seq = self.counts.hand();
         match self.tx.try_send(Line {
             ts: ts.to_string(),
             text,
+            seq,
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(l)) | Err(TrySendError::Disconnected(l)) => {
-                self.counts.pending.fetch_sub(1, Ordering::Relaxed);
-                self.counts.drop_event(&l.ts, Cause::QueueFull);
+                self.counts.drop_event(&l.ts, Cause::QueueFull, l.seq);
             }
         }
     }
@@ -218,15 +220,19 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => false,
                 Err(mpsc::RecvTimeoutError::Disconnected) => true,
             };
+            let mut drained = false;
             for _ in 0..4096 {
                 match self.rx.try_recv() {
                     Ok(l) => self.accept(l),
-                    Err(_) => break,
+                    Err(_) => {
+                        drained = true;
+                        break;
+                    }
                 }
             }
-            // Drops the events task counted (its queue was full) get their
-            // gap record once the writer is writing again.
-            if self.health.cause().is_none() && self.counts.has_gap() {
+            // Drops after the last event queued (its queue was full, say)
+            // get their gap record once the writer is writing again.
+            if drained && self.health.cause().is_none() && self.counts.has_gap() {
                 self.push_gap();
             }
             if self.reopen.swap(false, Ordering::Relaxed) {
@@ -261,12 +267,11 @@ impl Writer {
     fn accept(&mut self, l: Line) {
         if self.backlog_bytes + l.text.len() > BACKLOG_BYTES {
             let cause = self.health.cause().unwrap_or(Cause::QueueFull);
-            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
-            self.counts.drop_event(&l.ts, cause);
+            self.counts.drop_event(&l.ts, cause, l.seq);
             return;
         }
         // The first line after a hole: its gap record goes before it.
-        if self.counts.has_gap() {
+        if self.counts.has_gap_before(l.seq) {
             self.push_gap();
         }
         self.backlog_bytes += l.text.len();

@@ -80,7 +80,8 @@ pub struct Change {
 }
 
 enum Item {
-    Event(Box<Record>),
+    /// An event and its hand-over number ([`Counts::hand`]).
+    Event(Box<Record>, u64),
     Change(Change),
     /// A gap record, in the place of the events it stands for.
     Gap(String),
@@ -161,13 +162,13 @@ impl Store {
     }
 
     pub fn event(&self, r: Record) {
-        self.counts.pending.fetch_add(1, Ordering::Relaxed);
+        let seq = self.counts.hand();
         if let Err(
-            TrySendError::Full(Item::Event(r)) | TrySendError::Disconnected(Item::Event(r)),
-        ) = self.tx.try_send(Item::Event(Box::new(r)))
+            TrySendError::Full(Item::Event(r, seq))
+            | TrySendError::Disconnected(Item::Event(r, seq)),
+        ) = self.tx.try_send(Item::Event(Box::new(r), seq))
         {
-            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
-            self.counts.drop_event(&r.ts, Cause::QueueFull);
+            self.counts.drop_event(&r.ts, Cause::QueueFull, seq);
         }
     }
 
@@ -218,14 +219,16 @@ fn cause(e: &anyhow::Error) -> Cause {
 
 impl Writer {
     fn accept(&mut self, item: Item) {
-        if let Item::Event(r) = &item {
+        if let Item::Event(r, seq) = &item {
             if self.events >= BACKLOG {
                 let cause = self.health.cause().unwrap_or(Cause::QueueFull);
-                self.counts.pending.fetch_sub(1, Ordering::Relaxed);
-                self.counts.drop_event(&r.ts, cause);
+                self.counts.drop_event(&r.ts, cause, *seq);
                 return;
             }
-            self.push_gap();
+            // The first row after a hole: its gap row goes before it.
+            if self.counts.has_gap_before(*seq) {
+                self.push_gap();
+            }
             self.events += 1;
         }
         self.backlog.push_back(item);
@@ -256,7 +259,7 @@ impl Writer {
             };
             // Gather a batch: what is queued, for up to 250 ms.
             let deadline = Instant::now() + Duration::from_millis(250);
-            let mut got = 0;
+            let (mut got, mut drained) = (0, disconnected);
             while got < BATCH && !disconnected {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let next = if self.health.cause().is_some() || left.is_zero() {
@@ -269,10 +272,15 @@ impl Writer {
                         self.accept(i);
                         got += 1;
                     }
-                    Err(()) => break,
+                    Err(()) => {
+                        drained = true;
+                        break;
+                    }
                 }
             }
-            if self.health.cause().is_none() && self.counts.has_gap() {
+            // Drops after the last row queued get their gap row once the
+            // store writes again.
+            if drained && self.health.cause().is_none() && self.counts.has_gap() {
                 self.push_gap();
             }
             while !self.backlog.is_empty() && self.health.due() {
@@ -282,7 +290,7 @@ impl Writer {
                         let events = self
                             .backlog
                             .drain(..n)
-                            .filter(|i| matches!(i, Item::Event(_)))
+                            .filter(|i| matches!(i, Item::Event(..)))
                             .count();
                         self.events -= events;
                         self.counts.wrote(events as u64);
@@ -333,7 +341,7 @@ fn insert<'a>(conn: &mut Connection, batch: impl Iterator<Item = &'a Item>) -> R
         let mut ch = tx.prepare("INSERT INTO changes (ts_ns, ts, kind, policy, sha256, generation, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
         for item in batch {
             match item {
-                Item::Event(r) => {
+                Item::Event(r, _) => {
                     ev.execute(params![
                         ts_ns(r),
                         r.ts,
