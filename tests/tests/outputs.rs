@@ -474,7 +474,10 @@ fn a_torn_line_is_repaired_at_start() {
     f.write_all(b"{\"ts\":\"2026-12-05T00:").unwrap();
     drop(f);
     let from = log.len();
-    agent.spawn_capturing(&["--event-rate", "0"], &log);
+    agent.spawn_capturing(
+        &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
+        &log,
+    );
     storm_done(storm_bg(&w, 100, 0), 100);
     settle(&agent, Duration::from_secs(20));
     let (events, _) = strict_lines(&agent.events);
