@@ -413,6 +413,8 @@ pub struct Agent {
     /// Another `bulkhead` binary for `run` (an earlier version).
     run_bin: Option<PathBuf>,
     notify: std::os::unix::net::UnixDatagram,
+    /// Events on the agent's stdout, to a pipe ([`Agent::take_stdout`]).
+    stdout_events: bool,
 }
 
 impl Agent {
@@ -474,6 +476,7 @@ impl Agent {
             run_bin: None,
             dir,
             notify,
+            stdout_events: false,
         }
     }
 
@@ -495,11 +498,15 @@ impl Agent {
             .arg(&self.bpffs)
             .arg("--events-log")
             .arg(&self.events)
-            .arg("--no-stdout-events")
+            .args((!self.stdout_events).then_some("--no-stdout-events"))
             .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
-            .stdout(Stdio::null())
+            .stdout(if self.stdout_events {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped());
         cmd
     }
@@ -920,9 +927,90 @@ impl Agent {
         (agent, log)
     }
 
+    /// Like [`Agent::start_capturing`], with events on the agent's stdout
+    /// too, to a pipe the test reads ([`Agent::take_stdout`]) or not.
+    pub fn start_capturing_with_stdout(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        extra: &[&str],
+    ) -> (Agent, AgentLog) {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.stdout_events = true;
+        let log = AgentLog::default();
+        agent.spawn_capturing(extra, &log);
+        (agent, log)
+    }
+
+    /// The running agent's stdout (with [`Agent::start_capturing_with_stdout`]).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
+    /// Like [`Agent::start_capturing`], with the events log at `events`
+    /// (e.g. on a [`Tmpfs`]) instead of the agent's temporary directory.
+    pub fn start_capturing_at(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        events: &Path,
+        extra: &[&str],
+    ) -> (Agent, AgentLog) {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.events = events.to_path_buf();
+        let log = AgentLog::default();
+        agent.spawn_capturing(extra, &log);
+        (agent, log)
+    }
+
     /// Like [`Agent::spawn`], and also appends the agent's stderr lines to `log`.
     pub fn spawn_capturing(&mut self, extra: &[&str], log: &AgentLog) {
         self.spawn_logging(extra, Some(log));
+    }
+}
+
+/// A tmpfs of `size` mounted on a fresh temporary directory (a small disk
+/// to fill); unmounted (lazily, so an agent still holding files cannot
+/// keep it) and removed on drop.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `size` as mount(8) takes it: `640k`, `128m`.
+    pub fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        sh(&format!(
+            "mount -t tmpfs -o size={size},mode=0755 tmpfs {}",
+            dir.path().display()
+        ));
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system: writes `name` until the disk is full.
+    pub fn fill(&self, name: &str) {
+        use std::io::Write as _;
+        let mut f = fs::File::create(self.path().join(name)).unwrap();
+        let block = vec![0xa5u8; 64 << 10];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.path().display()),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 

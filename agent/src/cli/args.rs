@@ -165,7 +165,8 @@ pub struct RunFlags {
     /// besides root.
     #[arg(long)]
     pub control_group: Option<String>,
-    /// Rotate the events log when it reaches this size (bytes; 0 = never).
+    /// Rotate the events log when it reaches this size (bytes; 0 = never:
+    /// use 0 when logrotate rotates it, see deploy/logrotate/bulkhead).
     #[arg(long, default_value_t = 64 << 20)]
     pub events_log_max_bytes: u64,
     /// Rotated events logs kept (events.jsonl.1 ... .N).

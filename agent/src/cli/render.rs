@@ -116,11 +116,8 @@ fn status_bridges(v: &Status) -> String {
 fn status_outputs(v: &Status) -> String {
     let e = &v.events;
     let c = &v.connections_cut;
-    format!(
-        "events:      {} wanted, {} delivered, {} rate limited, {} lost (ring full), {} sequence gaps, {} subscribers ({} dropped)\n\
-         cut:         {} established connections marked, {} destroyed; {}\n\
-         packet sockets: {}\n\
-         {}\n",
+    let mut s = format!(
+        "events:      {} wanted, {} delivered (handed to the outputs), {} rate limited, {} lost (ring full), {} sequence gaps, {} subscribers ({} dropped)\n",
         e.wanted,
         e.delivered,
         e.rate_limited,
@@ -128,11 +125,27 @@ fn status_outputs(v: &Status) -> String {
         e.sequence_gaps,
         e.subscribers,
         e.subscriber_drops,
-        c.marked,
-        c.destroyed,
-        c.how,
-        v.packet_sockets,
-        v.capabilities,
+    );
+    s += "outputs:\n";
+    for o in &v.outputs {
+        let d = &o.dropped;
+        s += &format!(
+            "  {:<12} {} written, {} pending, {} dropped ({} disk full, {} I/O error, {} locked, {} queue full)\n",
+            o.name,
+            o.written,
+            o.pending,
+            d.total(),
+            d.disk_full,
+            d.io_error,
+            d.locked,
+            d.queue_full
+        );
+    }
+    s + &format!(
+        "cut:         {} established connections marked, {} destroyed; {}\n\
+         packet sockets: {}\n\
+         {}\n",
+        c.marked, c.destroyed, c.how, v.packet_sockets, v.capabilities,
     )
 }
 

@@ -26,8 +26,9 @@ use tracing::{Level, field, info, warn};
 use super::{
     bridges::{Jit, JitBridge, Opener},
     events::{Enricher, Generation},
+    health::Counts,
     metrics::Gauges,
-    sink::Rotation,
+    sink::{Lines, Rotation},
     store::{Change, Store},
 };
 use super::{
@@ -253,6 +254,9 @@ pub struct Agent {
     pub enricher: Arc<Mutex<Enricher>>,
     pub gauges: Arc<Gauges>,
     pub store: Option<Store>,
+    /// The events log (`--events-log`) and stdout outputs.
+    pub log: Option<Lines>,
+    pub stdout: Option<Lines>,
     pub hub: Arc<Hub>,
     pub delivered: Arc<AtomicU64>,
     cuts: Arc<CutState>,
@@ -368,9 +372,24 @@ impl Agent {
             ebpf.take_map(MAP_EVENTS)
                 .ok_or_else(|| anyhow!("map {MAP_EVENTS} missing"))?,
         )?;
-        if let Some(st) = &store {
-            gauges.set_store(st);
-        }
+        // The events log and stdout: each its own writer thread and queue.
+        let (log, repaired) = match &args.events_log {
+            Some(p) => {
+                let (l, r) = Lines::file(p, args.rotation)?;
+                (Some(l), r)
+            }
+            None => (None, None),
+        };
+        let stdout = args.stdout_events.then(Lines::stdout);
+        let hub = Hub::new();
+        gauges.set_outputs(
+            log.iter()
+                .chain(&stdout)
+                .map(|l| l.counts.clone())
+                .chain(store.iter().map(|s| s.counts.clone()))
+                .chain([hub.counts.clone()])
+                .collect(),
+        );
         let started = clock::format_ts((clock::now_ns() + tai) as u64, tai);
         info!(
             "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, address table of {} words; pinned under {}; {} pre-existing sockets recorded; control socket {}",
@@ -405,7 +424,9 @@ impl Agent {
             delivered: gauges.delivered.clone(),
             gauges,
             store,
-            hub: Hub::new(),
+            log,
+            stdout,
+            hub,
             cuts: cut_state,
             packet_sockets,
             capabilities,
@@ -422,6 +443,17 @@ impl Agent {
                 agent.root.display()
             ),
         );
+        if let Some(r) = repaired {
+            agent.record(
+                "events-log-repaired",
+                Some(written.generation),
+                format!(
+                    "{}: a torn last line ({} bytes, left by a crash or power loss) was cut off",
+                    r.path.display(),
+                    r.cut
+                ),
+            );
+        }
         for b in &expired_while_down {
             agent.record("bridge-expired", Some(written.generation), bridge_detail(b));
         }
@@ -623,6 +655,15 @@ impl Agent {
         })
     }
 
+    /// SIGHUP and `bulkhead reload` (not a reload because the policy file
+    /// changed): the events log is reopened at its path, as logrotate's
+    /// `create` mode expects.
+    pub fn reopen_outputs(&self) {
+        if let Some(l) = &self.log {
+            l.reopen();
+        }
+    }
+
     /// Reads the policy file again, off the loop (compiling a full country
     /// database takes a second), and puts it in force.
     pub async fn reload(&mut self) -> Response {
@@ -666,7 +707,10 @@ impl Agent {
     pub async fn handle(&mut self, request: Request, peer: Peer) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Reload => self.reload().await,
+            Request::Reload => {
+                self.reopen_outputs();
+                self.reload().await
+            }
             Request::Explain {
                 cgroup,
                 dst,
@@ -736,6 +780,7 @@ impl Agent {
             self.hub.subscriber_drops.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        self.hub.note_pending();
         let second = self.last_tick.elapsed() >= Duration::from_secs(1);
         let mut reload = false;
         if second {
@@ -987,7 +1032,20 @@ impl Agent {
             packet_sockets: self.packet_sockets.clone(),
             capabilities: self.capabilities.clone(),
             pods,
+            outputs: self.outputs().iter().map(|c| c.snapshot()).collect(),
         }
+    }
+
+    /// Every output's counters: the events log, stdout, the audit store,
+    /// live followers.
+    fn outputs(&self) -> Vec<Arc<Counts>> {
+        self.log
+            .iter()
+            .chain(&self.stdout)
+            .map(|l| l.counts.clone())
+            .chain(self.store.iter().map(|s| s.counts.clone()))
+            .chain([self.hub.counts.clone()])
+            .collect()
     }
 
     /// The pinned maps' directory (the metrics read the counters there).
@@ -1000,9 +1058,19 @@ impl Agent {
         let last = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
         self.record("stop", Some(last), "enforcement stays pinned".into());
         let _ = fs::remove_file(socket);
-        // Give the store's writer a moment to commit the last batch.
+        // The events log and stdout write what they hold; the store's
+        // writer gets a moment to commit its last batch.
+        for l in [self.log.take(), self.stdout.take()].into_iter().flatten() {
+            l.finish(Duration::from_secs(2));
+        }
         if self.store.is_some() {
             std::thread::sleep(Duration::from_millis(600));
+        }
+        for c in self.outputs() {
+            let pending = c.pending.load(Ordering::Relaxed);
+            if pending > 0 && c.name != "followers" {
+                warn!("{}: {pending} events not written at stop", c.name);
+            }
         }
         info!(
             "stopping; {} events delivered; enforcement stays pinned under {} (`bulkhead detach` removes it)",

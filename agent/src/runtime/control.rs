@@ -34,6 +34,7 @@ use super::protocol::{
 };
 use crate::{
     runtime::events::Record,
+    runtime::health::{Cause, Counts},
     runtime::store::{Change, Store},
 };
 
@@ -84,6 +85,11 @@ pub struct Hub {
     subs: Mutex<Vec<Sub>>,
     /// Events dropped because a subscriber did not keep up.
     pub subscriber_drops: AtomicU64,
+    /// The `followers` output: copies written to subscribers' sockets
+    /// (`written`), still in their queues (`pending`, see
+    /// [`Hub::note_pending`]), and dropped (`queue_full`, the same as
+    /// `subscriber_drops`).
+    pub counts: Arc<Counts>,
 }
 
 /// A follower's queue and its count of events it lost.
@@ -113,6 +119,7 @@ impl Hub {
             recent: Mutex::new(VecDeque::new()),
             subs: Mutex::new(Vec::new()),
             subscriber_drops: AtomicU64::new(0),
+            counts: Counts::new("followers"),
         })
     }
 
@@ -141,11 +148,24 @@ impl Hub {
                         s.lost.fetch_add(1, Ordering::Relaxed);
                     }
                     self.subscriber_drops.fetch_add(1, Ordering::Relaxed);
+                    self.counts.count_drop(Cause::QueueFull);
                     true
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+    }
+
+    /// Updates the followers' `pending`: events in their queues.
+    pub fn note_pending(&self) {
+        let queued: usize = self
+            .subs
+            .lock()
+            .expect("hub lock")
+            .iter()
+            .map(|s| s.tx.max_capacity() - s.tx.capacity())
+            .sum();
+        self.counts.pending.store(queued as u64, Ordering::Relaxed);
     }
 
     pub fn subscribers(&self) -> usize {
@@ -315,7 +335,7 @@ async fn client(conn: UnixStream, server: Server) -> Result<()> {
         let (backlog, live) = server
             .hub
             .subscribe(filter, follow, from_ns, counts_seq_gaps);
-        return stream_events(out, backlog, live).await;
+        return stream_events(out, backlog, live, server.hub.counts.clone()).await;
     }
     let (tx, rx) = oneshot::channel();
     let call = Call {
@@ -391,6 +411,7 @@ async fn stream_events(
     out: impl tokio::io::AsyncWrite + Unpin,
     backlog: Vec<Arc<Record>>,
     live: Option<Live>,
+    counts: Arc<Counts>,
 ) -> Result<()> {
     // Buffered: a burst goes out in few writes; flushed whenever the queue
     // runs dry, so a quiet stream is still live. A client that stops
@@ -425,6 +446,7 @@ async fn stream_events(
         };
         if let Some(r) = next {
             out.write_all(&line(&r)?).await?;
+            counts.written.fetch_add(1, Ordering::Relaxed);
         }
         let l = lost.load(Ordering::Relaxed);
         if l > reported {

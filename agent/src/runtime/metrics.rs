@@ -31,6 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::runtime::health::{Cause, Counts};
 use anyhow::{Context as _, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
 use bulkhead_common::{
@@ -66,8 +67,8 @@ pub struct Gauges {
     pub subscriber_drops: AtomicU64,
     /// Established connections the agent destroyed.
     pub cuts_destroyed: Arc<AtomicU64>,
-    /// The audit store's (written, dropped) counters, when there is a store.
-    store: Mutex<Option<(Arc<AtomicU64>, Arc<AtomicU64>)>>,
+    /// Every output's counters (events log, stdout, audit store, followers).
+    outputs: Mutex<Vec<Arc<Counts>>>,
     pub domain_names: Mutex<Vec<String>>,
     /// When the main loop last turned ([`Gauges::beat`]), in milliseconds
     /// of [`monotonic_ms`]; 0 until it first does.
@@ -89,9 +90,9 @@ impl Gauges {
         }
     }
 
-    pub fn set_store(&self, store: &crate::runtime::store::Store) {
-        if let Ok(mut s) = self.store.lock() {
-            *s = Some((store.written.clone(), store.dropped.clone()));
+    pub fn set_outputs(&self, outputs: Vec<Arc<Counts>>) {
+        if let Ok(mut o) = self.outputs.lock() {
+            *o = outputs;
         }
     }
 
@@ -213,14 +214,47 @@ impl Collector for Exposition {
             samples,
         )?;
 
-        let (written, dropped) = g
-            .store
-            .lock()
-            .ok()
-            .and_then(|s| s.clone())
-            .map_or((0, 0), |(w, d)| {
-                (w.load(Ordering::Relaxed), d.load(Ordering::Relaxed))
+        let outputs = g.outputs.lock().map(|o| o.clone()).unwrap_or_default();
+        let (written, dropped) = outputs
+            .iter()
+            .find(|c| c.name == "audit-store")
+            .map_or((0, 0), |c| {
+                (c.written.load(Ordering::Relaxed), c.dropped_total())
             });
+        {
+            let mut m = enc.encode_descriptor(
+                "bulkhead_output_written",
+                "Events each output wrote (followers: to a subscriber's socket).",
+                None,
+                MetricType::Counter,
+            )?;
+            for c in &outputs {
+                ConstCounter::new(c.written.load(Ordering::Relaxed))
+                    .encode(m.encode_family(&[("output", c.name)])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "bulkhead_output_pending",
+                "Events each output holds, queued or for a retry, not written yet.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in &outputs {
+                ConstGauge::new(c.pending.load(Ordering::Relaxed) as i64)
+                    .encode(m.encode_family(&[("output", c.name)])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "bulkhead_output_dropped",
+                "Events each output dropped, by cause (disk_full, io_error, locked, queue_full).",
+                None,
+                MetricType::Counter,
+            )?;
+            for c in &outputs {
+                for cause in Cause::ALL {
+                    ConstCounter::new(c.dropped(cause))
+                        .encode(m.encode_family(&[("output", c.name), ("cause", cause.name())])?)?;
+                }
+            }
+        }
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for (name, help, v) in [
             (
@@ -230,7 +264,7 @@ impl Collector for Exposition {
             ),
             (
                 "bulkhead_events_emitted",
-                "Events delivered to the agent.",
+                "Events the agent received and handed to its outputs (see bulkhead_output_*).",
                 load(&g.delivered),
             ),
             (
@@ -260,12 +294,12 @@ impl Collector for Exposition {
             ),
             (
                 "bulkhead_store_rows",
-                "Rows written to the audit store.",
+                "Event rows written to the audit store.",
                 written,
             ),
             (
                 "bulkhead_store_dropped",
-                "Rows the audit store could not keep up with.",
+                "Event rows the audit store dropped (any cause; see bulkhead_output_dropped).",
                 dropped,
             ),
         ] {
@@ -554,6 +588,14 @@ mod tests {
             Duration::from_micros(12_345),
         );
         g.delivered.store(5, Ordering::Relaxed);
+        let log = Counts::new("events-log");
+        for _ in 0..2 {
+            log.hand();
+        }
+        log.wrote(1);
+        let seq = log.hand();
+        log.drop_event("2026-12-05T00:00:00Z", Cause::DiskFull, seq);
+        g.set_outputs(vec![log, Counts::new("audit-store")]);
         g
     }
 
@@ -576,6 +618,14 @@ mod tests {
             "bulkhead_subscriber_drops_total 0",
             "bulkhead_store_rows_total 0",
             "bulkhead_store_dropped_total 0",
+            "# TYPE bulkhead_output_written_total counter",
+            "bulkhead_output_written_total{output=\"events-log\"} 1",
+            "bulkhead_output_written_total{output=\"audit-store\"} 0",
+            "# TYPE bulkhead_output_pending gauge",
+            "bulkhead_output_pending{output=\"events-log\"} 1",
+            "bulkhead_output_dropped_total{output=\"events-log\",cause=\"disk_full\"} 1",
+            "bulkhead_output_dropped_total{output=\"events-log\",cause=\"locked\"} 0",
+            "bulkhead_output_dropped_total{output=\"audit-store\",cause=\"queue_full\"} 0",
             "# TYPE bulkhead_policy_generation gauge",
             "bulkhead_policy_generation 3",
             "bulkhead_policy_load_seconds 0.012345",

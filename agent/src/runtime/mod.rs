@@ -2,8 +2,10 @@
 //! the [`agent::Agent`] state machine. Around it, tasks on the same loop:
 //! the events task ([`output`]), a task per control client ([`control`]),
 //! the metrics endpoint, the Kubernetes pod watch. Blocking work (policy
-//! compilation, SQLite) runs off the loop: `spawn_blocking`, and the audit
-//! store's own writer thread.
+//! compilation, file and SQLite writes) runs off the loop: `spawn_blocking`,
+//! and one writer thread per output (the events log, stdout, the audit
+//! store), each fed by a bounded queue the events task only `try_send`s to
+//! (see [`health`] for their counters).
 //!
 //! Current-thread, measured against a 2-worker multi-thread runtime and the
 //! threads it replaces: capabilities are per thread, so the agent must drop
@@ -18,6 +20,7 @@ pub mod agent;
 pub mod bridges;
 pub mod control;
 pub mod events;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod output;
@@ -59,9 +62,6 @@ async fn serve(args: RunArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
     let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
 
-    let stdout_events = args.stdout_events;
-    let events_log = args.events_log.clone();
-    let rotation = args.rotation;
     let control_group = args.control_group;
     let k8s_node = args.k8s_node.clone();
     let (mut agent, started) = Agent::start(args)?;
@@ -76,13 +76,13 @@ async fn serve(args: RunArgs) -> Result<()> {
             }
         });
     }
-    let sink = self::sink::Sink::open(stdout_events, events_log.as_deref(), rotation)?;
     let (stop_events, stopped) = oneshot::channel();
     let events = tokio::spawn(output::read(
         started.ring,
         Output {
             enricher: agent.enricher.clone(),
-            sink,
+            log: agent.log.clone(),
+            stdout: agent.stdout.clone(),
             delivered: agent.delivered.clone(),
             hub: agent.hub.clone(),
             store: agent.store.clone(),
@@ -121,7 +121,10 @@ async fn serve(args: RunArgs) -> Result<()> {
         let reload = tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => true,
+            _ = hup.recv() => {
+                agent.reopen_outputs();
+                true
+            }
             Some(call) = calls.recv() => {
                 let answer = agent.handle(call.request, call.peer).await;
                 let _ = call.reply.send(answer);

@@ -26,44 +26,51 @@ use crate::{
     clock,
     kernel::cut::Cutter,
     runtime::events::{self, Enricher},
-    runtime::sink::Sink,
+    runtime::sink::Lines,
     runtime::store::Store,
 };
 
-/// Where enriched events go.
+/// Where enriched events go: each output has its own bounded queue and
+/// writer, and is only ever `try_send`ed to, so none can stall another,
+/// this task or enforcement.
 pub struct Output {
     pub enricher: Arc<Mutex<Enricher>>,
-    pub sink: Sink,
+    pub log: Option<Lines>,
+    pub stdout: Option<Lines>,
     pub delivered: Arc<AtomicU64>,
     pub hub: Arc<Hub>,
     pub store: Option<Store>,
 }
 
 impl Output {
-    /// Enriches, then writes to the log, the store and live subscribers.
+    /// Enriches, then hands each event to the log, stdout, the store and
+    /// live subscribers.
     fn send(&mut self, events: impl IntoIterator<Item = Event>, kernel: bool) {
-        let mut batch = String::new();
-        {
-            let mut en = self.enricher.lock().expect("enricher lock");
-            for e in events {
-                // Only the kernel's events carry per-CPU sequence numbers.
-                if kernel {
-                    en.gap(&e);
-                }
-                let rec = en.enrich(&e);
-                if let Ok(json) = serde_json::to_string(&rec) {
-                    batch.push_str(&json);
-                    batch.push('\n');
-                }
-                if let Some(s) = &self.store {
-                    s.event(rec.clone());
-                }
-                self.hub.publish(rec);
-                self.delivered.fetch_add(1, Ordering::Relaxed);
+        let mut en = self.enricher.lock().expect("enricher lock");
+        for e in events {
+            // Only the kernel's events carry per-CPU sequence numbers.
+            if kernel {
+                en.gap(&e);
             }
-        }
-        if !batch.is_empty() {
-            self.sink.write(&batch);
+            let rec = en.enrich(&e);
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            if self.log.is_some() || self.stdout.is_some() {
+                let mut line = serde_json::to_string(&rec).unwrap_or_default();
+                line.push('\n');
+                match (&self.log, &self.stdout) {
+                    (Some(l), Some(o)) => {
+                        o.send(&rec.ts, line.clone());
+                        l.send(&rec.ts, line);
+                    }
+                    (Some(l), None) => l.send(&rec.ts, line),
+                    (None, Some(o)) => o.send(&rec.ts, line),
+                    (None, None) => {}
+                }
+            }
+            if let Some(s) = &self.store {
+                s.event(rec.clone());
+            }
+            self.hub.publish(rec);
         }
     }
 }

@@ -177,6 +177,45 @@ pub struct Status {
     pub packet_sockets: String,
     pub capabilities: String,
     pub pods: Option<PodsState>,
+    /// Each output of the audit trail: the events log, stdout, the audit
+    /// store, live followers (absent from an older agent's answer).
+    #[serde(default)]
+    pub outputs: Vec<OutputCounts>,
+}
+
+/// What became of the events handed to one output. For the events log,
+/// stdout and the audit store, `written + pending + dropped` = the events
+/// delivered since the agent started; for `followers`, the copies handed
+/// to live subscribers (each gets those its filter matches).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputCounts {
+    /// `events-log`, `stdout`, `audit-store` or `followers`.
+    pub name: String,
+    /// Written (for followers: queued to a subscriber).
+    pub written: u64,
+    /// Queued or held for a retry, not written yet.
+    pub pending: u64,
+    pub dropped: Dropped,
+}
+
+/// Events an output dropped, by cause.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// The disk was full for longer than the output's backlog could hold.
+    pub disk_full: u64,
+    /// Another write error, for longer than the backlog could hold.
+    pub io_error: u64,
+    /// The SQLite database was locked by another process, for longer than
+    /// the backlog could hold.
+    pub locked: u64,
+    /// The output's queue was full (its writer, or a follower, fell behind).
+    pub queue_full: u64,
+}
+
+impl Dropped {
+    pub fn total(&self) -> u64 {
+        self.disk_full + self.io_error + self.locked + self.queue_full
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -222,6 +261,9 @@ pub struct EventCounts {
     pub wanted: u64,
     pub rate_limited: u64,
     pub lost_ring_full: u64,
+    /// Events the agent received (from the kernel, and the `cut` events it
+    /// makes) and handed to its outputs; what each output did with them is
+    /// in [`Status::outputs`].
     pub delivered: u64,
     pub sequence_gaps: u64,
     pub subscribers: usize,

@@ -1,14 +1,43 @@
-//! The JSON-lines events log (and stdout), with size-based rotation:
-//! `events.jsonl` → `events.jsonl.1` → … → `events.jsonl.<keep>`, the
-//! oldest dropped, so the log stays bounded at about `(keep + 1) × max`.
+//! The JSON-lines outputs: the events log and stdout. Each is a writer
+//! thread fed by a bounded queue that the events task only `try_send`s to,
+//! so a slow or broken output never stalls the others or enforcement.
+//!
+//! The events log:
+//! - is written in whole lines only: a batch is one `write` (O_APPEND), and
+//!   when it fails (a full disk, a short write) the file is cut back to its
+//!   length before it, so no line is ever torn; a torn last line left by a
+//!   crash or a power loss is cut off when the agent starts (logged, and
+//!   recorded in the audit store's `changes`);
+//! - holds what it could not write (up to [`BACKLOG_BYTES`]) and retries,
+//!   backing off to 2 s, so an outage shorter than that loses nothing;
+//!   beyond it events are dropped, counted, and a gap record
+//!   (`{"type":"gap",...}`) is the first line written once it recovers;
+//! - rotates by size: `events.jsonl` → `events.jsonl.1` → … →
+//!   `events.jsonl.<keep>`, the oldest dropped, so the log stays bounded at
+//!   about `(keep + 1) × max`;
+//! - follows external rotation: it is reopened on SIGHUP / `reload`, and
+//!   within a second when the path no longer names the open file (moved or
+//!   deleted: logrotate's `create` mode). With `copytruncate` it keeps
+//!   appending at the new end (O_APPEND).
 
 use std::{
+    collections::VecDeque,
     fs::{self, File, OpenOptions},
-    io::{self, Write as _},
+    io::{self, Read as _, Seek as _, SeekFrom, Write as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
+
+use super::health::{Cause, Counts, Health};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Rotation {
@@ -18,23 +47,351 @@ pub struct Rotation {
     pub keep: u32,
 }
 
-pub struct Sink {
-    stdout: bool,
-    file: Option<(PathBuf, File, u64)>,
-    rotation: Rotation,
+/// Lines queued for a writer before the events task drops them
+/// (`queue_full`).
+pub const QUEUE: usize = 16_384;
+/// What a failing output holds for its retries before it drops
+/// (`disk_full`, `io_error`): 16 MiB, about 35 000 events.
+pub const BACKLOG_BYTES: usize = 16 << 20;
+/// The most written in one `write`.
+const CHUNK: usize = 256 << 10;
+
+/// One event's line (ending in `\n`), its time (for gap records) and its
+/// hand-over number ([`Counts::hand`]).
+struct Line {
+    ts: String,
+    text: String,
+    seq: u64,
 }
 
-fn open_append(p: &Path) -> Result<(File, u64)> {
-    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// The events task's handle on a line output.
+#[derive(Clone)]
+pub struct Lines {
+    tx: SyncSender<Line>,
+    pub counts: Arc<Counts>,
+    reopen: Arc<AtomicBool>,
+    done: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
+}
+
+/// A torn last line cut off at start.
+#[derive(Debug)]
+pub struct Repaired {
+    pub path: PathBuf,
+    /// Bytes cut (the torn line).
+    pub cut: u64,
+}
+
+impl Lines {
+    /// Opens (creating) the events log, cuts off a torn last line, and
+    /// starts its writer.
+    pub fn file(path: &Path, rotation: Rotation) -> Result<(Lines, Option<Repaired>)> {
+        let file =
+            open_append(path).with_context(|| format!("opening events log {}", path.display()))?;
+        let repaired = match repair_tail(&file) {
+            Ok(0) => None,
+            Ok(cut) => {
+                tracing::warn!(
+                    "events log {}: its last line was torn (a crash or power loss while it was written); \
+                     cut off {cut} bytes so every line is whole",
+                    path.display()
+                );
+                Some(Repaired {
+                    path: path.to_path_buf(),
+                    cut,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "events log {}: could not check its last line: {e}",
+                    path.display()
+                );
+                None
+            }
+        };
+        let target = LogFile::new(path.to_path_buf(), file, rotation)?;
+        Ok((Lines::start("events-log", Target::File(target)), repaired))
     }
-    let f = OpenOptions::new()
+
+    /// Events on stdout (the journal, a container's log).
+    pub fn stdout() -> Lines {
+        Lines::start("stdout", Target::Stdout)
+    }
+
+    fn start(name: &'static str, target: Target) -> Lines {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let counts = Counts::new(name);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let w = Writer {
+            rx,
+            target,
+            health: Health::new(counts.clone(), "16 MiB of events"),
+            counts: counts.clone(),
+            reopen: reopen.clone(),
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+        };
+        let done = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || w.run())
+            .map_err(|e| tracing::warn!("{name}: no writer thread: {e}"))
+            .ok();
+        Lines {
+            tx,
+            counts,
+            reopen,
+            done: Arc::new(Mutex::new(done)),
+        }
+    }
+
+    /// Queues one event's line (`text` ends in `\n`); never waits.
+    pub fn send(&self, ts: &str, text: String) {
+        let seq = self.counts.hand();
+        match self.tx.try_send(Line {
+            ts: ts.to_string(),
+            text,
+            seq,
+        }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(l)) | Err(TrySendError::Disconnected(l)) => {
+                self.counts.drop_event(&l.ts, Cause::QueueFull, l.seq);
+            }
+        }
+    }
+
+    /// Reopen the file (SIGHUP, `reload`): after an external rotation.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits (at most `within`) for the writer to write what it holds once
+    /// every handle is dropped; the events it could not write stay counted
+    /// as pending.
+    pub fn finish(self, within: Duration) {
+        let done = self.done.clone();
+        drop(self);
+        let Some(handle) = done.lock().ok().and_then(|mut d| d.take()) else {
+            return;
+        };
+        let deadline = Instant::now() + within;
+        while !handle.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// What the writer holds: events, and gap records in their place.
+enum Held {
+    Line(Line),
+    Gap(String),
+}
+
+struct Writer {
+    rx: Receiver<Line>,
+    target: Target,
+    health: Health,
+    counts: Arc<Counts>,
+    reopen: Arc<AtomicBool>,
+    backlog: VecDeque<Held>,
+    backlog_bytes: usize,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut last_check = Instant::now();
+        loop {
+            let wait = if self.backlog.is_empty() || !self.health.due() {
+                self.health
+                    .retry_at
+                    .map_or(Duration::from_millis(200), |t| {
+                        t.saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(200))
+                    })
+            } else {
+                Duration::ZERO
+            };
+            let disconnected = match self.rx.recv_timeout(wait) {
+                Ok(l) => {
+                    self.accept(l);
+                    false
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            };
+            let mut drained = false;
+            for _ in 0..4096 {
+                match self.rx.try_recv() {
+                    Ok(l) => self.accept(l),
+                    Err(_) => {
+                        drained = true;
+                        break;
+                    }
+                }
+            }
+            // Drops after the last event queued (its queue was full, say)
+            // get their gap record once the writer is writing again.
+            if drained && self.health.cause().is_none() && self.counts.has_gap() {
+                self.push_gap();
+            }
+            if self.reopen.swap(false, Ordering::Relaxed) {
+                self.target.reopen("reopened on request (SIGHUP or reload)");
+            }
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                last_check = Instant::now();
+                self.target.follow();
+            }
+            if !self.backlog.is_empty() && self.health.due() {
+                self.write();
+            }
+            self.health.tick();
+            if disconnected {
+                if !self.backlog.is_empty() {
+                    self.write();
+                }
+                return;
+            }
+        }
+    }
+
+    fn push_gap(&mut self) {
+        if let Some(g) = self.counts.take_gap() {
+            let mut text = g.record(self.counts.name).to_string();
+            text.push('\n');
+            self.backlog.push_back(Held::Gap(text));
+        }
+    }
+
+    /// Holds a line, or drops it (counted) when the backlog is full.
+    fn accept(&mut self, l: Line) {
+        if self.backlog_bytes + l.text.len() > BACKLOG_BYTES {
+            let cause = self.health.cause().unwrap_or(Cause::QueueFull);
+            self.counts.drop_event(&l.ts, cause, l.seq);
+            return;
+        }
+        // The first line after a hole: its gap record goes before it.
+        if self.counts.has_gap_before(l.seq) {
+            self.push_gap();
+        }
+        self.backlog_bytes += l.text.len();
+        self.backlog.push_back(Held::Line(l));
+    }
+
+    /// Writes the backlog, a chunk at a time, until it is empty or a write
+    /// fails.
+    fn write(&mut self) {
+        while !self.backlog.is_empty() {
+            let room = self.target.room().clamp(1, CHUNK);
+            let mut chunk = String::new();
+            let (mut n, mut events) = (0, 0u64);
+            for h in &self.backlog {
+                let text = match h {
+                    Held::Line(l) => &l.text,
+                    Held::Gap(t) => t,
+                };
+                if n > 0 && chunk.len() + text.len() > room {
+                    break;
+                }
+                chunk.push_str(text);
+                n += 1;
+                if let Held::Line(_) = h {
+                    events += 1;
+                }
+            }
+            match self.target.write(chunk.as_bytes()) {
+                Ok(()) => {
+                    for h in self.backlog.drain(..n) {
+                        if let Held::Line(l) = h {
+                            self.backlog_bytes -= l.text.len();
+                        }
+                    }
+                    self.counts.wrote(events);
+                    self.health.ok();
+                }
+                Err(e) => {
+                    let cause = Cause::of_io(&e);
+                    self.health.failed(cause, &e, self.backlog.len());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+enum Target {
+    File(LogFile),
+    Stdout,
+}
+
+impl Target {
+    fn room(&self) -> usize {
+        match self {
+            Target::File(f) => f.room(),
+            Target::Stdout => usize::MAX,
+        }
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        match self {
+            Target::File(f) => f.write(chunk),
+            Target::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(chunk)?;
+                out.flush()
+            }
+        }
+    }
+
+    fn reopen(&mut self, why: &str) {
+        if let Target::File(f) = self {
+            f.reopen(why);
+        }
+    }
+
+    fn follow(&mut self) {
+        if let Target::File(f) = self {
+            f.follow();
+        }
+    }
+}
+
+fn open_append(p: &Path) -> io::Result<File> {
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new()
         .create(true)
         .append(true)
+        .read(true)
         .open(p)
-        .with_context(|| format!("opening events log {}", p.display()))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    Ok((f, len))
+}
+
+/// Cuts the file back to its last `\n` (to nothing when it has none);
+/// returns the bytes cut.
+pub fn repair_tail(f: &File) -> io::Result<u64> {
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut r = f;
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let part = &mut buf[..(end - start) as usize];
+        r.seek(SeekFrom::Start(start))?;
+        r.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                f.set_len(keep)?;
+            }
+            return Ok(len - keep);
+        }
+        end = start;
+    }
+    if len > 0 {
+        f.set_len(0)?;
+    }
+    Ok(len)
 }
 
 fn numbered(p: &Path, n: u32) -> PathBuf {
@@ -43,89 +400,132 @@ fn numbered(p: &Path, n: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-impl Sink {
-    pub fn open(stdout: bool, path: Option<&Path>, rotation: Rotation) -> Result<Sink> {
-        let file = match path {
-            Some(p) => {
-                let (f, len) = open_append(p)?;
-                Some((p.to_path_buf(), f, len))
-            }
-            None => None,
-        };
-        Ok(Sink {
-            stdout,
+/// The events log file: whole lines, size rotation, external rotation.
+struct LogFile {
+    path: PathBuf,
+    file: File,
+    /// (dev, inode) of the open file.
+    id: (u64, u64),
+    rotation: Rotation,
+    /// When rotating or reopening last failed (warned at most every 10 s).
+    warned: Option<Instant>,
+}
+
+impl LogFile {
+    fn new(path: PathBuf, file: File, rotation: Rotation) -> io::Result<LogFile> {
+        let m = file.metadata()?;
+        Ok(LogFile {
+            path,
+            id: (m.dev(), m.ino()),
             file,
             rotation,
+            warned: None,
         })
     }
 
-    /// Writes whole lines; errors are reported, never fatal to enforcement.
-    /// A batch is split at line ends so no file grows past the limit by more
-    /// than one line.
-    pub fn write(&mut self, lines: &str) {
-        if self.stdout {
-            let mut out = io::stdout().lock();
-            let _ = out.write_all(lines.as_bytes());
-            let _ = out.flush();
-        }
-        let mut rest = lines;
-        while !rest.is_empty() {
-            let Some((path, f, len)) = &mut self.file else {
-                return;
-            };
-            let room = if self.rotation.max_bytes == 0 {
-                usize::MAX
-            } else {
-                self.rotation.max_bytes.saturating_sub(*len) as usize
-            };
-            // Take whole lines that fit (at least one, so progress is certain).
-            let mut cut = 0;
-            for (i, b) in rest.bytes().enumerate() {
-                if b == b'\n' {
-                    if i + 1 > room && cut > 0 {
-                        break;
-                    }
-                    cut = i + 1;
-                    if cut >= room {
-                        break;
-                    }
-                }
-            }
-            if cut == 0 {
-                cut = rest.len();
-            }
-            let (chunk, tail) = rest.split_at(cut);
-            rest = tail;
-            if let Err(e) = f.write_all(chunk.as_bytes()) {
-                tracing::warn!("writing the events log {} failed: {e}", path.display());
-                return;
-            }
-            *len += chunk.len() as u64;
-            if self.rotation.max_bytes > 0 && *len >= self.rotation.max_bytes {
-                let path = path.clone();
-                if let Err(e) = self.rotate(&path) {
-                    tracing::warn!("rotating the events log failed: {e:#}");
-                    return;
-                }
-            }
+    fn len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
+    /// Bytes before the next rotation.
+    fn room(&self) -> usize {
+        match self.rotation.max_bytes {
+            0 => usize::MAX,
+            max => max.saturating_sub(self.len()) as usize,
         }
     }
 
-    fn rotate(&mut self, path: &Path) -> Result<()> {
-        let keep = self.rotation.keep;
-        if keep == 0 {
-            fs::remove_file(path).ok();
-        } else {
-            let _ = fs::remove_file(numbered(path, keep));
-            for n in (1..keep).rev() {
-                let _ = fs::rename(numbered(path, n), numbered(path, n + 1));
-            }
-            fs::rename(path, numbered(path, 1))
-                .with_context(|| format!("renaming {}", path.display()))?;
+    /// Appends `chunk` (whole lines) in one `write`, or not at all: on an
+    /// error the file is cut back to where it was.
+    fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        let before = self.file.metadata()?.len();
+        if let Err(e) = self.file.write_all(chunk) {
+            self.undo(before);
+            return Err(e);
         }
-        let (f, len) = open_append(path)?;
-        self.file = Some((path.to_path_buf(), f, len));
+        if self.rotation.max_bytes > 0 && self.len() >= self.rotation.max_bytes {
+            self.rotate();
+        }
         Ok(())
+    }
+
+    /// Removes what a failed write left behind.
+    fn undo(&mut self, before: u64) {
+        let now = self.len();
+        let res = if now > before {
+            self.file.set_len(before)
+        } else if now < before {
+            // Truncated meanwhile (copytruncate): keep whole lines.
+            repair_tail(&self.file).map(|_| ())
+        } else {
+            Ok(())
+        };
+        if let Err(e) = res {
+            tracing::warn!(
+                "events log {}: cutting back a failed write: {e}",
+                self.path.display()
+            );
+        }
+    }
+
+    fn rotate(&mut self) {
+        let keep = self.rotation.keep;
+        let path = self.path.clone();
+        let renamed = if keep == 0 {
+            fs::remove_file(&path)
+        } else {
+            let _ = fs::remove_file(numbered(&path, keep));
+            for n in (1..keep).rev() {
+                let _ = fs::rename(numbered(&path, n), numbered(&path, n + 1));
+            }
+            fs::rename(&path, numbered(&path, 1))
+        };
+        let reopened = renamed.and_then(|()| self.open_new());
+        if let Err(e) = reopened
+            && self.warn_now()
+        {
+            tracing::warn!(
+                "rotating the events log {} failed: {e}; writing on",
+                path.display()
+            );
+        }
+    }
+
+    fn warn_now(&mut self) -> bool {
+        let now = self
+            .warned
+            .is_none_or(|t| t.elapsed() >= super::health::SUMMARY_EVERY);
+        if now {
+            self.warned = Some(Instant::now());
+        }
+        now
+    }
+
+    fn open_new(&mut self) -> io::Result<()> {
+        let file = open_append(&self.path)?;
+        let m = file.metadata()?;
+        self.id = (m.dev(), m.ino());
+        self.file = file;
+        Ok(())
+    }
+
+    fn reopen(&mut self, why: &str) {
+        match self.open_new() {
+            Ok(()) => tracing::info!("events log {}: {why}", self.path.display()),
+            Err(e) if self.warn_now() => tracing::warn!(
+                "events log {}: reopening failed ({e}); writing on to the file open before",
+                self.path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// The path no longer names the open file (moved or deleted): reopen.
+    fn follow(&mut self) {
+        let same = fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if !same {
+            self.reopen("moved or deleted; reopened at its path");
+        }
     }
 }
 
@@ -133,13 +533,19 @@ impl Sink {
 mod tests {
     use super::*;
 
+    fn wait_written(l: &Lines, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while l.counts.written.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn rotation_keeps_the_log_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("events.jsonl");
-        let mut s = Sink::open(
-            false,
-            Some(&p),
+        let (s, _) = Lines::file(
+            &p,
             Rotation {
                 max_bytes: 1000,
                 keep: 2,
@@ -147,9 +553,11 @@ mod tests {
         )
         .unwrap();
         let line = format!("{}\n", "x".repeat(99));
-        for _ in 0..10 {
-            s.write(&line.repeat(10));
+        for _ in 0..100 {
+            s.send("t", line.clone());
         }
+        wait_written(&s, 100);
+        s.finish(Duration::from_secs(5));
         let total: u64 = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
@@ -157,5 +565,57 @@ mod tests {
         assert!(total <= 3000, "{total}");
         assert!(numbered(&p, 2).exists());
         assert!(!numbered(&p, 3).exists());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        fs::write(&p, "{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
+        let (s, repaired) = Lines::file(
+            &p,
+            Rotation {
+                max_bytes: 0,
+                keep: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(repaired.unwrap().cut, 5);
+        s.send("t", "{\"a\":3}\n".into());
+        wait_written(&s, 1);
+        s.finish(Duration::from_secs(5));
+        assert_eq!(
+            fs::read_to_string(&p).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n"
+        );
+        fs::write(&p, "no newline at all").unwrap();
+        assert_eq!(
+            repair_tail(&File::options().write(true).read(true).open(&p).unwrap()).unwrap(),
+            17
+        );
+        assert_eq!(fs::read(&p).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_moved_log_is_reopened_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let (s, _) = Lines::file(
+            &p,
+            Rotation {
+                max_bytes: 0,
+                keep: 0,
+            },
+        )
+        .unwrap();
+        s.send("t", "1\n".into());
+        wait_written(&s, 1);
+        fs::rename(&p, dir.path().join("old")).unwrap();
+        thread::sleep(Duration::from_millis(1300));
+        s.send("t", "2\n".into());
+        wait_written(&s, 2);
+        s.finish(Duration::from_secs(5));
+        assert_eq!(fs::read_to_string(&p).unwrap(), "2\n");
+        assert_eq!(fs::read_to_string(dir.path().join("old")).unwrap(), "1\n");
     }
 }

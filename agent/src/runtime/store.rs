@@ -3,9 +3,13 @@
 //! ask ("what did contractor workloads try to reach in production last
 //! week?"). The agent writes in batches committed at least twice a second,
 //! so a `kill -9` loses at most the last half second and never corrupts
-//! the file; retention deletes old rows.
+//! the file; retention deletes old rows. While the database is locked by
+//! another writer or the disk is full, the writer holds up to [`BACKLOG`]
+//! event rows and retries with backoff; beyond that it drops them, counted
+//! by cause, and writes a `gap` row in `changes` once it writes again.
 
 use std::{
+    collections::VecDeque,
     net::IpAddr,
     path::Path,
     sync::{
@@ -21,7 +25,10 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use rusqlite::{Connection, OpenFlags, params, params_from_iter};
 
-use super::events::Record;
+use super::{
+    events::Record,
+    health::{Cause, Counts, Health},
+};
 use crate::clock;
 
 const SCHEMA: &str = "
@@ -73,20 +80,31 @@ pub struct Change {
 }
 
 enum Item {
-    Event(Box<Record>),
+    /// An event and its hand-over number ([`Counts::hand`]).
+    Event(Box<Record>, u64),
     Change(Change),
+    /// A gap record, in the place of the events it stands for.
+    Gap(String),
 }
 
 /// The agent's handle: sends to the writer thread without ever blocking.
 #[derive(Clone)]
 pub struct Store {
     tx: SyncSender<Item>,
-    /// Rows the writer could not keep up with (counted, never silent).
-    pub dropped: Arc<AtomicU64>,
-    pub written: Arc<AtomicU64>,
+    /// Event rows written, pending and dropped (by cause).
+    pub counts: Arc<Counts>,
+    /// Change rows that found the queue full (warned about, rate-limited).
+    changes_dropped: Arc<AtomicU64>,
 }
 
-const QUEUE: usize = 200_000;
+/// Rows queued for the writer before the events task drops them
+/// (`queue_full`).
+const QUEUE: usize = 16_384;
+/// Event rows a failing store holds for its retries (tens of seconds of a
+/// storm) before it drops them (`locked`, `disk_full`, `io_error`).
+pub const BACKLOG: usize = 65_536;
+/// Rows per transaction.
+const BATCH: usize = 5000;
 
 fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -94,9 +112,13 @@ fn open(path: &Path) -> Result<Connection> {
     }
     let c = Connection::open(path)
         .with_context(|| format!("opening audit store {}", path.display()))?;
+    // WAL: readers (`bulkhead audit query`, an analyst's sqlite3) never
+    // block the writer; a writer's lock does, and is retried with backoff.
     c.pragma_update(None, "journal_mode", "WAL")?;
     // WAL + NORMAL: a committed batch survives a process crash.
     c.pragma_update(None, "synchronous", "NORMAL")?;
+    // Short: the writer's own retries, with the backlog held, do the waiting.
+    c.busy_timeout(Duration::from_millis(250))?;
     c.execute_batch(SCHEMA)
         .context("creating the audit store schema")?;
     Ok(c)
@@ -123,73 +145,193 @@ impl Store {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let store = Store {
             tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-            written: Arc::new(AtomicU64::new(0)),
+            counts: Counts::new("audit-store"),
+            changes_dropped: Arc::new(AtomicU64::new(0)),
         };
-        let written = store.written.clone();
+        let w = Writer {
+            health: Health::new(store.counts.clone(), "65536 event rows"),
+            counts: store.counts.clone(),
+            backlog: VecDeque::new(),
+            events: 0,
+            retention,
+        };
         thread::Builder::new()
             .name("audit-store".into())
-            .spawn(move || writer(conn, rx, retention, written))?;
+            .spawn(move || w.run(conn, rx))?;
         Ok(store)
     }
 
     pub fn event(&self, r: Record) {
-        self.send(Item::Event(Box::new(r)));
+        let seq = self.counts.hand();
+        if let Err(
+            TrySendError::Full(Item::Event(r, seq))
+            | TrySendError::Disconnected(Item::Event(r, seq)),
+        ) = self.tx.try_send(Item::Event(Box::new(r), seq))
+        {
+            self.counts.drop_event(&r.ts, Cause::QueueFull, seq);
+        }
     }
 
     pub fn change(&self, c: Change) {
-        self.send(Item::Change(c));
-    }
-
-    fn send(&self, item: Item) {
-        match self.tx.try_send(item) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Err(
+            TrySendError::Full(Item::Change(c)) | TrySendError::Disconnected(Item::Change(c)),
+        ) = self.tx.try_send(Item::Change(c))
+        {
+            let n = self.changes_dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                tracing::warn!(
+                    "audit store: its queue is full; the change row `{}` ({}) was not recorded \
+                     ({} change rows so far)",
+                    c.kind,
+                    c.detail,
+                    n + 1
+                );
             }
         }
     }
 }
 
-fn writer(mut conn: Connection, rx: Receiver<Item>, retention: Duration, written: Arc<AtomicU64>) {
-    let mut last_prune = Instant::now() - Duration::from_secs(3600);
-    loop {
-        let first = match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(i) => Some(i),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let mut batch: Vec<Item> = first.into_iter().collect();
-        let deadline = Instant::now() + Duration::from_millis(250);
-        while batch.len() < 5000 && Instant::now() < deadline {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(i) => batch.push(i),
-                Err(_) => break,
+/// The writer thread: batches rows into transactions; while the database
+/// is locked or the disk full it holds up to [`BACKLOG`] event rows (and
+/// every change row) and retries, backing off to 2 s; events beyond that
+/// are dropped, counted, and a `gap` row in `changes` takes their place.
+struct Writer {
+    health: Health,
+    counts: Arc<Counts>,
+    backlog: VecDeque<Item>,
+    /// Event rows in the backlog.
+    events: usize,
+    retention: Duration,
+}
+
+/// The cause of an SQLite error: a lock, a full disk, or anything else.
+fn cause(e: &anyhow::Error) -> Cause {
+    use rusqlite::ErrorCode as C;
+    match e.downcast_ref::<rusqlite::Error>() {
+        Some(rusqlite::Error::SqliteFailure(f, _)) => match f.code {
+            C::DatabaseBusy | C::DatabaseLocked => Cause::Locked,
+            C::DiskFull => Cause::DiskFull,
+            _ => Cause::IoError,
+        },
+        _ => Cause::IoError,
+    }
+}
+
+impl Writer {
+    fn accept(&mut self, item: Item) {
+        if let Item::Event(r, seq) = &item {
+            if self.events >= BACKLOG {
+                let cause = self.health.cause().unwrap_or(Cause::QueueFull);
+                self.counts.drop_event(&r.ts, cause, *seq);
+                return;
             }
+            // The first row after a hole: its gap row goes before it.
+            if self.counts.has_gap_before(*seq) {
+                self.push_gap();
+            }
+            self.events += 1;
         }
-        if !batch.is_empty() {
-            match insert(&mut conn, &batch) {
-                Ok(()) => {
-                    written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.backlog.push_back(item);
+    }
+
+    fn push_gap(&mut self) {
+        if let Some(g) = self.counts.take_gap() {
+            self.backlog
+                .push_back(Item::Gap(g.record(self.counts.name).to_string()));
+        }
+    }
+
+    fn run(mut self, mut conn: Connection, rx: Receiver<Item>) {
+        let mut last_prune = Instant::now() - Duration::from_secs(3600);
+        loop {
+            let wait = match self.health.retry_at {
+                Some(t) => t.saturating_duration_since(Instant::now()),
+                None if self.backlog.is_empty() => Duration::from_secs(1),
+                None => Duration::ZERO,
+            };
+            let disconnected = match rx.recv_timeout(wait) {
+                Ok(i) => {
+                    self.accept(i);
+                    false
                 }
-                Err(e) => tracing::warn!("audit store write failed ({} rows): {e:#}", batch.len()),
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            };
+            // Gather a batch: what is queued, for up to 250 ms.
+            let deadline = Instant::now() + Duration::from_millis(250);
+            let (mut got, mut drained) = (0, disconnected);
+            while got < BATCH && !disconnected {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let next = if self.health.cause().is_some() || left.is_zero() {
+                    rx.try_recv().map_err(|_| ())
+                } else {
+                    rx.recv_timeout(left).map_err(|_| ())
+                };
+                match next {
+                    Ok(i) => {
+                        self.accept(i);
+                        got += 1;
+                    }
+                    Err(()) => {
+                        drained = true;
+                        break;
+                    }
+                }
             }
-        }
-        if last_prune.elapsed() > Duration::from_secs(60) {
-            last_prune = Instant::now();
-            let cutoff = clock::now_ns() - retention.as_nanos() as i64;
-            for table in ["events", "changes"] {
-                if let Err(e) =
-                    conn.execute(&format!("DELETE FROM {table} WHERE ts_ns < ?1"), [cutoff])
-                {
-                    tracing::warn!("audit store retention failed: {e}");
+            // Drops after the last row queued get their gap row once the
+            // store writes again.
+            if drained && self.health.cause().is_none() && self.counts.has_gap() {
+                self.push_gap();
+            }
+            while !self.backlog.is_empty() && self.health.due() {
+                let n = self.backlog.len().min(BATCH);
+                match insert(&mut conn, self.backlog.range(..n)) {
+                    Ok(()) => {
+                        let events = self
+                            .backlog
+                            .drain(..n)
+                            .filter(|i| matches!(i, Item::Event(..)))
+                            .count();
+                        self.events -= events;
+                        self.counts.wrote(events as u64);
+                        self.health.ok();
+                    }
+                    Err(e) => {
+                        self.health
+                            .failed(cause(&e), &format!("{e:#}"), self.events);
+                        break;
+                    }
+                }
+                // Keep taking rows while a long backlog is written.
+                if self.backlog.len() > BATCH {
+                    while let Ok(i) = rx.try_recv() {
+                        self.accept(i);
+                        if self.events >= BACKLOG {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.health.tick();
+            if disconnected {
+                return;
+            }
+            if self.health.cause().is_none() && last_prune.elapsed() > Duration::from_secs(60) {
+                last_prune = Instant::now();
+                let cutoff = clock::now_ns() - self.retention.as_nanos() as i64;
+                for table in ["events", "changes"] {
+                    if let Err(e) =
+                        conn.execute(&format!("DELETE FROM {table} WHERE ts_ns < ?1"), [cutoff])
+                    {
+                        tracing::warn!("audit store retention failed: {e}");
+                    }
                 }
             }
         }
     }
 }
 
-fn insert(conn: &mut Connection, batch: &[Item]) -> Result<()> {
+fn insert<'a>(conn: &mut Connection, batch: impl Iterator<Item = &'a Item>) -> Result<()> {
     let tx = conn.transaction()?;
     {
         let mut ev = tx.prepare(
@@ -199,7 +341,7 @@ fn insert(conn: &mut Connection, batch: &[Item]) -> Result<()> {
         let mut ch = tx.prepare("INSERT INTO changes (ts_ns, ts, kind, policy, sha256, generation, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
         for item in batch {
             match item {
-                Item::Event(r) => {
+                Item::Event(r, _) => {
                     ev.execute(params![
                         ts_ns(r),
                         r.ts,
@@ -224,6 +366,19 @@ fn insert(conn: &mut Connection, batch: &[Item]) -> Result<()> {
                         r.generation as i64,
                         r.seq as i64,
                         r.cpu,
+                    ])?;
+                }
+                Item::Gap(detail) => {
+                    let now = clock::now_ns();
+                    let ts = crate::runtime::events::format_ts(now as u64, 0);
+                    ch.execute(params![
+                        now,
+                        ts,
+                        "gap",
+                        None::<String>,
+                        None::<String>,
+                        None::<i64>,
+                        detail
                     ])?;
                 }
                 Item::Change(c) => {
@@ -442,7 +597,7 @@ mod tests {
             detail: String::new(),
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        while store.written.load(Ordering::Relaxed) < 5 && Instant::now() < deadline {
+        while store.counts.written.load(Ordering::Relaxed) < 4 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
         }
         let t = |s: &str| {

@@ -1,0 +1,589 @@
+//! Nothing lost silently (issue 24): each output of the audit trail (the
+//! events log, the audit store) writes every event it is handed or counts
+//! it as dropped, with a gap record in its own place; a full disk, a locked
+//! database, an external log rotation or a `kill -9` leaves no torn line
+//! and loses nothing it could have kept.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{Agent, AgentLog, Tmpfs, Value, bulkhead_bin, privileged, world::world};
+
+/// `status --json`, which must answer within 10 s (a stalled agent loop
+/// fails the test instead of hanging it).
+fn status(agent: &Agent) -> Value {
+    let mut child = Command::new(bulkhead_bin())
+        .args(["status", "--json", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent did not answer `status` within 10 s: its loop is stalled");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn output<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["outputs"]
+        .as_array()
+        .expect("status has outputs")
+        .iter()
+        .find(|o| o["name"] == name)
+        .unwrap_or_else(|| panic!("no output {name} in {}", st["outputs"]))
+}
+
+fn dropped(o: &Value) -> u64 {
+    o["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}
+
+/// Waits (bounded) until delivery has stopped and no output holds
+/// anything; the status then.
+fn settle(agent: &Agent, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    let mut last = status(agent);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = status(agent);
+        let idle = now["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["pending"] == 0);
+        if (idle && now["events"]["delivered"] == last["events"]["delivered"])
+            || Instant::now() > deadline
+        {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Every line of a JSON-lines file, which must end in a whole line:
+/// (events, gap records).
+fn strict_lines(path: &Path) -> (Vec<Value>, Vec<Value>) {
+    let bytes = fs::read(path).unwrap_or_default();
+    assert!(
+        bytes.is_empty() || bytes.ends_with(b"\n"),
+        "{} ends in a torn line: {:?}",
+        path.display(),
+        String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(200)..])
+    );
+    let (mut events, mut gaps) = (Vec::new(), Vec::new());
+    for (n, line) in String::from_utf8(bytes).unwrap().lines().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "{}:{}: unparsable line ({e}): {:?}",
+                path.display(),
+                n + 1,
+                &line[..line.len().min(300)]
+            )
+        });
+        if v["type"] == "gap" {
+            gaps.push(v);
+        } else {
+            events.push(v);
+        }
+    }
+    (events, gaps)
+}
+
+/// An RFC 3339 UTC time (`...:SS[.fraction]Z`) in an order that compares
+/// right whatever the number of fraction digits.
+fn ts_key(ts: &str) -> (String, u64) {
+    let ts = ts.trim_end_matches('Z');
+    let (secs, frac) = ts.split_once('.').unwrap_or((ts, ""));
+    let nanos = format!("{frac:0<9}")[..9].parse().unwrap();
+    (secs.to_string(), nanos)
+}
+
+fn warnings(log: &AgentLog) -> Vec<String> {
+    log.lines()
+        .into_iter()
+        .filter(|l| l.contains("WARN"))
+        .collect()
+}
+
+/// `probe storm` in the background: `n` denied connects, `pause_us` apart.
+fn storm_bg(w: &tests::world::World, n: u32, pause_us: u32) -> std::process::Child {
+    tests::command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        tests::probe_bin().to_str().unwrap(),
+        &[
+            "storm",
+            &format!("{}:5353", w.link.v4(2)),
+            &n.to_string(),
+            &pause_us.to_string(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+fn storm_done(c: std::process::Child, n: u32) {
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("eperm {n} other 0"),
+        "enforcement is unaffected: every connect of the storm is denied at once"
+    );
+}
+
+fn audit_rows(db: &Path, args: &[&str]) -> String {
+    let out = Command::new(bulkhead_bin())
+        .args(["audit"])
+        .args(args)
+        .args(["--db", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The events log and the audit store on one small disk that fills up
+/// during a deny storm larger than either's backlog: enforcement goes on;
+/// once space returns, each output has written or counted every event it
+/// was handed, wrote exactly one gap record for its outage, and the log
+/// holds whole lines only; the agent warned a handful of times, not once
+/// per event.
+#[test]
+fn a_full_disk_loses_nothing_silently() {
+    if !privileged("full_disk") {
+        return;
+    }
+    // More than both backlogs (16 MiB of log lines, 65 536 rows): some
+    // events must be dropped; the disk holds what the backlogs kept once
+    // the filler is gone.
+    const STORM: u32 = 100_000;
+    let disk = Tmpfs::new("160m");
+    let w = world();
+    let log_path = disk.path().join("events.jsonl");
+    let db = disk.path().join("audit.db");
+    let (agent, log) = Agent::start_capturing_at(
+        &w.root,
+        &w.policy("", ""),
+        &log_path,
+        &[
+            "--event-rate",
+            "0",
+            "--ring-buffer-bytes",
+            "33554432",
+            "--audit-db",
+            db.to_str().unwrap(),
+        ],
+    );
+    // Full, but for 64 KiB: the first failing write is a short one.
+    fs::write(disk.path().join("room"), vec![0u8; 64 << 10]).unwrap();
+    disk.fill("filler");
+    fs::remove_file(disk.path().join("room")).unwrap();
+    let warned_before = warnings(&log).len();
+
+    let started = Instant::now();
+    storm_done(storm_bg(&w, STORM, 0), STORM);
+    eprintln!("storm of {STORM} in {:?}", started.elapsed());
+    // Delivery settles while the disk is still full.
+    let mut during = status(&agent);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = status(&agent);
+        if now["events"]["delivered"] == during["events"]["delivered"] {
+            break;
+        }
+        during = now;
+    }
+    eprintln!("disk full: {}", during["outputs"]);
+    let delivered = during["events"]["delivered"].as_u64().unwrap();
+    for name in ["events-log", "audit-store"] {
+        let o = output(&during, name);
+        assert!(
+            o["dropped"]["disk_full"].as_u64().unwrap() > 0,
+            "{name} dropped past its backlog: {o}"
+        );
+        assert!(
+            o["pending"].as_u64().unwrap() > 0,
+            "{name} holds a backlog: {o}"
+        );
+        assert_eq!(
+            o["written"].as_u64().unwrap() + o["pending"].as_u64().unwrap() + dropped(o),
+            delivered,
+            "{name}: written + pending + dropped = delivered, also while failing: {o}"
+        );
+    }
+
+    // Space returns.
+    fs::remove_file(disk.path().join("filler")).unwrap();
+    let st = settle(&agent, Duration::from_secs(60));
+    println!("{}", serde_json::to_string_pretty(&st["events"]).unwrap());
+    println!("{}", serde_json::to_string_pretty(&st["outputs"]).unwrap());
+    let delivered = st["events"]["delivered"].as_u64().unwrap();
+    assert!(delivered > 0);
+    for name in ["events-log", "audit-store"] {
+        let o = output(&st, name);
+        assert_eq!(o["pending"], 0, "{name}: {o}");
+        assert_eq!(
+            o["written"].as_u64().unwrap() + dropped(o),
+            delivered,
+            "{name}: every delivered event is written or counted as dropped: {o}"
+        );
+    }
+
+    let (events, gaps) = strict_lines(&log_path);
+    let lo = output(&st, "events-log");
+    assert_eq!(events.len() as u64, lo["written"].as_u64().unwrap());
+    assert_eq!(gaps.len(), 1, "one gap record for one outage: {gaps:?}");
+    assert_eq!(gaps[0]["count"].as_u64(), Some(dropped(lo)), "{}", gaps[0]);
+    assert_eq!(gaps[0]["cause"], "disk_full");
+    let (first, last) = (
+        gaps[0]["first_ts"].as_str().unwrap(),
+        gaps[0]["last_ts"].as_str().unwrap(),
+    );
+    let (first, last) = (ts_key(first), ts_key(last));
+    assert!(first <= last, "{}", gaps[0]);
+    // The hole is where the gap record stands: events before it are older
+    // than its first event, events after it newer than its last.
+    let at = fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("\"type\":\"gap\""))
+        .unwrap();
+    assert!(
+        events[..at]
+            .iter()
+            .all(|e| ts_key(tests::field(e, "ts")) < first)
+    );
+    assert!(
+        events[at..]
+            .iter()
+            .all(|e| ts_key(tests::field(e, "ts")) > last)
+    );
+
+    let so = output(&st, "audit-store");
+    let rows = audit_rows(&db, &["query", "--format", "json", "--limit", "1000000"]);
+    assert_eq!(
+        rows.lines().count() as u64,
+        so["written"].as_u64().unwrap(),
+        "the store holds what it says it wrote"
+    );
+    let changes = audit_rows(&db, &["changes"]);
+    let gap_rows: Vec<&str> = changes
+        .lines()
+        .filter(|l| l.contains("\"type\":\"gap\""))
+        .collect();
+    assert_eq!(gap_rows.len(), 1, "one gap row for one outage:\n{changes}");
+    assert!(
+        gap_rows[0].contains(&format!("\"count\":{}", dropped(so))),
+        "{}",
+        gap_rows[0]
+    );
+
+    let warned = warnings(&log)[warned_before..].to_vec();
+    eprintln!("{} warnings:\n{}", warned.len(), warned.join("\n"));
+    assert!(
+        (2..=8).contains(&warned.len()),
+        "a handful of warnings, not one per event: {warned:#?}"
+    );
+}
+
+/// logrotate's `create` mode (the log renamed away; the agent reopens it
+/// within a second by itself, and on SIGHUP) and `copytruncate` (the
+/// agent appends at the new end): every event is in one of the files,
+/// every line whole.
+#[test]
+fn external_rotation_loses_nothing() {
+    if !privileged("external_rotation") {
+        return;
+    }
+    let w = world();
+    let (agent, _log) = Agent::start_capturing(
+        &w.root,
+        &w.policy("", ""),
+        &["--event-rate", "0", "--no-audit-db"],
+    );
+    let log_path = agent.events.clone();
+    let rotated = |n: u32| log_path.with_extension(format!("jsonl.{n}"));
+    let storm = storm_bg(&w, 6000, 800);
+    thread::sleep(Duration::from_millis(1000));
+    // create mode, no signal: noticed within a second.
+    fs::rename(&log_path, rotated(1)).unwrap();
+    thread::sleep(Duration::from_millis(2000));
+    assert!(
+        log_path.exists(),
+        "the agent reopened its moved log at its path within a second"
+    );
+    // create mode with its postrotate `kill -HUP`.
+    fs::rename(&log_path, rotated(2)).unwrap();
+    fs::File::create(&log_path).unwrap();
+    agent.signal(libc::SIGHUP);
+    storm_done(storm, 6000);
+    settle(&agent, Duration::from_secs(20));
+    // copytruncate: copy, then truncate in place (between bursts: what
+    // comes between logrotate's copy and its truncate is lost by design).
+    fs::copy(&log_path, rotated(3)).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&log_path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    storm_done(storm_bg(&w, 500, 1000), 500);
+    let st = settle(&agent, Duration::from_secs(20));
+
+    let delivered = st["events"]["delivered"].as_u64().unwrap();
+    let lo = output(&st, "events-log");
+    assert_eq!(lo["written"].as_u64(), Some(delivered), "{lo}");
+    let mut total = 0;
+    for p in [rotated(1), rotated(2), rotated(3), log_path.clone()] {
+        let (events, gaps) = strict_lines(&p);
+        eprintln!("{}: {} events", p.display(), events.len());
+        assert!(gaps.is_empty(), "{gaps:?}");
+        assert!(!events.is_empty(), "{} got events", p.display());
+        total += events.len() as u64;
+    }
+    let last = fs::read(&log_path).unwrap();
+    assert_eq!(
+        last.first(),
+        Some(&b'{'),
+        "after copytruncate the agent appends at the new end (no hole of NULs)"
+    );
+    assert_eq!(total, delivered, "every delivered event is in one file");
+}
+
+/// An analyst holds the store locked (`BEGIN EXCLUSIVE`, as in sqlite3) for
+/// 30 s while events stream in: the store holds them and writes every one
+/// once the lock is released.
+#[test]
+fn a_locked_store_loses_nothing() {
+    if !privileged("locked_store") {
+        return;
+    }
+    let w = world();
+    let dbdir = tempfile::tempdir().unwrap();
+    let db = dbdir.path().join("audit.db");
+    let (agent, log) = Agent::start_capturing(
+        &w.root,
+        &w.policy("", ""),
+        &["--event-rate", "0", "--audit-db", db.to_str().unwrap()],
+    );
+    // What `sqlite3 audit.db` with `BEGIN EXCLUSIVE;` does.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let analyst = thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        c.execute_batch("COMMIT;").unwrap();
+    });
+    locked_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the analyst's lock");
+    let locked = Instant::now();
+    // ~100 events a second for the whole lock.
+    let storm = storm_bg(&w, 2500, 10_000);
+    thread::sleep(Duration::from_secs(15));
+    let mid = status(&agent);
+    let so = output(&mid, "audit-store");
+    eprintln!("locked for 15 s: {so}");
+    assert!(so["pending"].as_u64().unwrap() > 0, "{so}");
+    assert_eq!(dropped(so), 0, "{so}");
+    thread::sleep(Duration::from_secs(30).saturating_sub(locked.elapsed()));
+    release_tx.send(()).unwrap();
+    analyst.join().unwrap();
+    storm_done(storm, 2500);
+    let st = settle(&agent, Duration::from_secs(30));
+    let delivered = st["events"]["delivered"].as_u64().unwrap();
+    let so = output(&st, "audit-store");
+    eprintln!("after the lock: {so}");
+    assert_eq!(delivered, 2500);
+    assert_eq!(so["written"].as_u64(), Some(delivered), "{so}");
+    assert_eq!(dropped(so), 0, "{so}");
+    let db = dbdir.path().join("audit.db");
+    let rows = audit_rows(&db, &["query", "--format", "json", "--limit", "100000"]);
+    assert_eq!(rows.lines().count(), 2500);
+    let warned = warnings(&log);
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("audit-store") && l.contains("locked"))
+            && warned
+                .iter()
+                .any(|l| l.contains("audit-store: writing again")),
+        "the lock and its end are each one warning: {warned:#?}"
+    );
+    assert!(warned.len() <= 6, "{warned:#?}");
+}
+
+/// `kill -9` in the middle of a storm, and a torn last line such as a
+/// power loss leaves: after the restart every line is whole, and the
+/// repair is in the agent's log and in the audit trail.
+#[test]
+fn a_torn_line_is_repaired_at_start() {
+    if !privileged("torn_line") {
+        return;
+    }
+    let w = world();
+    let (mut agent, log) = Agent::start_capturing(
+        &w.root,
+        &w.policy("", ""),
+        &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
+    );
+    let storm = storm_bg(&w, 20_000, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&agent.events).map_or(0, |m| m.len()) < 100_000 && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(5));
+    }
+    agent.kill9();
+    let _ = storm.wait_with_output();
+    strict_lines(&agent.events);
+    // What a power loss in the middle of a write leaves.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(&agent.events)
+        .unwrap();
+    f.write_all(b"{\"ts\":\"2026-12-05T00:").unwrap();
+    drop(f);
+    let from = log.len();
+    agent.spawn_capturing(
+        &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
+        &log,
+    );
+    storm_done(storm_bg(&w, 100, 0), 100);
+    settle(&agent, Duration::from_secs(20));
+    let (events, _) = strict_lines(&agent.events);
+    assert!(events.len() >= 100);
+    let repaired = log.lines()[from..]
+        .iter()
+        .any(|l| l.contains("torn") && l.contains("cut off 21 bytes"));
+    assert!(
+        repaired,
+        "the repair is logged: {:#?}",
+        &log.lines()[from..]
+    );
+    let db = agent.state_dir().join("audit.db");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let changes = audit_rows(&db, &["changes"]);
+        if changes.contains("events-log-repaired") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the repair is in the audit trail:\n{changes}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A stdout nobody reads (a stuck journal, a paused container runtime)
+/// fills its pipe and its queue: it drops what does not fit, counted, while
+/// the events log gets every event at once and enforcement goes on; once
+/// read again, its stream has a gap record and every line whole.
+#[test]
+fn a_stuck_stdout_stalls_nothing_else() {
+    if !privileged("stuck_stdout") {
+        return;
+    }
+    const STORM: u32 = 30_000;
+    let w = world();
+    let (mut agent, _log) = Agent::start_capturing_with_stdout(
+        &w.root,
+        &w.policy("", ""),
+        &[
+            "--event-rate",
+            "0",
+            "--ring-buffer-bytes",
+            "16777216",
+            "--no-audit-db",
+        ],
+    );
+    let stdout = agent.take_stdout().unwrap();
+    storm_done(storm_bg(&w, STORM, 0), STORM);
+    // The log has every event, stdout still unread.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stuck = loop {
+        let st = status(&agent);
+        let lo = output(&st, "events-log");
+        if lo["written"].as_u64() == Some(u64::from(STORM)) || Instant::now() > deadline {
+            break st;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let delivered = stuck["events"]["delivered"].as_u64().unwrap();
+    assert_eq!(delivered, u64::from(STORM), "{}", stuck["events"]);
+    let lo = output(&stuck, "events-log");
+    assert_eq!(lo["written"].as_u64(), Some(delivered), "{lo}");
+    let so = output(&stuck, "stdout");
+    eprintln!("stdout unread: {so}");
+    assert!(so["dropped"]["queue_full"].as_u64().unwrap() > 0, "{so}");
+    assert_eq!(
+        so["written"].as_u64().unwrap() + so["pending"].as_u64().unwrap() + dropped(so),
+        delivered,
+        "{so}"
+    );
+    // Read again: what it held comes out, then its gap record.
+    let reader = thread::spawn(move || {
+        let mut lines = Vec::new();
+        for l in BufReader::new(stdout).lines() {
+            lines.push(l.unwrap());
+        }
+        lines
+    });
+    let st = settle(&agent, Duration::from_secs(30));
+    let so = output(&st, "stdout");
+    assert_eq!(so["pending"], 0, "{so}");
+    assert_eq!(
+        so["written"].as_u64().unwrap() + dropped(so),
+        delivered,
+        "{so}"
+    );
+    agent.kill9();
+    let lines = reader.join().unwrap();
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let gaps: Vec<&Value> = parsed.iter().filter(|v| v["type"] == "gap").collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0]["output"], "stdout");
+    // Everything it dropped came after what it held: the gap record is
+    // where the hole is, last.
+    assert_eq!(parsed.last().unwrap()["type"], "gap");
+    assert_eq!(gaps[0]["cause"], "queue_full");
+    assert_eq!(gaps[0]["count"].as_u64(), Some(dropped(so)));
+    assert_eq!(
+        (parsed.len() - 1) as u64,
+        so["written"].as_u64().unwrap(),
+        "stdout carried what it says it wrote"
+    );
+}
