@@ -118,7 +118,7 @@ cleanup() {
         done
         if [[ -n $tmp && -f $tmp/agent.log ]]; then
             heading "The agent stopped"
-            grep -vE 'bulkhead: (enforcing|control:)' "$tmp/agent.log" || true
+            grep -vE ': enforcing |control: ' "$tmp/agent.log" || true
         fi
     fi
     # Everything left in the demo cgroups (servers, a leftover agent) dies here.
@@ -261,14 +261,14 @@ agent_pid=$!
 disown "$agent_pid"
 # Ready once it logs "enforcing" (the moment it also sends READY=1 to systemd).
 for i in $(seq 150); do
-    grep -q 'bulkhead: enforcing' "$agent_log" && break
+    grep -q ': enforcing ' "$agent_log" && break
     if ! kill -0 "$agent_pid" 2>/dev/null; then
         cat "$agent_log" >&2
         die "the agent exited before it was ready"
     fi
     sleep 0.1
 done
-grep -q 'bulkhead: enforcing' "$agent_log" || {
+grep -q ': enforcing ' "$agent_log" || {
     cat "$agent_log" >&2
     die "the agent was not ready within 15 s"
 }
