@@ -773,6 +773,38 @@ impl Agent {
         cmd.args(args).arg("--bpffs-dir").arg(&self.bpffs);
         cmd.output().expect("run bulkhead")
     }
+
+    /// `bulkhead status --json`, which must answer within `within` (a
+    /// stalled agent loop fails the test instead of hanging it): the answer
+    /// and how long it took.
+    pub fn status_within(&self, within: Duration) -> (Value, Duration) {
+        let started = Instant::now();
+        let mut child = Command::new(bulkhead_bin())
+            .args(["status", "--json", "--bpffs-dir"])
+            .arg(&self.bpffs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn status");
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent did not answer `status` within {within:?}: its loop is stalled");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let took = started.elapsed();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status not JSON ({e}): {:?}", out.stdout));
+        (v, took)
+    }
 }
 
 impl Drop for Agent {

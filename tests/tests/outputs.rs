@@ -18,29 +18,7 @@ use tests::{Agent, AgentLog, Tmpfs, Value, bulkhead_bin, privileged, world::worl
 /// `status --json`, which must answer within 10 s (a stalled agent loop
 /// fails the test instead of hanging it).
 fn status(agent: &Agent) -> Value {
-    let mut child = Command::new(bulkhead_bin())
-        .args(["status", "--json", "--bpffs-dir"])
-        .arg(&agent.bpffs)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the agent did not answer `status` within 10 s: its loop is stalled");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    agent.status_within(Duration::from_secs(10)).0
 }
 
 fn output<'a>(st: &'a Value, name: &str) -> &'a Value {

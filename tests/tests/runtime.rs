@@ -12,37 +12,6 @@ use std::{
 
 use tests::{Agent, AgentLog, Value, bulkhead_bin, field, privileged, world::world};
 
-/// `bulkhead status --json` for `agent`, bounded by `within`: the answer
-/// and how long it took.
-fn status_within(agent: &Agent, within: Duration) -> (Value, Duration) {
-    let started = Instant::now();
-    let mut child = Command::new(bulkhead_bin())
-        .args(["status", "--json", "--bpffs-dir"])
-        .arg(&agent.bpffs)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn status");
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > within {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("status did not answer within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let took = started.elapsed();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status not JSON ({e}): {:?}", out.stdout));
-    (v, took)
-}
-
 /// A `bulkhead events --follow --json` that never reads on its own: its
 /// stdout is a pipe no one reads (it fills at 64 KiB), and with `stop` it is
 /// also SIGSTOPped. Continued and killed on drop.
@@ -130,7 +99,7 @@ fn a_stopped_follower_does_not_delay_the_events_log() {
     );
     let mut unread = StuckFollower::start(&agent, None, false);
     let mut stopped = StuckFollower::start(&agent, Some("64"), true);
-    let (st, _) = status_within(&agent, Duration::from_secs(5));
+    let (st, _) = agent.status_within(Duration::from_secs(5));
     assert_eq!(
         st["events"]["subscribers"], 2,
         "both followers subscribed: {}",
@@ -172,7 +141,7 @@ fn a_stopped_follower_does_not_delay_the_events_log() {
         seen >= STORM as usize,
         "the events log had {seen} of {STORM} events {LOG_BOUND:?} after the storm, with two followers stuck"
     );
-    let (st, status_took) = status_within(&agent, Duration::from_secs(1));
+    let (st, status_took) = agent.status_within(Duration::from_secs(1));
     let e = &st["events"];
     let (wanted, limited, lost) = (
         e["wanted"].as_u64().unwrap(),
@@ -206,7 +175,7 @@ fn a_stopped_follower_does_not_delay_the_events_log() {
     );
     drop(stopped);
     drop(unread);
-    status_within(&agent, Duration::from_secs(1));
+    agent.status_within(Duration::from_secs(1));
 }
 
 /// Every stderr line of the agent, parsed as tracing-subscriber's JSON
@@ -287,14 +256,14 @@ fn json_logs_show_each_apply_once_with_why_generation_and_outcome() {
             "--no-audit-db",
         ],
     );
-    let (st, _) = status_within(&agent, Duration::from_secs(5));
+    let (st, _) = agent.status_within(Duration::from_secs(5));
     let before = st["generation"].as_u64().expect("generation");
 
     // A real change, through SIGHUP.
     let changed = w.policy("", "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-1\"\n");
     let mark = log.len();
     agent.reload(&changed);
-    let (st, _) = status_within(&agent, Duration::from_secs(5));
+    let (st, _) = agent.status_within(Duration::from_secs(5));
     let generation = st["generation"].as_u64().expect("generation");
     assert_eq!(generation, before + 1, "{st}");
     // The line may follow READY=1 by a moment: wait for it, then settle.
@@ -339,7 +308,7 @@ fn json_logs_show_each_apply_once_with_why_generation_and_outcome() {
         1,
         "exactly one `apply` line with outcome=rejected: {rejected:?}"
     );
-    let (st, _) = status_within(&agent, Duration::from_secs(5));
+    let (st, _) = agent.status_within(Duration::from_secs(5));
     assert_eq!(
         st["generation"], generation,
         "a rejected policy changes nothing"
