@@ -113,6 +113,24 @@ struct Source {
 }
 
 impl Source {
+    /// The policy file `args` names, with the bridges of `jit` and, when
+    /// `prev` is given, the geo part of the policy in force to reuse.
+    fn new(
+        args: &RunArgs,
+        mount: &Path,
+        jit: &Jit,
+        prev: Option<(policy::GeoSources, Stamps, Arc<GeoDb>)>,
+    ) -> Source {
+        Source {
+            path: args.policy.clone(),
+            allow_untrusted: args.allow_untrusted_policy,
+            mount: mount.to_path_buf(),
+            limits: args.limits,
+            jit: jit.clone(),
+            prev,
+        }
+    }
+
     /// Reads, checks and compiles the policy file (pods are placed after).
     fn load(self) -> Result<Loaded> {
         let path = &self.path;
@@ -669,18 +687,12 @@ impl Agent {
     pub async fn reload(&mut self) -> Response {
         sd_notify("RELOADING=1");
         let started = Instant::now();
-        let source = Source {
-            path: self.args.policy.clone(),
-            allow_untrusted: self.args.allow_untrusted_policy,
-            mount: self.mount.clone(),
-            limits: self.args.limits,
-            jit: self.jit.clone(),
-            prev: Some((
-                self.current.file.geo.clone(),
-                self.current.stamps.clone(),
-                self.current.geo.clone(),
-            )),
-        };
+        let prev = (
+            self.current.file.geo.clone(),
+            self.current.stamps.clone(),
+            self.current.geo.clone(),
+        );
+        let source = Source::new(&self.args, &self.mount, &self.jit, Some(prev));
         let next = match tokio::task::spawn_blocking(move || source.load()).await {
             Ok(r) => r,
             Err(e) => Err(anyhow!("compiling the policy failed: {e}")),
@@ -920,7 +932,7 @@ impl Agent {
             },
         };
         let generation = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
-        let counters = read_counters(&mut self.ebpf, MAP_COUNTERS);
+        let counters = super::metrics::sums(&self.pins.maps().join(MAP_COUNTERS));
         let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
         let mut decisions = Vec::new();
         for hook in Hook::ALL {
@@ -1113,15 +1125,7 @@ fn first_policy(args: &RunArgs) -> Result<FirstPolicy> {
         .k8s_node
         .as_ref()
         .map(|node| NodePods::new(node.clone(), &mount));
-    let mut loaded = Source {
-        path: args.policy.clone(),
-        allow_untrusted: args.allow_untrusted_policy,
-        mount: mount.clone(),
-        limits: args.limits,
-        jit: jit.clone(),
-        prev: None,
-    }
-    .load()?;
+    let mut loaded = Source::new(args, &mount, &jit, None).load()?;
     place_pods(&mut loaded, pods.as_mut(), &args.policy)?;
     Ok(FirstPolicy {
         mount,
@@ -1286,19 +1290,6 @@ fn generation_names(l: &Loaded) -> Generation {
         bridge_names: l.compiled.bridge_names.clone(),
         geo: l.geo.clone(),
     }
-}
-
-/// Per-CPU counters summed over CPUs.
-fn read_counters(ebpf: &mut Ebpf, name: &str) -> Vec<u64> {
-    let Some(map) = ebpf.map(name) else {
-        return Vec::new();
-    };
-    let Ok(arr) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else {
-        return Vec::new();
-    };
-    arr.iter()
-        .map(|v| v.map(|v| v.iter().sum()).unwrap_or(0))
-        .collect()
 }
 
 fn bridge_detail(b: &JitBridge) -> String {

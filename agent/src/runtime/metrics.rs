@@ -117,7 +117,9 @@ fn monotonic_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-fn sums(path: &Path) -> Vec<u64> {
+/// A pinned per-CPU array of counters, each summed over the CPUs (empty
+/// when it cannot be read).
+pub fn sums(path: &Path) -> Vec<u64> {
     let Ok(data) = MapData::from_pin(path) else {
         return Vec::new();
     };

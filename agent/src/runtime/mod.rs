@@ -63,11 +63,8 @@ async fn serve(args: RunArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
 
     let control_group = args.control_group;
-    let k8s_node = args.k8s_node.clone();
     let (mut agent, started) = Agent::start(args)?;
-    if k8s_node.is_some() {
-        start_pod_watch(&agent);
-    }
+    start_pod_watch(&agent);
 
     if let Some(log) = started.kernel_log {
         tokio::spawn(async move {
