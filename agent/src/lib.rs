@@ -15,4 +15,5 @@ pub mod explain;
 pub mod k8s;
 pub mod kernel;
 pub mod runtime;
+pub mod seal;
 pub mod trust;

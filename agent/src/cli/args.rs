@@ -269,6 +269,46 @@ pub enum AuditCommand {
         #[arg(long, value_parser = parse_duration)]
         since: Option<u64>,
     },
+    /// Make the key that seals the events log and the audit store (a hash
+    /// chain whose key evolves one way every epoch) and print the
+    /// verification key, once: keep it off this node. The agent seals
+    /// from its next start.
+    SetupKeys {
+        /// Where the agent keeps its state [default: /var/lib/<name of the
+        /// bpffs dir>].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// bpffs directory of the agent (names the default state dir).
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
+        bpffs_dir: PathBuf,
+        /// How long one key seals before it is replaced (e.g. 1m, 15m).
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        epoch: u64,
+        /// Replace an existing key (new chains begin; the records sealed
+        /// so far stay verifiable with the old verification key only).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the sealed trail: report the first record that was changed,
+    /// deleted, inserted or reordered, and the range that verified. Exits
+    /// 4 when the trail fails.
+    Verify {
+        /// The verification key that `audit setup-keys` printed.
+        #[arg(long, env = "BULKHEAD_VERIFY_KEY")]
+        key: String,
+        /// Events log files (the live one and its rotations, any order).
+        #[arg(long = "log", value_name = "FILE", num_args = 1..)]
+        logs: Vec<PathBuf>,
+        /// Verify the audit store too (the default store when no --log
+        /// and no --db is given).
+        #[command(flatten)]
+        db: AuditDb,
+        /// A chain head kept off the node (`status --json`:
+        /// outputs[].chain), as OUTPUT=SEQ:MAC (e.g.
+        /// events-log=812:3fa1...): a trail cut short of it fails.
+        #[arg(long, value_name = "OUTPUT=SEQ:MAC")]
+        head: Vec<String>,
+    },
 }
 
 /// What `audit query` looks for, and how it prints it.
@@ -392,6 +432,11 @@ pub struct AuditDb {
 }
 
 impl AuditDb {
+    /// `--db` was given.
+    pub fn given(&self) -> bool {
+        self.db.is_some()
+    }
+
     pub fn path(&self) -> PathBuf {
         self.db
             .clone()

@@ -1,12 +1,15 @@
 //! `audit query` and `audit changes`: the audit store, read without an
-//! agent.
+//! agent; `audit setup-keys` and `audit verify`: the sealed trail.
 
 use std::{io::Write as _, net::IpAddr, path::Path, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 
-use bulkhead::runtime::store;
+use bulkhead::{
+    runtime::store,
+    seal::{self, Head, verify},
+};
 
 use super::{
     args::{AuditQuery, rfc3339_ns, since_ns},
@@ -92,4 +95,69 @@ pub fn changes(db: &Path, since: Option<u64>) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `audit setup-keys`: the key, and the verification key printed once.
+pub fn setup_keys(state_dir: &Path, epoch: u64, force: bool) -> Result<ExitCode> {
+    let vk = seal::setup(state_dir, epoch, force)?;
+    println!(
+        "Sealing key: {} (the agent seals the events log and the audit store from its next start)",
+        state_dir.join(seal::KEY_FILE).display()
+    );
+    println!("Verification key (shown only now; keep it off this node):");
+    println!();
+    println!("    {vk}");
+    println!();
+    println!(
+        "Check the trail with: bulkhead audit verify --key <verification key> [--log FILE...] [--db FILE]"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit verify`: each chain's report; exit 4 when one fails.
+pub fn verify(
+    key: &str,
+    logs: &[std::path::PathBuf],
+    db: Option<std::path::PathBuf>,
+    heads: &[String],
+) -> Result<ExitCode> {
+    let key = seal::VerifyKey::parse(key).context("--key")?;
+    let head = |chain: &str| -> Result<Option<Head>> {
+        for h in heads {
+            let (name, rest) = h
+                .split_once('=')
+                .with_context(|| format!("--head {h}: expected OUTPUT=SEQ:MAC"))?;
+            if name != chain {
+                continue;
+            }
+            let (seq, mac) = rest
+                .split_once(':')
+                .with_context(|| format!("--head {h}: expected OUTPUT=SEQ:MAC"))?;
+            return Ok(Some(Head {
+                seq: seq
+                    .parse()
+                    .with_context(|| format!("--head {h}: a bad seq"))?,
+                mac: seal::unhex(mac).with_context(|| format!("--head {h}: a bad MAC"))?,
+            }));
+        }
+        Ok(None)
+    };
+    let mut reports = Vec::new();
+    if !logs.is_empty() {
+        let files: Vec<&Path> = logs.iter().map(|p| p.as_path()).collect();
+        reports.push(verify::logs(&files, &key, head("events-log")?)?);
+    }
+    if let Some(db) = db {
+        reports.push(verify::store(&db, &key, head("audit-store")?)?);
+    }
+    let mut ok = true;
+    for r in &reports {
+        print!("{r}");
+        ok &= r.ok();
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(4)
+    })
 }

@@ -77,6 +77,27 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Audit { what } => match what {
             AuditCommand::Query { db, query } => audit::query(&db.path(), query),
             AuditCommand::Changes { db, since } => audit::changes(&db.path(), since),
+            AuditCommand::SetupKeys {
+                state_dir,
+                bpffs_dir,
+                epoch,
+                force,
+            } => audit::setup_keys(
+                &state_dir.unwrap_or_else(|| args::default_state_dir(&bpffs_dir)),
+                epoch,
+                force,
+            ),
+            AuditCommand::Verify {
+                key,
+                logs,
+                db,
+                head,
+            } => audit::verify(
+                &key,
+                &logs,
+                (db.given() || logs.is_empty()).then(|| db.path()),
+                &head,
+            ),
         },
         Command::Dump { bpffs_dir } => pins::dump(bpffs_dir),
         Command::Detach { bpffs_dir, force } => pins::detach(&bpffs_dir, force),

@@ -140,6 +140,16 @@ fn status_outputs(v: &Status) -> String {
             d.locked,
             d.queue_full
         );
+        if let Some(h) = &o.chain {
+            // As `audit verify --head` takes it.
+            s += &format!(
+                "  {:<12} sealed; chain head {}={}:{}\n",
+                "",
+                o.name,
+                h.seq,
+                bulkhead::seal::hex(&h.mac)
+            );
+        }
     }
     s + &format!(
         "cut:         {} established connections marked, {} destroyed; {}\n\

@@ -381,10 +381,19 @@ impl Agent {
         // Everything that needs more than CAP_BPF is done.
         let capabilities = caps::drop_after_attach()?;
         info!("{capabilities}");
+        // The trail is sealed once `audit setup-keys` made a key.
+        let sealer =
+            crate::seal::Sealer::open(&args.state_dir)?.map(|s| Arc::new(std::sync::Mutex::new(s)));
+        if sealer.is_some() {
+            info!(
+                "sealing the audit trail with the key in {}",
+                args.state_dir.join(crate::seal::KEY_FILE).display()
+            );
+        }
         let store = args
             .audit_db
             .as_deref()
-            .map(|p| Store::start(p, args.audit_retention))
+            .map(|p| Store::start(p, args.audit_retention, sealer.clone()))
             .transpose()?;
         let ring: RingBuf<MapData> = RingBuf::try_from(
             ebpf.take_map(MAP_EVENTS)
@@ -393,7 +402,10 @@ impl Agent {
         // The events log and stdout: each its own writer thread and queue.
         let (log, repaired) = match &args.events_log {
             Some(p) => {
-                let (l, r) = Lines::file(p, args.rotation)?;
+                let chain = sealer
+                    .clone()
+                    .map(|s| (s, crate::seal::head_file(&args.state_dir, "events-log")));
+                let (l, r) = Lines::file(p, args.rotation, chain)?;
                 (Some(l), r)
             }
             None => (None, None),

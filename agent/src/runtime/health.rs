@@ -123,6 +123,8 @@ impl Gap {
 pub struct Counts {
     pub name: &'static str,
     pub written: AtomicU64,
+    /// A sealed output's chain head ([`crate::seal::Chain`]).
+    pub head: Arc<Mutex<Option<crate::seal::Head>>>,
     pub pending: AtomicU64,
     dropped: [AtomicU64; 4],
     gap: Mutex<Gap>,
@@ -135,6 +137,7 @@ impl Counts {
         Arc::new(Counts {
             name,
             written: AtomicU64::new(0),
+            head: Arc::default(),
             pending: AtomicU64::new(0),
             dropped: Default::default(),
             gap: Mutex::new(Gap::default()),
@@ -208,6 +211,7 @@ impl Counts {
                 locked: self.dropped(Cause::Locked),
                 queue_full: self.dropped(Cause::QueueFull),
             },
+            chain: *self.head.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }

@@ -196,6 +196,10 @@ pub struct OutputCounts {
     /// Queued or held for a retry, not written yet.
     pub pending: u64,
     pub dropped: Dropped,
+    /// A sealed output's chain head (`audit setup-keys`): keep it off the
+    /// node, and `audit verify --head` notices a trail cut short of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<crate::seal::Head>,
 }
 
 /// Events an output dropped, by cause.

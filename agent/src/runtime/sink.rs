@@ -38,6 +38,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::health::{Cause, Counts, Health};
+use crate::seal::{self, Chain, Head, Sealer};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Rotation {
@@ -83,8 +84,13 @@ pub struct Repaired {
 
 impl Lines {
     /// Opens (creating) the events log, cuts off a torn last line, and
-    /// starts its writer.
-    pub fn file(path: &Path, rotation: Rotation) -> Result<(Lines, Option<Repaired>)> {
+    /// starts its writer; with a sealing key (and where the chain's head is
+    /// kept), every line is sealed ([`crate::seal`]).
+    pub fn file(
+        path: &Path,
+        rotation: Rotation,
+        sealer: Option<(Arc<Mutex<Sealer>>, PathBuf)>,
+    ) -> Result<(Lines, Option<Repaired>)> {
         let file =
             open_append(path).with_context(|| format!("opening events log {}", path.display()))?;
         let repaired = match repair_tail(&file) {
@@ -109,18 +115,29 @@ impl Lines {
             }
         };
         let target = LogFile::new(path.to_path_buf(), file, rotation)?;
-        Ok((Lines::start("events-log", Target::File(target)), repaired))
+        let counts = Counts::new("events-log");
+        let chain = sealer.map(|(sealer, head_file)| {
+            // Where the chain stands: the log's last line, else the head
+            // kept at the last rotation, reopen or stop.
+            let last = seal::last_head(path).or_else(|| seal::load_head(&head_file));
+            (
+                Chain::new("events-log", sealer, last, counts.head.clone()),
+                head_file,
+            )
+        });
+        Ok((Lines::start(counts, Target::File(target), chain), repaired))
     }
 
     /// Events on stdout (the journal, a container's log).
     pub fn stdout() -> Lines {
-        Lines::start("stdout", Target::Stdout)
+        Lines::start(Counts::new("stdout"), Target::Stdout, None)
     }
 
-    fn start(name: &'static str, target: Target) -> Lines {
+    fn start(counts: Arc<Counts>, target: Target, chain: Option<(Chain, PathBuf)>) -> Lines {
+        let name = counts.name;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let counts = Counts::new(name);
         let reopen = Arc::new(AtomicBool::new(false));
+        let (chain, head_file) = chain.unzip();
         let w = Writer {
             rx,
             target,
@@ -129,6 +146,9 @@ impl Lines {
             reopen: reopen.clone(),
             backlog: VecDeque::new(),
             backlog_bytes: 0,
+            chain,
+            head_file,
+            written: None,
         };
         let done = thread::Builder::new()
             .name(name.into())
@@ -182,10 +202,13 @@ impl Lines {
     }
 }
 
-/// What the writer holds: events, and gap records in their place.
-enum Held {
-    Line(Line),
-    Gap(String),
+/// What the writer holds: an event's line, or a line of its own (a gap
+/// record, the chain's records), sealed when taken if the log is sealed.
+struct Held {
+    text: String,
+    /// It carries an event (counted as written once it is).
+    event: bool,
+    seal: Option<seal::Seal>,
 }
 
 struct Writer {
@@ -195,12 +218,69 @@ struct Writer {
     counts: Arc<Counts>,
     reopen: Arc<AtomicBool>,
     backlog: VecDeque<Held>,
+    /// Bytes of events' lines held.
     backlog_bytes: usize,
+    chain: Option<Chain>,
+    /// Where the chain's head is kept when a file ends.
+    head_file: Option<PathBuf>,
+    /// The last sealed line written.
+    written: Option<Head>,
 }
 
 impl Writer {
+    /// Holds a line of the writer's own, sealed if the log is.
+    fn push_own(&mut self, text: String) {
+        let (text, seal) = match &mut self.chain {
+            Some(c) => {
+                let (t, s) = c.seal_line(&text);
+                (t, Some(s))
+            }
+            None => (text, None),
+        };
+        self.backlog.push_back(Held {
+            text,
+            event: false,
+            seal,
+        });
+    }
+
+    /// The chain's own record `what` (`start`, `epoch`, `stop`).
+    fn push_chain(&mut self, what: &str, detail: serde_json::Value) {
+        if let Some(c) = &mut self.chain {
+            let (text, seal) = c.own_line(what, detail);
+            self.backlog.push_back(Held {
+                text,
+                event: false,
+                seal: Some(seal),
+            });
+        }
+    }
+
+    /// One `epoch` record per epoch, events or not: a tail re-sealed with
+    /// a later key lacks them.
+    fn mark_epoch(&mut self) {
+        if self.chain.as_ref().is_some_and(|c| c.epoch_due()) {
+            self.push_chain("epoch", serde_json::json!({}));
+        }
+    }
+
+    /// Keeps the head of what the finished file holds (so a chain whose
+    /// new file is still empty continues after it).
+    fn save_head(&self) {
+        if let Some(f) = &self.head_file {
+            seal::save_head(f, self.written);
+        }
+    }
+
     fn run(mut self) {
         let mut last_check = Instant::now();
+        if let Some(c) = &self.chain {
+            let (seq, _) = c.position();
+            self.push_chain(
+                "start",
+                serde_json::json!({ "pid": std::process::id(), "continues": seq > 0 }),
+            );
+        }
         loop {
             let wait = if self.backlog.is_empty() || !self.health.due() {
                 self.health
@@ -235,21 +315,26 @@ impl Writer {
             if drained && self.health.cause().is_none() && self.counts.has_gap() {
                 self.push_gap();
             }
+            self.mark_epoch();
             if self.reopen.swap(false, Ordering::Relaxed) {
+                self.save_head();
                 self.target.reopen("reopened on request (SIGHUP or reload)");
             }
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
-                self.target.follow();
+                if self.target.moved() {
+                    self.save_head();
+                    self.target.reopen("moved or deleted; reopened at its path");
+                }
             }
             if !self.backlog.is_empty() && self.health.due() {
                 self.write();
             }
             self.health.tick();
             if disconnected {
-                if !self.backlog.is_empty() {
-                    self.write();
-                }
+                self.push_chain("stop", serde_json::json!({}));
+                self.write();
+                self.save_head();
                 return;
             }
         }
@@ -259,7 +344,7 @@ impl Writer {
         if let Some(g) = self.counts.take_gap() {
             let mut text = g.record(self.counts.name).to_string();
             text.push('\n');
-            self.backlog.push_back(Held::Gap(text));
+            self.push_own(text);
         }
     }
 
@@ -274,8 +359,20 @@ impl Writer {
         if self.counts.has_gap_before(l.seq) {
             self.push_gap();
         }
-        self.backlog_bytes += l.text.len();
-        self.backlog.push_back(Held::Line(l));
+        self.mark_epoch();
+        let (text, seal) = match &mut self.chain {
+            Some(c) => {
+                let (t, s) = c.seal_line(&l.text);
+                (t, Some(s))
+            }
+            None => (l.text, None),
+        };
+        self.backlog_bytes += text.len();
+        self.backlog.push_back(Held {
+            text,
+            event: true,
+            seal,
+        });
     }
 
     /// Writes the backlog, a chunk at a time, until it is empty or a write
@@ -284,27 +381,37 @@ impl Writer {
         while !self.backlog.is_empty() {
             let room = self.target.room().clamp(1, CHUNK);
             let mut chunk = String::new();
+            // A new file begins with a marker naming the record after it.
+            if self.target.fresh()
+                && let Some(c) = &mut self.chain
+                && let Some(s) = self.backlog.front().and_then(|h| h.seal)
+            {
+                chunk = c.file_marker(self.target.path(), s.seq, s.prev);
+            }
             let (mut n, mut events) = (0, 0u64);
             for h in &self.backlog {
-                let text = match h {
-                    Held::Line(l) => &l.text,
-                    Held::Gap(t) => t,
-                };
-                if n > 0 && chunk.len() + text.len() > room {
+                if n > 0 && chunk.len() + h.text.len() > room {
                     break;
                 }
-                chunk.push_str(text);
+                chunk.push_str(&h.text);
                 n += 1;
-                if let Held::Line(_) = h {
-                    events += 1;
-                }
+                events += u64::from(h.event);
             }
             match self.target.write(chunk.as_bytes()) {
                 Ok(()) => {
                     for h in self.backlog.drain(..n) {
-                        if let Held::Line(l) = h {
-                            self.backlog_bytes -= l.text.len();
+                        if h.event {
+                            self.backlog_bytes -= h.text.len();
                         }
+                        if let Some(s) = h.seal {
+                            self.written = Some(Head {
+                                seq: s.seq,
+                                mac: s.mac,
+                            });
+                        }
+                    }
+                    if self.target.rotated() {
+                        self.save_head();
                     }
                     self.counts.wrote(events);
                     self.health.ok();
@@ -349,9 +456,34 @@ impl Target {
         }
     }
 
-    fn follow(&mut self) {
-        if let Target::File(f) = self {
-            f.follow();
+    /// The file is new (or was truncated) since the last write.
+    fn fresh(&self) -> bool {
+        match self {
+            Target::File(f) => f.fresh || f.len() < f.end,
+            Target::Stdout => false,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Target::File(f) => &f.path,
+            Target::Stdout => Path::new("-"),
+        }
+    }
+
+    /// The last write filled the file and it was rotated.
+    fn rotated(&mut self) -> bool {
+        match self {
+            Target::File(f) => std::mem::take(&mut f.rotated),
+            Target::Stdout => false,
+        }
+    }
+
+    /// The path no longer names the open file (moved or deleted).
+    fn moved(&self) -> bool {
+        match self {
+            Target::File(f) => f.moved(),
+            Target::Stdout => false,
         }
     }
 }
@@ -409,6 +541,13 @@ struct LogFile {
     rotation: Rotation,
     /// When rotating or reopening last failed (warned at most every 10 s).
     warned: Option<Instant>,
+    /// Opened since the last write: a sealed log begins it with a marker.
+    fresh: bool,
+    /// Its length after the last write (shorter now: truncated, as
+    /// logrotate's `copytruncate` does).
+    end: u64,
+    /// The last write rotated it.
+    rotated: bool,
 }
 
 impl LogFile {
@@ -420,6 +559,9 @@ impl LogFile {
             file,
             rotation,
             warned: None,
+            fresh: m.len() == 0,
+            end: m.len(),
+            rotated: false,
         })
     }
 
@@ -443,8 +585,11 @@ impl LogFile {
             self.undo(before);
             return Err(e);
         }
-        if self.rotation.max_bytes > 0 && self.len() >= self.rotation.max_bytes {
+        self.fresh = false;
+        self.end = self.len();
+        if self.rotation.max_bytes > 0 && self.end >= self.rotation.max_bytes {
             self.rotate();
+            self.rotated = true;
         }
         Ok(())
     }
@@ -506,6 +651,8 @@ impl LogFile {
         let m = file.metadata()?;
         self.id = (m.dev(), m.ino());
         self.file = file;
+        self.fresh = true;
+        self.end = m.len();
         Ok(())
     }
 
@@ -520,12 +667,9 @@ impl LogFile {
         }
     }
 
-    /// The path no longer names the open file (moved or deleted): reopen.
-    fn follow(&mut self) {
-        let same = fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
-        if !same {
-            self.reopen("moved or deleted; reopened at its path");
-        }
+    /// The path no longer names the open file (moved or deleted).
+    fn moved(&self) -> bool {
+        !fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 }
 
@@ -550,6 +694,7 @@ mod tests {
                 max_bytes: 1000,
                 keep: 2,
             },
+            None,
         )
         .unwrap();
         let line = format!("{}\n", "x".repeat(99));
@@ -578,6 +723,7 @@ mod tests {
                 max_bytes: 0,
                 keep: 0,
             },
+            None,
         )
         .unwrap();
         assert_eq!(repaired.unwrap().cut, 5);
@@ -606,6 +752,7 @@ mod tests {
                 max_bytes: 0,
                 keep: 0,
             },
+            None,
         )
         .unwrap();
         s.send("t", "1\n".into());

@@ -29,7 +29,11 @@ use super::{
     events::Record,
     health::{Cause, Counts, Health},
 };
-use crate::clock;
+use crate::{
+    clock,
+    seal::{self, Chain, Head, Sealer},
+};
+use rusqlite::types::Value;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -68,6 +72,33 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE INDEX IF NOT EXISTS changes_ts ON changes(ts_ns);
 ";
 
+/// The columns of a row as sealed and inserted, in order (the seal's own
+/// columns follow: `seal_seq`, `seal_epoch`, `seal_prev`, `seal_mac`).
+pub const EVENT_COLUMNS: &str = "ts_ns, ts, verdict, reason, hook, proto, src, sport, dst, dport, dst_bin, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu";
+pub const CHANGE_COLUMNS: &str = "ts_ns, ts, kind, policy, sha256, generation, detail";
+const SEAL_COLUMNS: [&str; 4] = ["seal_seq", "seal_epoch", "seal_prev", "seal_mac"];
+
+/// Adds the seal's columns to a store made before them.
+fn add_seal_columns(c: &Connection) -> Result<()> {
+    for table in ["events", "changes"] {
+        let has: bool = c
+            .prepare(&format!(
+                "SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'seal_seq'"
+            ))?
+            .query_row([], |r| r.get::<_, i64>(0))?
+            > 0;
+        if !has {
+            for (col, ty) in SEAL_COLUMNS
+                .iter()
+                .zip(["INTEGER", "INTEGER", "TEXT", "TEXT"])
+            {
+                c.execute(&format!("ALTER TABLE {table} ADD COLUMN {col} {ty}"), [])?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A policy or agent change for the trail (load, reload, rejected reload,
 /// start, stop, bridge opened/closed/expired).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -83,8 +114,16 @@ enum Item {
     /// An event and its hand-over number ([`Counts::hand`]).
     Event(Box<Record>, u64),
     Change(Change),
-    /// A gap record, in the place of the events it stands for.
-    Gap(String),
+}
+
+/// A row as the writer holds it: sealed when taken (if the store is).
+struct Row {
+    /// `events` or `changes`.
+    table: &'static str,
+    values: Vec<Value>,
+    /// It carries an event (counted as written once it is).
+    event: bool,
+    seal: Option<seal::Seal>,
 }
 
 /// The agent's handle: sends to the writer thread without ever blocking.
@@ -121,6 +160,7 @@ fn open(path: &Path) -> Result<Connection> {
     c.busy_timeout(Duration::from_millis(250))?;
     c.execute_batch(SCHEMA)
         .context("creating the audit store schema")?;
+    add_seal_columns(&c).context("adding the seal's columns to the audit store")?;
     Ok(c)
 }
 
@@ -139,8 +179,13 @@ fn addr_bin(a: Option<&str>) -> Option<Vec<u8>> {
 }
 
 impl Store {
-    /// Opens (creating) the database and starts the writer thread.
-    pub fn start(path: &Path, retention: Duration) -> Result<Store> {
+    /// Opens (creating) the database and starts the writer thread; with a
+    /// sealing key every row is sealed ([`crate::seal`]).
+    pub fn start(
+        path: &Path,
+        retention: Duration,
+        sealer: Option<Arc<std::sync::Mutex<Sealer>>>,
+    ) -> Result<Store> {
         let conn = open(path)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let store = Store {
@@ -148,12 +193,22 @@ impl Store {
             counts: Counts::new("audit-store"),
             changes_dropped: Arc::new(AtomicU64::new(0)),
         };
+        let chain = match sealer {
+            Some(s) => Some(Chain::new(
+                "audit-store",
+                s,
+                last_head(&conn).context("reading the audit store's chain head")?,
+                store.counts.head.clone(),
+            )),
+            None => None,
+        };
         let w = Writer {
             health: Health::new(store.counts.clone(), "65536 event rows"),
             counts: store.counts.clone(),
             backlog: VecDeque::new(),
             events: 0,
             retention,
+            chain,
         };
         thread::Builder::new()
             .name("audit-store".into())
@@ -198,10 +253,88 @@ impl Store {
 struct Writer {
     health: Health,
     counts: Arc<Counts>,
-    backlog: VecDeque<Item>,
+    backlog: VecDeque<Row>,
     /// Event rows in the backlog.
     events: usize,
     retention: Duration,
+    chain: Option<Chain>,
+}
+
+/// The last sealed row (the chain continues after it).
+fn last_head(c: &Connection) -> Result<Option<Head>> {
+    let mut best: Option<Head> = None;
+    for table in ["events", "changes"] {
+        let row: Option<(i64, String)> = c
+            .query_row(
+                &format!(
+                    "SELECT seal_seq, seal_mac FROM {table} WHERE seal_seq IS NOT NULL ORDER BY seal_seq DESC LIMIT 1"
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        if let Some((seq, mac)) = row
+            && best.is_none_or(|b| b.seq < seq as u64)
+        {
+            best = Some(Head {
+                seq: seq as u64,
+                mac: seal::unhex(&mac).context("a damaged seal_mac")?,
+            });
+        }
+    }
+    Ok(best)
+}
+
+/// An event's row, in [`EVENT_COLUMNS`] order.
+fn event_values(r: &Record) -> Vec<Value> {
+    fn opt<T: Into<Value>>(v: Option<T>) -> Value {
+        v.map_or(Value::Null, Into::into)
+    }
+    vec![
+        ts_ns(r).into(),
+        r.ts.clone().into(),
+        r.verdict.clone().into(),
+        r.reason.clone().into(),
+        r.hook.clone().into(),
+        r.proto.clone().into(),
+        opt(r.src.clone()),
+        opt(r.sport),
+        opt(r.dst.clone()),
+        opt(r.dport),
+        opt(addr_bin(r.dst.as_deref())),
+        opt(r.pid),
+        opt(r.comm.clone()),
+        opt(r.uid),
+        r.cgroup.clone().into(),
+        opt(r.src_domain.clone()),
+        opt(r.dst_domain.clone()),
+        opt(r.country.clone()),
+        opt(r.geo_source.clone()),
+        opt(r.bridge.clone()),
+        (r.generation as i64).into(),
+        (r.seq as i64).into(),
+        r.cpu.into(),
+    ]
+}
+
+/// A change's row, in [`CHANGE_COLUMNS`] order, timed now.
+fn change_values(kind: &str, c: Option<&Change>, detail: String) -> Vec<Value> {
+    let now = clock::now_ns();
+    let opt = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+    vec![
+        now.into(),
+        clock::format_ts(now.max(0) as u64, 0).into(),
+        kind.to_string().into(),
+        opt(c.and_then(|c| c.policy.clone())),
+        opt(c.and_then(|c| c.sha256.clone())),
+        c.and_then(|c| c.generation)
+            .map_or(Value::Null, |g| Value::Integer(g as i64)),
+        detail.into(),
+    ]
 }
 
 /// The cause of an SQLite error: a lock, a full disk, or anything else.
@@ -219,26 +352,122 @@ fn cause(e: &anyhow::Error) -> Cause {
 
 impl Writer {
     fn accept(&mut self, item: Item) {
-        if let Item::Event(r, seq) = &item {
-            if self.events >= BACKLOG {
-                let cause = self.health.cause().unwrap_or(Cause::QueueFull);
-                self.counts.drop_event(&r.ts, cause, *seq);
-                return;
+        match item {
+            Item::Event(r, seq) => {
+                if self.events >= BACKLOG {
+                    let cause = self.health.cause().unwrap_or(Cause::QueueFull);
+                    self.counts.drop_event(&r.ts, cause, seq);
+                    return;
+                }
+                // The first row after a hole: its gap row goes before it.
+                if self.counts.has_gap_before(seq) {
+                    self.push_gap();
+                }
+                self.events += 1;
+                self.push("events", event_values(&r), true);
             }
-            // The first row after a hole: its gap row goes before it.
-            if self.counts.has_gap_before(*seq) {
-                self.push_gap();
+            Item::Change(c) => {
+                let detail = c.detail.clone();
+                self.push("changes", change_values(&c.kind, Some(&c), detail), false);
             }
-            self.events += 1;
         }
-        self.backlog.push_back(item);
+    }
+
+    /// Holds a row, sealed first if the store is; a new epoch gets its
+    /// `epoch` row before it.
+    fn push(&mut self, table: &'static str, values: Vec<Value>, event: bool) {
+        self.mark_epoch();
+        let seal = self.chain.as_mut().map(|c| c.seal_row(table, &values));
+        self.backlog.push_back(Row {
+            table,
+            values,
+            event,
+            seal,
+        });
+    }
+
+    /// The chain's own row (`start`, `epoch`, `stop`, `retention`): a
+    /// change of kind `seal` whose detail is the record.
+    fn push_chain(&mut self, what: &str, detail: serde_json::Value) {
+        let Some(c) = &mut self.chain else { return };
+        c.note_epoch();
+        let values = change_values("seal", None, seal::own_record(what, detail).to_string());
+        let seal = Some(c.seal_row("changes", &values));
+        self.backlog.push_back(Row {
+            table: "changes",
+            values,
+            event: false,
+            seal,
+        });
+    }
+
+    fn mark_epoch(&mut self) {
+        if self.chain.as_ref().is_some_and(|c| c.epoch_due()) {
+            self.push_chain("epoch", serde_json::json!({}));
+        }
     }
 
     fn push_gap(&mut self) {
         if let Some(g) = self.counts.take_gap() {
-            self.backlog
-                .push_back(Item::Gap(g.record(self.counts.name).to_string()));
+            let detail = g.record(self.counts.name).to_string();
+            self.push("changes", change_values("gap", None, detail), false);
         }
+    }
+
+    /// Deletes rows older than the retention. A sealed store first writes
+    /// a signed `retention` row naming the last `seq` it deletes and that
+    /// row's MAC, so the chain may begin after them.
+    fn prune(&mut self, conn: &mut Connection) -> Result<()> {
+        let cutoff = clock::now_ns() - self.retention.as_nanos() as i64;
+        let tx = conn.transaction()?;
+        if self.chain.is_some() {
+            let mut through: Option<(i64, String)> = None;
+            for table in ["events", "changes"] {
+                let row: Option<(i64, String)> = tx
+                    .query_row(
+                        &format!(
+                            "SELECT seal_seq, seal_mac FROM {table} WHERE ts_ns < ?1 AND seal_seq IS NOT NULL ORDER BY seal_seq DESC LIMIT 1"
+                        ),
+                        [cutoff],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                if let Some(r) = row
+                    && through.as_ref().is_none_or(|t| t.0 < r.0)
+                {
+                    through = Some(r);
+                }
+            }
+            if let Some((seq, mac)) = through {
+                self.push_chain(
+                    "retention",
+                    serde_json::json!({
+                        "through": seq,
+                        "head": mac,
+                        "before": clock::format_ts(cutoff.max(0) as u64, 0),
+                    }),
+                );
+                // The retention row is written with the deletion or not at
+                // all: on an error it stays held for the next write.
+                insert_rows(&tx, self.backlog.iter())?;
+                for table in ["events", "changes"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE seal_seq <= ?1"), [seq])?;
+                }
+            }
+        }
+        for table in ["events", "changes"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE ts_ns < ?1 AND seal_seq IS NULL"),
+                [cutoff],
+            )?;
+        }
+        tx.commit()?;
+        self.backlog.clear();
+        Ok(())
     }
 
     fn run(mut self, mut conn: Connection, rx: Receiver<Item>) {
@@ -283,15 +512,15 @@ impl Writer {
             if drained && self.health.cause().is_none() && self.counts.has_gap() {
                 self.push_gap();
             }
+            if disconnected {
+                self.push_chain("stop", serde_json::json!({}));
+            }
+            self.mark_epoch();
             while !self.backlog.is_empty() && self.health.due() {
                 let n = self.backlog.len().min(BATCH);
                 match insert(&mut conn, self.backlog.range(..n)) {
                     Ok(()) => {
-                        let events = self
-                            .backlog
-                            .drain(..n)
-                            .filter(|i| matches!(i, Item::Event(..)))
-                            .count();
+                        let events = self.backlog.drain(..n).filter(|r| r.event).count();
                         self.events -= events;
                         self.counts.wrote(events as u64);
                         self.health.ok();
@@ -316,89 +545,94 @@ impl Writer {
             if disconnected {
                 return;
             }
-            if self.health.cause().is_none() && last_prune.elapsed() > Duration::from_secs(60) {
+            if self.health.cause().is_none()
+                && self.backlog.is_empty()
+                && last_prune.elapsed() > Duration::from_secs(60).min(self.retention / 2)
+            {
                 last_prune = Instant::now();
-                let cutoff = clock::now_ns() - self.retention.as_nanos() as i64;
-                for table in ["events", "changes"] {
-                    if let Err(e) =
-                        conn.execute(&format!("DELETE FROM {table} WHERE ts_ns < ?1"), [cutoff])
-                    {
-                        tracing::warn!("audit store retention failed: {e}");
-                    }
+                if let Err(e) = self.prune(&mut conn) {
+                    tracing::warn!("audit store retention failed: {e:#}");
                 }
             }
         }
     }
 }
 
-fn insert<'a>(conn: &mut Connection, batch: impl Iterator<Item = &'a Item>) -> Result<()> {
+fn insert<'a>(conn: &mut Connection, batch: impl Iterator<Item = &'a Row>) -> Result<()> {
     let tx = conn.transaction()?;
-    {
-        let mut ev = tx.prepare(
-            "INSERT INTO events (ts_ns, ts, verdict, reason, hook, proto, src, sport, dst, dport, dst_bin, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
-        )?;
-        let mut ch = tx.prepare("INSERT INTO changes (ts_ns, ts, kind, policy, sha256, generation, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
-        for item in batch {
-            match item {
-                Item::Event(r, _) => {
-                    ev.execute(params![
-                        ts_ns(r),
-                        r.ts,
-                        r.verdict,
-                        r.reason,
-                        r.hook,
-                        r.proto,
-                        r.src,
-                        r.sport,
-                        r.dst,
-                        r.dport,
-                        addr_bin(r.dst.as_deref()),
-                        r.pid,
-                        r.comm,
-                        r.uid,
-                        r.cgroup,
-                        r.src_domain,
-                        r.dst_domain,
-                        r.country,
-                        r.geo_source,
-                        r.bridge,
-                        r.generation as i64,
-                        r.seq as i64,
-                        r.cpu,
-                    ])?;
-                }
-                Item::Gap(detail) => {
-                    let now = clock::now_ns();
-                    let ts = crate::runtime::events::format_ts(now as u64, 0);
-                    ch.execute(params![
-                        now,
-                        ts,
-                        "gap",
-                        None::<String>,
-                        None::<String>,
-                        None::<i64>,
-                        detail
-                    ])?;
-                }
-                Item::Change(c) => {
-                    let now = clock::now_ns();
-                    let ts = crate::runtime::events::format_ts(now as u64, 0);
-                    ch.execute(params![
-                        now,
-                        ts,
-                        c.kind,
-                        c.policy,
-                        c.sha256,
-                        c.generation.map(|g| g as i64),
-                        c.detail
-                    ])?;
-                }
-            }
-        }
-    }
+    insert_rows(&tx, batch)?;
     tx.commit()?;
     Ok(())
+}
+
+fn insert_rows<'a>(tx: &rusqlite::Transaction, batch: impl Iterator<Item = &'a Row>) -> Result<()> {
+    let sql = |table: &str, cols: &str, n: usize| {
+        format!(
+            "INSERT INTO {table} ({cols}, {}) VALUES ({})",
+            SEAL_COLUMNS.join(", "),
+            vec!["?"; n + SEAL_COLUMNS.len()].join(", ")
+        )
+    };
+    let mut ev = tx.prepare(&sql("events", EVENT_COLUMNS, 23))?;
+    let mut ch = tx.prepare(&sql("changes", CHANGE_COLUMNS, 7))?;
+    for row in batch {
+        let seal = match &row.seal {
+            Some(s) => [
+                Value::Integer(s.seq as i64),
+                Value::Integer(s.epoch as i64),
+                Value::Text(seal::hex(&s.prev)),
+                Value::Text(seal::hex(&s.mac)),
+            ],
+            None => [Value::Null, Value::Null, Value::Null, Value::Null],
+        };
+        let stmt = if row.table == "events" {
+            &mut ev
+        } else {
+            &mut ch
+        };
+        stmt.execute(params_from_iter(row.values.iter().chain(seal.iter())))?;
+    }
+    Ok(())
+}
+
+/// One sealed row as `audit verify` reads it: its place, its values in
+/// sealing order and its seal's columns.
+pub struct SealedRow {
+    pub table: &'static str,
+    pub id: i64,
+    pub values: Vec<Value>,
+    pub seal: [Value; 4],
+}
+
+/// Every row of both tables, sealed or not, for `audit verify`.
+pub fn sealed_rows(path: &Path) -> Result<Vec<SealedRow>> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening audit store {}", path.display()))?;
+    let mut out = Vec::new();
+    for (table, cols, n) in [
+        ("events", EVENT_COLUMNS, 23),
+        ("changes", CHANGE_COLUMNS, 7),
+    ] {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, {cols}, {} FROM {table}",
+            SEAL_COLUMNS.join(", ")
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            let values = (1..=n)
+                .map(|i| r.get::<_, Value>(i))
+                .collect::<Result<_, _>>()?;
+            Ok(SealedRow {
+                table,
+                id: r.get(0)?,
+                values,
+                seal: [r.get(n + 1)?, r.get(n + 2)?, r.get(n + 3)?, r.get(n + 4)?],
+            })
+        })?;
+        for r in rows {
+            out.push(r.context("reading the audit store")?);
+        }
+    }
+    Ok(out)
 }
 
 /// `bulkhead audit query` filters.
@@ -569,7 +803,7 @@ mod tests {
     fn stores_and_queries_by_time_domain_cidr_and_verdict() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
-        let store = Store::start(&path, Duration::from_secs(86400 * 3650)).unwrap();
+        let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
         store.event(rec(
             "2026-11-20T10:00:00Z",
             "contractor",
