@@ -565,3 +565,155 @@ fn a_stuck_stdout_stalls_nothing_else() {
         "stdout carried what it says it wrote"
     );
 }
+
+/// `bulkhead audit verify`, as an auditor runs it.
+fn verify(key: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bulkhead_bin())
+        .args(["audit", "verify", "--key", key])
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => (true, text),
+        Some(4) => (false, text),
+        other => panic!("audit verify exited {other:?}: {text}"),
+    }
+}
+
+fn head_arg(st: &Value, name: &str) -> String {
+    let c = &output(st, name)["chain"];
+    assert!(
+        c.is_object(),
+        "{name} reports its chain head: {}",
+        output(st, name)
+    );
+    format!("{name}={}:{}", c["seq"], c["mac"].as_str().unwrap())
+}
+
+/// Nothing changed unseen: after `audit setup-keys` the agent seals the
+/// events log and the audit store; `audit verify` checks them across a
+/// restart and an external rotation against the heads `status` gave, and
+/// names the first changed line, the cut tail and the changed row.
+#[test]
+fn a_sealed_trail_verifies_and_names_what_was_changed() {
+    if !privileged("sealed_trail") {
+        return;
+    }
+    let w = world();
+    let (mut agent, log) =
+        Agent::start_capturing(&w.root, &w.policy("", ""), &["--event-rate", "0"]);
+    // Written before the trail was sealed.
+    storm_done(storm_bg(&w, 20, 0), 20);
+    settle(&agent, Duration::from_secs(20));
+    let state = agent.state_dir();
+    let out = Command::new(bulkhead_bin())
+        .args(["audit", "setup-keys", "--epoch", "1s", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "setup-keys: {text}");
+    let key = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("bh1-"))
+        .unwrap_or_else(|| panic!("no verification key printed: {text}"))
+        .to_string();
+    let key_file = fs::read_to_string(state.join("audit-seal.key")).unwrap();
+    assert!(
+        !key_file.contains(&key[4..68]),
+        "the node keeps no copy of the verification key"
+    );
+
+    // The agent seals from its next start.
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
+    agent.spawn_capturing(&["--event-rate", "0"], &log);
+    storm_done(storm_bg(&w, 40, 50_000), 40);
+    // logrotate's create mode and its SIGHUP.
+    let rotated = agent.events.with_extension("jsonl.1");
+    fs::rename(&agent.events, &rotated).unwrap();
+    agent.signal(libc::SIGHUP);
+    storm_done(storm_bg(&w, 20, 50_000), 20);
+    // A clean stop and start: both in the chain.
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
+    agent.spawn_capturing(&["--event-rate", "0"], &log);
+    storm_done(storm_bg(&w, 10, 0), 10);
+    let st = settle(&agent, Duration::from_secs(30));
+    let heads = [head_arg(&st, "events-log"), head_arg(&st, "audit-store")];
+    let text_status = agent.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&text_status.stdout).contains(&format!("chain head {}", heads[0])),
+        "status prints the head as --head takes it"
+    );
+
+    let db = state.join("audit.db");
+    let (live, old) = (agent.events.to_str().unwrap(), rotated.to_str().unwrap());
+    let all = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["--log", live, old, "--db", db.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for h in &heads {
+            a.extend(["--head".to_string(), h.clone()]);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let args = all(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, text) = verify(&key, &args);
+    println!("{text}");
+    assert!(ok, "the trail verifies: {text}");
+    assert!(text.contains("events-log: verified"), "{text}");
+    assert!(text.contains("audit-store: verified"), "{text}");
+    assert!(
+        text.contains("unsealed records before the chain began"),
+        "{text}"
+    );
+
+    // A changed line in the rotated file: named, with its seq.
+    let lines: Vec<String> = fs::read_to_string(&rotated)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let at = lines
+        .iter()
+        .rposition(|l| l.contains("\"verdict\":\"deny\"") && l.contains("\"seal\""))
+        .unwrap();
+    let mut changed = lines.clone();
+    changed[at] = changed[at].replacen("\"verdict\":\"deny\"", "\"verdict\":\"allow\"", 1);
+    fs::write(&rotated, changed.join("\n") + "\n").unwrap();
+    let (ok, text) = verify(&key, &args);
+    assert!(!ok, "a changed line fails: {text}");
+    assert!(
+        text.contains(&format!("{old}:{}", at + 1)) && text.contains("changed"),
+        "the changed line is named: {text}"
+    );
+    fs::write(&rotated, lines.join("\n") + "\n").unwrap();
+    assert!(verify(&key, &args).0);
+
+    // The audit store's tail cut off (the agent stopped): noticed
+    // against the head that status gave.
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
+    let head_seq: i64 = heads[1].split(['=', ':']).nth(1).unwrap().parse().unwrap();
+    let c = rusqlite::Connection::open(&db).unwrap();
+    for table in ["events", "changes"] {
+        c.execute(
+            &format!("DELETE FROM {table} WHERE seal_seq >= ?1"),
+            [head_seq],
+        )
+        .unwrap();
+    }
+    let (ok, text) = verify(&key, &args);
+    assert!(!ok, "a cut store fails: {text}");
+    assert!(
+        text.contains("audit-store: FAILED") && text.contains("tail was removed"),
+        "{text}"
+    );
+}

@@ -1082,13 +1082,13 @@ impl Agent {
         let last = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
         self.record("stop", Some(last), "enforcement stays pinned".into());
         let _ = fs::remove_file(socket);
-        // The events log and stdout write what they hold; the store's
-        // writer gets a moment to commit its last batch.
+        // Each output writes what it holds (and a sealed one its `stop`
+        // record), for at most 2 s.
         for l in [self.log.take(), self.stdout.take()].into_iter().flatten() {
             l.finish(Duration::from_secs(2));
         }
-        if self.store.is_some() {
-            std::thread::sleep(Duration::from_millis(600));
+        if let Some(s) = &self.store {
+            s.finish(Duration::from_secs(2));
         }
         for c in self.outputs() {
             let pending = c.pending.load(Ordering::Relaxed);

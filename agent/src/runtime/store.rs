@@ -114,6 +114,8 @@ enum Item {
     /// An event and its hand-over number ([`Counts::hand`]).
     Event(Box<Record>, u64),
     Change(Change),
+    /// The agent stops: write what is held, seal the chain's `stop`, exit.
+    Stop,
 }
 
 /// A row as the writer holds it: sealed when taken (if the store is).
@@ -134,6 +136,7 @@ pub struct Store {
     pub counts: Arc<Counts>,
     /// Change rows that found the queue full (warned about, rate-limited).
     changes_dropped: Arc<AtomicU64>,
+    done: Arc<std::sync::Mutex<Option<thread::JoinHandle<()>>>>,
 }
 
 /// Rows queued for the writer before the events task drops them
@@ -192,6 +195,7 @@ impl Store {
             tx,
             counts: Counts::new("audit-store"),
             changes_dropped: Arc::new(AtomicU64::new(0)),
+            done: Arc::default(),
         };
         let chain = match sealer {
             Some(s) => Some(Chain::new(
@@ -209,11 +213,39 @@ impl Store {
             events: 0,
             retention,
             chain,
+            stopping: false,
         };
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("audit-store".into())
             .spawn(move || w.run(conn, rx))?;
+        *store.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(store)
+    }
+
+    /// At stop: the writer writes what it holds (a sealed store: and its
+    /// `stop` row) and exits; waits for it at most `within`.
+    pub fn finish(&self, within: Duration) {
+        let Some(handle) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let deadline = Instant::now() + within;
+        let mut item = Item::Stop;
+        loop {
+            match self.tx.try_send(item) {
+                Ok(()) => break,
+                Err(TrySendError::Full(i)) if Instant::now() < deadline => {
+                    item = i;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+        while !handle.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        }
     }
 
     pub fn event(&self, r: Record) {
@@ -258,6 +290,8 @@ struct Writer {
     events: usize,
     retention: Duration,
     chain: Option<Chain>,
+    /// [`Item::Stop`] came.
+    stopping: bool,
 }
 
 /// The last sealed row (the chain continues after it).
@@ -370,6 +404,7 @@ impl Writer {
                 let detail = c.detail.clone();
                 self.push("changes", change_values(&c.kind, Some(&c), detail), false);
             }
+            Item::Stop => self.stopping = true,
         }
     }
 
@@ -489,7 +524,7 @@ impl Writer {
             // Gather a batch: what is queued, for up to 250 ms.
             let deadline = Instant::now() + Duration::from_millis(250);
             let (mut got, mut drained) = (0, disconnected);
-            while got < BATCH && !disconnected {
+            while got < BATCH && !disconnected && !self.stopping {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let next = if self.health.cause().is_some() || left.is_zero() {
                     rx.try_recv().map_err(|_| ())
@@ -512,7 +547,8 @@ impl Writer {
             if drained && self.health.cause().is_none() && self.counts.has_gap() {
                 self.push_gap();
             }
-            if disconnected {
+            let last = disconnected || self.stopping;
+            if last {
                 self.push_chain("stop", serde_json::json!({}));
             }
             self.mark_epoch();
@@ -542,7 +578,7 @@ impl Writer {
                 }
             }
             self.health.tick();
-            if disconnected {
+            if last {
                 return;
             }
             if self.health.cause().is_none()

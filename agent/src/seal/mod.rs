@@ -6,9 +6,9 @@
 //! and replaced on disk). Whoever takes the node at epoch `E` holds only
 //! `k[E]`: they cannot re-seal a record of an earlier epoch, so they cannot
 //! change, remove, insert or reorder the past without `audit verify`
-//! noticing. The verification key (`k[0]`, the start time and the epoch
-//! length) is printed once by `bulkhead audit setup-keys` and kept off the
-//! node.
+//! noticing. The verification key (the seed `s`, with `k[0] = H(s)`; the
+//! start and the epoch length) is printed once by `bulkhead audit
+//! setup-keys` and kept off the node.
 //!
 //! Each output is one chain. Besides the records it carries, a chain holds
 //! signed records of its own (`"type":"seal"`): `start` and `stop` (the
@@ -99,7 +99,8 @@ struct KeyFile {
     key: String,
 }
 
-/// What `audit verify` needs: `k[0]`, the start and the epoch length.
+/// What `audit verify` needs: the seed `k0` (epoch `e` seals with
+/// `H^(e+1)(k0)`), the start and the epoch length.
 /// Printed as `bh1-<k0 hex>-<start>-<epoch secs>`.
 #[derive(Clone)]
 pub struct VerifyKey {
@@ -128,10 +129,11 @@ impl VerifyKey {
         })
     }
 
-    /// Keys by epoch, computed once each.
+    /// Keys by epoch, computed once each: epoch 0 seals with `H(k0)`, so
+    /// the node never holds the verification key itself.
     pub fn keys(&self) -> Keys {
         Keys {
-            keys: vec![self.k0.clone()],
+            keys: vec![evolve(&self.k0)],
         }
     }
 
@@ -203,7 +205,7 @@ pub fn setup(dir: &Path, epoch_secs: u64, force: bool) -> Result<VerifyKey> {
         );
     }
     let start = clock::now_ns().div_euclid(1_000_000_000);
-    write_key(&path, start, epoch_secs, 0, &k0)?;
+    write_key(&path, start, epoch_secs, 0, &evolve(&k0))?;
     Ok(VerifyKey {
         k0,
         start,
@@ -583,6 +585,12 @@ mod tests {
         let k0 = *keys.get(0).unwrap();
         let k2 = *keys.get(2).unwrap();
         assert_eq!(k2, *evolve(&evolve(&k0)));
+        let on_disk = fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+        assert!(on_disk.contains(&hex(&k0)), "epoch 0's key");
+        assert!(
+            !on_disk.contains(&hex(&parsed.k0[..])),
+            "not the verification key"
+        );
         // Pretend two epochs passed: the file now holds k[2], not k[0].
         let path = dir.path().join(KEY_FILE);
         let mut f: KeyFile = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
