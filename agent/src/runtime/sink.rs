@@ -232,7 +232,7 @@ impl Writer {
     fn push_own(&mut self, text: String) {
         let (text, seal) = match &mut self.chain {
             Some(c) => {
-                let (t, s) = c.seal_line(&text);
+                let (t, s) = c.seal_line(text);
                 (t, Some(s))
             }
             None => (text, None),
@@ -359,10 +359,9 @@ impl Writer {
         if self.counts.has_gap_before(l.seq) {
             self.push_gap();
         }
-        self.mark_epoch();
         let (text, seal) = match &mut self.chain {
             Some(c) => {
-                let (t, s) = c.seal_line(&l.text);
+                let (t, s) = c.seal_line(l.text);
                 (t, Some(s))
             }
             None => (l.text, None),

@@ -408,10 +408,8 @@ impl Writer {
         }
     }
 
-    /// Holds a row, sealed first if the store is; a new epoch gets its
-    /// `epoch` row before it.
+    /// Holds a row, sealed first if the store is.
     fn push(&mut self, table: &'static str, values: Vec<Value>, event: bool) {
-        self.mark_epoch();
         let seal = self.chain.as_mut().map(|c| c.seal_row(table, &values));
         self.backlog.push_back(Row {
             table,

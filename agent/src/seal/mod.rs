@@ -59,7 +59,17 @@ fn evolve(k: &[u8; 32]) -> Key {
 
 /// The MAC of `bytes` in `chain` under key `k`.
 fn mac(k: &[u8; 32], chain: &str, bytes: &[u8]) -> [u8; MAC_LEN] {
-    let mut m = <Hmac<Sha256>>::new_from_slice(k).expect("HMAC takes any key length");
+    mac_with(&prepare(k), chain, bytes)
+}
+
+/// HMAC's keyed state, made once per key (it costs two of the ten or so
+/// compressions of a record's MAC).
+fn prepare(k: &[u8; 32]) -> Hmac<Sha256> {
+    <Hmac<Sha256>>::new_from_slice(k).expect("HMAC takes any key length")
+}
+
+fn mac_with(keyed: &Hmac<Sha256>, chain: &str, bytes: &[u8]) -> [u8; MAC_LEN] {
+    let mut m = keyed.clone();
     m.update(chain.as_bytes());
     m.update(&[0]);
     m.update(bytes);
@@ -69,10 +79,16 @@ fn mac(k: &[u8; 32], chain: &str, bytes: &[u8]) -> [u8; MAC_LEN] {
 
 pub fn hex(b: &[u8]) -> String {
     let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
+    push_hex(&mut s, b);
     s
+}
+
+fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        s.push(DIGITS[usize::from(x >> 4)] as char);
+        s.push(DIGITS[usize::from(x & 15)] as char);
+    }
 }
 
 /// Lowercase hex only: a verifier that accepted `A` for `a` would let a
@@ -249,6 +265,7 @@ pub struct Sealer {
     epoch_secs: u64,
     epoch: u64,
     key: Key,
+    keyed: Hmac<Sha256>,
 }
 
 impl Sealer {
@@ -275,6 +292,7 @@ impl Sealer {
             start: f.start,
             epoch_secs: f.epoch_secs,
             epoch: f.epoch,
+            keyed: prepare(&key),
             key,
         };
         s.advance()?;
@@ -299,26 +317,32 @@ impl Sealer {
             k = evolve(&k);
         }
         write_key(&self.path, self.start, self.epoch_secs, now, &k)?;
+        // The old key's bytes are wiped as it drops; the keyed HMAC state
+        // is as good as the key, so it is wiped before it is replaced.
+        // SAFETY: `Hmac<Sha256>` is flat data (hash states and block
+        // buffers, no pointers, no drop glue that reads them); it is
+        // overwritten with zeros and then assigned a new value.
+        unsafe { zeroize::zeroize_flat_type(&mut self.keyed) };
+        self.keyed = prepare(&k);
         self.key = k;
         self.epoch = now;
         Ok(())
     }
 
-    /// Seals `bytes` of `chain` with the current epoch's key.
     /// Seals the bytes `build` makes for the current epoch (the epoch is
     /// part of what is sealed): returns the epoch, the bytes and the MAC.
-    fn seal(
+    fn seal<B: AsRef<[u8]>>(
         &mut self,
         chain: &str,
-        build: impl FnOnce(u64) -> Vec<u8>,
-    ) -> (u64, Vec<u8>, [u8; MAC_LEN]) {
+        build: impl FnOnce(u64) -> B,
+    ) -> (u64, B, [u8; MAC_LEN]) {
         if let Err(e) = self.advance() {
             // Sealing on with the old key keeps the trail verifiable; the
             // key is still on disk, so the warning matters.
             tracing::warn!("{e:#}; sealing on with the key of epoch {}", self.epoch);
         }
         let bytes = build(self.epoch);
-        let m = mac(&self.key, chain, &bytes);
+        let m = mac_with(&self.keyed, chain, bytes.as_ref());
         (self.epoch, bytes, m)
     }
 }
@@ -401,7 +425,7 @@ impl Chain {
     }
 
     /// Seals the bytes `build` makes for the current epoch.
-    fn seal(&mut self, build: impl FnOnce(u64) -> Vec<u8>) -> (u64, Vec<u8>, [u8; MAC_LEN]) {
+    fn seal<B: AsRef<[u8]>>(&mut self, build: impl FnOnce(u64) -> B) -> (u64, B, [u8; MAC_LEN]) {
         self.sealer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -410,7 +434,7 @@ impl Chain {
 
     /// The line of a JSON object (`{...}`, optionally ending in `\n`)
     /// with its seal appended, ending in `\n`; the chain moves on.
-    pub fn seal_line(&mut self, text: &str) -> (String, Seal) {
+    pub fn seal_line(&mut self, text: String) -> (String, Seal) {
         let (seq, prev) = (self.next, self.prev);
         let (line, epoch, mac) = self.line(text);
         self.advance(mac);
@@ -425,17 +449,27 @@ impl Chain {
         )
     }
 
-    fn line(&mut self, text: &str) -> (String, u64, [u8; MAC_LEN]) {
-        let body = text.trim_end_matches('\n');
-        let body = body.strip_suffix('}').unwrap_or(body);
-        let sep = if body.len() > 1 { "," } else { "" };
-        let (seq, prev) = (self.next, hex(&self.prev));
-        let (epoch, bytes, mac) = self.seal(|epoch| {
-            format!("{body}{sep}\"seal\":{{\"seq\":{seq},\"epoch\":{epoch},\"prev\":\"{prev}\"")
-                .into_bytes()
+    /// Seals in place: the object's closing brace becomes its seal.
+    fn line(&mut self, mut out: String) -> (String, u64, [u8; MAC_LEN]) {
+        while out.ends_with('\n') {
+            out.pop();
+        }
+        if out.ends_with('}') {
+            out.pop();
+        }
+        let sep = if out.len() > 1 { "," } else { "" };
+        let (seq, prev) = (self.next, self.prev);
+        out.reserve(128);
+        let (epoch, mut out, mac) = self.seal(|epoch| {
+            let _ = write!(out, "{sep}\"seal\":{{\"seq\":{seq},\"epoch\":{epoch}");
+            out.push_str(",\"prev\":\"");
+            push_hex(&mut out, &prev);
+            out.push('"');
+            out
         });
-        let mut out = String::from_utf8(bytes).expect("built from strings");
-        let _ = writeln!(out, ",\"mac\":\"{}\"}}}}", hex(&mac));
+        out.push_str(",\"mac\":\"");
+        push_hex(&mut out, &mac);
+        out.push_str("\"}}\n");
         (out, epoch, mac)
     }
 
@@ -458,7 +492,7 @@ impl Chain {
         );
         let (next, last) = (self.next, self.prev);
         (self.next, self.prev) = (seq, prev);
-        let line = self.line(&rec.to_string()).0;
+        let line = self.line(rec.to_string()).0;
         (self.next, self.prev) = (next, last);
         line
     }
@@ -472,7 +506,7 @@ impl Chain {
     /// sealed line.
     pub fn own_line(&mut self, what: &str, detail: serde_json::Value) -> (String, Seal) {
         self.epoch = self.current_epoch();
-        self.seal_line(&own_record(what, detail).to_string())
+        self.seal_line(own_record(what, detail).to_string())
     }
 
     fn current_epoch(&self) -> u64 {
@@ -518,19 +552,32 @@ pub fn row_bytes(
     prev: &[u8; MAC_LEN],
 ) -> Vec<u8> {
     use rusqlite::types::Value as V;
-    let mut a = Vec::with_capacity(values.len() + 4);
-    a.push(serde_json::Value::from(table));
+    // Written out directly (not through serde_json::Value): the store's
+    // writer seals every row.
+    let mut out = Vec::with_capacity(512);
+    let text = |out: &mut Vec<u8>, t: &str| {
+        let _ = serde_json::to_writer(&mut *out, t);
+    };
+    out.push(b'[');
+    text(&mut out, table);
     for v in values {
-        a.push(match v {
-            V::Null => serde_json::Value::Null,
-            V::Integer(i) => (*i).into(),
-            V::Real(f) => (*f).into(),
-            V::Text(t) => t.as_str().into(),
-            V::Blob(b) => hex(b).into(),
-        });
+        out.push(b',');
+        match v {
+            V::Null => out.extend_from_slice(b"null"),
+            V::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+            V::Real(f) => {
+                let _ = serde_json::to_writer(&mut out, f);
+            }
+            V::Text(t) => text(&mut out, t),
+            V::Blob(b) => {
+                out.push(b'"');
+                out.extend_from_slice(hex(b).as_bytes());
+                out.push(b'"');
+            }
+        }
     }
-    a.extend([seq.into(), epoch.into(), hex(prev).into()]);
-    serde_json::to_vec(&a).unwrap_or_default()
+    let _ = write!(out, ",{seq},{epoch},\"{}\"]", hex(prev));
+    out
 }
 
 /// The last sealed record of an events log file, if its last line is one.
