@@ -67,6 +67,9 @@ pub struct Gauges {
     pub subscriber_drops: AtomicU64,
     /// Established connections the agent destroyed.
     pub cuts_destroyed: Arc<AtomicU64>,
+    /// 1 while `--audit-full=refuse` refuses new connections of domain
+    /// workloads (the audit trail cannot be written).
+    pub audit_refusing: AtomicU64,
     /// Every output's counters (events log, stdout, audit store, followers).
     outputs: Mutex<Vec<Arc<Counts>>>,
     pub domain_names: Mutex<Vec<String>>,
@@ -315,6 +318,14 @@ impl Collector for Exposition {
             "Policy generation in force.",
             None,
             generation.metric_type(),
+        )?)?;
+        let refusing = ConstGauge::new(load(&g.audit_refusing) as i64);
+        refusing.encode(enc.encode_descriptor(
+            "bulkhead_audit_refusing",
+            "1 while --audit-full=refuse refuses new connections of domain workloads because the \
+             audit trail cannot be written (reason audit-unavailable), else 0.",
+            None,
+            refusing.metric_type(),
         )?)?;
         let took = ConstGauge::new(load(&g.load_micros) as f64 / 1e6);
         took.encode(enc.encode_descriptor(
