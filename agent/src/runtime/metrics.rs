@@ -601,6 +601,7 @@ mod tests {
             Duration::from_micros(12_345),
         );
         g.delivered.store(5, Ordering::Relaxed);
+        g.audit_refusing.store(1, Ordering::Relaxed);
         let log = Counts::new("events-log");
         for _ in 0..2 {
             log.hand();
@@ -639,6 +640,8 @@ mod tests {
             "bulkhead_output_dropped_total{output=\"events-log\",cause=\"disk_full\"} 1",
             "bulkhead_output_dropped_total{output=\"events-log\",cause=\"locked\"} 0",
             "bulkhead_output_dropped_total{output=\"audit-store\",cause=\"queue_full\"} 0",
+            "# TYPE bulkhead_audit_refusing gauge",
+            "bulkhead_audit_refusing 1",
             "# TYPE bulkhead_policy_generation gauge",
             "bulkhead_policy_generation 3",
             "bulkhead_policy_load_seconds 0.012345",
