@@ -51,6 +51,13 @@ impl Decision {
         }
     }
 
+    /// A connection refused while the audit trail cannot be written
+    /// ([`refused_unaudited`]).
+    #[inline(always)]
+    pub const fn unaudited() -> Self {
+        Decision::new(Reason::AuditUnavailable, 0)
+    }
+
     /// What happens to the connection under the policy's `mode`
     /// ([`MODE_AUDIT`]: a denial is recorded as `would-deny` and let through).
     #[inline(always)]
@@ -185,6 +192,20 @@ pub fn decide_peer<'b>(
         now_tai_ns,
         peer.geo,
     )
+}
+
+/// Whether a new connect or sendmsg of a workload of domain `local_id`
+/// (never 0) to `peer` is refused while `run --audit-full=refuse` is in
+/// force and the audit trail cannot be written
+/// ([`crate::maps::CONFIG_AUDIT_REFUSE`]): every one but loopback to the
+/// workload's own domain (a listener of the domain owns the address),
+/// which never leaves the host or the domain. A refused one is not decided
+/// by the policy at all: its decision is [`Decision::unaudited`], so the
+/// verifier walks one more path, not one more per policy outcome. The
+/// kernel's connect/sendmsg hooks and the live `explain` both call this.
+#[inline(always)]
+pub fn refused_unaudited(local_id: u32, peer: &Peer<'_>) -> bool {
+    !(peer.loopback && peer.domain == local_id)
 }
 
 /// Decides one connection or packet of a workload in domain `local` (id
@@ -623,5 +644,34 @@ mod tests {
         assert_eq!(deny.verdict(crate::maps::MODE_ENFORCE), Verdict::Deny);
         assert_eq!(deny.verdict(MODE_AUDIT), Verdict::WouldDeny);
         assert_eq!(allow.verdict(MODE_AUDIT), Verdict::Allow);
+    }
+
+    #[test]
+    fn refusing_unaudited_spares_only_loopback_to_the_own_domain() {
+        let peer = |domain, loopback| Peer {
+            domain,
+            geo: None,
+            loopback,
+        };
+        // Loopback to a listener of the workload's own domain stays open.
+        assert!(!refused_unaudited(1, &peer(1, true)));
+        // Anything else is refused: the own domain elsewhere, another
+        // domain or the host's own services (a resolver) over loopback,
+        // anywhere outside.
+        assert!(refused_unaudited(1, &peer(1, false)));
+        assert!(refused_unaudited(1, &peer(2, true)));
+        assert!(refused_unaudited(1, &peer(0, true)));
+        assert!(refused_unaudited(1, &peer(0, false)));
+        let d = Decision::unaudited();
+        assert_eq!(
+            (d.allow, d.reason, d.bridge_id),
+            (false, Reason::AuditUnavailable, 0)
+        );
+        assert_eq!(d.verdict(crate::maps::MODE_ENFORCE), Verdict::Deny);
+        assert_eq!(
+            d.verdict(MODE_AUDIT),
+            Verdict::WouldDeny,
+            "audit mode never drops"
+        );
     }
 }

@@ -79,8 +79,17 @@ pub struct Config {
     pub addr_words: u32,
     /// Classes of the slot's address table in use.
     pub addr_classes: u32,
-    pub _pad: u32,
+    /// [`CONFIG_AUDIT_REFUSE`]; not part of the policy: the agent sets it
+    /// in both slots at run time (and carries it into every slot it
+    /// writes).
+    pub flags: u32,
 }
+
+/// `Config::flags`: `run --audit-full=refuse` and the audit trail cannot be
+/// written: new connects and sendmsgs of domain workloads are refused
+/// ([`crate::Reason::AuditUnavailable`]; see
+/// [`crate::decide::refused_unaudited`]).
+pub const CONFIG_AUDIT_REFUSE: u32 = 1 << 0;
 
 /// `BH_CGROUPS` key: a configured cgroup (by id) in one slot.
 #[repr(C)]

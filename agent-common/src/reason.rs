@@ -39,6 +39,11 @@ pub enum Reason {
     Unparsable = 22,
     /// A packet socket (`AF_PACKET`) was refused to a domain workload.
     PacketSocketDenied = 23,
+    /// `run --audit-full=refuse`: a new connect or sendmsg of a domain
+    /// workload the policy allows, refused while the audit trail cannot be
+    /// written (an output failing or dropping events). Loopback to a
+    /// listener of the workload's own domain is not refused.
+    AuditUnavailable = 24,
 }
 
 /// Highest code + 1; sizes the per-hook counter rows.
@@ -46,7 +51,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::SameDomain,
         Reason::Bridge,
         Reason::NoDomain,
@@ -60,6 +65,7 @@ impl Reason {
         Reason::RawSocketDenied,
         Reason::Unparsable,
         Reason::PacketSocketDenied,
+        Reason::AuditUnavailable,
     ];
 
     pub const fn is_deny(self) -> bool {
@@ -82,6 +88,7 @@ impl Reason {
             Reason::RawSocketDenied => "raw-socket-denied",
             Reason::Unparsable => "unparsable-packet",
             Reason::PacketSocketDenied => "packet-socket-denied",
+            Reason::AuditUnavailable => "audit-unavailable",
         }
     }
 
@@ -117,5 +124,7 @@ mod tests {
         assert_eq!(Reason::CountryDenied as u8, 18);
         assert_eq!(Reason::DomainExpired as u8, 20);
         assert_eq!(Reason::PacketSocketDenied as u8, 23);
+        assert_eq!(Reason::AuditUnavailable as u8, 24);
+        assert_eq!(Reason::AuditUnavailable.name(), "audit-unavailable");
     }
 }

@@ -2,10 +2,10 @@
 
 use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddrContext};
 use bulkhead_common::{
-    Direction, Hook, Ports,
-    decide::{PeerAddr, peer_domain},
+    Decision, Direction, Hook, Ports,
+    decide::{PeerAddr, peer_domain, refused_unaudited},
     event::{FAMILY_INET, FAMILY_INET6},
-    maps::MODE_AUDIT,
+    maps::{CONFIG_AUDIT_REFUSE, MODE_AUDIT},
 };
 
 use crate::{
@@ -66,15 +66,23 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         service: port,
         other: unsafe { (*sk).src_port } as u16,
     };
-    let d = decide_flow(
-        &a,
-        dom_id,
-        dom,
-        &peer,
-        Direction::Egress,
-        proto as u8,
-        ports,
-    );
+    // `--audit-full=refuse` while the audit trail cannot be written: one
+    // test of the config already loaded; a refused connection is not
+    // decided by the policy (one more path for the verifier, not one per
+    // outcome).
+    let d = if a.config.flags & CONFIG_AUDIT_REFUSE != 0 && refused_unaudited(dom_id, &peer) {
+        Decision::unaudited()
+    } else {
+        decide_flow(
+            &a,
+            dom_id,
+            dom,
+            &peer,
+            Direction::Egress,
+            proto as u8,
+            ports,
+        )
+    };
     let mut stored = true;
     if d.allow || a.config.mode == MODE_AUDIT {
         // Connects always count as a new flow; a datagram is one when its

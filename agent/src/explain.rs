@@ -67,3 +67,42 @@ pub fn explain_with(
     let now_tai = clock::now_tai(now_unix_ns, clock::tai_offset_ns());
     explain_at(policy, c, geo, q, now_tai, listener)
 }
+
+/// The live answer while `--audit-full=refuse` refuses (the audit trail
+/// cannot be written, `unwritable` says why): what the connect hook then
+/// decides, by the same test ([`refused_unaudited`]); the policy's own
+/// answer stays in `rule`. `mode` is the policy's (`MODE_AUDIT`: a
+/// refusal is `would-deny`).
+pub fn while_refusing(mut a: Answer, dst: IpAddr, mode: u32, unwritable: &[String]) -> Answer {
+    use bulkhead_common::{
+        Decision,
+        decide::{Peer, refused_unaudited},
+    };
+    // Workloads in no domain are never refused.
+    if a.workload_domain.is_none() {
+        return a;
+    }
+    let own = a.dst_domain.is_some() && a.dst_domain == a.workload_domain;
+    let peer = Peer {
+        domain: u32::from(own),
+        geo: None,
+        loopback: dst.to_canonical().is_loopback(),
+    };
+    if !refused_unaudited(1, &peer) {
+        return a;
+    }
+    let d = Decision::unaudited();
+    a.rule = format!(
+        "--audit-full=refuse: new connections of domain workloads are refused while the audit \
+         trail cannot be written ({}); the policy alone: {} {} ({})",
+        unwritable.join(", "),
+        a.verdict,
+        a.reason,
+        a.rule
+    );
+    a.verdict = d.verdict(mode).name();
+    a.reason = d.reason.name();
+    a.reason_code = d.reason as u8;
+    a.bridge = None;
+    a
+}

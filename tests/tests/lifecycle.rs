@@ -238,8 +238,9 @@ fn explained(agent: &Agent, c: &Case, policy: Option<&std::path::Path>) -> Value
     json(&agent.cli(&args))
 }
 
-/// Reason codes no connect or sendmsg can get, and why.
-const NOT_FROM_A_CONNECT: [(Reason, &str); 3] = [
+/// Reason codes no connect or sendmsg can get from the policy (the cases
+/// below explain), and why.
+const NOT_FROM_A_CONNECT: [(Reason, &str); 4] = [
     (
         Reason::RawSocketDenied,
         "decided when a raw socket is created (cgroup/sock_create), never at connect",
@@ -251,6 +252,10 @@ const NOT_FROM_A_CONNECT: [(Reason, &str); 3] = [
     (
         Reason::PacketSocketDenied,
         "decided when an AF_PACKET socket is created (BPF LSM socket_create), never at connect",
+    ),
+    (
+        Reason::AuditUnavailable,
+        "decided by the audit trail's health (--audit-full=refuse), not by the policy: outputs.rs",
     ),
 ];
 

@@ -717,3 +717,285 @@ fn a_sealed_trail_verifies_and_names_what_was_changed() {
         "{text}"
     );
 }
+
+/// The world's policy with a bridge contractor → prod on `port` (tcp): a
+/// connection the policy allows between two domain workloads.
+fn bridged_policy(w: &tests::world::World, port: u16) -> String {
+    w.policy(
+        "",
+        &format!(
+            "bridges:\n  - name: ci\n    from: contractor\n    to: prod\n    ports: [tcp/{port}]\n    reason: \"T-24\"\n"
+        ),
+    )
+}
+
+/// `status --json`'s `audit_full`: (refusing, unwritable outputs).
+fn audit_full(agent: &Agent) -> (bool, Vec<String>) {
+    let st = status(agent);
+    let a = &st["audit_full"];
+    let unwritable = a["unwritable"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has audit_full: {st}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    (a["refusing"].as_bool().unwrap(), unwritable)
+}
+
+/// Waits (bounded) until `status` says `what`.
+fn wait_audit_full(agent: &Agent, what: &str, done: impl Fn(&(bool, Vec<String>)) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10 + tests::slack_secs());
+    loop {
+        let now = audit_full(agent);
+        if done(&now) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {now:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Decisions `status` counted for `reason`, every hook.
+fn decided(agent: &Agent, reason: &str) -> u64 {
+    status(agent)["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"] == reason)
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum()
+}
+
+/// The events log on a small disk that fills up (with `--audit-full` =
+/// `stance`): what a contractor workload's new connections get while the
+/// log cannot be written, over a bridge the policy allows, and to a
+/// listener of its own domain on loopback; and what a workload in no
+/// domain gets.
+///
+/// Dropped in field order: the servers leave their cgroups before the
+/// world removes them.
+struct FullDisk {
+    _servers: [tests::Server; 2],
+    agent: Agent,
+    log: AgentLog,
+    disk: Tmpfs,
+    w: tests::world::World,
+    bridged: String,
+    own_loopback: String,
+}
+
+const BRIDGED_PORT: u16 = 7024;
+const LOOPBACK_PORT: u16 = 7025;
+
+impl FullDisk {
+    fn start(stance: &str) -> FullDisk {
+        let disk = Tmpfs::new("1m");
+        let w = world();
+        let secs = 60 + tests::slack_secs();
+        let bridged = format!("{}:{BRIDGED_PORT}", w.link.v4(2));
+        let own_loopback = format!("127.0.0.1:{LOOPBACK_PORT}");
+        let servers = [
+            tests::Server::start(&w.prod, Some(&w.link.b), "tcp", &bridged, secs),
+            tests::Server::start(&w.contractor, Some(&w.link.a), "tcp", &own_loopback, secs),
+        ];
+        let (agent, log) = Agent::start_capturing_at(
+            &w.root,
+            &bridged_policy(&w, BRIDGED_PORT),
+            &disk.path().join("events.jsonl"),
+            &["--audit-full", stance],
+        );
+        FullDisk {
+            _servers: servers,
+            agent,
+            log,
+            disk,
+            w,
+            bridged,
+            own_loopback,
+        }
+    }
+
+    /// `probe connect tcp` from a workload in namespace A.
+    fn connect(&self, cgroup: &tests::Cgroup, dst: &str) -> String {
+        tests::probe(cgroup, Some(&self.w.link.a), &["connect", "tcp", dst])
+    }
+
+    fn bridged(&self) -> String {
+        self.connect(&self.w.contractor, &self.bridged)
+    }
+
+    /// Fills the disk, then makes the events log write (a few hundred
+    /// denied connects), and waits until `status` says it cannot.
+    fn fill(&self) {
+        self.disk.fill("filler");
+        storm_done(storm_bg(&self.w, 300, 0), 300);
+        wait_audit_full(&self.agent, "the events log fails", |(_, u)| {
+            u.iter().any(|o| o == "events-log: disk_full")
+        });
+    }
+
+    fn free(&self) {
+        fs::remove_file(self.disk.path().join("filler")).unwrap();
+    }
+
+    /// [`FullDisk::fill`] on a disk still full.
+    fn fill_again(&self) {
+        storm_done(storm_bg(&self.w, 300, 0), 300);
+        wait_audit_full(&self.agent, "the events log fails", |(_, u)| {
+            u.iter().any(|o| o == "events-log: disk_full")
+        });
+    }
+}
+
+/// `--audit-full=refuse` (issue 24): while the events log cannot be
+/// written, a domain workload's new connect fails at once with EPERM,
+/// even one the policy allows; loopback to its own domain and workloads in
+/// no domain are not refused. Once space returns, connects go through
+/// again within a couple of seconds, and every refusal is in the log with
+/// reason `audit-unavailable`.
+#[test]
+fn a_full_disk_refuses_new_connections_with_audit_full_refuse() {
+    if !privileged("audit_full_refuse") {
+        return;
+    }
+    let f = FullDisk::start("refuse");
+    assert_eq!(f.bridged(), "ok", "the bridge allows it");
+    assert_eq!(audit_full(&f.agent), (false, vec![]));
+    let warned_before = warnings(&f.log).len();
+
+    f.fill();
+    wait_audit_full(&f.agent, "refusing", |(r, _)| *r);
+    assert_eq!(
+        f.bridged(),
+        "EPERM",
+        "refused at once while the trail cannot be written"
+    );
+    assert_eq!(f.bridged(), "EPERM");
+    assert_eq!(
+        f.connect(&f.w.contractor, &f.own_loopback),
+        "ok",
+        "loopback to its own domain is not refused"
+    );
+    assert_eq!(
+        f.connect(&f.w.outside, &f.bridged),
+        "ok",
+        "a workload in no domain is never refused"
+    );
+    let refused = decided(&f.agent, "audit-unavailable");
+    assert!(refused >= 2, "the kernel counts its refusals: {refused}");
+    let text = f.agent.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("audit full:  refuse: REFUSING") && text.contains("events-log: disk_full"),
+        "{text}"
+    );
+
+    // Space returns: within the writer's retry (at most 2 s) and the
+    // agent's hold (0.5 s), connects go through again.
+    f.free();
+    let freed = Instant::now();
+    let mut last = String::new();
+    while freed.elapsed() < Duration::from_secs(10 + tests::slack_secs()) {
+        last = f.bridged();
+        if last == "ok" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let took = freed.elapsed();
+    assert_eq!(last, "ok", "allowed again once the log can be written");
+    eprintln!("connects allowed again {took:?} after space returned");
+    assert!(
+        took < Duration::from_secs(4 + tests::slack_secs()),
+        "within a couple of seconds: {took:?}"
+    );
+    assert_eq!(audit_full(&f.agent), (false, vec![]));
+
+    // Every refusal is in the trail (the log held them while it failed).
+    let refused = decided(&f.agent, "audit-unavailable");
+    let events = f.agent.wait_events(refused as usize, |e| {
+        tests::field(e, "reason") == "audit-unavailable"
+    });
+    assert_eq!(events.len() as u64, refused, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(
+        (
+            tests::field(e, "verdict"),
+            tests::field(e, "hook"),
+            tests::field(e, "src_domain"),
+            tests::field(e, "dst"),
+        ),
+        ("deny", "connect4", "contractor", f.w.link.v4(2).as_str()),
+        "{e}"
+    );
+    assert_eq!(e["dport"], BRIDGED_PORT, "{e}");
+    let (_, gaps) = strict_lines(&f.agent.events);
+    assert!(gaps.is_empty(), "nothing was dropped: {gaps:?}");
+
+    // One line when refusing started, one when it stopped.
+    let warned = warnings(&f.log)[warned_before..].to_vec();
+    let said = |what: &str| warned.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        said("refusing new connections of domain workloads"),
+        1,
+        "{warned:#?}"
+    );
+    assert_eq!(said("allowed again"), 1, "{warned:#?}");
+}
+
+/// The default `--audit-full=keep`: the same connect goes through while
+/// the events log cannot be written; nothing is refused for it.
+#[test]
+fn a_full_disk_refuses_nothing_by_default() {
+    if !privileged("audit_full_keep") {
+        return;
+    }
+    let f = FullDisk::start("keep");
+    f.fill();
+    assert_eq!(
+        f.bridged(),
+        "ok",
+        "enforcement as usual while the trail cannot be written"
+    );
+    let (refusing, unwritable) = audit_full(&f.agent);
+    assert!(!refusing && !unwritable.is_empty(), "{unwritable:?}");
+    assert_eq!(decided(&f.agent, "audit-unavailable"), 0);
+    f.free();
+}
+
+/// A refusal does not outlive its agent: a clean stop clears it at once
+/// (the programs stay attached); a `kill -9` leaves it (fail closed: no
+/// agent writes the trail either), and the next start clears it.
+#[test]
+fn a_refusal_ends_with_its_agent() {
+    if !privileged("audit_full_stop") {
+        return;
+    }
+    let mut f = FullDisk::start("refuse");
+    f.fill();
+    wait_audit_full(&f.agent, "refusing", |(r, _)| *r);
+    assert_eq!(f.bridged(), "EPERM");
+    f.agent.signal(libc::SIGTERM);
+    f.agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("SIGTERM ends the agent");
+    assert_eq!(f.bridged(), "ok", "a clean stop clears the refusal");
+    assert_eq!(
+        f.connect(
+            &f.w.contractor,
+            &format!("{}:{}", f.w.link.v4(2), BRIDGED_PORT + 1)
+        ),
+        "EPERM",
+        "the policy stays enforced"
+    );
+
+    let extra = ["--audit-full", "refuse"];
+    f.agent.spawn_capturing(&extra, &f.log);
+    f.fill_again();
+    wait_audit_full(&f.agent, "refusing", |(r, _)| *r);
+    f.agent.kill9();
+    assert_eq!(f.bridged(), "EPERM", "a dead agent's refusal stays");
+    f.free();
+    f.agent.spawn_capturing(&extra, &f.log);
+    assert_eq!(f.bridged(), "ok", "the next start clears it");
+}

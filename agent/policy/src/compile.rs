@@ -121,7 +121,7 @@ fn build(
         event_burst: limits.burst,
         addr_words: 0,
         addr_classes: 0,
-        _pad: 0,
+        flags: 0,
     };
 
     let mut domains = Vec::new();

@@ -11,6 +11,7 @@ use bulkhead::duration::parse_duration;
 use bulkhead::{
     clock,
     runtime::{
+        audit_full::Stance,
         bridges::OpenRequest,
         logging::LogFormat,
         protocol::{Filter, Request},
@@ -186,6 +187,13 @@ pub struct RunFlags {
     /// Delete audit store rows older than this (e.g. 30d, 12h).
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     pub audit_retention: u64,
+    /// What enforcement does while the audit trail (the events log, the
+    /// audit store) cannot be written: `keep` enforces the policy as
+    /// usual (events are held, then dropped and counted); `refuse` also
+    /// refuses new connections of domain workloads (EPERM, reason
+    /// audit-unavailable) until it can be written again.
+    #[arg(long, value_enum, default_value_t)]
+    pub audit_full: Stance,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9477);
     /// off by default.
     #[arg(long)]

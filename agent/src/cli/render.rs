@@ -58,6 +58,28 @@ pub fn status(v: &Status) -> String {
         v.mode,
         v.generation
     );
+    let a = &v.audit_full;
+    s += &format!(
+        "audit full:  {}{}{}\n",
+        if a.stance.is_empty() {
+            "keep"
+        } else {
+            &a.stance
+        },
+        if a.refusing {
+            ": REFUSING new connections of domain workloads"
+        } else {
+            ""
+        },
+        if a.unwritable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (the audit trail cannot be written: {})",
+                a.unwritable.join(", ")
+            )
+        }
+    );
     s += &format!(
         "cgroup root: {}\npinned:      {}/{} (map layout)\n",
         v.cgroup_root.display(),

@@ -55,6 +55,7 @@ fn run_args(f: RunFlags) -> Result<RunArgs> {
         allow_untrusted_policy: f.allow_untrusted_policy,
         k8s_node: f.k8s_node,
         bench_probes: f.bench_probes,
+        audit_full: f.audit_full,
         policy: f.policy,
         cgroup_root: f.cgroup_root,
         bpffs_dir: f.bpffs_dir,

@@ -22,8 +22,9 @@ use aya::{
 use bulkhead_common::{
     addr::{AddrClass, MAX_CLASSES, SLOT_WORDS},
     maps::{
-        BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, MAP_ADDR, MAP_BRIDGES, MAP_CGROUPS,
-        MAP_CLASSES, MAP_CONFIG, MAP_DOMAINS, MAP_STATE, MAX_DOMAINS, State,
+        BridgeKey, BridgeSet, CONFIG_AUDIT_REFUSE, CgroupKey, Config, DomainRec, MAP_ADDR,
+        MAP_BRIDGES, MAP_CGROUPS, MAP_CLASSES, MAP_CONFIG, MAP_DOMAINS, MAP_STATE, MAX_DOMAINS,
+        State,
     },
 };
 use sha2::{Digest as _, Sha256};
@@ -42,6 +43,9 @@ struct Slot {
 
 pub struct PolicyMaps {
     slots: [Slot; 2],
+    /// [`CONFIG_AUDIT_REFUSE`] is set in both slots' configs, and in every
+    /// slot written ([`PolicyMaps::set_refusing`]).
+    refusing: bool,
 }
 
 /// A policy written into the inactive slot, not yet in force.
@@ -67,8 +71,35 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
         .ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
+/// [`CONFIG_AUDIT_REFUSE`] set or cleared in both slots' configs; whether
+/// either slot had it before.
+fn write_refusal(ebpf: &mut Ebpf, on: bool) -> Result<bool> {
+    let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, MAP_CONFIG)?)?;
+    let mut had = false;
+    for slot in 0..2 {
+        let mut c = cfg.get(&slot, 0).context("reading BH_CONFIG")?;
+        had |= c.flags & CONFIG_AUDIT_REFUSE != 0;
+        if c.flags & CONFIG_AUDIT_REFUSE != 0 || on {
+            c.flags = with_refusal(c.flags, on);
+            cfg.set(slot, c, 0).context("writing BH_CONFIG")?;
+        }
+    }
+    Ok(had)
+}
+
+fn with_refusal(flags: u32, on: bool) -> u32 {
+    if on {
+        flags | CONFIG_AUDIT_REFUSE
+    } else {
+        flags & !CONFIG_AUDIT_REFUSE
+    }
+}
+
 impl PolicyMaps {
-    /// Reads what both slots hold now (left by an earlier agent, or empty).
+    /// Reads what both slots hold now (left by an earlier agent, or empty),
+    /// and clears a refusal (`--audit-full=refuse`) an agent that died
+    /// while refusing left behind: this agent writes the trail from now on,
+    /// and sets it again if it cannot.
     pub fn adopt(ebpf: &mut Ebpf) -> Result<Self> {
         let mut slots = [Slot::default(), Slot::default()];
         {
@@ -97,7 +128,33 @@ impl PolicyMaps {
                     .insert((k.from, k.to), v);
             }
         }
-        Ok(PolicyMaps { slots })
+        if write_refusal(ebpf, false)? {
+            tracing::warn!(
+                "an earlier agent stopped while refusing new connections of domain workloads \
+                 (--audit-full=refuse, its audit trail could not be written): cleared"
+            );
+        }
+        Ok(PolicyMaps {
+            slots,
+            refusing: false,
+        })
+    }
+
+    /// Whether [`CONFIG_AUDIT_REFUSE`] is set.
+    pub fn refusing(&self) -> bool {
+        self.refusing
+    }
+
+    /// Sets or clears [`CONFIG_AUDIT_REFUSE`] in both slots: the one in
+    /// force and the one the next generation is written into. Only the
+    /// flag changes, so a program reading a config meanwhile sees either
+    /// value of it with the same policy.
+    pub fn set_refusing(&mut self, ebpf: &mut Ebpf, on: bool) -> Result<()> {
+        if on != self.refusing {
+            write_refusal(ebpf, on)?;
+            self.refusing = on;
+        }
+        Ok(())
     }
 
     /// The generation in force (0 = no policy yet).
@@ -223,7 +280,11 @@ impl PolicyMaps {
             .context("writing BH_BRIDGES")?;
         }
         let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, MAP_CONFIG)?)?;
-        cfg.set(slot, c.config, 0).context("writing BH_CONFIG")?;
+        let config = Config {
+            flags: with_refusal(c.config.flags, self.refusing),
+            ..c.config
+        };
+        cfg.set(slot, config, 0).context("writing BH_CONFIG")?;
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use bulkhead_common::{DomainId, maps::MAP_EVENTS};
 use tracing::{Level, field, info, warn};
 
 use super::{
+    audit_full::{Refusal, Stance},
     bridges::{Jit, JitBridge, Opener},
     events::{Enricher, Generation},
     health::Counts,
@@ -80,6 +81,8 @@ pub struct RunArgs {
     pub k8s_node: Option<String>,
     /// Pin the benchmark probe programs too.
     pub bench_probes: bool,
+    /// What enforcement does while the audit trail cannot be written.
+    pub audit_full: Stance,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -282,6 +285,10 @@ pub struct Agent {
     capabilities: String,
     started: String,
     last_tick: Instant,
+    /// `--audit-full`: whether the kernel refuses for lack of a trail.
+    refusal: Refusal,
+    /// Writing the refusal flag failed (warned once until it works).
+    refusal_unwritten: bool,
 }
 
 impl Agent {
@@ -462,6 +469,8 @@ impl Agent {
             capabilities,
             started,
             last_tick: Instant::now(),
+            refusal: Refusal::new(args.audit_full),
+            refusal_unwritten: false,
             args,
         };
         agent.record(
@@ -805,6 +814,7 @@ impl Agent {
             Ordering::Relaxed,
         );
         self.hub.note_pending();
+        self.audit_full();
         let second = self.last_tick.elapsed() >= Duration::from_secs(1);
         let mut reload = false;
         if second {
@@ -831,6 +841,40 @@ impl Agent {
             self.place();
         }
         reload
+    }
+
+    /// `--audit-full`: refuses (or stops refusing) as the trail's outputs
+    /// fare; only this loop writes the flag, as it writes every slot.
+    fn audit_full(&mut self) {
+        let trail: Vec<Arc<Counts>> = self
+            .log
+            .iter()
+            .map(|l| l.counts.clone())
+            .chain(self.store.iter().map(|s| s.counts.clone()))
+            .collect();
+        let counters = self.pins.maps().join(bulkhead_common::maps::MAP_COUNTERS);
+        let refuse = self
+            .refusal
+            .turn(&trail, Instant::now(), || refused(&counters));
+        if refuse == self.pmaps.refusing() {
+            return;
+        }
+        match self.pmaps.set_refusing(&mut self.ebpf, refuse) {
+            Ok(()) => {
+                self.refusal_unwritten = false;
+                self.gauges
+                    .audit_refusing
+                    .store(u64::from(refuse), Ordering::Relaxed);
+            }
+            Err(e) if !self.refusal_unwritten => {
+                self.refusal_unwritten = true;
+                warn!(
+                    "{} refusing new connections of domain workloads failed (retrying every turn): {e:#}",
+                    if refuse { "starting" } else { "stopping" }
+                );
+            }
+            Err(_) => {}
+        }
     }
 
     /// A touch or a rewrite with the same bytes is not a new policy.
@@ -923,7 +967,7 @@ impl Agent {
         };
         let host = explain::HostListeners::new(socks_fd(&self.ebpf).ok());
         let l = &self.current;
-        let answer = explain::explain_with(
+        let mut answer = explain::explain_with(
             &l.policy,
             &l.compiled,
             &l.geo,
@@ -931,6 +975,14 @@ impl Agent {
             clock::now_ns(),
             &|q, ip| host.lookup(q, ip),
         );
+        if self.pmaps.refusing() {
+            answer = explain::while_refusing(
+                answer,
+                ip,
+                l.compiled.config.mode,
+                &self.refusal.state().unwritable,
+            );
+        }
         Response::Explained { answer }
     }
 
@@ -1017,6 +1069,7 @@ impl Agent {
             policy: self.args.policy.clone(),
             sha256: l.policy.sha256.clone(),
             mode: format!("{:?}", l.policy.mode).to_lowercase(),
+            audit_full: self.refusal.state(),
             generation,
             running_since: self.started.clone(),
             cgroup_root: self.root.clone(),
@@ -1077,8 +1130,23 @@ impl Agent {
         self.pins.maps()
     }
 
-    /// Records the stop; enforcement stays pinned.
+    /// Records the stop; enforcement stays pinned, but not a refusal for
+    /// lack of an audit trail (`--audit-full=refuse`): with no agent the
+    /// flag would refuse domain workloads until the next start.
     pub fn stop(mut self, socket: &Path) {
+        if self.pmaps.refusing() {
+            match self.pmaps.set_refusing(&mut self.ebpf, false) {
+                Ok(()) => warn!(
+                    "stopping while refusing new connections of domain workloads \
+                     (--audit-full=refuse): no longer refused"
+                ),
+                Err(e) => warn!(
+                    "stopping while refusing new connections of domain workloads, and clearing \
+                     the flag failed: they stay refused until an agent starts or \
+                     `bulkhead detach`: {e:#}"
+                ),
+            }
+        }
         let last = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
         self.record("stop", Some(last), "enforcement stays pinned".into());
         let _ = fs::remove_file(socket);
@@ -1102,6 +1170,18 @@ impl Agent {
             self.pins.root.display()
         );
     }
+}
+
+/// Connections the kernel refused for lack of an audit trail so far
+/// (`audit-unavailable`, every hook), from the pinned counters.
+fn refused(counters: &Path) -> u64 {
+    use bulkhead_common::{Hook, Reason, maps::counter_index};
+    let sums = super::metrics::sums(counters);
+    Hook::ALL
+        .into_iter()
+        .map(|h| counter_index(h as u8, Reason::AuditUnavailable as u8))
+        .filter_map(|i| sums.get(i as usize))
+        .sum()
 }
 
 /// The policy side of a start: where the cgroups are, the bridges still

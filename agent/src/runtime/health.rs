@@ -12,7 +12,7 @@ use std::{
     io,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -130,6 +130,10 @@ pub struct Counts {
     gap: Mutex<Gap>,
     /// Events handed to the output so far (numbers them, in order).
     handed: AtomicU64,
+    /// Why its writes fail now (its [`Health`]'s cause, `Cause as u8 + 1`),
+    /// 0 while they succeed: for the agent's loop, which cannot see the
+    /// writer's `Health` (`--audit-full`).
+    failing: AtomicU8,
 }
 
 impl Counts {
@@ -142,6 +146,7 @@ impl Counts {
             dropped: Default::default(),
             gap: Mutex::new(Gap::default()),
             handed: AtomicU64::new(0),
+            failing: AtomicU8::new(0),
         })
     }
 
@@ -184,6 +189,20 @@ impl Counts {
     pub fn has_gap_before(&self, seq: u64) -> bool {
         let g = self.gap.lock().unwrap_or_else(|e| e.into_inner());
         g.count > 0 && g.first_seq < seq
+    }
+
+    /// Why the output's writes fail now; `None` while they succeed (or
+    /// before the first write).
+    pub fn failing(&self) -> Option<Cause> {
+        match self.failing.load(Ordering::Relaxed) {
+            0 => None,
+            n => Cause::ALL.get(usize::from(n - 1)).copied(),
+        }
+    }
+
+    fn set_failing(&self, cause: Option<Cause>) {
+        self.failing
+            .store(cause.map_or(0, |c| c as u8 + 1), Ordering::Relaxed);
     }
 
     pub fn dropped(&self, cause: Cause) -> u64 {
@@ -294,6 +313,7 @@ impl Health {
                 });
             }
         }
+        self.counts.set_failing(Some(cause));
         self.retry_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_RETRY);
     }
@@ -303,6 +323,7 @@ impl Health {
         self.backoff = FIRST_RETRY;
         self.retry_at = None;
         if let Some(f) = self.failing.take() {
+            self.counts.set_failing(None);
             let dropped = self.counts.dropped_total() - f.dropped_then;
             tracing::warn!(
                 "{}: writing again after {:.1} s ({}); {}",
@@ -368,5 +389,18 @@ mod tests {
         assert_eq!(r["causes"]["queue_full"], 1);
         let s = c.snapshot();
         assert_eq!((s.dropped.disk_full, s.dropped.queue_full), (2, 1));
+    }
+
+    #[test]
+    fn the_counts_say_while_writes_fail() {
+        let c = Counts::new("events-log");
+        let mut h = Health::new(c.clone(), "16 MiB of events");
+        assert_eq!(c.failing(), None);
+        h.failed(Cause::DiskFull, &"No space left on device", 1);
+        assert_eq!(c.failing(), Some(Cause::DiskFull));
+        h.failed(Cause::IoError, &"Input/output error", 1);
+        assert_eq!(c.failing(), Some(Cause::IoError));
+        h.ok();
+        assert_eq!(c.failing(), None);
     }
 }

@@ -67,6 +67,9 @@ pub struct Gauges {
     pub subscriber_drops: AtomicU64,
     /// Established connections the agent destroyed.
     pub cuts_destroyed: Arc<AtomicU64>,
+    /// 1 while `--audit-full=refuse` refuses new connections of domain
+    /// workloads (the audit trail cannot be written).
+    pub audit_refusing: AtomicU64,
     /// Every output's counters (events log, stdout, audit store, followers).
     outputs: Mutex<Vec<Arc<Counts>>>,
     pub domain_names: Mutex<Vec<String>>,
@@ -315,6 +318,14 @@ impl Collector for Exposition {
             "Policy generation in force.",
             None,
             generation.metric_type(),
+        )?)?;
+        let refusing = ConstGauge::new(load(&g.audit_refusing) as i64);
+        refusing.encode(enc.encode_descriptor(
+            "bulkhead_audit_refusing",
+            "1 while --audit-full=refuse refuses new connections of domain workloads because the \
+             audit trail cannot be written (reason audit-unavailable), else 0.",
+            None,
+            refusing.metric_type(),
         )?)?;
         let took = ConstGauge::new(load(&g.load_micros) as f64 / 1e6);
         took.encode(enc.encode_descriptor(
@@ -590,6 +601,7 @@ mod tests {
             Duration::from_micros(12_345),
         );
         g.delivered.store(5, Ordering::Relaxed);
+        g.audit_refusing.store(1, Ordering::Relaxed);
         let log = Counts::new("events-log");
         for _ in 0..2 {
             log.hand();
@@ -628,6 +640,8 @@ mod tests {
             "bulkhead_output_dropped_total{output=\"events-log\",cause=\"disk_full\"} 1",
             "bulkhead_output_dropped_total{output=\"events-log\",cause=\"locked\"} 0",
             "bulkhead_output_dropped_total{output=\"audit-store\",cause=\"queue_full\"} 0",
+            "# TYPE bulkhead_audit_refusing gauge",
+            "bulkhead_audit_refusing 1",
             "# TYPE bulkhead_policy_generation gauge",
             "bulkhead_policy_generation 3",
             "bulkhead_policy_load_seconds 0.012345",

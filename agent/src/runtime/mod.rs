@@ -17,6 +17,7 @@
 //! runs off it.
 
 pub mod agent;
+pub mod audit_full;
 pub mod bridges;
 pub mod control;
 pub mod events;

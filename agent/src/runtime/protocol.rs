@@ -161,6 +161,10 @@ pub struct Status {
     pub sha256: String,
     /// `enforce` or `audit`.
     pub mode: String,
+    /// `--audit-full` and whether it refuses now (absent from an older
+    /// agent's answer).
+    #[serde(default)]
+    pub audit_full: super::audit_full::AuditFullState,
     pub generation: u64,
     pub running_since: String,
     pub cgroup_root: PathBuf,
