@@ -51,7 +51,8 @@ pub enum Command {
         #[command(subcommand)]
         what: BridgeCommand,
     },
-    /// Query the audit store (works without a running agent).
+    /// The audit trail: query the store, seal the trail, verify it (works
+    /// without a running agent).
     Audit {
         #[command(subcommand)]
         what: AuditCommand,
@@ -297,9 +298,10 @@ pub enum AuditCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Check the sealed trail: report the first record that was changed,
-    /// deleted, inserted or reordered, and the range that verified. Exits
-    /// 4 when the trail fails.
+    /// Check the sealed trail (the events log files given with --log, and
+    /// the audit store: --db, or the default one when no --log is given):
+    /// report the first record that was changed, deleted, inserted or
+    /// reordered, and the range that verified. Exits 4 when it fails.
     Verify {
         /// The verification key that `audit setup-keys` printed.
         #[arg(long, env = "BULKHEAD_VERIFY_KEY")]

@@ -407,6 +407,9 @@ impl Writer {
                                 seq: s.seq,
                                 mac: s.mac,
                             });
+                            if let Some(c) = &self.chain {
+                                c.written(&s);
+                            }
                         }
                     }
                     if self.target.rotated() {

@@ -499,6 +499,12 @@ impl Writer {
             )?;
         }
         tx.commit()?;
+        if let (Some(c), Some(s)) = (
+            &self.chain,
+            self.backlog.iter().filter_map(|r| r.seal).next_back(),
+        ) {
+            c.written(&s);
+        }
         self.backlog.clear();
         Ok(())
     }
@@ -554,6 +560,12 @@ impl Writer {
                 let n = self.backlog.len().min(BATCH);
                 match insert(&mut conn, self.backlog.range(..n)) {
                     Ok(()) => {
+                        if let (Some(c), Some(s)) = (
+                            &self.chain,
+                            self.backlog.range(..n).filter_map(|r| r.seal).next_back(),
+                        ) {
+                            c.written(&s);
+                        }
                         let events = self.backlog.drain(..n).filter(|r| r.event).count();
                         self.events -= events;
                         self.counts.wrote(events as u64);

@@ -386,8 +386,10 @@ pub struct Chain {
     prev: [u8; MAC_LEN],
     /// The epoch of the last `epoch` (or `start`) record.
     epoch: u64,
-    /// Where the chain stands, for `status`.
-    pub head: Arc<Mutex<Option<Head>>>,
+    /// The last record written, for `status`.
+    head: Arc<Mutex<Option<Head>>>,
+    /// The last record sealed.
+    last: Option<Head>,
 }
 
 /// The JSON object of a chain's own record, without its seal.
@@ -421,6 +423,7 @@ impl Chain {
             prev: last.map_or([0; MAC_LEN], |h| h.mac),
             epoch,
             head,
+            last,
         }
     }
 
@@ -480,7 +483,16 @@ impl Chain {
         };
         self.next += 1;
         self.prev = mac;
-        *self.head.lock().unwrap_or_else(|e| e.into_inner()) = Some(head);
+        self.last = Some(head);
+    }
+
+    /// The output wrote every record through `seal`: that is its head (for
+    /// `status`; a head that was only sealed could still be lost).
+    pub fn written(&self, seal: &Seal) {
+        *self.head.lock().unwrap_or_else(|e| e.into_inner()) = Some(Head {
+            seq: seal.seq,
+            mac: seal.mac,
+        });
     }
 
     /// A new file's first line: sealed, naming the `seq` and `prev` of the

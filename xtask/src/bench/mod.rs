@@ -318,10 +318,13 @@ pub fn run(args: Args) -> Result<()> {
         lap("network");
     }
     drop(full);
-    let mut storm = Value::Null;
+    let (mut storm, mut trail) = (Value::Null, Value::Null);
     if wanted("storm") {
-        eprintln!("bench: phase 5/5: deny storm, events against kernel counters");
+        eprintln!(
+            "bench: phase 5/5: deny storm, events against kernel counters; the trail's writers, sealed and not"
+        );
         storm = storm::phase(&ctx, &specs[1])?;
+        trail = storm::trail(&ctx)?;
         lap("storm");
     }
     eprintln!("bench: phase seconds: {}", Value::Object(phases.clone()));
@@ -346,6 +349,7 @@ pub fn run(args: Args) -> Result<()> {
         "update": update,
         "network": network,
         "storm": storm,
+        "trail": trail,
     });
     results["meta"]["duration_s"] = json!(started.elapsed().as_secs_f64());
     results["meta"]["phase_s"] = Value::Object(phases);

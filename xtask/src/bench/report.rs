@@ -860,6 +860,7 @@ fn markdown(r: &Value) -> String {
         );
     }
 
+    s.push_str(&trail(r));
     s.push_str("\n## Where the time goes\n\n");
     s.push_str(&analysis(r));
     s
@@ -1097,4 +1098,51 @@ mod tests {
         assert_eq!(fmt_num(12.34), "12.3");
         assert_eq!(fmt_num(f64::NAN), "–");
     }
+}
+
+/// Section 5: the sealed trail's cost.
+fn trail(r: &Value) -> String {
+    let mut s = String::from("\n## 5. Audit trail: the hash chain's cost\n\n");
+    let t = &r["trail"];
+    if t.is_null() {
+        s.push_str("Not measured in this run.\n");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "Each writer alone (`agent/examples/trail_rate.rs`): {} events handed to a fresh events log or audit store as fast as its queue takes them, unsealed and sealed (`audit setup-keys`) alternating, median of {} rounds each. *Rate* is events written per second (the producer shares the 2 cores); *writer CPU* is the writer thread's own CPU time per event, from which its capacity follows.\n",
+        t["events"], t["rounds"]
+    );
+    s.push_str("| output | unsealed events/s | sealed events/s | sealed / unsealed | writer CPU unsealed | writer CPU sealed | writer capacity sealed / unsealed |\n|---|---|---|---|---|---|---|\n");
+    for (key, label) in [
+        ("events_log", "events log"),
+        ("audit_store", "audit store (SQLite)"),
+    ] {
+        let o = &t[key];
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {:.1}% | {:.0} ns | {:.0} ns | {:.1}% |",
+            fmt_num(f(&o["unsealed_per_s"])),
+            fmt_num(f(&o["sealed_per_s"])),
+            100.0 * f(&o["ratio"]),
+            f(&o["writer_ns_unsealed"]),
+            f(&o["writer_ns_sealed"]),
+            100.0 * f(&o["capacity_ratio"]),
+        );
+    }
+    let runs = r["storm"]["runs"].as_array().cloned().unwrap_or_default();
+    let run = |k: &str| runs.iter().find(|x| x["key"] == k).cloned();
+    if let (Some(a), Some(b)) = (run("unlimited"), run("unlimited_sealed")) {
+        let rate = |x: &Value| f(&x["events_delivered"]) / f(&x["delivered_by_s"]).max(1e-9);
+        let _ = writeln!(
+            s,
+            "\nThe whole agent in the deny storm above (events log and audit store, no rate limit): {} events delivered in {:.2} s unsealed, {} in {:.2} s sealed: {:.1}% of the unsealed rate.",
+            a["events_delivered"],
+            f(&a["delivered_by_s"]),
+            b["events_delivered"],
+            f(&b["delivered_by_s"]),
+            100.0 * rate(&b) / rate(&a).max(1e-9),
+        );
+    }
+    s
 }

@@ -79,6 +79,11 @@ pub fn phase(ctx: &Ctx, spec: &Spec) -> Result<Value> {
             vec!["--event-rate", "0", "--no-audit-db"],
         ),
         (
+            "unlimited_sealed",
+            "no rate limit, 1 MiB ring, trail sealed (audit setup-keys)",
+            vec!["--event-rate", "0"],
+        ),
+        (
             "default",
             "default limits (1000/s per cgroup, burst 2000)",
             vec![],
@@ -91,6 +96,16 @@ pub fn phase(ctx: &Ctx, spec: &Spec) -> Result<Value> {
     ] {
         if ctx.quick && key == "unlimited_no_db" {
             continue;
+        }
+        if key == "unlimited_sealed" {
+            // The key where the agent's state goes: it seals from its start.
+            let state = ctx.work.join(format!("state-storm-{key}"));
+            crate::cmd::run(
+                std::process::Command::new(&ctx.bin)
+                    .args(["audit", "setup-keys", "--force", "--state-dir"])
+                    .arg(&state)
+                    .stdout(Stdio::null()),
+            )?;
         }
         let mut agent = ctx.start_agent(&format!("storm-{key}"), &policy, &extra)?;
         let before = counters(&agent)?;
@@ -224,4 +239,30 @@ pub fn helper(args: &[String]) -> Result<()> {
         json!({"n": n, "eperm": eperm, "other": other, "secs": secs})
     );
     Ok(())
+}
+
+/// The audit trail's writers alone (`agent/examples/trail_rate.rs`): events
+/// per second to the events log and to the audit store, and each writer's
+/// CPU per event, unsealed against sealed, alternating in one run.
+pub fn trail(ctx: &Ctx) -> Result<Value> {
+    crate::cmd::run(crate::cmd::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "bulkhead",
+        "--example",
+        "trail_rate",
+    ]))?;
+    let exe = crate::cmd::workspace_root().join("target/release/examples/trail_rate");
+    let (n, rounds) = if ctx.quick { (50_000, 1) } else { (200_000, 5) };
+    let out = std::process::Command::new(&exe)
+        .arg(ctx.work.join("trail"))
+        .args([n.to_string(), rounds.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("trail_rate failed ({})", out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("trail_rate output")
 }
