@@ -1057,49 +1057,6 @@ fn analysis(r: &Value) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chart_is_svg_with_bars() {
-        let svg = bar_chart(
-            "t",
-            "y",
-            &["a".into(), "b".into()],
-            &[
-                ("s1".into(), vec![1.0, 2.0]),
-                ("s2".into(), vec![f64::NAN, 3.0]),
-            ],
-            Some((1.5, "ref")),
-        );
-        assert!(svg.starts_with("<svg"));
-        assert_eq!(svg.matches("<rect x=").count(), 3 + 2);
-        assert!(svg.trim_end().ends_with("</svg>"));
-    }
-
-    #[test]
-    fn compiled_line() {
-        assert_eq!(
-            compiled_counts(
-                "compiled: 10 cgroups present now, 8000 IPv4 + 2000 IPv6 domain networks, 97843 IPv4 + 127551 IPv6 geo ranges; address table 2033552 words (7943 KiB) in 10063 IPv4 + 10967 IPv6 nodes, 3 classes"
-            ),
-            [
-                10, 8000, 2000, 97843, 127551, 2033552, 7943, 10063, 10967, 3
-            ]
-        );
-    }
-
-    #[test]
-    fn numbers() {
-        assert_eq!(fmt_num(1234567.0), "1.23M");
-        assert_eq!(fmt_num(12345.0), "12k");
-        assert_eq!(fmt_num(123.4), "123");
-        assert_eq!(fmt_num(12.34), "12.3");
-        assert_eq!(fmt_num(f64::NAN), "–");
-    }
-}
-
 /// Section 5: the sealed trail's cost.
 fn trail(r: &Value) -> String {
     let mut s = String::from("\n## 5. Audit trail: the hash chain's cost\n\n");
@@ -1145,4 +1102,47 @@ fn trail(r: &Value) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_is_svg_with_bars() {
+        let svg = bar_chart(
+            "t",
+            "y",
+            &["a".into(), "b".into()],
+            &[
+                ("s1".into(), vec![1.0, 2.0]),
+                ("s2".into(), vec![f64::NAN, 3.0]),
+            ],
+            Some((1.5, "ref")),
+        );
+        assert!(svg.starts_with("<svg"));
+        assert_eq!(svg.matches("<rect x=").count(), 3 + 2);
+        assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn compiled_line() {
+        assert_eq!(
+            compiled_counts(
+                "compiled: 10 cgroups present now, 8000 IPv4 + 2000 IPv6 domain networks, 97843 IPv4 + 127551 IPv6 geo ranges; address table 2033552 words (7943 KiB) in 10063 IPv4 + 10967 IPv6 nodes, 3 classes"
+            ),
+            [
+                10, 8000, 2000, 97843, 127551, 2033552, 7943, 10063, 10967, 3
+            ]
+        );
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(fmt_num(1234567.0), "1.23M");
+        assert_eq!(fmt_num(12345.0), "12k");
+        assert_eq!(fmt_num(123.4), "123");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(f64::NAN), "–");
+    }
 }
