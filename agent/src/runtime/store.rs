@@ -296,31 +296,32 @@ struct Writer {
 
 /// The last sealed row (the chain continues after it).
 fn last_head(c: &Connection) -> Result<Option<Head>> {
-    let mut best: Option<Head> = None;
-    for table in ["events", "changes"] {
-        let row: Option<(i64, String)> = c
-            .query_row(
-                &format!(
-                    "SELECT seal_seq, seal_mac FROM {table} WHERE seal_seq IS NOT NULL ORDER BY seal_seq DESC LIMIT 1"
-                ),
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
-        if let Some((seq, mac)) = row
-            && best.is_none_or(|b| b.seq < seq as u64)
-        {
-            best = Some(Head {
+    last_sealed(c, i64::MAX)?
+        .map(|(seq, mac)| {
+            Ok(Head {
                 seq: seq as u64,
                 mac: seal::unhex(&mac).context("a damaged seal_mac")?,
-            });
-        }
+            })
+        })
+        .transpose()
+}
+
+/// The `seal_seq` and `seal_mac` of the last sealed row of either table
+/// older than `before_ns`.
+fn last_sealed(c: &Connection, before_ns: i64) -> Result<Option<(i64, String)>> {
+    let row = c.query_row(
+        "SELECT seal_seq, seal_mac FROM (
+             SELECT seal_seq, seal_mac, ts_ns FROM events
+             UNION ALL SELECT seal_seq, seal_mac, ts_ns FROM changes)
+         WHERE seal_seq IS NOT NULL AND ts_ns < ?1 ORDER BY seal_seq DESC LIMIT 1",
+        [before_ns],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    );
+    match row {
+        Ok(r) => Ok(Some(r)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(best)
 }
 
 /// An event's row, in [`EVENT_COLUMNS`] order.
@@ -454,27 +455,7 @@ impl Writer {
         let cutoff = clock::now_ns() - self.retention.as_nanos() as i64;
         let tx = conn.transaction()?;
         if self.chain.is_some() {
-            let mut through: Option<(i64, String)> = None;
-            for table in ["events", "changes"] {
-                let row: Option<(i64, String)> = tx
-                    .query_row(
-                        &format!(
-                            "SELECT seal_seq, seal_mac FROM {table} WHERE ts_ns < ?1 AND seal_seq IS NOT NULL ORDER BY seal_seq DESC LIMIT 1"
-                        ),
-                        [cutoff],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
-                if let Some(r) = row
-                    && through.as_ref().is_none_or(|t| t.0 < r.0)
-                {
-                    through = Some(r);
-                }
-            }
+            let through = last_sealed(&tx, cutoff)?;
             if let Some((seq, mac)) = through {
                 self.push_chain(
                     "retention",

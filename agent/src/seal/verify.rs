@@ -850,33 +850,29 @@ mod tests {
         // A changed column.
         c.execute("UPDATE events SET verdict = 'allow' WHERE dport = 5444", [])
             .unwrap();
-        let r = store_report(&db, &key);
-        assert!(
-            r.failure.as_deref().unwrap_or("").contains("changed"),
-            "{r}"
-        );
+        fails_with(&db, &key, "changed");
         c.execute("UPDATE events SET verdict = 'deny' WHERE dport = 5444", [])
             .unwrap();
         assert!(store_report(&db, &key).ok());
         // A deleted row; then the retention row itself.
         c.execute("DELETE FROM events WHERE dport = 5444", [])
             .unwrap();
-        let r = store_report(&db, &key);
-        assert!(
-            r.failure.as_deref().unwrap_or("").contains("missing"),
-            "{r}"
-        );
+        fails_with(&db, &key, "missing");
         c.execute("DELETE FROM changes WHERE detail LIKE '%retention%'", [])
             .unwrap();
-        let r = store_report(&db, &key);
-        assert!(
-            r.failure.as_deref().unwrap_or("").contains("deleted"),
-            "{r}"
-        );
+        fails_with(&db, &key, "deleted");
         drop(store);
     }
 
     fn store_report(db: &Path, key: &VerifyKey) -> Report {
         store(db, key, None).unwrap()
+    }
+
+    fn fails_with(db: &Path, key: &VerifyKey, why: &str) {
+        let r = store_report(db, key);
+        assert!(
+            r.failure.as_deref().unwrap_or("").contains(why),
+            "{why}: {r}"
+        );
     }
 }
