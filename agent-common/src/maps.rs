@@ -33,6 +33,10 @@ pub const MAP_EVENTS: &str = "BH_EVENTS";
 pub const MAP_COUNTERS: &str = "BH_COUNTERS";
 pub const MAP_RATE: &str = "BH_RATE";
 pub const MAP_DOMAIN_COUNTERS: &str = "BH_DOMSTATS";
+/// `BH_LISTEN[0]`: bumped by every bind (`post_bind`), so a remembered
+/// datagram verdict ([`SendCache`]) that named no listener, or another
+/// one, is not used after a socket binds.
+pub const MAP_LISTEN: &str = "BH_LISTEN";
 
 /// Per-domain decision counters: `BH_DOMSTATS[domain * REASON_SLOTS + reason]`.
 pub const NUM_DOMAIN_COUNTERS: u32 = MAX_DOMAINS * crate::reason::REASON_SLOTS;
@@ -251,6 +255,33 @@ pub struct SockInfo {
     pub verdict: VerdictCache,
     /// Set with [`SOCK_CUT`].
     pub cut: CutRecord,
+    pub send: SendCache,
+}
+
+/// An unconnected datagram socket's last allowed `sendmsg` decision, so
+/// the next datagram to the same destination is allowed without deciding
+/// again while it holds: the same policy generation, before `until_tai_ns`,
+/// sent from the same cgroup, and no socket bound since (`BH_LISTEN`
+/// unchanged: a new listener at the destination may belong to another
+/// domain). Only allowed decisions are kept; `--audit-full=refuse` skips
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendCache {
+    /// 0 = nothing remembered (generations start at 1).
+    pub generation: u64,
+    pub until_tai_ns: u64,
+    /// `BH_LISTEN[0]` before the decision.
+    pub listeners: u64,
+    /// The sending task's cgroup.
+    pub cgroup_id: u64,
+    pub dst: [u8; 16],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub reason: u8,
+    /// The sender's domain (its per-domain counters).
+    pub domain: u16,
+    pub _pad: [u8; 2],
 }
 
 /// A socket's last allowed packet verdict, so its later packets are
@@ -360,8 +391,9 @@ mod tests {
         assert_eq!(size_of::<CutRecord>(), 64);
         assert_eq!(
             size_of::<SockInfo>(),
-            8 * MAX_CGROUP_DEPTH + 8 + 24 + 48 + 64
+            8 * MAX_CGROUP_DEPTH + 8 + 24 + 48 + 64 + 56
         );
+        assert_eq!(size_of::<SendCache>(), 56);
         assert_eq!(size_of::<VerdictCache>(), 48);
         assert_eq!(size_of::<TokenBucket>(), 16);
         assert_eq!(size_of::<crate::addr::AddrLine>(), 64);

@@ -20,6 +20,10 @@
 //! - [`sock_addr`], [`skb`] (with [`packet`]), [`create`]: the hook bodies.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has atomic adds (`lock xadd`) but no
+// compare-and-swap, so core's atomics offer no `fetch_add` there.
+#![expect(internal_features, reason = "atomic_xadd, for the bind counter")]
+#![feature(core_intrinsics)]
 
 mod addr;
 mod create;

@@ -35,6 +35,9 @@ pub(crate) static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> =
 pub(crate) static BH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
 #[map(name = "BH_DOMSTATS")]
 pub(crate) static BH_DOMSTATS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_DOMAIN_COUNTERS, 0);
+/// Bumped by every bind: see `bulkhead_common::maps::MAP_LISTEN`.
+#[map(name = "BH_LISTEN")]
+pub(crate) static BH_LISTEN: Array<u64> = Array::pinned(1, 0);
 #[map(name = "BH_RATE")]
 pub(crate) static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 * 1024, 0);
 /// Sized by the agent at load time (`--ring-buffer-bytes`).

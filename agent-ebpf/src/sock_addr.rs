@@ -13,8 +13,8 @@ use crate::{
     events::{ALLOW, Flow, finish},
     log::{program, rare},
     peer::{decide_flow, listener_domain, peer_of},
-    policy::{active, domain_rec},
-    socks::{mark_initiator, new_flow},
+    policy::{Active, active, domain_rec},
+    socks::{listen_epoch, mark_initiator, new_flow, remember_send, repeat_send},
     walk::current_domain,
 };
 
@@ -22,6 +22,20 @@ use crate::{
 #[inline(always)]
 pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) -> i32 {
     let Some(a) = active() else { return ALLOW };
+    // An unconnected datagram to the socket's previous destination: its
+    // remembered verdict, if it still holds (`SendCache`). The bind count
+    // is read before the decision, so a bind that races with it
+    // invalidates what it remembers. (`hook4` is a constant: connects have
+    // no such branch, and nothing of it stays live for the verifier.)
+    let mut listeners = 0;
+    if is_sendmsg(hook4) {
+        listeners = listen_epoch();
+        if a.config.flags & CONFIG_AUDIT_REFUSE == 0
+            && repeat::<V6>(ctx, &a, listeners, hook4, hook6)
+        {
+            return ALLOW;
+        }
+    }
     let dom_id = current_domain(a.slot);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return ALLOW;
@@ -29,25 +43,14 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol;
     let dport = (sa.user_port as u16).to_ne_bytes();
-    // The verifier refuses `user_ip6` reads in v4 programs (and vice versa),
-    // so the family is fixed per program, not read from the context. An
-    // IPv4-mapped address is decided as IPv4; IPv4-compatible `::a.b.c.d`
-    // stays IPv6: the kernel routes it as IPv6, to the IPv6 address it is
-    // (docs/THREAT_MODEL.md).
-    let (addr, hook) = if !V6 {
-        (
-            PeerAddr::new(FAMILY_INET, to16(sa.user_ip4.to_ne_bytes())),
-            hook4,
-        )
-    } else {
-        (PeerAddr::new(FAMILY_INET6, user_ip6(sa)), hook6)
-    };
+    let (addr, hook) = dst_of::<V6>(sa, hook4, hook6);
     let (family, dst) = (addr.family, addr.addr);
     let mut peer = peer_of(a.slot, &addr);
     peer.domain = peer_domain(peer.domain, || {
         listener_domain(ctx.sock_addr.cast(), a.slot, family, proto, &dst, dport)
     });
     let port = u16::from_be_bytes(dport);
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
     let mut f = Flow {
         family,
         proto: proto as u8,
@@ -59,7 +62,6 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         sport: [0; 2],
         dport,
     };
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
     // The socket's own port (0 before its bind): a datagram server's answer
     // goes out by the reverse rule of the bridge that let the request in.
     let ports = Ports {
@@ -91,6 +93,9 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         stored = !info.is_null();
         f.first =
             !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
+        if is_sendmsg(hook4) {
+            remember_send(info, &a, &d, dom_id, listeners, &dst, dport, proto as u8);
+        }
     }
     let rc = finish(
         &a,
@@ -112,6 +117,51 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         );
     }
     rc
+}
+
+/// The destination and the hook that decides it. The verifier refuses
+/// `user_ip6` reads in v4 programs (and vice versa), so the family is fixed
+/// per program, not read from the context. An IPv4-mapped address is
+/// decided as IPv4; IPv4-compatible `::a.b.c.d` stays IPv6: the kernel
+/// routes it as IPv6, to the IPv6 address it is (docs/THREAT_MODEL.md).
+#[inline(always)]
+fn dst_of<const V6: bool>(
+    sa: &aya_ebpf::bindings::bpf_sock_addr,
+    hook4: Hook,
+    hook6: Hook,
+) -> (PeerAddr, Hook) {
+    if !V6 {
+        (
+            PeerAddr::new(FAMILY_INET, to16(sa.user_ip4.to_ne_bytes())),
+            hook4,
+        )
+    } else {
+        (PeerAddr::new(FAMILY_INET6, user_ip6(sa)), hook6)
+    }
+}
+
+/// `sendmsg`: whether the socket's remembered verdict allows this
+/// datagram (counted as a decision if so).
+#[inline(always)]
+fn repeat<const V6: bool>(
+    ctx: &SockAddrContext,
+    a: &Active,
+    listeners: u64,
+    hook4: Hook,
+    hook6: Hook,
+) -> bool {
+    let sa = unsafe { &*ctx.sock_addr };
+    let (addr, hook) = dst_of::<V6>(sa, hook4, hook6);
+    repeat_send(
+        unsafe { sa.__bindgen_anon_1.sk },
+        a,
+        unsafe { bpf_get_current_cgroup_id() },
+        listeners,
+        &addr.addr,
+        (sa.user_port as u16).to_ne_bytes(),
+        sa.protocol as u8,
+        hook,
+    )
 }
 
 /// The context only allows 4-byte loads of `user_ip6`: read word by word.

@@ -19,11 +19,12 @@ use bulkhead_common::{
         SOCK_INITIATOR, SockInfo, VerdictCache, counter_index, domain_counter_index,
     },
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use crate::{
     events::{ALLOW, bump, copy16, count},
     log::rare,
-    maps::{BH_DOMSTATS, BH_SOCKS},
+    maps::{BH_DOMSTATS, BH_LISTEN, BH_SOCKS},
     packet::Parsed,
     peer::IPPROTO_TCP,
     policy::Active,
@@ -70,7 +71,111 @@ pub(crate) fn record_owner(ctx: &SockContext, program: &'static str) -> i32 {
         // predates it): the binder's ancestry wins, its flags stay.
         unsafe { (*p).ancestors = owner.ancestors };
     }
+    // A new listener: remembered datagram verdicts no longer hold (one of
+    // them may name this address and port as a destination with no
+    // listener, or another's).
+    if let Some(n) = BH_LISTEN.get_ptr_mut(0) {
+        // Atomic: two binds at once must both change it (a lost update
+        // would let a verdict remembered between them outlive the second).
+        // SAFETY: the map value is a u64 that lives as long as the map.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+    }
     ALLOW
+}
+
+/// `BH_LISTEN[0]`: how many sockets were bound so far.
+#[inline(always)]
+pub(crate) fn listen_epoch() -> u64 {
+    match BH_LISTEN.get_ptr(0) {
+        Some(n) => unsafe { core::ptr::read_volatile(n) },
+        None => 0,
+    }
+}
+
+/// The socket's remembered `sendmsg` verdict, if it holds for this
+/// datagram (see `SendCache`): counted like a decision, and the datagram
+/// is allowed without deciding again.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one datagram's facts, inlined")]
+pub(crate) fn repeat_send(
+    sk: *mut bpf_sock,
+    a: &Active,
+    cgroup_id: u64,
+    listeners: u64,
+    dst: &[u8; 16],
+    port: [u8; 2],
+    proto: u8,
+    hook: Hook,
+) -> bool {
+    let p = unsafe {
+        bpf_sk_storage_get(socks_map(), sk.cast(), core::ptr::null_mut(), 0) as *const SockInfo
+    };
+    if p.is_null() {
+        return false;
+    }
+    let c = unsafe { &raw const (*p).send };
+    // The generation first, as it was written last (see `remember_send`).
+    if unsafe { core::ptr::read_volatile(&raw const (*c).generation) } != a.generation {
+        return false;
+    }
+    let c = unsafe { &*c };
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        diff |= c.dst[i] ^ dst[i];
+        i += 1;
+    }
+    if diff != 0
+        || c.port != port
+        || c.proto != proto
+        || c.cgroup_id != cgroup_id
+        || c.listeners != listeners
+    {
+        return false;
+    }
+    if c.until_tai_ns != u64::MAX && unsafe { bpf_ktime_get_tai_ns() } >= c.until_tai_ns {
+        return false;
+    }
+    count(counter_index(hook as u8, c.reason));
+    bump(
+        &BH_DOMSTATS,
+        domain_counter_index(c.domain as u32, c.reason),
+    );
+    true
+}
+
+/// Remembers an allowed `sendmsg` decision on its socket (field by field,
+/// invalid while being written, like `cache_verdict`).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one datagram's facts, inlined")]
+pub(crate) fn remember_send(
+    info: *mut SockInfo,
+    a: &Active,
+    d: &Decision,
+    dom_id: u32,
+    listeners: u64,
+    dst: &[u8; 16],
+    port: [u8; 2],
+    proto: u8,
+) {
+    if info.is_null() || !d.allow {
+        return;
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let c = unsafe { &raw mut (*info).send };
+    unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*c).generation, 0);
+        put(&raw mut (*c).until_tai_ns, d.until_tai_ns);
+        put(&raw mut (*c).listeners, listeners);
+        put(&raw mut (*c).cgroup_id, cgroup_id);
+        copy16(&raw mut (*c).dst, dst);
+        put(&raw mut (*c).port, port);
+        put(&raw mut (*c).proto, proto);
+        put(&raw mut (*c).reason, d.reason as u8);
+        put(&raw mut (*c).domain, dom_id as u16);
+        put(&raw mut (*c).generation, a.generation);
+    }
 }
 
 /// Flags the socket as the side that started the conversation, so the

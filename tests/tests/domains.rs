@@ -665,3 +665,100 @@ fn a_datagram_sockets_cached_verdict_holds_for_its_peer_only() {
             .all(|e| field(e, "reason") == "cross-domain" && field(e, "src_domain") == "contractor")
     );
 }
+
+/// `probe dgram-session` in the background: one `sendto` per `send()`.
+struct Dgrams {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Dgrams {
+    fn start(cgroup: &tests::Cgroup, ns: &tests::Netns, to: &str) -> Dgrams {
+        use std::io::BufRead as _;
+        let mut child = tests::command_in(
+            cgroup,
+            Some(ns),
+            tests::probe_bin().to_str().unwrap(),
+            &["dgram-session", to],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn probe dgram-session");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "dgram-session to {to}");
+        Dgrams { child, out }
+    }
+
+    fn line(&mut self, cmd: &str) -> String {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.child.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    fn send(&mut self) -> String {
+        self.line("")
+    }
+
+    fn move_to(&mut self, cgroup: &tests::Cgroup) {
+        let procs = cgroup.path.join("cgroup.procs");
+        assert_eq!(self.line(&format!("move {}", procs.display())), "moved");
+    }
+}
+
+impl Drop for Dgrams {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An unconnected datagram socket remembers its last allowed `sendto`
+/// (issue 18: the next datagram to the same destination is not decided
+/// again), and the memory holds only while nothing it depends on changed:
+/// a socket bound at the destination since (a listener of another domain
+/// on a port that had none), the sender's cgroup, the policy generation.
+#[test]
+fn a_remembered_sendto_verdict_ends_with_a_new_listener_a_move_or_a_reload() {
+    if !privileged("send_cache") {
+        return;
+    }
+    let w = world();
+    let bridge = "bridges:\n  - name: udp\n    from: contractor\n    to: prod\n    ports: [udp/9503]\n    reason: \"send cache\"\n";
+    let mut agent = Agent::start(&w.root, &w.policy("", bridge));
+    // A loopback port with no listener: a destination in no domain.
+    let mut s = Dgrams::start(&w.contractor, &w.link.a, "127.0.0.1:9501");
+    assert_eq!(s.send(), "ok");
+    assert_eq!(s.send(), "ok", "remembered");
+    // prod binds it: the same socket's next datagram goes to prod.
+    let srv = tests::Server::start(&w.prod, Some(&w.link.a), "udp", "127.0.0.1:9501", 1);
+    assert_eq!(s.send(), "EPERM", "a new listener of another domain");
+    assert_eq!(srv.finish(), 0);
+
+    // Sent from prod to prod, then from contractor.
+    let to_prod = format!("{}:9502", w.link.v4(2));
+    let mut s = Dgrams::start(&w.prod, &w.link.a, &to_prod);
+    assert_eq!(s.send(), "ok");
+    assert_eq!(s.send(), "ok", "remembered");
+    s.move_to(&w.contractor);
+    assert_eq!(s.send(), "EPERM", "the sender moved into another domain");
+
+    // Over the bridge, then without it.
+    let over = format!("{}:9503", w.link.v4(2));
+    let mut s = Dgrams::start(&w.contractor, &w.link.a, &over);
+    assert_eq!(s.send(), "ok");
+    assert_eq!(s.send(), "ok", "remembered");
+    agent.reload(&w.policy("", ""));
+    assert_eq!(s.send(), "EPERM", "the bridge is gone from the policy");
+
+    // Each refusal decided at sendmsg, not by the packet hooks' backstop
+    // (which would also give EPERM).
+    let denied = agent.wait_events(3, |e| {
+        field(e, "verdict") == "deny" && field(e, "hook") == "sendmsg4"
+    });
+    assert_eq!(denied.len(), 3, "{:?}", agent.events());
+}

@@ -607,30 +607,8 @@ fn a_sealed_trail_verifies_and_names_what_was_changed() {
     // Written before the trail was sealed.
     storm_done(storm_bg(&w, 20, 0), 20);
     settle(&agent, Duration::from_secs(20));
+    let key = seal(&mut agent, &log, &["--event-rate", "0"]);
     let state = agent.state_dir();
-    let out = Command::new(bulkhead_bin())
-        .args(["audit", "setup-keys", "--epoch", "1s", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "setup-keys: {text}");
-    let key = text
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("bh1-"))
-        .unwrap_or_else(|| panic!("no verification key printed: {text}"))
-        .to_string();
-    let key_file = fs::read_to_string(state.join("audit-seal.key")).unwrap();
-    assert!(
-        !key_file.contains(&key[4..68]),
-        "the node keeps no copy of the verification key"
-    );
-
-    // The agent seals from its next start.
-    agent.signal(libc::SIGTERM);
-    assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
-    agent.spawn_capturing(&["--event-rate", "0"], &log);
     storm_done(storm_bg(&w, 40, 50_000), 40);
     // logrotate's create mode and its SIGHUP.
     let rotated = agent.events.with_extension("jsonl.1");
@@ -716,6 +694,128 @@ fn a_sealed_trail_verifies_and_names_what_was_changed() {
         text.contains("audit-store: FAILED") && text.contains("tail was removed"),
         "{text}"
     );
+}
+
+/// `audit setup-keys` (one-second epochs) for `agent`, which is restarted
+/// with `extra` to seal from then on; the verification key.
+fn seal(agent: &mut Agent, log: &AgentLog, extra: &[&str]) -> String {
+    let state = agent.state_dir();
+    let out = Command::new(bulkhead_bin())
+        .args(["audit", "setup-keys", "--epoch", "1s", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "setup-keys: {text}");
+    let key = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("bh1-"))
+        .unwrap_or_else(|| panic!("no verification key printed: {text}"))
+        .to_string();
+    let key_file = fs::read_to_string(state.join("audit-seal.key")).unwrap();
+    assert!(
+        !key_file.contains(&key[4..68]),
+        "the node keeps no copy of the verification key"
+    );
+    // The agent seals from its next start.
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
+    agent.spawn_capturing(extra, log);
+    key
+}
+
+/// The shipped `deploy/logrotate/bulkhead`, run by logrotate itself
+/// (`create` mode, `delaycompress`, its postrotate SIGHUP pointed at this
+/// agent) twice during a paced stream into a sealed log: every event is in
+/// exactly one of the files, and `audit verify` checks the chain across
+/// all of them (the compressed one unpacked).
+#[test]
+fn logrotate_with_the_shipped_config_loses_nothing_and_keeps_the_chain() {
+    if !privileged("logrotate_shipped_config") {
+        return;
+    }
+    if Command::new("logrotate").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "logrotate missing: `cargo xtask setup` installs it"
+        );
+        eprintln!("SKIP: no logrotate (cargo xtask setup installs it)");
+        return;
+    }
+    let w = world();
+    let extra = ["--event-rate", "0", "--events-log-max-bytes", "0"];
+    let (mut agent, log) = Agent::start_capturing(&w.root, &w.policy("", ""), &extra);
+    let key = seal(&mut agent, &log, &extra);
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/logrotate/bulkhead");
+    let conf = agent.dir.path().join("logrotate.conf");
+    let text = fs::read_to_string(&shipped)
+        .unwrap()
+        .replace(
+            "/var/log/bulkhead/events.jsonl",
+            agent.events.to_str().unwrap(),
+        )
+        .replace(
+            "systemctl reload bulkhead",
+            &format!("kill -HUP {}", agent.pid()),
+        );
+    fs::write(&conf, text).unwrap();
+    let state = agent.dir.path().join("logrotate.state");
+    let logrotate = |args: &[&str]| {
+        let out = Command::new("logrotate")
+            .args(args)
+            .arg("-s")
+            .arg(&state)
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success() && !err.contains("error"),
+            "logrotate {args:?}: {err}"
+        );
+    };
+    logrotate(&["-d"]);
+    const N: u32 = 3000;
+    let storm = storm_bg(&w, N, 2000);
+    thread::sleep(Duration::from_millis(1500));
+    logrotate(&["-f"]);
+    thread::sleep(Duration::from_millis(1500));
+    logrotate(&["-f"]);
+    storm_done(storm, N);
+    settle(&agent, Duration::from_secs(30));
+    let live = agent.events.clone();
+    let one = live.with_extension("jsonl.1");
+    let two_gz = live.with_extension("jsonl.2.gz");
+    assert!(
+        one.exists() && two_gz.exists(),
+        "two rotations, the older compressed"
+    );
+    let unpacked = Command::new("gzip")
+        .arg("-dk")
+        .arg(&two_gz)
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    let two = live.with_extension("jsonl.2");
+    let mut events = 0;
+    for f in [&two, &one, &live] {
+        let (ev, gaps) = strict_lines(f);
+        assert!(gaps.is_empty(), "{}: {gaps:?}", f.display());
+        events += ev.iter().filter(|e| e["verdict"] == "deny").count();
+    }
+    assert_eq!(events, N as usize, "every event in exactly one file");
+    let (ok, text) = verify(
+        &key,
+        &[
+            "--log",
+            live.to_str().unwrap(),
+            one.to_str().unwrap(),
+            two.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "the chain holds across logrotate's files: {text}");
+    assert!(text.contains("events-log: verified"), "{text}");
 }
 
 /// The world's policy with a bridge contractor → prod on `port` (tcp): a

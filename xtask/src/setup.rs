@@ -25,6 +25,8 @@ const DEB_PACKAGES: &[&str] = &[
     "socat",
     "libcap2-bin",
     "util-linux",
+    // The shipped deploy/logrotate/bulkhead, run by the outputs tests.
+    "logrotate",
 ];
 
 /// Debian packages the static (musl) release build needs: `musl-gcc`, with

@@ -443,6 +443,9 @@ fn main() -> ExitCode {
 //                                         result per destination, comma-separated
 //   probe session tcp|udp ADDR:PORT       connect, print "connected", then send one byte per
 //                                         stdin line and print the result; "done" at EOF
+//   probe dgram-session ADDR:PORT         an unconnected UDP socket: print "ready", then per
+//                                         stdin line sendto ADDR:PORT (empty line) or move
+//                                         into a cgroup (`move PROCS`), printing each result
 //   probe iouring-connect tcp|udp ADDR:PORT  IORING_OP_CONNECT
 //   probe premove PROCS tcp|udp ADDR:PORT create the socket, move into the cgroup whose
 //                                         cgroup.procs is PROCS, then connect (tcp) / sendto (udp)
@@ -813,6 +816,31 @@ fn session(proto: &str, to: SocketAddr) -> String {
     format!("done {n}")
 }
 
+/// An unconnected datagram socket: prints "ready", then for each stdin
+/// line sends one datagram to `to` with `sendto` (an empty line) or moves
+/// the process into another cgroup (`move PROCS`), printing the result.
+fn dgram_session(to: SocketAddr) -> String {
+    use std::io::BufRead as _;
+    let s = match Fd::for_addr(to, libc::SOCK_DGRAM, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    println!("ready");
+    let mut n = 0u32;
+    for line in std::io::stdin().lock().lines().take(1000) {
+        let Ok(line) = line else { break };
+        match line.strip_prefix("move ") {
+            Some(procs) => {
+                move_self(procs);
+                println!("moved");
+            }
+            None => println!("{}", result(s.send_to(b"x", 0, Some(to)))),
+        }
+        n += 1;
+    }
+    format!("done {n}")
+}
+
 fn iouring_connect(proto: &str, to: SocketAddr) -> String {
     let ty = if proto == "tcp" {
         libc::SOCK_STREAM
@@ -974,6 +1002,7 @@ fn bypass(a: &[&str]) -> Option<String> {
             sendmmsg(&dsts.iter().map(|d| addr(d)).collect::<Vec<_>>())
         }
         ["session", proto, to] => session(proto, addr(to)),
+        ["dgram-session", to] => dgram_session(addr(to)),
         ["iouring-connect", proto, to] => iouring_connect(proto, addr(to)),
         ["premove", procs, proto, to] => premove(procs, proto, addr(to)),
         ["move", procs, rest @ ..] => {
