@@ -258,6 +258,19 @@ pub struct SockInfo {
     pub send: SendCache,
 }
 
+/// `BH_DOMCACHE` value: the domain of a task's cgroup under one policy
+/// generation, so a task's connects and sends walk its cgroup's ancestry
+/// once per generation instead of every time. A cgroup's ancestry never
+/// changes (a task that moves gets another cgroup id), and each generation
+/// maps cgroups to domains once and for all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainCache {
+    pub generation: u64,
+    pub domain: u32,
+    pub _pad: u32,
+}
+
 /// An unconnected datagram socket's last allowed `sendmsg` decision, so
 /// the next datagram to the same destination is allowed without deciding
 /// again while it holds: the same policy generation, before `until_tai_ns`,
@@ -394,6 +407,7 @@ mod tests {
             8 * MAX_CGROUP_DEPTH + 8 + 24 + 48 + 64 + 56
         );
         assert_eq!(size_of::<SendCache>(), 56);
+        assert_eq!(size_of::<DomainCache>(), 16);
         assert_eq!(size_of::<VerdictCache>(), 48);
         assert_eq!(size_of::<TokenBucket>(), 16);
         assert_eq!(size_of::<crate::addr::AddrLine>(), 64);

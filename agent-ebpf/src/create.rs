@@ -50,7 +50,7 @@ pub(crate) fn sock_create(ctx: &SockContext) -> i32 {
         return ALLOW;
     }
     let Some(a) = active() else { return ALLOW };
-    let dom_id = current_domain(a.slot);
+    let dom_id = current_domain(&a);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return ALLOW;
     };
@@ -103,7 +103,7 @@ pub(crate) fn socket_create(ctx: &LsmContext) -> i32 {
     let Some(a) = active() else {
         return LSM_ALLOW;
     };
-    let dom_id = current_domain(a.slot);
+    let dom_id = current_domain(&a);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return LSM_ALLOW;
     };

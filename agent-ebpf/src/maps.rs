@@ -9,8 +9,8 @@ use aya_ebpf::{
 use bulkhead_common::{
     addr::{AddrClass, AddrLine, MAX_CLASSES, SLOT_LINES},
     maps::{
-        BridgeKey, BridgeSet, CgroupKey, Config, DomainRec, MAX_BRIDGE_PAIRS, MAX_CGROUPS,
-        MAX_DOMAINS, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, SockInfo, State, TokenBucket,
+        BridgeKey, BridgeSet, CgroupKey, Config, DomainCache, DomainRec, MAX_BRIDGE_PAIRS,
+        MAX_CGROUPS, MAX_DOMAINS, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, SockInfo, State, TokenBucket,
     },
 };
 
@@ -35,6 +35,12 @@ pub(crate) static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> =
 pub(crate) static BH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
 #[map(name = "BH_DOMSTATS")]
 pub(crate) static BH_DOMSTATS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_DOMAIN_COUNTERS, 0);
+/// The domain of each task cgroup under a generation
+/// (`bulkhead_common::maps::DomainCache`). Not pinned: a cache, private to
+/// the programs of one load.
+#[map(name = "BH_DOMCACHE")]
+pub(crate) static BH_DOMCACHE: LruHashMap<u64, DomainCache> =
+    LruHashMap::with_max_entries(16 * 1024, 0);
 /// Bumped by every bind: see `bulkhead_common::maps::MAP_LISTEN`.
 #[map(name = "BH_LISTEN")]
 pub(crate) static BH_LISTEN: Array<u64> = Array::pinned(1, 0);

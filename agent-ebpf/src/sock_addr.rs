@@ -36,7 +36,7 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
             return ALLOW;
         }
     }
-    let dom_id = current_domain(a.slot);
+    let dom_id = current_domain(&a);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return ALLOW;
     };

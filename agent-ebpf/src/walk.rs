@@ -2,14 +2,18 @@
 //! owner belongs to (its nearest configured ancestor).
 
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_loop, bpf_skb_ancestor_cgroup_id,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_loop,
+    bpf_skb_ancestor_cgroup_id,
 };
 use bulkhead_common::{
     decide,
-    maps::{CgroupKey, MAX_CGROUP_DEPTH, SockInfo},
+    maps::{CgroupKey, DomainCache, MAX_CGROUP_DEPTH, SockInfo},
 };
 
-use crate::maps::BH_CGROUPS;
+use crate::{
+    maps::{BH_CGROUPS, BH_DOMCACHE},
+    policy::Active,
+};
 
 /// One walk up a cgroup's ancestry to its nearest configured ancestor
 /// (from the root down, so the deepest match wins), run by `bpf_loop`: the
@@ -91,7 +95,22 @@ pub(crate) extern "C" fn walk_owner(i: u64, ctx: *mut core::ffi::c_void) -> i64 
     walk_level(ctx, id)
 }
 
+/// The current task's domain: remembered per cgroup for the generation in
+/// force (`DomainCache`), walked otherwise.
 #[inline(always)]
-pub(crate) fn current_domain(slot: u32) -> u32 {
-    domain_of(slot, core::ptr::null(), walk_current)
+pub(crate) fn current_domain(a: &Active) -> u32 {
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(c) = unsafe { BH_DOMCACHE.get(&id) }
+        && c.generation == a.generation
+    {
+        return c.domain;
+    }
+    let domain = domain_of(a.slot, core::ptr::null(), walk_current);
+    let c = DomainCache {
+        generation: a.generation,
+        domain,
+        _pad: 0,
+    };
+    let _ = BH_DOMCACHE.insert(&id, &c, 0);
+    domain
 }

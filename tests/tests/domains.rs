@@ -762,3 +762,47 @@ fn a_remembered_sendto_verdict_ends_with_a_new_listener_a_move_or_a_reload() {
     });
     assert_eq!(denied.len(), 3, "{:?}", agent.events());
 }
+
+/// A task's domain is remembered per cgroup for one policy generation
+/// only (issue 18: the connect hooks walk a cgroup's ancestry once per
+/// generation): a reload that puts a cgroup into a domain applies to its
+/// very next connect and datagram.
+#[test]
+fn a_reload_that_moves_a_cgroup_into_a_domain_applies_to_its_next_connect() {
+    if !privileged("domain_cache") {
+        return;
+    }
+    let w = world();
+    let mut agent = Agent::start(&w.root, &w.policy("", ""));
+    // prod's listeners on the shared loopback: decided by their domain.
+    let (tcp, udp) = ("127.0.0.1:9601", "127.0.0.1:9602");
+    let srv = Server::start(&w.prod, Some(&w.link.a), "tcp", tcp, 5);
+    let dgrams = Server::start(&w.prod, Some(&w.link.a), "udp", udp, 5);
+    // `outside` is in no domain: remembered as such, twice.
+    for _ in 0..2 {
+        assert_eq!(
+            probe(&w.outside, Some(&w.link.a), &["connect", "tcp", &tcp]),
+            "ok"
+        );
+        assert_eq!(
+            probe(&w.outside, Some(&w.link.a), &["sendto", "udp", &udp]),
+            "ok"
+        );
+    }
+    let guests = format!("  guests:\n    cgroups: [\"{}\"]\n", w.outside.rel);
+    agent.reload(&w.policy(&guests, ""));
+    assert_eq!(
+        probe(&w.outside, Some(&w.link.a), &["connect", "tcp", &tcp]),
+        "EPERM",
+        "the cgroup is in `guests` now"
+    );
+    assert_eq!(
+        probe(&w.outside, Some(&w.link.a), &["sendto", "udp", &udp]),
+        "EPERM"
+    );
+    assert_eq!(srv.finish(), 2, "only the connects before the reload");
+    let denied = agent.wait_events(2, |e| {
+        field(e, "verdict") == "deny" && field(e, "src_domain") == "guests"
+    });
+    assert_eq!(denied.len(), 2, "{:?}", agent.events());
+}
