@@ -100,7 +100,7 @@ pub(crate) extern "C" fn walk_owner(i: u64, ctx: *mut core::ffi::c_void) -> i64 
 #[inline(always)]
 pub(crate) fn current_domain(a: &Active) -> u32 {
     let id = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(c) = unsafe { BH_DOMCACHE.get(&id) }
+    if let Some(c) = unsafe { BH_DOMCACHE.get(id) }
         && c.generation == a.generation
     {
         return c.domain;
@@ -111,6 +111,6 @@ pub(crate) fn current_domain(a: &Active) -> u32 {
         domain,
         _pad: 0,
     };
-    let _ = BH_DOMCACHE.insert(&id, &c, 0);
+    let _ = BH_DOMCACHE.insert(id, c, 0);
     domain
 }

@@ -781,26 +781,27 @@ fn a_reload_that_moves_a_cgroup_into_a_domain_applies_to_its_next_connect() {
     // `outside` is in no domain: remembered as such, twice.
     for _ in 0..2 {
         assert_eq!(
-            probe(&w.outside, Some(&w.link.a), &["connect", "tcp", &tcp]),
+            probe(&w.outside, Some(&w.link.a), &["connect", "tcp", tcp]),
             "ok"
         );
         assert_eq!(
-            probe(&w.outside, Some(&w.link.a), &["sendto", "udp", &udp]),
+            probe(&w.outside, Some(&w.link.a), &["sendto", "udp", udp]),
             "ok"
         );
     }
     let guests = format!("  guests:\n    cgroups: [\"{}\"]\n", w.outside.rel);
     agent.reload(&w.policy(&guests, ""));
     assert_eq!(
-        probe(&w.outside, Some(&w.link.a), &["connect", "tcp", &tcp]),
+        probe(&w.outside, Some(&w.link.a), &["connect", "tcp", tcp]),
         "EPERM",
         "the cgroup is in `guests` now"
     );
     assert_eq!(
-        probe(&w.outside, Some(&w.link.a), &["sendto", "udp", &udp]),
+        probe(&w.outside, Some(&w.link.a), &["sendto", "udp", udp]),
         "EPERM"
     );
     assert_eq!(srv.finish(), 2, "only the connects before the reload");
+    assert_eq!(dgrams.finish(), 2, "only the datagrams before the reload");
     let denied = agent.wait_events(2, |e| {
         field(e, "verdict") == "deny" && field(e, "src_domain") == "guests"
     });
