@@ -182,7 +182,9 @@ impl Input<'_> {
     /// Class spans in address order: networks (longest prefix first) over
     /// geo verdicts; the gaps between them are [`CLASS_NONE`].
     fn spans(&self) -> Vec<Span<u32>> {
-        let geo = ranges::map(self.geo, |i| self.geo_class[usize::from(*i)]);
+        let geo = ranges::map(self.geo.iter().copied(), |i| {
+            self.geo_class[usize::from(*i)]
+        });
         if self.nets.is_empty() {
             return geo;
         }
@@ -419,8 +421,8 @@ mod tests {
                 (values.len() - 1) as u16
             }
         };
-        let v4 = ranges::map(v4, &mut index);
-        let v6 = ranges::map(v6, &mut index);
+        let v4 = ranges::map(v4.iter().copied(), &mut index);
+        let v6 = ranges::map(v6.iter().copied(), &mut index);
         CompiledGeo {
             v4,
             v6,

@@ -25,8 +25,12 @@ pub(crate) fn push<T: PartialEq>(out: &mut Vec<Span<T>>, s: Span<T>) {
 }
 
 /// Maps every value through `f`, joining neighbours that end up equal.
-pub(crate) fn map<T, U: PartialEq>(spans: &[Span<T>], mut f: impl FnMut(&T) -> U) -> Vec<Span<U>> {
-    let mut out = Vec::with_capacity(spans.len());
+pub(crate) fn map<T, U: PartialEq>(
+    spans: impl IntoIterator<Item = Span<T>>,
+    mut f: impl FnMut(&T) -> U,
+) -> Vec<Span<U>> {
+    let spans = spans.into_iter();
+    let mut out = Vec::with_capacity(spans.size_hint().0);
     for s in spans {
         push(
             &mut out,
@@ -38,6 +42,109 @@ pub(crate) fn map<T, U: PartialEq>(spans: &[Span<T>], mut f: impl FnMut(&T) -> U
         );
     }
     out
+}
+
+/// Sorted, disjoint spans of one family kept in the bytes its addresses
+/// need (4 a bound for IPv4, 16 for IPv6) instead of two `u128`s and
+/// padding (48 bytes a span): a country database is half a million spans,
+/// held for as long as it is in use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packed<T> {
+    /// Bytes a bound: 4 or 16.
+    width: usize,
+    /// `start`, `end` of every span, big-endian, `width` bytes each.
+    bounds: Vec<u8>,
+    vals: Vec<T>,
+}
+
+impl<T: Copy + PartialEq> Packed<T> {
+    /// Spans of a `bits`-bit address space (32 or 128).
+    pub fn new(bits: u32) -> Packed<T> {
+        Packed {
+            width: bits as usize / 8,
+            bounds: Vec::new(),
+            vals: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.vals.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vals.is_empty()
+    }
+
+    /// Bound `which` (0 start, 1 end) of span `i`.
+    fn bound(&self, i: usize, which: usize) -> u128 {
+        let at = (2 * i + which) * self.width;
+        let mut b = [0u8; 16];
+        b[16 - self.width..].copy_from_slice(&self.bounds[at..at + self.width]);
+        u128::from_be_bytes(b)
+    }
+
+    fn put(&mut self, i: usize, which: usize, v: u128) {
+        let at = (2 * i + which) * self.width;
+        self.bounds[at..at + self.width].copy_from_slice(&v.to_be_bytes()[16 - self.width..]);
+    }
+
+    pub fn get(&self, i: usize) -> Span<T> {
+        Span {
+            start: self.bound(i, 0),
+            end: self.bound(i, 1),
+            val: self.vals[i],
+        }
+    }
+
+    /// As [`push`]: `s` starts after the last span ends, and joins it when
+    /// the two touch and carry the same value.
+    ///
+    /// # Panics
+    /// If a bound does not fit the family's width.
+    pub fn push(&mut self, s: Span<T>) {
+        assert!(
+            self.width == 16 || s.end >> (8 * self.width) == 0,
+            "span beyond a {}-byte address",
+            self.width
+        );
+        if let Some(last) = self.len().checked_sub(1) {
+            let end = self.bound(last, 1);
+            debug_assert!(end < s.start, "spans out of order");
+            if self.vals[last] == s.val && end.checked_add(1) == Some(s.start) {
+                self.put(last, 1, s.end);
+                return;
+            }
+        }
+        let i = self.len();
+        self.bounds.resize(self.bounds.len() + 2 * self.width, 0);
+        self.put(i, 0, s.start);
+        self.put(i, 1, s.end);
+        self.vals.push(s.val);
+    }
+
+    pub fn shrink_to_fit(&mut self) {
+        self.bounds.shrink_to_fit();
+        self.vals.shrink_to_fit();
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Span<T>> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    /// The value of the span holding `key`.
+    pub fn find(&self, key: u128) -> Option<T> {
+        // First span that does not end before `key`.
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.bound(mid, 1) < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo < self.len() && self.bound(lo, 0) <= key).then(|| self.vals[lo])
+    }
 }
 
 /// `top` wins where it has a value; `bottom` fills the gaps. Both inputs are
@@ -176,6 +283,42 @@ mod tests {
         push(&mut v, sp(21, 30, 1));
         push(&mut v, sp(31, 40, 2));
         assert_eq!(v, [sp(0, 19, 1), sp(21, 30, 1), sp(31, 40, 2)]);
+    }
+
+    #[test]
+    fn packed_spans_join_and_find_as_the_wide_ones() {
+        for bits in [32u32, 128] {
+            let top = if bits == 32 {
+                u128::from(u32::MAX)
+            } else {
+                u128::MAX
+            };
+            let given = [
+                sp(0, 9, 1),
+                sp(10, 19, 1),
+                sp(21, 30, 1),
+                sp(31, 40, 2),
+                sp(top - 5, top, 3),
+            ];
+            let (mut wide, mut packed) = (Vec::new(), Packed::new(bits));
+            for s in given {
+                push(&mut wide, s);
+                packed.push(s);
+            }
+            assert_eq!(packed.iter().collect::<Vec<_>>(), wide, "{bits} bits");
+            for key in [0, 9, 10, 19, 20, 21, 40, 41, top - 6, top - 5, top] {
+                let i = wide.partition_point(|s| s.end < key);
+                let want = wide.get(i).filter(|s| s.start <= key).map(|s| s.val);
+                assert_eq!(packed.find(key), want, "{bits} bits, key {key}");
+            }
+        }
+        assert!(Packed::<u8>::new(32).find(0).is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "span beyond a 4-byte address")]
+    fn packed_ipv4_spans_refuse_wider_bounds() {
+        Packed::new(32).push(sp(0, 1 << 32, 1));
     }
 
     #[test]

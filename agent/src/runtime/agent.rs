@@ -819,6 +819,11 @@ impl Agent {
         let mut reload = false;
         if second {
             self.last_tick = Instant::now();
+            let released =
+                (self.enricher.lock().expect("enricher lock")).release_replaced_geo(self.last_tick);
+            if released {
+                release_freed_memory();
+            }
             reload = self.files_changed();
             self.refresh_cgroups();
             // The kernel stopped honouring expired bridges at their

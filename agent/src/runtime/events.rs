@@ -10,6 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use bulkhead_common::{
@@ -67,7 +68,17 @@ pub struct Enricher {
     /// Where the names of recent generations are kept (see
     /// [`Enricher::recall`]).
     names_file: Option<PathBuf>,
+    /// When new geo sources came in with a generation: older generations
+    /// keep theirs until [`GEO_GRACE`] has passed (see
+    /// [`Enricher::release_replaced_geo`]).
+    geo_replaced: Option<Instant>,
 }
+
+/// How long older generations keep the geo sources they were compiled
+/// from after newer ones came in: long enough for the events they decided
+/// to leave the ring buffer (the loop drains it every 100 ms), not so long
+/// that every database update holds two databases in memory.
+pub const GEO_GRACE: Duration = Duration::from_secs(10);
 
 /// Generations whose names are kept on disk: those whose programs may have
 /// queued events while no agent ran.
@@ -143,6 +154,7 @@ impl Enricher {
             last_seq: HashMap::new(),
             gaps: 0,
             names_file: None,
+            geo_replaced: None,
         }
     }
 
@@ -165,6 +177,13 @@ impl Enricher {
     }
 
     pub fn add_generation(&mut self, generation: u64, g: Generation) {
+        if self
+            .generations
+            .last_key_value()
+            .is_some_and(|(_, newest)| !Arc::ptr_eq(&newest.geo, &g.geo))
+        {
+            self.geo_replaced = Some(Instant::now());
+        }
         self.generations.insert(generation, Arc::new(g));
         while self.generations.len() > KEEP_GENERATIONS {
             self.generations.pop_first();
@@ -185,6 +204,34 @@ impl Enricher {
                 tracing::warn!("keeping generation names in {}: {e:#}", file.display());
             }
         }
+    }
+
+    /// Once [`GEO_GRACE`] has passed since new geo sources came in, gives
+    /// every older generation the newest ones, so the old sources are freed.
+    /// (An event of an older generation that arrives later still gets its
+    /// names; its country is looked up in the sources in force, as for
+    /// events an earlier agent left in the ring.) True when it let go.
+    pub fn release_replaced_geo(&mut self, now: Instant) -> bool {
+        if self
+            .geo_replaced
+            .is_none_or(|t| now.saturating_duration_since(t) < GEO_GRACE)
+        {
+            return false;
+        }
+        self.geo_replaced = None;
+        let Some(newest) = self.generations.values().next_back().map(|g| g.geo.clone()) else {
+            return false;
+        };
+        for g in self.generations.values_mut() {
+            if !Arc::ptr_eq(&g.geo, &newest) {
+                *g = Arc::new(Generation {
+                    domain_names: g.domain_names.clone(),
+                    bridge_names: g.bridge_names.clone(),
+                    geo: newest.clone(),
+                });
+            }
+        }
+        true
     }
 
     pub fn paths(&mut self) -> &mut PathCache {
@@ -414,5 +461,34 @@ mod tests {
             0
         );
         assert_eq!(en.gaps, 3);
+    }
+
+    #[test]
+    fn replaced_geo_sources_are_let_go_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
+        let (old, new) = (Arc::new(GeoDb::empty()), Arc::new(GeoDb::empty()));
+        let with = |geo: &Arc<GeoDb>| Generation {
+            geo: geo.clone(),
+            ..gen_names()
+        };
+        en.add_generation(1, with(&old));
+        en.add_generation(2, with(&old));
+        let start = Instant::now();
+        assert!(
+            !en.release_replaced_geo(start + GEO_GRACE),
+            "nothing replaced"
+        );
+        en.add_generation(3, with(&new));
+        // Events of generations 1 and 2 may still be in the ring.
+        assert!(!en.release_replaced_geo(Instant::now()));
+        assert_eq!(Arc::strong_count(&old), 3);
+        assert!(en.release_replaced_geo(Instant::now() + GEO_GRACE));
+        assert_eq!(Arc::strong_count(&old), 1, "the old sources are freed");
+        for g in [1, 2, 3] {
+            assert!(Arc::ptr_eq(&en.generations[&g].geo, &new), "generation {g}");
+            assert_eq!(en.generations[&g].domain_names, gen_names().domain_names);
+        }
+        assert!(!en.release_replaced_geo(Instant::now() + GEO_GRACE), "once");
     }
 }

@@ -37,10 +37,10 @@ impl GeoDb {
             .collect();
         let of = |c: &Country| index[countries::index(*c)];
         let family = |family: usize| {
-            let mut merged = ranges::map(&self.feed[family], |p| of(&p.country));
+            let mut merged = ranges::map(self.feed[family].iter().copied(), |p| of(&p.country));
             let mut read = self.feed_lines[family];
             for db in &self.dbs {
-                let spans = ranges::map(&db.spans[family], of);
+                let spans = ranges::map(db.spans[family].iter(), of);
                 merged = if merged.is_empty() {
                     spans
                 } else {

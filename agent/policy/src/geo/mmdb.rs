@@ -1,6 +1,8 @@
 //! One MaxMind-format database: opened, its country schema detected, and its
 //! whole tree read once into country ranges (which also proves every record
-//! decodes, so nothing can fail later).
+//! decodes, so nothing can fail later). Only the ranges are kept: lookups
+//! search them, and the file's bytes are let go (a country database is 8 MB,
+//! a city database 60 MB; its ranges take a few).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -14,7 +16,7 @@ use serde::de::IgnoredAny;
 use super::{GeoError, countries};
 use crate::fxhash::FxBuild;
 use crate::policy::Country;
-use crate::ranges::{self, Span};
+use crate::ranges::{Packed, Span};
 
 /// Where a database keeps the country.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,11 +48,6 @@ struct FlatRecord<'a> {
     country_code: Option<&'a str>,
 }
 
-/// IPv6 prefixes that MaxMind-written databases alias to their IPv4 tree
-/// (Teredo, 6to4). The kernel decides those addresses as IPv6, and the
-/// tree walk skips aliases, so lookups treat them as not placed either.
-const ALIASES: [&str; 2] = ["2001::/32", "2002::/16"];
-
 /// IPv6 space that is IPv4 in disguise: `::/96` (IPv4-compatible, where
 /// IPv6 databases keep their IPv4 tree) and `::ffff:0:0/96` (IPv4-mapped,
 /// decided as IPv4). No IPv6 verdict is ever given for these.
@@ -69,15 +66,21 @@ impl AsRef<[u8]> for Bytes {
 }
 
 pub(super) struct Mmdb {
+    /// The metadata's `database_type` and `build_epoch`.
+    pub database_type: String,
+    pub build_epoch: u64,
+    /// Every placed network, neighbours with one country joined: IPv4,
+    /// IPv6 (without the IPv4 subtree and the aliases of it).
+    pub spans: [Packed<Country>; 2],
+    /// Networks read from the tree (before joining): IPv4, IPv6.
+    pub records: [usize; 2],
+}
+
+/// The file while it is read.
+struct File {
     bytes: Bytes,
     reader: Reader<Bytes>,
     schema: Schema,
-    /// [`ALIASES`] present in this database, as inclusive ranges.
-    aliases: Vec<(u128, u128)>,
-    /// Every placed network, neighbours with one country joined: IPv4, IPv6.
-    pub spans: [Vec<Span<Country>>; 2],
-    /// Networks read from the tree (before joining): IPv4, IPv6.
-    pub records: [usize; 2],
 }
 
 impl Mmdb {
@@ -98,51 +101,60 @@ impl Mmdb {
             keys: keys.clone(),
         };
         let schema = schema.ok_or_else(no_country)?;
-        let mut db = Mmdb {
+        let file = File {
             bytes,
             reader,
             schema,
-            aliases: Vec::new(),
-            spans: [Vec::new(), Vec::new()],
-            records: [0, 0],
         };
-        db.read_tree().map_err(corrupt)?;
-        if db.spans.iter().all(Vec::is_empty) {
+        let (spans, records) = file.read_tree().map_err(corrupt)?;
+        if spans.iter().all(Packed::is_empty) {
             return Err(no_country());
         }
-        Ok(db)
-    }
-
-    pub fn reader(&self) -> &Reader<Bytes> {
-        &self.reader
+        let meta = file.reader.metadata();
+        Ok(Mmdb {
+            database_type: meta.database_type.clone(),
+            build_epoch: meta.build_epoch,
+            spans,
+            records,
+        })
     }
 
     /// The country this database gives `ip` (already canonical: IPv4-mapped
-    /// addresses arrive as IPv4).
+    /// addresses arrive as IPv4). The spans hold what the reader iterates:
+    /// the IPv6 prefixes that MaxMind-written databases alias to their IPv4
+    /// tree (Teredo `2001::/32`, 6to4 `2002::/16`) are not in them, since
+    /// the kernel decides those addresses as IPv6 (the tests compare the
+    /// spans with the reader's own iteration).
     pub fn country(&self, ip: IpAddr) -> Option<Country> {
-        if let IpAddr::V6(a) = ip {
-            let a = u128::from(a);
-            if self.reader.metadata().ip_version != 6
-                || self.aliases.iter().any(|&(lo, hi)| (lo..=hi).contains(&a))
-            {
-                return None;
-            }
+        match ip {
+            IpAddr::V4(a) => self.spans[0].find(u32::from(a).into()),
+            IpAddr::V6(a) => self.spans[1].find(a.into()),
         }
-        // Every record was decoded in `open`, so errors cannot happen here.
-        decode_country(self.schema, &self.reader.lookup(ip).ok()?).ok()?
     }
+}
 
+/// The reader and schema of the database at `path`, for tests that check
+/// the spans against the reader.
+#[cfg(test)]
+pub(super) fn reader_of(path: &Path) -> (Reader<Bytes>, Schema) {
+    let bytes = Bytes(Arc::new(std::fs::read(path).unwrap()));
+    let reader = Reader::from_source(bytes).unwrap();
+    let schema = detect_schema(&reader).unwrap().0.unwrap();
+    (reader, schema)
+}
+
+impl File {
     /// Walks the whole tree (IPv4, then IPv6 without the IPv4 subtree and
     /// without aliases) into `spans`. The walk reads the search tree itself
     /// (the format is the MaxMind DB spec's) and decodes each distinct
     /// record once through the reader, which is what makes reading a
     /// country database take milliseconds, not a second.
-    fn read_tree(&mut self) -> Result<(), MaxMindDbError> {
+    fn read_tree(&self) -> Result<([Packed<Country>; 2], [usize; 2]), MaxMindDbError> {
         let tree = Tree::new(self.reader.metadata(), self.bytes.as_ref())?;
         let v6 = self.reader.metadata().ip_version == 6;
         let ipv4_start = if v6 { tree.ipv4_start() } else { 0 };
         // One family's networks: (joined spans, networks read).
-        let family = |family: usize| -> Result<(Vec<Span<Country>>, usize), MaxMindDbError> {
+        let family = |family: usize| -> Result<(Packed<Country>, usize), MaxMindDbError> {
             let (start, bits) = if family == 0 {
                 (ipv4_start, 32)
             } else {
@@ -152,7 +164,7 @@ impl Mmdb {
             // other record leading to it is an alias (Teredo, 6to4, mapped).
             let skip = (family == 1 && ipv4_start < tree.node_count).then_some(ipv4_start);
             let mut cache: HashMap<usize, Option<Country>, FxBuild> = HashMap::default();
-            let mut spans = Vec::new();
+            let mut spans = Packed::new(bits);
             let mut records = 0;
             tree.walk(start, bits, skip, |net, len, pointer| {
                 records += 1;
@@ -166,46 +178,29 @@ impl Mmdb {
                 };
                 if let Some(country) = country {
                     let (start, end) = bounds(net, len, bits);
-                    ranges::push(
-                        &mut spans,
-                        Span {
-                            start,
-                            end,
-                            val: country,
-                        },
-                    );
+                    spans.push(Span {
+                        start,
+                        end,
+                        val: country,
+                    });
                 }
                 Ok(())
             })?;
+            spans.shrink_to_fit();
             Ok((spans, records))
         };
         // The two families' subtrees are disjoint: one thread each.
         let (v4, v6_spans) = std::thread::scope(|s| {
             let v4 = s.spawn(|| family(0));
-            let v6_spans = if v6 { family(1) } else { Ok((Vec::new(), 0)) };
+            let v6_spans = if v6 {
+                family(1)
+            } else {
+                Ok((Packed::new(128), 0))
+            };
             (v4.join().expect("IPv4 tree walk panicked"), v6_spans)
         });
         let ((s4, r4), (s6, r6)) = (v4?, v6_spans?);
-        let (spans, records) = ([s4, s6], [r4, r6]);
-        if v6 {
-            for alias in ALIASES {
-                let net = alias.parse().expect("valid CIDR literal");
-                let own = self
-                    .reader
-                    .within(net, WithinOptions::default())?
-                    .next()
-                    .is_some();
-                let all = WithinOptions::default().include_aliased_networks();
-                if !own && self.reader.within(net, all)?.next().is_some() {
-                    let net: ipnet::Ipv6Net = alias.parse().expect("valid CIDR literal");
-                    self.aliases
-                        .push((net.network().into(), net.broadcast().into()));
-                }
-            }
-        }
-        self.spans = spans;
-        self.records = records;
-        Ok(())
+        Ok(([s4, s6], [r4, r6]))
     }
 
     /// The country of the record the tree walk found at `pointer` for the
@@ -327,7 +322,7 @@ impl<'a> Tree<'a> {
     }
 }
 
-fn decode_country(
+pub(super) fn decode_country(
     schema: Schema,
     r: &LookupResult<'_, Bytes>,
 ) -> Result<Option<Country>, MaxMindDbError> {

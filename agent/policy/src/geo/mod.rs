@@ -146,12 +146,11 @@ impl GeoDb {
         let mut geo = GeoDb::empty();
         for path in &sources.databases {
             let db = Mmdb::open(path, read(path)?)?;
-            let meta = db.reader().metadata();
             geo.sources.push(SourceInfo {
                 path: path.clone(),
                 kind: SourceKind::Mmdb,
-                database_type: meta.database_type.clone(),
-                build_epoch: Some(meta.build_epoch),
+                database_type: db.database_type.clone(),
+                build_epoch: Some(db.build_epoch),
             });
             geo.dbs.push(db);
         }
