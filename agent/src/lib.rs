@@ -14,6 +14,7 @@ pub mod compile;
 pub mod explain;
 pub mod k8s;
 pub mod kernel;
+pub mod memory;
 pub mod runtime;
 pub mod seal;
 pub mod trust;

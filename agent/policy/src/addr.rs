@@ -9,7 +9,7 @@
 //! block is busy takes 256 (8 bits), which saves one step on the way down
 //! for the memory of the wider node.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, hash::BuildHasher, net::IpAddr};
 
 use bulkhead_common::addr::{
     self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
@@ -66,10 +66,12 @@ pub struct TableStats {
 impl AddrTable {
     /// Builds the table: domain networks first (longest prefix wins), geo
     /// verdicts for every other address, [`CLASS_NONE`] where neither says.
+    /// Takes `geo` whole: its ranges are freed as soon as they are turned
+    /// into classes, before the trie grows.
     pub fn build(
         net4: &[(Ipv4Net, u32)],
         net6: &[(Ipv6Net, u32)],
-        geo: &CompiledGeo,
+        geo: CompiledGeo,
     ) -> Result<AddrTable, TableError> {
         // Every class is known before any range is looked at: one per
         // distinct geo verdict, one per domain with networks.
@@ -109,15 +111,15 @@ impl AddrTable {
         }
         let v4 = Input {
             nets: &nets4,
-            geo: &geo.v4,
+            geo: geo.v4,
             geo_class: &geo_class,
         };
         let v6 = Input {
             nets: &nets6,
-            geo: &geo.v6,
+            geo: geo.v6,
             geo_class: &geo_class,
         };
-        let trie = Trie::build(&v4, &v6)?;
+        let trie = Trie::build(v4, v6)?;
         Ok(AddrTable {
             words: trie.words,
             classes: classes.list,
@@ -174,17 +176,15 @@ impl Classes {
 /// One family's networks (with their class) and geo ranges.
 struct Input<'a> {
     nets: &'a [(u128, u128, u8, u32)],
-    geo: &'a [Span<u16>],
+    geo: Vec<Span<u16>>,
     geo_class: &'a [u32],
 }
 
 impl Input<'_> {
     /// Class spans in address order: networks (longest prefix first) over
     /// geo verdicts; the gaps between them are [`CLASS_NONE`].
-    fn spans(&self) -> Vec<Span<u32>> {
-        let geo = ranges::map(self.geo.iter().copied(), |i| {
-            self.geo_class[usize::from(*i)]
-        });
+    fn spans(self) -> Vec<Span<u32>> {
+        let geo = ranges::map(self.geo, |i| self.geo_class[usize::from(*i)]);
         if self.nets.is_empty() {
             return geo;
         }
@@ -214,9 +214,9 @@ impl Trie {
     /// Builds IPv4 and IPv6 at the same time (they share nothing), then
     /// lays them out: both roots, IPv4's nodes, IPv6's nodes. Wide nodes
     /// are given up when they would not fit a slot.
-    fn build(v4: &Input, v6: &Input) -> Result<Trie, Full> {
+    fn build(v4: Input, v6: Input) -> Result<Trie, Full> {
         let (s4, s6) = std::thread::scope(|s| {
-            let t = s.spawn(|| v4.spans());
+            let t = s.spawn(move || v4.spans());
             let s6 = v6.spans();
             (t.join().expect("IPv4 ranges panicked"), s6)
         });
@@ -257,8 +257,10 @@ impl Trie {
 struct Family {
     root: Vec<u32>,
     nodes: Vec<u32>,
-    /// Offset of each distinct node, by its entries.
-    seen: HashMap<Vec<u32>, u32, FxBuild>,
+    /// Each distinct node as (offset, entries), found by the hash of its
+    /// entries and compared in `nodes`: a copy of the entries as the key
+    /// would double the memory a country database's table takes to build.
+    seen: hashbrown::HashTable<(u32, u32)>,
     /// One entry buffer per level of the recursion.
     scratch: Vec<Vec<u32>>,
     count: usize,
@@ -271,7 +273,7 @@ impl Family {
         let mut f = Family {
             root: Vec::with_capacity(1 << ROOT_BITS),
             nodes: Vec::new(),
-            seen: HashMap::default(),
+            seen: hashbrown::HashTable::new(),
             scratch: Vec::new(),
             count: 0,
             shared: 0,
@@ -334,16 +336,22 @@ impl Family {
 
     /// A node word for these entries, stored once however often they occur.
     fn intern(&mut self, stride: u32, entries: &[u32]) -> Result<u32, Full> {
-        if let Some(&offset) = self.seen.get(entries) {
+        let Family { seen, nodes, .. } = self;
+        let of = |&(offset, len): &(u32, u32)| &nodes[offset as usize..(offset + len) as usize];
+        let hash = FxBuild::default().hash_one(entries);
+        if let Some(&(offset, _)) = seen.find(hash, |n| of(n) == entries) {
             self.shared += 1;
             return Ok(layout::node(stride, offset));
         }
-        let offset = self.nodes.len() as u32;
-        if ROOT_WORDS as usize + self.nodes.len() + entries.len() > SLOT_WORDS as usize {
+        let offset = nodes.len() as u32;
+        if ROOT_WORDS as usize + nodes.len() + entries.len() > SLOT_WORDS as usize {
             return Err(Full);
         }
-        self.nodes.extend_from_slice(entries);
-        self.seen.insert(entries.to_vec(), offset);
+        nodes.extend_from_slice(entries);
+        let nodes = &*nodes;
+        seen.insert_unique(hash, (offset, entries.len() as u32), |&(o, len)| {
+            FxBuild::default().hash_one(&nodes[o as usize..(o + len) as usize])
+        });
         Ok(layout::node(stride, offset))
     }
 
@@ -462,7 +470,7 @@ mod tests {
 
     #[test]
     fn addr_table_empty_policy_is_roots_only() {
-        let t = AddrTable::build(&[], &[], &CompiledGeo::default()).unwrap();
+        let t = AddrTable::build(&[], &[], CompiledGeo::default()).unwrap();
         assert_eq!(t.words.len(), ROOT_WORDS as usize);
         assert_eq!(t.classes, [AddrClass::NONE]);
         assert_eq!(*t.class("10.1.2.3".parse().unwrap()), AddrClass::NONE);
@@ -489,7 +497,7 @@ mod tests {
                 val: g(4),
             }],
         );
-        let t = AddrTable::build(&net4, &net6, &geo).unwrap();
+        let t = AddrTable::build(&net4, &net6, geo).unwrap();
         let c = |s: &str| *t.class(s.parse().unwrap());
         let dom = |d| AddrClass {
             domain: d,
@@ -606,7 +614,7 @@ mod tests {
             for _ in 0..2000 {
                 probes.push(top(rnd()));
             }
-            let full = AddrTable::build(&net4, &net6, &compiled).unwrap();
+            let full = AddrTable::build(&net4, &net6, compiled.clone()).unwrap();
             for wide in [true, false] {
                 // The same classes as the full build; only the layout differs.
                 let class_of =
@@ -633,7 +641,11 @@ mod tests {
                     .collect();
                 let spans = Input {
                     nets: &nets,
-                    geo: if v6 { &compiled.v6 } else { &compiled.v4 },
+                    geo: if v6 {
+                        compiled.v6.clone()
+                    } else {
+                        compiled.v4.clone()
+                    },
                     geo_class: &geo_class,
                 }
                 .spans();

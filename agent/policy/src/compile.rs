@@ -84,7 +84,7 @@ pub fn compile(
     tai: i64,
 ) -> Result<Compiled> {
     build(policy, cgroup_mount, limits, tai, |net4, net6, rules| {
-        Ok(Arc::new(AddrTable::build(net4, net6, &geo.compile(rules))?))
+        Ok(Arc::new(AddrTable::build(net4, net6, geo.compile(rules))?))
     })
 }
 

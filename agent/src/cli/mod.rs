@@ -21,6 +21,7 @@ use args::{AuditCommand, BridgeCommand, Cli, Command};
 /// Runs the command line's command; an error is printed once, with its
 /// causes, and exits 1.
 pub fn main() -> ExitCode {
+    bulkhead::memory::large_allocations_get_own_pages();
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(code) => code,

@@ -186,18 +186,6 @@ impl Source {
     }
 }
 
-/// Compiling a policy with a full country database allocates far more than
-/// it keeps; hand the freed pages back so the agent's RSS is what it holds.
-/// (glibc keeps them otherwise; musl's allocator, of the static build,
-/// returns them by itself and has no `malloc_trim`.)
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Tells systemd (Type=notify) what the agent is doing.
 pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -496,7 +484,7 @@ impl Agent {
         for b in &expired_while_down {
             agent.record("bridge-expired", Some(written.generation), bridge_detail(b));
         }
-        release_freed_memory();
+        crate::memory::release_freed();
         Ok((
             agent,
             Started {
@@ -731,7 +719,7 @@ impl Agent {
                 "reload rejected, the running policy stays in force:\n{e:#}"
             )),
         };
-        release_freed_memory();
+        crate::memory::release_freed();
         sd_notify("READY=1");
         answer
     }
@@ -822,7 +810,7 @@ impl Agent {
             let released =
                 (self.enricher.lock().expect("enricher lock")).release_replaced_geo(self.last_tick);
             if released {
-                release_freed_memory();
+                crate::memory::release_freed();
             }
             reload = self.files_changed();
             self.refresh_cgroups();

@@ -562,7 +562,7 @@ fn check_verdicts(geo: &GeoDb, domains: &[DomainGeo], addrs: &[IpAddr]) -> usize
     let st = compiled.stats;
     let t = Instant::now();
     // The kernel's view: its own walk of the address table built from it.
-    let table = crate::addr::AddrTable::build(&[], &[], &compiled).unwrap();
+    let table = crate::addr::AddrTable::build(&[], &[], compiled.clone()).unwrap();
     println!(
         "compile {took:?}: IPv4 {} source ranges → {} merged; IPv6 {} → {}; address table {} words in {:?}",
         st.v4.source_ranges,
