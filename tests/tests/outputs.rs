@@ -696,12 +696,13 @@ fn a_sealed_trail_verifies_and_names_what_was_changed() {
     );
 }
 
-/// `audit setup-keys` (one-second epochs) for `agent`, which is restarted
+/// `audit setup-keys` (two-second epochs: the writers mark each within a
+/// fraction of that, even on a loaded CI machine) for `agent`, which is restarted
 /// with `extra` to seal from then on; the verification key.
 fn seal(agent: &mut Agent, log: &AgentLog, extra: &[&str]) -> String {
     let state = agent.state_dir();
     let out = Command::new(bulkhead_bin())
-        .args(["audit", "setup-keys", "--epoch", "1s", "--state-dir"])
+        .args(["audit", "setup-keys", "--epoch", "2s", "--state-dir"])
         .arg(&state)
         .output()
         .unwrap();

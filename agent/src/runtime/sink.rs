@@ -230,6 +230,7 @@ struct Writer {
 impl Writer {
     /// Holds a line of the writer's own, sealed if the log is.
     fn push_own(&mut self, text: String) {
+        self.mark_epoch();
         let (text, seal) = match &mut self.chain {
             Some(c) => {
                 let (t, s) = c.seal_line(text);
@@ -359,6 +360,8 @@ impl Writer {
         if self.counts.has_gap_before(l.seq) {
             self.push_gap();
         }
+        // A line sealed in a new epoch comes after that epoch's record.
+        self.mark_epoch();
         let (text, seal) = match &mut self.chain {
             Some(c) => {
                 let (t, s) = c.seal_line(l.text);

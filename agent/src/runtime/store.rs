@@ -411,6 +411,8 @@ impl Writer {
 
     /// Holds a row, sealed first if the store is.
     fn push(&mut self, table: &'static str, values: Vec<Value>, event: bool) {
+        // A row sealed in a new epoch comes after that epoch's record.
+        self.mark_epoch();
         let seal = self.chain.as_mut().map(|c| c.seal_row(table, &values));
         self.backlog.push_back(Row {
             table,
@@ -495,7 +497,8 @@ impl Writer {
         loop {
             let wait = match self.health.retry_at {
                 Some(t) => t.saturating_duration_since(Instant::now()),
-                None if self.backlog.is_empty() => Duration::from_secs(1),
+                // Often enough to mark every epoch (one second or more).
+                None if self.backlog.is_empty() => Duration::from_millis(200),
                 None => Duration::ZERO,
             };
             let disconnected = match rx.recv_timeout(wait) {

@@ -301,8 +301,7 @@ impl Sealer {
 
     /// The epoch the clock is in now (never before the key's own).
     fn now_epoch(&self) -> u64 {
-        let secs = clock::now_ns().div_euclid(1_000_000_000) - self.start;
-        (secs.max(0) as u64 / self.epoch_secs).max(self.epoch)
+        clock_epoch(self.start, self.epoch_secs).max(self.epoch)
     }
 
     /// Evolves the key to the current epoch; the file is replaced first,
@@ -347,6 +346,12 @@ impl Sealer {
     }
 }
 
+/// The epoch the clock is in, for a key that began at `start`.
+fn clock_epoch(start: i64, epoch_secs: u64) -> u64 {
+    let secs = clock::now_ns().div_euclid(1_000_000_000) - start;
+    secs.max(0) as u64 / epoch_secs
+}
+
 /// Where a chain stands: the last record's `seq` and MAC.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Head {
@@ -386,6 +391,11 @@ pub struct Chain {
     prev: [u8; MAC_LEN],
     /// The epoch of the last `epoch` (or `start`) record.
     epoch: u64,
+    /// The key's start and epoch length (fixed), so that the writers can
+    /// ask for every record whether an epoch began without taking the
+    /// sealer's lock.
+    start: i64,
+    epoch_secs: u64,
     /// The last record written, for `status`.
     head: Arc<Mutex<Option<Head>>>,
     /// The last record sealed.
@@ -414,7 +424,10 @@ impl Chain {
         last: Option<Head>,
         head: Arc<Mutex<Option<Head>>>,
     ) -> Chain {
-        let epoch = sealer.lock().unwrap_or_else(|e| e.into_inner()).epoch;
+        let (epoch, start, epoch_secs) = {
+            let s = sealer.lock().unwrap_or_else(|e| e.into_inner());
+            (s.epoch, s.start, s.epoch_secs)
+        };
         *head.lock().unwrap_or_else(|e| e.into_inner()) = last;
         Chain {
             name,
@@ -422,6 +435,8 @@ impl Chain {
             next: last.map_or(0, |h| h.seq + 1),
             prev: last.map_or([0; MAC_LEN], |h| h.mac),
             epoch,
+            start,
+            epoch_secs,
             head,
             last,
         }
@@ -521,9 +536,9 @@ impl Chain {
         self.seal_line(own_record(what, detail).to_string())
     }
 
+    /// The epoch the clock is in now (never before the last one marked).
     fn current_epoch(&self) -> u64 {
-        let s = self.sealer.lock().unwrap_or_else(|e| e.into_inner());
-        s.now_epoch()
+        clock_epoch(self.start, self.epoch_secs).max(self.epoch)
     }
 
     /// A new epoch began since the chain's last `epoch` record: the writer
