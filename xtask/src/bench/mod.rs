@@ -902,6 +902,17 @@ fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
     // Back to the policy the network phase compares against.
     fs::write(&agent.policy, &base)?;
     agent.reload()?;
+    // Steady again: events of older generations may name countries from
+    // the database they were decided by for 10 s (GEO_GRACE), then it goes.
+    std::thread::sleep(Duration::from_secs(12));
+    let after_reloads = world::rss_kib(agent.pid).map(|(rss, _)| rss);
+    eprintln!(
+        "  RSS after the reloads: {}",
+        after_reloads.map_or("unknown".into(), |k| format!(
+            "{:.1} MB",
+            k as f64 * 1024.0 / 1e6
+        ))
+    );
     let maps_after = map_memory(agent);
     let lines: Vec<String> = agent
         .log_lines()
@@ -911,6 +922,7 @@ fn phase_update(ctx: &Ctx, agent: &mut Agent, spec: &Spec) -> Result<Value> {
     Ok(json!({
         "first_reload_ms": first,
         "first_reload_peak_rss_kib": reload_peak,
+        "rss_after_reloads_kib": after_reloads,
         "idle": idle,
         "reload_ms": median(&times),
         "reload_ms_all": times,

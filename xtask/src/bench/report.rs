@@ -278,12 +278,29 @@ fn targets(r: &Value) -> Vec<Value> {
         "value": load / nft_ms,
         "met": load / nft_ms <= 0.25,
     }));
-    let rss = f(&full["rss_kib"]) * 1024.0 / 1e6;
+    let mb = |v: &Value| f(v) * 1024.0 / 1e6;
+    let update = &r["update"];
+    // Steady: the larger of idle after start and after the reloads (a
+    // newer database among them), once replaced sources were let go.
+    let steady = mb(&update["idle"]["rss_kib"]).max(mb(&update["rss_after_reloads_kib"]));
     out.push(json!({
-        "target": "agent RSS with the full DB ≤ 100 MB",
-        "measured": format!("{:.1} MB (peak {:.1} MB)", rss, f(&full["rss_peak_kib"]) * 1024.0 / 1e6),
-        "value": rss,
-        "met": rss <= 100.0,
+        "target": "agent RSS with the full DB + 10k networks ≤ 64 MB steady",
+        "measured": format!(
+            "{steady:.1} MB (idle after start {:.1} MB, after the reloads {:.1} MB; at READY {:.1} MB, start-up peak {:.1} MB)",
+            mb(&update["idle"]["rss_kib"]),
+            mb(&update["rss_after_reloads_kib"]),
+            mb(&full["rss_kib"]),
+            mb(&full["rss_peak_kib"])
+        ),
+        "value": steady,
+        "met": steady <= 64.0,
+    }));
+    let peak = mb(&update["first_reload_peak_rss_kib"]);
+    out.push(json!({
+        "target": "agent RSS ≤ 100 MB at the peak of a reload",
+        "measured": format!("{peak:.1} MB (the first reload: a newer database read and compiled into the empty slot)"),
+        "value": peak,
+        "met": peak <= 100.0,
     }));
     out
 }
@@ -976,7 +993,9 @@ fn analysis(r: &Value) -> String {
         s,
         "- **Memory.** The agent holds {:.1} MB RSS with the full policy against {:.1} MB with the empty one; \
          of the difference, {:.1} MB is the address table it keeps for `explain` and for the next slot, the rest \
-         the geo sources it keeps to name countries in events. `bulkhead check` of the same policy peaks at \
+         mostly the geo sources' country ranges, kept to name countries in events (packed: 10 bytes an IPv4 range, \
+         34 an IPv6 one; the database file itself is not kept). Allocations from 256 KiB up get pages of their own, \
+         so what a compile frees goes back to the kernel. `bulkhead check` of the same policy peaks at \
          {:.1} MB. The kernel maps take {:.1} MB, most of it the address table's two preallocated 16 MiB slots.",
         f(&p["rss_kib"]) * 1024.0 / 1e6,
         f(&e["rss_kib"]) * 1024.0 / 1e6,
