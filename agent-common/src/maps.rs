@@ -258,9 +258,9 @@ pub struct SockInfo {
     pub send: SendCache,
 }
 
-/// `BH_DOMCACHE` value: the domain of a task's cgroup under one policy
-/// generation, so a task's connects and sends walk its cgroup's ancestry
-/// once per generation instead of every time. A cgroup's ancestry never
+/// `BH_DOMCACHE` value: the domain of a cgroup (a task's, or a packet's
+/// socket's) under one policy generation, so connects, sends and packets
+/// walk a cgroup's ancestry once per generation instead of every time. A cgroup's ancestry never
 /// changes (a task that moves gets another cgroup id), and each generation
 /// maps cgroups to domains once and for all.
 #[repr(C)]

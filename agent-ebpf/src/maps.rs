@@ -35,7 +35,7 @@ pub(crate) static BH_BRIDGES: HashMap<BridgeKey, BridgeSet> =
 pub(crate) static BH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
 #[map(name = "BH_DOMSTATS")]
 pub(crate) static BH_DOMSTATS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_DOMAIN_COUNTERS, 0);
-/// The domain of each task cgroup under a generation
+/// The domain of each cgroup seen (tasks', packets' sockets') under a generation
 /// (`bulkhead_common::maps::DomainCache`). Not pinned: a cache, private to
 /// the programs of one load.
 #[map(name = "BH_DOMCACHE")]

@@ -17,7 +17,7 @@ use crate::{
         cache_verdict, cached_allow, cached_verdict, conversation, mark_cut, same_conversation,
         skb_full_sock, sock_info,
     },
-    walk::{domain_of, walk_skb},
+    walk::skb_domain,
 };
 
 /// The loopback device's index, the same in every network namespace.
@@ -48,7 +48,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     let mut dom_id = 0;
     let mut dom = None;
     if cached.is_none() {
-        dom_id = domain_of(a.slot, skb_ptr.cast_const().cast(), walk_skb);
+        dom_id = skb_domain(&a, skb_ptr);
         dom = domain_rec(a.slot, dom_id);
         if dom.is_none() {
             return ALLOW;
@@ -61,7 +61,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         {
             return cached_allow(hook, c);
         }
-        dom_id = domain_of(a.slot, skb_ptr.cast_const().cast(), walk_skb);
+        dom_id = skb_domain(&a, skb_ptr);
         dom = domain_rec(a.slot, dom_id);
     }
     let Some(dom) = dom else { return ALLOW };

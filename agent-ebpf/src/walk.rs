@@ -1,9 +1,12 @@
 //! Cgroup ancestry walks: which domain a task, a packet or a socket's
 //! owner belongs to (its nearest configured ancestor).
 
-use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_loop,
-    bpf_skb_ancestor_cgroup_id,
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_loop,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
 };
 use bulkhead_common::{
     decide,
@@ -95,17 +98,32 @@ pub(crate) extern "C" fn walk_owner(i: u64, ctx: *mut core::ffi::c_void) -> i64 
     walk_level(ctx, id)
 }
 
-/// The current task's domain: remembered per cgroup for the generation in
-/// force (`DomainCache`), walked otherwise.
+/// The current task's domain (see [`remembered`]).
 #[inline(always)]
 pub(crate) fn current_domain(a: &Active) -> u32 {
     let id = unsafe { bpf_get_current_cgroup_id() };
+    remembered(a, id, core::ptr::null(), walk_current)
+}
+
+/// The domain of a packet's socket's cgroup (see [`remembered`]).
+#[inline(always)]
+pub(crate) fn skb_domain(a: &Active, skb: *mut __sk_buff) -> u32 {
+    let id = unsafe { bpf_skb_cgroup_id(skb) };
+    remembered(a, id, skb.cast_const().cast(), walk_skb)
+}
+
+/// Cgroup `id`'s domain, remembered per cgroup for the generation in
+/// force (`DomainCache`), walked from `from` by `body` otherwise. A
+/// cgroup's ancestry never changes, and which cgroups are configured
+/// changes only with the generation, so the answer holds until then.
+#[inline(always)]
+fn remembered(a: &Active, id: u64, from: *const core::ffi::c_void, body: WalkBody) -> u32 {
     if let Some(c) = unsafe { BH_DOMCACHE.get(id) }
         && c.generation == a.generation
     {
         return c.domain;
     }
-    let domain = domain_of(a.slot, core::ptr::null(), walk_current);
+    let domain = domain_of(a.slot, from, body);
     let c = DomainCache {
         generation: a.generation,
         domain,

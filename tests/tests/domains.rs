@@ -763,6 +763,39 @@ fn a_remembered_sendto_verdict_ends_with_a_new_listener_a_move_or_a_reload() {
     assert_eq!(denied.len(), 3, "{:?}", agent.events());
 }
 
+/// The packet hooks remember a socket's cgroup's domain the same way: a
+/// reload that puts a receiver's cgroup into a domain applies to the next
+/// datagram it is sent, which only its ingress hook decides (the sender is
+/// in no domain).
+#[test]
+fn a_reload_that_moves_a_cgroup_into_a_domain_applies_to_its_next_packet() {
+    if !privileged("domain_cache_skb") {
+        return;
+    }
+    let w = world();
+    let free = w.root.child("free");
+    let mut agent = Agent::start(&w.root, &w.policy("", ""));
+    let at = format!("10.{}.0.2:9603", w.link.net);
+    let rx = Server::start(&w.outside, Some(&w.link.b), "udp", &at, 5);
+    // From the contractor's address, by a process in no domain.
+    let send = || probe(&free, Some(&w.link.a), &["sendto", "udp", &at]);
+    for _ in 0..2 {
+        assert_eq!(send(), "ok");
+    }
+    let guests = format!("  guests:\n    cgroups: [\"{}\"]\n", w.outside.rel);
+    agent.reload(&w.policy(&guests, ""));
+    for _ in 0..2 {
+        assert_eq!(send(), "ok", "sent: the sender is in no domain");
+    }
+    assert_eq!(rx.finish(), 2, "only the datagrams before the reload");
+    let denied = agent.wait_events(2, |e| {
+        field(e, "verdict") == "deny"
+            && field(e, "hook") == "skb-ingress"
+            && field(e, "dst_domain") == "guests"
+    });
+    assert_eq!(denied.len(), 2, "{:?}", agent.events());
+}
+
 /// A task's domain is remembered per cgroup for one policy generation
 /// only (issue 18: the connect hooks walk a cgroup's ancestry once per
 /// generation): a reload that puts a cgroup into a domain applies to its
