@@ -329,16 +329,24 @@ impl PolicyMaps {
     }
 }
 
-/// The address table into the slot's half of `BH_ADDR` (one copy through
-/// `mmap`), its classes into `BH_CLASSES`.
+/// Words of the address table mapped at a time while it is written: a
+/// mapping's pages count in the agent's RSS while it exists, and a full
+/// table is 9 MB of them.
+const WRITE_WINDOW: usize = 256 * 1024;
+
+/// The address table into the slot's half of `BH_ADDR` (copied through
+/// `mmap`, a window at a time), its classes into `BH_CLASSES`.
 fn write_addr(ebpf: &mut Ebpf, slot: u32, c: &Compiled) -> Result<()> {
     let t = &c.addr;
     {
         let Map::Array(data) = map(ebpf, MAP_ADDR)? else {
             bail!("{MAP_ADDR} is not an array map");
         };
-        let mut m = SlotMapping::new(data.fd().as_fd(), slot, t.words.len(), true)?;
-        m.words_mut().copy_from_slice(&t.words);
+        for (i, words) in t.words.chunks(WRITE_WINDOW).enumerate() {
+            let first = i * WRITE_WINDOW;
+            let mut m = SlotMapping::new(data.fd().as_fd(), slot, first, words.len(), true)?;
+            m.words_mut().copy_from_slice(words);
+        }
     }
     let mut classes: Array<&mut MapData, AddrClass> = Array::try_from(map(ebpf, MAP_CLASSES)?)?;
     for (i, class) in t.classes.iter().enumerate() {
@@ -349,8 +357,9 @@ fn write_addr(ebpf: &mut Ebpf, slot: u32, c: &Compiled) -> Result<()> {
     Ok(())
 }
 
-/// The first `words` words of one slot of `BH_ADDR`, mapped into memory
-/// (`BPF_F_MMAPABLE`); unmapped on drop.
+/// `words` words of one slot of `BH_ADDR` from word `first` (a multiple of
+/// a page's words), mapped into memory (`BPF_F_MMAPABLE`); unmapped on
+/// drop.
 struct SlotMapping {
     ptr: *mut libc::c_void,
     len: usize,
@@ -358,18 +367,30 @@ struct SlotMapping {
 }
 
 impl SlotMapping {
-    fn new(fd: BorrowedFd<'_>, slot: u32, words: usize, write: bool) -> Result<SlotMapping> {
-        if words > SLOT_WORDS as usize {
-            bail!("address table of {words} words exceeds a slot ({SLOT_WORDS})");
+    fn new(
+        fd: BorrowedFd<'_>,
+        slot: u32,
+        first: usize,
+        words: usize,
+        write: bool,
+    ) -> Result<SlotMapping> {
+        if first + words > SLOT_WORDS as usize {
+            bail!(
+                "address table of {} words exceeds a slot ({SLOT_WORDS})",
+                first + words
+            );
         }
         const PAGE: usize = 4096;
+        if !(first * 4).is_multiple_of(PAGE) {
+            bail!("mapping {MAP_ADDR} from word {first}, not a page boundary");
+        }
         let len = (words * 4).div_ceil(PAGE).max(1) * PAGE;
         let prot = if write {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             libc::PROT_READ
         };
-        let offset = slot as libc::off_t * SLOT_WORDS as libc::off_t * 4;
+        let offset = (slot as libc::off_t * SLOT_WORDS as libc::off_t + first as libc::off_t) * 4;
         // SAFETY: a fresh shared mapping of the map's own pages; the kernel
         // checks the range against the map's size.
         let ptr = unsafe {
@@ -487,7 +508,7 @@ pub fn dump(maps_dir: &std::path::Path) -> Result<serde_json::Value> {
     let mut tables = Vec::new();
     for slot in 0..2u32 {
         let cfg = config.get(&slot, 0)?;
-        let words = SlotMapping::new(addr.fd().as_fd(), slot, cfg.addr_words as usize, false)?;
+        let words = SlotMapping::new(addr.fd().as_fd(), slot, 0, cfg.addr_words as usize, false)?;
         let bytes: Vec<u8> = words.words().iter().flat_map(|w| w.to_le_bytes()).collect();
         let used: Vec<String> = (0..cfg.addr_classes)
             .map(|i| {
