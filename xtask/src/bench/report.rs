@@ -278,6 +278,67 @@ fn targets(r: &Value) -> Vec<Value> {
         "value": load / nft_ms,
         "met": load / nft_ms <= 0.25,
     }));
+    // Issue 18: short connections, datagrams, each hook's cost.
+    let sep = |key: &str, mode: &str| f(&net_test(r, key)["modes"][mode]["ratio_to_none"]);
+    for (key, label, goal) in [
+        ("tcp_crr", "TCP connect + request + close", 0.97),
+        ("udp_tp", "unconnected UDP 64 B send rate", 0.95),
+    ] {
+        let (bh, nft) = (sep(key, "bulkhead"), sep(key, "nftables"));
+        out.push(json!({
+            "target": format!("{label} ≥ {goal}× of no policy, ahead of nftables"),
+            "measured": format!(
+                "{bh:.3}× (paired {:.3}×; nftables {nft:.3}×)",
+                f(&net_test(r, key)["modes"]["bulkhead"]["paired_ratio_median"])
+            ),
+            "value": bh,
+            "met": bh >= goal && bh >= nft,
+        }));
+    }
+    for (test, label, goal) in [
+        ("udp_rr", "connected UDP_RR", 0.98),
+        ("tcp_rr", "TCP_RR", 0.985),
+    ] {
+        let (bh, nft) = (
+            interleaved(r, test, "bulkhead"),
+            interleaved(r, test, "nftables"),
+        );
+        out.push(json!({
+            "target": format!("{label} ≥ {goal}× of no policy (interleaved)"),
+            "measured": format!("{bh:.3}× (nftables {nft:.3}×)"),
+            "value": bh,
+            "met": bh >= goal && bh >= nft,
+        }));
+    }
+    let per_call = |prog: &str| f(&r["network"]["bpf_stats"][prog]["ns_per_call"]);
+    let allow = timing(r, "allow-all", "allowed-v4").0;
+    for (progs, label, goal) in [
+        (&["bh_connect4"][..], "connect hooks", 300.0),
+        (&["bh_sendmsg4"][..], "`sendmsg`", 200.0),
+        (
+            &["bh_egress", "bh_ingress"][..],
+            "packet hooks (mostly the cached path)",
+            80.0,
+        ),
+    ] {
+        let worst = progs.iter().map(|p| per_call(p)).fold(f64::NAN, f64::max);
+        let each: Vec<String> = progs
+            .iter()
+            .map(|p| {
+                format!(
+                    "`{p}` {:.0} ns = {:.1}× `r0 = 1`",
+                    per_call(p),
+                    per_call(p) / allow
+                )
+            })
+            .collect();
+        out.push(json!({
+            "target": format!("{label} ≤ {goal:.0} ns per call under traffic, full policy"),
+            "measured": format!("{} (bpf_stats; `r0 = 1` costs {allow:.1} ns per test run)", each.join(", ")),
+            "value": worst,
+            "met": worst <= goal,
+        }));
+    }
     let mb = |v: &Value| f(v) * 1024.0 / 1e6;
     let update = &r["update"];
     // Steady: the larger of idle after start and after the reloads (a
