@@ -275,12 +275,8 @@ impl Writer {
 
     fn run(mut self) {
         let mut last_check = Instant::now();
-        if let Some(c) = &self.chain {
-            let (seq, _) = c.position();
-            self.push_chain(
-                "start",
-                serde_json::json!({ "pid": std::process::id(), "continues": seq > 0 }),
-            );
+        if let Some(detail) = self.chain.as_ref().map(Chain::start_detail) {
+            self.push_chain("start", detail);
         }
         loop {
             let wait = if self.backlog.is_empty() || !self.health.due() {

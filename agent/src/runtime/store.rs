@@ -494,12 +494,8 @@ impl Writer {
 
     fn run(mut self, mut conn: Connection, rx: Receiver<Item>) {
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
-        if let Some(c) = &self.chain {
-            let (seq, _) = c.position();
-            self.push_chain(
-                "start",
-                serde_json::json!({ "pid": std::process::id(), "continues": seq > 0 }),
-            );
+        if let Some(detail) = self.chain.as_ref().map(Chain::start_detail) {
+            self.push_chain("start", detail);
         }
         loop {
             let wait = match self.health.retry_at {

@@ -524,6 +524,12 @@ impl Chain {
         line
     }
 
+    /// What a writer's `start` record says: this agent, and whether the
+    /// chain goes on from an earlier one.
+    pub fn start_detail(&self) -> serde_json::Value {
+        serde_json::json!({ "pid": std::process::id(), "continues": self.next > 0 })
+    }
+
     /// The next record's `seq` and `prev`.
     pub fn position(&self) -> (u64, [u8; MAC_LEN]) {
         (self.next, self.prev)
