@@ -39,7 +39,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    cmd::{cargo, is_root, run as run_cmd, workspace_root},
+    cmd::{is_root, workspace_root},
     setup::{ensure_bpffs, geo_db_path, skip_or_fail},
 };
 use geo::{Db, Rng, V4, V6};
@@ -203,10 +203,9 @@ pub fn run(args: Args) -> Result<()> {
     // otherwise build the release binary.
     let bin = match std::env::var_os("BULKHEAD_BIN") {
         Some(p) => PathBuf::from(p),
-        None => {
-            run_cmd(cargo().args(["build", "--release", "--package", "bulkhead"]))?;
-            workspace_root().join("target/release/bulkhead")
-        }
+        // The features the tests build with, so that after `cargo xtask
+        // test` nothing is compiled again.
+        None => crate::build_agent(true)?,
     };
     if !bin.is_file() {
         bail!("{} missing after the build", bin.display());

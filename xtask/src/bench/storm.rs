@@ -250,6 +250,8 @@ pub fn trail(ctx: &Ctx) -> Result<Value> {
         "--release",
         "--package",
         "bulkhead",
+        "--features",
+        crate::AGENT_FEATURES,
         "--example",
         "trail_rate",
     ]))?;
