@@ -10,6 +10,7 @@
 /// kernel when freed. glibc's default starts at 128 KiB but raises itself
 /// to the size of the largest block freed (up to 32 MiB), after which the
 /// compile's vectors land in the heaps and stay.
+#[cfg(target_env = "gnu")]
 const OWN_PAGES_FROM: libc::c_int = 256 * 1024;
 
 /// Called first thing, before any thread starts.

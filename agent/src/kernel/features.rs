@@ -303,6 +303,14 @@ pub fn features() -> &'static [Feature] {
                 probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_ktime_get_tai_ns),
             },
             Feature {
+                id: "loop",
+                name: "bpf_loop",
+                since: V(5, 17),
+                need: Need::Required,
+                used_for: "walking a workload's cgroup ancestry for its domain, in every hook",
+                probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_loop),
+            },
+            Feature {
                 id: "lsm_cgroup",
                 name: "BPF LSM cgroup hooks (lsm_cgroup, with `bpf` in the active LSMs)",
                 since: V(6, 0),
