@@ -49,9 +49,25 @@ pub struct Kernel {
     pub config: Option<String>,
 }
 
-/// Resolves `--kernel`: `debian-6.1` (or another `debian-X.Y` series the
+/// Debian releases `--kernel debian-N` boots, each with its own kernel:
+/// (number, codename, kernel series).
+pub const RELEASES: &[(&str, &str, &str)] = &[
+    ("11", "bullseye", "5.10"),
+    ("12", "bookworm", "6.1"),
+    ("13", "trixie", "6.12"),
+];
+
+/// Resolves `--kernel`: `debian-11`, `debian-12` or `debian-13` (that
+/// release's newest kernel, from Debian's archive through a private apt
+/// configuration), `debian-6.1` (or another `debian-X.Y` series the host's
 /// apt sources carry, e.g. `debian-6.12`), `host`, a `.deb`, or an image path.
 pub fn resolve(which: &str, cache: &Path) -> Result<Kernel> {
+    if let Some((number, codename, _)) = RELEASES
+        .iter()
+        .find(|(n, _, _)| which.strip_prefix("debian-") == Some(n))
+    {
+        return debian_release(number, codename, cache);
+    }
     match which {
         "host" => host(),
         series if series.starts_with("debian-") && !series.ends_with(".deb") => {
@@ -116,6 +132,84 @@ fn debian(series: &str, cache: &Path) -> Result<Kernel> {
     )
 }
 
+/// The newest kernel of Debian `codename` (what its `linux-image-amd64`
+/// points to, security updates included), through an apt configuration of
+/// its own under `cache/apt/CODENAME`: the host's sources, lists and dpkg
+/// state are neither read nor changed.
+fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> {
+    let apt = cache.join("apt").join(codename);
+    for d in ["lists/partial", "archives/partial", "parts", "prefs"] {
+        fs::create_dir_all(apt.join(d)).with_context(|| format!("creating {}", apt.display()))?;
+    }
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    fs::write(
+        apt.join("sources.list"),
+        format!(
+            "deb [signed-by={keyring}] http://deb.debian.org/debian {codename} main\n\
+             deb [signed-by={keyring}] http://deb.debian.org/debian-security {codename}-security main\n"
+        ),
+    )?;
+    fs::write(apt.join("status"), "")?;
+    let opts = |cmd: &mut Command| {
+        for (k, v) in [
+            ("Dir::Etc::SourceList", apt.join("sources.list")),
+            ("Dir::Etc::SourceParts", apt.join("parts")),
+            ("Dir::Etc::Preferences", apt.join("preferences")),
+            ("Dir::Etc::PreferencesParts", apt.join("prefs")),
+            ("Dir::State::Lists", apt.join("lists")),
+            ("Dir::State::status", apt.join("status")),
+            ("Dir::Cache", apt.join("cache")),
+            ("Dir::Cache::archives", apt.join("archives")),
+        ] {
+            cmd.arg("-o").arg(format!("{k}={}", v.display()));
+        }
+        cmd.args(["-o", "APT::Architecture=amd64"]);
+    };
+    // The index once a day at most: a kernel update is what it is for.
+    let fresh = fs::metadata(apt.join("lists"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() < 86_400);
+    let has_lists = fs::read_dir(apt.join("lists"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+        })
+        .unwrap_or(false);
+    if !(fresh && has_lists) {
+        let mut update = Command::new("apt-get");
+        opts(&mut update);
+        run(update.args(["-q", "update"]))
+            .with_context(|| format!("apt-get update for Debian {number} ({codename})"))?;
+    }
+    let mut depends = Command::new("apt-cache");
+    opts(&mut depends);
+    let deps = run_capture(depends.args(["depends", "linux-image-amd64"]))?;
+    let pkg = meta_target(&deps).with_context(|| {
+        format!("Debian {number} ({codename}): linux-image-amd64 depends on no kernel image")
+    })?;
+    let dir = cache.join(&pkg);
+    if !dir.join("vmlinuz").is_file() {
+        let mut download = Command::new("apt-get");
+        opts(&mut download);
+        // Downloads into the current directory; as root apt warns that it
+        // cannot drop to the _apt user there, which is harmless.
+        run(download.args(["download", &pkg]).current_dir(cache))?;
+        let deb = find_deb(cache, &pkg)?;
+        unpack_deb(&deb, &dir)?;
+        fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
+    } else {
+        eprintln!("  ok   {pkg} (cached in {})", dir.display());
+    }
+    let release = pkg.trim_start_matches("linux-image-");
+    cached(
+        &dir,
+        &format!("debian-{number} ({release})"),
+        &format!("debian-{number}"),
+    )
+}
+
 /// The kernel package a meta-package depends on (`apt-cache depends`).
 fn meta_target(deps: &str) -> Option<String> {
     deps.lines()
@@ -129,7 +223,8 @@ fn meta_target(deps: &str) -> Option<String> {
 /// modules in [`MODULES`] (with their dependencies), under `dir`:
 /// `vmlinuz`, `config`, `modules/NAME.ko`, `modules.order`.
 fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
-    let tmp = dir.with_extension("unpack");
+    // Not with_extension: kernel package names have dots ("6.12.118+deb13").
+    let tmp = PathBuf::from(format!("{}.unpack", dir.display()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
@@ -144,7 +239,12 @@ fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
         .and_then(|n| n.strip_prefix("vmlinuz-"))
         .unwrap_or_default()
         .to_string();
-    let moddir = tmp.join("lib/modules").join(&release);
+    // Debian 13's packages are merged-/usr: modules under usr/lib.
+    let moddir = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| tmp.join(d).join(&release))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| tmp.join("lib/modules").join(&release));
     let modules = needed_modules(config.as_deref(), &moddir)?;
 
     let _ = fs::remove_dir_all(dir);
