@@ -8,9 +8,12 @@
 //! `cargo test` work anywhere; `bulkhead run` then refuses with a message
 //! naming the missing setup.
 //!
+//! Each object comes twice: as is, and with feature `unrolled` for kernels
+//! without `bpf_loop` (`*-unrolled`).
+//!
 //! This is what `aya_build::build_ebpf` does, with one difference: the
 //! kernel programs are built in one directory per cargo target directory
-//! (`target/ebpf`), not one per OUT_DIR. The objects do not depend on the
+//! (`target/ebpf`, `target/ebpf-unrolled`), not one per OUT_DIR. The objects do not depend on the
 //! agent's profile, features or target, and building `core` for BPF takes
 //! most of a minute, which every clippy, test, release, static and fuzz
 //! build paid again.
@@ -27,6 +30,9 @@ use anyhow::{Context as _, anyhow, bail};
 
 const EBPF_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-ebpf");
 const OBJECTS: [&str; 2] = ["bulkhead", "bulkhead-bench"];
+/// `1`: build without kernel programs, as without bpf-linker (the fuzz
+/// targets, which never load them).
+const NO_KERNEL_PROGRAMS: &str = "BULKHEAD_NO_KERNEL_PROGRAMS";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PATH");
@@ -34,12 +40,19 @@ fn main() -> anyhow::Result<()> {
     // build-dependency) changes; this covers its binaries.
     println!("cargo:rerun-if-changed={EBPF_DIR}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
-    if which::which("bpf-linker").is_err() {
-        println!(
-            "cargo:warning=bpf-linker not found: building without kernel programs (run `cargo xtask setup`)"
-        );
+    println!("cargo:rerun-if-env-changed={NO_KERNEL_PROGRAMS}");
+    let skip = env::var_os(NO_KERNEL_PROGRAMS).is_some_and(|v| v == "1");
+    if skip || which::which("bpf-linker").is_err() {
+        if !skip {
+            println!(
+                "cargo:warning=bpf-linker not found: building without kernel programs (run `cargo xtask setup`)"
+            );
+        }
         for object in OBJECTS {
-            fs::write(out_dir.join(object), b"").context("writing the empty eBPF placeholder")?;
+            for suffix in ["", "-unrolled"] {
+                fs::write(out_dir.join(format!("{object}{suffix}")), b"")
+                    .context("writing the empty eBPF placeholder")?;
+            }
         }
         return Ok(());
     }
@@ -49,8 +62,29 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unsupported target endianness {other:?}"),
     };
     let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
-    let target_dir = shared_target_dir(&out_dir).join("ebpf");
+    let shared = shared_target_dir(&out_dir);
+    // The production objects, and the same programs for kernels without
+    // `bpf_loop` (feature `unrolled`), each in a directory of its own so
+    // that neither rebuild undoes the other.
+    for (dir, features, suffix) in [("ebpf", "", ""), ("ebpf-unrolled", "unrolled", "-unrolled")] {
+        build(target, &arch, &shared.join(dir), features)?;
+        let built = shared.join(dir).join(target).join("release");
+        for object in OBJECTS {
+            let to = out_dir.join(format!("{object}{suffix}"));
+            fs::copy(built.join(object), &to).with_context(|| {
+                format!(
+                    "copying {} to {}",
+                    built.join(object).display(),
+                    to.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
 
+/// `cargo build` of the kernel programs for `target` into `target_dir`.
+fn build(target: &str, arch: &str, target_dir: &Path, features: &str) -> anyhow::Result<()> {
     let mut rustflags = OsString::new();
     for (i, flag) in [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
@@ -76,8 +110,9 @@ fn main() -> anyhow::Result<()> {
     ])
     .args(["--bins", "--release", "--target", target])
     .args(["-Z", "build-std=core"])
+    .args(["--features", features])
     .arg("--target-dir")
-    .arg(&target_dir)
+    .arg(target_dir)
     .current_dir(EBPF_DIR)
     .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
     // The outer build's compiler (stable) and wrappers must not leak in.
@@ -97,11 +132,6 @@ fn main() -> anyhow::Result<()> {
             "building the kernel programs failed: {cmd:?}: {}",
             out.status
         );
-    }
-    let built = target_dir.join(target).join("release");
-    for object in OBJECTS {
-        fs::copy(built.join(object), out_dir.join(object))
-            .with_context(|| format!("copying {} into OUT_DIR", built.join(object).display()))?;
     }
     Ok(())
 }

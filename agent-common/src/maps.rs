@@ -37,6 +37,14 @@ pub const MAP_DOMAIN_COUNTERS: &str = "BH_DOMSTATS";
 /// datagram verdict ([`SendCache`]) that named no listener, or another
 /// one, is not used after a socket binds.
 pub const MAP_LISTEN: &str = "BH_LISTEN";
+/// One `i64`: CLOCK_TAI minus CLOCK_BOOTTIME in nanoseconds, which the
+/// agent keeps current on kernels without `bpf_ktime_get_tai_ns` (before
+/// 6.1); the programs there read TAI as boot time plus this. Pinned, so
+/// expiry still runs while no agent does (on the last offset written).
+pub const MAP_CLOCK: &str = "BH_CLOCK";
+/// The `.rodata` flag the agent sets at load where the kernel lacks
+/// `bpf_ktime_get_tai_ns` (1); the verifier then never sees that branch.
+pub const GLOBAL_NO_TAI: &str = "BH_NO_TAI";
 
 /// Per-domain decision counters: `BH_DOMSTATS[domain * REASON_SLOTS + reason]`.
 pub const NUM_DOMAIN_COUNTERS: u32 = MAX_DOMAINS * crate::reason::REASON_SLOTS;

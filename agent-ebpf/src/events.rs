@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_smp_processor_id, bpf_ktime_get_tai_ns,
+        bpf_get_smp_processor_id,
     },
     maps::PerCpuArray,
 };
@@ -136,7 +136,7 @@ pub(crate) fn emit(
     f: &Flow,
 ) {
     let seq = count(COUNTER_EVENTS_WANTED);
-    let now = unsafe { bpf_ktime_get_tai_ns() };
+    let now = crate::clock::now_tai();
     if !rate_ok(&a.config, cgroup_id, now) {
         count(COUNTER_EVENTS_RATE_LIMITED);
         return;

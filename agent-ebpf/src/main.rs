@@ -26,6 +26,7 @@
 #![feature(core_intrinsics)]
 
 mod addr;
+mod clock;
 mod create;
 mod events;
 mod log;

@@ -44,6 +44,9 @@ pub(crate) static BH_DOMCACHE: LruHashMap<u64, DomainCache> =
 /// Bumped by every bind: see `bulkhead_common::maps::MAP_LISTEN`.
 #[map(name = "BH_LISTEN")]
 pub(crate) static BH_LISTEN: Array<u64> = Array::pinned(1, 0);
+/// TAI minus boot time (`bulkhead_common::maps::MAP_CLOCK`).
+#[map(name = "BH_CLOCK")]
+pub(crate) static BH_CLOCK: Array<i64> = Array::pinned(1, 0);
 #[map(name = "BH_RATE")]
 pub(crate) static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 * 1024, 0);
 /// Sized by the agent at load time (`--ring-buffer-bytes`).

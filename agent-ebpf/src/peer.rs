@@ -6,8 +6,7 @@ use core::mem::zeroed;
 use aya_ebpf::{
     bindings::bpf_sock_tuple,
     helpers::generated::{
-        bpf_ktime_get_tai_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_sk_storage_get,
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get,
     },
 };
 use bulkhead_common::{
@@ -101,7 +100,7 @@ pub(crate) fn decide_flow(
     proto: u8,
     ports: Ports,
 ) -> Decision {
-    let now = unsafe { bpf_ktime_get_tai_ns() };
+    let now = crate::clock::now_tai();
     let slot = a.slot;
     let bridges = |from: u32, to: u32| {
         let key = BridgeKey {

@@ -6,8 +6,8 @@ use core::mem::zeroed;
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_tai_ns,
-        bpf_sk_fullsock, bpf_sk_storage_get,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_fullsock,
+        bpf_sk_storage_get,
     },
     programs::{SkBuffContext, SockContext},
 };
@@ -133,7 +133,7 @@ pub(crate) fn repeat_send(
     {
         return false;
     }
-    if c.until_tai_ns != u64::MAX && unsafe { bpf_ktime_get_tai_ns() } >= c.until_tai_ns {
+    if c.until_tai_ns != u64::MAX && crate::clock::now_tai() >= c.until_tai_ns {
         return false;
     }
     count(counter_index(hook as u8, c.reason));
@@ -290,7 +290,7 @@ pub(crate) fn cached_verdict(info: *const SockInfo, a: &Active) -> Option<&'stat
     }
     // Most verdicts never expire: no clock read for them.
     let until = unsafe { core::ptr::read_volatile(&c.until_tai_ns) };
-    if until != u64::MAX && unsafe { bpf_ktime_get_tai_ns() } >= until {
+    if until != u64::MAX && crate::clock::now_tai() >= until {
         return None;
     }
     Some(c)

@@ -1,11 +1,13 @@
 //! Cgroup ancestry walks: which domain a task, a packet or a socket's
 //! owner belongs to (its nearest configured ancestor).
 
+#[cfg(not(feature = "unrolled"))]
+use aya_ebpf::helpers::generated::bpf_loop;
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_loop,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
 };
 use bulkhead_common::{
@@ -40,14 +42,23 @@ pub(crate) fn domain_of(slot: u32, from: *const core::ffi::c_void, body: WalkBod
         slot,
         found: 0,
     };
+    let ctx: *mut core::ffi::c_void = (&mut w as *mut Walk).cast();
+    #[cfg(not(feature = "unrolled"))]
     unsafe {
         bpf_loop(
             MAX_CGROUP_DEPTH as u32,
             body as *mut core::ffi::c_void,
-            (&mut w as *mut Walk).cast(),
+            ctx,
             0,
         )
     };
+    // Kernels before 5.17: a bounded loop, which the verifier unrolls.
+    #[cfg(feature = "unrolled")]
+    for i in 0..MAX_CGROUP_DEPTH as u64 {
+        if body(i, ctx) != 0 {
+            break;
+        }
+    }
     w.found
 }
 

@@ -8,7 +8,10 @@
 
 use std::{process::Command, thread, time::Duration};
 
-use tests::{Agent, Netns, Server, field, privileged, probe, world::world};
+use tests::{
+    Agent, Cgroup, Netns, Server, field, privileged, probe,
+    world::{World, world},
+};
 
 fn is_deny_to(e: &tests::Value, dst: &str, port: u16) -> bool {
     field(e, "verdict") == "deny"
@@ -233,9 +236,43 @@ fn bridge_expiry_applies_in_the_kernel_while_the_agent_is_dead() {
         return;
     }
     let w = world();
+    let agent = Agent::start(&w.root, &w.policy("", ""));
+    bridge_expires_with_no_agent(&w, agent, &w.contractor);
+}
+
+/// A kernel before 6.1 has no `bpf_ktime_get_tai_ns`, one before 5.17 no
+/// `bpf_loop`: the agent says so, the programs read boot time plus the
+/// offset the agent writes, and walk the cgroup ancestry in a plain loop.
+/// The test makes the probe report both missing on this kernel; the VM
+/// runs show the same on Debian 11's 5.10.
+#[test]
+fn without_tai_time_or_bpf_loop_domains_are_walked_and_bridges_expire_in_the_kernel() {
+    if !privileged("kernel_fallbacks") {
+        return;
+    }
+    let w = world();
+    let env = [("BULKHEAD_TEST_KERNEL_LACKS", "ktime_get_tai_ns,loop")];
+    let (agent, log) = Agent::start_capturing_with_env(&w.root, &w.policy("", ""), &[], &env);
+    for missing in ["bpf_ktime_get_tai_ns", "bpf_loop"] {
+        assert!(
+            log.lines()
+                .iter()
+                .any(|l| l.contains(&format!("optional kernel feature missing: {missing}"))),
+            "the agent names {missing} as missing"
+        );
+    }
+    // A workload three levels below its domain's cgroup: the walk finds it.
+    let job = w.contractor.child("job");
+    let nested = job.child("step");
+    bridge_expires_with_no_agent(&w, agent, &nested);
+}
+
+/// Opens a 4-second bridge from `contractor` (whose member `from` is) to
+/// prod, connects over it, kills the agent and checks that the kernel
+/// closes the bridge at its expiry.
+fn bridge_expires_with_no_agent(w: &World, mut agent: Agent, from: &Cgroup) {
     // The bridge comes with a reload once the agent runs, so a slow start
     // (emulated kernels) cannot eat its window.
-    let mut agent = Agent::start(&w.root, &w.policy("", ""));
     let expires = time_in(4);
     let bridges = format!(
         "bridges:\n  - name: short\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    expires: {expires}\n    reason: \"3 s window\"\n"
@@ -244,13 +281,13 @@ fn bridge_expiry_applies_in_the_kernel_while_the_agent_is_dead() {
     let dst = format!("{}:8080", w.link.v4(2));
     let server = Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 8);
     assert_eq!(
-        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        probe(from, Some(&w.link.a), &["connect", "tcp", &dst]),
         "ok"
     );
     agent.kill9();
     thread::sleep(Duration::from_secs(5));
     assert_eq!(
-        probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]),
+        probe(from, Some(&w.link.a), &["connect", "tcp", &dst]),
         "EPERM",
         "an expired bridge must stop working with no agent running"
     );
@@ -444,9 +481,11 @@ fn listener_bound_before_the_agent_started_is_covered() {
     }
     let w = world();
     let ns = Netns::new();
-    // It must still listen once the agent is up.
-    let life = 4 + tests::slack_secs();
-    let server = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9100", life);
+    // It must still listen once the agent is up, however slow the start
+    // (under emulation two VMs at once took over 30 s): it lives long and
+    // is killed when the test ends; the two connects' results say what
+    // reached it.
+    let _server = Server::start(&w.prod, Some(&ns), "tcp", "127.0.0.1:9100", 3600);
     let _agent = Agent::start(&w.root, &w.policy("", ""));
     assert_eq!(
         probe(
@@ -460,7 +499,6 @@ fn listener_bound_before_the_agent_started_is_covered() {
         probe(&w.prod, Some(&ns), &["connect", "tcp", "127.0.0.1:9100"]),
         "ok"
     );
-    assert_eq!(server.finish(), 1);
 }
 
 #[test]

@@ -298,7 +298,9 @@ pub fn features() -> &'static [Feature] {
                 id: "ktime_get_tai_ns",
                 name: "bpf_ktime_get_tai_ns",
                 since: V(6, 1),
-                need: Need::Required,
+                need: Need::Optional(
+                    "the kernel programs read boot time plus the TAI offset the agent keeps current: while no agent runs, a clock step (NTP, `date -s`) moves bridge and domain windows by the step",
+                ),
                 used_for: "bridge and domain expiry on wall-clock (TAI) time, in the kernel",
                 probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_ktime_get_tai_ns),
             },
@@ -306,7 +308,9 @@ pub fn features() -> &'static [Feature] {
                 id: "loop",
                 name: "bpf_loop",
                 since: V(5, 17),
-                need: Need::Required,
+                need: Need::Optional(
+                    "the cgroup ancestry walk is a loop the verifier unrolls: slower to load, the same decisions",
+                ),
                 used_for: "walking a workload's cgroup ancestry for its domain, in every hook",
                 probe: || helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_loop),
             },
@@ -425,7 +429,7 @@ fn lsm_list_has_bpf(list: &str) -> bool {
 
 /// Whether the kernel's BTF names `name` (a kfunc is a BTF function; its
 /// name is in the string section). Reads `/sys/kernel/btf/vmlinux`.
-fn btf_has_name(name: &str) -> Probed {
+pub(super) fn btf_has_name(name: &str) -> Probed {
     match fs::read(Path::new("/sys/kernel/btf/vmlinux")) {
         Ok(btf) => {
             if btf_strings_contain(&btf, name) {
@@ -490,14 +494,23 @@ pub struct Report {
     pub findings: Vec<Finding>,
 }
 
+/// Feature ids (comma-separated) the probe reports missing, so that the
+/// fallbacks for older kernels are tested on a new one.
+pub const TEST_LACKS_ENV: &str = "BULKHEAD_TEST_KERNEL_LACKS";
+
 /// Probes every feature (a few dozen bpf() calls; milliseconds).
 pub fn probe() -> Report {
     let release = release();
     let version = KernelVersion::parse(&release);
+    let pretend = std::env::var(TEST_LACKS_ENV).unwrap_or_default();
     let findings = features()
         .iter()
         .map(|feature| {
-            let probed = (feature.probe)();
+            let probed = if pretend.split(',').any(|id| id.trim() == feature.id) {
+                Probed::No
+            } else {
+                (feature.probe)()
+            };
             let verdict = decide(&probed, feature.since, version);
             Finding {
                 feature,
@@ -619,14 +632,32 @@ impl Report {
     }
 }
 
-/// Probes the kernel; fails naming every missing required feature, and
-/// returns warnings for what only degrades.
-pub fn check() -> Result<Vec<String>> {
+/// Probes the kernel; fails naming every missing required feature.
+/// [`Report::warnings`] says what only degrades.
+pub fn check() -> Result<Report> {
     let report = probe();
     if let Some(refusal) = report.refusal() {
         bail!("{refusal}");
     }
-    Ok(report.warnings())
+    Ok(report)
+}
+
+/// What the kernel programs must do without, set in their `.rodata` at load.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fallbacks {
+    /// No `bpf_ktime_get_tai_ns`: boot time plus `BH_CLOCK`.
+    pub no_tai: bool,
+    /// No `bpf_loop`: the object whose walk is a bounded loop.
+    pub no_loop: bool,
+}
+
+impl Report {
+    pub fn fallbacks(&self) -> Fallbacks {
+        Fallbacks {
+            no_tai: !self.has("ktime_get_tai_ns"),
+            no_loop: !self.has("loop"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,12 @@ use aya::{
     },
 };
 
-use super::pins::{Pins, retire, test_layout};
+use bulkhead_common::maps::{GLOBAL_NO_TAI, MAP_CLOCK};
+
+use super::{
+    features::Fallbacks,
+    pins::{Pins, retire, test_layout},
+};
 
 /// Set only by tests: the program named is treated as refused by the
 /// verifier, to show that such a start changes nothing that enforces.
@@ -21,14 +26,30 @@ const TEST_REFUSE_ENV: &str = "BULKHEAD_TEST_REFUSE_PROGRAM";
 pub(super) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead"));
 
+/// The same programs with the cgroup walk a bounded loop, for kernels
+/// without `bpf_loop` (before 5.17). The maps are the same, so is the
+/// layout.
+static EBPF_OBJECT_UNROLLED: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-unrolled"));
+
 /// The embedded programs, or why there are none.
 pub(super) fn object() -> Result<&'static [u8]> {
-    if EBPF_OBJECT.is_empty() {
+    object_for(Fallbacks::default())
+}
+
+/// The embedded programs this kernel can load.
+fn object_for(fallbacks: Fallbacks) -> Result<&'static [u8]> {
+    let object = if fallbacks.no_loop {
+        EBPF_OBJECT_UNROLLED
+    } else {
+        EBPF_OBJECT
+    };
+    if object.is_empty() {
         bail!(
             "this bulkhead binary was built without its kernel programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"
         );
     }
-    Ok(EBPF_OBJECT)
+    Ok(object)
 }
 
 /// What kind of cgroup program, so loading and attaching need no name
@@ -123,11 +144,13 @@ pub const PROGRAMS: [Program; 9] = [
 /// Loads the object, reusing the maps pinned by an earlier agent of the
 /// same layout (so the policy in force stays in force) and pinning new
 /// ones. Nothing is verified or attached yet.
-pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
+pub fn load(pins: &Pins, ring_bytes: u32, fallbacks: Fallbacks) -> Result<Ebpf> {
     fs::create_dir_all(pins.maps())
         .with_context(|| format!("creating {}", pins.maps().display()))?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pins.maps());
+    let no_tai = u8::from(fallbacks.no_tai);
+    loader.override_global(GLOBAL_NO_TAI, &no_tai, true);
     loader.map_max_entries(bulkhead_common::maps::MAP_EVENTS, ring_bytes);
     if test_layout().is_some() {
         loader.map_max_entries(
@@ -136,8 +159,21 @@ pub fn load(pins: &Pins, ring_bytes: u32) -> Result<Ebpf> {
         );
     }
     loader
-        .load(object()?)
+        .load(object_for(fallbacks)?)
         .map_err(|e| explain_load_error(e.into()))
+}
+
+/// Where the kernel lacks `bpf_ktime_get_tai_ns`, the programs read boot
+/// time plus `BH_CLOCK`: written before anything is attached and then
+/// every second, so it follows NTP while an agent runs.
+pub fn write_clock(ebpf: &mut Ebpf) -> Result<()> {
+    let map = ebpf
+        .map_mut(MAP_CLOCK)
+        .ok_or_else(|| anyhow!("map {MAP_CLOCK} missing from the object"))?;
+    let mut clock: aya::maps::Array<_, i64> = aya::maps::Array::try_from(map)?;
+    clock
+        .set(0, crate::clock::tai_from_boot_ns(), 0)
+        .with_context(|| format!("writing {MAP_CLOCK}"))
 }
 
 /// Turns the common failures into what is missing and how to fix it,
@@ -263,6 +299,13 @@ pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
             parts.push(format!("{name} {n}"));
         }
     }
+    if parts.is_empty() {
+        // Kernels before 5.16 do not report the count.
+        return format!(
+            "programs verified and loaded in {:.1} s",
+            took.as_secs_f64()
+        );
+    }
     format!(
         "programs verified and loaded in {:.1} s; the verifier checked {total} instructions ({})",
         took.as_secs_f64(),
@@ -274,6 +317,13 @@ pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
 pub const LSM_PROGRAM: &str = "bh_socket_create";
 
 fn load_lsm(ebpf: &mut Ebpf) -> Result<()> {
+    // Before 6.0 there are no lsm_cgroup hooks to load for (the kernel
+    // would only answer EINVAL).
+    if let super::features::Probed::No =
+        super::features::btf_has_name("__cgroup_bpf_run_lsm_socket")
+    {
+        bail!("the kernel has no BPF LSM cgroup hooks (Linux 6.0+)");
+    }
     let lsms = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
     if !lsms.split(',').any(|l| l.trim() == "bpf") {
         bail!(

@@ -77,7 +77,7 @@ mod tests {
         }
         let pins = Pins::new(root.clone(), layout().expect("layout"));
         let result = (|| -> Result<()> {
-            let mut ebpf = load(&pins, 4096)?;
+            let mut ebpf = load(&pins, 4096, crate::kernel::features::probe().fallbacks())?;
             verify_all(&mut ebpf)?;
             let logger = start_kernel_log(&mut ebpf)?.context("no kernel log in the object")?;
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -305,9 +305,11 @@ impl Agent {
         for w in caps::check()? {
             warn!("{w}");
         }
-        for w in crate::kernel::features::check()? {
+        let kernel_report = crate::kernel::features::check()?;
+        for w in kernel_report.warnings() {
             warn!("{w}");
         }
+        let fallbacks = kernel_report.fallbacks();
         let pins = Pins::new(args.bpffs_dir.clone(), kernel::layout()?);
         kernel::ensure_bpffs(&pins.root)?;
         let lock = kernel::lock(&pins)?;
@@ -317,7 +319,7 @@ impl Agent {
         // 1. every program verified and loaded: a refusal stops here, with
         //    nothing that enforces changed;
         let verify_started = Instant::now();
-        let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes)?;
+        let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes, fallbacks)?;
         let lsm = kernel::verify_all(&mut ebpf)?;
         info!("{}", kernel::verified(&ebpf, verify_started.elapsed()));
         // After verification: the loaded programs hold its ring buffer open.
@@ -326,6 +328,9 @@ impl Agent {
         let mut pmaps = PolicyMaps::adopt(&mut ebpf)?;
         let previous = PolicyMaps::generation(&mut ebpf)?;
         let staged = pmaps.stage(&mut ebpf, &loaded.compiled)?;
+        // (Read only where the kernel lacks bpf_ktime_get_tai_ns; written
+        // everywhere, it is one map update a second.)
+        kernel::write_clock(&mut ebpf)?;
         // 3. the post_bind hooks attached, then the sockets bound before them
         //    recorded, so none is missed in between;
         kernel::attach(&mut ebpf, &pins, &cgroup_dir, kernel::Stage::Owners)?;
@@ -814,6 +819,9 @@ impl Agent {
             }
             reload = self.files_changed();
             self.refresh_cgroups();
+            if let Err(e) = kernel::write_clock(&mut self.ebpf) {
+                warn!("{e:#}");
+            }
             // The kernel stopped honouring expired bridges at their
             // instant; here they leave the state file, the maps and the
             // audit trail.

@@ -174,7 +174,7 @@ fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> 
     let has_lists = fs::read_dir(apt.join("lists"))
         .map(|d| {
             d.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
         })
         .unwrap_or(false);
     if !(fresh && has_lists) {
