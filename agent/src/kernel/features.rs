@@ -1,8 +1,10 @@
 //! Kernel feature probe, run by `bulkhead run` before anything is loaded.
 //!
-//! The supported minimum is **Linux 6.1** (Debian 12's kernel): the kernel
-//! programs read `CLOCK_TAI` with `bpf_ktime_get_tai_ns`, which 6.1
-//! introduced, and everything else they need is older. Instead of trusting
+//! The supported minimum is **Linux 5.10** (Debian 11's kernel). Newer
+//! helpers are used where the kernel has them, with a fallback where not:
+//! `bpf_ktime_get_tai_ns` (6.1; else boot time plus an offset the agent
+//! keeps), `bpf_loop` (5.17; else an object whose cgroup walk is a bounded
+//! loop), BPF LSM cgroup hooks (6.0), `bpf_sock_destroy` (6.5). Instead of trusting
 //! the version number (distribution kernels backport features, and configs
 //! turn them off), every feature is probed on the running kernel the way
 //! libbpf does it: a map of that type is created, or a two-instruction
@@ -73,7 +75,7 @@ impl fmt::Display for KernelVersion {
 }
 
 /// The oldest kernel bulkhead supports (and is tested on, in a VM).
-pub const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 10, 0);
 
 /// Whether the agent cannot work without a feature or only degrades.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -566,7 +568,7 @@ impl Report {
             return None;
         }
         Some(format!(
-            "this kernel ({}) lacks what bulkhead needs:\n{}\nbulkhead supports Linux {} and later (Debian 12's kernel is the oldest it is tested on)",
+            "this kernel ({}) lacks what bulkhead needs:\n{}\nbulkhead supports Linux {} and later (Debian 11's kernel is the oldest it is tested on)",
             if self.release.is_empty() {
                 "unknown release"
             } else {
@@ -691,9 +693,9 @@ mod tests {
     #[test]
     fn versions_compare_numerically() {
         assert!(v(6, 10, 0) > v(6, 9, 0));
-        assert!(v(6, 1, 0) >= MIN_KERNEL);
-        assert!(v(6, 0, 19) < MIN_KERNEL);
-        assert!(v(5, 19, 0) < MIN_KERNEL);
+        assert!(v(5, 10, 0) >= MIN_KERNEL);
+        assert!(v(5, 9, 19) < MIN_KERNEL);
+        assert!(v(4, 19, 0) < MIN_KERNEL);
         assert!(v(10, 0, 0) > MIN_KERNEL);
         assert_eq!(v(6, 1, 0).to_string(), "6.1");
         assert_eq!(v(6, 18, 44).to_string(), "6.18.44");
@@ -741,21 +743,22 @@ mod tests {
 
     #[test]
     fn refusal_names_the_feature_and_a_kernel_that_has_it() {
-        // A 5.15 kernel: no bpf_ktime_get_tai_ns, nothing else missing.
-        let r = report("5.15.0-1050-azure", |f| {
-            if f.id == "ktime_get_tai_ns" || matches!(f.need, Need::Optional(_)) {
+        // A 5.4 kernel: no bpf_get_current_ancestor_cgroup_id, nothing
+        // else required missing.
+        let r = report("5.4.0-150-generic", |f| {
+            if f.id == "current_ancestor_cgroup_id" || matches!(f.need, Need::Optional(_)) {
                 Probed::No
             } else {
                 Probed::Yes
             }
         });
         let msg = r.refusal().expect("refused");
-        assert!(msg.contains("5.15.0-1050-azure"), "{msg}");
+        assert!(msg.contains("5.4.0-150-generic"), "{msg}");
         assert!(
-            msg.contains("bpf_ktime_get_tai_ns (Linux 6.1 has it"),
+            msg.contains("bpf_get_current_ancestor_cgroup_id (Linux 5.7 has it"),
             "{msg}"
         );
-        assert!(msg.contains("Linux 6.1 and later"), "{msg}");
+        assert!(msg.contains("Linux 5.10 and later"), "{msg}");
         assert_eq!(r.missing().count(), 1);
     }
 
@@ -787,20 +790,20 @@ mod tests {
                 .any(|w| w.contains("could not probe bpf_ktime_get_tai_ns (EPERM)")),
             "{w:?}"
         );
-        let old = report("5.10.0-30-amd64", |_| Probed::Unknown("EPERM".into()));
+        let old = report("5.4.0-150-generic", |_| Probed::Unknown("EPERM".into()));
         let msg = old.refusal().expect("refused by version");
-        assert!(msg.contains("bpf_ktime_get_tai_ns"), "{msg}");
+        assert!(msg.contains("bpf_get_current_ancestor_cgroup_id"), "{msg}");
         assert!(msg.contains("decided by the kernel version"), "{msg}");
     }
 
     #[test]
     fn an_old_kernel_with_backports_starts_with_a_warning() {
-        let r = report("5.14.0-427.13.1.el9_4.x86_64", |_| Probed::Yes);
+        let r = report("5.4.0-150-generic", |_| Probed::Yes);
         assert!(r.refusal().is_none());
         assert!(
             r.warnings()
                 .iter()
-                .any(|w| w.contains("older than Linux 6.1"))
+                .any(|w| w.contains("older than Linux 5.10"))
         );
     }
 
