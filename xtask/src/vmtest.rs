@@ -314,9 +314,13 @@ rmdir /sys/fs/cgroup/bhsmoke/a /sys/fs/cgroup/bhsmoke 2>/dev/null
     ));
     for spec in suites {
         let (suite, filter) = split_spec(spec);
-        let filter = filter.map(quote).unwrap_or_default();
+        let run = std::iter::once("--test-threads=1".to_string())
+            .chain(filter.map(quote))
+            .chain((!args.is_empty()).then(|| args.clone()))
+            .collect::<Vec<_>>()
+            .join(" ");
         s.push_str(&format!(
-            "echo '{MARK} suite-start {suite}'\n(cd /tmp && /bh/deps/{suite} --test-threads=1 {filter} {args})\necho \"{MARK} suite-end {suite} rc=$?\"\n"
+            "echo '{MARK} suite-start {suite}'\n(cd /tmp && /bh/deps/{suite} {run})\necho \"{MARK} suite-end {suite} rc=$?\"\n"
         ));
     }
     s.push_str(&format!("fi\necho '{MARK} done'\nsync\npoweroff -f\n"));
@@ -896,11 +900,19 @@ mod tests {
             modules: vec!["/c/veth.ko".into()],
             config: None,
         };
-        let s = init_script(&k, &["domains".into(), "geo".into()], &["it's".into()]);
+        let s = init_script(
+            &k,
+            &["domains".into(), "geo".into(), "bypass:packet".into()],
+            &["it's".into()],
+        );
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("insmod /lib/modules/veth.ko"));
         assert!(s.contains("mount -t cgroup2 cgroup2 /sys/fs/cgroup"));
         assert!(s.contains("/bh/deps/domains --test-threads=1 'it'\\''s'"));
+        assert!(s.contains("/bh/deps/bypass --test-threads=1 'packet' 'it'\\''s'"));
+        assert!(s.contains("BHVM suite-end bypass rc=$?"));
+        let bare = init_script(&k, &["geo".into()], &[]);
+        assert!(bare.contains("/bh/deps/geo --test-threads=1)"));
         assert!(s.contains("BHVM suite-end geo rc=$?"));
         assert!(s.trim_end().ends_with("poweroff -f"));
     }
