@@ -13,15 +13,13 @@
 //!
 //! This is what `aya_build::build_ebpf` does, with one difference: the
 //! kernel programs are built in one directory per cargo target directory
-//! (`target/ebpf`, `target/ebpf-unrolled`), not one per OUT_DIR. The objects do not depend on the
-//! agent's profile, features or target, and building `core` for BPF takes
-//! most of a minute, which every clippy, test, release, static and fuzz
-//! build paid again.
+//! (`target/ebpf`, `target/ebpf-unrolled`), not one per OUT_DIR. The
+//! objects do not depend on the agent's profile, features or target, and
+//! building `core` for BPF takes most of a minute, which every clippy,
+//! test, release, static and fuzz build paid again.
 
 use std::{
-    env,
-    ffi::OsString,
-    fs,
+    env, fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -30,6 +28,12 @@ use anyhow::{Context as _, anyhow, bail};
 
 const EBPF_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-ebpf");
 const OBJECTS: [&str; 2] = ["bulkhead", "bulkhead-bench"];
+/// (directory under the target dir, cargo features, suffix of the objects
+/// in OUT_DIR): the production objects, and the same programs for kernels
+/// without `bpf_loop`, each built in a directory of its own so that neither
+/// rebuild undoes the other.
+const VARIANTS: [(&str, &str, &str); 2] =
+    [("ebpf", "", ""), ("ebpf-unrolled", "unrolled", "-unrolled")];
 /// `1`: build without kernel programs, as without bpf-linker (the fuzz
 /// targets, which never load them).
 const NO_KERNEL_PROGRAMS: &str = "BULKHEAD_NO_KERNEL_PROGRAMS";
@@ -48,8 +52,8 @@ fn main() -> anyhow::Result<()> {
                 "cargo:warning=bpf-linker not found: building without kernel programs (run `cargo xtask setup`)"
             );
         }
-        for object in OBJECTS {
-            for suffix in ["", "-unrolled"] {
+        for (_, _, suffix) in VARIANTS {
+            for object in OBJECTS {
                 fs::write(out_dir.join(format!("{object}{suffix}")), b"")
                     .context("writing the empty eBPF placeholder")?;
             }
@@ -63,10 +67,7 @@ fn main() -> anyhow::Result<()> {
     };
     let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
     let shared = shared_target_dir(&out_dir);
-    // The production objects, and the same programs for kernels without
-    // `bpf_loop` (feature `unrolled`), each in a directory of its own so
-    // that neither rebuild undoes the other.
-    for (dir, features, suffix) in [("ebpf", "", ""), ("ebpf-unrolled", "unrolled", "-unrolled")] {
+    for (dir, features, suffix) in VARIANTS {
         build(target, &arch, &shared.join(dir), features)?;
         let built = shared.join(dir).join(target).join("release");
         for object in OBJECTS {
@@ -85,20 +86,13 @@ fn main() -> anyhow::Result<()> {
 
 /// `cargo build` of the kernel programs for `target` into `target_dir`.
 fn build(target: &str, arch: &str, target_dir: &Path, features: &str) -> anyhow::Result<()> {
-    let mut rustflags = OsString::new();
-    for (i, flag) in [
+    // CARGO_ENCODED_RUSTFLAGS separates flags with 0x1f.
+    let rustflags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".to_string(),
         "-Clink-arg=--btf".to_string(),
     ]
-    .iter()
-    .enumerate()
-    {
-        if i > 0 {
-            rustflags.push("\x1f");
-        }
-        rustflags.push(flag);
-    }
+    .join("\x1f");
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
