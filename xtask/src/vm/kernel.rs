@@ -110,20 +110,7 @@ fn debian(series: &str, cache: &Path) -> Result<Kernel> {
             }
         }
     };
-    let dir = cache.join(&pkg);
-    if !dir.join("vmlinuz").is_file() {
-        fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-        // Downloads into the current directory; as root apt warns that it
-        // cannot drop to the _apt user there, which is harmless.
-        run(Command::new("apt-get")
-            .args(["download", &pkg])
-            .current_dir(cache))?;
-        let deb = find_deb(cache, &pkg)?;
-        unpack_deb(&deb, &dir)?;
-        fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
-    } else {
-        eprintln!("  ok   {pkg} (cached in {})", dir.display());
-    }
+    let dir = fetch(&pkg, cache, |_| {})?;
     let release = pkg.trim_start_matches("linux-image-").to_string();
     cached(
         &dir,
@@ -189,25 +176,33 @@ fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> 
     let pkg = meta_target(&deps).with_context(|| {
         format!("Debian {number} ({codename}): linux-image-amd64 depends on no kernel image")
     })?;
-    let dir = cache.join(&pkg);
-    if !dir.join("vmlinuz").is_file() {
-        let mut download = Command::new("apt-get");
-        opts(&mut download);
-        // Downloads into the current directory; as root apt warns that it
-        // cannot drop to the _apt user there, which is harmless.
-        run(download.args(["download", &pkg]).current_dir(cache))?;
-        let deb = find_deb(cache, &pkg)?;
-        unpack_deb(&deb, &dir)?;
-        fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
-    } else {
-        eprintln!("  ok   {pkg} (cached in {})", dir.display());
-    }
+    let dir = fetch(&pkg, cache, opts)?;
     let release = pkg.trim_start_matches("linux-image-");
     cached(
         &dir,
         &format!("debian-{number} ({release})"),
         &format!("debian-{number}"),
     )
+}
+
+/// Downloads kernel package `pkg` with `apt-get` (its options set by
+/// `apt`) and unpacks it into `cache/PKG`, once; returns that directory.
+fn fetch(pkg: &str, cache: &Path, apt: impl Fn(&mut Command)) -> Result<PathBuf> {
+    let dir = cache.join(pkg);
+    if dir.join("vmlinuz").is_file() {
+        eprintln!("  ok   {pkg} (cached in {})", dir.display());
+        return Ok(dir);
+    }
+    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    let mut download = Command::new("apt-get");
+    apt(&mut download);
+    // Downloads into the current directory; as root apt warns that it
+    // cannot drop to the _apt user there, which is harmless.
+    run(download.args(["download", pkg]).current_dir(cache))?;
+    let deb = find_deb(cache, pkg)?;
+    unpack_deb(&deb, &dir)?;
+    fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
+    Ok(dir)
 }
 
 /// The kernel package a meta-package depends on (`apt-cache depends`).
