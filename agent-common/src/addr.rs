@@ -94,16 +94,23 @@ pub const fn node(stride: u32, offset: u32) -> u32 {
 /// checks one path per step instead of one per case.
 #[inline(always)]
 pub fn lookup(v6: bool, addr: &[u8; 16], word: impl Fn(u32) -> Option<u32>) -> u32 {
-    // The address, then zeros: a step may read one nibble past its end.
-    let mut a = [0u8; 32];
-    let mut i = 0;
-    while i < 16 {
-        a[i] = addr[i];
-        i += 1;
-    }
-    let nibble = |k: u32| u32::from(a[((k >> 1) & 31) as usize] >> ((!k & 1) << 2)) & 0xf;
+    // The address as two words, and zero past its end (a step may read
+    // one nibble past it). Not a zero-padded byte array: the kernel
+    // programs built that with byte-by-byte `memset` calls on every lookup.
+    let half = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&addr[i * 8..i * 8 + 8]);
+        u64::from_be_bytes(b)
+    };
+    let words = [half(0), half(1)];
+    let nibble = |k: u32| {
+        let n = (words[((k >> 4) & 1) as usize] >> ((15 - (k & 15)) * 4)) as u32 & 0xf;
+        // All ones below nibble 32, zero from there (k < 64).
+        let live = 1 - ((k >> 5) & 1);
+        n & 0u32.wrapping_sub(live)
+    };
     let root = if v6 { V6_ROOT } else { V4_ROOT };
-    let Some(mut w) = word(root + (u32::from(a[0]) << 8 | u32::from(a[1]))) else {
+    let Some(mut w) = word(root + (u32::from(addr[0]) << 8 | u32::from(addr[1]))) else {
         return CLASS_NONE;
     };
     let steps = if v6 { MAX_STEPS_V6 } else { MAX_STEPS_V4 };

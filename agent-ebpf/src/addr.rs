@@ -5,15 +5,6 @@ use bulkhead_common::event::FAMILY_INET6;
 
 use crate::maps::{BH_ADDR, BH_CLASSES};
 
-pub(crate) fn to16(a: [u8; 4]) -> [u8; 16] {
-    let mut o = [0u8; 16];
-    o[0] = a[0];
-    o[1] = a[1];
-    o[2] = a[2];
-    o[3] = a[3];
-    o
-}
-
 pub(crate) fn first4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }

@@ -25,12 +25,12 @@ mod maps;
 mod policy;
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use bulkhead_common::event::{FAMILY_INET, FAMILY_INET6};
-
-use crate::{
-    addr::{classify, to16},
-    policy::active,
+use bulkhead_common::{
+    decide::v4_in_16,
+    event::{FAMILY_INET, FAMILY_INET6},
 };
+
+use crate::{addr::classify, policy::active};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -48,7 +48,7 @@ pub fn bh_probe_addr(ctx: SkBuffContext) -> i32 {
     let proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
     let (family, dst) = if proto == ETH_P_IP {
         match ctx.load::<[u8; 4]>(16) {
-            Ok(d) => (FAMILY_INET, to16(d)),
+            Ok(d) => (FAMILY_INET, v4_in_16(d)),
             Err(_) => return ALLOW,
         }
     } else if proto == ETH_P_IPV6 {

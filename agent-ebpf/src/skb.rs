@@ -15,7 +15,7 @@ use crate::{
     policy::{active, domain_rec},
     socks::{
         cache_verdict, cached_allow, cached_verdict, conversation, mark_cut, same_conversation,
-        skb_full_sock, sock_info,
+        settle_established, skb_full_sock, sock_info,
     },
     walk::skb_domain,
 };
@@ -59,6 +59,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         if let Some(p) = &parsed
             && same_conversation(c, p, dir, initiator)
         {
+            settle_established(full, info, p);
             return cached_allow(hook, c);
         }
         dom_id = skb_domain(&a, skb_ptr);

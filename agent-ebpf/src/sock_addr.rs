@@ -3,18 +3,17 @@
 use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddrContext};
 use bulkhead_common::{
     Decision, Direction, Hook, Ports,
-    decide::{PeerAddr, peer_domain, refused_unaudited},
+    decide::{PeerAddr, peer_domain, refused_unaudited, v4_in_16},
     event::{FAMILY_INET, FAMILY_INET6},
     maps::{CONFIG_AUDIT_REFUSE, MODE_AUDIT},
 };
 
 use crate::{
-    addr::to16,
     events::{ALLOW, Flow, finish},
     log::{program, rare},
-    peer::{decide_flow, listener_domain, peer_of},
+    peer::{IPPROTO_TCP, decide_flow, listener_domain, peer_of},
     policy::{Active, active, domain_rec},
-    socks::{listen_epoch, mark_initiator, new_flow, remember_send, repeat_send},
+    socks::{cache_connect, listen_epoch, mark_initiator, new_flow, remember_send, repeat_send},
     walk::current_domain,
 };
 
@@ -95,6 +94,8 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
             !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
         if is_sendmsg(hook4) {
             remember_send(info, &a, &d, dom_id, listeners, &dst, dport, proto as u8);
+        } else if proto == IPPROTO_TCP {
+            cache_connect(info, &a, dom_id, &d, family, &dst, dport);
         }
     }
     let rc = finish(
@@ -132,7 +133,7 @@ fn dst_of<const V6: bool>(
 ) -> (PeerAddr, Hook) {
     if !V6 {
         (
-            PeerAddr::new(FAMILY_INET, to16(sa.user_ip4.to_ne_bytes())),
+            PeerAddr::new(FAMILY_INET, v4_in_16(sa.user_ip4.to_ne_bytes())),
             hook4,
         )
     } else {

@@ -314,7 +314,8 @@ pub(crate) fn conversation(p: &Parsed, dir: Direction) -> (&[u8; 16], [u8; 2], [
 
 /// Whether a datagram belongs to the conversation its socket's verdict was
 /// decided for: everything the decision read from the packet and socket.
-/// (A socket has one protocol, and only datagrams leave a keyed verdict.)
+/// (A socket has one protocol. A TCP socket's keyed verdict comes from its
+/// connect, before its local port was chosen: that port is not compared.)
 #[inline(always)]
 pub(crate) fn same_conversation(
     c: &VerdictCache,
@@ -333,7 +334,7 @@ pub(crate) fn same_conversation(
             && get(&c.family) == p.family
             && get(&c.initiator) == initiator as u8
             && get(&c.peer_port) == peer_port
-            && get(&c.local_port) == local_port
+            && (get(&c.local_port) == local_port || p.proto == IPPROTO_TCP as u8)
     }
 }
 
@@ -426,11 +427,68 @@ pub(crate) fn cache_verdict(
     if tcp && unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
         return;
     }
-    // Field by field into the storage (a whole VerdictCache would not fit
-    // on the stack beside the rest), and invalid while being written: a
-    // packet of the same socket on another CPU reads the generation first,
-    // so it never takes this peer with another's verdict, or the reverse.
-    // Volatile, so the compiler keeps that order.
+    let (peer, peer_port, local_port) = conversation(p, dir);
+    let key = (!tcp).then_some(Key {
+        family: p.family,
+        peer,
+        peer_port,
+        local_port,
+    });
+    store_verdict(info, a, dom_id, d, key, initiator);
+}
+
+/// A connect's allowed decision, remembered on its socket for the packets
+/// of the handshake (which would each be decided again otherwise: the
+/// connection is not established yet). Keyed by the peer the connect
+/// named, so a destination rewritten after this hook (a socket load
+/// balancer's connect program) is decided by its packets; the local port
+/// is not known yet and not compared for TCP. The first matching packet of
+/// the established connection makes it the unkeyed verdict
+/// ([`settle_established`]).
+#[inline(always)]
+pub(crate) fn cache_connect(
+    info: *mut SockInfo,
+    a: &Active,
+    dom_id: u32,
+    d: &Decision,
+    family: u8,
+    peer: &[u8; 16],
+    peer_port: [u8; 2],
+) {
+    if info.is_null() || !d.allow {
+        return;
+    }
+    let key = Key {
+        family,
+        peer,
+        peer_port,
+        local_port: [0; 2],
+    };
+    store_verdict(info, a, dom_id, d, Some(key), true);
+}
+
+/// What a keyed verdict holds for (see `same_conversation`).
+pub(crate) struct Key<'p> {
+    family: u8,
+    peer: &'p [u8; 16],
+    peer_port: [u8; 2],
+    local_port: [u8; 2],
+}
+
+/// Field by field into the storage (a whole VerdictCache would not fit on
+/// the stack beside the rest), and invalid while being written: a packet
+/// of the same socket on another CPU reads the generation first, so it
+/// never takes this peer with another's verdict, or the reverse. Volatile,
+/// so the compiler keeps that order. No key: the socket's only peer.
+#[inline(always)]
+fn store_verdict(
+    info: *mut SockInfo,
+    a: &Active,
+    dom_id: u32,
+    d: &Decision,
+    key: Option<Key>,
+    initiator: bool,
+) {
     let c = unsafe { &raw mut (*info).verdict };
     unsafe {
         use core::ptr::write_volatile as put;
@@ -439,15 +497,28 @@ pub(crate) fn cache_verdict(
         put(&raw mut (*c).domain, dom_id);
         put(&raw mut (*c).reason, d.reason as u8);
         let mut family = 0;
-        if !tcp {
-            let (peer, peer_port, local_port) = conversation(p, dir);
-            family = p.family;
+        if let Some(k) = key {
+            family = k.family;
             put(&raw mut (*c).initiator, initiator as u8);
-            copy16(&raw mut (*c).peer, peer);
-            put(&raw mut (*c).peer_port, peer_port);
-            put(&raw mut (*c).local_port, local_port);
+            copy16(&raw mut (*c).peer, k.peer);
+            put(&raw mut (*c).peer_port, k.peer_port);
+            put(&raw mut (*c).local_port, k.local_port);
         }
         put(&raw mut (*c).family, family);
         put(&raw mut (*c).generation, a.generation);
+    }
+}
+
+/// A TCP socket's keyed verdict (from [`cache_connect`]) that matched a
+/// packet of the now established connection: from here on it holds for
+/// every packet of the socket, unkeyed. One byte: a packet on another CPU
+/// sees the verdict keyed or unkeyed, valid either way.
+#[inline(always)]
+pub(crate) fn settle_established(full: *mut bpf_sock, info: *mut SockInfo, p: &Parsed) {
+    if info.is_null() || full.is_null() || p.proto != IPPROTO_TCP as u8 {
+        return;
+    }
+    if unsafe { (*full).state } == BPF_TCP_ESTABLISHED {
+        unsafe { core::ptr::write_volatile(&raw mut (*info).verdict.family, 0) };
     }
 }

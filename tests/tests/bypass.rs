@@ -114,6 +114,64 @@ fn tcp_fast_open_is_decided_at_connect() {
     }
 }
 
+/// The connect hook remembers its allowed verdict for the handshake's
+/// packets, keyed by the peer the connect named. A destination rewritten
+/// after the hook (here a DNAT rule in the workload's own namespace, which
+/// a workload with `CAP_NET_ADMIN` there can add; a socket load balancer's
+/// connect program is another way) must be decided by its packets.
+#[test]
+fn a_destination_rewritten_after_connect_is_decided_by_its_packets() {
+    if !privileged("rewritten_destination") {
+        return;
+    }
+    let w = world();
+    let n = w.link.net;
+    // 10.N.0.3: an address of B in no domain, which the contractor may reach.
+    let (free, prod) = (w.link.v4(3), w.link.v4(2));
+    w.link.b.ip(&format!("addr add {free}/32 dev lo"));
+    let agent = Agent::start(&w.root, &w.policy("", ""));
+    let server = Server::start(&w.outside, Some(&w.link.b), "tcp", "0.0.0.0:8080", 8);
+    let to_free = format!("{free}:8080");
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "tcp", &to_free]
+        ),
+        "ok",
+        "before the rewrite: the contractor reaches an address in no domain"
+    );
+    sh(&format!(
+        "ip netns exec {} nft 'add table ip bhnat; add chain ip bhnat out {{ type nat hook output priority -100; }}; add rule ip bhnat out ip daddr {free} tcp dport 8080 dnat to {prod}'",
+        w.link.a.name
+    ));
+    assert_eq!(
+        probe(
+            &w.contractor,
+            Some(&w.link.a),
+            &["connect", "tcp", &to_free]
+        ),
+        "ETIMEDOUT",
+        "the SYN rewritten to prod (10.{n}.0.2) must be dropped by the egress packet hook"
+    );
+    // The rewrite itself works: a client in no domain goes through it.
+    assert_eq!(
+        probe(&w.outside, Some(&w.link.a), &["connect", "tcp", &to_free]),
+        "ok"
+    );
+    assert_eq!(
+        server.finish(),
+        2,
+        "the contractor's first connect and the domainless one, nothing rewritten from the contractor"
+    );
+    let ev = agent.wait_events(1, |e| {
+        deny_to(e, &prod, Some(8080)) && field(e, "hook") == "skb-egress"
+    });
+    assert!(!ev.is_empty(), "no skb-egress deny to {prod}");
+    assert_eq!(field(&ev[0], "reason"), "cross-domain", "{}", ev[0]);
+    assert_eq!(field(&ev[0], "dst_domain"), "prod", "{}", ev[0]);
+}
+
 #[test]
 fn ping_sockets_connected_and_unconnected() {
     if !privileged("ping_sockets") {
