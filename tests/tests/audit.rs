@@ -331,14 +331,40 @@ fn audit_query_finds_exactly_one_domains_denials_in_a_time_range() {
         501,
         "header + every event that touches contractor"
     );
-    let changes = Command::new(bulkhead_bin())
-        .args(["audit", "changes", "--db", db_path.to_str().unwrap()])
+    // `--json` is the same as `--format json`, as on every command that
+    // prints JSON.
+    let json_flag = Command::new(bulkhead_bin())
+        .args(["audit", "query", "--db", db_path.to_str().unwrap()])
+        .args(["--json", "--domain", "contractor"])
         .output()
         .unwrap();
+    let rows: Vec<Value> = String::from_utf8(json_flag.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows, query(&["--domain", "contractor"]));
+    let changes = |json: bool| {
+        let out = Command::new(bulkhead_bin())
+            .args(["audit", "changes", "--db", db_path.to_str().unwrap()])
+            .args(json.then_some("--json"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
     assert!(
-        String::from_utf8_lossy(&changes.stdout).contains("start"),
+        changes(false).contains("start"),
         "policy changes are in the same trail"
     );
+    let kinds: Vec<String> = changes(true)
+        .lines()
+        .map(|l| {
+            let c: Value = serde_json::from_str(l).unwrap();
+            tests::field(&c, "kind").to_string()
+        })
+        .collect();
+    assert!(kinds.iter().any(|k| k == "start"), "{kinds:?}");
 }
 
 #[test]

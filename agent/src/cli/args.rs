@@ -117,6 +117,10 @@ pub enum Command {
         /// bpffs directory used by `run`.
         #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
         bpffs_dir: PathBuf,
+        /// Accepted like every command that prints JSON (dump prints
+        /// nothing else).
+        #[arg(long)]
+        json: bool,
     },
     /// Remove everything bulkhead pinned and attached: enforcement stops.
     Detach {
@@ -277,6 +281,9 @@ pub enum AuditCommand {
         /// Only changes newer than this (e.g. 24h).
         #[arg(long, value_parser = parse_duration)]
         since: Option<u64>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Make the key that seals the events log and the audit store (a hash
     /// chain whose key evolves one way every epoch) and print the
@@ -363,6 +370,9 @@ pub struct AuditQuery {
     /// Output format.
     #[arg(long, default_value = "table", value_parser = ["table", "json", "csv"])]
     pub format: String,
+    /// One JSON object per line (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
     /// At most this many rows.
     #[arg(long, default_value_t = 10_000)]
     pub limit: usize,

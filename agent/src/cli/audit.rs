@@ -18,7 +18,11 @@ use super::{
 
 /// `audit query`: the matching events as a table, JSON lines or CSV.
 pub fn query(db: &Path, flags: AuditQuery) -> Result<ExitCode> {
-    let format = flags.format.clone();
+    let format = if flags.json {
+        "json".to_string()
+    } else {
+        flags.format.clone()
+    };
     let rows = store::query(db, &store_query(flags)?)?;
     let mut out = std::io::stdout().lock();
     match format.as_str() {
@@ -76,9 +80,14 @@ fn store_query(f: AuditQuery) -> Result<store::Query> {
     })
 }
 
-/// `audit changes`: one line per change, oldest first.
-pub fn changes(db: &Path, since: Option<u64>) -> Result<ExitCode> {
+/// `audit changes`: one line per change (text or a JSON object), oldest
+/// first.
+pub fn changes(db: &Path, since: Option<u64>, json: bool) -> Result<ExitCode> {
     for c in store::changes(db, since.map(since_ns), 100_000)? {
+        if json {
+            println!("{c}");
+            continue;
+        }
         println!(
             "{} {:<16} gen {:<5} {} {} {}",
             c["ts"].as_str().unwrap_or(""),

@@ -77,7 +77,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
         },
         Command::Audit { what } => match what {
             AuditCommand::Query { db, query } => audit::query(&db.path(), query),
-            AuditCommand::Changes { db, since } => audit::changes(&db.path(), since),
+            AuditCommand::Changes { db, since, json } => audit::changes(&db.path(), since, json),
             AuditCommand::SetupKeys {
                 state_dir,
                 bpffs_dir,
@@ -100,7 +100,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 &head,
             ),
         },
-        Command::Dump { bpffs_dir } => pins::dump(bpffs_dir),
+        Command::Dump { bpffs_dir, json: _ } => pins::dump(bpffs_dir),
         Command::Detach { bpffs_dir, force } => pins::detach(&bpffs_dir, force),
     }
 }
