@@ -19,6 +19,9 @@ const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_TEST_RUN: u32 = 10;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_LINK_CREATE: u32 = 28;
+pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
+pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
 
 pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
 
@@ -98,6 +101,17 @@ pub fn link_prog(link: &OwnedFd) -> Result<OwnedFd> {
     let mut a = Attr::new();
     a.u32(0, prog_id);
     bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map(fd)
+}
+
+/// `BPF_LINK_CREATE`: attaches `prog` to a cgroup (beside what is there)
+/// until the returned link is closed.
+pub fn link_cgroup(prog: &OwnedFd, cgroup: &Path, attach_type: u32) -> Result<OwnedFd> {
+    let dir = std::fs::File::open(cgroup)?;
+    let mut a = Attr::new();
+    a.u32(0, prog.as_raw_fd() as u32)
+        .u32(4, dir.as_raw_fd() as u32)
+        .u32(8, attach_type);
+    bpf(BPF_LINK_CREATE, &mut a).map(fd)
 }
 
 /// What `bpf_prog_info` says about a program.
