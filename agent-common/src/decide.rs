@@ -93,6 +93,9 @@ impl PeerAddr {
         if family == FAMILY_INET6
             && let Some(v4) = v4_mapped(addr)
         {
+            // Byte by byte, not `v4_in_16`: built from the integer here, the
+            // unrolled object's `sendmsg6` shifted the context pointer on a
+            // path that skips it, which every verifier refuses.
             let mut a = [0u8; 16];
             a[0] = v4[0];
             a[1] = v4[1];

@@ -31,7 +31,10 @@
 //! Any other skb protocol is unparsable.
 
 use aya_ebpf::programs::SkBuffContext;
-use bulkhead_common::event::{FAMILY_INET, FAMILY_INET6};
+use bulkhead_common::{
+    decide::v4_in_16,
+    event::{FAMILY_INET, FAMILY_INET6},
+};
 
 /// Aligned, addresses first, for the reason given at `Flow`.
 #[repr(C, align(8))]
@@ -119,10 +122,8 @@ fn parse_v4(ctx: &SkBuffContext) -> Option<Parsed> {
     }
     let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
     let proto = h[9];
-    // Built as integers: a zeroed array plus a 4-byte copy becomes a
-    // `memset` call (see `Parsed`).
-    let src = (u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as u128).to_le_bytes();
-    let dst = (u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as u128).to_le_bytes();
+    let src = v4_in_16([h[12], h[13], h[14], h[15]]);
+    let dst = v4_in_16([h[16], h[17], h[18], h[19]]);
     let (sport, dport) = if has_ports(proto) && frag_off == 0 {
         ports(ctx, ihl, total)?
     } else {

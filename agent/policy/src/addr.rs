@@ -15,6 +15,7 @@ use bulkhead_common::addr::{
     self as layout, AddrClass, CLASS_NONE, MAX_CLASSES, MAX_STRIDE, MIN_STRIDE, ROOT_BITS,
     ROOT_WORDS, SLOT_WORDS,
 };
+use bulkhead_common::decide::v4_in_16;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{
@@ -137,11 +138,7 @@ impl AddrTable {
     /// IPv4-mapped IPv6 is looked up as IPv4, as the kernel does.
     pub fn class(&self, ip: IpAddr) -> &AddrClass {
         let (v6, key) = match ip.to_canonical() {
-            IpAddr::V4(a) => {
-                let mut k = [0u8; 16];
-                k[..4].copy_from_slice(&a.octets());
-                (false, k)
-            }
+            IpAddr::V4(a) => (false, v4_in_16(a.octets())),
             IpAddr::V6(a) => (true, a.octets()),
         };
         let id = layout::lookup(v6, &key, |i| self.words.get(i as usize).copied());

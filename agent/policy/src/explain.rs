@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bulkhead_common::{
     Decision, Direction, DomainId, Ports, Reason,
-    decide::{Peer, PeerAddr, decide_peer, peer_domain, walk_level},
+    decide::{Peer, PeerAddr, decide_peer, peer_domain, v4_in_16, walk_level},
     event::{FAMILY_INET, FAMILY_INET6},
     maps::{DOMAIN_EGRESS_GEO, DomainRec},
 };
@@ -118,11 +118,7 @@ fn net_domain(c: &Compiled, ip: IpAddr) -> Option<(IpNet, u32)> {
 /// IPv4).
 fn peer_addr(ip: IpAddr) -> (PeerAddr, IpAddr) {
     let p = match ip {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            PeerAddr::new(FAMILY_INET, b)
-        }
+        IpAddr::V4(a) => PeerAddr::new(FAMILY_INET, v4_in_16(a.octets())),
         IpAddr::V6(a) => PeerAddr::new(FAMILY_INET6, a.octets()),
     };
     let ip = if p.family == FAMILY_INET {
