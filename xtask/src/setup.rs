@@ -27,6 +27,9 @@ const DEB_PACKAGES: &[&str] = &[
     "util-linux",
     // The shipped deploy/logrotate/bulkhead, run by the outputs tests.
     "logrotate",
+    // The OTLP test receiver's virtual environment (otlp_receiver).
+    "python3-venv",
+    "openssl",
 ];
 
 /// Debian packages the static (musl) release build needs: `musl-gcc`, with
@@ -69,6 +72,7 @@ pub fn setup() -> Result<()> {
     bpf_linker()?;
     deb_packages()?;
     geo_db()?;
+    otlp_receiver()?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -332,6 +336,40 @@ fn deb_packages_of(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing))?;
     Ok(())
+}
+
+/// The Python packages of the OTLP tests' receiver (tests/otlp/receiver.py),
+/// pinned: the OpenTelemetry project's own protobuf definitions and gRPC.
+const OTLP_PYTHON_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2", "grpcio==1.85.3"];
+
+/// `~/.cache/bulkhead/otlp-venv`: the receiver's Python (Debian's python3,
+/// whatever else is first on PATH).
+pub fn otlp_venv() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("otlp-venv"))
+}
+
+/// The virtual environment the OTLP tests run their receiver in, from PyPI.
+fn otlp_receiver() -> Result<()> {
+    let venv = otlp_venv()?;
+    let python = venv.join("bin/python3");
+    let ready = Command::new(&python)
+        .args([
+            "-c",
+            "import grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        eprintln!("  ok   OTLP receiver packages in {}", venv.display());
+        return Ok(());
+    }
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(OTLP_PYTHON_PACKAGES))
 }
 
 /// The CC0 country database the tests and the demo use, from npm.

@@ -14,6 +14,7 @@ use bulkhead::{
         audit_full::Stance,
         bridges::OpenRequest,
         logging::LogFormat,
+        otlp::{self, Protocol as OtlpProtocol},
         protocol::{Filter, Request},
     },
 };
@@ -203,6 +204,35 @@ pub struct RunFlags {
     /// off by default.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Also send every event to this OpenTelemetry collector, as an OTLP
+    /// log record (http:// or https://; e.g. http://127.0.0.1:4317 for
+    /// gRPC, http://127.0.0.1:4318 for HTTP, which appends /v1/logs to a
+    /// URL without a path).
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How events reach the collector (the OpenTelemetry default:
+    /// http/protobuf).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "http/protobuf",
+        value_name = "PROTOCOL",
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )]
+    pub otlp_protocol: OtlpProtocol,
+    /// A header sent with every export (e.g. `authorization=Bearer TOKEN`);
+    /// repeatable.
+    #[arg(long = "otlp-header", value_name = "KEY=VALUE", value_parser = otlp::parse_header)]
+    pub otlp_headers: Vec<(String, String)>,
+    /// PEM certificates to trust for an https:// collector, besides the
+    /// system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub otlp_ca: Option<PathBuf>,
+    /// Events held while the collector is down or slow; past this they
+    /// are dropped and counted (status, metrics) and a gap record is sent
+    /// once it takes events again.
+    #[arg(long, value_name = "EVENTS", default_value_t = 65_536)]
+    pub otlp_hold: usize,
     /// Accept a policy file (or geo file) that a non-root user could
     /// change; by default the agent refuses it, since that user could
     /// open every domain at the next reload.

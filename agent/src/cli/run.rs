@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use bulkhead::{
     compile::EventLimits,
-    runtime::{self, RunArgs, logging::LogFormat, sink},
+    runtime::{self, RunArgs, logging::LogFormat, otlp, sink},
 };
 
 use super::args::{RunFlags, default_run_dir, default_state_dir};
@@ -53,9 +53,18 @@ fn run_args(f: RunFlags) -> Result<RunArgs> {
         metrics_addr: f.metrics_addr,
         state_dir,
         allow_untrusted_policy: f.allow_untrusted_policy,
-        k8s_node: f.k8s_node,
+        k8s_node: f.k8s_node.clone(),
         bench_probes: f.bench_probes,
         audit_full: f.audit_full,
+        otlp: f.otlp_endpoint.map(|endpoint| otlp::Config {
+            endpoint,
+            protocol: f.otlp_protocol,
+            headers: f.otlp_headers,
+            ca: f.otlp_ca,
+            hold: f.otlp_hold,
+            host: hostname(),
+            k8s_node: f.k8s_node,
+        }),
         policy: f.policy,
         cgroup_root: f.cgroup_root,
         bpffs_dir: f.bpffs_dir,
@@ -67,4 +76,11 @@ fn run_args(f: RunFlags) -> Result<RunArgs> {
             burst: f.event_burst,
         },
     })
+}
+
+/// The host's name, for the events' `host.name`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }

@@ -29,6 +29,7 @@ use super::{
     events::{Enricher, Generation},
     health::Counts,
     metrics::Gauges,
+    otlp::Otlp,
     sink::{Lines, Rotation},
     store::{Change, Store},
 };
@@ -83,6 +84,8 @@ pub struct RunArgs {
     pub bench_probes: bool,
     /// What enforcement does while the audit trail cannot be written.
     pub audit_full: Stance,
+    /// Events to an OpenTelemetry collector too.
+    pub otlp: Option<super::otlp::Config>,
 }
 
 /// Everything one loaded policy needs beside the kernel maps.
@@ -266,6 +269,7 @@ pub struct Agent {
     /// The events log (`--events-log`) and stdout outputs.
     pub log: Option<Lines>,
     pub stdout: Option<Lines>,
+    pub otlp: Option<Otlp>,
     pub hub: Arc<Hub>,
     pub delivered: Arc<AtomicU64>,
     cuts: Arc<CutState>,
@@ -411,11 +415,13 @@ impl Agent {
             None => (None, None),
         };
         let stdout = args.stdout_events.then(Lines::stdout);
+        let otlp = args.otlp.clone().map(Otlp::start).transpose()?;
         let hub = Hub::new();
         gauges.set_outputs(
             log.iter()
                 .chain(&stdout)
                 .map(|l| l.counts.clone())
+                .chain(otlp.iter().map(|o| o.counts.clone()))
                 .chain(store.iter().map(|s| s.counts.clone()))
                 .chain([hub.counts.clone()])
                 .collect(),
@@ -456,6 +462,7 @@ impl Agent {
             store,
             log,
             stdout,
+            otlp,
             hub,
             cuts: cut_state,
             packet_sockets,
@@ -1121,6 +1128,7 @@ impl Agent {
             .iter()
             .chain(&self.stdout)
             .map(|l| l.counts.clone())
+            .chain(self.otlp.iter().map(|o| o.counts.clone()))
             .chain(self.store.iter().map(|s| s.counts.clone()))
             .chain([self.hub.counts.clone()])
             .collect()
@@ -1155,6 +1163,9 @@ impl Agent {
         // record), for at most 2 s.
         for l in [self.log.take(), self.stdout.take()].into_iter().flatten() {
             l.finish(Duration::from_secs(2));
+        }
+        if let Some(o) = self.otlp.take() {
+            o.finish(Duration::from_secs(2));
         }
         if let Some(s) = &self.store {
             s.finish(Duration::from_secs(2));

@@ -657,6 +657,43 @@ mod tests {
         assert!(om.ends_with("# EOF\n"), "{om}");
     }
 
+    /// deploy/otel's Grafana dashboard queries only metrics the agent
+    /// exports (a renamed metric would leave a panel empty, silently).
+    #[test]
+    fn the_shipped_dashboard_names_only_exported_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = render(dir.path(), &gauges(), Format::Prometheus);
+        let exported: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/otel/grafana-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            if panel["datasource"]["type"] != "prometheus" {
+                continue;
+            }
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let names = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("bulkhead_"));
+                for name in names {
+                    queried += 1;
+                    assert!(
+                        exported.contains(&name),
+                        "panel {}: {name} is not exported (exported: {exported:?})",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+        assert!(queried >= 10, "{queried}");
+    }
+
     #[test]
     fn the_scraper_chooses_the_format() {
         assert_eq!(Format::from_accept(None), Format::Prometheus);

@@ -24,6 +24,7 @@ pub mod events;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
 pub mod output;
 pub mod protocol;
 pub mod sink;
@@ -81,6 +82,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             enricher: agent.enricher.clone(),
             log: agent.log.clone(),
             stdout: agent.stdout.clone(),
+            otlp: agent.otlp.clone(),
             delivered: agent.delivered.clone(),
             hub: agent.hub.clone(),
             store: agent.store.clone(),

@@ -1,6 +1,6 @@
 //! The events task: drains the kernel's ring buffer when it is readable,
 //! enriches each event, and hands it to every output (the events log,
-//! stdout, the audit store, live followers); destroys the connections the
+//! stdout, the OpenTelemetry collector, the audit store, live followers); destroys the connections the
 //! packet hooks marked.
 
 use std::{
@@ -26,6 +26,7 @@ use crate::{
     clock,
     kernel::cut::Cutter,
     runtime::events::{self, Enricher},
+    runtime::otlp::Otlp,
     runtime::sink::Lines,
     runtime::store::Store,
 };
@@ -37,6 +38,7 @@ pub struct Output {
     pub enricher: Arc<Mutex<Enricher>>,
     pub log: Option<Lines>,
     pub stdout: Option<Lines>,
+    pub otlp: Option<Otlp>,
     pub delivered: Arc<AtomicU64>,
     pub hub: Arc<Hub>,
     pub store: Option<Store>,
@@ -66,6 +68,9 @@ impl Output {
                     (None, Some(o)) => o.send(&rec.ts, line),
                     (None, None) => {}
                 }
+            }
+            if let Some(o) = &self.otlp {
+                o.send(&rec);
             }
             if let Some(s) = &self.store {
                 s.event(rec.clone());
