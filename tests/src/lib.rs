@@ -828,6 +828,16 @@ pub fn field<'a>(e: &'a Value, k: &str) -> &'a str {
 // ---------------------------------------------------------------------------
 // Geo test helpers (issue 4).
 
+/// Events one output of `status --json`'s `outputs` dropped, all causes.
+pub fn dropped(output: &Value) -> u64 {
+    output["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}
+
 /// The full country database the geo tests use: `BULKHEAD_TEST_GEO_DB`, else
 /// `~/.cache/bulkhead/geo-whois-asn-country.mmdb` (placed by `cargo xtask
 /// setup`). `None` (with a printed reason) when it is missing; under CI a

@@ -4,6 +4,8 @@
 //! `contractor`, `prod` and `outside` (no domain) below the test's own root,
 //! where the agent attaches.
 
+use std::process::{Child, Stdio};
+
 use crate::{Cgroup, Link, unique};
 
 pub struct World {
@@ -47,4 +49,33 @@ domains:
             p = self.prod.rel,
         )
     }
+
+    /// `probe storm` in the background: `n` connects from the contractor
+    /// to prod (denied, cross-domain), `pause_us` apart.
+    pub fn storm_bg(&self, n: u32, pause_us: u32) -> Child {
+        crate::command_in(
+            &self.contractor,
+            Some(&self.link.a),
+            crate::probe_bin().to_str().unwrap(),
+            &[
+                "storm",
+                &format!("{}:5353", self.link.v4(2)),
+                &n.to_string(),
+                &pause_us.to_string(),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+    }
+}
+
+/// Waits for a [`World::storm_bg`]: every connect was denied at once.
+pub fn storm_done(c: Child, n: u32) {
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("eperm {n} other 0"),
+        "enforcement is unaffected: every connect of the storm is denied at once"
+    );
 }

@@ -33,6 +33,9 @@ use tests::{
 struct ApiState {
     /// `(type, pod)`: ADDED, MODIFIED, DELETED.
     changes: Vec<(&'static str, Value)>,
+    /// `BulkheadNode` objects the agents applied, in order: `(request
+    /// line, content type, object)`.
+    applied: Vec<(String, String, Value)>,
 }
 
 impl ApiState {
@@ -102,11 +105,22 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
         if reader.read_line(&mut request).unwrap_or(0) == 0 {
             return;
         }
+        let (mut length, mut content_type) = (0usize, String::new());
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
                 break;
             }
+            let (name, value) = header.split_once(':').unwrap_or(("", ""));
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().unwrap_or(0),
+                "content-type" => content_type = value.trim().to_string(),
+                _ => {}
+            }
+        }
+        let mut body = vec![0u8; length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
         }
         log.lock().unwrap().push(request.trim().to_string());
         let target = request.split_whitespace().nth(1).unwrap_or("").to_string();
@@ -117,6 +131,24 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
                 .map(str::to_owned)
         };
+        // Server-side apply of a node's report: kept, and answered with
+        // the object as stored.
+        if request.starts_with("PATCH /apis/bulkhead.dev/v1alpha1/bulkheadnodes/") {
+            let mut object: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let rv = {
+                let mut s = state.lock().unwrap();
+                s.applied
+                    .push((request.trim().to_string(), content_type, object.clone()));
+                s.applied.len()
+            };
+            object["metadata"]["resourceVersion"] = rv.to_string().into();
+            object["metadata"]["uid"] = "5b1d0a2e-0000-4000-8000-000000000001".into();
+            let body = object.to_string();
+            if !respond_json(&mut conn, &body) {
+                return;
+            }
+            continue;
+        }
         if !target.starts_with("/api/v1/pods") {
             let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
             continue;
@@ -132,12 +164,7 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
                 "items": items,
             })
             .to_string();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            if conn.write_all(head.as_bytes()).is_err() || conn.write_all(body.as_bytes()).is_err()
-            {
+            if !respond_json(&mut conn, &body) {
                 return;
             }
             continue;
@@ -175,6 +202,15 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
         let _ = conn.write_all(b"0\r\n\r\n");
         return;
     }
+}
+
+/// A `200 OK` with a JSON body; false when the client is gone.
+fn respond_json(conn: &mut TcpStream, body: &str) -> bool {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).is_ok() && conn.write_all(body.as_bytes()).is_ok()
 }
 
 fn pod(namespace: &str, name: &str, uid: &str, labels: Value) -> Value {
@@ -619,4 +655,105 @@ bridges:
         "the pod's container crosses the contractor bridge"
     );
     drop(server);
+}
+
+/// The node's `BulkheadNode` report (issue 20): the agent applies it with
+/// what it enforces (the policy's sha256 and generation, as `status`
+/// says), then again at once when a reload is rejected (with the policy's
+/// `file:line:col` errors, the generation unchanged) and when the next
+/// one applies.
+#[test]
+fn the_node_reports_its_policy_and_a_rejected_reload_to_the_api_server() {
+    if !privileged("k8s_node_report") {
+        return;
+    }
+    let w = world();
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut agent = Agent::start_with_env(
+        &w.root,
+        &w.policy("", ""),
+        &["--k8s-node", "node-7"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let wait_report = |what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20 + tests::slack_secs());
+        loop {
+            let last = api.state.lock().unwrap().applied.last().cloned();
+            if let Some((request, content_type, object)) = &last
+                && pred(&object["status"])
+            {
+                assert!(
+                    request.starts_with("PATCH /apis/bulkhead.dev/v1alpha1/bulkheadnodes/node-7?")
+                        && request.contains("fieldManager=bulkhead-agent")
+                        && request.contains("force=true"),
+                    "server-side apply of the node's own object: {request}"
+                );
+                assert_eq!(content_type, "application/apply-patch+yaml");
+                assert_eq!(object["kind"], "BulkheadNode");
+                assert_eq!(object["metadata"]["name"], "node-7");
+                return object["status"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for a report with {what}; last: {last:#?}\nrequests: {:#?}",
+                api.log.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let s = status(&agent);
+    let first = wait_report("the policy in force", &|r| {
+        r["policy"]["generation"] == s["generation"]
+    });
+    assert_eq!(first["policy"]["sha256"], s["sha256"]);
+    assert_eq!(first["policy"]["mode"], "enforce");
+    assert_eq!(first["reload"], "none");
+    assert_eq!(first["domains"], 2);
+    assert_eq!(first["agentVersion"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        first["reportedAt"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
+
+    // A broken policy: the agent keeps its own, and says so at once.
+    std::fs::write(
+        &agent.policy,
+        "version: 1\ndomains:\n  a:\n    netwrks: [10.0.0.0/8]\n",
+    )
+    .unwrap();
+    let rejected = wait_report("the rejected reload", &|r| r["reload"] == "rejected");
+    assert_eq!(
+        rejected["policy"]["generation"], s["generation"],
+        "{rejected:#}"
+    );
+    assert_eq!(rejected["policy"]["sha256"], s["sha256"]);
+    let errors: Vec<&str> = rejected["lastReload"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    let file = agent.policy.to_str().unwrap().to_string();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(&format!("{file}:4:5:")) && e.contains("netwrks")),
+        "the file:line:col error: {errors:#?}"
+    );
+
+    // A good one again: applied, one generation on.
+    let extra = format!("  extra:\n    cgroups: [\"{}\"]\n", w.outside.rel);
+    agent.reload(&w.policy(&extra, ""));
+    let applied = wait_report("the applied reload", &|r| r["reload"] == "applied");
+    let s2 = status(&agent);
+    assert_eq!(applied["policy"]["generation"], s2["generation"]);
+    assert_ne!(applied["policy"]["sha256"], s["sha256"]);
+    assert_eq!(applied["domains"], 3);
+    assert_eq!(
+        applied["lastReload"]["errors"],
+        serde_json::json!([]),
+        "{applied:#}"
+    );
 }

@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{Agent, Value, privileged, world::World, world::world};
+use tests::{
+    Agent, Value, dropped, privileged,
+    world::{storm_done, world},
+};
 
 /// The receiver's Python, from `cargo xtask setup`; `None` (with a printed
 /// reason) when it is missing, a failure under CI.
@@ -200,28 +203,6 @@ fn tls_files(dir: &Path) -> Tls {
     }
 }
 
-/// `n` denied connects from the contractor to prod, `pause_us` apart.
-fn storm(w: &World, n: u32, pause_us: u32) {
-    let out = tests::command_in(
-        &w.contractor,
-        Some(&w.link.a),
-        tests::probe_bin().to_str().unwrap(),
-        &[
-            "storm",
-            &format!("{}:5353", w.link.v4(2)),
-            &n.to_string(),
-            &pause_us.to_string(),
-        ],
-    )
-    .output()
-    .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("eperm {n} other 0"),
-        "every connect of the storm is denied at once"
-    );
-}
-
 fn otlp_output(agent: &Agent) -> Value {
     let st = agent.status_within(Duration::from_secs(10)).0;
     st["outputs"]
@@ -231,15 +212,6 @@ fn otlp_output(agent: &Agent) -> Value {
         .find(|o| o["name"] == "otlp")
         .unwrap_or_else(|| panic!("no otlp output in {}", st["outputs"]))
         .clone()
-}
-
-fn dropped(o: &Value) -> u64 {
-    o["dropped"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum()
 }
 
 /// Waits (bounded) until the output holds nothing and has written or
@@ -315,7 +287,7 @@ fn every_event_reaches_the_collector_exactly_once_over_grpc_and_http() {
                 args.extend(["--otlp-ca", tls.ca.to_str().unwrap()]);
             }
             let agent = Agent::start_with(&w.root, &w.policy("", ""), &args);
-            storm(&w, N, 1000);
+            storm_done(w.storm_bg(N, 1000), N);
             let o = settle(&agent, u64::from(N), Duration::from_secs(30));
             assert_eq!(dropped(&o), 0, "{what}: {o}");
 
@@ -411,7 +383,7 @@ fn a_collector_outage_loses_nothing_silently() {
             "0",
         ],
     );
-    storm(&w, 100, 1000);
+    storm_done(w.storm_bg(100, 1000), 100);
     let o = settle(&agent, 100, Duration::from_secs(30));
     assert_eq!(storm_records(&receiver.records()).len(), 100, "before: {o}");
 
@@ -419,7 +391,7 @@ fn a_collector_outage_loses_nothing_silently() {
     let down = Instant::now();
     // Paced so the first failed export (after 200 ms) comes before the
     // hold is full: the drops are the outage's (`io_error`).
-    storm(&w, 500, 5000);
+    storm_done(w.storm_bg(500, 5000), 500);
     let during = otlp_output(&agent);
     eprintln!("collector down: {during}");
     thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));

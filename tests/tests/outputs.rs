@@ -8,12 +8,15 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use tests::{Agent, AgentLog, Tmpfs, Value, bulkhead_bin, privileged, world::world};
+use tests::{
+    Agent, AgentLog, Tmpfs, Value, bulkhead_bin, dropped, privileged,
+    world::{storm_done, world},
+};
 
 /// `status --json`, which must answer within 10 s (a stalled agent loop
 /// fails the test instead of hanging it).
@@ -28,15 +31,6 @@ fn output<'a>(st: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|o| o["name"] == name)
         .unwrap_or_else(|| panic!("no output {name} in {}", st["outputs"]))
-}
-
-fn dropped(o: &Value) -> u64 {
-    o["dropped"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum()
 }
 
 /// Waits (bounded) until delivery has stopped and no output holds
@@ -106,33 +100,6 @@ fn warnings(log: &AgentLog) -> Vec<String> {
         .collect()
 }
 
-/// `probe storm` in the background: `n` denied connects, `pause_us` apart.
-fn storm_bg(w: &tests::world::World, n: u32, pause_us: u32) -> std::process::Child {
-    tests::command_in(
-        &w.contractor,
-        Some(&w.link.a),
-        tests::probe_bin().to_str().unwrap(),
-        &[
-            "storm",
-            &format!("{}:5353", w.link.v4(2)),
-            &n.to_string(),
-            &pause_us.to_string(),
-        ],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap()
-}
-
-fn storm_done(c: std::process::Child, n: u32) {
-    let out = c.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("eperm {n} other 0"),
-        "enforcement is unaffected: every connect of the storm is denied at once"
-    );
-}
-
 fn audit_rows(db: &Path, args: &[&str]) -> String {
     let out = Command::new(bulkhead_bin())
         .args(["audit"])
@@ -187,7 +154,7 @@ fn a_full_disk_loses_nothing_silently() {
     let warned_before = warnings(&log).len();
 
     let started = Instant::now();
-    storm_done(storm_bg(&w, STORM, 0), STORM);
+    storm_done(w.storm_bg(STORM, 0), STORM);
     eprintln!("storm of {STORM} in {:?}", started.elapsed());
     // Delivery settles while the disk is still full.
     let mut during = status(&agent);
@@ -309,7 +276,7 @@ fn external_rotation_loses_nothing() {
     );
     let log_path = agent.events.clone();
     let rotated = |n: u32| log_path.with_extension(format!("jsonl.{n}"));
-    let storm = storm_bg(&w, 6000, 800);
+    let storm = w.storm_bg(6000, 800);
     thread::sleep(Duration::from_millis(1000));
     // create mode, no signal: noticed within a second.
     fs::rename(&log_path, rotated(1)).unwrap();
@@ -333,7 +300,7 @@ fn external_rotation_loses_nothing() {
         .unwrap()
         .set_len(0)
         .unwrap();
-    storm_done(storm_bg(&w, 500, 1000), 500);
+    storm_done(w.storm_bg(500, 1000), 500);
     let st = settle(&agent, Duration::from_secs(20));
 
     let delivered = st["events"]["delivered"].as_u64().unwrap();
@@ -387,7 +354,7 @@ fn a_locked_store_loses_nothing() {
         .expect("the analyst's lock");
     let locked = Instant::now();
     // ~100 events a second for the whole lock.
-    let storm = storm_bg(&w, 2500, 10_000);
+    let storm = w.storm_bg(2500, 10_000);
     thread::sleep(Duration::from_secs(15));
     let mid = status(&agent);
     let so = output(&mid, "audit-store");
@@ -435,7 +402,7 @@ fn a_torn_line_is_repaired_at_start() {
         &w.policy("", ""),
         &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
     );
-    let storm = storm_bg(&w, 20_000, 0);
+    let storm = w.storm_bg(20_000, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     while fs::metadata(&agent.events).map_or(0, |m| m.len()) < 100_000 && Instant::now() < deadline
     {
@@ -456,7 +423,7 @@ fn a_torn_line_is_repaired_at_start() {
         &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
         &log,
     );
-    storm_done(storm_bg(&w, 100, 0), 100);
+    storm_done(w.storm_bg(100, 0), 100);
     settle(&agent, Duration::from_secs(20));
     let (events, _) = strict_lines(&agent.events);
     assert!(events.len() >= 100);
@@ -506,7 +473,7 @@ fn a_stuck_stdout_stalls_nothing_else() {
         ],
     );
     let stdout = agent.take_stdout().unwrap();
-    storm_done(storm_bg(&w, STORM, 0), STORM);
+    storm_done(w.storm_bg(STORM, 0), STORM);
     // The log has every event, stdout still unread.
     let deadline = Instant::now() + Duration::from_secs(30);
     let stuck = loop {
@@ -605,21 +572,21 @@ fn a_sealed_trail_verifies_and_names_what_was_changed() {
     let (mut agent, log) =
         Agent::start_capturing(&w.root, &w.policy("", ""), &["--event-rate", "0"]);
     // Written before the trail was sealed.
-    storm_done(storm_bg(&w, 20, 0), 20);
+    storm_done(w.storm_bg(20, 0), 20);
     settle(&agent, Duration::from_secs(20));
     let key = seal(&mut agent, &log, &["--event-rate", "0"]);
     let state = agent.state_dir();
-    storm_done(storm_bg(&w, 40, 50_000), 40);
+    storm_done(w.storm_bg(40, 50_000), 40);
     // logrotate's create mode and its SIGHUP.
     let rotated = agent.events.with_extension("jsonl.1");
     fs::rename(&agent.events, &rotated).unwrap();
     agent.signal(libc::SIGHUP);
-    storm_done(storm_bg(&w, 20, 50_000), 20);
+    storm_done(w.storm_bg(20, 50_000), 20);
     // A clean stop and start: both in the chain.
     agent.signal(libc::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
     agent.spawn_capturing(&["--event-rate", "0"], &log);
-    storm_done(storm_bg(&w, 10, 0), 10);
+    storm_done(w.storm_bg(10, 0), 10);
     let st = settle(&agent, Duration::from_secs(30));
     let heads = [head_arg(&st, "events-log"), head_arg(&st, "audit-store")];
     let text_status = agent.cli(&["status"]);
@@ -778,7 +745,7 @@ fn logrotate_with_the_shipped_config_loses_nothing_and_keeps_the_chain() {
     };
     logrotate(&["-d"]);
     const N: u32 = 3000;
-    let storm = storm_bg(&w, N, 2000);
+    let storm = w.storm_bg(N, 2000);
     thread::sleep(Duration::from_millis(1500));
     logrotate(&["-f"]);
     thread::sleep(Duration::from_millis(1500));
@@ -929,7 +896,7 @@ impl FullDisk {
     /// denied connects), and waits until `status` says it cannot.
     fn fill(&self) {
         self.disk.fill("filler");
-        storm_done(storm_bg(&self.w, 300, 0), 300);
+        storm_done(self.w.storm_bg(300, 0), 300);
         wait_audit_full(&self.agent, "the events log fails", |(_, u)| {
             u.iter().any(|o| o == "events-log: disk_full")
         });
@@ -941,7 +908,7 @@ impl FullDisk {
 
     /// [`FullDisk::fill`] on a disk still full.
     fn fill_again(&self) {
-        storm_done(storm_bg(&self.w, 300, 0), 300);
+        storm_done(self.w.storm_bg(300, 0), 300);
         wait_audit_full(&self.agent, "the events log fails", |(_, u)| {
             u.iter().any(|o| o == "events-log: disk_full")
         });

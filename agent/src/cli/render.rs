@@ -58,6 +58,12 @@ pub fn status(v: &Status) -> String {
         v.mode,
         v.generation
     );
+    if let Some(r) = &v.last_reload {
+        s += &format!("last reload: {} at {}\n", r.outcome, r.at);
+        for e in &r.errors {
+            s += &format!("             {e}\n");
+        }
+    }
     let a = &v.audit_full;
     s += &format!(
         "audit full:  {}{}{}\n",

@@ -79,6 +79,7 @@ fn k8s_manifests_validate_against_the_kubernetes_schema() {
             "ClusterRole",
             "ClusterRoleBinding",
             "ConfigMap",
+            "CustomResourceDefinition",
             "DaemonSet",
             "Namespace",
             "Service",
@@ -311,7 +312,10 @@ fn k8s_daemonset_is_least_privilege_and_wired_to_the_agent() {
     assert!(args.contains(&"--k8s-node=$(NODE_NAME)"), "{args:?}");
     assert_eq!(
         role["rules"],
-        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["bulkhead.dev"], "resources": ["bulkheadnodes"], "verbs": ["get", "create", "patch"]},
+        ])
     );
     assert!(
         c["env"]
@@ -381,4 +385,87 @@ fn k8s_configmap_symlink_swap_is_seen_by_the_reload_stamp() {
         fs::read_to_string(&policy).unwrap(),
         "version: 1\nmode: audit\n"
     );
+}
+
+/// A CRD's schema as the API server applies it to what is written: fields
+/// it does not declare are pruned, silently; here they fail.
+#[cfg(feature = "k8s")]
+fn closed(schema: &Value) -> Value {
+    match schema {
+        Value::Object(m) => {
+            let mut out: serde_json::Map<String, Value> =
+                m.iter().map(|(k, v)| (k.clone(), closed(v))).collect();
+            if m.contains_key("properties")
+                && m.get("x-kubernetes-preserve-unknown-fields") != Some(&Value::Bool(true))
+            {
+                out.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(closed).collect()),
+        other => other.clone(),
+    }
+}
+
+/// What an agent writes as its node's report is what the shipped CRD
+/// declares (a field the CRD lacks would be pruned by the API server), in
+/// each state of its last reload, and every printer column shows a field.
+#[cfg(feature = "k8s")]
+#[test]
+fn k8s_node_report_is_what_the_crd_declares() {
+    use crate::k8s::report;
+    use crate::runtime::protocol::{LastReload, Status};
+    let all = manifests();
+    let crd = find(&all, "CustomResourceDefinition");
+    assert_eq!(crd["spec"]["group"], report::GROUP);
+    assert_eq!(crd["spec"]["names"]["kind"], report::KIND);
+    assert_eq!(crd["spec"]["names"]["plural"], report::PLURAL);
+    assert_eq!(crd["spec"]["scope"], "Cluster");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], report::VERSION);
+    let schema = closed(&version["schema"]["openAPIV3Schema"]);
+    let mut status: Status = serde_json::from_value(serde_json::json!({
+        "pid": 1, "policy": "/etc/bulkhead/policy.yaml", "sha256": "ab".repeat(32),
+        "mode": "enforce", "generation": 7, "running_since": "2026-12-05T10:00:00.5Z",
+        "cgroup_root": "/sys/fs/cgroup", "bpffs_dir": "/sys/fs/bpf/bulkhead", "layout": "v1",
+        "programs": [{"name": "bh_connect4", "hook": "connect4", "pinned": true}],
+        "maps": {"cgroups": 3, "addr_words": 10, "addr_words_max": 100, "addr_classes": 2, "bridge_pairs": 1},
+        "domains": ["a", "b"], "bridges": [], "decisions": [],
+        "events": {"wanted": 1, "rate_limited": 0, "lost_ring_full": 0, "delivered": 1,
+                   "sequence_gaps": 0, "subscribers": 0, "subscriber_drops": 0},
+        "connections_cut": {"marked": 0, "destroyed": 0, "how": "x"},
+        "packet_sockets": "refused", "capabilities": "CAP_BPF", "pods": null,
+    }))
+    .expect("a status");
+    let schemas = schemas();
+    for last in [
+        None,
+        Some(LastReload {
+            at: "2026-12-05T10:01:00Z".into(),
+            outcome: "applied".into(),
+            errors: vec![],
+        }),
+        Some(LastReload {
+            at: "2026-12-05T10:02:00Z".into(),
+            outcome: "rejected".into(),
+            errors: vec!["policy.yaml:3:5: unknown field `domian`".into()],
+        }),
+    ] {
+        status.last_reload = last;
+        let object = report::object("node-1", &report::report(&status), &status);
+        let problems = schemas.check_schema(&schema, &object);
+        assert!(problems.is_empty(), "{object:#}\n{}", problems.join("\n"));
+        for column in version["additionalPrinterColumns"].as_array().unwrap() {
+            let path = column["jsonPath"].as_str().unwrap();
+            let mut v = &object;
+            for part in path.trim_start_matches('.').split('.') {
+                v = &v[part];
+            }
+            assert!(
+                !v.is_null(),
+                "column {} shows {path}: nothing there",
+                column["name"]
+            );
+        }
+    }
 }

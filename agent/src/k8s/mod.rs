@@ -19,6 +19,8 @@
 pub mod cgroups;
 pub mod node;
 pub mod pod;
+#[cfg(feature = "k8s")]
+pub mod report;
 pub mod selector;
 #[cfg(feature = "k8s")]
 pub mod watch;

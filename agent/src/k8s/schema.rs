@@ -61,6 +61,15 @@ impl Schemas {
         problems
     }
 
+    /// Every problem with `doc` against `schema` (a CRD's
+    /// `openAPIV3Schema`, say), as `path: message`.
+    #[cfg(feature = "k8s")]
+    pub fn check_schema(&self, schema: &Value, doc: &Value) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.check(schema, doc, "", &mut problems);
+        problems
+    }
+
     fn resolve<'a>(&'a self, reference: &str) -> &'a Value {
         let name = reference
             .strip_prefix("#/$defs/")
@@ -91,11 +100,23 @@ impl Schemas {
                 "oneOf",
                 "format",
                 "x-kubernetes-list-type",
+                // A CRD's openAPIV3Schema (structural schemas).
+                "nullable",
+                "minimum",
+                "x-kubernetes-preserve-unknown-fields",
             ];
             assert!(
                 known.contains(&key.as_str()) || ANNOTATIONS.contains(&key.as_str()),
                 "the schema uses `{key}` (at {at}), which this validator does not implement"
             );
+        }
+        if v.is_null() && s.get("nullable") == Some(&Value::Bool(true)) {
+            return;
+        }
+        if let (Some(min), Some(n)) = (s.get("minimum").and_then(Value::as_f64), v.as_f64())
+            && n < min
+        {
+            out.push(format!("{at}: {v} is below the minimum {min}"));
         }
         if let Some(r) = s.get("$ref") {
             self.check(self.resolve(r.as_str().expect("$ref string")), v, at, out);

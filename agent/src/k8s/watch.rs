@@ -23,20 +23,7 @@ use super::{PodEvent, PodInfo, PodStore, pods_from_value};
 
 /// Watches until the agent stops (the task is dropped with the loop).
 pub async fn run(node: String, store: Arc<PodStore>) {
-    let mut delay = Duration::from_secs(1);
-    let client = loop {
-        match Client::try_default().await {
-            Ok(c) => break c,
-            Err(e) => {
-                warn!(
-                    "pod watch: no Kubernetes client ({e}); retrying in {}s",
-                    delay.as_secs()
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-        }
-    };
+    let client = client("pod watch").await;
     let pods: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut stream = watcher(pods, config).default_backoff().boxed();
@@ -67,6 +54,25 @@ pub async fn run(node: String, store: Arc<PodStore>) {
             }
             // The backoff retries; pods keep their last known state.
             Err(e) => warn!("pod watch: {e}"),
+        }
+    }
+}
+
+/// The in-cluster (or KUBECONFIG) client, retried with backoff until
+/// there is one; `what` names the task in the warnings.
+pub async fn client(what: &str) -> Client {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match Client::try_default().await {
+            Ok(c) => return c,
+            Err(e) => {
+                warn!(
+                    "{what}: no Kubernetes client ({e}); retrying in {}s",
+                    delay.as_secs()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
         }
     }
 }

@@ -37,8 +37,8 @@ use super::{
     control::Hub,
     output::{CutState, Cuts, socks_fd},
     protocol::{
-        BridgeState, CutCounts, DecisionCount, EventCounts, OpenBridge, Peer, PlacedPod,
-        PodConflict, PodsState, ProgramState, Request, Response, Status,
+        BridgeState, CutCounts, DecisionCount, EventCounts, LastReload, OpenBridge, Peer,
+        PlacedPod, PodConflict, PodsState, ProgramState, Request, Response, Status,
     },
 };
 use crate::{
@@ -281,6 +281,8 @@ pub struct Agent {
     refusal: Refusal,
     /// Writing the refusal flag failed (warned once until it works).
     refusal_unwritten: bool,
+    /// For `status` (and the node's report to the API server).
+    last_reload: Option<LastReload>,
 }
 
 impl Agent {
@@ -471,6 +473,7 @@ impl Agent {
             last_tick: Instant::now(),
             refusal: Refusal::new(args.audit_full),
             refusal_unwritten: false,
+            last_reload: None,
             args,
         };
         agent.record(
@@ -566,6 +569,12 @@ impl Agent {
         Ok(w.generation)
     }
 
+    /// Now, as events and `status` write times.
+    fn now_ts(&self) -> String {
+        let tai = clock::tai_offset_ns();
+        clock::format_ts((clock::now_ns() + tai) as u64, tai)
+    }
+
     /// Logs and records a change that could not be made; the policy in
     /// force stays.
     fn rejected(&mut self, why: Why, e: &anyhow::Error) {
@@ -580,6 +589,15 @@ impl Agent {
                     outcome = "rejected",
                     "reload rejected, the running policy stays in force:\n{e:#}"
                 );
+                self.last_reload = Some(LastReload {
+                    at: self.now_ts(),
+                    outcome: "rejected".into(),
+                    errors: format!("{e:#}")
+                        .lines()
+                        .map(|l| l.trim().to_string())
+                        .filter(|l| !l.is_empty())
+                        .collect(),
+                });
                 self.record("reload-rejected", None, format!("{e:#}"));
             }
             Why::BridgesExpired(_) => {
@@ -623,6 +641,11 @@ impl Agent {
                     w.updated,
                     w.deleted
                 );
+                self.last_reload = Some(LastReload {
+                    at: self.now_ts(),
+                    outcome: "applied".into(),
+                    errors: Vec::new(),
+                });
                 self.record(
                     "reload",
                     g,
@@ -1080,6 +1103,7 @@ impl Agent {
             audit_full: self.refusal.state(),
             generation,
             running_since: self.started.clone(),
+            last_reload: self.last_reload.clone(),
             cgroup_root: self.root.clone(),
             bpffs_dir: self.args.bpffs_dir.clone(),
             layout: self.pins.layout.clone(),

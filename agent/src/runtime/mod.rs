@@ -92,6 +92,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     ));
     // Room for a burst of clients; each waits for its answer anyway.
     let (calls_tx, mut calls) = mpsc::channel(256);
+    start_node_report(&agent, &calls_tx);
     let (listener, socket) = started.control;
     tokio::spawn(control::serve(
         listener,
@@ -154,3 +155,14 @@ fn start_pod_watch(agent: &Agent) {
 
 #[cfg(not(feature = "k8s"))]
 fn start_pod_watch(_: &Agent) {}
+
+/// The node's `BulkheadNode` report, with `--k8s-node` (feature `k8s`).
+#[cfg(feature = "k8s")]
+fn start_node_report(agent: &Agent, calls: &mpsc::Sender<control::Call>) {
+    if let Some(p) = &agent.pods {
+        tokio::spawn(crate::k8s::report::run(p.node.clone(), calls.clone()));
+    }
+}
+
+#[cfg(not(feature = "k8s"))]
+fn start_node_report(_: &Agent, _: &mpsc::Sender<control::Call>) {}

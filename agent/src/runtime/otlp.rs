@@ -200,16 +200,7 @@ impl Otlp {
     pub fn finish(self, within: Duration) {
         let done = self.done.clone();
         drop(self);
-        let Some(handle) = done.lock().ok().and_then(|mut d| d.take()) else {
-            return;
-        };
-        let deadline = Instant::now() + within;
-        while !handle.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        if handle.is_finished() {
-            let _ = handle.join();
-        }
+        super::sink::join_within(&done, within);
     }
 }
 

@@ -185,6 +185,20 @@ pub struct Status {
     /// store, live followers (absent from an older agent's answer).
     #[serde(default)]
     pub outputs: Vec<OutputCounts>,
+    /// The last reload of the policy file since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<LastReload>,
+}
+
+/// How the last reload of the policy file went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastReload {
+    pub at: String,
+    /// `applied` or `rejected` (the policy in force stayed).
+    pub outcome: String,
+    /// Why it was rejected: the `file:line:col: message` lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 /// What became of the events handed to one output. For the events log,

@@ -189,16 +189,22 @@ impl Lines {
     pub fn finish(self, within: Duration) {
         let done = self.done.clone();
         drop(self);
-        let Some(handle) = done.lock().ok().and_then(|mut d| d.take()) else {
-            return;
-        };
-        let deadline = Instant::now() + within;
-        while !handle.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        if handle.is_finished() {
-            let _ = handle.join();
-        }
+        join_within(&done, within);
+    }
+}
+
+/// Joins an output's writer thread if it ends within `within` (its queue's
+/// last sender is gone); else leaves it to the process's exit.
+pub fn join_within(done: &Mutex<Option<thread::JoinHandle<()>>>, within: Duration) {
+    let Some(handle) = done.lock().ok().and_then(|mut d| d.take()) else {
+        return;
+    };
+    let deadline = Instant::now() + within;
+    while !handle.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    if handle.is_finished() {
+        let _ = handle.join();
     }
 }
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import kubernetes_validate
 
 KINDS = [
+    "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.CustomResourceDefinition",
     "io.k8s.api.apps.v1.DaemonSet",
     "io.k8s.api.core.v1.ConfigMap",
     "io.k8s.api.core.v1.Namespace",
@@ -66,7 +67,8 @@ def main() -> None:
 def refs(node):
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "$ref":
+            # (JSONSchemaProps has a property named "$ref".)
+            if key == "$ref" and isinstance(value, str):
                 yield REF.match(value).group(1)
             else:
                 yield from refs(value)
