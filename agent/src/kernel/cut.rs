@@ -36,8 +36,7 @@ impl Cutter {
     /// Loads and links both iterators against `socks`, the `BH_SOCKS`
     /// socket storage. Needs CAP_BPF and CAP_PERFMON (tracing programs),
     /// so it runs before the agent drops its capabilities.
-    pub fn new(socks: BorrowedFd<'_>) -> Result<Cutter> {
-        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    pub fn new(socks: BorrowedFd<'_>, btf: &Btf) -> Result<Cutter> {
         let kfunc = btf
             .id_by_type_name_kind("bpf_sock_destroy", BtfKind::Func)
             .context("the kernel has no bpf_sock_destroy kfunc (Linux 6.5+)")?;

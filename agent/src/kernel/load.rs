@@ -141,13 +141,31 @@ pub const PROGRAMS: [Program; 9] = [
     },
 ];
 
+/// The kernel's BTF, read and parsed once per start: it is megabytes (a
+/// second or more to parse under emulation), and the loader's relocations,
+/// the BPF LSM program and the socket iterators each need it.
+pub struct KernelBtf(std::result::Result<aya::Btf, String>);
+
+impl KernelBtf {
+    pub fn read() -> KernelBtf {
+        KernelBtf(aya::Btf::from_sys_fs().map_err(|e| e.to_string()))
+    }
+
+    pub fn get(&self) -> Result<&aya::Btf> {
+        self.0
+            .as_ref()
+            .map_err(|e| anyhow!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"))
+    }
+}
+
 /// Loads the object, reusing the maps pinned by an earlier agent of the
 /// same layout (so the policy in force stays in force) and pinning new
 /// ones. Nothing is verified or attached yet.
-pub fn load(pins: &Pins, ring_bytes: u32, fallbacks: Fallbacks) -> Result<Ebpf> {
+pub fn load(pins: &Pins, ring_bytes: u32, fallbacks: Fallbacks, btf: &KernelBtf) -> Result<Ebpf> {
     fs::create_dir_all(pins.maps())
         .with_context(|| format!("creating {}", pins.maps().display()))?;
     let mut loader = EbpfLoader::new();
+    loader.btf(btf.get().ok());
     loader.default_map_pin_directory(pins.maps());
     let no_tai = u8::from(fallbacks.no_tai);
     loader.override_global(GLOBAL_NO_TAI, &no_tai, true);
@@ -196,7 +214,7 @@ pub(super) fn explain_load_error(e: anyhow::Error) -> anyhow::Error {
 /// program the kernel refuses stops the start before anything that is
 /// enforced changes. Returns why packet sockets cannot be refused (the
 /// optional BPF LSM program), or `None` when they can.
-pub fn verify_all(ebpf: &mut Ebpf) -> Result<Option<String>> {
+pub fn verify_all(ebpf: &mut Ebpf, btf: &KernelBtf) -> Result<Option<String>> {
     for p in &PROGRAMS {
         let name = p.name;
         let prog = ebpf
@@ -214,7 +232,7 @@ pub fn verify_all(ebpf: &mut Ebpf) -> Result<Option<String>> {
     }
     // Packet sockets are only visible to the BPF LSM hook; it is optional
     // because many kernels run without BPF LSM.
-    Ok(load_lsm(ebpf).err().map(|e| format!("{e:#}")))
+    Ok(load_lsm(ebpf, btf).err().map(|e| format!("{e:#}")))
 }
 
 /// Attaches the verified programs of `stage` to `cgroup` and pins each
@@ -316,7 +334,7 @@ pub fn verified(ebpf: &Ebpf, took: std::time::Duration) -> String {
 /// The `lsm_cgroup/socket_create` program refusing packet sockets.
 pub const LSM_PROGRAM: &str = "bh_socket_create";
 
-fn load_lsm(ebpf: &mut Ebpf) -> Result<()> {
+fn load_lsm(ebpf: &mut Ebpf, btf: &KernelBtf) -> Result<()> {
     // Before 6.0 there are no lsm_cgroup hooks to load for (the kernel
     // would only answer EINVAL).
     if let super::features::Probed::No =
@@ -331,14 +349,14 @@ fn load_lsm(ebpf: &mut Ebpf) -> Result<()> {
             lsms.trim()
         );
     }
-    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let btf = btf.get()?;
     let p: &mut aya::programs::LsmCgroup = ebpf
         .program_mut(LSM_PROGRAM)
         .ok_or_else(|| anyhow!("program {LSM_PROGRAM} missing from the object"))?
         .try_into()?;
     // EPERM here means the kernel (or a lockdown) refuses LSM programs,
     // not missing privileges: the cgroup programs loaded fine.
-    p.load("socket_create", &btf)
+    p.load("socket_create", btf)
         .context("the kernel refused the BPF LSM program")
 }
 

@@ -77,8 +77,10 @@ mod tests {
         }
         let pins = Pins::new(root.clone(), layout().expect("layout"));
         let result = (|| -> Result<()> {
-            let mut ebpf = load(&pins, 4096, crate::kernel::features::probe().fallbacks())?;
-            verify_all(&mut ebpf)?;
+            let btf = crate::kernel::KernelBtf::read();
+            let fallbacks = crate::kernel::features::probe().fallbacks();
+            let mut ebpf = load(&pins, 4096, fallbacks, &btf)?;
+            verify_all(&mut ebpf, &btf)?;
             let logger = start_kernel_log(&mut ebpf)?.context("no kernel log in the object")?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

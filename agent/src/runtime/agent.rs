@@ -325,8 +325,9 @@ impl Agent {
         // 1. every program verified and loaded: a refusal stops here, with
         //    nothing that enforces changed;
         let verify_started = Instant::now();
-        let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes, fallbacks)?;
-        let lsm = kernel::verify_all(&mut ebpf)?;
+        let btf = kernel::KernelBtf::read();
+        let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes, fallbacks, &btf)?;
+        let lsm = kernel::verify_all(&mut ebpf, &btf)?;
         info!("{}", kernel::verified(&ebpf, verify_started.elapsed()));
         // After verification: the loaded programs hold its ring buffer open.
         let kernel_log = kernel::start_kernel_log(&mut ebpf)?;
@@ -383,7 +384,8 @@ impl Agent {
             .map(crate::runtime::metrics::bind)
             .transpose()?;
         // Tracing programs need CAP_PERFMON: load the socket iterators now.
-        let (cut_state, cuts) = cuts(&ebpf, &pins, &gauges, tai)?;
+        let (cut_state, cuts) = cuts(&ebpf, &pins, &gauges, tai, &btf)?;
+        drop(btf);
         // Everything that needs more than CAP_BPF is done.
         let capabilities = caps::drop_after_attach()?;
         info!("{capabilities}");
@@ -1326,8 +1328,9 @@ fn cuts(
     pins: &Pins,
     gauges: &Gauges,
     tai: i64,
+    btf: &kernel::KernelBtf,
 ) -> Result<(Arc<CutState>, Option<Cuts>)> {
-    let cutter = match socks_fd(ebpf).and_then(Cutter::new) {
+    let cutter = match btf.get().and_then(|btf| Cutter::new(socks_fd(ebpf)?, btf)) {
         Ok(c) => {
             info!(
                 "established connections that a policy stops allowing are destroyed (bpf_sock_destroy) in this \
