@@ -36,20 +36,45 @@ struct ApiState {
     /// `BulkheadNode` objects the agents applied, in order: `(request
     /// line, content type, object)`.
     applied: Vec<(String, String, Value)>,
+    /// `BulkheadBridge` changes, as `changes` for pods.
+    bridge_changes: Vec<(&'static str, Value)>,
+    /// Each bridge object's status as the agents wrote it, and its
+    /// resourceVersion (bumped by every status write).
+    bridge_status: std::collections::BTreeMap<String, (u64, Value)>,
+}
+
+/// The state after `changes`, keyed by uid.
+fn current(changes: &[(&'static str, Value)]) -> Vec<Value> {
+    let mut objects: Vec<Value> = Vec::new();
+    for (kind, o) in changes {
+        objects.retain(|p| p["metadata"]["uid"] != o["metadata"]["uid"]);
+        if *kind != "DELETED" {
+            objects.push(o.clone());
+        }
+    }
+    objects
 }
 
 impl ApiState {
-    fn pods(&self) -> Vec<Value> {
-        let mut pods: Vec<Value> = Vec::new();
-        for (kind, pod) in &self.changes {
-            pods.retain(|p| p["metadata"]["uid"] != pod["metadata"]["uid"]);
-            if *kind != "DELETED" {
-                pods.push(pod.clone());
-            }
+    /// A bridge object as a GET returns it: with its status and version.
+    fn bridge(&self, name: &str) -> Option<Value> {
+        let mut o = current(&self.bridge_changes)
+            .into_iter()
+            .find(|o| o["metadata"]["name"] == name)?;
+        let (rv, status) = self
+            .bridge_status
+            .get(name)
+            .cloned()
+            .unwrap_or((1, Value::Null));
+        o["metadata"]["resourceVersion"] = rv.to_string().into();
+        if !status.is_null() {
+            o["status"] = status;
         }
-        pods
+        Some(o)
     }
 }
+
+const BRIDGES: &str = "/apis/bulkhead.dev/v1alpha1/bulkheadbridges";
 
 struct FakeApi {
     state: Arc<Mutex<ApiState>>,
@@ -76,6 +101,21 @@ impl FakeApi {
 
     fn change(&self, kind: &'static str, pod: Value) {
         self.state.lock().unwrap().changes.push((kind, pod));
+    }
+
+    fn bridge_change(&self, kind: &'static str, bridge: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .bridge_changes
+            .push((kind, bridge));
+    }
+
+    fn bridge_status(&self, name: &str) -> Value {
+        let s = self.state.lock().unwrap();
+        s.bridge_status
+            .get(name)
+            .map_or(Value::Null, |(_, v)| v.clone())
     }
 
     fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
@@ -149,17 +189,102 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
             }
             continue;
         }
-        if !target.starts_with("/api/v1/pods") {
+        let path = target.split('?').next().unwrap_or("");
+        // Who the caller is (`bridge open --cluster` asks): the token's user.
+        if request.starts_with("POST /apis/authentication.k8s.io/v1/selfsubjectreviews") {
+            let review = serde_json::json!({"apiVersion": "authentication.k8s.io/v1",
+                "kind": "SelfSubjectReview", "status": {"userInfo": {"username": "alice@example.com"}}});
+            if !respond_json(&mut conn, &review.to_string()) {
+                return;
+            }
+            continue;
+        }
+        // `bridge open --cluster` creates an object; the watchers see it.
+        if request.starts_with("POST ") && path == BRIDGES {
+            let mut object: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let mut s = state.lock().unwrap();
+            object["metadata"]["uid"] =
+                format!("00000000-0000-4000-8000-{:012}", s.bridge_changes.len()).into();
+            object["metadata"]["creationTimestamp"] = time_now_rfc3339().into();
+            s.bridge_changes.push(("ADDED", object.clone()));
+            drop(s);
+            if !respond_json(&mut conn, &object.to_string()) {
+                return;
+            }
+            continue;
+        }
+        // A bridge object, and its status written by the agents: a merge
+        // patch on the condition of the object's resourceVersion.
+        if let Some(rest) = path.strip_prefix(BRIDGES).and_then(|r| r.strip_prefix('/')) {
+            let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
+            let mut s = state.lock().unwrap();
+            let Some(object) = s.bridge(name) else {
+                drop(s);
+                let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                continue;
+            };
+            let answer = if request.starts_with("DELETE") {
+                s.bridge_changes.push(("DELETED", object.clone()));
+                object
+            } else if request.starts_with("PATCH") && sub == "status" {
+                let patch: Value = serde_json::from_slice(&body).unwrap_or_default();
+                if patch["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
+                    drop(s);
+                    let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                        "status": "Failure", "reason": "Conflict", "code": 409,
+                        "message": "the object has been modified"})
+                    .to_string();
+                    let head = format!(
+                        "HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        conflict.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes());
+                    let _ = conn.write_all(conflict.as_bytes());
+                    continue;
+                }
+                let rv = s.bridge_status.get(name).map_or(1, |(rv, _)| *rv) + 1;
+                s.bridge_status
+                    .insert(name.to_string(), (rv, patch["status"].clone()));
+                s.bridge(name).unwrap()
+            } else {
+                object
+            };
+            drop(s);
+            if !respond_json(&mut conn, &answer.to_string()) {
+                return;
+            }
+            continue;
+        }
+        let bridges = path == BRIDGES;
+        if !target.starts_with("/api/v1/pods") && !bridges {
             let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
             continue;
         }
+        let changes_of = |s: &ApiState| -> Vec<(&'static str, Value)> {
+            if bridges {
+                s.bridge_changes.clone()
+            } else {
+                s.changes.clone()
+            }
+        };
         if param("watch").as_deref() != Some("true") {
             let (items, rv) = {
                 let s = state.lock().unwrap();
-                (s.pods(), s.changes.len() + 1)
+                let changes = changes_of(&s);
+                (current(&changes), changes.len() + 1)
+            };
+            let kind = if bridges {
+                "BulkheadBridgeList"
+            } else {
+                "PodList"
+            };
+            let api_version = if bridges {
+                "bulkhead.dev/v1alpha1"
+            } else {
+                "v1"
             };
             let body = serde_json::json!({
-                "kind": "PodList", "apiVersion": "v1",
+                "kind": kind, "apiVersion": api_version,
                 "metadata": {"resourceVersion": rv.to_string()},
                 "items": items,
             })
@@ -180,7 +305,8 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
         while Instant::now() < until {
             let next: Vec<String> = {
                 let s = state.lock().unwrap();
-                s.changes[sent.min(s.changes.len())..]
+                let changes = changes_of(&s);
+                changes[sent.min(changes.len())..]
                     .iter()
                     .enumerate()
                     .map(|(i, (kind, pod))| {
@@ -756,4 +882,173 @@ fn the_node_reports_its_policy_and_a_rejected_reload_to_the_api_server() {
         serde_json::json!([]),
         "{applied:#}"
     );
+}
+
+/// A `BulkheadBridge` object as `kubectl apply` makes it (no annotation
+/// saying who asked).
+fn bridge_object(name: &str, uid: &str, duration: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "BulkheadBridge",
+        "metadata": {"name": name, "uid": uid, "resourceVersion": "1",
+                     "creationTimestamp": time_now_rfc3339()},
+        "spec": {"from": "contractor", "to": "prod", "ports": ["tcp/8080"],
+                 "duration": duration, "reason": "INC-4711"},
+    })
+}
+
+fn time_now_rfc3339() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A cluster-wide bridge (issue 20): one `BulkheadBridge` object is
+/// enforced by the agents of two nodes (two agents, each on its own cgroup
+/// tree, namespaces and pins, against one API server), within a second or
+/// two of its creation; each node writes its line of the status and the
+/// count; one that breaks the policy's `jit_bridges:` limits is refused on
+/// every node, with the reason in the status; deleting the object closes
+/// the bridge everywhere.
+#[test]
+fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
+    if !privileged("k8s_cluster_bridge") {
+        return;
+    }
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let limits = "jit_bridges:\n  - from: contractor\n    to: prod\n    max_duration: 1h\n";
+    let nodes: Vec<_> = ["node-a", "node-b"]
+        .into_iter()
+        .map(|node| {
+            let w = world();
+            let agent = Agent::start_with_env(
+                &w.root,
+                &w.policy("", limits),
+                &["--k8s-node", node],
+                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+            );
+            let addr = format!("{}:8080", w.link.v4(2));
+            let server = Server::start(
+                &w.prod,
+                Some(&w.link.b),
+                "tcp",
+                &addr,
+                90 + tests::slack_secs(),
+            );
+            (w, agent, addr, server)
+        })
+        .collect();
+    let connects = || -> Vec<String> {
+        nodes
+            .iter()
+            .map(|(w, _, addr, _)| probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", addr]))
+            .collect()
+    };
+    assert_eq!(connects(), ["EPERM", "EPERM"], "no bridge yet");
+    let wait = |what: &str, pred: &dyn Fn() -> bool| -> Duration {
+        let started = Instant::now();
+        while !pred() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20 + tests::slack_secs()),
+                "timed out waiting for {what}; requests: {:#?}",
+                api.log.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        started.elapsed()
+    };
+
+    // Opened as a user would: the CLI creates the object, recording who
+    // the API server says the caller is.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(tests::bulkhead_bin())
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let said = cli(&[
+        "bridge",
+        "open",
+        "--cluster",
+        "--name",
+        "db-debug",
+        "--from",
+        "contractor",
+        "--to",
+        "prod",
+        "--port",
+        "tcp/8080",
+        "--for",
+        "10m",
+        "--reason",
+        "INC-4711",
+    ]);
+    assert!(
+        said.starts_with("created BulkheadBridge db-debug"),
+        "{said}"
+    );
+    let took = wait("the bridge on both nodes", &|| connects() == ["ok", "ok"]);
+    eprintln!("BulkheadBridge created -> enforced on both nodes in {took:?}");
+    wait("both nodes' status lines", &|| {
+        api.bridge_status("db-debug")["enforcing"] == 2
+    });
+    let st = api.bridge_status("db-debug");
+    assert_eq!(
+        st["nodes"],
+        serde_json::json!([{"node": "node-a", "state": "enforced"}, {"node": "node-b", "state": "enforced"}]),
+        "{st:#}"
+    );
+    assert!(st["expires"].as_str().unwrap().ends_with('Z'), "{st:#}");
+    for (_, agent, _, _) in &nodes {
+        let s = status(agent);
+        let b = s["bridges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "k8s-db-debug")
+            .unwrap_or_else(|| panic!("no k8s-db-debug in {:#}", s["bridges"]));
+        let reason = b["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("INC-4711") && reason.contains("requested by alice@example.com"),
+            "who asked and why are recorded: {reason}"
+        );
+    }
+
+    // Over the policy's limit (1 h): refused on every node, and said why.
+    api.bridge_change(
+        "ADDED",
+        bridge_object("too-long", "7d0c9e1a-0000-4000-8000-0000000000b2", "2h"),
+    );
+    wait("the refusals", &|| {
+        api.bridge_status("too-long")["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 2)
+    });
+    let refused = api.bridge_status("too-long");
+    assert_eq!(refused["enforcing"], 0, "{refused:#}");
+    for n in refused["nodes"].as_array().unwrap() {
+        assert_eq!(n["state"], "refused", "{refused:#}");
+        assert!(
+            n["message"].as_str().unwrap().contains("max_duration"),
+            "{refused:#}"
+        );
+    }
+
+    cli(&["bridge", "close", "--cluster", "db-debug"]);
+    let took = wait("the bridge closed on both nodes", &|| {
+        connects() == ["EPERM", "EPERM"]
+    });
+    eprintln!("BulkheadBridge deleted -> closed on both nodes in {took:?}");
+    drop(nodes);
 }

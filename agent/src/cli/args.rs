@@ -416,13 +416,21 @@ pub enum BridgeCommand {
         agent: AgentArgs,
         #[command(flatten)]
         bridge: NewBridge,
+        /// On every node of the Kubernetes cluster: create a
+        /// BulkheadBridge object (KUBECONFIG or in-cluster credentials),
+        /// recording who the API server says you are.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Close a just-in-time bridge before its time is up.
     Close {
         #[command(flatten)]
         agent: AgentArgs,
-        /// Its name (see `bridge list`).
+        /// Its name (see `bridge list`; with --cluster, the object's).
         name: String,
+        /// Delete the cluster's BulkheadBridge object: every node closes it.
+        #[arg(long)]
+        cluster: bool,
     },
     /// List the open just-in-time bridges with their time left.
     List {
@@ -466,6 +474,7 @@ impl From<NewBridge> for Request {
             ports: b.ports,
             for_secs: b.for_secs,
             reason: b.reason,
+            cluster: false,
         })
     }
 }

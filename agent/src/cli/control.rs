@@ -57,6 +57,48 @@ pub fn bridge_open(run_dir: &Path, bridge: NewBridge) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bridge open --cluster`.
+#[cfg(feature = "k8s")]
+pub fn cluster_bridge_open(b: NewBridge) -> Result<ExitCode> {
+    use bulkhead::k8s::bridges;
+    let route = render::route(&b.from, &b.to, &b.ports);
+    let secs = b.for_secs;
+    let name = bridges::create(bridges::ClusterBridge {
+        name: b.name,
+        from: b.from,
+        to: b.to,
+        ports: b.ports,
+        for_secs: secs,
+        reason: b.reason,
+    })?;
+    println!(
+        "created {} {name} ({route}) for {secs}s; every node's agent opens it as `{}{name}` \
+         (kubectl get {} {name}: the nodes that enforce it)",
+        bridges::KIND,
+        bridges::PREFIX,
+        bridges::PLURAL
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bridge close --cluster`.
+#[cfg(feature = "k8s")]
+pub fn cluster_bridge_close(name: &str) -> Result<ExitCode> {
+    bulkhead::k8s::bridges::delete(name)?;
+    println!("deleted BulkheadBridge {name}; every node's agent closes it");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "k8s"))]
+pub fn cluster_bridge_open(_: NewBridge) -> Result<ExitCode> {
+    anyhow::bail!("--cluster needs a build with the `k8s` feature")
+}
+
+#[cfg(not(feature = "k8s"))]
+pub fn cluster_bridge_close(_: &str) -> Result<ExitCode> {
+    anyhow::bail!("--cluster needs a build with the `k8s` feature")
+}
+
 /// `bridge close`.
 pub fn bridge_close(run_dir: &Path, name: String) -> Result<ExitCode> {
     let reply = call(run_dir, &Request::BridgeClose { name })?;

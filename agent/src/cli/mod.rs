@@ -71,8 +71,22 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             )
         }
         Command::Bridge { what } => match what {
-            BridgeCommand::Open { agent, bridge } => control::bridge_open(&agent.run_dir(), bridge),
-            BridgeCommand::Close { agent, name } => control::bridge_close(&agent.run_dir(), name),
+            BridgeCommand::Open {
+                bridge,
+                cluster: true,
+                ..
+            } => control::cluster_bridge_open(bridge),
+            BridgeCommand::Open { agent, bridge, .. } => {
+                control::bridge_open(&agent.run_dir(), bridge)
+            }
+            BridgeCommand::Close {
+                name,
+                cluster: true,
+                ..
+            } => control::cluster_bridge_close(&name),
+            BridgeCommand::Close { agent, name, .. } => {
+                control::bridge_close(&agent.run_dir(), name)
+            }
             BridgeCommand::List { agent, json } => control::bridge_list(&agent.run_dir(), json),
         },
         Command::Audit { what } => match what {

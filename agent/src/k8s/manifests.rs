@@ -80,6 +80,7 @@ fn k8s_manifests_validate_against_the_kubernetes_schema() {
             "ClusterRoleBinding",
             "ConfigMap",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "DaemonSet",
             "Namespace",
             "Service",
@@ -315,6 +316,8 @@ fn k8s_daemonset_is_least_privilege_and_wired_to_the_agent() {
         serde_json::json!([
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["bulkhead.dev"], "resources": ["bulkheadnodes"], "verbs": ["get", "create", "patch"]},
+            {"apiGroups": ["bulkhead.dev"], "resources": ["bulkheadbridges"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["bulkhead.dev"], "resources": ["bulkheadbridges/status"], "verbs": ["get", "patch"]},
         ])
     );
     assert!(
@@ -416,7 +419,11 @@ fn k8s_node_report_is_what_the_crd_declares() {
     use crate::k8s::report;
     use crate::runtime::protocol::{LastReload, Status};
     let all = manifests();
-    let crd = find(&all, "CustomResourceDefinition");
+    let crd = all
+        .iter()
+        .flat_map(|(_, d)| d)
+        .find(|d| d["metadata"]["name"] == "bulkheadnodes.bulkhead.dev")
+        .expect("the BulkheadNode CRD");
     assert_eq!(crd["spec"]["group"], report::GROUP);
     assert_eq!(crd["spec"]["names"]["kind"], report::KIND);
     assert_eq!(crd["spec"]["names"]["plural"], report::PLURAL);
@@ -468,4 +475,27 @@ fn k8s_node_report_is_what_the_crd_declares() {
             );
         }
     }
+}
+
+/// The BulkheadBridge CRD names what the agent watches, and what a node
+/// writes into its status is what the CRD declares.
+#[cfg(feature = "k8s")]
+#[test]
+fn k8s_bridge_status_is_what_the_crd_declares() {
+    use crate::k8s::{bridges, report};
+    let all = manifests();
+    let crd = all
+        .iter()
+        .flat_map(|(_, d)| d)
+        .find(|d| d["metadata"]["name"] == "bulkheadbridges.bulkhead.dev")
+        .expect("the BulkheadBridge CRD");
+    assert_eq!(crd["spec"]["group"], report::GROUP);
+    assert_eq!(crd["spec"]["names"]["kind"], bridges::KIND);
+    assert_eq!(crd["spec"]["names"]["plural"], bridges::PLURAL);
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], report::VERSION);
+    let status = closed(&version["schema"]["openAPIV3Schema"]["properties"]["status"]);
+    let sample = bridges::tests::sample_status();
+    let problems = schemas().check_schema(&status, &sample);
+    assert!(problems.is_empty(), "{sample:#}\n{}", problems.join("\n"));
 }

@@ -16,6 +16,8 @@
 //! for the pods, [`selector::assign`]s them and writes the result with the
 //! other cgroup entries.
 
+#[cfg(feature = "k8s")]
+pub mod bridges;
 pub mod cgroups;
 pub mod node;
 pub mod pod;

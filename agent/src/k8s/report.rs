@@ -48,20 +48,7 @@ pub async fn run(node: String, calls: mpsc::Sender<Call>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (reply, answer) = oneshot::channel();
-        let call = Call {
-            request: Request::Status,
-            peer: Peer {
-                pid: std::process::id() as i32,
-                uid: 0,
-                gid: 0,
-            },
-            reply,
-        };
-        if calls.send(call).await.is_err() {
-            return;
-        }
-        let Ok(Response::Status(status)) = answer.await else {
+        let Some(Response::Status(status)) = ask(&calls, Request::Status).await else {
             return;
         };
         let report = report(&status);
@@ -92,6 +79,23 @@ pub async fn run(node: String, calls: mpsc::Sender<Call>) {
             }
         }
     }
+}
+
+/// Asks the agent's loop, as a control client does (as root, this
+/// process); `None` once the loop is gone.
+pub async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Option<Response> {
+    let (reply, answer) = oneshot::channel();
+    let call = Call {
+        request,
+        peer: Peer {
+            pid: std::process::id() as i32,
+            uid: 0,
+            gid: 0,
+        },
+        reply,
+    };
+    calls.send(call).await.ok()?;
+    answer.await.ok()
 }
 
 /// What the report says, without its time: a change of any of it is

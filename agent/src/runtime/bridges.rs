@@ -45,7 +45,14 @@ pub struct OpenRequest {
     pub ports: Vec<String>,
     pub for_secs: u64,
     pub reason: String,
+    /// Opened for a cluster object (`BulkheadBridge`): only those may be
+    /// named [`CLUSTER_PREFIX`]`<object>`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }
+
+/// The names of the bridges of cluster objects begin with this.
+pub const CLUSTER_PREFIX: &str = "k8s-";
 
 /// The open just-in-time bridges and the file that keeps them.
 #[derive(Clone)]
@@ -102,7 +109,12 @@ impl Jit {
             .ok_or_else(|| anyhow!("the policy allows no just-in-time bridges from `{}` to `{}` (see `jit_bridges:`)", req.from, req.to))?;
         if req.for_secs == 0 || req.for_secs > rule.max_secs {
             bail!(
-                "--for must be between 1s and {}s (the policy's max_duration for {} → {})",
+                "{} must be between 1s and {}s (the policy's max_duration for {} → {})",
+                if req.cluster {
+                    "the window (what is left of it)"
+                } else {
+                    "--for"
+                },
                 rule.max_secs,
                 req.from,
                 req.to
@@ -118,6 +130,9 @@ impl Jit {
             policy::parse_port_range(port).map_err(|e| anyhow!(e))?;
         }
         let name = match req.name {
+            Some(n) if n.starts_with(CLUSTER_PREFIX) && !req.cluster => bail!(
+                "bridge names beginning with `{CLUSTER_PREFIX}` belong to cluster objects (BulkheadBridge)"
+            ),
             Some(n) => n,
             None => format!("jit-{}-{}-{}", req.from, req.to, now / 1_000_000_000),
         };
@@ -206,6 +221,7 @@ mod tests {
             ports: vec!["tcp/5432".into()],
             for_secs: secs,
             reason: "T-1".into(),
+            cluster: false,
         }
     }
 
@@ -245,5 +261,27 @@ mod tests {
         assert!(jit.expire(3600 * 1_000_000_000).unwrap().is_empty());
         assert_eq!(jit.expire(3605 * 1_000_000_000).unwrap().len(), 1);
         assert!(Jit::load(&path).unwrap().open.is_empty());
+    }
+
+    /// `k8s-<object>` is the cluster objects' name space: a bridge opened
+    /// over the control socket cannot take (and so later lose) one.
+    #[test]
+    fn the_cluster_prefix_is_for_cluster_objects() {
+        let p = policy::parse_str(Path::new("p.yaml"), POLICY).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let jit = Jit::load(&dir.path().join("bridges.json")).unwrap();
+        let by = Opener {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let mut r = req("a", "b", 60);
+        r.name = Some("k8s-db".into());
+        let e = jit.prepare(&p, r, by, 0).unwrap_err().to_string();
+        assert!(e.contains("belong to cluster objects"), "{e}");
+        let mut r = req("a", "b", 60);
+        r.name = Some("k8s-db".into());
+        r.cluster = true;
+        assert_eq!(jit.prepare(&p, r, by, 0).unwrap().name, "k8s-db");
     }
 }

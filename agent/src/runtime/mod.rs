@@ -156,11 +156,13 @@ fn start_pod_watch(agent: &Agent) {
 #[cfg(not(feature = "k8s"))]
 fn start_pod_watch(_: &Agent) {}
 
-/// The node's `BulkheadNode` report, with `--k8s-node` (feature `k8s`).
+/// The node's `BulkheadNode` report and the cluster's `BulkheadBridge`s,
+/// with `--k8s-node` (feature `k8s`).
 #[cfg(feature = "k8s")]
 fn start_node_report(agent: &Agent, calls: &mpsc::Sender<control::Call>) {
     if let Some(p) = &agent.pods {
         tokio::spawn(crate::k8s::report::run(p.node.clone(), calls.clone()));
+        tokio::spawn(crate::k8s::bridges::run(p.node.clone(), calls.clone()));
     }
 }
 

@@ -352,6 +352,7 @@ mod tests {
             ports: vec!["tcp/5432".into()],
             for_secs: 600,
             reason: "T-1".into(),
+            cluster: false,
         });
         assert_eq!(
             serde_json::to_string(&open).unwrap(),
