@@ -15,7 +15,7 @@ use bulkhead::{
         bridges::OpenRequest,
         logging::LogFormat,
         otlp::{self, Protocol as OtlpProtocol},
-        protocol::{Filter, Request},
+        protocol::Filter,
     },
 };
 
@@ -465,9 +465,9 @@ pub struct NewBridge {
     pub name: Option<String>,
 }
 
-impl From<NewBridge> for Request {
-    fn from(b: NewBridge) -> Request {
-        Request::BridgeOpen(OpenRequest {
+impl From<NewBridge> for OpenRequest {
+    fn from(b: NewBridge) -> OpenRequest {
+        OpenRequest {
             name: b.name,
             from: b.from,
             to: b.to,
@@ -475,7 +475,7 @@ impl From<NewBridge> for Request {
             for_secs: b.for_secs,
             reason: b.reason,
             cluster: false,
-        })
+        }
     }
 }
 

@@ -40,7 +40,7 @@ pub fn reload(run_dir: &Path) -> Result<ExitCode> {
 
 /// `bridge open`: until when, and from which policy generation.
 pub fn bridge_open(run_dir: &Path, bridge: NewBridge) -> Result<ExitCode> {
-    let reply = call(run_dir, &bridge.into())?;
+    let reply = call(run_dir, &Request::BridgeOpen(bridge.into()))?;
     let Response::BridgeOpened {
         bridge: b,
         generation,
@@ -63,14 +63,7 @@ pub fn cluster_bridge_open(b: NewBridge) -> Result<ExitCode> {
     use bulkhead::k8s::bridges;
     let route = render::route(&b.from, &b.to, &b.ports);
     let secs = b.for_secs;
-    let name = bridges::create(bridges::ClusterBridge {
-        name: b.name,
-        from: b.from,
-        to: b.to,
-        ports: b.ports,
-        for_secs: secs,
-        reason: b.reason,
-    })?;
+    let name = bridges::create(b.into())?;
     println!(
         "created {} {name} ({route}) for {secs}s; every node's agent opens it as `{}{name}` \
          (kubectl get {} {name}: the nodes that enforce it)",

@@ -396,20 +396,10 @@ async fn write_status(
     false
 }
 
-/// What `bulkhead bridge open --cluster` asks for.
-pub struct ClusterBridge {
-    pub name: Option<String>,
-    pub from: String,
-    pub to: String,
-    pub ports: Vec<String>,
-    pub for_secs: u64,
-    pub reason: String,
-}
-
 /// `bulkhead bridge open --cluster`: creates the object, with who asked
 /// as the API server knows the caller (SelfSubjectReview), else as this
 /// host does; every node's agent then opens it. Returns the object's name.
-pub fn create(b: ClusterBridge) -> anyhow::Result<String> {
+pub fn create(b: OpenRequest) -> anyhow::Result<String> {
     use anyhow::Context as _;
     block_on(async move {
         let client = kube::Client::try_default()
