@@ -941,10 +941,14 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
             (w, agent, addr, server)
         })
         .collect();
+    let (worlds, mut agents): (Vec<_>, Vec<_>) = nodes
+        .into_iter()
+        .map(|(w, agent, addr, server)| ((w, addr, server), agent))
+        .unzip();
     let connects = || -> Vec<String> {
-        nodes
+        worlds
             .iter()
-            .map(|(w, _, addr, _)| probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", addr]))
+            .map(|(w, addr, _)| probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", addr]))
             .collect()
     };
     assert_eq!(connects(), ["EPERM", "EPERM"], "no bridge yet");
@@ -1010,7 +1014,7 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
         "{st:#}"
     );
     assert!(st["expires"].as_str().unwrap().ends_with('Z'), "{st:#}");
-    for (_, agent, _, _) in &nodes {
+    for agent in &agents {
         let s = status(agent);
         let b = s["bridges"]
             .as_array()
@@ -1050,5 +1054,42 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
         connects() == ["EPERM", "EPERM"]
     });
     eprintln!("BulkheadBridge deleted -> closed on both nodes in {took:?}");
-    drop(nodes);
+
+    // Deleted while node-b's agent is down: node-b's kernel keeps the
+    // bridge (enforcement outlives the agent) until the agent starts again
+    // and finds the object gone.
+    let open = [
+        "bridge",
+        "open",
+        "--cluster",
+        "--name",
+        "db-debug-2",
+        "--from",
+        "contractor",
+        "--to",
+        "prod",
+        "--port",
+        "tcp/8080",
+        "--for",
+        "10m",
+        "--reason",
+        "INC-4712",
+    ];
+    cli(&open);
+    wait("the second bridge on both nodes", &|| {
+        connects() == ["ok", "ok"]
+    });
+    agents[1].kill9();
+    cli(&["bridge", "close", "--cluster", "db-debug-2"]);
+    wait("node-a closing it", &|| connects()[0] == "EPERM");
+    assert_eq!(
+        connects()[1],
+        "ok",
+        "node-b's kernel keeps it while its agent is down"
+    );
+    agents[1].spawn(&["--k8s-node", "node-b"]);
+    wait("node-b closing it once its agent is back", &|| {
+        connects() == ["EPERM", "EPERM"]
+    });
+    drop(agents);
 }
