@@ -228,10 +228,10 @@ pub struct RunFlags {
     /// system's roots.
     #[arg(long, value_name = "FILE")]
     pub otlp_ca: Option<PathBuf>,
-    /// Events held while the collector is down or slow; past this they
-    /// are dropped and counted (status, metrics) and a gap record is sent
-    /// once it takes events again.
-    #[arg(long, value_name = "EVENTS", default_value_t = 65_536)]
+    /// Events held while the collector is down or slow (about 1.5 KB of
+    /// memory each); past this they are dropped and counted (status, metrics) and
+    /// a gap record is sent once it takes events again.
+    #[arg(long, value_name = "EVENTS", default_value_t = 32_768)]
     pub otlp_hold: usize,
     /// Accept a policy file (or geo file) that a non-root user could
     /// change; by default the agent refuses it, since that user could
