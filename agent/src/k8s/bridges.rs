@@ -12,10 +12,7 @@
 //! `spec.expires`, or `metadata.creationTimestamp` + `spec.duration`. So a
 //! node that starts late, or an agent restarted, opens the same window.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use futures::StreamExt as _;
 use kube::{
@@ -26,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::report::{GROUP, VERSION, ask};
+use super::report::{GROUP, VERSION, ask, rfc3339_seconds};
 use crate::runtime::{
     bridges::OpenRequest,
     control::Call,
@@ -110,22 +107,6 @@ fn rfc3339_ns(s: &str) -> Option<i64> {
         .map(|t| t.unix_timestamp_nanos() as i64)
 }
 
-fn rfc3339(ns: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ns.div_euclid(1_000_000_000))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
 /// A refused object is asked for again (the policy may have changed) this
 /// often while its spec stays the same.
 const RETRY_REFUSED: Duration = Duration::from_secs(60);
@@ -140,10 +121,7 @@ struct NodeState {
 
 /// Watches the objects until the agent's loop is gone.
 pub async fn run(node: String, calls: mpsc::Sender<Call>) {
-    let client = super::watch::client("cluster bridges").await;
-    let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
-    let api: Api<DynamicObject> =
-        Api::all_with(client, &ApiResource::from_gvk_with_plural(&gvk, PLURAL));
+    let api = bridges_api(super::watch::client("cluster bridges").await);
     let mut stream = watcher(api.clone(), watcher::Config::default())
         .default_backoff()
         .boxed();
@@ -207,7 +185,7 @@ pub async fn run(node: String, calls: mpsc::Sender<Call>) {
                 let expires = objects
                     .get(&object)
                     .and_then(|o| wanted(o).ok())
-                    .map(|w| rfc3339(w.expires));
+                    .map(|w| rfc3339_seconds(w.expires));
                 if write_status(&api, &object, &node, &state, expires).await {
                     reported.insert(object, state);
                 }
@@ -232,7 +210,7 @@ async fn reconcile(
         Response::Bridges { bridges } => bridges,
         _ => Vec::new(),
     };
-    let now = now_ns();
+    let now = crate::clock::now_ns();
     let mut states = BTreeMap::new();
     let mut wanted_names = Vec::new();
     for (object, v) in objects {
@@ -243,7 +221,7 @@ async fn reconcile(
             },
             Ok(w) if w.expires <= now => NodeState {
                 state: "expired",
-                message: format!("the window ended at {}", rfc3339(w.expires)),
+                message: format!("the window ended at {}", rfc3339_seconds(w.expires)),
             },
             Ok(w) => {
                 wanted_names.push(w.name.clone());
@@ -412,9 +390,14 @@ pub fn create(b: OpenRequest) -> anyhow::Result<String> {
                 local_user()
             ),
         };
-        let name = b
-            .name
-            .unwrap_or_else(|| format!("{}-{}-{}", b.from, b.to, now_ns() / 1_000_000_000));
+        let name = b.name.unwrap_or_else(|| {
+            format!(
+                "{}-{}-{}",
+                b.from,
+                b.to,
+                crate::clock::now_ns() / 1_000_000_000
+            )
+        });
         let object: DynamicObject = serde_json::from_value(json!({
             "apiVersion": format!("{GROUP}/{VERSION}"),
             "kind": KIND,
@@ -553,6 +536,11 @@ pub(crate) mod tests {
         })))
         .unwrap();
         assert_eq!(w.expires, rfc3339_ns("2026-12-05T10:30:00Z").unwrap());
+        // Written back in whole seconds.
+        assert_eq!(
+            rfc3339_seconds(w.expires + 500_000_000),
+            "2026-12-05T10:30:00Z"
+        );
     }
 
     #[test]

@@ -140,11 +140,7 @@ pub fn report(s: &Status) -> Value {
 /// get` shows.
 pub fn object(node: &str, report: &Value, s: &Status) -> Value {
     let mut status = report.clone();
-    status["reportedAt"] = rfc3339_seconds(&crate::clock::format_ts(
-        (crate::clock::now_ns() + crate::clock::tai_offset_ns()) as u64,
-        crate::clock::tai_offset_ns(),
-    ))
-    .into();
+    status["reportedAt"] = rfc3339_seconds(crate::clock::now_ns()).into();
     status["sha256Short"] = s.sha256.chars().take(12).collect::<String>().into();
     status["reload"] = s
         .last_reload
@@ -162,11 +158,9 @@ pub fn object(node: &str, report: &Value, s: &Status) -> Value {
     })
 }
 
-/// `2026-12-05T10:00:00.123456789Z` → `2026-12-05T10:00:00Z`: the
-/// `date-time` kubectl's age column reads.
-fn rfc3339_seconds(ts: &str) -> String {
-    match ts.split_once('.') {
-        Some((secs, _)) => format!("{secs}Z"),
-        None => ts.to_string(),
-    }
+/// Unix ns as `2026-12-05T10:00:00Z`: whole seconds, as the objects'
+/// times are written (kubectl's age column reads them).
+pub(super) fn rfc3339_seconds(unix_ns: i64) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000) * 1_000_000_000;
+    crate::clock::format_ts(secs as u64, 0)
 }

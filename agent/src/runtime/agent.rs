@@ -430,7 +430,7 @@ impl Agent {
                 .chain([hub.counts.clone()])
                 .collect(),
         );
-        let started = clock::format_ts((clock::now_ns() + tai) as u64, tai);
+        let started = now_ts();
         info!(
             "enforcing {} (sha256 {}, generation {}{}) on cgroup {}; {} domains, {} cgroups, {} bridges, address table of {} words; pinned under {}; {} pre-existing sockets recorded; control socket {}",
             args.policy.display(),
@@ -571,12 +571,6 @@ impl Agent {
         Ok(w.generation)
     }
 
-    /// Now, as events and `status` write times.
-    fn now_ts(&self) -> String {
-        let tai = clock::tai_offset_ns();
-        clock::format_ts((clock::now_ns() + tai) as u64, tai)
-    }
-
     /// Logs and records a change that could not be made; the policy in
     /// force stays.
     fn rejected(&mut self, why: Why, e: &anyhow::Error) {
@@ -592,7 +586,7 @@ impl Agent {
                     "reload rejected, the running policy stays in force:\n{e:#}"
                 );
                 self.last_reload = Some(LastReload {
-                    at: self.now_ts(),
+                    at: now_ts(),
                     outcome: "rejected".into(),
                     errors: format!("{e:#}")
                         .lines()
@@ -644,7 +638,7 @@ impl Agent {
                     w.deleted
                 );
                 self.last_reload = Some(LastReload {
-                    at: self.now_ts(),
+                    at: now_ts(),
                     outcome: "applied".into(),
                     errors: Vec::new(),
                 });
@@ -1319,6 +1313,11 @@ fn packet_sockets(lsm: Option<String>) -> String {
             format!("not refused ({why}): run domain workloads without CAP_NET_RAW")
         }
     }
+}
+
+/// Now, as `status` writes times (RFC 3339, UTC).
+fn now_ts() -> String {
+    clock::format_ts(clock::now_ns() as u64, 0)
 }
 
 /// The connection cutter (socket iterators and `bpf_sock_destroy`), when
