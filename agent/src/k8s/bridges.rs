@@ -226,9 +226,7 @@ async fn reconcile(
             Ok(w) => {
                 wanted_names.push(w.name.clone());
                 let current = open.iter().find(|b| b.bridge.name == w.name);
-                let same = current.is_some_and(|b| {
-                    b.bridge.from == w.from && b.bridge.to == w.to && b.bridge.ports == w.ports
-                });
+                let same = current.is_some_and(|b| enforces(&b.bridge, &w));
                 let recent = refused
                     .get(object)
                     .filter(|(spec, _, at)| *spec == v["spec"] && at.elapsed() < RETRY_REFUSED);
@@ -264,6 +262,19 @@ async fn reconcile(
         }
     }
     Some(states)
+}
+
+/// Whether the open bridge is what the object asks for: its route, and its
+/// window. It was opened for the whole seconds left, counted from when the
+/// agent's loop took it, so it ends a little after the object's (up to a
+/// second, plus the loop's delay: up to 5 s is taken as the same window,
+/// so a busy loop cannot make it reopen forever); a changed `duration` or
+/// `expires` reopens it.
+fn enforces(open: &crate::runtime::bridges::JitBridge, w: &Wanted) -> bool {
+    open.from == w.from
+        && open.to == w.to
+        && open.ports == w.ports
+        && (0..=5_000_000_000).contains(&(open.expires - w.expires))
 }
 
 async fn open_bridge(
@@ -502,6 +513,42 @@ pub(crate) mod tests {
             p["status"]["nodes"][2],
             json!({"node": "c", "state": "refused", "message": "too long"})
         );
+    }
+
+    /// A window changed in the object (same route) reopens the bridge;
+    /// the up-to-a-second rounding of an open one does not.
+    #[test]
+    fn a_bridge_enforces_its_objects_route_and_window() {
+        let w = wanted(&object(json!({
+            "from": "contractor", "to": "prod", "ports": ["tcp/5432"],
+            "duration": "2h", "reason": "INC-1",
+        })))
+        .unwrap();
+        let open = crate::runtime::bridges::JitBridge {
+            name: w.name.clone(),
+            from: w.from.clone(),
+            to: w.to.clone(),
+            ports: w.ports.clone(),
+            opened: 0,
+            expires: w.expires + 400_000_000,
+            reason: String::new(),
+            opened_by: crate::runtime::bridges::Opener {
+                uid: 0,
+                gid: 0,
+                pid: 1,
+            },
+        };
+        assert!(enforces(&open, &w));
+        let longer = Wanted {
+            expires: w.expires + 3_600_000_000_000,
+            ..w.clone()
+        };
+        assert!(!enforces(&open, &longer), "a longer window reopens it");
+        let other_port = Wanted {
+            ports: vec!["tcp/5433".into()],
+            ..w.clone()
+        };
+        assert!(!enforces(&open, &other_port));
     }
 
     pub(crate) fn sample_status() -> Value {
