@@ -981,23 +981,26 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
         );
         text
     };
-    let said = cli(&[
-        "bridge",
-        "open",
-        "--cluster",
-        "--name",
-        "db-debug",
-        "--from",
-        "contractor",
-        "--to",
-        "prod",
-        "--port",
-        "tcp/8080",
-        "--for",
-        "10m",
-        "--reason",
-        "INC-4711",
-    ]);
+    let open = |name: &str, reason: &str| {
+        cli(&[
+            "bridge",
+            "open",
+            "--cluster",
+            "--name",
+            name,
+            "--from",
+            "contractor",
+            "--to",
+            "prod",
+            "--port",
+            "tcp/8080",
+            "--for",
+            "10m",
+            "--reason",
+            reason,
+        ])
+    };
+    let said = open("db-debug", "INC-4711");
     assert!(
         said.starts_with("created BulkheadBridge db-debug"),
         "{said}"
@@ -1058,24 +1061,7 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
     // Deleted while node-b's agent is down: node-b's kernel keeps the
     // bridge (enforcement outlives the agent) until the agent starts again
     // and finds the object gone.
-    let open = [
-        "bridge",
-        "open",
-        "--cluster",
-        "--name",
-        "db-debug-2",
-        "--from",
-        "contractor",
-        "--to",
-        "prod",
-        "--port",
-        "tcp/8080",
-        "--for",
-        "10m",
-        "--reason",
-        "INC-4712",
-    ];
-    cli(&open);
+    open("db-debug-2", "INC-4712");
     wait("the second bridge on both nodes", &|| {
         connects() == ["ok", "ok"]
     });
