@@ -13,6 +13,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,7 +36,15 @@ def value(v):
     return getattr(v, kind)
 
 
+STALL = {"seconds": 0.0}
+
+
 def record(out, via, request, headers):
+    # A collector that stalls once (--stall): the first export is
+    # answered only after it.
+    with LOCK:
+        stall, STALL["seconds"] = STALL["seconds"], 0.0
+    time.sleep(stall)
     lines = []
     for rl in request.resource_logs:
         resource = {kv.key: value(kv.value) for kv in rl.resource.attributes}
@@ -100,7 +109,9 @@ def main():
     p.add_argument("--http-port", type=int, default=0)
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
+    p.add_argument("--stall", type=float, default=0.0, help="seconds before the first export is answered")
     a = p.parse_args()
+    STALL["seconds"] = a.stall
     out = open(a.out, "a", encoding="utf-8")
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

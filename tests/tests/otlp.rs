@@ -45,6 +45,8 @@ struct Receiver {
     python: PathBuf,
     out: PathBuf,
     tls: Option<Tls>,
+    /// Seconds the first export waits for its answer.
+    stall: f64,
     grpc: u16,
     http: u16,
 }
@@ -58,11 +60,16 @@ struct Tls {
 
 impl Receiver {
     fn start(python: &Path, dir: &Path, tls: Option<Tls>) -> Receiver {
+        Receiver::start_stalling(python, dir, tls, 0.0)
+    }
+
+    fn start_stalling(python: &Path, dir: &Path, tls: Option<Tls>, stall: f64) -> Receiver {
         let mut r = Receiver {
             child: Command::new("true").spawn().unwrap(),
             python: python.to_path_buf(),
             out: dir.join("received.jsonl"),
             tls,
+            stall,
             grpc: 0,
             http: 0,
         };
@@ -78,6 +85,7 @@ impl Receiver {
             .args(["--out", self.out.to_str().unwrap()])
             .args(["--grpc-port", &self.grpc.to_string()])
             .args(["--http-port", &self.http.to_string()])
+            .args(["--stall", &self.stall.to_string()])
             .stdout(Stdio::piped());
         if let Some(t) = &self.tls {
             cmd.args(["--tls-cert", t.cert.to_str().unwrap()])
@@ -435,5 +443,63 @@ fn a_collector_outage_loses_nothing_silently() {
         storm_records(&records[..at]).len(),
         300,
         "the held events come before the gap record"
+    );
+}
+
+/// A collector that takes 2 s to answer one export while a burst larger
+/// than the hand-over queue (16 384 events) is decided: the burst waits in
+/// the hold (32 768 by default) and every event arrives, none dropped.
+#[test]
+fn a_burst_during_a_slow_export_waits_in_the_hold() {
+    if !privileged("otlp_slow_export") {
+        return;
+    }
+    let Some(python) = receiver_python("otlp_slow_export") else {
+        return;
+    };
+    const N: u32 = 20_000;
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start_stalling(&python, dir.path(), None, 2.0);
+    let endpoint = receiver.endpoint("grpc");
+    let agent = Agent::start_with(
+        &w.root,
+        &w.policy("", ""),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--event-rate",
+            "0",
+            // Room for the whole burst in the kernel's ring (1 MiB holds
+            // about 8 700 events).
+            "--ring-buffer-bytes",
+            "8388608",
+        ],
+    );
+    // One event first: its export (after the 200 ms linger) is the one
+    // that stalls, in flight while the burst comes.
+    storm_done(w.storm_bg(1, 0), 1);
+    thread::sleep(Duration::from_millis(400));
+    let burst = Instant::now();
+    storm_done(w.storm_bg(N, 0), N);
+    let decided = burst.elapsed();
+    let o = settle(&agent, u64::from(N) + 1, Duration::from_secs(60));
+    eprintln!("{N} denies decided in {decided:?} during a stalled export; status {o}");
+    assert_eq!(dropped(&o), 0, "nothing dropped: {o}");
+    let logged = agent
+        .settled_events()
+        .into_iter()
+        .filter(|e| e["dport"] == 5353)
+        .count();
+    assert!(
+        logged > 16_384 + 2048,
+        "the burst outran the hand-over queue ({logged} events logged), or the test shows nothing"
+    );
+    assert_eq!(
+        storm_records(&receiver.records()).len(),
+        logged,
+        "the collector has every event of the log: {o}"
     );
 }

@@ -239,6 +239,10 @@ struct Failed {
     retry: bool,
 }
 
+/// How batches reach the collector. Cheap to clone (the connection pools
+/// are shared), so each export owns one and the exporter's hold stays free
+/// for the hand-over queue while a batch is in flight.
+#[derive(Clone)]
 enum Transport {
     Grpc(LogsServiceClient<tonic::transport::Channel>),
     Http {
@@ -250,9 +254,14 @@ enum Transport {
     },
 }
 
-struct Exporter {
+#[derive(Clone)]
+struct Sender {
     transport: Transport,
-    headers: Vec<(String, String)>,
+    headers: Arc<Vec<(String, String)>>,
+}
+
+struct Exporter {
+    sender: Sender,
     resource: Resource,
     counts: Arc<Counts>,
     health: Health,
@@ -312,8 +321,10 @@ impl Exporter {
             resource.push(kv("k8s.node.name", text(node)));
         }
         Ok(Exporter {
-            transport,
-            headers: config.headers.clone(),
+            sender: Sender {
+                transport,
+                headers: Arc::new(config.headers.clone()),
+            },
             resource: Resource {
                 attributes: resource,
                 ..Default::default()
@@ -370,7 +381,23 @@ impl Exporter {
                 || self.health.cause().is_some()
                 || !open;
             if ready && !self.held.is_empty() && self.health.due() {
-                self.export().await;
+                let n = self.held.len().min(BATCH);
+                let sent = self.sender.clone().send(self.request(n));
+                tokio::pin!(sent);
+                // While the batch is in flight the hand-over queue keeps
+                // moving to the hold: a burst during a slow export waits
+                // there (up to --otlp-hold), not in the queue, which
+                // would overflow.
+                let result = loop {
+                    tokio::select! {
+                        result = &mut sent => break result,
+                        item = rx.recv(), if open => match item {
+                            Some(item) => self.accept(item),
+                            None => open = false,
+                        },
+                    }
+                };
+                self.exported(n, result);
                 self.since = (!self.held.is_empty()).then(Instant::now);
             }
             self.health.tick();
@@ -411,10 +438,9 @@ impl Exporter {
         }
     }
 
-    /// Sends one batch from the front of what is held.
-    async fn export(&mut self) {
-        let n = self.held.len().min(BATCH);
-        let request = ExportLogsServiceRequest {
+    /// The request for the first `n` records held.
+    fn request(&self, n: usize) -> ExportLogsServiceRequest {
+        ExportLogsServiceRequest {
             resource_logs: vec![ResourceLogs {
                 resource: Some(self.resource.clone()),
                 scope_logs: vec![ScopeLogs {
@@ -428,8 +454,12 @@ impl Exporter {
                 }],
                 ..Default::default()
             }],
-        };
-        let result = self.send(request).await;
+        }
+    }
+
+    /// Settles the first `n` records held, sent with `result`: written,
+    /// dropped (counted) or kept for the retry.
+    fn exported(&mut self, n: usize, result: Result<u64, Failed>) {
         match result {
             Ok(rejected) => {
                 let batch: Vec<Held> = self.held.drain(..n).collect();
@@ -472,13 +502,15 @@ impl Exporter {
             }
         }
     }
+}
 
+impl Sender {
     /// One export; `Ok` carries the records the collector rejected.
-    async fn send(&mut self, request: ExportLogsServiceRequest) -> Result<u64, Failed> {
-        match &mut self.transport {
-            Transport::Grpc(client) => {
+    async fn send(self, request: ExportLogsServiceRequest) -> Result<u64, Failed> {
+        match self.transport {
+            Transport::Grpc(mut client) => {
                 let mut req = tonic::Request::new(request);
-                for (k, v) in &self.headers {
+                for (k, v) in self.headers.iter() {
                     let key = tonic::metadata::MetadataKey::from_bytes(k.to_lowercase().as_bytes());
                     if let (Ok(key), Ok(value)) = (key, v.parse()) {
                         req.metadata_mut().insert(key, value);
@@ -498,7 +530,7 @@ impl Exporter {
             Transport::Http { client, url } => {
                 let mut req = http::Request::post(url.clone())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf");
-                for (k, v) in &self.headers {
+                for (k, v) in self.headers.iter() {
                     req = req.header(k.as_str(), v.as_str());
                 }
                 let body = http_body_util::Full::new(bytes::Bytes::from(request.encode_to_vec()));
