@@ -271,7 +271,15 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
             let (items, rv) = {
                 let s = state.lock().unwrap();
                 let changes = changes_of(&s);
-                (current(&changes), changes.len() + 1)
+                let mut items = current(&changes);
+                if bridges {
+                    // As a GET has them: with their status.
+                    items = items
+                        .iter()
+                        .filter_map(|o| s.bridge(o["metadata"]["name"].as_str()?))
+                        .collect();
+                }
+                (items, changes.len() + 1)
             };
             let kind = if bridges {
                 "BulkheadBridgeList"
@@ -1032,6 +1040,20 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
         );
     }
 
+    // Time left and the enforcing nodes, which `kubectl get` cannot show
+    // together (it prints a future time as `<invalid>`).
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["bridge", "list", "--cluster", "--json"])).unwrap();
+    let b = &listed[0];
+    assert_eq!(b["name"], "db-debug", "{listed:#}");
+    assert_eq!(b["enforcing"], 2, "{listed:#}");
+    assert_eq!(b["requested_by"], "alice@example.com", "{listed:#}");
+    let left = b["seconds_left"].as_u64().unwrap();
+    assert!(
+        (540..=600).contains(&left),
+        "10 minutes, just begun: {listed:#}"
+    );
+
     // Over the policy's limit (1 h): refused on every node, and said why.
     api.bridge_change(
         "ADDED",
@@ -1051,6 +1073,24 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
             "{refused:#}"
         );
     }
+
+    let text = cli(&["bridge", "list", "--cluster"]);
+    eprintln!("bridge list --cluster:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("db-debug")
+            && lines[0].contains("s left")
+            && lines[0].contains("enforced on 2 nodes"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("too-long") && lines[1].contains("enforced on 0 nodes"),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains("refused node-a:") && lines[2].contains("max_duration"),
+        "a refusal is listed with its node and why: {text}"
+    );
 
     cli(&["bridge", "close", "--cluster", "db-debug"]);
     let took = wait("the bridge closed on both nodes", &|| {

@@ -439,6 +439,10 @@ pub enum BridgeCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The cluster's BulkheadBridge objects instead, with the nodes
+        /// that enforce each.
+        #[arg(long)]
+        cluster: bool,
     },
 }
 

@@ -82,6 +82,25 @@ pub fn cluster_bridge_close(name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bridge list --cluster`.
+#[cfg(feature = "k8s")]
+pub fn cluster_bridge_list(json: bool) -> Result<ExitCode> {
+    let listed = bulkhead::k8s::bridges::list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+    } else {
+        for b in &listed {
+            println!("{}", render::cluster_bridge(b));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "k8s"))]
+pub fn cluster_bridge_list(_: bool) -> Result<ExitCode> {
+    anyhow::bail!("--cluster needs a build with the `k8s` feature")
+}
+
 #[cfg(not(feature = "k8s"))]
 pub fn cluster_bridge_open(_: NewBridge) -> Result<ExitCode> {
     anyhow::bail!("--cluster needs a build with the `k8s` feature")

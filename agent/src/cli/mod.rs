@@ -87,7 +87,12 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             BridgeCommand::Close { agent, name, .. } => {
                 control::bridge_close(&agent.run_dir(), name)
             }
-            BridgeCommand::List { agent, json } => control::bridge_list(&agent.run_dir(), json),
+            BridgeCommand::List {
+                json,
+                cluster: true,
+                ..
+            } => control::cluster_bridge_list(json),
+            BridgeCommand::List { agent, json, .. } => control::bridge_list(&agent.run_dir(), json),
         },
         Command::Audit { what } => match what {
             AuditCommand::Query { db, query } => audit::query(&db.path(), query),

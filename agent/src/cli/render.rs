@@ -44,6 +44,38 @@ pub fn open_bridge(e: &OpenBridge) -> String {
     )
 }
 
+/// A line of `bridge list --cluster`: the object, its time left, and the
+/// nodes that enforce it or refused it (with why).
+#[cfg(feature = "k8s")]
+pub fn cluster_bridge(b: &bulkhead::k8s::bridges::Listed) -> String {
+    if let Some(e) = &b.error {
+        return format!("{:<32} not enforced: {e}", b.name);
+    }
+    let left = if b.seconds_left > 0 {
+        format!("{}s left (until {})", b.seconds_left, b.expires)
+    } else {
+        format!("expired at {}", b.expires)
+    };
+    let mut line = format!(
+        "{:<32} {} {left}, enforced on {} node{}, requested by {}: {}",
+        b.name,
+        route(&b.from, &b.to, &b.ports),
+        b.enforcing,
+        if b.enforcing == 1 { "" } else { "s" },
+        b.requested_by,
+        b.reason
+    );
+    for n in b.nodes.iter().filter(|n| n["state"] != "enforced") {
+        line += &format!(
+            "\n    {} {}: {}",
+            n["state"].as_str().unwrap_or_default(),
+            n["node"].as_str().unwrap_or_default(),
+            n["message"].as_str().unwrap_or_default()
+        );
+    }
+    line
+}
+
 /// `status` as text.
 pub fn status(v: &Status) -> String {
     let mut s = String::new();

@@ -424,6 +424,85 @@ pub fn create(b: OpenRequest) -> anyhow::Result<String> {
     })
 }
 
+/// One object as `bulkhead bridge list --cluster` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct Listed {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    pub ports: Vec<String>,
+    pub reason: String,
+    pub requested_by: String,
+    /// RFC 3339, whole seconds.
+    pub expires: String,
+    /// 0 once the window has passed.
+    pub seconds_left: u64,
+    /// How many nodes enforce it, and each node's line, as the nodes wrote
+    /// them into the status.
+    pub enforcing: u64,
+    pub nodes: Vec<Value>,
+    /// Set when the spec cannot be read (the other fields are then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Listed {
+    fn of(object: &Value, now_ns: i64) -> Listed {
+        let status = &object["status"];
+        let mut listed = Listed {
+            name: object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+            from: String::new(),
+            to: String::new(),
+            ports: Vec::new(),
+            reason: String::new(),
+            requested_by: String::new(),
+            expires: String::new(),
+            seconds_left: 0,
+            enforcing: status["enforcing"].as_u64().unwrap_or(0),
+            nodes: status["nodes"].as_array().cloned().unwrap_or_default(),
+            error: None,
+        };
+        match wanted(object) {
+            Ok(w) => {
+                listed.expires = rfc3339_seconds(w.expires);
+                listed.seconds_left =
+                    (w.expires.saturating_sub(now_ns) / 1_000_000_000).max(0) as u64;
+                (listed.from, listed.to, listed.ports) = (w.from, w.to, w.ports);
+                (listed.reason, listed.requested_by) = (w.reason, w.requested_by);
+            }
+            Err(e) => listed.error = Some(e),
+        }
+        listed
+    }
+}
+
+/// `bulkhead bridge list --cluster`: every object with its time left and
+/// the nodes that enforce it (`kubectl get` can show an expiry only as an
+/// instant: it prints a future time as `<invalid>`).
+pub fn list() -> anyhow::Result<Vec<Listed>> {
+    use anyhow::Context as _;
+    block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("no Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+        let objects = bridges_api(client)
+            .list(&kube::api::ListParams::default())
+            .await
+            .with_context(|| format!("listing {PLURAL}"))?;
+        let now = crate::clock::now_ns();
+        let mut listed: Vec<Listed> = objects
+            .items
+            .iter()
+            .map(|o| Listed::of(&serde_json::to_value(o).unwrap_or_default(), now))
+            .collect();
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(listed)
+    })
+}
+
 /// `bulkhead bridge close --cluster NAME`: deletes the object; every
 /// node's agent closes the bridge.
 pub fn delete(name: &str) -> anyhow::Result<()> {
