@@ -1097,6 +1097,25 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
         connects() == ["EPERM", "EPERM"]
     });
     eprintln!("BulkheadBridge deleted -> closed on both nodes in {took:?}");
+    // The audit trail says why it closed (the agent's own uid and pid
+    // would say nothing).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = agents[0].cli(&["audit", "changes"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let closed = text
+            .lines()
+            .find(|l| l.contains("bridge-closed") && l.contains("k8s-db-debug"));
+        if let Some(line) = closed {
+            assert!(
+                line.contains("closed as its BulkheadBridge object was deleted"),
+                "{line}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no bridge-closed row: {text}");
+        thread::sleep(Duration::from_millis(200));
+    }
 
     // Deleted while node-b's agent is down: node-b's kernel keeps the
     // bridge (enforcement outlives the agent) until the agent starts again

@@ -653,7 +653,14 @@ impl Agent {
                 self.record("bridge-opened", g, bridge_detail(&b));
             }
             Why::BridgeClosed { bridge, by } => {
-                let who = format!("closed by uid {} pid {}", by.uid, by.pid);
+                // The agent asks itself only for a cluster bridge whose
+                // object is gone or changed; the API server does not say
+                // who deleted it (its own audit log does).
+                let who = if by.pid == std::process::id() as i32 {
+                    "closed as its BulkheadBridge object was deleted or changed".to_string()
+                } else {
+                    format!("closed by uid {} pid {}", by.uid, by.pid)
+                };
                 info!(
                     outcome = "applied",
                     "bridge closed: {} ({who})", bridge.name
