@@ -48,6 +48,14 @@ pub fn format_ts(tai_ns: u64, tai_offset_ns: i64) -> String {
         .unwrap_or_else(|| format!("@{unix}"))
 }
 
+/// An RFC 3339 time (an event's `ts`, a policy's or an object's time) as
+/// Unix ns; `None` when it is not one or is out of range.
+pub fn parse_ts(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos()).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

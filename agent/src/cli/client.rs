@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use bulkhead::{
     runtime::events::Record,
-    runtime::protocol::{Reply, Request, Response, SOCKET_NAME, ts_unix_ns},
+    runtime::protocol::{Reply, Request, Response, SOCKET_NAME},
 };
 
 /// Client side: sends one request and returns the connected stream.
@@ -131,7 +131,7 @@ impl Seen {
     pub fn admit(&mut self, r: &Record, line: &str) -> Admit {
         // Older than the overlap (the clock stepped back): no agent sends
         // it again, so it need not be remembered.
-        let ts = ts_unix_ns(&r.ts)
+        let ts = bulkhead::clock::parse_ts(&r.ts)
             .filter(|t| self.newest_ns.is_none_or(|n| *t >= n - RESUME_OVERLAP_NS));
         if let Some(t) = ts {
             let key = (
@@ -241,7 +241,7 @@ mod tests {
         // The agent restarts; the follower asks from shortly before the
         // newest event it handled, and gets those again.
         seen.reconnected();
-        let newest = ts_unix_ns(&rec(1, 0, 2).ts).unwrap();
+        let newest = bulkhead::clock::parse_ts(&rec(1, 0, 2).ts).unwrap();
         assert_eq!(seen.resume_from_ns(), Some(newest - RESUME_OVERLAP_NS));
         assert_eq!(admit(&mut seen, &rec(0, 0, 1)), Admit::Repeat);
         assert_eq!(admit(&mut seen, &rec(1, 0, 2)), Admit::Repeat);

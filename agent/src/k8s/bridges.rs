@@ -73,15 +73,14 @@ pub fn wanted(object: &Value) -> Result<Wanted, String> {
         })
         .unwrap_or_default();
     let expires = match (spec["expires"].as_str(), spec["duration"].as_str()) {
-        (Some(at), None) => {
-            rfc3339_ns(at).ok_or_else(|| format!("spec.expires `{at}` is not an RFC 3339 time"))?
-        }
+        (Some(at), None) => crate::clock::parse_ts(at)
+            .ok_or_else(|| format!("spec.expires `{at}` is not an RFC 3339 time"))?,
         (None, Some(d)) => {
             let secs =
                 crate::duration::parse_duration(d).map_err(|e| format!("spec.duration: {e}"))?;
             let created = object["metadata"]["creationTimestamp"]
                 .as_str()
-                .and_then(rfc3339_ns)
+                .and_then(crate::clock::parse_ts)
                 .ok_or("metadata.creationTimestamp is missing")?;
             created.saturating_add((secs as i64).saturating_mul(1_000_000_000))
         }
@@ -99,12 +98,6 @@ pub fn wanted(object: &Value) -> Result<Wanted, String> {
             .unwrap_or("unknown")
             .to_string(),
     })
-}
-
-fn rfc3339_ns(s: &str) -> Option<i64> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| t.unix_timestamp_nanos() as i64)
 }
 
 /// A refused object is asked for again (the policy may have changed) this
@@ -654,14 +647,20 @@ pub(crate) mod tests {
         })))
         .unwrap();
         assert_eq!(w.name, "k8s-db-debug");
-        assert_eq!(w.expires, rfc3339_ns("2026-12-05T12:00:00Z").unwrap());
+        assert_eq!(
+            w.expires,
+            crate::clock::parse_ts("2026-12-05T12:00:00Z").unwrap()
+        );
         assert_eq!(w.requested_by, "alice@example.com");
         let w = wanted(&object(json!({
             "from": "contractor", "to": "prod", "ports": ["tcp/5432"],
             "expires": "2026-12-05T10:30:00Z", "reason": "INC-1",
         })))
         .unwrap();
-        assert_eq!(w.expires, rfc3339_ns("2026-12-05T10:30:00Z").unwrap());
+        assert_eq!(
+            w.expires,
+            crate::clock::parse_ts("2026-12-05T10:30:00Z").unwrap()
+        );
         // Written back in whole seconds.
         assert_eq!(
             rfc3339_seconds(w.expires + 500_000_000),

@@ -30,7 +30,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::protocol::{
-    Filter, MAX_REQUEST, Peer, REQUEST_TIMEOUT, Reply, Request, Response, SOCKET_NAME, ts_unix_ns,
+    Filter, MAX_REQUEST, Peer, REQUEST_TIMEOUT, Reply, Request, Response, SOCKET_NAME,
 };
 use crate::{
     runtime::events::Record,
@@ -110,7 +110,7 @@ const SUB_QUEUE: usize = 16_384;
 
 /// `from_ns` of a follower that resumes: its events at or after that time.
 fn at_or_after(r: &Record, from_ns: Option<i64>) -> bool {
-    from_ns.is_none_or(|f| ts_unix_ns(&r.ts).is_none_or(|t| t >= f))
+    from_ns.is_none_or(|f| crate::clock::parse_ts(&r.ts).is_none_or(|t| t >= f))
 }
 
 impl Hub {
@@ -573,7 +573,7 @@ mod tests {
         for s in 0..10 {
             hub.publish(rec(s, 0, s as u64 + 1));
         }
-        let from = ts_unix_ns(&rec(7, 0, 0).ts);
+        let from = crate::clock::parse_ts(&rec(7, 0, 0).ts);
         let filter = Filter {
             queue: Some(64),
             ..Filter::default()

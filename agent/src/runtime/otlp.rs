@@ -624,10 +624,8 @@ fn log_record(rec: &Record) -> LogRecord {
 fn record_of(value: &serde_json::Value, severity: SeverityNumber, event: &str) -> LogRecord {
     let time = value["ts"]
         .as_str()
-        .and_then(|ts| {
-            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()
-        })
-        .map_or(0, |t| t.unix_timestamp_nanos().max(0) as u64);
+        .and_then(crate::clock::parse_ts)
+        .map_or(0, |t| t.max(0) as u64);
     let observed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

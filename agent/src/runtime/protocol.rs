@@ -79,7 +79,8 @@ impl Filter {
             return false;
         }
         if let Some(s) = self.since_secs {
-            let ts = ts_unix_ns(&r.ts).map_or(i64::MAX, |t| t.div_euclid(1_000_000_000));
+            let ts =
+                crate::clock::parse_ts(&r.ts).map_or(i64::MAX, |t| t.div_euclid(1_000_000_000));
             if ts < now_unix - s as i64 {
                 return false;
             }
@@ -91,13 +92,6 @@ impl Filter {
     pub fn narrows(&self) -> bool {
         self.domain.is_some() || self.verdict.is_some() || self.reason.is_some()
     }
-}
-
-/// An event's `ts` (RFC 3339) as Unix nanoseconds.
-pub fn ts_unix_ns(ts: &str) -> Option<i64> {
-    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| i64::try_from(t.unix_timestamp_nanos()).ok())
 }
 
 /// Who is on the other end of the socket (SO_PEERCRED).

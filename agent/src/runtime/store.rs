@@ -168,9 +168,7 @@ fn open(path: &Path) -> Result<Connection> {
 }
 
 fn ts_ns(r: &Record) -> i64 {
-    time::OffsetDateTime::parse(&r.ts, &time::format_description::well_known::Rfc3339)
-        .map(|t| t.unix_timestamp_nanos() as i64)
-        .unwrap_or_else(|_| clock::now_ns())
+    clock::parse_ts(&r.ts).unwrap_or_else(clock::now_ns)
 }
 
 fn addr_bin(a: Option<&str>) -> Option<Vec<u8>> {
@@ -867,11 +865,7 @@ mod tests {
         while store.counts.written.load(Ordering::Relaxed) < 4 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
         }
-        let t = |s: &str| {
-            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .unwrap()
-                .unix_timestamp_nanos() as i64
-        };
+        let t = |s: &str| clock::parse_ts(s).unwrap();
         let q = Query {
             from_ns: Some(t("2026-11-21T00:00:00Z")),
             to_ns: Some(t("2026-11-23T00:00:00Z")),

@@ -557,7 +557,7 @@ pub fn store(path: &Path, key: &VerifyKey, head: Option<Head>) -> Result<Report>
     let first_sealed_ns = recs
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())
-        .filter_map(|r| ts_ns(&r.ts))
+        .filter_map(|r| crate::clock::parse_ts(&r.ts))
         .min();
     let mut report = check(
         "audit-store",
@@ -576,12 +576,6 @@ pub fn store(path: &Path, key: &VerifyKey, head: Option<Head>) -> Result<Report>
         ));
     }
     Ok(report)
-}
-
-fn ts_ns(s: &str) -> Option<i64> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| t.unix_timestamp_nanos() as i64)
 }
 
 #[cfg(test)]
