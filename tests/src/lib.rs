@@ -36,6 +36,27 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// The Python of the tests' helpers (`tests/otlp/`, `tests/k8s/`), from
+/// `cargo xtask setup`; `None` (with a printed reason) when it is missing,
+/// a failure under CI.
+pub fn helper_python(test: &str) -> Option<std::path::PathBuf> {
+    let python =
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/bulkhead/test-venv/bin/python3");
+    if python.is_file() {
+        return Some(python);
+    }
+    let why = format!(
+        "{test}: the tests' Python ({}) is missing (run `cargo xtask setup`)",
+        python.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}, and CI is set: refusing to skip");
+    }
+    eprintln!("SKIP {why}");
+    None
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short name unique to this test process and call: the full process id

@@ -22,7 +22,7 @@ use std::{
 use tests::{
     Agent, Cgroup, Server, Value,
     gaps::{Guards, Rng},
-    privileged, probe,
+    helper_python, privileged, probe,
     world::world,
 };
 
@@ -1137,4 +1137,98 @@ fn a_cluster_bridge_is_enforced_on_every_node_and_closed_when_deleted() {
         connects() == ["EPERM", "EPERM"]
     });
     drop(agents);
+}
+
+/// The shipped admission policy (deploy/kubernetes/
+/// admission-bulkheadbridges.yaml) makes a bridge's requester the API
+/// server's word: its CEL, evaluated by a CEL interpreter (cel-python) with
+/// the bindings the API server gives it, refuses an annotation naming
+/// anyone but the user creating the object, and an update that changes it
+/// to someone else; it lets through the CLI's own objects and objects
+/// without the annotation (recorded as `unknown`).
+#[test]
+fn the_admission_policy_refuses_a_forged_requester() {
+    let Some(python) = helper_python("k8s_admission_policy") else {
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let object = |by: Option<&str>| match by {
+        Some(by) => {
+            serde_json::json!({"metadata": {"name": "db", "annotations": {"bulkhead.dev/requested-by": by}}})
+        }
+        None => serde_json::json!({"metadata": {"name": "db"}}),
+    };
+    struct Case {
+        op: &'static str,
+        user: &'static str,
+        /// The annotation, and the one before the update.
+        by: Option<&'static str>,
+        before: Option<&'static str>,
+        allowed: bool,
+    }
+    let case = |op, user, by, before, allowed| Case {
+        op,
+        user,
+        by,
+        before,
+        allowed,
+    };
+    let alice = Some("alice@example.com");
+    let cases = [
+        case("CREATE", "alice@example.com", alice, None, true),
+        case("CREATE", "alice@example.com", None, None, true),
+        case("CREATE", "mallory", alice, None, false),
+        case("UPDATE", "admin", alice, alice, true),
+        case("UPDATE", "mallory", alice, Some("mallory"), false),
+        case("UPDATE", "admin", None, alice, true),
+    ];
+    let input: Vec<Value> = cases
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "object": object(c.by),
+                "oldObject": if c.op == "UPDATE" { object(c.before) } else { Value::Null },
+                "request": {"operation": c.op, "userInfo": {"username": c.user}},
+            })
+        })
+        .collect();
+    let mut child = std::process::Command::new(python)
+        .arg(root.join("tests/k8s/admission.py"))
+        .arg(root.join("deploy/kubernetes/admission-bulkheadbridges.yaml"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&input).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "admission.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdicts: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(verdicts.len(), cases.len());
+    for (c, v) in cases.iter().zip(&verdicts) {
+        let what = format!(
+            "{} by {} of {:?} (before {:?})",
+            c.op, c.user, c.by, c.before
+        );
+        assert_eq!(v["allowed"], c.allowed, "{what}: {v}");
+        if !c.allowed {
+            let message = v["message"].as_str().unwrap();
+            assert!(
+                message.contains(c.user) && message.contains("alice@example.com"),
+                "{what}: the refusal names both: {message}"
+            );
+        }
+    }
 }

@@ -16,28 +16,9 @@ use std::{
 };
 
 use tests::{
-    Agent, Value, dropped, privileged,
+    Agent, Value, dropped, helper_python, privileged,
     world::{storm_done, world},
 };
-
-/// The receiver's Python, from `cargo xtask setup`; `None` (with a printed
-/// reason) when it is missing, a failure under CI.
-fn receiver_python(test: &str) -> Option<PathBuf> {
-    let python = PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-        .join(".cache/bulkhead/otlp-venv/bin/python3");
-    if python.is_file() {
-        return Some(python);
-    }
-    let why = format!(
-        "{test}: the OTLP receiver's Python ({}) is missing (run `cargo xtask setup`)",
-        python.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}, and CI is set: refusing to skip");
-    }
-    eprintln!("SKIP {why}");
-    None
-}
 
 /// `tests/otlp/receiver.py`, listening on loopback; killed when dropped.
 struct Receiver {
@@ -268,7 +249,7 @@ fn every_event_reaches_the_collector_exactly_once_over_grpc_and_http() {
     if !privileged("otlp_exactly_once") {
         return;
     }
-    let Some(python) = receiver_python("otlp_exactly_once") else {
+    let Some(python) = helper_python("otlp_exactly_once") else {
         return;
     };
     const N: u32 = 300;
@@ -370,7 +351,7 @@ fn a_collector_outage_loses_nothing_silently() {
     if !privileged("otlp_outage") {
         return;
     }
-    let Some(python) = receiver_python("otlp_outage") else {
+    let Some(python) = helper_python("otlp_outage") else {
         return;
     };
     let w = world();
@@ -454,7 +435,7 @@ fn a_burst_during_a_slow_export_waits_in_the_hold() {
     if !privileged("otlp_slow_export") {
         return;
     }
-    let Some(python) = receiver_python("otlp_slow_export") else {
+    let Some(python) = helper_python("otlp_slow_export") else {
         return;
     };
     const N: u32 = 20_000;

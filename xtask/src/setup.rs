@@ -27,7 +27,7 @@ const DEB_PACKAGES: &[&str] = &[
     "util-linux",
     // The shipped deploy/logrotate/bulkhead, run by the outputs tests.
     "logrotate",
-    // The OTLP test receiver's virtual environment (otlp_receiver).
+    // The virtual environment of the tests' Python helpers (test_python).
     "python3-venv",
     "openssl",
 ];
@@ -72,7 +72,7 @@ pub fn setup() -> Result<()> {
     bpf_linker()?;
     deb_packages()?;
     geo_db()?;
-    otlp_receiver()?;
+    test_python()?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -338,30 +338,37 @@ fn deb_packages_of(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The Python packages of the OTLP tests' receiver (tests/otlp/receiver.py),
-/// pinned: the OpenTelemetry project's own protobuf definitions and gRPC.
-const OTLP_PYTHON_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2", "grpcio==1.85.3"];
+/// The Python packages of the tests' helpers, pinned: the OpenTelemetry
+/// project's own protobuf definitions and gRPC for the OTLP receiver
+/// (tests/otlp/receiver.py); a CEL interpreter and YAML for the admission
+/// policy's check (tests/k8s/admission.py).
+const TEST_PYTHON_PACKAGES: &[&str] = &[
+    "opentelemetry-proto==1.45.2",
+    "grpcio==1.85.3",
+    "cel-python==0.5.0",
+    "PyYAML==6.0.4",
+];
 
-/// `~/.cache/bulkhead/otlp-venv`: the receiver's Python (Debian's python3,
+/// `~/.cache/bulkhead/test-venv`: the helpers' Python (Debian's python3,
 /// whatever else is first on PATH).
-pub fn otlp_venv() -> Result<PathBuf> {
-    Ok(cache_dir()?.join("otlp-venv"))
+pub fn test_venv() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("test-venv"))
 }
 
-/// The virtual environment the OTLP tests run their receiver in, from PyPI.
-fn otlp_receiver() -> Result<()> {
-    let venv = otlp_venv()?;
+/// The virtual environment the tests' Python helpers run in, from PyPI.
+fn test_python() -> Result<()> {
+    let venv = test_venv()?;
     let python = venv.join("bin/python3");
     let ready = Command::new(&python)
         .args([
             "-c",
-            "import grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc",
+            "import grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc, celpy, yaml",
         ])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if ready {
-        eprintln!("  ok   OTLP receiver packages in {}", venv.display());
+        eprintln!("  ok   the tests' Python packages in {}", venv.display());
         return Ok(());
     }
     run(Command::new("/usr/bin/python3")
@@ -369,7 +376,7 @@ fn otlp_receiver() -> Result<()> {
         .arg(&venv))?;
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(OTLP_PYTHON_PACKAGES))
+        .args(TEST_PYTHON_PACKAGES))
 }
 
 /// The CC0 country database the tests and the demo use, from npm.

@@ -84,7 +84,9 @@ fn k8s_manifests_validate_against_the_kubernetes_schema() {
             "DaemonSet",
             "Namespace",
             "Service",
-            "ServiceAccount"
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
     );
 }

@@ -19,6 +19,8 @@ from pathlib import Path
 import kubernetes_validate
 
 KINDS = [
+    "io.k8s.api.admissionregistration.v1.ValidatingAdmissionPolicy",
+    "io.k8s.api.admissionregistration.v1.ValidatingAdmissionPolicyBinding",
     "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.CustomResourceDefinition",
     "io.k8s.api.apps.v1.DaemonSet",
     "io.k8s.api.core.v1.ConfigMap",
