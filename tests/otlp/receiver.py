@@ -9,6 +9,7 @@ prints {"grpc": PORT, "http": PORT} once both listen (port 0 picks one).
 
 import argparse
 import json
+import os
 import signal
 import ssl
 import sys
@@ -36,15 +37,17 @@ def value(v):
     return getattr(v, kind)
 
 
-STALL = {"seconds": 0.0}
+STALL = {"until": None}
 
 
 def record(out, via, request, headers):
-    # A collector that stalls once (--stall): the first export is
-    # answered only after it.
+    # A collector that stalls once (--stall-until): the first export is
+    # answered only once the file exists (60 s at most).
     with LOCK:
-        stall, STALL["seconds"] = STALL["seconds"], 0.0
-    time.sleep(stall)
+        until, STALL["until"] = STALL["until"], None
+    deadline = time.monotonic() + 60
+    while until and not os.path.exists(until) and time.monotonic() < deadline:
+        time.sleep(0.05)
     lines = []
     for rl in request.resource_logs:
         resource = {kv.key: value(kv.value) for kv in rl.resource.attributes}
@@ -109,9 +112,9 @@ def main():
     p.add_argument("--http-port", type=int, default=0)
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
-    p.add_argument("--stall", type=float, default=0.0, help="seconds before the first export is answered")
+    p.add_argument("--stall-until", help="answer the first export only once this file exists")
     a = p.parse_args()
-    STALL["seconds"] = a.stall
+    STALL["until"] = a.stall_until
     out = open(a.out, "a", encoding="utf-8")
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

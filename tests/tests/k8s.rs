@@ -276,7 +276,7 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, log: &Mutex<Vec<String>>) {
                     // As a GET has them: with their status.
                     items = items
                         .iter()
-                        .filter_map(|o| s.bridge(o["metadata"]["name"].as_str()?))
+                        .map(|o| s.bridge(o["metadata"]["name"].as_str().unwrap()).unwrap())
                         .collect();
                 }
                 (items, changes.len() + 1)
@@ -1152,11 +1152,13 @@ fn the_admission_policy_refuses_a_forged_requester() {
         return;
     };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let object = |by: Option<&str>| match by {
-        Some(by) => {
-            serde_json::json!({"metadata": {"name": "db", "annotations": {"bulkhead.dev/requested-by": by}}})
+    let object = |by: Option<&str>, port: &str| {
+        let mut o = serde_json::json!({"metadata": {"name": "db"},
+            "spec": {"from": "contractor", "to": "prod", "ports": [port], "duration": "1h", "reason": "INC-1"}});
+        if let Some(by) = by {
+            o["metadata"]["annotations"] = serde_json::json!({"bulkhead.dev/requested-by": by});
         }
-        None => serde_json::json!({"metadata": {"name": "db"}}),
+        o
     };
     struct Case {
         op: &'static str,
@@ -1164,30 +1166,37 @@ fn the_admission_policy_refuses_a_forged_requester() {
         /// The annotation, and the one before the update.
         by: Option<&'static str>,
         before: Option<&'static str>,
+        /// An update that changes the spec (the port).
+        changes_spec: bool,
         allowed: bool,
     }
-    let case = |op, user, by, before, allowed| Case {
+    let case = |op, user, by, before, changes_spec, allowed| Case {
         op,
         user,
         by,
         before,
+        changes_spec,
         allowed,
     };
     let alice = Some("alice@example.com");
     let cases = [
-        case("CREATE", "alice@example.com", alice, None, true),
-        case("CREATE", "alice@example.com", None, None, true),
-        case("CREATE", "mallory", alice, None, false),
-        case("UPDATE", "admin", alice, alice, true),
-        case("UPDATE", "mallory", alice, Some("mallory"), false),
-        case("UPDATE", "admin", None, alice, true),
+        case("CREATE", "alice@example.com", alice, None, false, true),
+        case("CREATE", "alice@example.com", None, None, false, true),
+        case("CREATE", "mallory", alice, None, false, false),
+        // A label added by an admin keeps the requester.
+        case("UPDATE", "admin", alice, alice, false, true),
+        case("UPDATE", "mallory", alice, Some("mallory"), false, false),
+        // A changed bridge under the first requester's name.
+        case("UPDATE", "mallory", alice, alice, true, false),
+        case("UPDATE", "mallory", Some("mallory"), alice, true, true),
+        case("UPDATE", "admin", None, alice, false, true),
     ];
     let input: Vec<Value> = cases
         .iter()
         .map(|c| {
             serde_json::json!({
-                "object": object(c.by),
-                "oldObject": if c.op == "UPDATE" { object(c.before) } else { Value::Null },
+                "object": object(c.by, if c.changes_spec { "tcp/22" } else { "tcp/5432" }),
+                "oldObject": if c.op == "UPDATE" { object(c.before, "tcp/5432") } else { Value::Null },
                 "request": {"operation": c.op, "userInfo": {"username": c.user}},
             })
         })
@@ -1219,8 +1228,8 @@ fn the_admission_policy_refuses_a_forged_requester() {
     assert_eq!(verdicts.len(), cases.len());
     for (c, v) in cases.iter().zip(&verdicts) {
         let what = format!(
-            "{} by {} of {:?} (before {:?})",
-            c.op, c.user, c.by, c.before
+            "{} by {} of {:?} (before {:?}, spec changed: {})",
+            c.op, c.user, c.by, c.before, c.changes_spec
         );
         assert_eq!(v["allowed"], c.allowed, "{what}: {v}");
         if !c.allowed {

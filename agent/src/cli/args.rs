@@ -559,6 +559,7 @@ pub fn since_ns(secs: u64) -> i64 {
 
 /// `--from`, `--to` and the events' own times: Unix ns.
 pub fn rfc3339_ns(s: &str) -> Result<i64> {
-    clock::parse_ts(s)
-        .with_context(|| format!("`{s}` is not an RFC 3339 time (e.g. 2026-11-23T10:00:00Z)"))
+    clock::parse_ts(s).with_context(|| {
+        format!("`{s}` is not an RFC 3339 time (e.g. 2026-11-23T10:00:00Z) between 1678 and 2262")
+    })
 }

@@ -73,8 +73,9 @@ pub fn wanted(object: &Value) -> Result<Wanted, String> {
         })
         .unwrap_or_default();
     let expires = match (spec["expires"].as_str(), spec["duration"].as_str()) {
-        (Some(at), None) => crate::clock::parse_ts(at)
-            .ok_or_else(|| format!("spec.expires `{at}` is not an RFC 3339 time"))?,
+        (Some(at), None) => crate::clock::parse_ts(at).ok_or_else(|| {
+            format!("spec.expires `{at}` is not an RFC 3339 time between 1678 and 2262")
+        })?,
         (None, Some(d)) => {
             let secs =
                 crate::duration::parse_duration(d).map_err(|e| format!("spec.duration: {e}"))?;
@@ -95,6 +96,7 @@ pub fn wanted(object: &Value) -> Result<Wanted, String> {
         reason: text("reason")?,
         requested_by: object["metadata"]["annotations"][REQUESTED_BY]
             .as_str()
+            .filter(|s| !s.trim().is_empty())
             .unwrap_or("unknown")
             .to_string(),
     })
@@ -687,6 +689,9 @@ pub(crate) mod tests {
             "from": "a", "to": "b", "ports": ["tcp/1"], "duration": "1h", "reason": "r",
         }));
         anonymous["metadata"]["annotations"] = json!({});
+        assert_eq!(wanted(&anonymous).unwrap().requested_by, "unknown");
+        // An empty name says no more (the admission policy lets it by).
+        anonymous["metadata"]["annotations"] = json!({REQUESTED_BY: " "});
         assert_eq!(wanted(&anonymous).unwrap().requested_by, "unknown");
     }
 }

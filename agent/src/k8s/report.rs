@@ -87,11 +87,7 @@ pub async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Option<Respons
     let (reply, answer) = oneshot::channel();
     let call = Call {
         request,
-        peer: Peer {
-            pid: std::process::id() as i32,
-            uid: 0,
-            gid: 0,
-        },
+        peer: Peer::agent(),
         reply,
     };
     calls.send(call).await.ok()?;

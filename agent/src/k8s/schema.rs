@@ -258,7 +258,12 @@ fn check_format(format: &str, v: &Value, at: &str, out: &mut Vec<String>) {
         {
             "not base64".to_owned()
         }
-        ("date-time", Value::String(s)) if crate::clock::parse_ts(s).is_none() => {
+        // Any RFC 3339 time, as the API server takes it (`parse_ts` also
+        // refuses years past what Unix ns hold).
+        ("date-time", Value::String(s))
+            if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .is_err() =>
+        {
             format!("`{s}` is not an RFC 3339 time")
         }
         // Everything else only annotates (`double`, `int-or-string`, ...).

@@ -656,7 +656,7 @@ impl Agent {
                 // The agent asks itself only for a cluster bridge whose
                 // object is gone or changed; the API server does not say
                 // who deleted it (its own audit log does).
-                let who = if by.pid == std::process::id() as i32 {
+                let who = if by.is_agent() {
                     "closed as its BulkheadBridge object was deleted or changed".to_string()
                 } else {
                     format!("closed by uid {} pid {}", by.uid, by.pid)

@@ -349,6 +349,9 @@ impl Exporter {
             let wake = match self.since {
                 None => None,
                 Some(_) if self.health.cause().is_some() => self.health.retry_at,
+                // A full batch goes at once (after a burst the hold has
+                // many).
+                Some(_) if self.held.len() >= BATCH => Some(Instant::now()),
                 Some(t) => Some(t + LINGER),
             };
             if open {

@@ -102,6 +102,22 @@ pub struct Peer {
     pub gid: u32,
 }
 
+impl Peer {
+    /// The agent itself (its Kubernetes watchers' calls into its loop):
+    /// no process but the agent has its pid.
+    pub fn agent() -> Peer {
+        Peer {
+            pid: std::process::id() as i32,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    pub fn is_agent(&self) -> bool {
+        self.pid == std::process::id() as i32
+    }
+}
+
 /// One answer line: `{"ok": true|false, "reply": "<kind>", ...}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reply {
