@@ -231,6 +231,10 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("nc.openbsd", "/usr/bin/nc"),
     ("curl", "/usr/bin/curl"),
     ("date", "/usr/bin/date"),
+    // util-linux's: busybox's lacks --reuid/--regid (the tests' strangers).
+    ("setpriv", "/usr/bin/setpriv"),
+    ("logrotate", "/usr/sbin/logrotate"),
+    ("nft", "/usr/sbin/nft"),
 ];
 
 /// A small policy the guest's agent starts with once before the suites, so

@@ -20,7 +20,20 @@ const MODULES: &[(&str, &str)] = &[
     ("inet_diag", "CONFIG_INET_DIAG"),
     ("tcp_diag", "CONFIG_INET_TCP_DIAG"),
     ("udp_diag", "CONFIG_INET_UDP_DIAG"),
+    // nftables with NAT: a bypass test rewrites a destination after
+    // connect with a DNAT rule.
+    ("nf_tables", "CONFIG_NF_TABLES"),
+    ("nft_chain_nat", "CONFIG_NFT_NAT"),
+    ("nft_nat", "CONFIG_NFT_NAT"),
 ];
+
+/// Written beside an unpacked kernel: the [`MODULES`] it was unpacked for,
+/// so a kernel cached before the list changed is unpacked again.
+const MODULES_STAMP: &str = "modules.wanted";
+
+fn modules_wanted() -> String {
+    MODULES.iter().map(|(m, _)| format!("{m}\n")).collect()
+}
 
 /// Options the VM run needs built in (`=y`): without them the kernel cannot
 /// boot from the initramfs, show a console, or run the agent at all.
@@ -189,7 +202,8 @@ fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> 
 /// `apt`) and unpacks it into `cache/PKG`, once; returns that directory.
 fn fetch(pkg: &str, cache: &Path, apt: impl Fn(&mut Command)) -> Result<PathBuf> {
     let dir = cache.join(pkg);
-    if dir.join("vmlinuz").is_file() {
+    let stamp = fs::read_to_string(dir.join(MODULES_STAMP)).unwrap_or_default();
+    if dir.join("vmlinuz").is_file() && stamp == modules_wanted() {
         eprintln!("  ok   {pkg} (cached in {})", dir.display());
         return Ok(dir);
     }
@@ -256,6 +270,7 @@ fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
         order.push('\n');
     }
     fs::write(dir.join("modules.order"), order)?;
+    fs::write(dir.join(MODULES_STAMP), modules_wanted())?;
     fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     Ok(())
 }
