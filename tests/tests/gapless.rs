@@ -193,8 +193,9 @@ fn sighup_and_sigterm_at_random_instants_never_open_a_gap() {
     agent.kill9();
     let start = timed(|| agent.spawn(QUIET));
     let slack = Duration::from_millis(300);
-    // The handlers are installed first thing in `run`; the few
-    // milliseconds before (exec, argument parsing) have the default action.
+    // `main` holds the signals pending from its first instruction until
+    // the handlers are installed; before it (the loader, the runtime's
+    // start: a few milliseconds) they have their default action.
     let earliest = Duration::from_millis(20);
     for _ in 0..10 {
         agent.kill9();
@@ -225,12 +226,13 @@ fn sighup_and_sigterm_at_random_instants_never_open_a_gap() {
     for _ in 0..8 {
         agent.kill9();
         agent.spawn_nowait(QUIET, None);
-        thread::sleep(rng.between(earliest, start + slack));
+        let at = rng.between(earliest, start + slack);
+        thread::sleep(at);
         agent.signal(libc::SIGTERM);
         let st = agent
             .wait_exit(tests::ready_timeout())
             .expect("SIGTERM ends the agent");
-        assert!(st.success(), "SIGTERM while starting: {st:?}");
+        assert!(st.success(), "SIGTERM {at:?} into the start: {st:?}");
     }
     agent.spawn(QUIET);
     guards.wait_refused();

@@ -21,8 +21,14 @@ use args::{AuditCommand, BridgeCommand, Cli, Command};
 /// Runs the command line's command; an error is printed once, with its
 /// causes, and exits 1.
 pub fn main() -> ExitCode {
+    bulkhead::runtime::hold_stop_signals();
     bulkhead::memory::large_allocations_get_own_pages();
     let cli = Cli::parse();
+    // Only `run` handles them; every other command keeps their default
+    // action.
+    if !matches!(cli.command, Command::Run(_)) {
+        bulkhead::runtime::release_stop_signals();
+    }
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {

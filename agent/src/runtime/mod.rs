@@ -43,6 +43,38 @@ pub use agent::RunArgs;
 use agent::{Agent, sd_notify};
 use output::Output;
 
+/// The signals that stop or reload the agent.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT];
+
+/// Holds SIGHUP, SIGTERM and SIGINT pending (blocked) from the first thing
+/// `main` does until the agent's handlers are installed: with their default
+/// action a signal in between (a `logrotate` postrotate, a stop while
+/// starting) would end the process halfway through its start instead of
+/// reaching the loop. Threads started meanwhile inherit the mask; the main
+/// thread takes them once it unblocks.
+pub fn hold_stop_signals() {
+    set_stop_signals(libc::SIG_BLOCK);
+}
+
+/// Lets the signals [`hold_stop_signals`] held through (the pending ones
+/// now reach their handlers, or their default action for commands other
+/// than `run`).
+pub fn release_stop_signals() {
+    set_stop_signals(libc::SIG_UNBLOCK);
+}
+
+fn set_stop_signals(how: libc::c_int) {
+    // SAFETY: plain libc calls on a local, initialised signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 /// `bulkhead run`.
 pub fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -59,10 +91,12 @@ pub fn run(args: RunArgs) -> Result<()> {
 async fn serve(args: RunArgs) -> Result<()> {
     // Before anything is loaded: from here on SIGHUP, SIGTERM and SIGINT
     // wait (queued) for the loop instead of ending the agent with their
-    // default action halfway through a start.
+    // default action halfway through a start. Until now `main` held them
+    // blocked.
     let mut hup = signal(SignalKind::hangup()).context("installing signal handlers")?;
     let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
     let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+    release_stop_signals();
 
     let control_group = args.control_group;
     let (mut agent, started) = Agent::start(args)?;
