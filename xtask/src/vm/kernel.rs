@@ -21,7 +21,9 @@ const MODULES: &[(&str, &str)] = &[
     ("tcp_diag", "CONFIG_INET_TCP_DIAG"),
     ("udp_diag", "CONFIG_INET_UDP_DIAG"),
     // nftables with NAT: a bypass test rewrites a destination after
-    // connect with a DNAT rule.
+    // connect with a DNAT rule. libcrc32c (which they need) asks the
+    // crypto API for crc32c when it loads: a module on Debian 11.
+    ("crc32c_generic", "CONFIG_CRYPTO_CRC32C"),
     ("nf_tables", "CONFIG_NF_TABLES"),
     ("nft_chain_nat", "CONFIG_NFT_NAT"),
     ("nft_nat", "CONFIG_NFT_NAT"),
