@@ -20,6 +20,15 @@ use tests::{
     world::{storm_done, world},
 };
 
+/// The receiver's Python when the test can run (as root, with the tests'
+/// venv); `None` with the reason printed (a failure under CI).
+fn receiver_python(test: &str) -> Option<PathBuf> {
+    if !privileged(test) {
+        return None;
+    }
+    helper_python(test)
+}
+
 /// `tests/otlp/receiver.py`, listening on loopback; killed when dropped.
 struct Receiver {
     child: Child,
@@ -253,10 +262,7 @@ fn hostname() -> String {
 /// resource attributes and the header for authentication.
 #[test]
 fn every_event_reaches_the_collector_exactly_once_over_grpc_and_http() {
-    if !privileged("otlp_exactly_once") {
-        return;
-    }
-    let Some(python) = helper_python("otlp_exactly_once") else {
+    let Some(python) = receiver_python("otlp_exactly_once") else {
         return;
     };
     const N: u32 = 300;
@@ -355,10 +361,7 @@ fn every_event_reaches_the_collector_exactly_once_over_grpc_and_http() {
 /// the first later event; enforcement never waited.
 #[test]
 fn a_collector_outage_loses_nothing_silently() {
-    if !privileged("otlp_outage") {
-        return;
-    }
-    let Some(python) = helper_python("otlp_outage") else {
+    let Some(python) = receiver_python("otlp_outage") else {
         return;
     };
     let w = world();
@@ -440,10 +443,7 @@ fn a_collector_outage_loses_nothing_silently() {
 /// once, none dropped.
 #[test]
 fn a_burst_during_a_slow_export_waits_in_the_hold() {
-    if !privileged("otlp_slow_export") {
-        return;
-    }
-    let Some(python) = helper_python("otlp_slow_export") else {
+    let Some(python) = receiver_python("otlp_slow_export") else {
         return;
     };
     const N: u32 = 20_000;
