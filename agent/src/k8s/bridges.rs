@@ -386,9 +386,7 @@ async fn write_status(
 pub fn create(b: OpenRequest) -> anyhow::Result<String> {
     use anyhow::Context as _;
     block_on(async move {
-        let client = kube::Client::try_default()
-            .await
-            .context("no Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+        let client = cli_client().await?;
         let who = match whoami(&client).await {
             Some(user) => user,
             None => format!(
@@ -480,9 +478,7 @@ impl Listed {
 pub fn list() -> anyhow::Result<Vec<Listed>> {
     use anyhow::Context as _;
     block_on(async move {
-        let client = kube::Client::try_default()
-            .await
-            .context("no Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+        let client = cli_client().await?;
         let objects = bridges_api(client)
             .list(&kube::api::ListParams::default())
             .await
@@ -503,15 +499,21 @@ pub fn list() -> anyhow::Result<Vec<Listed>> {
 pub fn delete(name: &str) -> anyhow::Result<()> {
     use anyhow::Context as _;
     block_on(async move {
-        let client = kube::Client::try_default()
-            .await
-            .context("no Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+        let client = cli_client().await?;
         bridges_api(client)
             .delete(name, &kube::api::DeleteParams::default())
             .await
             .with_context(|| format!("deleting {KIND} {name}"))?;
         Ok(())
     })
+}
+
+/// The CLI's client: in-cluster service account or KUBECONFIG.
+async fn cli_client() -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    kube::Client::try_default()
+        .await
+        .context("no Kubernetes client (in-cluster service account or KUBECONFIG)")
 }
 
 fn bridges_api(client: kube::Client) -> Api<DynamicObject> {
