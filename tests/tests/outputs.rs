@@ -55,6 +55,18 @@ fn settle(agent: &Agent, within: Duration) -> Value {
     }
 }
 
+/// The status the first time output `name` holds nothing (polled without
+/// pause; bounded by `within`).
+fn first_idle(agent: &Agent, name: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = status(agent);
+        if output(&st, name)["pending"] == 0 || Instant::now() > deadline {
+            return st;
+        }
+    }
+}
+
 /// Every line of a JSON-lines file, which must end in a whole line:
 /// (events, gap records).
 fn strict_lines(path: &Path) -> (Vec<Value>, Vec<Value>) {
@@ -185,9 +197,13 @@ fn a_full_disk_loses_nothing_silently() {
         );
     }
 
-    // Space returns.
+    // Space returns. Each output's file is read the moment it holds
+    // nothing: `pending: 0` means it is whole, gap record included.
     fs::remove_file(disk.path().join("filler")).unwrap();
-    let st = settle(&agent, Duration::from_secs(60));
+    first_idle(&agent, "events-log", Duration::from_secs(60));
+    let (events, gaps) = strict_lines(&log_path);
+    let st = first_idle(&agent, "audit-store", Duration::from_secs(60));
+    let changes = audit_rows(&db, &["changes"]);
     println!("{}", serde_json::to_string_pretty(&st["events"]).unwrap());
     println!("{}", serde_json::to_string_pretty(&st["outputs"]).unwrap());
     let delivered = st["events"]["delivered"].as_u64().unwrap();
@@ -206,7 +222,6 @@ fn a_full_disk_loses_nothing_silently() {
     // writer can also fall behind the storm's first burst before the disk
     // fills, which its own `queue_full` gap records account for. Together
     // they count every event dropped.
-    let (events, gaps) = strict_lines(&log_path);
     let lo = output(&st, "events-log");
     assert_eq!(events.len() as u64, lo["written"].as_u64().unwrap());
     let outage: Vec<&Value> = gaps.iter().filter(|g| g["cause"] == "disk_full").collect();
@@ -256,7 +271,6 @@ fn a_full_disk_loses_nothing_silently() {
         so["written"].as_u64().unwrap(),
         "the store holds what it says it wrote"
     );
-    let changes = audit_rows(&db, &["changes"]);
     let gap_rows: Vec<Value> = changes
         .lines()
         .filter(|l| l.contains("\"type\":\"gap\""))

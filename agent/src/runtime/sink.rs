@@ -303,20 +303,11 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => false,
                 Err(mpsc::RecvTimeoutError::Disconnected) => true,
             };
-            let mut drained = false;
             for _ in 0..4096 {
                 match self.rx.try_recv() {
                     Ok(l) => self.accept(l),
-                    Err(_) => {
-                        drained = true;
-                        break;
-                    }
+                    Err(_) => break,
                 }
-            }
-            // Drops after the last event queued (its queue was full, say)
-            // get their gap record once the writer is writing again.
-            if drained && self.health.cause().is_none() && self.counts.has_gap() {
-                self.push_gap();
             }
             self.mark_epoch();
             if self.reopen.swap(false, Ordering::Relaxed) {
@@ -330,11 +321,14 @@ impl Writer {
                     self.target.reopen("moved or deleted; reopened at its path");
                 }
             }
-            if !self.backlog.is_empty() && self.health.due() {
+            if self.health.due() {
                 self.write();
             }
             self.health.tick();
             if disconnected {
+                // The last chance for a gap record still owed (the log may
+                // be failing): it goes before the chain's end.
+                self.push_gap();
                 self.push_chain("stop", serde_json::json!({}));
                 self.write();
                 self.save_head();
@@ -380,9 +374,32 @@ impl Writer {
     }
 
     /// Writes the backlog, a chunk at a time, until it is empty or a write
-    /// fails.
+    /// fails. Drops after the last line held get their gap record in the
+    /// same pass once writes succeed again, and the last events are
+    /// counted as written only after it: `pending: 0` means the log is
+    /// whole, gap record included.
     fn write(&mut self) {
-        while !self.backlog.is_empty() {
+        let (mut wrote, mut taken) = (0, 0);
+        loop {
+            if self.backlog.is_empty() {
+                // A line still queued may be older than those drops: it is
+                // held first, and `accept` puts the gap record in order.
+                // (Bounded: a steady stream must not keep the writer from
+                // its other duties.)
+                if let Ok(l) = self.rx.try_recv() {
+                    self.accept(l);
+                    taken += 1;
+                    if taken == 4096 {
+                        break;
+                    }
+                    continue;
+                }
+                if self.health.cause().is_none() && self.counts.has_gap() {
+                    self.push_gap();
+                } else {
+                    break;
+                }
+            }
             let room = self.target.room().clamp(1, CHUNK);
             let mut chunk = String::new();
             // A new file begins with a marker naming the record after it.
@@ -420,16 +437,23 @@ impl Writer {
                     if self.target.rotated() {
                         self.save_head();
                     }
-                    self.counts.wrote(events);
+                    wrote += events;
+                    // Counted at once while more is held (`pending` stays
+                    // above 0 anyway); the last are counted after the gap
+                    // record.
+                    if !self.backlog.is_empty() {
+                        self.counts.wrote(std::mem::take(&mut wrote));
+                    }
                     self.health.ok();
                 }
                 Err(e) => {
                     let cause = Cause::of_io(&e);
                     self.health.failed(cause, &e, self.backlog.len());
-                    return;
+                    break;
                 }
             }
         }
+        self.counts.wrote(wrote);
     }
 }
 

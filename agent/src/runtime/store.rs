@@ -512,7 +512,7 @@ impl Writer {
             };
             // Gather a batch: what is queued, for up to 250 ms.
             let deadline = Instant::now() + Duration::from_millis(250);
-            let (mut got, mut drained) = (0, disconnected);
+            let mut got = 0;
             while got < BATCH && !disconnected && !self.stopping {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let next = if self.health.cause().is_some() || left.is_zero() {
@@ -525,23 +525,46 @@ impl Writer {
                         self.accept(i);
                         got += 1;
                     }
-                    Err(()) => {
-                        drained = true;
-                        break;
-                    }
+                    Err(()) => break,
                 }
-            }
-            // Drops after the last row queued get their gap row once the
-            // store writes again.
-            if drained && self.health.cause().is_none() && self.counts.has_gap() {
-                self.push_gap();
             }
             let last = disconnected || self.stopping;
             if last {
+                // The last chance for a gap row still owed (the store may be
+                // failing): it goes before the chain's end.
+                self.push_gap();
                 self.push_chain("stop", serde_json::json!({}));
             }
             self.mark_epoch();
-            while !self.backlog.is_empty() && self.health.due() {
+            // The last events of a pass are counted as written once it
+            // ends, so that `pending: 0` means the store is whole, gap row
+            // included.
+            let (mut wrote, mut taken) = (0, 0);
+            while self.health.due() {
+                // Drops after the last row held get their gap row once the
+                // store writes again. A row still queued may be older than
+                // those drops: it is held first, and `accept` puts the gap
+                // row in order.
+                if self.backlog.is_empty() {
+                    // (Bounded: a steady stream must not keep the writer
+                    // from its other duties.)
+                    if !last
+                        && !self.stopping
+                        && let Ok(i) = rx.try_recv()
+                    {
+                        self.accept(i);
+                        taken += 1;
+                        if taken == BATCH {
+                            break;
+                        }
+                        continue;
+                    }
+                    if self.health.cause().is_none() && self.counts.has_gap() {
+                        self.push_gap();
+                    } else {
+                        break;
+                    }
+                }
                 let n = self.backlog.len().min(BATCH);
                 match insert(&mut conn, self.backlog.range(..n)) {
                     Ok(()) => {
@@ -553,7 +576,12 @@ impl Writer {
                         }
                         let events = self.backlog.drain(..n).filter(|r| r.event).count();
                         self.events -= events;
-                        self.counts.wrote(events as u64);
+                        wrote += events as u64;
+                        // Counted at once while more is held; the last are
+                        // counted after the gap row.
+                        if !self.backlog.is_empty() {
+                            self.counts.wrote(std::mem::take(&mut wrote));
+                        }
                         self.health.ok();
                     }
                     Err(e) => {
@@ -572,6 +600,7 @@ impl Writer {
                     }
                 }
             }
+            self.counts.wrote(wrote);
             self.health.tick();
             if last {
                 return;
