@@ -1,18 +1,25 @@
-//! Request/response (TCP, or UDP on a connected socket) measured A/B
-//! within one process: one connection per mode, each made from that
-//! mode's cgroup and network namespace (a socket keeps both for life, and
-//! the cgroup hooks act on the socket's cgroup), then short batches of
-//! transactions on each in turn. Modes a few milliseconds apart share the
-//! machine's state — a VM's neighbours, the CPU's clock — which separate
-//! runs seconds apart do not: there a run scatters by ±10%, more than the
-//! few percent being measured.
+//! Request/response, short connections and datagram sends measured A/B
+//! within one process: each mode has its cgroup and network namespace,
+//! and short batches run on each mode in turn. Modes a few milliseconds
+//! apart share the machine's state — a VM's neighbours, the CPU's clock —
+//! which separate runs seconds apart do not: there a run scatters by ±10%,
+//! more than the few percent being measured.
+//!
+//! - `tcp`, `udp`: one connection per mode, opened from its cgroup and
+//!   namespace (a socket keeps both for life, and the packet hooks act on
+//!   the socket's cgroup); 64 B each way.
+//! - `crr`: a new TCP connection per transaction (connect, 1 B each way,
+//!   close with RST), and `send`: unconnected `sendto`s of 64 B. The
+//!   connect and sendmsg hooks decide by the calling task's cgroup, so the
+//!   client moves into the mode's cgroup and namespace before each batch
+//!   (outside the batch's time).
 
 use std::{
     fs,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -28,8 +35,9 @@ pub const MSG: usize = 64;
 const BATCH: usize = 200;
 
 /// Helper: echoes `MSG`-byte messages on every TCP connection (one
-/// thread each) and every UDP datagram to `PORT`. Exits after the given
-/// number of seconds at the latest.
+/// thread each) and every UDP datagram to `PORT`, and takes datagrams to
+/// `PORT + 1` without answering (the `send` test's sink). Exits after the
+/// given number of seconds at the latest.
 pub fn server(args: &[String]) -> Result<()> {
     let port = world::server_args(args)?;
     let l = TcpListener::bind(("0.0.0.0", port))?;
@@ -39,6 +47,11 @@ pub fn server(args: &[String]) -> Result<()> {
         while let Ok((n, from)) = u.recv_from(&mut b) {
             let _ = u.send_to(&b[..n], from);
         }
+    });
+    let sink = UdpSocket::bind(("0.0.0.0", port + 1))?;
+    std::thread::spawn(move || {
+        let mut b = [0u8; MSG];
+        while sink.recv(&mut b).is_ok() {}
     });
     println!("listening");
     std::io::stdout().flush()?;
@@ -53,15 +66,73 @@ pub fn server(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// One mode's connection: a TCP stream or a connected UDP socket.
+/// A mode's cgroup and network namespace.
+struct Place {
+    cgroup: PathBuf,
+    netns: fs::File,
+}
+
+impl Place {
+    fn new(cgroup: &Path, netns: &Path) -> Result<Place> {
+        Ok(Place {
+            cgroup: cgroup.to_path_buf(),
+            netns: fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?,
+        })
+    }
+
+    /// Moves this (single-threaded) process into the cgroup, and this
+    /// thread into the namespace.
+    fn enter(&self) -> Result<()> {
+        fs::write(self.cgroup.join("cgroup.procs"), b"0")
+            .with_context(|| format!("entering cgroup {}", self.cgroup.display()))?;
+        setns(&self.netns)
+    }
+}
+
+fn setns(f: &fs::File) -> Result<()> {
+    // SAFETY: a valid namespace fd; this thread alone changes namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes with RST: no TIME_WAIT, so a connection loop does not run out
+/// of ports.
+pub fn close_with_rst(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and a linger struct of the right size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// What one mode's batches run on.
 enum Conn {
     Tcp(TcpStream),
     Udp(UdpSocket),
+    /// A new connection per transaction, made from the place.
+    Crr(Place, SocketAddr),
+    /// Unconnected datagrams to one address, sent from the place.
+    Send(Place, UdpSocket, SocketAddr),
 }
 
 impl Conn {
-    /// `n` request/responses; returns the seconds they took.
+    /// `n` transactions (datagrams); returns the seconds they took.
     fn batch(&mut self, n: usize) -> Result<f64> {
+        match self {
+            Conn::Crr(p, _) | Conn::Send(p, ..) => p.enter()?,
+            Conn::Tcp(_) | Conn::Udp(_) => {}
+        }
         let mut b = [0u8; MSG];
         let start = Instant::now();
         for _ in 0..n {
@@ -78,53 +149,58 @@ impl Conn {
                         bail!("short datagram");
                     }
                 }
+                Conn::Crr(_, addr) => {
+                    let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(1))?;
+                    close_with_rst(&s);
+                    s.write_all(&b[..1])?;
+                    s.read_exact(&mut b[..1])?;
+                }
+                Conn::Send(_, s, addr) => {
+                    s.send_to(&b, *addr)?;
+                }
             }
         }
         Ok(start.elapsed().as_secs_f64())
     }
 }
 
-/// Enters `cgroup` and the network namespace at `netns`, then connects.
-fn connect_from(udp: bool, cgroup: &Path, netns: &Path, addr: SocketAddr) -> Result<Conn> {
-    fs::write(cgroup.join("cgroup.procs"), b"0")
-        .with_context(|| format!("entering cgroup {}", cgroup.display()))?;
+/// Opens a mode's connection (or socket) from its cgroup and namespace.
+fn connect_from(proto: &str, cgroup: &Path, netns: &Path, addr: SocketAddr) -> Result<Conn> {
+    let place = Place::new(cgroup, netns)?;
     let own = fs::File::open("/proc/thread-self/ns/net")?;
-    let target = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    let enter = |f: &fs::File| -> Result<()> {
-        // SAFETY: a valid namespace fd; this thread alone changes namespace.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    enter(&target)?;
-    let conn = if udp {
-        UdpSocket::bind(("0.0.0.0", 0))
+    place.enter()?;
+    let conn = match proto {
+        "udp" => UdpSocket::bind(("0.0.0.0", 0))
             .and_then(|s| s.connect(addr).map(|()| s))
-            .map(Conn::Udp)
-    } else {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(Conn::Tcp)
+            .map(Conn::Udp),
+        "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(Conn::Tcp),
+        "send" => UdpSocket::bind(("0.0.0.0", 0)).map(|s| Conn::Send(place, s, addr)),
+        _ => Ok(Conn::Crr(place, addr)),
     }
     .with_context(|| format!("connecting to {addr} from {}", cgroup.display()));
-    enter(&own)?;
+    setns(&own)?;
     let conn = conn?;
     match &conn {
         Conn::Tcp(s) => s.set_nodelay(true)?,
         Conn::Udp(s) => s.set_read_timeout(Some(Duration::from_secs(1)))?,
+        Conn::Crr(..) | Conn::Send(..) => {}
     }
     Ok(conn)
 }
 
-/// Helper: `tcp|udp SECS HOME KEY=CGROUP,NETNS,ADDR...`. The first mode is
-/// the baseline. Runs batches on every connection in an order that
-/// rotates, for SECS seconds, then moves back to HOME and prints
+/// Helper: `tcp|udp|crr|send SECS HOME KEY=CGROUP,NETNS,ADDR...`. The
+/// first mode is the baseline. Runs batches on every mode in an order
+/// that rotates, for SECS seconds, then moves back to HOME and prints
 /// JSON: per mode the rate of its median batch, and the median of the
 /// per-round ratios against the baseline.
 pub fn client(args: &[String]) -> Result<()> {
-    let udp = match args.first().map(String::as_str) {
-        Some("tcp") => false,
-        Some("udp") => true,
-        other => bail!("protocol {other:?}: want tcp or udp"),
+    let proto = args.first().map_or("", String::as_str);
+    // Each batch a few milliseconds (a datagram send is ~1 µs).
+    let batch = match proto {
+        "tcp" | "udp" => BATCH,
+        "crr" => BATCH / 2,
+        "send" => BATCH * 10,
+        other => bail!("protocol {other:?}: want tcp, udp, crr or send"),
     };
     let secs: f64 = args.get(1).ok_or_else(|| anyhow!("seconds"))?.parse()?;
     let home = Path::new(args.get(2).ok_or_else(|| anyhow!("cgroup"))?);
@@ -136,8 +212,8 @@ pub fn client(args: &[String]) -> Result<()> {
         let [cg, ns, addr] = f[..] else {
             bail!("mode {spec}: want KEY=CGROUP,NETNS,ADDR");
         };
-        let mut c = connect_from(udp, Path::new(cg), Path::new(ns), addr.parse()?)?;
-        c.batch(BATCH)
+        let mut c = connect_from(proto, Path::new(cg), Path::new(ns), addr.parse()?)?;
+        c.batch(batch)
             .with_context(|| format!("first batch of {key}"))?;
         keys.push(key.to_string());
         conns.push(c);
@@ -152,7 +228,7 @@ pub fn client(args: &[String]) -> Result<()> {
     while Instant::now() < deadline {
         for k in 0..conns.len() {
             let i = (k + round) % conns.len();
-            times[i].push(conns[i].batch(BATCH)?);
+            times[i].push(conns[i].batch(batch)?);
         }
         round += 1;
     }
@@ -168,11 +244,11 @@ pub fn client(args: &[String]) -> Result<()> {
         out.insert(
             key.clone(),
             json!({
-                "rate": BATCH as f64 / median(&times[i]),
+                "rate": batch as f64 / median(&times[i]),
                 "paired_ratio_median": median(&paired),
             }),
         );
     }
-    println!("{}", json!({"rounds": round, "batch": BATCH, "modes": out}));
+    println!("{}", json!({"rounds": round, "batch": batch, "modes": out}));
     Ok(())
 }

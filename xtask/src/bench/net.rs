@@ -18,7 +18,6 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -29,7 +28,7 @@ use bulkhead_common::{Hook, maps::counter_index, reason::REASON_SLOTS};
 use serde_json::{Value, json};
 
 use super::{
-    Ctx,
+    Ctx, ab,
     geo::{self, V4, V6},
     policy::Spec,
     stats::median,
@@ -473,30 +472,39 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     }))
 }
 
-/// TCP and UDP request/response with every mode's connection in one
-/// client process, batches taking turns (see `ab`), plus a second
-/// no-policy connection: how far two identical modes land apart is the
-/// method's own error.
+/// The interleaved tests: (the `ab` client's protocol, the test's key,
+/// the server's port).
+const INTERLEAVED: [(&str, &str, u16); 4] = [
+    ("tcp", "tcp_rr", AB_PORT),
+    ("udp", "udp_rr", AB_PORT),
+    ("crr", "tcp_crr", CRR_PORT),
+    ("send", "udp_tp", AB_PORT + 1),
+];
+
+/// TCP and UDP request/response, short connections and unconnected
+/// datagrams, every mode in one client process, batches taking turns (see
+/// `ab`), plus a second no-policy mode: how far two identical modes land
+/// apart is the method's own error.
 fn interleaved(ctx: &Ctx, modes: &[Mode]) -> Result<Value> {
     let free = ctx.cg_free.path.to_string_lossy();
-    let mut specs = Vec::new();
-    for m in modes {
-        let spec = |key: &str| {
-            format!(
-                "{key}={},{},{}:{AB_PORT}",
-                m.cgroup.display(),
-                m.ns.path().display(),
-                m.server
-            )
-        };
-        specs.push(spec(m.key));
-        if m.key == "none" {
-            specs.push(spec("none_again"));
-        }
-    }
     let secs = ctx.p.ab_secs;
     let mut out = serde_json::Map::new();
-    for proto in ["tcp", "udp"] {
+    for (proto, key, port) in INTERLEAVED {
+        let mut specs = Vec::new();
+        for m in modes {
+            let spec = |key: &str| {
+                format!(
+                    "{key}={},{},{}:{port}",
+                    m.cgroup.display(),
+                    m.ns.path().display(),
+                    m.server
+                )
+            };
+            specs.push(spec(m.key));
+            if m.key == "none" {
+                specs.push(spec("none_again"));
+            }
+        }
         let mut args: Vec<String> = vec![(secs + 30).to_string()];
         args.extend(pinned_rt());
         args.push(ctx.exe.to_string_lossy().into());
@@ -506,18 +514,18 @@ fn interleaved(ctx: &Ctx, modes: &[Mode]) -> Result<Value> {
         let run = command_in(&ctx.cg_free.path, None, Path::new("timeout"), &args)
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running the interleaved {proto} client"))?;
+            .with_context(|| format!("running the interleaved {key} client"))?;
         if !run.status.success() {
             bail!(
-                "interleaved {proto} request/response failed ({}): {}",
+                "interleaved {key} failed ({}): {}",
                 run.status,
                 String::from_utf8_lossy(&run.stderr)
             );
         }
         let v: Value = serde_json::from_slice(&run.stdout)
-            .with_context(|| format!("parsing the interleaved {proto} client's output"))?;
+            .with_context(|| format!("parsing the interleaved {key} client's output"))?;
         eprintln!(
-            "  interleaved {proto}_rr over {} rounds: {}",
+            "  interleaved {key} over {} rounds: {}",
             v["rounds"],
             modes
                 .iter()
@@ -532,7 +540,7 @@ fn interleaved(ctx: &Ctx, modes: &[Mode]) -> Result<Value> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        out.insert(format!("{proto}_rr"), v);
+        out.insert(key.into(), v);
     }
     Ok(Value::Object(out))
 }
@@ -645,20 +653,7 @@ pub fn crr_client(args: &[String]) -> Result<()> {
     while Instant::now() < deadline && errors < 1000 {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             Ok(mut s) => {
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: valid socket and a linger struct of the right size.
-                unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
+                ab::close_with_rst(&s);
                 let mut b = [0u8; 1];
                 if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
                     n += 1;
