@@ -154,6 +154,9 @@ impl Cuts {
     }
 }
 
+/// Events handed on per turn of the events task.
+const TURN: usize = 4096;
+
 /// Reads the ring until `stop` fires, then drains it once more.
 pub async fn read(
     ring: RingBuf<MapData>,
@@ -187,13 +190,25 @@ pub async fn read(
             _ = marks.tick() => false,
             _ = &mut stop => true,
         };
-        let mut events = Vec::new();
-        while let Some(item) = ring.get_mut().next() {
-            if let Some(e) = events::decode(&item) {
-                events.push(e);
+        // A turn hands on at most TURN events, then lets the loop answer
+        // control requests and /healthz: a storm is read to its end, but
+        // never keeps the agent deaf while it is.
+        loop {
+            let (mut events, mut read) = (Vec::new(), 0);
+            while read < TURN
+                && let Some(item) = ring.get_mut().next()
+            {
+                read += 1;
+                if let Some(e) = events::decode(&item) {
+                    events.push(e);
+                }
             }
+            out.send(events, true);
+            if read < TURN {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        out.send(events, true);
         if let Some(c) = &cuts {
             c.run(&mut out);
         }
