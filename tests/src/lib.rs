@@ -682,7 +682,11 @@ impl Agent {
         let mut stale = [0u8; 256];
         while self.notify.recv(&mut stale).is_ok() {}
         self.notify.set_nonblocking(false).unwrap();
-        fs::write(&self.policy, policy).unwrap();
+        // Whole or not at all: the agent's own check for a changed file
+        // (every second) must not read it half-written.
+        let tmp = self.policy.with_extension("yaml.new");
+        fs::write(&tmp, policy).unwrap();
+        fs::rename(&tmp, &self.policy).unwrap();
         // SAFETY: plain kill(2).
         unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
         let mut buf = [0u8; 256];
@@ -786,6 +790,25 @@ impl Agent {
     /// The agent's state directory (audit store): `/var/lib/<bpffs dir name>`.
     pub fn state_dir(&self) -> PathBuf {
         PathBuf::from("/var/lib").join(self.bpffs.file_name().expect("bpffs dir name"))
+    }
+
+    /// Waits until `status` counts at least `n` followers (`events
+    /// --follow`), so a test acts on a follower only once the agent has
+    /// it; fails after 10 s.
+    pub fn wait_subscribers(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (st, _) = self.status_within(Duration::from_secs(10));
+            if st["events"]["subscribers"].as_u64().unwrap_or(0) >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} followers after 10 s: {}",
+                st["events"]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Runs a client subcommand (`status`, `events`, ...) against this agent.

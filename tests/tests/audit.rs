@@ -22,14 +22,20 @@ fn status(agent: &Agent) -> Value {
 }
 
 /// Waits until the agent has delivered every event the kernel emitted
-/// (the count stops moving), bounded.
+/// (the count stops moving) and its outputs have written them, bounded.
 fn settle(agent: &Agent) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = status(agent);
     loop {
         thread::sleep(Duration::from_millis(500));
         let now = status(agent);
-        if now["events"] == last["events"] || Instant::now() > deadline {
+        // The log and the store whole (`pending: 0`: written, committed);
+        // a stalled follower's queue may stay full.
+        let idle = now["outputs"].as_array().is_some_and(|o| {
+            o.iter()
+                .all(|o| o["pending"] == 0 || o["name"] == "followers")
+        });
+        if (idle && now["events"] == last["events"]) || Instant::now() > deadline {
             return now;
         }
         last = now;
@@ -164,7 +170,7 @@ fn a_stalled_subscriber_loses_only_its_own_events() {
         .stdout(fs::File::create(&copy).unwrap())
         .spawn()
         .unwrap();
-    thread::sleep(Duration::from_millis(300));
+    agent.wait_subscribers(2);
     let started = Instant::now();
     storm(
         &w.contractor,

@@ -22,6 +22,8 @@ struct StuckFollower {
 
 impl StuckFollower {
     fn start(agent: &Agent, queue: Option<&str>, stop: bool) -> StuckFollower {
+        let (st, _) = agent.status_within(Duration::from_secs(10));
+        let before = st["events"]["subscribers"].as_u64().unwrap_or(0);
         let mut cmd = Command::new(bulkhead_bin());
         cmd.args(["events", "--follow", "--json"]);
         if let Some(q) = queue {
@@ -34,22 +36,18 @@ impl StuckFollower {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn bulkhead events --follow");
-        StuckFollower {
+        let mut f = StuckFollower {
             child,
             stopped: false,
-        }
-        .stop_if(stop)
-    }
-
-    fn stop_if(mut self, stop: bool) -> StuckFollower {
+        };
+        // The agent has it as a subscriber before the test goes on.
+        agent.wait_subscribers(before + 1);
         if stop {
-            // Let it connect first, so the agent has it as a subscriber.
-            std::thread::sleep(Duration::from_millis(300));
             // SAFETY: plain kill(2) to our own child.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
-            self.stopped = true;
+            unsafe { libc::kill(f.child.id() as i32, libc::SIGSTOP) };
+            f.stopped = true;
         }
-        self
+        f
     }
 
     fn still_there(&mut self) -> bool {
@@ -314,6 +312,84 @@ fn json_logs_show_each_apply_once_with_why_generation_and_outcome() {
         "a rejected policy changes nothing"
     );
     assert!(agent.exited().is_none(), "the agent runs on");
+}
+
+/// An edit the agent's once-a-second check has already put in force (or
+/// rejected) is not applied, logged or recorded again by the SIGHUP or
+/// `bulkhead reload` that follows it: the reload answers the outcome in
+/// force, the same generation or the same `file:line:col` errors. A file
+/// changed after that is read again.
+#[test]
+fn a_reload_after_the_agent_read_the_edit_itself_repeats_nothing() {
+    if !privileged("reload_after_auto") {
+        return;
+    }
+    let w = world();
+    let (agent, log) =
+        Agent::start_capturing(&w.root, &w.policy("", ""), &["--log-format", "json"]);
+    let status = || agent.status_within(Duration::from_secs(5)).0;
+    let before = status()["generation"].as_u64().unwrap();
+    // Until the agent itself has read the file (it checks every second).
+    let read_by_agent = |outcome: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = status();
+            if st["last_reload"]["outcome"] == outcome {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "not {outcome} by itself: {st}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let write = |text: &str| {
+        let tmp = agent.policy.with_extension("yaml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &agent.policy).unwrap();
+    };
+    let counted = |outcome: &str, mark: usize| {
+        std::thread::sleep(Duration::from_millis(300));
+        let lines = json_lines(&log).unwrap_or_else(|bad| panic!("not JSON: {bad:?}"));
+        applies(&lines[mark.min(lines.len())..], outcome).len()
+    };
+
+    write(&w.policy("", "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-1\"\n"));
+    let st = read_by_agent("applied");
+    assert_eq!(st["generation"].as_u64(), Some(before + 1), "{st}");
+    let mark = log.len();
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("generation {}", before + 1)),
+        "{said}"
+    );
+    assert_eq!(status()["generation"].as_u64(), Some(before + 1));
+    assert_eq!(counted("applied", mark), 0, "applied twice");
+
+    write("version: 1\ndomains: [\n");
+    read_by_agent("rejected");
+    let mark = log.len();
+    let out = agent.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:", agent.policy.display())),
+        "the same file:line:col errors: {err}"
+    );
+    assert_eq!(counted("rejected", mark), 0, "rejected twice");
+    let changes = agent.cli(&["audit", "changes"]);
+    let changes = String::from_utf8_lossy(&changes.stdout);
+    assert_eq!(
+        changes.matches("reload-rejected").count(),
+        1,
+        "recorded once:\n{changes}"
+    );
+
+    // Changed again: read again.
+    write(&w.policy("", ""));
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(status()["generation"].as_u64() > Some(before + 1));
 }
 
 /// The level comes from the environment too (`BULKHEAD_LOG`, as

@@ -100,11 +100,30 @@ pub struct Loaded {
     stamps: Stamps,
 }
 
-/// Modification times of the policy file and then its geo files.
-type Stamps = Vec<(PathBuf, Option<SystemTime>)>;
+/// The stamps of the policy file and then its geo files.
+type Stamps = Vec<(PathBuf, Option<Stamp>)>;
 
-fn stamp(p: &Path) -> Option<SystemTime> {
-    fs::metadata(p).and_then(|m| m.modified()).ok()
+/// A file's identity and change times: a write, a new file renamed over
+/// it, a chmod or chown all change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+fn stamp(p: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::metadata(p).ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: m.modified().ok(),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
 }
 
 /// What reading a policy file needs; owned, so it can be done off the loop.
@@ -283,6 +302,9 @@ pub struct Agent {
     refusal_unwritten: bool,
     /// For `status` (and the node's report to the API server).
     last_reload: Option<LastReload>,
+    /// The policy file the last reload rejected, while the policy in force
+    /// is another: (its sha256, why).
+    rejected_file: Option<(String, String)>,
 }
 
 impl Agent {
@@ -476,6 +498,7 @@ impl Agent {
             refusal: Refusal::new(args.audit_full),
             refusal_unwritten: false,
             last_reload: None,
+            rejected_file: None,
             args,
         };
         agent.record(
@@ -642,6 +665,7 @@ impl Agent {
                     outcome: "applied".into(),
                     errors: Vec::new(),
                 });
+                self.rejected_file = None;
                 self.record(
                     "reload",
                     g,
@@ -733,6 +757,10 @@ impl Agent {
     /// database takes a second), and puts it in force.
     pub async fn reload(&mut self) -> Response {
         sd_notify("RELOADING=1");
+        if let Some(answer) = self.unchanged() {
+            sd_notify("READY=1");
+            return answer;
+        }
         let started = Instant::now();
         let prev = (
             self.current.file.geo.clone(),
@@ -748,18 +776,68 @@ impl Agent {
             place_pods(&mut l, self.pods.as_mut(), &self.args.policy)?;
             Ok(l)
         });
+        // A file that cannot be read, checked or compiled is rejected the
+        // same way until it changes; a failed write into the maps is
+        // tried again.
+        let bad_file = next.as_ref().err().map(|e| format!("{e:#}"));
         let answer = match self.apply(next, Why::Reload { started }) {
             Ok(generation) => Response::Reloaded {
                 generation,
                 sha256: self.current.policy.sha256.clone(),
             },
-            Err(e) => Response::error(format!(
-                "reload rejected, the running policy stays in force:\n{e:#}"
-            )),
+            Err(e) => {
+                self.rejected_file = bad_file.and_then(|why| {
+                    policy::file_sha256(&self.args.policy)
+                        .ok()
+                        .map(|sha| (sha, why))
+                });
+                Response::error(format!(
+                    "reload rejected, the running policy stays in force:\n{e:#}"
+                ))
+            }
         };
         crate::memory::release_freed();
         sd_notify("READY=1");
         answer
+    }
+
+    /// The answer to a reload of files unchanged since the last one (the
+    /// once-a-second check may have handled an edit a moment before the
+    /// SIGHUP or `bulkhead reload` for it; logrotate's SIGHUP changes no
+    /// file): that reload's outcome again, without applying, logging or
+    /// recording the same files twice.
+    fn unchanged(&mut self) -> Option<Response> {
+        let l = &self.current;
+        if l.stamps.is_empty() || !l.stamps.iter().all(|(p, t)| stamp(p) == *t) {
+            return None;
+        }
+        // The bytes too: a write within the file system's clock tick may
+        // leave every stamp as it was.
+        let sha = policy::file_sha256(&self.args.policy).ok()?;
+        match &self.rejected_file {
+            Some((rejected, e)) if *rejected == sha => {
+                info!(
+                    "reload: {} is unchanged since it was rejected; the running policy stays in force",
+                    self.args.policy.display()
+                );
+                Some(Response::error(format!(
+                    "reload rejected, the running policy stays in force:\n{e}"
+                )))
+            }
+            None if sha == l.policy.sha256 => {
+                let generation = PolicyMaps::generation(&mut self.ebpf).ok()?;
+                info!(
+                    "reload: {} (sha256 {}) and its geo files are unchanged; generation {generation} stays",
+                    self.args.policy.display(),
+                    short(&sha)
+                );
+                Some(Response::Reloaded {
+                    generation,
+                    sha256: sha,
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Answers one control request.
