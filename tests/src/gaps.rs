@@ -83,10 +83,15 @@ impl Guards {
     /// - in no domain, from `contractor`'s address: TCP to `prod`'s server,
     ///   which only `prod`'s ingress packet hook stops (dropped).
     pub fn start(w: &World, from: &Cgroup) -> Guards {
-        let secs = "900";
-        let local = Server::start(&w.prod, Some(&w.link.a), "tcp", "127.0.0.1:7411", 900);
+        // A bound, so nothing outlives a crashed test for long; not a
+        // deadline: the guards and servers are stopped when the test ends,
+        // and a test under emulation (`vm-test`, TCG) runs past 15 minutes.
+        const LIFE: u64 = 3600;
+        let secs = LIFE.to_string();
+        let secs = secs.as_str();
+        let local = Server::start(&w.prod, Some(&w.link.a), "tcp", "127.0.0.1:7411", LIFE);
         let remote_at = format!("{}:8080", w.link.v4(2));
-        let remote = Server::start(&w.prod, Some(&w.link.b), "tcp", &remote_at, 900);
+        let remote = Server::start(&w.prod, Some(&w.link.b), "tcp", &remote_at, LIFE);
         let udp = format!("{}:5353", w.link.v4(2));
         let probe = probe_bin();
         let mut children = vec![

@@ -381,7 +381,9 @@ fn an_agent_whose_programs_are_refused_changes_nothing_in_force() {
     let w = world();
     let mut agent = Agent::start_with(&w.root, &w.policy("", ""), QUIET);
     let dst = format!("{}:8080", w.link.v4(2));
-    let server = tests::Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 30);
+    // Three agent starts fit in its life even under emulation (`vm-test`);
+    // it is stopped when the test ends.
+    let server = tests::Server::start(&w.prod, Some(&w.link.b), "tcp", &dst, 600);
     let connect = || tests::probe(&w.contractor, Some(&w.link.a), &["connect", "tcp", &dst]);
     assert_eq!(connect(), "EPERM");
     let generation = |agent: &Agent| {
