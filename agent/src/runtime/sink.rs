@@ -382,23 +382,27 @@ impl Writer {
         let (mut wrote, mut taken) = (0, 0);
         loop {
             if self.backlog.is_empty() {
-                // A line still queued may be older than those drops: it is
-                // held first, and `accept` puts the gap record in order.
-                // (Bounded: a steady stream must not keep the writer from
-                // its other duties.)
-                if let Ok(l) = self.rx.try_recv() {
-                    self.accept(l);
-                    taken += 1;
-                    if taken == 4096 {
-                        break;
-                    }
-                    continue;
-                }
-                if self.health.cause().is_none() && self.counts.has_gap() {
-                    self.push_gap();
-                } else {
+                if self.health.cause().is_some() || !self.counts.has_gap() {
                     break;
                 }
+                // A gap record is owed. Lines still queued may be older
+                // than those drops: they are held first (as one batch), and
+                // `accept` puts the record in order. Bounded: a steady
+                // stream must not keep the writer from its other duties.
+                let before = taken;
+                while taken < 4096
+                    && let Ok(l) = self.rx.try_recv()
+                {
+                    self.accept(l);
+                    taken += 1;
+                }
+                if taken == 4096 && self.backlog.is_empty() {
+                    break;
+                }
+                if taken == before {
+                    self.push_gap();
+                }
+                continue;
             }
             let room = self.target.room().clamp(1, CHUNK);
             let mut chunk = String::new();

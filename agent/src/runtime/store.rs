@@ -542,28 +542,31 @@ impl Writer {
             let (mut wrote, mut taken) = (0, 0);
             while self.health.due() {
                 // Drops after the last row held get their gap row once the
-                // store writes again. A row still queued may be older than
-                // those drops: it is held first, and `accept` puts the gap
-                // row in order.
+                // store writes again. Rows still queued may be older than
+                // those drops: they are held first (as one batch), and
+                // `accept` puts the gap row in order. Bounded: a steady
+                // stream must not keep the writer from its other duties;
+                // without a gap owed, rows wait for the next batch.
                 if self.backlog.is_empty() {
-                    // (Bounded: a steady stream must not keep the writer
-                    // from its other duties.)
-                    if !last
+                    if self.health.cause().is_some() || !self.counts.has_gap() {
+                        break;
+                    }
+                    let before = taken;
+                    while !last
                         && !self.stopping
+                        && taken < BATCH
                         && let Ok(i) = rx.try_recv()
                     {
                         self.accept(i);
                         taken += 1;
-                        if taken == BATCH {
-                            break;
-                        }
-                        continue;
                     }
-                    if self.health.cause().is_none() && self.counts.has_gap() {
-                        self.push_gap();
-                    } else {
+                    if taken == BATCH && self.backlog.is_empty() {
                         break;
                     }
+                    if taken == before {
+                        self.push_gap();
+                    }
+                    continue;
                 }
                 let n = self.backlog.len().min(BATCH);
                 match insert(&mut conn, self.backlog.range(..n)) {
