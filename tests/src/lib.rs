@@ -675,6 +675,15 @@ impl Agent {
         }
     }
 
+    /// Replaces the policy file whole (a new file renamed over it): the
+    /// agent's own check for a changed file (every second) must not read
+    /// it half-written.
+    pub fn write_policy(&self, policy: &str) {
+        let tmp = self.policy.with_extension("yaml.new");
+        fs::write(&tmp, policy).unwrap();
+        fs::rename(&tmp, &self.policy).unwrap();
+    }
+
     /// SIGHUP and wait for the reload to be announced on the notify socket.
     pub fn reload(&mut self, policy: &str) {
         // Forget notifications of earlier reloads (e.g. over the control socket).
@@ -682,11 +691,7 @@ impl Agent {
         let mut stale = [0u8; 256];
         while self.notify.recv(&mut stale).is_ok() {}
         self.notify.set_nonblocking(false).unwrap();
-        // Whole or not at all: the agent's own check for a changed file
-        // (every second) must not read it half-written.
-        let tmp = self.policy.with_extension("yaml.new");
-        fs::write(&tmp, policy).unwrap();
-        fs::rename(&tmp, &self.policy).unwrap();
+        self.write_policy(policy);
         // SAFETY: plain kill(2).
         unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
         let mut buf = [0u8; 256];

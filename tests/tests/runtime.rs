@@ -341,18 +341,13 @@ fn a_reload_after_the_agent_read_the_edit_itself_repeats_nothing() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let write = |text: &str| {
-        let tmp = agent.policy.with_extension("yaml.new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &agent.policy).unwrap();
-    };
     let counted = |outcome: &str, mark: usize| {
         std::thread::sleep(Duration::from_millis(300));
         let lines = json_lines(&log).unwrap_or_else(|bad| panic!("not JSON: {bad:?}"));
         applies(&lines[mark.min(lines.len())..], outcome).len()
     };
 
-    write(&w.policy("", "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-1\"\n"));
+    agent.write_policy(&w.policy("", "bridges:\n  - name: b\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    reason: \"T-1\"\n"));
     let st = read_by_agent("applied");
     assert_eq!(st["generation"].as_u64(), Some(before + 1), "{st}");
     let mark = log.len();
@@ -366,7 +361,7 @@ fn a_reload_after_the_agent_read_the_edit_itself_repeats_nothing() {
     assert_eq!(status()["generation"].as_u64(), Some(before + 1));
     assert_eq!(counted("applied", mark), 0, "applied twice");
 
-    write("version: 1\ndomains: [\n");
+    agent.write_policy("version: 1\ndomains: [\n");
     read_by_agent("rejected");
     let mark = log.len();
     let out = agent.cli(&["reload"]);
@@ -386,7 +381,7 @@ fn a_reload_after_the_agent_read_the_edit_itself_repeats_nothing() {
     );
 
     // Changed again: read again.
-    write(&w.policy("", ""));
+    agent.write_policy(&w.policy("", ""));
     let out = agent.cli(&["reload"]);
     assert!(out.status.success(), "{out:?}");
     assert!(status()["generation"].as_u64() > Some(before + 1));

@@ -208,6 +208,13 @@ impl Source {
     }
 }
 
+/// The answer to a reload that was rejected, `why` being its errors.
+fn reload_rejected(why: impl std::fmt::Display) -> Response {
+    Response::error(format!(
+        "reload rejected, the running policy stays in force:\n{why}"
+    ))
+}
+
 /// Tells systemd (Type=notify) what the agent is doing.
 pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -791,9 +798,7 @@ impl Agent {
                         .ok()
                         .map(|sha| (sha, why))
                 });
-                Response::error(format!(
-                    "reload rejected, the running policy stays in force:\n{e:#}"
-                ))
+                reload_rejected(format!("{e:#}"))
             }
         };
         crate::memory::release_freed();
@@ -820,9 +825,7 @@ impl Agent {
                     "reload: {} is unchanged since it was rejected; the running policy stays in force",
                     self.args.policy.display()
                 );
-                Some(Response::error(format!(
-                    "reload rejected, the running policy stays in force:\n{e}"
-                )))
+                Some(reload_rejected(e))
             }
             None if sha == l.policy.sha256 => {
                 let generation = PolicyMaps::generation(&mut self.ebpf).ok()?;

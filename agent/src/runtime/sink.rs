@@ -56,6 +56,9 @@ pub const QUEUE: usize = 16_384;
 pub const BACKLOG_BYTES: usize = 16 << 20;
 /// The most written in one `write`.
 const CHUNK: usize = 256 << 10;
+/// The most lines a writer takes from its queue at a time, so that a
+/// steady stream does not keep it from its other duties.
+const TAKE: usize = 4096;
 
 /// One event's line (ending in `\n`), its time (for gap records) and its
 /// hand-over number ([`Counts::hand`]).
@@ -303,7 +306,7 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => false,
                 Err(mpsc::RecvTimeoutError::Disconnected) => true,
             };
-            for _ in 0..4096 {
+            for _ in 0..TAKE {
                 match self.rx.try_recv() {
                     Ok(l) => self.accept(l),
                     Err(_) => break,
@@ -387,16 +390,15 @@ impl Writer {
                 }
                 // A gap record is owed. Lines still queued may be older
                 // than those drops: they are held first (as one batch), and
-                // `accept` puts the record in order. Bounded: a steady
-                // stream must not keep the writer from its other duties.
+                // `accept` puts the record in order (at most TAKE).
                 let before = taken;
-                while taken < 4096
+                while taken < TAKE
                     && let Ok(l) = self.rx.try_recv()
                 {
                     self.accept(l);
                     taken += 1;
                 }
-                if taken == 4096 && self.backlog.is_empty() {
+                if taken == TAKE && self.backlog.is_empty() {
                     break;
                 }
                 if taken == before {
