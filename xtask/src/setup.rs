@@ -30,6 +30,8 @@ const DEB_PACKAGES: &[&str] = &[
     // The virtual environment of the tests' Python helpers (test_python).
     "python3-venv",
     "openssl",
+    // `cargo xtask bench`: where each hook's time goes (perf record).
+    "linux-perf",
 ];
 
 /// Debian packages the static (musl) release build needs: `musl-gcc`, with

@@ -21,6 +21,7 @@ mod decision;
 mod geo;
 mod net;
 mod policy;
+mod profile;
 mod report;
 mod stats;
 mod storm;

@@ -925,7 +925,7 @@ fn markdown(r: &Value) -> String {
         s.push_str("\nRun time per real call under this traffic (`kernel.bpf_stats_enabled`, which adds two clock reads per call, in one more bulkhead-mode run of each test): ");
         let parts: Vec<String> = st
             .iter()
-            .filter(|(k, _)| *k != "by_test")
+            .filter(|(k, _)| *k != "by_test" && *k != "profile")
             .map(|(k, v)| {
                 let name = if k == super::net::ALLOW_ALL {
                     "r0 = 1"
@@ -953,6 +953,7 @@ fn markdown(r: &Value) -> String {
         }
         s.pop();
         s.push_str(".\n");
+        profile_table(&mut s, st);
     }
     if let Some(c) = r["network"]["bulkhead_counters"].as_object() {
         let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k}: {v}")).collect();
@@ -1252,6 +1253,71 @@ fn trail(r: &Value) -> String {
         );
     }
     s
+}
+
+/// Fewer samples than this in a program say too little to split it.
+const MIN_SAMPLES: u64 = 20;
+
+/// Where each hook's time goes, from the `perf` profile of the bpf_stats
+/// run: its run time per call split by what the samples inside it were
+/// doing.
+fn profile_table(s: &mut String, st: &serde_json::Map<String, Value>) {
+    let Some(prof) = st.get("profile").and_then(Value::as_object) else {
+        return;
+    };
+    let mut parts: Vec<String> = Vec::new();
+    for p in prof
+        .values()
+        .filter_map(Value::as_object)
+        .flat_map(|t| t.values())
+    {
+        for k in p["shares"].as_object().into_iter().flat_map(|m| m.keys()) {
+            if !parts.contains(k) {
+                parts.push(k.clone());
+            }
+        }
+    }
+    // Own instructions first, then the largest parts overall.
+    parts.sort_by_key(|k| k != "own instructions");
+    s.push_str(
+        "\n**Where a hook's time goes.** `perf record -a -g` at 20 kHz during one more \
+         bulkhead-mode run of the test; each sample taken inside a program is counted under \
+         what the program was doing (its own instructions, map lookups the verifier inlines \
+         included, or the kernel function it had called), and its run time per call in that \
+         test (bpf_stats) is split in those shares.\n\n",
+    );
+    let _ = writeln!(
+        s,
+        "| test | program | samples | ns per call | {} |",
+        parts.join(" | ")
+    );
+    let _ = writeln!(s, "|---|---|---|---|{}", "---|".repeat(parts.len()));
+    for (test, t) in prof {
+        if let Some(e) = t.get("error") {
+            let _ = writeln!(s, "| {test} | not profiled: {} |", e.as_str().unwrap_or(""));
+            continue;
+        }
+        let Some(t) = t.as_object() else { continue };
+        for (prog, p) in t {
+            let n = p["samples"].as_u64().unwrap_or(0);
+            if n < MIN_SAMPLES {
+                continue;
+            }
+            let ns = f(&st["by_test"][test][prog]["ns_per_call"]);
+            let cells: Vec<String> = parts
+                .iter()
+                .map(|k| match p["shares"][k].as_f64() {
+                    Some(x) => format!("{:.0} ns ({:.0}%)", x * ns, 100.0 * x),
+                    None => "–".into(),
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {test} | `{prog}` | {n} | {ns:.0} | {} |",
+                cells.join(" | ")
+            );
+        }
+    }
 }
 
 #[cfg(test)]
