@@ -215,13 +215,11 @@ fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
 }
 
 /// The capabilities the shipped unit grants (`CapabilityBoundingSet=`), as
-/// `setpriv` names them: `bpf`, `perfmon`, ...
+/// `setpriv` names them: `bpf`, `perfmon`, ... Built in: the test also runs
+/// in a VM that has the test binary but not the source tree.
 fn unit_capabilities() -> Vec<String> {
-    let unit = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/bulkhead.service"),
-    )
-    .unwrap();
-    unit.lines()
+    include_str!("../../deploy/systemd/bulkhead.service")
+        .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .expect("CapabilityBoundingSet= in the unit")
         .split_whitespace()
