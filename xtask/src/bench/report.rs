@@ -1194,6 +1194,7 @@ fn analysis(r: &Value) -> String {
             String::new()
         },
     );
+    connects(&mut s, r);
     let _ = writeln!(
         s,
         "- **Layout.** Domain networks and every country verdict are one class per address, found by a \
@@ -1253,6 +1254,40 @@ fn trail(r: &Value) -> String {
         );
     }
     s
+}
+
+/// Where a new connection's hook time goes, from the `perf` profile of
+/// `tcp_crr` (runs without one say nothing).
+fn connects(s: &mut String, r: &Value) {
+    let st = &r["network"]["bpf_stats"];
+    let p = &st["profile"]["tcp_crr"]["bh_connect4"];
+    if p["samples"].as_u64().unwrap_or(0) < MIN_SAMPLES {
+        return;
+    }
+    let ns = f(&st["by_test"]["tcp_crr"]["bh_connect4"]["ns_per_call"]);
+    let part = |k: &str| {
+        let x = p["shares"][k].as_f64().unwrap_or(0.0);
+        format!("{:.0} ns ({:.0}%)", x * ns, 100.0 * x)
+    };
+    let unit = &st["by_test"]["tcp_crr"]["per_unit"];
+    let _ = writeln!(
+        s,
+        "- **Connects.** The hooks cost {:.0} ns per TCP connection ({:.1}% of its time). `bh_connect4` takes \
+         {ns:.0} ns per call: {} creating the socket's storage (`bpf_sk_storage_get` with `F_CREATE`: the \
+         kernel allocates the storage and its element, each charged to the map's memory cgroup, and links \
+         them), {} the listener lookup (`bpf_sk_lookup_tcp`: a connect to a local listener of another domain \
+         crosses domains, and a cgroup program cannot tell whether an address is local; a filter by bound port \
+         would miss sockets that an `sk_lookup` program steers connections to), {} its own instructions. The \
+         storage is what the connection's packets read: it marks the socket as the side that connected (its \
+         packets are judged by the egress rules) and holds the connect's verdict, so the handshake and every \
+         later packet take it instead of deciding again: without it the connect hook would be cheaper and \
+         every packet of the connection dearer.",
+        f(&unit["ns"]),
+        100.0 * f(&unit["share"]),
+        part("socket storage created"),
+        part("listener lookup"),
+        part("own instructions"),
+    );
 }
 
 /// Fewer samples than this in a program say too little to split it.
