@@ -80,6 +80,11 @@ pub struct Enricher {
 /// that every database update holds two databases in memory.
 pub const GEO_GRACE: Duration = Duration::from_secs(10);
 
+/// Geo sources held at once: the newest and the one it replaced (during
+/// [`GEO_GRACE`]). Sources replaced again before the grace ended are let
+/// go at once, so databases that change faster than that do not pile up.
+const KEEP_GEO: usize = 2;
+
 /// Generations whose names are kept on disk: those whose programs may have
 /// queued events while no agent ran.
 const KEEP_ON_DISK: usize = 16;
@@ -188,6 +193,7 @@ impl Enricher {
         while self.generations.len() > KEEP_GENERATIONS {
             self.generations.pop_first();
         }
+        self.keep_recent_geo();
         if let Some(file) = &self.names_file {
             let names: Vec<Names> = self
                 .generations
@@ -232,6 +238,34 @@ impl Enricher {
             }
         }
         true
+    }
+
+    /// Gives the generations whose geo sources are older than the
+    /// [`KEEP_GEO`] most recent ones the newest sources, freeing the rest.
+    fn keep_recent_geo(&mut self) {
+        let mut recent: Vec<Arc<GeoDb>> = Vec::new();
+        for g in self.generations.values().rev() {
+            if recent.len() > KEEP_GEO {
+                break;
+            }
+            if !recent.iter().any(|r| Arc::ptr_eq(r, &g.geo)) {
+                recent.push(g.geo.clone());
+            }
+        }
+        if recent.len() <= KEEP_GEO {
+            return;
+        }
+        let newest = recent[0].clone();
+        let kept = &recent[..KEEP_GEO];
+        for g in self.generations.values_mut() {
+            if !kept.iter().any(|k| Arc::ptr_eq(k, &g.geo)) {
+                *g = Arc::new(Generation {
+                    domain_names: g.domain_names.clone(),
+                    bridge_names: g.bridge_names.clone(),
+                    geo: newest.clone(),
+                });
+            }
+        }
     }
 
     pub fn paths(&mut self) -> &mut PathCache {
@@ -490,5 +524,41 @@ mod tests {
             assert_eq!(en.generations[&g].domain_names, gen_names().domain_names);
         }
         assert!(!en.release_replaced_geo(Instant::now() + GEO_GRACE), "once");
+    }
+
+    #[test]
+    fn sources_replaced_again_within_the_grace_are_let_go_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
+        let dbs: Vec<Arc<GeoDb>> = (0..4).map(|_| Arc::new(GeoDb::empty())).collect();
+        for (i, db) in dbs.iter().enumerate() {
+            en.add_generation(
+                i as u64 + 1,
+                Generation {
+                    geo: db.clone(),
+                    ..gen_names()
+                },
+            );
+        }
+        // No time has passed: only the newest two are held.
+        assert_eq!(Arc::strong_count(&dbs[0]), 1, "the first sources are freed");
+        assert_eq!(
+            Arc::strong_count(&dbs[1]),
+            1,
+            "the second sources are freed"
+        );
+        assert!(Arc::ptr_eq(&en.generations[&4].geo, &dbs[3]));
+        assert!(
+            Arc::ptr_eq(&en.generations[&3].geo, &dbs[2]),
+            "the previous sources stay"
+        );
+        for g in [1, 2] {
+            let geo = &en.generations[&g].geo;
+            assert!(
+                Arc::ptr_eq(geo, &dbs[3]) || Arc::ptr_eq(geo, &dbs[2]),
+                "generation {g} has sources still held"
+            );
+            assert_eq!(en.generations[&g].domain_names, gen_names().domain_names);
+        }
     }
 }
