@@ -1257,10 +1257,19 @@ fn explain_replay_lists_the_decisions_a_candidate_policy_would_change() {
     );
 }
 
+/// Whether the running kernel has the `bpf_sock_destroy` kfunc (6.5+),
+/// read from its BTF by the test itself.
+fn kernel_has_sock_destroy() -> bool {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
+    btf.windows(b"bpf_sock_destroy\0".len())
+        .any(|w| w == b"bpf_sock_destroy\0")
+}
+
 /// A server in `prod` and a client in `contractor` holding a connection to
 /// it, in the test's own network namespace (so over loopback).
 struct Held {
     sink: std::process::Child,
+    sink_out: BufReader<std::process::ChildStdout>,
     hold: std::process::Child,
     out: BufReader<std::process::ChildStdout>,
 }
@@ -1275,9 +1284,8 @@ impl Held {
         };
         let mut line = String::new();
         let mut sink = start(&w.prod, &["sink", dst, "15"]);
-        BufReader::new(sink.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut sink_out = BufReader::new(sink.stdout.take().unwrap());
+        sink_out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "listening");
         let mut hold = start(&w.contractor, &["hold", dst, "10"]);
         let mut out = BufReader::new(hold.stdout.take().unwrap());
@@ -1288,7 +1296,32 @@ impl Held {
             "connected",
             "the bridge lets the connection in"
         );
-        Held { sink, hold, out }
+        Held {
+            sink,
+            sink_out,
+            hold,
+            out,
+        }
+    }
+
+    /// Before Linux 6.5 (no `bpf_sock_destroy`) the connection is not
+    /// ended: its packets are dropped. Waits for both ends; asserts that
+    /// the client saw no error and returns when the server got its last
+    /// byte (Unix ns).
+    fn dropped(mut self) -> i128 {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let _ = self.hold.wait();
+        assert_eq!(line.trim(), "open", "the client sees no error");
+        line.clear();
+        self.sink_out.read_line(&mut line).unwrap();
+        let _ = self.sink.wait();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            matches!(words[..], ["got", n, "last", _] if n != "0"),
+            "server saw: {line}"
+        );
+        words[3].parse().unwrap()
     }
 
     /// Waits for the client's write to fail; asserts it failed with
@@ -1336,6 +1369,22 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
     std::thread::sleep(Duration::from_millis(300));
     let reload_ns = unix_ns();
     agent.reload(&w.policy("", ""));
+    if !kernel_has_sock_destroy() {
+        // The documented fallback: the packet hooks drop the connection's
+        // traffic, and say so.
+        let after_ms = (held.dropped() - reload_ns) / 1_000_000;
+        eprintln!(
+            "no bpf_sock_destroy: the server's last byte came {after_ms} ms after the reload began"
+        );
+        assert!(after_ms < 2000, "traffic {after_ms} ms after the reload");
+        let denied = agent.wait_events(1, |e| {
+            field(e, "verdict") == "deny"
+                && field(e, "hook").starts_with("skb")
+                && e["dport"] == 47128
+        });
+        assert_eq!(field(&denied[0], "reason"), "cross-domain", "{}", denied[0]);
+        return;
+    }
     let after_ms = (held.ended() - reload_ns) / 1_000_000;
     eprintln!("the client's write failed {after_ms} ms after the reload began");
     assert!(after_ms < 2000, "cut {after_ms} ms after the reload");
