@@ -214,12 +214,39 @@ fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
     );
 }
 
-/// The capabilities the shipped unit grants (`CapabilityBoundingSet=`), as
-/// `setpriv` names them: `bpf`, `perfmon`, ... Built in: the test also runs
-/// in a VM that has the test binary but not the source tree.
-fn unit_capabilities() -> Vec<String> {
-    include_str!("../../deploy/systemd/bulkhead.service")
+/// The shipped unit. Built in: the test also runs in a VM that has the
+/// test binary but not the source tree.
+const UNIT: &str = include_str!("../../deploy/systemd/bulkhead.service");
+
+/// Gives this process (and so the agents it starts) the unit's
+/// `LimitMEMLOCK=`, as systemd would: before 5.11 the kernel charges BPF
+/// maps to it, and the agent, without CAP_SYS_RESOURCE, cannot raise it.
+/// Where this process cannot raise it either (no CAP_SYS_RESOURCE) the
+/// kernel is one that no longer charges maps to it, or the agent's start
+/// below fails and says so.
+fn apply_unit_memlock() {
+    let limit = UNIT
         .lines()
+        .find_map(|l| l.strip_prefix("LimitMEMLOCK="))
+        .expect("LimitMEMLOCK= in the unit");
+    assert_eq!(limit, "infinity", "the test applies `infinity` only");
+    let r = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) } != 0 {
+        eprintln!(
+            "LimitMEMLOCK=infinity not applied: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The capabilities the shipped unit grants (`CapabilityBoundingSet=`), as
+/// `setpriv` names them: `bpf`, `perfmon`, ...
+fn unit_capabilities() -> Vec<String> {
+    UNIT.lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .expect("CapabilityBoundingSet= in the unit")
         .split_whitespace()
@@ -245,6 +272,7 @@ fn the_units_capabilities_suffice_and_each_required_one_is_named_when_missing() 
     }
     let caps = unit_capabilities();
     assert_eq!(caps.len(), 6, "{caps:?}");
+    apply_unit_memlock();
     let w = world();
     let set = bounding_set(&caps);
     let mut agent = Agent::start_under(
