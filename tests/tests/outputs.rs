@@ -424,7 +424,10 @@ fn a_locked_store_loses_nothing() {
                 .any(|l| l.contains("audit-store: writing again")),
         "the lock and its end are each one warning: {warned:#?}"
     );
-    assert!(warned.len() <= 6, "{warned:#?}");
+    // The lock, a summary every 10 s, its end (a slow VM holds the lock
+    // for half a minute); the kernel's own degradations are not counted.
+    let store = warned.iter().filter(|l| l.contains("audit-store")).count();
+    assert!(store <= 6, "{warned:#?}");
 }
 
 /// `kill -9` in the middle of a storm, and a torn last line such as a

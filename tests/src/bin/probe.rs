@@ -47,6 +47,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
         Some(libc::ECONNRESET) => "ECONNRESET".into(),
         Some(libc::EPIPE) => "EPIPE".into(),
+        Some(libc::ENOPROTOOPT) => "ENOPROTOOPT".into(),
+        Some(libc::EPROTONOSUPPORT) => "EPROTONOSUPPORT".into(),
         Some(n) => format!("errno{n}"),
         None => e.to_string(),
     }
