@@ -228,15 +228,7 @@ impl Enricher {
         let Some(newest) = self.generations.values().next_back().map(|g| g.geo.clone()) else {
             return false;
         };
-        for g in self.generations.values_mut() {
-            if !Arc::ptr_eq(&g.geo, &newest) {
-                *g = Arc::new(Generation {
-                    domain_names: g.domain_names.clone(),
-                    bridge_names: g.bridge_names.clone(),
-                    geo: newest.clone(),
-                });
-            }
-        }
+        self.keep_only(&[newest]);
         true
     }
 
@@ -252,17 +244,20 @@ impl Enricher {
                 recent.push(g.geo.clone());
             }
         }
-        if recent.len() <= KEEP_GEO {
-            return;
+        if recent.len() > KEEP_GEO {
+            self.keep_only(&recent[..KEEP_GEO]);
         }
-        let newest = recent[0].clone();
-        let kept = &recent[..KEEP_GEO];
+    }
+
+    /// Gives every generation whose geo sources are not among `kept` the
+    /// first of them (the newest), so the others are freed.
+    fn keep_only(&mut self, kept: &[Arc<GeoDb>]) {
         for g in self.generations.values_mut() {
             if !kept.iter().any(|k| Arc::ptr_eq(k, &g.geo)) {
                 *g = Arc::new(Generation {
                     domain_names: g.domain_names.clone(),
                     bridge_names: g.bridge_names.clone(),
-                    geo: newest.clone(),
+                    geo: kept[0].clone(),
                 });
             }
         }
