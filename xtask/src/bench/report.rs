@@ -1265,10 +1265,7 @@ fn connects(s: &mut String, r: &Value) {
         return;
     }
     let ns = f(&st["by_test"]["tcp_crr"]["bh_connect4"]["ns_per_call"]);
-    let part = |k: &str| {
-        let x = p["shares"][k].as_f64().unwrap_or(0.0);
-        format!("{:.0} ns ({:.0}%)", x * ns, 100.0 * x)
-    };
+    let part = |k: &str| share_cell(p["shares"][k].as_f64().unwrap_or(0.0), ns);
     let unit = &st["by_test"]["tcp_crr"]["per_unit"];
     let _ = writeln!(
         s,
@@ -1288,6 +1285,11 @@ fn connects(s: &mut String, r: &Value) {
         part("listener lookup"),
         part("own instructions"),
     );
+}
+
+/// A share `x` of a call's `ns`, as the profile shows it.
+fn share_cell(x: f64, ns: f64) -> String {
+    format!("{:.0} ns ({:.0}%)", x * ns, 100.0 * x)
 }
 
 /// Fewer samples than this in a program say too little to split it.
@@ -1341,9 +1343,10 @@ fn profile_table(s: &mut String, st: &serde_json::Map<String, Value>) {
             let ns = f(&st["by_test"][test][prog]["ns_per_call"]);
             let cells: Vec<String> = parts
                 .iter()
-                .map(|k| match p["shares"][k].as_f64() {
-                    Some(x) => format!("{:.0} ns ({:.0}%)", x * ns, 100.0 * x),
-                    None => "–".into(),
+                .map(|k| {
+                    p["shares"][k]
+                        .as_f64()
+                        .map_or("–".into(), |x| share_cell(x, ns))
                 })
                 .collect();
             let _ = writeln!(
