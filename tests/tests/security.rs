@@ -218,6 +218,13 @@ fn a_policy_file_others_can_write_is_refused_at_start_and_at_reload() {
 /// test binary but not the source tree.
 const UNIT: &str = include_str!("../../deploy/systemd/bulkhead.service");
 
+/// The value of the unit's `key=` line.
+fn unit_setting(key: &str) -> &'static str {
+    UNIT.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("{key}= in the unit"))
+}
+
 /// Gives this process (and so the agents it starts) the unit's
 /// `LimitMEMLOCK=`, as systemd would: before 5.11 the kernel charges BPF
 /// maps to it, and the agent, without CAP_SYS_RESOURCE, cannot raise it.
@@ -225,10 +232,7 @@ const UNIT: &str = include_str!("../../deploy/systemd/bulkhead.service");
 /// kernel is one that no longer charges maps to it, or the agent's start
 /// below fails and says so.
 fn apply_unit_memlock() {
-    let limit = UNIT
-        .lines()
-        .find_map(|l| l.strip_prefix("LimitMEMLOCK="))
-        .expect("LimitMEMLOCK= in the unit");
+    let limit = unit_setting("LimitMEMLOCK");
     assert_eq!(limit, "infinity", "the test applies `infinity` only");
     let r = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -246,9 +250,7 @@ fn apply_unit_memlock() {
 /// The capabilities the shipped unit grants (`CapabilityBoundingSet=`), as
 /// `setpriv` names them: `bpf`, `perfmon`, ...
 fn unit_capabilities() -> Vec<String> {
-    UNIT.lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("CapabilityBoundingSet= in the unit")
+    unit_setting("CapabilityBoundingSet")
         .split_whitespace()
         .map(|c| c.trim_start_matches("CAP_").to_lowercase())
         .collect()
