@@ -5,8 +5,8 @@
 use crate::event::{FAMILY_INET, FAMILY_INET6, Verdict};
 use crate::maps::{
     BRIDGE_REVERSE, BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_INGRESS_GEO,
-    DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, GeoValue, MAX_BRIDGE_RULES, MODE_AUDIT, is_loopback_v4,
-    is_loopback_v6, v4_mapped,
+    DOMAIN_INGRESS_UNKNOWN_DENY, DOMAIN_NAMES, DOMAIN_NAMES_ALLOW, DomainRec, GeoValue,
+    MAX_BRIDGE_RULES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, is_loopback_v4, is_loopback_v6, v4_mapped,
 };
 use crate::reason::Reason;
 
@@ -164,7 +164,24 @@ pub struct Peer<'a> {
     /// Loopback ([`PeerAddr::is_loopback`]): the host itself, which no geo
     /// source places, so a geofence does not judge it.
     pub loopback: bool,
+    /// What the domain's DNS rules know of it (only looked up for a domain
+    /// that uses names: [`crate::maps::DOMAIN_NAMES`]).
+    pub names: Names,
 }
+
+/// A peer as a domain's `dns` and `egress.names` rules see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    /// One of the domain's `dns.resolvers`.
+    pub resolver: bool,
+    /// An answer for a name the domain's rules mention gave this address,
+    /// and holds until `until_tai_ns`.
+    pub named: bool,
+    pub until_tai_ns: u64,
+}
+
+/// DNS: the port a domain that uses names may reach its resolvers on only.
+pub const DNS_PORT: u16 = 53;
 
 /// A peer's domain: that of the domain networks holding its address, else
 /// that of the socket on this host listening on it (`listener`: the
@@ -219,6 +236,16 @@ pub fn decide_peer<'b>(
             Direction::Ingress => bridges(peer.domain, local_id),
         };
     }
+    if local.flags & DOMAIN_NAMES != 0
+        && dir == Direction::Egress
+        && (local.expires_tai_ns == u64::MAX || now.tai_ns() < local.expires_tai_ns)
+        && let Some(mut d) = names_decision(local, peer, proto, ports)
+    {
+        if d.until_tai_ns > local.expires_tai_ns {
+            d.until_tai_ns = local.expires_tai_ns;
+        }
+        return d;
+    }
     let mut local = *local;
     if peer.domain == 0 && peer.loopback {
         local.flags &= !(DOMAIN_EGRESS_GEO | DOMAIN_INGRESS_GEO);
@@ -234,6 +261,43 @@ pub fn decide_peer<'b>(
         now,
         peer.geo,
     )
+}
+
+/// What a domain that uses names decides before (and instead of) the
+/// rest: its DNS goes to its resolvers only, wherever they are; then, for
+/// a peer in no domain outside the host, an address learned for a name
+/// the rules mention is allowed or denied by them, and with an allow list
+/// and no country rule anything else is denied. `None`: the usual
+/// decision (domains, bridges, countries) applies.
+#[inline(always)]
+fn names_decision(local: &DomainRec, peer: &Peer<'_>, proto: u8, ports: Ports) -> Option<Decision> {
+    let dns = ports.service == DNS_PORT && (proto == PROTO_UDP || proto == PROTO_TCP);
+    if dns && !peer.names.resolver {
+        return Some(Decision::new(Reason::DnsResolverDenied, 0));
+    }
+    if peer.domain != 0 || peer.loopback {
+        return None;
+    }
+    if dns {
+        return Some(Decision::new(Reason::DnsResolver, 0));
+    }
+    let allow_list = local.flags & DOMAIN_NAMES_ALLOW != 0;
+    if peer.names.named {
+        let mut d = Decision::new(
+            if allow_list {
+                Reason::NameAllowed
+            } else {
+                Reason::NameDenied
+            },
+            0,
+        );
+        d.until_tai_ns = peer.names.until_tai_ns;
+        return Some(d);
+    }
+    if allow_list && local.flags & DOMAIN_EGRESS_GEO == 0 {
+        return Some(Decision::new(Reason::NameNotAllowed, 0));
+    }
+    None
 }
 
 /// Whether a new connect or sendmsg of a workload of domain `local_id`
@@ -383,7 +447,9 @@ mod tests {
         DomainRec {
             expires_tai_ns: NEVER,
             flags: DOMAIN_EXISTS | flags,
-            _pad: 0,
+            key: 0,
+            min_ttl: 0,
+            max_ttl: 0,
         }
     }
 
@@ -634,6 +700,7 @@ mod tests {
                 domain,
                 geo: None,
                 loopback,
+                names: Names::default(),
             };
             decide_peer(
                 Direction::Egress,
@@ -664,6 +731,7 @@ mod tests {
             domain: 2,
             geo: None,
             loopback: true,
+            names: Names::default(),
         };
         for (dir, want) in [(Direction::Egress, (1, 2)), (Direction::Ingress, (2, 1))] {
             let d = decide_peer(
@@ -696,6 +764,7 @@ mod tests {
             domain,
             geo: None,
             loopback,
+            names: Names::default(),
         };
         // Loopback to a listener of the workload's own domain stays open.
         assert!(!refused_unaudited(1, &peer(1, true)));
@@ -716,6 +785,114 @@ mod tests {
             d.verdict(MODE_AUDIT),
             Verdict::WouldDeny,
             "audit mode never drops"
+        );
+    }
+
+    #[test]
+    fn names_decide_dns_and_learned_addresses_outside_domains() {
+        use crate::maps::{DOMAIN_NAMES_ALLOW, DOMAIN_NAMES_DENY};
+        let no_bridges = |_: u32, _: u32| -> Option<&BridgeSet> { None };
+        let at = |service| Ports { service, other: 0 };
+        let r = |d: &DomainRec, domain, loopback, names, proto, port| {
+            let peer = Peer {
+                domain,
+                geo: None,
+                loopback,
+                names,
+            };
+            decide_peer(
+                Direction::Egress,
+                1,
+                d,
+                &peer,
+                no_bridges,
+                proto,
+                at(port),
+                5,
+            )
+        };
+        let none = Names::default();
+        let resolver = Names {
+            resolver: true,
+            ..none
+        };
+        let named = Names {
+            named: true,
+            until_tai_ns: 900,
+            ..none
+        };
+        let only = dom(DOMAIN_NAMES_ALLOW);
+        // DNS to a resolver only, even one in the own domain or on the host.
+        assert_eq!(
+            r(&only, 0, false, none, PROTO_UDP, 53).reason,
+            Reason::DnsResolverDenied
+        );
+        assert_eq!(
+            r(&only, 1, false, none, PROTO_TCP, 53).reason,
+            Reason::DnsResolverDenied
+        );
+        assert_eq!(
+            r(&only, 0, true, none, PROTO_UDP, 53).reason,
+            Reason::DnsResolverDenied
+        );
+        assert_eq!(
+            r(&only, 0, false, resolver, PROTO_UDP, 53).reason,
+            Reason::DnsResolver
+        );
+        assert_eq!(
+            r(&only, 0, true, resolver, PROTO_UDP, 53).reason,
+            Reason::NoDomain
+        );
+        // Learned: allowed until the answer's TTL ends; anything else denied.
+        let d = r(&only, 0, false, named, PROTO_TCP, 443);
+        assert_eq!((d.reason, d.until_tai_ns), (Reason::NameAllowed, 900));
+        assert_eq!(
+            r(&only, 0, false, none, PROTO_TCP, 443).reason,
+            Reason::NameNotAllowed
+        );
+        // Domains, bridges and the host come first.
+        assert_eq!(
+            r(&only, 1, false, none, PROTO_TCP, 443).reason,
+            Reason::SameDomain
+        );
+        assert_eq!(
+            r(&only, 2, false, none, PROTO_TCP, 443).reason,
+            Reason::CrossDomain
+        );
+        assert_eq!(
+            r(&only, 0, true, none, PROTO_TCP, 443).reason,
+            Reason::NoDomain
+        );
+        // With a country rule too, the two allow lists add up.
+        let both = dom(DOMAIN_NAMES_ALLOW | DOMAIN_EGRESS_GEO | DOMAIN_EGRESS_UNKNOWN_DENY);
+        assert_eq!(
+            r(&both, 0, false, none, PROTO_TCP, 443).reason,
+            Reason::CountryUnknown
+        );
+        assert_eq!(
+            r(&both, 0, false, named, PROTO_TCP, 443).reason,
+            Reason::NameAllowed
+        );
+        // A deny list denies what it names, nothing else.
+        let deny = dom(DOMAIN_NAMES_DENY);
+        assert_eq!(
+            r(&deny, 0, false, named, PROTO_TCP, 443).reason,
+            Reason::NameDenied
+        );
+        assert_eq!(
+            r(&deny, 0, false, none, PROTO_TCP, 443).reason,
+            Reason::NoDomain
+        );
+        // Expiry first; domains without names never look.
+        let mut expired = dom(DOMAIN_NAMES_ALLOW);
+        expired.expires_tai_ns = 1;
+        assert_eq!(
+            r(&expired, 0, false, resolver, PROTO_UDP, 53).reason,
+            Reason::DomainExpired
+        );
+        assert_eq!(
+            r(&dom(0), 0, false, none, PROTO_UDP, 53).reason,
+            Reason::NoDomain
         );
     }
 }

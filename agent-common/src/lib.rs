@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod decide;
+pub mod dns;
 pub mod domain;
 pub mod event;
 pub mod maps;

@@ -45,6 +45,24 @@ pub const MAP_CLOCK: &str = "BH_CLOCK";
 /// The `.rodata` flag the agent sets at load where the kernel lacks
 /// `bpf_ktime_get_tai_ns` (1); the verifier then never sees that branch.
 pub const GLOBAL_NO_TAI: &str = "BH_NO_TAI";
+/// The names each domain's `egress.names` rules mention ([`NameKey`]).
+pub const MAP_NAMES: &str = "BH_NAMES";
+/// Each domain's `dns.resolvers` ([`ResolverKey`]).
+pub const MAP_RESOLVERS: &str = "BH_RESOLVERS";
+/// Addresses learned from answers ([`LearnedKey`] → [`Learned`]); kept
+/// across policy generations and agents, expired by the kernel.
+pub const MAP_LEARNED: &str = "BH_LEARNED";
+/// Queries sent to a resolver and not answered yet ([`DnsQueryKey`]).
+pub const MAP_DNS_QUERIES: &str = "BH_DNSQ";
+/// Answers sent by a domain's own sockets ([`ForgedKey`]): they teach
+/// that domain nothing.
+pub const MAP_DNS_FORGED: &str = "BH_DNSF";
+/// Learned addresses kept at most; the least recently used go first.
+pub const MAX_LEARNED: u32 = 64 * 1024;
+/// `egress.names` entries per slot, all domains together.
+pub const MAX_NAMES: u32 = 8 * 1024;
+/// `dns.resolvers` entries per slot, all domains together.
+pub const MAX_RESOLVERS: u32 = 1024;
 
 /// Per-domain decision counters: `BH_DOMSTATS[domain * REASON_SLOTS + reason]`.
 pub const NUM_DOMAIN_COUNTERS: u32 = MAX_DOMAINS * crate::reason::REASON_SLOTS;
@@ -61,6 +79,18 @@ pub const COUNTER_EVENTS_LOST: u32 = COUNTER_EVENTS_WANTED + 2;
 /// Established sockets whose packets the packet hooks started to deny
 /// ([`SOCK_CUT`]): the agent destroys the ones it can reach.
 pub const COUNTER_CUT_MARKED: u32 = COUNTER_EVENTS_WANTED + 3;
+/// Addresses written to [`MAP_LEARNED`] from answers.
+pub const COUNTER_DNS_LEARNED: u32 = COUNTER_EVENTS_WANTED + 4;
+/// Answers from a resolver to a domain that uses names that taught
+/// nothing because no query of the receiving socket matched them
+/// (transaction id, ports, resolver), or a socket of the receiving domain
+/// sent them: spoofed.
+pub const COUNTER_DNS_SPOOFED: u32 = COUNTER_EVENTS_WANTED + 5;
+/// Answers that matched a query but could not be read (see
+/// [`crate::dns`]): nothing learned from them.
+pub const COUNTER_DNS_UNREAD: u32 = COUNTER_EVENTS_WANTED + 6;
+/// Answers a domain learned addresses from.
+pub const COUNTER_DNS_ANSWERS: u32 = COUNTER_EVENTS_WANTED + 7;
 
 /// Index of the counter for one decision of `hook` with `reason`.
 pub const fn counter_index(hook: u8, reason: u8) -> u32 {
@@ -102,6 +132,9 @@ pub struct Config {
 /// ([`crate::Reason::AuditUnavailable`]; see
 /// [`crate::decide::refused_unaudited`]).
 pub const CONFIG_AUDIT_REFUSE: u32 = 1 << 0;
+/// `Config::flags`, from the policy: some domain uses names, so the DNS
+/// programs read DNS packets (without it they return at once).
+pub const CONFIG_NAMES: u32 = 1 << 1;
 
 /// `BH_CGROUPS` key: a configured cgroup (by id) in one slot.
 #[repr(C)]
@@ -121,6 +154,13 @@ pub const DOMAIN_EGRESS_UNKNOWN_DENY: u32 = 1 << 4;
 pub const DOMAIN_INGRESS_UNKNOWN_DENY: u32 = 1 << 5;
 /// Raw IP and packet sockets are allowed to this domain's workloads.
 pub const DOMAIN_ALLOW_RAW: u32 = 1 << 6;
+/// `egress.names: { allow: [...] }`.
+pub const DOMAIN_NAMES_ALLOW: u32 = 1 << 7;
+/// `egress.names: { deny: [...] }`.
+pub const DOMAIN_NAMES_DENY: u32 = 1 << 8;
+/// The domain uses names: its DNS goes to its resolvers only, and their
+/// answers are learned.
+pub const DOMAIN_NAMES: u32 = DOMAIN_NAMES_ALLOW | DOMAIN_NAMES_DENY;
 
 /// `BH_DOMAINS[slot * MAX_DOMAINS + id]`.
 #[repr(C)]
@@ -130,7 +170,91 @@ pub struct DomainRec {
     /// `u64::MAX` for never.
     pub expires_tai_ns: u64,
     pub flags: u32,
-    pub _pad: u32,
+    /// A hash of the domain's name: what learned addresses are keyed by
+    /// ([`LearnedKey`]), so they outlive policy generations that number
+    /// domains differently.
+    pub key: u32,
+    /// Learned addresses are kept at least this long (seconds), whatever
+    /// the answer's TTL (`dns.min_ttl`)...
+    pub min_ttl: u32,
+    /// ... and at most this long (`dns.max_ttl`).
+    pub max_ttl: u32,
+}
+
+/// `BH_NAMES` key: a name (or with `wildcard`, the names below it) a
+/// domain's `egress.names` rule mentions, by [`crate::dns::name_hash`].
+/// The value is the rule's index + 1 in the domain's list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NameKey {
+    pub hash: u64,
+    pub slot: u32,
+    pub domain: u16,
+    pub wildcard: u8,
+    pub _pad: u8,
+}
+
+/// `BH_RESOLVERS` key: one of a domain's `dns.resolvers`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResolverKey {
+    pub addr: [u8; 16],
+    pub slot: u32,
+    pub domain: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// `BH_LEARNED` key: an address a domain learned ([`DomainRec::key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    pub addr: [u8; 16],
+    pub domain_key: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `BH_LEARNED` value: which rule's name an answer gave the address for,
+/// from which resolver, and until when it counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub expires_tai_ns: u64,
+    pub learned_tai_ns: u64,
+    /// The [`NameKey::hash`] that matched: still in the policy in force
+    /// (as [`NameKey`] with `wildcard`) or the address counts for nothing.
+    pub rule_hash: u64,
+    pub resolver: [u8; 16],
+    pub wildcard: u8,
+    pub resolver_family: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `BH_DNSQ` key: a query a socket sent to a resolver.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsQueryKey {
+    pub cookie: u64,
+    pub server: [u8; 16],
+    pub id: u16,
+    /// The socket's own port, as in the header.
+    pub port: [u8; 2],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `BH_DNSF` key: an answer-shaped datagram (from port 53) a domain's
+/// socket sent; the value is that domain's [`DomainRec::key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ForgedKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub dport: [u8; 2],
+    pub id: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The geo verdicts of an address for every domain: bit `d` set in a mask
@@ -356,6 +480,12 @@ mod pod {
     unsafe impl aya::Pod for SockInfo {}
     unsafe impl aya::Pod for CutRecord {}
     unsafe impl aya::Pod for TokenBucket {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for ResolverKey {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for Learned {}
+    unsafe impl aya::Pod for DnsQueryKey {}
+    unsafe impl aya::Pod for ForgedKey {}
     unsafe impl aya::Pod for crate::event::Event {}
     unsafe impl aya::Pod for crate::addr::AddrLine {}
     unsafe impl aya::Pod for crate::addr::AddrClass {}
@@ -404,7 +534,13 @@ mod tests {
         assert_eq!(size_of::<State>(), 8);
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<CgroupKey>(), 16);
-        assert_eq!(size_of::<DomainRec>(), 16);
+        assert_eq!(size_of::<DomainRec>(), 24);
+        assert_eq!(size_of::<NameKey>(), 16);
+        assert_eq!(size_of::<ResolverKey>(), 24);
+        assert_eq!(size_of::<LearnedKey>(), 24);
+        assert_eq!(size_of::<Learned>(), 48);
+        assert_eq!(size_of::<DnsQueryKey>(), 32);
+        assert_eq!(size_of::<ForgedKey>(), 40);
         assert_eq!(size_of::<GeoValue>(), 16);
         assert_eq!(size_of::<BridgeKey>(), 8);
         assert_eq!(size_of::<BridgeRule>(), 32);

@@ -20,6 +20,12 @@ pub enum Reason {
     /// The destination belongs to no domain, no geo source places it, and
     /// the domain's `unknown_country` is `allow`.
     CountryUnknownAllowed = 5,
+    /// The destination belongs to no domain; an answer from one of the
+    /// domain's resolvers to a query for a name its `egress.names` allow
+    /// list names made its address known, and that answer's TTL holds.
+    NameAllowed = 6,
+    /// DNS (port 53) to one of the domain's `dns.resolvers`.
+    DnsResolver = 7,
 
     /// The destination belongs to another domain and no bridge covers the
     /// proto and port.
@@ -44,6 +50,16 @@ pub enum Reason {
     /// written (an output failing or dropping events). Loopback to a
     /// listener of the workload's own domain is not refused.
     AuditUnavailable = 24,
+    /// The domain has an `egress.names` allow list and no country rule:
+    /// the destination belongs to no domain and no answer for an allowed
+    /// name (still within its TTL) made its address known.
+    NameNotAllowed = 25,
+    /// The destination's address was learned from an answer for a name the
+    /// domain's `egress.names` deny list names.
+    NameDenied = 26,
+    /// DNS (UDP or TCP port 53) from a domain that uses names to an address
+    /// that is not one of its `dns.resolvers`.
+    DnsResolverDenied = 27,
 }
 
 /// Highest code + 1; sizes the per-hook counter rows.
@@ -51,12 +67,14 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 19] = [
         Reason::SameDomain,
         Reason::Bridge,
         Reason::NoDomain,
         Reason::CountryAllowed,
         Reason::CountryUnknownAllowed,
+        Reason::NameAllowed,
+        Reason::DnsResolver,
         Reason::CrossDomain,
         Reason::BridgeOutsideWindow,
         Reason::CountryDenied,
@@ -66,6 +84,9 @@ impl Reason {
         Reason::Unparsable,
         Reason::PacketSocketDenied,
         Reason::AuditUnavailable,
+        Reason::NameNotAllowed,
+        Reason::NameDenied,
+        Reason::DnsResolverDenied,
     ];
 
     pub const fn is_deny(self) -> bool {
@@ -89,6 +110,11 @@ impl Reason {
             Reason::Unparsable => "unparsable-packet",
             Reason::PacketSocketDenied => "packet-socket-denied",
             Reason::AuditUnavailable => "audit-unavailable",
+            Reason::NameAllowed => "name-allowed",
+            Reason::DnsResolver => "dns-resolver",
+            Reason::NameNotAllowed => "name-not-allowed",
+            Reason::NameDenied => "name-denied",
+            Reason::DnsResolverDenied => "dns-resolver-denied",
         }
     }
 
@@ -126,5 +152,10 @@ mod tests {
         assert_eq!(Reason::PacketSocketDenied as u8, 23);
         assert_eq!(Reason::AuditUnavailable as u8, 24);
         assert_eq!(Reason::AuditUnavailable.name(), "audit-unavailable");
+        assert_eq!(Reason::NameAllowed as u8, 6);
+        assert_eq!(Reason::DnsResolver as u8, 7);
+        assert_eq!(Reason::NameNotAllowed as u8, 25);
+        assert_eq!(Reason::NameDenied as u8, 26);
+        assert_eq!(Reason::DnsResolverDenied as u8, 27);
     }
 }

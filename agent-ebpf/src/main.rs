@@ -17,7 +17,9 @@
 //! - [`events`]: counters, events and their rate limit;
 //! - [`log`]: the kernel's own warnings (aya-log), on rare paths only;
 //! - [`socks`]: socket storage (owner, initiator, verdict cache, cut marks);
-//! - [`sock_addr`], [`skb`] (with [`packet`]), [`create`]: the hook bodies.
+//! - [`sock_addr`], [`skb`] (with [`packet`]), [`create`]: the hook bodies;
+//! - [`dns`]: learning the addresses of names from answers, and what the
+//!   decisions ask of them.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target has atomic adds (`lock xadd`) but no
@@ -28,6 +30,7 @@
 mod addr;
 mod clock;
 mod create;
+mod dns;
 mod events;
 mod log;
 mod maps;
@@ -95,6 +98,16 @@ pub fn bh_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
     skb::skb(&ctx, Direction::Ingress)
+}
+
+#[cgroup_skb(egress)]
+pub fn bh_dns_egress(ctx: SkBuffContext) -> i32 {
+    dns::egress(&ctx)
+}
+
+#[cgroup_skb(ingress)]
+pub fn bh_dns_ingress(ctx: SkBuffContext) -> i32 {
+    dns::ingress(&ctx)
 }
 
 const _: () = assert!(size_of::<Event>() == bulkhead_common::event::EVENT_SIZE);

@@ -8,9 +8,12 @@ use aya_ebpf::{
 };
 use bulkhead_common::{
     addr::{AddrClass, AddrLine, MAX_CLASSES, SLOT_LINES},
+    dns::Scratch,
     maps::{
-        BridgeKey, BridgeSet, CgroupKey, Config, DomainCache, DomainRec, MAX_BRIDGE_PAIRS,
-        MAX_CGROUPS, MAX_DOMAINS, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, SockInfo, State, TokenBucket,
+        BridgeKey, BridgeSet, CgroupKey, Config, DnsQueryKey, DomainCache, DomainRec, ForgedKey,
+        Learned, LearnedKey, MAX_BRIDGE_PAIRS, MAX_CGROUPS, MAX_DOMAINS, MAX_LEARNED, MAX_NAMES,
+        MAX_RESOLVERS, NUM_COUNTERS, NUM_DOMAIN_COUNTERS, NameKey, ResolverKey, SockInfo, State,
+        TokenBucket,
     },
 };
 
@@ -52,6 +55,25 @@ pub(crate) static BH_RATE: LruHashMap<u64, TokenBucket> = LruHashMap::pinned(16 
 /// Sized by the agent at load time (`--ring-buffer-bytes`).
 #[map(name = "BH_EVENTS")]
 pub(crate) static BH_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+/// `bulkhead_common::maps::MAP_NAMES`, both slots.
+#[map(name = "BH_NAMES")]
+pub(crate) static BH_NAMES: HashMap<NameKey, u32> = HashMap::pinned(2 * MAX_NAMES, 0);
+/// `bulkhead_common::maps::MAP_RESOLVERS`, both slots.
+#[map(name = "BH_RESOLVERS")]
+pub(crate) static BH_RESOLVERS: HashMap<ResolverKey, u32> = HashMap::pinned(2 * MAX_RESOLVERS, 0);
+/// `bulkhead_common::maps::MAP_LEARNED`: outlives policies and agents.
+#[map(name = "BH_LEARNED")]
+pub(crate) static BH_LEARNED: LruHashMap<LearnedKey, Learned> = LruHashMap::pinned(MAX_LEARNED, 0);
+/// `bulkhead_common::maps::MAP_DNS_QUERIES`; the value is when it was sent.
+#[map(name = "BH_DNSQ")]
+pub(crate) static BH_DNSQ: LruHashMap<DnsQueryKey, u64> = LruHashMap::pinned(8 * 1024, 0);
+/// `bulkhead_common::maps::MAP_DNS_FORGED`.
+#[map(name = "BH_DNSF")]
+pub(crate) static BH_DNSF: LruHashMap<ForgedKey, u32> = LruHashMap::pinned(1024, 0);
+/// Where an answer is copied to be read (`bulkhead_common::dns`): too
+/// big for the stack. Private to one load.
+#[map(name = "BH_DNSBUF")]
+pub(crate) static BH_DNSBUF: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[btf_map]
 pub(crate) static BH_SOCKS: PinnedSkStorage<SockInfo> = PinnedSkStorage::new();
 

@@ -47,6 +47,20 @@ pub struct Parsed {
     /// non-first fragment).
     pub sport: [u8; 2],
     pub dport: [u8; 2],
+    /// Where the transport header starts.
+    pub l4: u16,
+}
+
+impl Parsed {
+    pub const EMPTY: Parsed = Parsed {
+        src: [0; 16],
+        dst: [0; 16],
+        family: 0,
+        proto: 0,
+        sport: [0; 2],
+        dport: [0; 2],
+        l4: 0,
+    };
 }
 
 const ETH_P_IP: u16 = 0x0800;
@@ -136,6 +150,7 @@ fn parse_v4(ctx: &SkBuffContext) -> Option<Parsed> {
         dst,
         sport,
         dport,
+        l4: ihl as u16,
     })
 }
 
@@ -203,5 +218,6 @@ fn parse_v6(ctx: &SkBuffContext) -> Option<Parsed> {
         dst,
         sport,
         dport,
+        l4: off as u16,
     })
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use bulkhead_common::{
     Decision, Direction, Ports,
-    decide::{Peer, PeerAddr, ReadClock, decide_peer},
+    decide::{Names, Peer, PeerAddr, ReadClock, decide_peer},
     event::FAMILY_INET,
     maps::{BridgeKey, DomainRec, SockInfo},
 };
@@ -103,6 +103,7 @@ pub(crate) fn peer_of(slot: u32, addr: &PeerAddr) -> Peer<'static> {
         domain: class.map_or(0, |c| c.domain),
         geo: class.map(|c| &c.geo),
         loopback: addr.is_loopback(),
+        names: Names::default(),
     }
 }
 

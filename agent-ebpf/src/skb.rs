@@ -9,6 +9,7 @@ use bulkhead_common::{
 };
 
 use crate::{
+    dns::names_of,
     events::{ALLOW, Flow, finish},
     packet::{Parsed, parse},
     peer::{IPPROTO_TCP, decide_flow, listener_domain, peer_of},
@@ -107,6 +108,14 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     // Loopback packets were decided at connect time, where the listener's
     // domain is known; here the peer address has no domain.
     let mut peer = peer_of(a.slot, &key);
+    peer.names = names_of(
+        &a,
+        dom_id,
+        dom,
+        &key,
+        u16::from_be_bytes(service_port),
+        false,
+    );
     // A TCP segment through the loopback device is a connection to or from
     // this host: as at connect time, a peer in no domain network has the
     // domain of the socket listening on its address, so a bridge that

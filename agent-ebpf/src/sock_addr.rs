@@ -9,6 +9,7 @@ use bulkhead_common::{
 };
 
 use crate::{
+    dns::names_of,
     events::{ALLOW, Flow, finish},
     log::{program, rare},
     peer::{IPPROTO_TCP, decide_flow, listener_domain, peer_of},
@@ -49,6 +50,7 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         listener_domain(ctx.sock_addr.cast(), a.slot, family, proto, &dst, dport)
     });
     let port = u16::from_be_bytes(dport);
+    peer.names = names_of(&a, dom_id, dom, &addr, port, true);
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     let mut f = Flow {
         family,

@@ -46,6 +46,7 @@ fn record(i: u64) -> Record {
         country: None,
         geo_source: None,
         geo_source_built: None,
+        name: None,
         bridge: None,
         generation: 3,
         seq: i,

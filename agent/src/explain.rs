@@ -87,6 +87,7 @@ pub fn while_refusing(mut a: Answer, dst: IpAddr, mode: u32, unwritable: &[Strin
         domain: u32::from(own),
         geo: None,
         loopback: dst.to_canonical().is_loopback(),
+        names: Default::default(),
     };
     if !refused_unaudited(1, &peer) {
         return a;

@@ -62,6 +62,17 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// A short name unique to this test process and call: the full process id
 /// (no two live processes share it) and a per-process counter. With a
 /// two-letter prefix it fits an interface name (15 bytes).
+/// Whether the running kernel is older than `major.minor` (`uname -r`).
+pub fn kernel_older_than(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) < (major, minor)
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}x{}",

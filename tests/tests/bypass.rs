@@ -18,7 +18,8 @@ use std::{
 };
 
 use tests::{
-    Agent, Netns, Server, Value, command_in, field, privileged, probe, probe_bin, sh,
+    Agent, Netns, Server, Value, command_in, field, kernel_older_than, privileged, probe,
+    probe_bin, sh,
     world::{World, world},
 };
 
@@ -170,17 +171,6 @@ fn a_destination_rewritten_after_connect_is_decided_by_its_packets() {
     assert!(!ev.is_empty(), "no skb-egress deny to {prod}");
     assert_eq!(field(&ev[0], "reason"), "cross-domain", "{}", ev[0]);
     assert_eq!(field(&ev[0], "dst_domain"), "prod", "{}", ev[0]);
-}
-
-/// Whether the running kernel is older than `major.minor` (`uname -r`).
-fn kernel_older_than(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (a, b) < (major, minor)
 }
 
 #[test]

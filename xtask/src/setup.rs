@@ -19,6 +19,8 @@ const DEB_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "iputils-ping",
     "dnsutils",
+    // The DNS server of the name tests (tests/tests/names.rs).
+    "dnsmasq-base",
     "curl",
     "nftables",
     "sockperf",

@@ -240,6 +240,9 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "/usr/bin/setpriv"),
     ("logrotate", "/usr/sbin/logrotate"),
     ("nft", "/usr/sbin/nft"),
+    // The name tests' resolver and client.
+    ("dnsmasq", "/usr/sbin/dnsmasq"),
+    ("dig", "/usr/bin/dig"),
 ];
 
 /// A small policy the guest's agent starts with once before the suites, so

@@ -8,7 +8,12 @@ use bulkhead_common::DomainId;
 use bulkhead_common::maps::{
     BRIDGE_REVERSE, BridgeRule, BridgeSet, Config, DOMAIN_ALLOW_RAW, DOMAIN_AUDIT_ALL,
     DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_EXISTS, DOMAIN_INGRESS_GEO,
-    DOMAIN_INGRESS_UNKNOWN_DENY, DomainRec, MAX_BRIDGE_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_UDP,
+    DOMAIN_INGRESS_UNKNOWN_DENY, DOMAIN_NAMES_ALLOW, DOMAIN_NAMES_DENY, DomainRec,
+    MAX_BRIDGE_RULES, MAX_NAMES, MAX_RESOLVERS, MODE_AUDIT, MODE_ENFORCE, PROTO_UDP,
+};
+use bulkhead_common::{
+    dns::name_hash,
+    event::{FAMILY_INET, FAMILY_INET6},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -17,7 +22,7 @@ use crate::{
     cgroup,
     clock::to_tai,
     geo::{DomainGeo, GeoDb},
-    policy::{AuditLevel, Mode, Policy, UnknownCountry},
+    policy::{AuditLevel, Mode, NameList, Policy, UnknownCountry},
     selector::Assignment,
 };
 
@@ -56,6 +61,36 @@ pub struct Compiled {
     /// Pods the policy's `pods:` selectors placed (their cgroups are in
     /// `cgroups` too); empty without a pod watch.
     pub pods: Vec<Assignment>,
+    /// `BH_NAMES` of the slot: (domain id, wildcard, name hash) → the
+    /// rule's index + 1 in the domain's `egress.names`.
+    pub names: BTreeMap<(u16, u8, u64), u32>,
+    /// `BH_RESOLVERS` of the slot: (domain id, family, address).
+    pub resolvers: BTreeMap<(u16, u8, [u8; 16]), u32>,
+}
+
+/// The key a domain's learned addresses are kept under
+/// ([`DomainRec::key`]): its name's hash, so they outlive reloads that
+/// number domains differently. FNV-1a, never 0.
+pub fn domain_key(name: &str) -> u32 {
+    let h = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h.max(1)
+}
+
+/// An address as the kernel's maps hold it: IPv4 in the first four bytes.
+pub fn addr_bytes(a: std::net::IpAddr) -> (u8, [u8; 16]) {
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            (FAMILY_INET, b)
+        }
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => addr_bytes(std::net::IpAddr::V4(v4)),
+            None => (FAMILY_INET6, v6.octets()),
+        },
+    }
 }
 
 impl Compiled {
@@ -129,9 +164,42 @@ fn build(
     let mut net4 = Vec::new();
     let mut net6 = Vec::new();
     let mut geo_rules = Vec::new();
+    let mut names = BTreeMap::new();
+    let mut resolvers = BTreeMap::new();
+    let mut config_flags = 0;
+    let mut keys = BTreeMap::new();
     for (i, d) in policy.domains.iter().enumerate() {
         let id = DomainId::from_index(i).raw();
+        let key = domain_key(&d.name);
+        if let Some(other) = keys.insert(key, &d.name) {
+            bail!(
+                "domains `{other}` and `{}` have the same key for learned addresses; rename one",
+                d.name
+            );
+        }
         let mut flags = DOMAIN_EXISTS;
+        match &d.names {
+            Some(NameList::Allow(_)) => flags |= DOMAIN_NAMES_ALLOW,
+            Some(NameList::Deny(_)) => flags |= DOMAIN_NAMES_DENY,
+            None => {}
+        }
+        if let Some(list) = &d.names {
+            config_flags |= bulkhead_common::maps::CONFIG_NAMES;
+            for (n, name) in list.names().iter().enumerate() {
+                let (wildcard, bare) = match name.strip_prefix("*.") {
+                    Some(rest) => (1u8, rest),
+                    None => (0u8, name.as_str()),
+                };
+                let Some(hash) = name_hash(bare) else {
+                    bail!("name `{name}` of domain `{}` is not a DNS name", d.name);
+                };
+                names.insert((id as u16, wildcard, hash), n as u32 + 1);
+            }
+            for r in d.dns.iter().flat_map(|dns| &dns.resolvers) {
+                let (family, addr) = addr_bytes(*r);
+                resolvers.insert((id as u16, family, addr), 1);
+            }
+        }
         if d.audit == AuditLevel::All {
             flags |= DOMAIN_AUDIT_ALL;
         }
@@ -155,7 +223,9 @@ fn build(
             DomainRec {
                 expires_tai_ns: to_tai(d.expires, tai, u64::MAX),
                 flags,
-                _pad: 0,
+                key,
+                min_ttl: d.dns.as_ref().map_or(0, |x| x.min_ttl),
+                max_ttl: d.dns.as_ref().map_or(0, |x| x.max_ttl),
             },
         ));
         for pattern in &d.cgroups {
@@ -215,11 +285,18 @@ fn build(
         }
     }
 
+    if names.len() > MAX_NAMES as usize {
+        bail!("more than {MAX_NAMES} `egress.names` entries in all domains together");
+    }
+    if resolvers.len() > MAX_RESOLVERS as usize {
+        bail!("more than {MAX_RESOLVERS} `dns.resolvers` in all domains together");
+    }
     let addr = addr(&net4, &net6, &geo_rules)?;
     Ok(Compiled {
         config: Config {
             addr_words: addr.words.len() as u32,
             addr_classes: addr.classes.len() as u32,
+            flags: config_flags,
             ..config
         },
         domains,
@@ -231,6 +308,8 @@ fn build(
         bridge_names,
         domain_names: policy.domains.iter().map(|d| d.name.clone()).collect(),
         pods: Vec::new(),
+        names,
+        resolvers,
     })
 }
 

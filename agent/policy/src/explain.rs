@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bulkhead_common::{
     Decision, Direction, DomainId, Ports, Reason,
-    decide::{Peer, PeerAddr, decide_peer, peer_domain, v4_in_16, walk_level},
+    decide::{Names, Peer, PeerAddr, decide_peer, peer_domain, v4_in_16, walk_level},
     event::{FAMILY_INET, FAMILY_INET6},
     maps::{DOMAIN_EGRESS_GEO, DomainRec},
 };
@@ -37,6 +37,21 @@ pub struct Query {
     pub dst: IpAddr,
     pub port: u16,
     pub proto: Proto,
+    /// What the kernel learned about `dst` from answers, per domain
+    /// (`BH_LEARNED`): the live agent reads it; a policy file alone knows
+    /// none.
+    pub learned: Vec<LearnedAddr>,
+}
+
+/// An address a domain learned from an answer (`BH_LEARNED`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LearnedAddr {
+    /// The domain's [`crate::compile::domain_key`].
+    pub domain_key: u32,
+    pub rule_hash: u64,
+    pub wildcard: bool,
+    pub resolver: Option<IpAddr>,
+    pub until_tai_ns: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -233,6 +248,19 @@ pub fn explain_at(
     };
     let local_name = policy.domains[local_idx].name.clone();
     let svc = format!("{}/{}", q.proto.name(), q.port);
+    // The name an answer learned the address for, if the rule that
+    // matched is still in the policy and the answer's TTL holds.
+    let learned = q
+        .learned
+        .iter()
+        .find(|l| l.domain_key == local.key && l.until_tai_ns > now_tai)
+        .and_then(|l| {
+            let rule = c
+                .names
+                .get(&(local_id as u16, u8::from(l.wildcard), l.rule_hash))?;
+            let names = policy.domains[local_idx].names.as_ref()?.names();
+            Some((names.get(*rule as usize - 1)?.clone(), l))
+        });
     if let Some(Lookup {
         netns,
         listener: Listener::Unknown(why),
@@ -260,6 +288,13 @@ pub fn explain_at(
         domain: peer_id,
         geo: Some(&class.geo),
         loopback: addr.is_loopback(),
+        names: Names {
+            resolver: c
+                .resolvers
+                .contains_key(&(local_id as u16, addr.family, addr.addr)),
+            named: learned.is_some(),
+            until_tai_ns: learned.as_ref().map_or(0, |(_, l)| l.until_tai_ns),
+        },
     };
     let d: Decision = decide_peer(
         Direction::Egress,
@@ -358,6 +393,28 @@ pub fn explain_at(
         Reason::CountryUnknownAllowed => {
             format!("no geo source places {dst} and {local_name} has unknown_country: allow")
         }
+        Reason::DnsResolverDenied => format!(
+            "{local_name} uses names: its DNS goes to its `dns.resolvers` only, and {dst} is not one"
+        ),
+        Reason::DnsResolver => format!("{dst} is one of {local_name}'s `dns.resolvers`"),
+        Reason::NameAllowed | Reason::NameDenied => {
+            let (name, l) = learned.as_ref().expect("decided by a learned name");
+            format!(
+                "{dst} was learned from an answer of {} for `{name}`, which {local_name}'s \
+                 `egress.names` {} ({} s of its TTL left)",
+                l.resolver.map_or("a resolver".into(), |r| r.to_string()),
+                if d.reason == Reason::NameAllowed {
+                    "allow"
+                } else {
+                    "deny"
+                },
+                (l.until_tai_ns - now_tai) / 1_000_000_000
+            )
+        }
+        Reason::NameNotAllowed => format!(
+            "{dst_is}, and no answer from {local_name}'s resolvers for a name its `egress.names` \
+             allow (within its TTL) gave this address; it has no country rule"
+        ),
         other => other.name().to_string(),
     };
     Answer {
@@ -454,6 +511,7 @@ mod tests {
             dst: dst.parse().unwrap(),
             port,
             proto,
+            learned: Vec::new(),
         }
     }
 

@@ -72,6 +72,7 @@ fn explain_file(path: &Path, cgroup: String, ip: IpAddr, port: u16, proto: &str)
         dst: ip,
         port,
         proto: Proto::from_name(proto).unwrap_or(Proto::Tcp),
+        learned: Vec::new(),
     };
     let now = clock::now_ns();
     Ok(explain::explain(
@@ -147,6 +148,7 @@ fn decided(e: &Value) -> Option<Query> {
         dst: dst.parse().ok()?,
         port: e["dport"].as_u64().unwrap_or(0) as u16,
         proto,
+        learned: Vec::new(),
     })
 }
 

@@ -211,11 +211,23 @@ fn status_outputs(v: &Status) -> String {
             );
         }
     }
+    let d = &v.dns;
     s + &format!(
         "cut:         {} established connections marked, {} destroyed; {}\n\
+         names:       {} addresses learned now (of {}); {} answers taught {} addresses, {} spoofed answers ignored, {} unread\n\
          packet sockets: {}\n\
          {}\n",
-        c.marked, c.destroyed, c.how, v.packet_sockets, v.capabilities,
+        c.marked,
+        c.destroyed,
+        c.how,
+        d.learned_now,
+        d.max,
+        d.answers,
+        d.addresses,
+        d.spoofed,
+        d.unread,
+        v.packet_sockets,
+        v.capabilities,
     )
 }
 

@@ -84,7 +84,7 @@ pub struct Program {
 /// Every cgroup program, in attach order: the packet hooks (the backstop)
 /// before the `connect`/`sendmsg` hooks, so when a new agent's own maps
 /// start deciding, all its hooks decide together.
-pub const PROGRAMS: [Program; 9] = [
+pub const PROGRAMS: [Program; 11] = [
     Program {
         name: "bh_post_bind4",
         hook: "cgroup/post_bind4",
@@ -111,6 +111,21 @@ pub const PROGRAMS: [Program; 9] = [
     },
     Program {
         name: "bh_ingress",
+        hook: "cgroup_skb/ingress",
+        kind: Kind::Skb(CgroupSkbAttachType::Ingress),
+        stage: Stage::Enforce,
+    },
+    // Learn the addresses of names from DNS answers; never refuse. Before
+    // the connect hooks, so an answer is learned from the moment those
+    // decide with what it taught.
+    Program {
+        name: "bh_dns_egress",
+        hook: "cgroup_skb/egress",
+        kind: Kind::Skb(CgroupSkbAttachType::Egress),
+        stage: Stage::Enforce,
+    },
+    Program {
+        name: "bh_dns_ingress",
         hook: "cgroup_skb/ingress",
         kind: Kind::Skb(CgroupSkbAttachType::Ingress),
         stage: Stage::Enforce,

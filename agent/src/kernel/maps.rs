@@ -22,9 +22,9 @@ use aya::{
 use bulkhead_common::{
     addr::{AddrClass, MAX_CLASSES, SLOT_WORDS},
     maps::{
-        BridgeKey, BridgeSet, CONFIG_AUDIT_REFUSE, CgroupKey, Config, DomainRec, MAP_ADDR,
-        MAP_BRIDGES, MAP_CGROUPS, MAP_CLASSES, MAP_CONFIG, MAP_DOMAINS, MAP_STATE, MAX_DOMAINS,
-        State,
+        BridgeKey, BridgeSet, CONFIG_AUDIT_REFUSE, CgroupKey, Config, DomainRec, Learned,
+        LearnedKey, MAP_ADDR, MAP_BRIDGES, MAP_CGROUPS, MAP_CLASSES, MAP_CONFIG, MAP_DOMAINS,
+        MAP_LEARNED, MAP_NAMES, MAP_RESOLVERS, MAP_STATE, MAX_DOMAINS, NameKey, ResolverKey, State,
     },
 };
 use sha2::{Digest as _, Sha256};
@@ -36,6 +36,8 @@ use crate::compile::Compiled;
 struct Slot {
     cgroups: HashMap<u64, u32>,
     bridges: HashMap<(u16, u16), BridgeSet>,
+    names: HashMap<(u16, u8, u64), u32>,
+    resolvers: HashMap<(u16, u8, [u8; 16]), u32>,
     /// Address table size, from the slot's config.
     addr_words: u32,
     addr_classes: u32,
@@ -126,6 +128,25 @@ impl PolicyMaps {
                 slots[(k.slot & 1) as usize]
                     .bridges
                     .insert((k.from, k.to), v);
+            }
+        }
+        {
+            let m: BpfHash<&mut MapData, NameKey, u32> = BpfHash::try_from(map(ebpf, MAP_NAMES)?)?;
+            for kv in m.iter() {
+                let (k, v) = kv.context("reading BH_NAMES")?;
+                slots[(k.slot & 1) as usize]
+                    .names
+                    .insert((k.domain, k.wildcard, k.hash), v);
+            }
+        }
+        {
+            let m: BpfHash<&mut MapData, ResolverKey, u32> =
+                BpfHash::try_from(map(ebpf, MAP_RESOLVERS)?)?;
+            for kv in m.iter() {
+                let (k, v) = kv.context("reading BH_RESOLVERS")?;
+                slots[(k.slot & 1) as usize]
+                    .resolvers
+                    .insert((k.domain, k.family, k.addr), v);
             }
         }
         if write_refusal(ebpf, false)? {
@@ -278,6 +299,44 @@ impl PolicyMaps {
                 }
             })
             .context("writing BH_BRIDGES")?;
+        }
+        {
+            let want: HashMap<_, _> = c.names.iter().map(|(k, v)| (*k, *v)).collect();
+            let mut m: BpfHash<&mut MapData, NameKey, u32> =
+                BpfHash::try_from(map(ebpf, MAP_NAMES)?)?;
+            sync(&mut s.names, want, w, |(domain, wildcard, hash), v| {
+                let key = NameKey {
+                    hash: *hash,
+                    slot,
+                    domain: *domain,
+                    wildcard: *wildcard,
+                    _pad: 0,
+                };
+                match v {
+                    Some(v) => m.insert(key, v, 0),
+                    None => m.remove(&key),
+                }
+            })
+            .context("writing BH_NAMES")?;
+        }
+        {
+            let want: HashMap<_, _> = c.resolvers.iter().map(|(k, v)| (*k, *v)).collect();
+            let mut m: BpfHash<&mut MapData, ResolverKey, u32> =
+                BpfHash::try_from(map(ebpf, MAP_RESOLVERS)?)?;
+            sync(&mut s.resolvers, want, w, |(domain, family, addr), v| {
+                let key = ResolverKey {
+                    addr: *addr,
+                    slot,
+                    domain: *domain,
+                    family: *family,
+                    _pad: 0,
+                };
+                match v {
+                    Some(v) => m.insert(key, v, 0),
+                    None => m.remove(&key),
+                }
+            })
+            .context("writing BH_RESOLVERS")?;
         }
         let mut cfg: Array<&mut MapData, Config> = Array::try_from(map(ebpf, MAP_CONFIG)?)?;
         let config = Config {
@@ -501,6 +560,24 @@ pub fn dump(maps_dir: &std::path::Path) -> Result<serde_json::Value> {
         .collect();
     br.sort();
     out.insert("bridges".into(), br.into());
+    let names: BpfHash<MapData, NameKey, u32> = BpfHash::try_from(Map::HashMap(open(MAP_NAMES)?))?;
+    let mut nm: Vec<String> = names
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .map(|(k, v)| format!("{k:?}={v}"))
+        .collect();
+    nm.sort();
+    out.insert("names".into(), nm.into());
+    let resolvers: BpfHash<MapData, ResolverKey, u32> =
+        BpfHash::try_from(Map::HashMap(open(MAP_RESOLVERS)?))?;
+    let mut rs: Vec<String> = resolvers
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .map(|(k, v)| format!("{k:?}={v}"))
+        .collect();
+    rs.sort();
+    out.insert("resolvers".into(), rs.into());
+    out.insert("learned".into(), learned(maps_dir)?.into());
     // The address table: each slot's words in use as a digest (they are
     // millions), its classes in full.
     let addr = open(MAP_ADDR)?;
@@ -525,4 +602,72 @@ pub fn dump(maps_dir: &std::path::Path) -> Result<serde_json::Value> {
     }
     out.insert("addr".into(), tables.into());
     Ok(out.into())
+}
+
+/// Every address learned from answers (`BH_LEARNED`), for `bulkhead dump`:
+/// domain key, address, the rule hash it was learned for, the resolver,
+/// and its expiry (TAI ns). Not part of a policy: it changes as workloads
+/// look names up.
+pub fn learned(maps_dir: &std::path::Path) -> Result<Vec<serde_json::Value>> {
+    let path = maps_dir.join(MAP_LEARNED);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned {MAP_LEARNED}"))?;
+    let m: BpfHash<MapData, LearnedKey, Learned> = BpfHash::try_from(Map::LruHashMap(data))?;
+    let mut out: Vec<serde_json::Value> = m
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .map(|(k, v)| {
+            serde_json::json!({
+                "domain_key": k.domain_key,
+                "addr": crate::runtime::events::addr(k.family, &k.addr).map(|a| a.to_string()),
+                "rule_hash": format!("{:016x}", v.rule_hash),
+                "wildcard": v.wildcard != 0,
+                "resolver": crate::runtime::events::addr(v.resolver_family, &v.resolver).map(|a| a.to_string()),
+                "expires_tai_ns": v.expires_tai_ns,
+                "learned_tai_ns": v.learned_tai_ns,
+            })
+        })
+        .collect();
+    out.sort_by_key(|v| v.to_string());
+    Ok(out)
+}
+
+/// What the domains with `keys` learned about `ip` (`BH_LEARNED`), for the
+/// live `explain`; nothing where the map cannot be read.
+pub fn learned_for(
+    ebpf: &Ebpf,
+    keys: &[u32],
+    ip: std::net::IpAddr,
+) -> Vec<crate::explain::LearnedAddr> {
+    let Some(m) = ebpf.map(MAP_LEARNED) else {
+        return Vec::new();
+    };
+    let Ok(m) = BpfHash::<_, LearnedKey, Learned>::try_from(m) else {
+        return Vec::new();
+    };
+    let (family, addr) = crate::compile::addr_bytes(ip);
+    keys.iter()
+        .filter_map(|k| {
+            let key = LearnedKey {
+                addr,
+                domain_key: *k,
+                family,
+                _pad: [0; 3],
+            };
+            let v = m.get(&key, 0).ok()?;
+            Some(crate::explain::LearnedAddr {
+                domain_key: *k,
+                rule_hash: v.rule_hash,
+                wildcard: v.wildcard != 0,
+                resolver: crate::runtime::events::addr(v.resolver_family, &v.resolver),
+                until_tai_ns: v.expires_tai_ns,
+            })
+        })
+        .collect()
+}
+
+/// Addresses held in `BH_LEARNED` now, for `status`.
+pub fn learned_count(ebpf: &Ebpf) -> usize {
+    ebpf.map(MAP_LEARNED)
+        .and_then(|m| BpfHash::<_, LearnedKey, Learned>::try_from(m).ok())
+        .map_or(0, |m| m.keys().count())
 }

@@ -345,6 +345,12 @@ impl Agent {
             warn!("{w}");
         }
         let fallbacks = kernel_report.fallbacks();
+        if fallbacks.no_loop && loaded.policy.domains.iter().any(|d| d.names.is_some()) {
+            warn!(
+                "this kernel has no bpf_loop (Linux 5.17): DNS answers are not learned, so \
+                 `egress.names` allow nothing and deny nothing by name here (README, Names)"
+            );
+        }
         let pins = Pins::new(args.bpffs_dir.clone(), kernel::layout()?);
         kernel::ensure_bpffs(&pins.root)?;
         let lock = kernel::lock(&pins)?;
@@ -382,10 +388,12 @@ impl Agent {
         // before it, whose events may wait in the ring) are known first.
         let tai = clock::tai_offset_ns();
         let enricher = enricher(&mount, &loaded, &args.state_dir, &pins.layout, tai);
-        enricher
-            .lock()
-            .expect("enricher lock")
-            .add_generation(staged.generation(), generation_names(&loaded));
+        {
+            let mut en = enricher.lock().expect("enricher lock");
+            en.read_learned(&pins.maps().join(bulkhead_common::maps::MAP_LEARNED));
+            en.add_generation(staged.generation(), generation_names(&loaded));
+            en.add_name_rules(name_rules(&loaded));
+        }
         // 5. the policy put in force, in one write;
         let written = PolicyMaps::commit(&mut ebpf, staged)?;
         span.record("generation", written.generation);
@@ -576,10 +584,11 @@ impl Agent {
         let switched = next.and_then(|next| {
             span.record("policy", short(&next.policy.sha256));
             let generation = PolicyMaps::next_generation(&mut self.ebpf)?;
-            self.enricher
-                .lock()
-                .expect("enricher lock")
-                .add_generation(generation, generation_names(&next));
+            {
+                let mut en = self.enricher.lock().expect("enricher lock");
+                en.add_generation(generation, generation_names(&next));
+                en.add_name_rules(name_rules(&next));
+            }
             let w = self
                 .pmaps
                 .switch(&mut self.ebpf, &next.compiled)
@@ -1074,14 +1083,16 @@ impl Agent {
             return Response::error(format!("not an IP address: {dst}"));
         };
         let proto = policy::Proto::from_name(proto).unwrap_or(policy::Proto::Tcp);
+        let l = &self.current;
+        let keys: Vec<u32> = l.compiled.domains.iter().map(|(_, r)| r.key).collect();
         let q = explain::Query {
             cgroup: cgroup.to_string(),
             dst: ip,
             port,
             proto,
+            learned: crate::kernel::maps::learned_for(&self.ebpf, &keys, ip),
         };
         let host = explain::HostListeners::new(socks_fd(&self.ebpf).ok());
-        let l = &self.current;
         let mut answer = explain::explain_with(
             &l.policy,
             &l.compiled,
@@ -1221,6 +1232,14 @@ impl Agent {
                     "their packets are dropped (no bpf_sock_destroy: Linux 6.5+)"
                 }
                 .into(),
+            },
+            dns: super::protocol::DnsCounts {
+                learned_now: crate::kernel::maps::learned_count(&self.ebpf),
+                max: bulkhead_common::maps::MAX_LEARNED,
+                answers: get(bulkhead_common::maps::COUNTER_DNS_ANSWERS),
+                addresses: get(bulkhead_common::maps::COUNTER_DNS_LEARNED),
+                spoofed: get(bulkhead_common::maps::COUNTER_DNS_SPOOFED),
+                unread: get(bulkhead_common::maps::COUNTER_DNS_UNREAD),
             },
             packet_sockets: self.packet_sockets.clone(),
             capabilities: self.capabilities.clone(),
@@ -1508,6 +1527,24 @@ fn generation_names(l: &Loaded) -> Generation {
         bridge_names: l.compiled.bridge_names.clone(),
         geo: l.geo.clone(),
     }
+}
+
+/// The `egress.names` rules of a loaded policy, as events name them:
+/// `(domain key, wildcard, hash)` → the rule as written.
+fn name_rules(l: &Loaded) -> Vec<((u32, u8, u64), String)> {
+    l.compiled
+        .names
+        .iter()
+        .filter_map(|((domain, wildcard, hash), rule)| {
+            let index = bulkhead_common::DomainId::from(*domain).index()?;
+            let d = l.policy.domains.get(index)?;
+            let name = d.names.as_ref()?.names().get(*rule as usize - 1)?;
+            Some((
+                (crate::compile::domain_key(&d.name), *wildcard, *hash),
+                name.clone(),
+            ))
+        })
+        .collect()
 }
 
 fn bridge_detail(b: &JitBridge) -> String {

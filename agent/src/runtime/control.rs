@@ -560,6 +560,7 @@ mod tests {
             country: None,
             geo_source: None,
             geo_source_built: None,
+            name: None,
             bridge: None,
             generation: 1,
             seq,

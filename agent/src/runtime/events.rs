@@ -53,6 +53,10 @@ pub struct Record {
     #[serde(default)]
     pub geo_source_built: Option<String>,
     pub bridge: Option<String>,
+    /// `name-allowed`/`name-denied`: the `egress.names` rule whose name an
+    /// answer gave the destination's address for.
+    #[serde(default)]
+    pub name: Option<String>,
     pub generation: u64,
     pub seq: u64,
     pub cpu: u16,
@@ -72,7 +76,19 @@ pub struct Enricher {
     /// keep theirs until [`GEO_GRACE`] has passed (see
     /// [`Enricher::release_replaced_geo`]).
     geo_replaced: Option<Instant>,
+    /// The kernel's learned addresses (`BH_LEARNED`), for the `name` of
+    /// events decided by one.
+    learned: Option<LearnedMap>,
+    /// `(domain key, wildcard, rule hash)` → the rule as the policy writes
+    /// it, of every generation seen.
+    name_rules: HashMap<(u32, u8, u64), String>,
 }
+
+type LearnedMap = aya::maps::HashMap<
+    aya::maps::MapData,
+    bulkhead_common::maps::LearnedKey,
+    bulkhead_common::maps::Learned,
+>;
 
 /// How long older generations keep the geo sources they were compiled
 /// from after newer ones came in: long enough for the events they decided
@@ -130,7 +146,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
 }
 
-fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
+pub(crate) fn addr(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
     match family {
         FAMILY_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
         FAMILY_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
@@ -160,7 +176,44 @@ impl Enricher {
             gaps: 0,
             names_file: None,
             geo_replaced: None,
+            learned: None,
+            name_rules: HashMap::new(),
         }
+    }
+
+    /// Reads the `name` of events from the pinned `BH_LEARNED` at `pin`.
+    pub fn read_learned(&mut self, pin: &Path) {
+        match aya::maps::MapData::from_pin(pin)
+            .map_err(anyhow::Error::from)
+            .and_then(|m| Ok(LearnedMap::try_from(aya::maps::Map::LruHashMap(m))?))
+        {
+            Ok(m) => self.learned = Some(m),
+            Err(e) => tracing::warn!(
+                "events will not name the names their addresses were learned for: opening {}: {e:#}",
+                pin.display()
+            ),
+        }
+    }
+
+    /// The `egress.names` rules of a generation (see `name_rules`).
+    pub fn add_name_rules(&mut self, rules: impl IntoIterator<Item = ((u32, u8, u64), String)>) {
+        self.name_rules.extend(rules);
+    }
+
+    /// The rule an address learned by the domain named `domain` was
+    /// learned for.
+    fn learned_name(&self, domain: &str, family: u8, addr: [u8; 16]) -> Option<String> {
+        let peer = bulkhead_common::decide::PeerAddr::new(family, addr);
+        let key = bulkhead_common::maps::LearnedKey {
+            addr: peer.addr,
+            domain_key: crate::compile::domain_key(domain),
+            family: peer.family,
+            _pad: [0; 3],
+        };
+        let v = self.learned.as_ref()?.get(&key, 0).ok()?;
+        self.name_rules
+            .get(&(key.domain_key, v.wildcard, v.rule_hash))
+            .cloned()
     }
 
     /// Keeps the names of every generation added from now on in `file`, and
@@ -334,6 +387,13 @@ impl Enricher {
                 },
             )
         };
+        let reason = Reason::from_code(e.reason);
+        let name = match (reason, &src_domain, ingress) {
+            (Some(Reason::NameAllowed | Reason::NameDenied), Some(local), false) => {
+                self.learned_name(local, e.family, e.dst_addr)
+            }
+            _ => None,
+        };
         let task = e.pid_tgid != 0;
         let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
         let port = |p: [u8; 2]| Some(u16::from_be_bytes(p)).filter(|p| *p != 0);
@@ -341,8 +401,7 @@ impl Enricher {
             ts: format_ts(e.ts_tai_ns, self.tai_offset_ns),
             verdict: Verdict::from_code(e.verdict)
                 .map_or_else(|| e.verdict.to_string(), |v| v.name().into()),
-            reason: Reason::from_code(e.reason)
-                .map_or_else(|| e.reason.to_string(), |r| r.name().into()),
+            reason: reason.map_or_else(|| e.reason.to_string(), |r| r.name().into()),
             hook: hook.map_or_else(|| e.hook.to_string(), |h| h.name().into()),
             proto: proto_name(e.proto),
             src: src.map(|a| a.to_string()),
@@ -363,6 +422,7 @@ impl Enricher {
             geo_source,
             geo_source_built,
             bridge,
+            name,
             generation: e.generation,
             seq: e.seq,
             cpu: e.cpu,

@@ -288,6 +288,26 @@ impl Collector for Exposition {
                 at(&counters, COUNTER_CUT_MARKED),
             ),
             (
+                "bulkhead_dns_answers_learned",
+                "DNS answers the kernel learned addresses of names from.",
+                at(&counters, bulkhead_common::maps::COUNTER_DNS_ANSWERS),
+            ),
+            (
+                "bulkhead_dns_addresses_learned",
+                "Addresses written to the learned-names map from DNS answers.",
+                at(&counters, bulkhead_common::maps::COUNTER_DNS_LEARNED),
+            ),
+            (
+                "bulkhead_dns_answers_spoofed",
+                "DNS answers that taught nothing: no query asked for them, or the receiving domain sent them.",
+                at(&counters, bulkhead_common::maps::COUNTER_DNS_SPOOFED),
+            ),
+            (
+                "bulkhead_dns_answers_unread",
+                "DNS answers to a query that could not be read (nothing learned).",
+                at(&counters, bulkhead_common::maps::COUNTER_DNS_UNREAD),
+            ),
+            (
                 "bulkhead_connections_destroyed",
                 "Of those, connections the agent destroyed (bpf_sock_destroy, its own network namespace).",
                 load(&g.cuts_destroyed),

@@ -188,6 +188,10 @@ pub struct Status {
     pub decisions: Vec<DecisionCount>,
     pub events: EventCounts,
     pub connections_cut: CutCounts,
+    /// What the kernel learned from DNS answers (absent from an older
+    /// agent's answer).
+    #[serde(default)]
+    pub dns: DnsCounts,
     pub packet_sockets: String,
     pub capabilities: String,
     pub pods: Option<PodsState>,
@@ -300,6 +304,24 @@ pub struct EventCounts {
     pub sequence_gaps: u64,
     pub subscribers: usize,
     pub subscriber_drops: u64,
+}
+
+/// Names (`egress.names`): answers and addresses the kernel learned.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DnsCounts {
+    /// Addresses held in `BH_LEARNED` now (at most `max`; the least
+    /// recently used go first).
+    pub learned_now: usize,
+    pub max: u32,
+    /// Answers addresses were learned from, and the addresses written.
+    pub answers: u64,
+    pub addresses: u64,
+    /// Answers that taught nothing: no query of the receiving socket asked
+    /// for them, or a socket of the receiving domain sent them.
+    pub spoofed: u64,
+    /// Answers that matched a query but could not be read (too long,
+    /// compressed question, ...).
+    pub unread: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -20,6 +20,15 @@
 //!                                         through (refused = EPERM, dropped = timed out,
 //!                                         open = it went through), "UNIX_NS totals
 //!                                         REFUSED OTHER" each second, then "rounds N"
+//!   probe resolve SERVER:PORT NAME a|aaaa DNS query over UDP: "addrs A,B" (the answer's
+//!                                         addresses) or "error ERRNO"
+//!   probe lookup-connect SERVER:PORT NAME PORT COUNT
+//!                                         COUNT times: look NAME up (A), TCP connect to the
+//!                                         first address at once; "ok N failed M [FIRST_ERROR]"
+//!   probe fake-resolver ADDR:PORT IP SECS [wrong-id]
+//!                                         answer every query for SECS with one A record IP
+//!                                         (TTL 300; with wrong-id, under another
+//!                                         transaction id); "answered N"
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -422,6 +431,29 @@ fn main() -> ExitCode {
         ["hold", to, secs] => hold(addr(to), secs.parse().expect("secs")),
         ["ask", from, to] => ask(addr(from), addr(to)),
         ["guard", secs, targets @ ..] => guard(secs.parse().expect("secs"), targets),
+        ["resolve", server, name, kind] => match lookup(addr(server), name, *kind == "aaaa") {
+            Ok(addrs) => format!(
+                "addrs {}",
+                addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Err(e) => format!("error {}", errno_name(&e)),
+        },
+        ["lookup-connect", server, name, port, count] => lookup_connect(
+            addr(server),
+            name,
+            port.parse().expect("port"),
+            count.parse().expect("count"),
+        ),
+        ["fake-resolver", at, ip, secs, rest @ ..] => fake_resolver(
+            addr(at),
+            ip.parse().expect("ip"),
+            secs.parse().expect("secs"),
+            rest == ["wrong-id"],
+        ),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
             return ExitCode::from(2);
@@ -429,6 +461,117 @@ fn main() -> ExitCode {
     };
     println!("{out}");
     ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------
+// DNS (issue 19): a stub resolver's query and answer, as libc sends them.
+
+fn dns_query(id: u16, name: &str, aaaa: bool) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.trim_end_matches('.').split('.') {
+        m.push(l.len() as u8);
+        m.extend_from_slice(l.as_bytes());
+    }
+    m.push(0);
+    m.extend_from_slice(&[0, if aaaa { 28 } else { 1 }, 0, 1]);
+    m
+}
+
+/// One query to `server`, its answer's addresses (an answer with none is
+/// an error, as for a stub resolver).
+fn lookup(server: SocketAddr, name: &str, aaaa: bool) -> std::io::Result<Vec<std::net::IpAddr>> {
+    use bulkhead_common::dns;
+    use std::net::IpAddr;
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(any)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.connect(server)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let id = (std::process::id() as u16) ^ (nanos as u16);
+    s.send(&dns_query(id, name, aaaa))?;
+    let mut scratch = Box::new(dns::Scratch::new());
+    let n = s.recv(&mut scratch.buf)?;
+    let bad = |what: &str| std::io::Error::other(what.to_string());
+    let q = dns::question_hashed(&mut scratch, n).ok_or_else(|| bad("no answer"))?;
+    if q.id != id {
+        return Err(bad("wrong transaction id"));
+    }
+    let mut pos = q.next;
+    let mut out = Vec::new();
+    for _ in 0..q.answers {
+        let Some(r) = dns::record(&scratch.buf, n, pos) else {
+            break;
+        };
+        pos = r.next;
+        match r.family {
+            2 => out.push(IpAddr::from([r.addr[0], r.addr[1], r.addr[2], r.addr[3]])),
+            10 => out.push(IpAddr::from(r.addr)),
+            _ => {}
+        }
+    }
+    if out.is_empty() {
+        return Err(bad("no address in the answer"));
+    }
+    Ok(out)
+}
+
+fn lookup_connect(server: SocketAddr, name: &str, port: u16, count: u32) -> String {
+    let (mut ok, mut failed) = (0, 0);
+    let mut first = String::new();
+    for _ in 0..count {
+        let r = lookup(server, name, false).and_then(|addrs| {
+            TcpStream::connect_timeout(&SocketAddr::new(addrs[0], port), Duration::from_secs(2))
+        });
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                if first.is_empty() {
+                    first = format!(" {}", errno_name(&e));
+                }
+            }
+        }
+    }
+    format!("ok {ok} failed {failed}{first}")
+}
+
+/// Answers every query with one A record, for `secs`.
+fn fake_resolver(at: SocketAddr, ip: std::net::Ipv4Addr, secs: u64, wrong_id: bool) -> String {
+    let s = UdpSocket::bind(at).expect("bind");
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut answered = 0;
+    let mut buf = [0u8; 512];
+    while Instant::now() < end {
+        let Ok((n, from)) = s.recv_from(&mut buf) else {
+            continue;
+        };
+        if n < 17 {
+            continue;
+        }
+        let mut m = buf[..n].to_vec();
+        if wrong_id {
+            m[1] ^= 1;
+        }
+        m[2] = 0x81;
+        m[3] = 0x80;
+        m[6] = 0;
+        m[7] = 1;
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4]);
+        m.extend_from_slice(&ip.octets());
+        if s.send_to(&m, from).is_ok() {
+            answered += 1;
+        }
+    }
+    format!("answered {answered}")
 }
 
 // ---------------------------------------------------------------------------

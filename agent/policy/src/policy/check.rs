@@ -276,6 +276,8 @@ impl Checker {
             ingress: None,
             audit: AuditLevel::Deny,
             allow_raw_sockets: false,
+            names: None,
+            dns: None,
         };
         let known = [
             "cgroups",
@@ -286,6 +288,7 @@ impl Checker {
             "ingress",
             "audit",
             "allow_raw_sockets",
+            "dns",
         ];
         let Some(fields) = self.fields(node, &format!("domain `{name}`"), &known) else {
             return domain;
@@ -346,7 +349,18 @@ impl Checker {
             domain.expires = self.time(node, "expires");
         }
         if let Some(node) = fields.get("egress") {
-            domain.egress = self.geo_rule(node, "egress");
+            (domain.egress, domain.names) = self.egress(node);
+        }
+        if let Some(node) = fields.get("dns") {
+            domain.dns = self.dns(node);
+        }
+        if let (Some(_), None) = (&domain.names, &domain.dns)
+            && let Some(node) = fields.get("egress")
+        {
+            self.problem(
+                node.pos,
+                "`egress.names` needs `dns: { resolvers: [...] }`: the resolvers whose answers count",
+            );
         }
         if let Some(node) = fields.get("ingress") {
             domain.ingress = self.geo_rule(node, "ingress");
@@ -492,12 +506,118 @@ impl Checker {
         }
     }
 
+    /// `egress:` — a country rule, names, or both.
+    fn egress(&mut self, node: &Node) -> (Option<GeoRule>, Option<NameList>) {
+        let Some(fields) =
+            self.fields(node, "`egress`", &["countries", "unknown_country", "names"])
+        else {
+            return (None, None);
+        };
+        let names = fields.get("names").and_then(|n| self.names(n));
+        if fields.get("names").is_some() && fields.get("countries").is_none() {
+            if let Some(n) = fields.get("unknown_country") {
+                self.problem(n.pos, "`unknown_country` needs `countries`");
+            }
+            return (None, names);
+        }
+        (self.geo_fields(&fields), names)
+    }
+
+    /// `names: { allow: [...] }` or `{ deny: [...] }`.
+    fn names(&mut self, node: &Node) -> Option<NameList> {
+        let lists = self.fields(node, "`names`", &["allow", "deny"])?;
+        let (list, allow) = match (lists.get("allow"), lists.get("deny")) {
+            (Some(n), None) => (n, true),
+            (None, Some(n)) => (n, false),
+            (Some(_), Some(_)) => {
+                self.problem(
+                    lists.pos,
+                    "`names` takes either `allow` or `deny`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.problem(lists.pos, "`names` needs an `allow` or a `deny` list");
+                return None;
+            }
+        };
+        if is_empty_list(list) {
+            self.problem(list.pos, "empty name list");
+        }
+        let mut names = Vec::new();
+        for (text, pos) in self.strings(list, "names") {
+            match check_dns_name(text) {
+                Ok(n) if names.contains(&n) => self.problem(pos, format!("`{n}` is listed twice")),
+                Ok(n) => names.push(n),
+                Err(why) => self.problem(pos, why),
+            }
+        }
+        Some(if allow {
+            NameList::Allow(names)
+        } else {
+            NameList::Deny(names)
+        })
+    }
+
+    /// `dns: { resolvers: [...], min_ttl: 60s, max_ttl: 1d }`.
+    fn dns(&mut self, node: &Node) -> Option<Dns> {
+        let fields = self.fields(node, "`dns`", &["resolvers", "min_ttl", "max_ttl"])?;
+        let list = self.required(&fields, "resolvers")?;
+        if is_empty_list(list) {
+            self.problem(list.pos, "empty resolver list");
+        }
+        let mut resolvers = Vec::new();
+        for (text, pos) in self.strings(list, "resolvers") {
+            match text.parse::<IpAddr>() {
+                Ok(a) => resolvers.push(a),
+                Err(_) => self.problem(
+                    pos,
+                    format!("invalid resolver `{text}` (expected an address like 10.20.0.53 or fd00:20::53)"),
+                ),
+            }
+        }
+        let mut ttl = |name: &str, default: u32| -> u32 {
+            let Some(n) = fields.get(name) else {
+                return default;
+            };
+            let Some(text) = self.string(n, name) else {
+                return default;
+            };
+            match parse_duration(text) {
+                Ok(secs) if secs <= u64::from(u32::MAX) => secs as u32,
+                Ok(_) => {
+                    self.problem(n.pos, format!("`{name}` is too long"));
+                    default
+                }
+                Err(e) => {
+                    self.problem(n.pos, e);
+                    default
+                }
+            }
+        };
+        let min_ttl = ttl("min_ttl", Dns::DEFAULT_MIN_TTL);
+        let max_ttl = ttl("max_ttl", Dns::DEFAULT_MAX_TTL);
+        if min_ttl > max_ttl {
+            self.problem(fields.pos, "`min_ttl` is longer than `max_ttl`");
+        }
+        Some(Dns {
+            resolvers,
+            min_ttl,
+            max_ttl,
+        })
+    }
+
     fn geo_rule(&mut self, node: &Node, what: &str) -> Option<GeoRule> {
         let fields = self.fields(
             node,
             &format!("`{what}`"),
             &["countries", "unknown_country"],
         )?;
+        self.geo_fields(&fields)
+    }
+
+    /// The country rule of `egress:` or `ingress:`.
+    fn geo_fields(&mut self, fields: &Fields<'_>) -> Option<GeoRule> {
         let unknown = match fields.get("unknown_country") {
             None => None,
             Some(node) => {
@@ -508,7 +628,7 @@ impl Checker {
                 self.choice(node, "unknown_country", &choices)
             }
         };
-        let countries = self.required(&fields, "countries")?;
+        let countries = self.required(fields, "countries")?;
         let lists = self.fields(countries, "`countries`", &["allow", "deny"])?;
         let (allow, deny) = (lists.get("allow"), lists.get("deny"));
         let (list, node) = match (allow, deny) {
@@ -1018,6 +1138,52 @@ fn check_name(name: &str) -> Result<(), String> {
         return Err(format!("is longer than {MAX_NAME_LEN} characters"));
     }
     Ok(())
+}
+
+/// An `egress.names` entry: a DNS name, or `*.` and one, any case, with or
+/// without the trailing dot; returned lower case without it. At most
+/// `bulkhead_common::dns::MAX_LABELS` labels: the kernel learns no longer
+/// names.
+fn check_dns_name(text: &str) -> Result<String, String> {
+    let lower = text.to_ascii_lowercase();
+    let name = lower.strip_suffix('.').unwrap_or(&lower);
+    let (wild, rest) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let bad = |why: &str| Err(format!("invalid name `{text}`: {why}"));
+    if rest.contains('*') {
+        return bad("`*` stands only as the first label, as in `*.example.com`");
+    }
+    if rest.is_empty() || rest.len() > 253 {
+        return bad("expected a DNS name like api.example.com (at most 253 characters)");
+    }
+    let labels: Vec<&str> = rest.split('.').collect();
+    let max = bulkhead_common::dns::MAX_LABELS - usize::from(wild);
+    if labels.len() > max {
+        return bad(&format!(
+            "more than {} labels (bulkhead learns no longer names)",
+            bulkhead_common::dns::MAX_LABELS
+        ));
+    }
+    for l in &labels {
+        let ok = !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-');
+        if !ok {
+            return bad(&format!(
+                "label `{l}` (letters, digits, `-` and `_`, 1 to 63 characters)"
+            ));
+        }
+    }
+    Ok(if wild {
+        format!("*.{rest}")
+    } else {
+        rest.to_owned()
+    })
 }
 
 /// A Kubernetes namespace name (RFC 1123 label).

@@ -67,6 +67,45 @@ pub struct Domain {
     /// `allow_raw_sockets: true` lets the domain's workloads open raw IP and
     /// packet sockets (default false).
     pub allow_raw_sockets: bool,
+    /// `egress.names`: destinations by the DNS names they were looked up
+    /// by.
+    pub names: Option<NameList>,
+    /// `dns:` the resolvers whose answers count; set whenever `names` is.
+    pub dns: Option<Dns>,
+}
+
+/// `egress.names`: lower-case names without the trailing dot; `*.x`
+/// stands for every name below `x`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NameList {
+    Allow(Vec<String>),
+    Deny(Vec<String>),
+}
+
+impl NameList {
+    pub fn names(&self) -> &[String] {
+        match self {
+            NameList::Allow(n) | NameList::Deny(n) => n,
+        }
+    }
+}
+
+/// A domain's `dns:`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dns {
+    /// The only resolvers the domain may query, and whose answers teach it
+    /// the addresses of names.
+    pub resolvers: Vec<std::net::IpAddr>,
+    /// A learned address counts at least this long (seconds), whatever the
+    /// answer's TTL, so clients that cache a little longer keep working.
+    pub min_ttl: u32,
+    /// ... and at most this long.
+    pub max_ttl: u32,
+}
+
+impl Dns {
+    pub const DEFAULT_MIN_TTL: u32 = 60;
+    pub const DEFAULT_MAX_TTL: u32 = 86_400;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

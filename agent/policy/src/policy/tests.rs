@@ -102,6 +102,8 @@ fn full_policy_round_trip() {
                 }),
                 audit: AuditLevel::All,
                 allow_raw_sockets: true,
+                names: None,
+                dns: None,
             },
             Domain {
                 name: "core-staging".into(),
@@ -113,6 +115,8 @@ fn full_policy_round_trip() {
                 ingress: None,
                 audit: AuditLevel::Deny,
                 allow_raw_sockets: false,
+                names: None,
+                dns: None,
             },
         ],
         bridges: vec![Bridge {
@@ -664,6 +668,93 @@ fn countries() {
     assert_eq!(
         p.domains[0].egress.as_ref().unwrap().countries,
         CountryList::Allow(vec![*b"XK", *b"SS"])
+    );
+}
+
+#[test]
+fn names_and_resolvers() {
+    let d = |egress: &str, dns: &str| {
+        format!("version: 1\ndomains:\n  a: {{ cgroups: [/a], egress: {egress}{dns} }}\n")
+    };
+    let dns = ", dns: { resolvers: [10.0.0.53, \"fd00::53\"] }";
+    let p = parse(&d(
+        "{ names: { allow: [API.GitHub.com., \"*.pkg.dev\"] } }",
+        dns,
+    ))
+    .unwrap();
+    let a = &p.domains[0];
+    assert_eq!(
+        a.names,
+        Some(NameList::Allow(vec![
+            "api.github.com".into(),
+            "*.pkg.dev".into()
+        ]))
+    );
+    assert_eq!(a.egress, None, "names alone: no country rule");
+    let dns_of = a.dns.as_ref().unwrap();
+    assert_eq!(dns_of.resolvers.len(), 2);
+    assert_eq!(
+        (dns_of.min_ttl, dns_of.max_ttl),
+        (Dns::DEFAULT_MIN_TTL, Dns::DEFAULT_MAX_TTL)
+    );
+    // Names and countries together.
+    let both = parse(&d(
+        "{ names: { deny: [x.example] }, countries: { allow: [DE] } }",
+        dns,
+    ))
+    .unwrap();
+    assert!(both.domains[0].egress.is_some());
+    assert_eq!(
+        both.domains[0].names,
+        Some(NameList::Deny(vec!["x.example".into()]))
+    );
+
+    rejects(
+        &d("{ names: { allow: [a.example] } }", ""),
+        "3:31",
+        "`egress.names` needs `dns: { resolvers: [...] }`",
+    );
+    rejects(
+        &d("{ names: { allow: [\"a.*.example\"] } }", dns),
+        "3:50",
+        "invalid name `a.*.example`: `*` stands only as the first label",
+    );
+    rejects(
+        &d("{ names: { allow: [a..example] } }", dns),
+        "3:50",
+        "invalid name `a..example`",
+    );
+    rejects(
+        &d("{ names: { allow: [a.example, A.example.] } }", dns),
+        "3:61",
+        "`a.example` is listed twice",
+    );
+    rejects(
+        &d("{ names: { allow: [], deny: [b] } }", dns),
+        "3:40",
+        "either `allow` or `deny`, not both",
+    );
+    rejects(
+        &d(
+            "{ names: { allow: [a.example] } }",
+            ", dns: { resolvers: [dns.example] }",
+        ),
+        "3:85",
+        "invalid resolver `dns.example`",
+    );
+    rejects(
+        &d(
+            "{ names: { allow: [a.example] } }",
+            ", dns: { resolvers: [10.0.0.53], min_ttl: 2h, max_ttl: 1h }",
+        ),
+        "3:71",
+        "`min_ttl` is longer than `max_ttl`",
+    );
+    let long = (0..17).map(|_| "a").collect::<Vec<_>>().join(".");
+    rejects(
+        &d(&format!("{{ names: {{ deny: [{long}] }} }}"), dns),
+        "3:49",
+        "more than 16 labels",
     );
 }
 

@@ -1,0 +1,458 @@
+//! Names: the addresses that answers from a domain's resolvers give the
+//! names its `egress.names` rules mention, learned in the kernel as the
+//! answer is delivered, before the workload can read it, so the first
+//! connect after a lookup is decided with them. Learning and expiry need
+//! no agent.
+//!
+//! Two packet programs of their own (`bh_dns_egress`, `bh_dns_ingress`),
+//! attached beside the deciding ones: they never refuse a packet, and
+//! return at once unless the policy uses names ([`CONFIG_NAMES`]) and the
+//! packet is UDP from or to port 53. An answer teaches a domain something
+//! only when it comes from one of the domain's resolvers, to a socket of
+//! the domain that sent a query with the same transaction id to that
+//! resolver from that port (then the query is used up), and no socket of
+//! the same domain sent it (an answer a workload forges over loopback or
+//! a raw socket teaches its own domain nothing).
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
+    programs::SkBuffContext,
+};
+use bulkhead_common::{
+    decide::{DNS_PORT, Names, PeerAddr},
+    dns::{self, DNS_BUF, HASH_STEPS, MAX_ANSWERS, MAX_LABELS, Scratch},
+    maps::{
+        CONFIG_NAMES, COUNTER_DNS_ANSWERS, COUNTER_DNS_LEARNED, COUNTER_DNS_SPOOFED,
+        COUNTER_DNS_UNREAD, DOMAIN_NAMES, DnsQueryKey, DomainRec, ForgedKey, Learned, LearnedKey,
+        NameKey, ResolverKey,
+    },
+};
+
+use crate::{
+    clock::now_tai,
+    events::{ALLOW, count},
+    maps::{BH_DNSBUF, BH_DNSF, BH_DNSQ, BH_LEARNED, BH_NAMES, BH_RESOLVERS},
+    packet::{Parsed, parse},
+    peer::IPPROTO_UDP,
+    policy::{Active, active, domain_rec},
+    walk::skb_domain,
+};
+
+const NS: u64 = 1_000_000_000;
+
+/// What the domain's DNS rules know of `peer`, reached on `port`. `fresh`:
+/// the connect and sendmsg hooks count an address only within its
+/// answer's TTL; the packet hooks count it as long as it is remembered, so
+/// an established connection keeps its verdict past the TTL.
+#[inline(always)]
+pub(crate) fn names_of(
+    a: &Active,
+    dom_id: u32,
+    dom: &DomainRec,
+    peer: &PeerAddr,
+    port: u16,
+    fresh: bool,
+) -> Names {
+    let mut n = Names::default();
+    if dom.flags & DOMAIN_NAMES == 0 {
+        return n;
+    }
+    // Only DNS asks whether the peer is a resolver.
+    if port == DNS_PORT {
+        n.resolver = is_resolver(a.slot, dom_id, peer.family, &peer.addr);
+    }
+    let key = LearnedKey {
+        addr: peer.addr,
+        domain_key: dom.key,
+        family: peer.family,
+        _pad: [0; 3],
+    };
+    let Some(l) = (unsafe { BH_LEARNED.get(key) }) else {
+        return n;
+    };
+    let rule = NameKey {
+        hash: l.rule_hash,
+        slot: a.slot,
+        domain: dom_id as u16,
+        wildcard: l.wildcard,
+        _pad: 0,
+    };
+    if unsafe { BH_NAMES.get(rule) }.is_none() {
+        return n;
+    }
+    if fresh {
+        if now_tai() >= l.expires_tai_ns {
+            return n;
+        }
+        n.until_tai_ns = l.expires_tai_ns;
+    } else {
+        n.until_tai_ns = u64::MAX;
+    }
+    n.named = true;
+    n
+}
+
+#[inline(always)]
+fn is_resolver(slot: u32, dom_id: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let key = ResolverKey {
+        addr: *addr,
+        slot,
+        domain: dom_id as u16,
+        family,
+        _pad: 0,
+    };
+    unsafe { BH_RESOLVERS.get(key) }.is_some()
+}
+
+/// A UDP packet from or to port 53 under a policy that uses names, and
+/// the domain of its socket; the packet's addresses and ports in `p`.
+#[inline(always)]
+fn dns_packet(ctx: &SkBuffContext, p: &mut Parsed) -> Option<(Active, u32, &'static DomainRec)> {
+    let a = active()?;
+    if a.config.flags & CONFIG_NAMES == 0 || !parse_dns(ctx, p) {
+        return None;
+    }
+    let dom_id = skb_domain(&a, ctx.skb.skb);
+    let dom = domain_rec(a.slot, dom_id)?;
+    Some((a, dom_id, dom))
+}
+
+/// Parses a UDP packet from or to port 53 into `p`. A function of its
+/// own, so what parsing needs is off the stack by the time answers are
+/// read (see [`learn`]).
+#[inline(never)]
+fn parse_dns(ctx: &SkBuffContext, out: &mut Parsed) -> bool {
+    let Some(p) = parse(ctx) else {
+        return false;
+    };
+    let dns = DNS_PORT.to_be_bytes();
+    if p.proto != IPPROTO_UDP as u8 || (p.sport != dns && p.dport != dns) {
+        return false;
+    }
+    *out = p;
+    true
+}
+
+/// The transaction id, the first two bytes of the UDP payload.
+#[inline(always)]
+fn txid(ctx: &SkBuffContext, p: &Parsed) -> Option<u16> {
+    let b: [u8; 2] = ctx.load(p.l4 as usize + 8).ok()?;
+    Some(u16::from_be_bytes(b))
+}
+
+/// `bh_dns_egress`: remembers the queries a domain that uses names sends
+/// to its resolvers, and the answers any domain's sockets send.
+#[inline(always)]
+pub(crate) fn egress(ctx: &SkBuffContext) -> i32 {
+    if cfg!(feature = "unrolled") {
+        return ALLOW;
+    }
+    let mut p = Parsed::EMPTY;
+    let Some((a, dom_id, dom)) = dns_packet(ctx, &mut p) else {
+        return ALLOW;
+    };
+    let Some(id) = txid(ctx, &p) else {
+        return ALLOW;
+    };
+    let dns = DNS_PORT.to_be_bytes();
+    if p.dport == dns
+        && dom.flags & DOMAIN_NAMES != 0
+        && is_resolver(a.slot, dom_id, p.family, &p.dst)
+    {
+        let key = query_key(ctx, p.dst, p.sport, p.family, id);
+        let _ = BH_DNSQ.insert(key, now_tai(), 0);
+    }
+    if p.sport == dns {
+        let _ = BH_DNSF.insert(forged_key(&p, id), dom.key, 0);
+    }
+    ALLOW
+}
+
+/// A query of the packet's socket to `server` from its `port`, as the
+/// query leaves and as its answer comes in.
+#[inline(always)]
+fn query_key(
+    ctx: &SkBuffContext,
+    server: [u8; 16],
+    port: [u8; 2],
+    family: u8,
+    id: u16,
+) -> DnsQueryKey {
+    DnsQueryKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+        server,
+        id,
+        port,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// An answer-shaped datagram, as its sender sends it and as it arrives.
+#[inline(always)]
+fn forged_key(p: &Parsed, id: u16) -> ForgedKey {
+    ForgedKey {
+        src: p.src,
+        dst: p.dst,
+        dport: p.dport,
+        id,
+        family: p.family,
+        _pad: [0; 3],
+    }
+}
+
+/// `bh_dns_ingress`: learns from an answer to a query of the receiving
+/// socket (see the module's rules).
+#[inline(always)]
+pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
+    // Kernels without `bpf_loop` (before 5.17) learn no names: their
+    // verifier walks every byte of every answer (README).
+    if cfg!(feature = "unrolled") {
+        return ALLOW;
+    }
+    let mut p = Parsed::EMPTY;
+    let Some((a, dom_id, dom)) = dns_packet(ctx, &mut p) else {
+        return ALLOW;
+    };
+    if p.sport != DNS_PORT.to_be_bytes()
+        || dom.flags & DOMAIN_NAMES == 0
+        || !is_resolver(a.slot, dom_id, p.family, &p.src)
+    {
+        return ALLOW;
+    }
+    if !answers_a_query(ctx, &p, dom.key) {
+        count(COUNTER_DNS_SPOOFED);
+        return ALLOW;
+    }
+    if !learn(ctx, &a, &p, dom_id, dom) {
+        count(COUNTER_DNS_UNREAD);
+    }
+    ALLOW
+}
+
+/// Whether an answer from a resolver answers a query the receiving socket
+/// sent it (used up here), and no socket of the receiving domain (`own`,
+/// its key) sent it. A function of its own, for the stack (see [`learn`]).
+#[inline(never)]
+fn answers_a_query(ctx: &SkBuffContext, p: &Parsed, own: u32) -> bool {
+    let Some(id) = txid(ctx, p) else {
+        return false;
+    };
+    let forged = forged_key(p, id);
+    if let Some(sender) = unsafe { BH_DNSF.get(forged) } {
+        let mine = *sender == own;
+        let _ = BH_DNSF.remove(forged);
+        if mine {
+            return false;
+        }
+    }
+    let query = query_key(ctx, p.src, p.dport, p.family, id);
+    if unsafe { BH_DNSQ.get(query) }.is_none() {
+        return false;
+    }
+    let _ = BH_DNSQ.remove(query);
+    true
+}
+
+/// Copies the answer out of the packet and learns its addresses if its
+/// question names a name the domain's rules mention. `false`: it could
+/// not be read. A function of its own: the verifier limits the stack of a
+/// program and its calls together, and the hook's frame ends here.
+#[inline(never)]
+fn learn(ctx: &SkBuffContext, a: &Active, p: &Parsed, dom_id: u32, dom: &DomainRec) -> bool {
+    let Some(buf) = BH_DNSBUF.get_ptr_mut(0) else {
+        return false;
+    };
+    // In 64 bits, branch by branch: the verifier must see the length is
+    // 12..=DNS_BUF when the helper is called (6.1's loses the bounds of
+    // 32-bit arithmetic here).
+    // The lower bound before the upper, so it holds on every copy of `n`
+    // the compiler makes.
+    let off = p.l4 as u64 + 8;
+    let total = ctx.len() as u64;
+    if off >= total {
+        return false;
+    }
+    let mut n = total - off;
+    if n < 12 {
+        return false;
+    }
+    if n > DNS_BUF as u64 {
+        n = DNS_BUF as u64;
+    }
+    let s = unsafe { &mut *buf };
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            s.buf.as_mut_ptr().cast(),
+            n as u32,
+        )
+    };
+    if rc != 0 {
+        return false;
+    }
+    let len = n as usize;
+    let Some(q) = dns::question(s, len) else {
+        return false;
+    };
+    // Each way out of the question's label loop is its own state to the
+    // verifier, and so is everything after it, once per way: passed
+    // through memory, the values are the same unknowns on every path.
+    let q = dns::Question {
+        id: q.id,
+        answers: launder(&mut s.spill[0], q.answers as u64) as u16,
+        next: launder(&mut s.spill[1], q.next as u64) as usize,
+        labels: launder(&mut s.spill[2], q.labels as u64) as usize,
+        end: launder(&mut s.spill[3], q.end as u64) as usize,
+    };
+    if q.labels == 0 || q.labels > MAX_LABELS {
+        return false;
+    }
+    let mut h = Hash {
+        s: buf,
+        st: dns::Hashing::new(&q),
+    };
+    unsafe {
+        bpf_loop(
+            HASH_STEPS,
+            hash_one as *mut core::ffi::c_void,
+            (&mut h as *mut Hash).cast(),
+            0,
+        )
+    };
+    if h.st.left != 0 {
+        return false;
+    }
+    let Some((rule_hash, wildcard)) = matching_rule(a.slot, dom_id, &q, &s.hashes) else {
+        // A name the rules do not mention: nothing to learn.
+        return true;
+    };
+    let rule_hash = launder(&mut s.spill[0], rule_hash);
+    let wildcard = launder(&mut s.spill[1], wildcard as u64) as u8;
+    let now = now_tai();
+    s.value = Learned {
+        expires_tai_ns: now,
+        learned_tai_ns: now,
+        rule_hash,
+        resolver: p.src,
+        wildcard,
+        resolver_family: p.family,
+        _pad: [0; 6],
+    };
+    s.key.domain_key = dom.key;
+    s.spill[0] = dom.min_ttl as u64;
+    s.spill[1] = dom.max_ttl as u64;
+    let mut r = Records {
+        s: buf,
+        len: len as u32,
+        pos: q.next as u32,
+        answers: q.answers as u32,
+        learned: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_ANSWERS as u32,
+            record_one as *mut core::ffi::c_void,
+            (&mut r as *mut Records).cast(),
+            0,
+        )
+    };
+    if r.learned > 0 {
+        count(COUNTER_DNS_ANSWERS);
+    }
+    true
+}
+
+/// `v`, written to `slot` and read back: see its use in [`learn`].
+#[inline(always)]
+fn launder(slot: &mut u64, v: u64) -> u64 {
+    unsafe {
+        core::ptr::write_volatile(slot, v);
+        core::ptr::read_volatile(slot)
+    }
+}
+
+/// The backward pass over the question's name ([`dns::hash_step`]).
+#[repr(C)]
+struct Hash {
+    s: *mut Scratch,
+    st: dns::Hashing,
+}
+
+#[inline(never)]
+extern "C" fn hash_one(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let h = unsafe { &mut *ctx.cast::<Hash>() };
+    let s = unsafe { &mut *h.s };
+    if dns::hash_step(s, &mut h.st) { 0 } else { 1 }
+}
+
+/// The walk over the answer records, learning each address: the key and
+/// value written are the scratch buffer's, the TTL bounds in its `spill`.
+#[repr(C)]
+struct Records {
+    s: *mut Scratch,
+    len: u32,
+    pos: u32,
+    answers: u32,
+    learned: u32,
+}
+
+#[inline(never)]
+extern "C" fn record_one(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let w = unsafe { &mut *ctx.cast::<Records>() };
+    if i >= w.answers as u64 {
+        return 1;
+    }
+    let s = unsafe { &mut *w.s };
+    let Some(r) = dns::record(&s.buf, w.len as usize, w.pos as usize) else {
+        return 1;
+    };
+    w.pos = r.next as u32;
+    if r.family == 0 {
+        return 0;
+    }
+    let ttl = (r.ttl as u64).clamp(s.spill[0], s.spill[1].max(s.spill[0]));
+    s.key.addr = r.addr;
+    s.key.family = r.family;
+    s.value.expires_tai_ns = s.value.learned_tai_ns + ttl * NS;
+    if BH_LEARNED.insert(s.key, s.value, 0).is_ok() {
+        count(COUNTER_DNS_LEARNED);
+        w.learned += 1;
+    }
+    0
+}
+
+/// The rule that mentions the question's name: the whole name exactly,
+/// else the longest suffix a `*.` rule names.
+#[inline(always)]
+fn matching_rule(
+    slot: u32,
+    dom_id: u32,
+    q: &dns::Question,
+    hashes: &[u64; MAX_LABELS],
+) -> Option<(u64, u8)> {
+    let mut key = NameKey {
+        hash: hashes[(q.labels - 1) & (MAX_LABELS - 1)],
+        slot,
+        domain: dom_id as u16,
+        wildcard: 0,
+        _pad: 0,
+    };
+    if unsafe { BH_NAMES.get(key) }.is_some() {
+        return Some((key.hash, 0));
+    }
+    key.wildcard = 1;
+    let mut i = 1;
+    while i < MAX_LABELS {
+        if i >= q.labels {
+            break;
+        }
+        key.hash = hashes[(q.labels - 1 - i) & (MAX_LABELS - 1)];
+        if unsafe { BH_NAMES.get(key) }.is_some() {
+            return Some((key.hash, 1));
+        }
+        i += 1;
+    }
+    None
+}
