@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, usize)] = &[
     ("geofeed", 16 * 1024),
     ("mmdb", 64 * 1024),
     ("events", 10 * 120),
+    ("dns", 1024),
 ];
 
 /// cargo-fuzz series this task installs.
@@ -56,7 +57,7 @@ pub struct Args {
     /// of the time.
     #[arg(long)]
     smoke: bool,
-    /// Only these targets [default: all: policy, geofeed, mmdb, events].
+    /// Only these targets [default: all: policy, geofeed, mmdb, events, dns].
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS.iter().map(|(t, _)| *t)))]
     targets: Vec<String>,
 }
