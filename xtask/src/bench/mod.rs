@@ -14,11 +14,14 @@
 //!    rate between namespaces over veth: no policy, bulkhead, nftables
 //!    with the same address sets (and its `nft -f` load time);
 //! 5. storm: a bounded deny storm, events delivered against the kernel's
-//!    counters.
+//!    counters;
+//! 6. names: 1,000 lookups at a real resolver and connects to the learned
+//!    addresses, with and without `egress.names` (`bpf_stats`).
 
 mod ab;
 mod decision;
 mod geo;
+mod names;
 mod net;
 mod policy;
 mod profile;
@@ -55,7 +58,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these phases after the load phase (comma-separated:
-    /// decision, update, network, storm; `load` for none), for working on
+    /// decision, update, network, storm, names; `load` for none), for working on
     /// one of them. The
     /// results go to target/bench-partial.json; BENCHMARKS.md is not
     /// touched.
@@ -289,16 +292,16 @@ pub fn run(args: Args) -> Result<()> {
     lap("setup");
     let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
     for p in &args.only {
-        if !["load", "decision", "update", "network", "storm"].contains(&p.as_str()) {
-            bail!("--only: unknown phase {p:?} (load, decision, update, network, storm)");
+        if !["load", "decision", "update", "network", "storm", "names"].contains(&p.as_str()) {
+            bail!("--only: unknown phase {p:?} (load, decision, update, network, storm, names)");
         }
     }
-    eprintln!("bench: phase 1/5: policy compile + load, agent memory");
+    eprintln!("bench: phase 1/6: policy compile + load, agent memory");
     let (mut agents, loads) = phase_load(&ctx, &specs)?;
     lap("load");
     let mut decision = Value::Null;
     if wanted("decision") {
-        eprintln!("bench: phase 2/5: kernel decision cost (BPF_PROG_TEST_RUN)");
+        eprintln!("bench: phase 2/6: kernel decision cost (BPF_PROG_TEST_RUN)");
         decision = phase_decision(&ctx, &specs, &agents, &mut rng)?;
         lap("decision");
     }
@@ -307,13 +310,13 @@ pub fn run(args: Args) -> Result<()> {
     drop(agents);
     let mut update = Value::Null;
     if wanted("update") {
-        eprintln!("bench: phase 3/5: policy update (one network, SIGHUP)");
+        eprintln!("bench: phase 3/6: policy update (one network, SIGHUP)");
         update = phase_update(&ctx, &mut full, specs.last().expect("ladder"))?;
         lap("update");
     }
     let mut network = Value::Null;
     if wanted("network") {
-        eprintln!("bench: phase 4/5: network namespaces over veth: none vs bulkhead vs nftables");
+        eprintln!("bench: phase 4/6: network namespaces over veth: none vs bulkhead vs nftables");
         network = net::phase(&ctx, &full, specs.last().expect("ladder"))?;
         lap("network");
     }
@@ -321,11 +324,19 @@ pub fn run(args: Args) -> Result<()> {
     let (mut storm, mut trail) = (Value::Null, Value::Null);
     if wanted("storm") {
         eprintln!(
-            "bench: phase 5/5: deny storm, events against kernel counters; the trail's writers, sealed and not"
+            "bench: phase 5/6: deny storm, events against kernel counters; the trail's writers, sealed and not"
         );
         storm = storm::phase(&ctx, &specs[1])?;
         trail = storm::trail(&ctx)?;
         lap("storm");
+    }
+    let mut names = Value::Null;
+    if wanted("names") {
+        eprintln!(
+            "bench: phase 6/6: names: learning from DNS answers, and connects with 1,000 learned names, against no names"
+        );
+        names = names::phase(&ctx)?;
+        lap("names");
     }
     eprintln!("bench: phase seconds: {}", Value::Object(phases.clone()));
 
@@ -350,6 +361,7 @@ pub fn run(args: Args) -> Result<()> {
         "network": network,
         "storm": storm,
         "trail": trail,
+        "names": names,
     });
     results["meta"]["duration_s"] = json!(started.elapsed().as_secs_f64());
     results["meta"]["phase_s"] = Value::Object(phases);
@@ -380,6 +392,8 @@ fn internal(args: &[String]) -> Result<()> {
         Some("crr-server") => net::crr_server(&args[1..]),
         Some("crr-client") => net::crr_client(&args[1..]),
         Some("storm") => storm::helper(&args[1..]),
+        Some("names-lookups") => names::lookups(&args[1..]),
+        Some("names-connects") => names::connects(&args[1..]),
         // Rewrites BENCHMARKS.md and the plots from bench/results.json.
         Some("report") => {
             let path = workspace_root().join("bench/results.json");

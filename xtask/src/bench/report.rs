@@ -993,6 +993,7 @@ fn markdown(r: &Value) -> String {
     }
 
     s.push_str(&trail(r));
+    s.push_str(&names(r));
     s.push_str("\n## Where the time goes\n\n");
     s.push_str(&analysis(r));
     s
@@ -1253,6 +1254,46 @@ fn trail(r: &Value) -> String {
             100.0 * rate(&b) / rate(&a).max(1e-9),
         );
     }
+    s
+}
+
+/// Issue 19: learning from DNS answers and connects with learned names,
+/// against the same traffic under the policy without names.
+fn names(r: &Value) -> String {
+    let mut s = String::from("\n## 6. Names: learning from DNS answers\n\n");
+    let n = &r["names"];
+    if n.is_null() {
+        s.push_str("Not measured in this run.\n");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "A workload looks up {} names at a real resolver (`dnsmasq`, another namespace), then makes {} UDP `connect()`s to their addresses round robin (a UDP connect sends nothing: the hook and the syscall remain). Run time per call from `kernel.bpf_stats_enabled` (which adds two clock reads to each), under the same domain with and without `egress.names: {{ allow: [\"*.bench.test\"] }}` (with: every answer copied, parsed, matched and its address learned; {} addresses learned when the connects run).\n",
+        n["with"]["bh_dns_ingress"]["lookups"]["n"],
+        n["with"]["bh_connect4"]["connects"]["n"],
+        n["with"]["bh_dns_ingress"]["lookups"]["ok"],
+    );
+    s.push_str(
+        "| program, per call | without names | with names | with / without |\n|---|---|---|---|\n",
+    );
+    for (prog, what) in [
+        ("bh_dns_ingress", "`bh_dns_ingress`, per answer"),
+        ("bh_connect4", "`bh_connect4`, per connect"),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {what} | {:.0} ns | {:.0} ns | {:.2}× |",
+            f(&n["without"][prog]["ns_per_call"]),
+            f(&n["with"][prog]["ns_per_call"]),
+            f(&n[format!("{prog}_ratio")]),
+        );
+    }
+    let c = &n["with"]["bh_connect4"]["connects"];
+    let _ = writeln!(
+        s,
+        "\nWith names, {} of {} connects were allowed (`name-allowed`), {} refused.",
+        c["ok"], c["n"], c["eperm"]
+    );
     s
 }
 
