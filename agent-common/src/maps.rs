@@ -18,7 +18,7 @@ pub const MAX_CGROUPS: u32 = 16 * 1024;
 /// Bridge (from, to) pairs per slot.
 pub const MAX_BRIDGE_PAIRS: u32 = 1024;
 /// Number of per-CPU counters; see [`counter_index`].
-pub const NUM_COUNTERS: u32 = 8 * crate::reason::REASON_SLOTS + 8;
+pub const NUM_COUNTERS: u32 = 8 * crate::reason::REASON_SLOTS + 16;
 
 pub const MAP_STATE: &str = "BH_STATE";
 pub const MAP_CONFIG: &str = "BH_CONFIG";
@@ -91,6 +91,9 @@ pub const COUNTER_DNS_SPOOFED: u32 = COUNTER_EVENTS_WANTED + 5;
 pub const COUNTER_DNS_UNREAD: u32 = COUNTER_EVENTS_WANTED + 6;
 /// Answers a domain learned addresses from.
 pub const COUNTER_DNS_ANSWERS: u32 = COUNTER_EVENTS_WANTED + 7;
+/// Addresses that were not in [`MAP_LEARNED`] when learned: what it
+/// holds now is this minus what it evicted (nothing else removes them).
+pub const COUNTER_DNS_NEW: u32 = COUNTER_EVENTS_WANTED + 8;
 
 /// Index of the counter for one decision of `hook` with `reason`.
 pub const fn counter_index(hook: u8, reason: u8) -> u32 {
@@ -562,6 +565,7 @@ mod tests {
     fn counter_indices_fit() {
         const { assert!(counter_index(7, 31) < COUNTER_EVENTS_WANTED) };
         const { assert!(COUNTER_CUT_MARKED < NUM_COUNTERS) };
+        const { assert!(COUNTER_DNS_NEW < NUM_COUNTERS) };
     }
 
     #[test]

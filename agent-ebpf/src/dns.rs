@@ -22,9 +22,9 @@ use bulkhead_common::{
     decide::{DNS_PORT, Names, PeerAddr},
     dns::{self, DNS_BUF, HASH_STEPS, MAX_ANSWERS, MAX_LABELS, Scratch},
     maps::{
-        CONFIG_NAMES, COUNTER_DNS_ANSWERS, COUNTER_DNS_LEARNED, COUNTER_DNS_SPOOFED,
-        COUNTER_DNS_UNREAD, DOMAIN_NAMES, DnsQueryKey, DomainRec, ForgedKey, Learned, LearnedKey,
-        NameKey, ResolverKey,
+        CONFIG_NAMES, COUNTER_DNS_ANSWERS, COUNTER_DNS_LEARNED, COUNTER_DNS_NEW,
+        COUNTER_DNS_SPOOFED, COUNTER_DNS_UNREAD, DOMAIN_NAMES, DnsQueryKey, DomainRec, ForgedKey,
+        Learned, LearnedKey, NameKey, ResolverKey,
     },
 };
 
@@ -416,8 +416,14 @@ extern "C" fn record_one(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     s.key.addr = r.addr;
     s.key.family = r.family;
     s.value.expires_tai_ns = s.value.learned_tai_ns + ttl * NS;
+    // Counted when new, so what the LRU map evicted is known: it holds
+    // the new ones less the evicted.
+    let new = unsafe { BH_LEARNED.get(s.key) }.is_none();
     if BH_LEARNED.insert(s.key, s.value, 0).is_ok() {
         count(COUNTER_DNS_LEARNED);
+        if new {
+            count(COUNTER_DNS_NEW);
+        }
         w.learned += 1;
     }
     0

@@ -299,6 +299,8 @@ fn allowed_names_are_learned_before_the_first_connect_and_nothing_else_is_reache
     assert!(dns["answers"].as_u64().unwrap() >= 1002, "{dns}");
     assert!(dns["learned_now"].as_u64().unwrap() >= 3, "{dns}");
     assert_eq!(dns["spoofed"], 0, "{dns}");
+    // The same four addresses learned again and again: nothing evicted.
+    assert_eq!(dns["evicted"], 0, "{dns}");
 
     let dump = agent.cli(&["dump"]);
     let dump = String::from_utf8_lossy(&dump.stdout);

@@ -214,7 +214,7 @@ fn status_outputs(v: &Status) -> String {
     let d = &v.dns;
     s + &format!(
         "cut:         {} established connections marked, {} destroyed; {}\n\
-         names:       {} addresses learned now (of {}); {} answers taught {} addresses, {} spoofed answers ignored, {} unread\n\
+         names:       {} addresses learned now (of {}, {} evicted); {} answers taught {} addresses, {} spoofed answers ignored, {} unread\n\
          packet sockets: {}\n\
          {}\n",
         c.marked,
@@ -222,6 +222,7 @@ fn status_outputs(v: &Status) -> String {
         c.how,
         d.learned_now,
         d.max,
+        d.evicted,
         d.answers,
         d.addresses,
         d.spoofed,

@@ -1122,6 +1122,7 @@ impl Agent {
             },
         };
         let generation = PolicyMaps::generation(&mut self.ebpf).unwrap_or(0);
+        let learned_now = crate::kernel::maps::learned_count(&self.ebpf);
         let counters = super::metrics::sums(&self.pins.maps().join(MAP_COUNTERS));
         let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
         let mut decisions = Vec::new();
@@ -1234,7 +1235,8 @@ impl Agent {
                 .into(),
             },
             dns: super::protocol::DnsCounts {
-                learned_now: crate::kernel::maps::learned_count(&self.ebpf),
+                evicted: get(bulkhead_common::maps::COUNTER_DNS_NEW).saturating_sub(learned_now as u64),
+                learned_now,
                 max: bulkhead_common::maps::MAX_LEARNED,
                 answers: get(bulkhead_common::maps::COUNTER_DNS_ANSWERS),
                 addresses: get(bulkhead_common::maps::COUNTER_DNS_LEARNED),

@@ -303,6 +303,11 @@ impl Collector for Exposition {
                 at(&counters, bulkhead_common::maps::COUNTER_DNS_SPOOFED),
             ),
             (
+                "bulkhead_dns_addresses_new",
+                "Learned addresses that were new to the map; minus those it holds, the evicted.",
+                at(&counters, bulkhead_common::maps::COUNTER_DNS_NEW),
+            ),
+            (
                 "bulkhead_dns_answers_unread",
                 "DNS answers to a query that could not be read (nothing learned).",
                 at(&counters, bulkhead_common::maps::COUNTER_DNS_UNREAD),

@@ -313,6 +313,9 @@ pub struct DnsCounts {
     /// recently used go first).
     pub learned_now: usize,
     pub max: u32,
+    /// Learned addresses the map let go to make room (least recently used
+    /// first) since the maps were created.
+    pub evicted: u64,
     /// Answers addresses were learned from, and the addresses written.
     pub answers: u64,
     pub addresses: u64,
