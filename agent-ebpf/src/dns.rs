@@ -108,6 +108,12 @@ fn is_resolver(slot: u32, dom_id: u32, family: u8, addr: &[u8; 16]) -> bool {
 /// the domain of its socket; the packet's addresses and ports in `p`.
 #[inline(always)]
 fn dns_packet(ctx: &SkBuffContext, p: &mut Parsed) -> Option<(Active, u32, &'static DomainRec)> {
+    // Kernels without `bpf_loop` (before 5.17) learn no names: their
+    // verifier would walk every byte of every answer (README). Both
+    // programs stop here in that object.
+    if cfg!(feature = "unrolled") {
+        return None;
+    }
     let a = active()?;
     if a.config.flags & CONFIG_NAMES == 0 || !parse_dns(ctx, p) {
         return None;
@@ -144,9 +150,6 @@ fn txid(ctx: &SkBuffContext, p: &Parsed) -> Option<u16> {
 /// to its resolvers, and the answers any domain's sockets send.
 #[inline(always)]
 pub(crate) fn egress(ctx: &SkBuffContext) -> i32 {
-    if cfg!(feature = "unrolled") {
-        return ALLOW;
-    }
     let mut p = Parsed::EMPTY;
     let Some((a, dom_id, dom)) = dns_packet(ctx, &mut p) else {
         return ALLOW;
@@ -205,11 +208,6 @@ fn forged_key(p: &Parsed, id: u16) -> ForgedKey {
 /// socket (see the module's rules).
 #[inline(always)]
 pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
-    // Kernels without `bpf_loop` (before 5.17) learn no names: their
-    // verifier walks every byte of every answer (README).
-    if cfg!(feature = "unrolled") {
-        return ALLOW;
-    }
     let mut p = Parsed::EMPTY;
     let Some((a, dom_id, dom)) = dns_packet(ctx, &mut p) else {
         return ALLOW;
