@@ -397,6 +397,11 @@ pub struct AuditQuery {
     /// Reason name (see README).
     #[arg(long)]
     pub reason: Option<String>,
+    /// A DNS name: events decided by an `egress.names` rule for it (the
+    /// name itself, or a `*.` rule covering it); `*.example.com`: events of
+    /// that rule.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Output format.
     #[arg(long, default_value = "table", value_parser = ["table", "json", "csv"])]
     pub format: String,

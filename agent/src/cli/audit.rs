@@ -76,6 +76,7 @@ fn store_query(f: AuditQuery) -> Result<store::Query> {
         country: f.country,
         verdict: f.verdict,
         reason: f.reason,
+        name: f.name,
         limit: f.limit,
     })
 }

@@ -291,6 +291,7 @@ pub fn table_row(v: &Value) -> String {
         v["src_domain"].as_str().unwrap_or("-"),
         v["dst_domain"]
             .as_str()
+            .or(v["name"].as_str())
             .or(v["country"].as_str())
             .unwrap_or("-")
     );
@@ -316,7 +317,7 @@ pub fn lost(v: &Value) -> String {
 }
 
 /// The columns of `audit query --format csv`: the events' JSON fields.
-const CSV_COLUMNS: [&str; 18] = [
+const CSV_COLUMNS: [&str; 19] = [
     "ts",
     "verdict",
     "reason",
@@ -335,6 +336,7 @@ const CSV_COLUMNS: [&str; 18] = [
     "country",
     "bridge",
     "generation",
+    "name",
 ];
 
 pub fn csv_header() -> String {
@@ -381,8 +383,8 @@ mod tests {
         let v: Value = serde_json::json!({"ts": "2026-01-01T00:00:00Z", "verdict": "deny", "reason": "cross-domain", "hook": "connect4", "proto": "tcp", "src": null, "dst": "10.0.0.2", "dport": 443, "comm": "a,\"b\"", "cgroup": "/c", "generation": 3});
         assert_eq!(
             csv_row(&v),
-            "2026-01-01T00:00:00Z,deny,cross-domain,connect4,tcp,,,10.0.0.2,443,,\"a,\"\"b\"\"\",,/c,,,,,3"
+            "2026-01-01T00:00:00Z,deny,cross-domain,connect4,tcp,,,10.0.0.2,443,,\"a,\"\"b\"\"\",,/c,,,,,3,"
         );
-        assert_eq!(csv_header().split(',').count(), 18);
+        assert_eq!(csv_header().split(',').count(), 19);
     }
 }

@@ -73,29 +73,43 @@ CREATE INDEX IF NOT EXISTS changes_ts ON changes(ts_ns);
 ";
 
 /// The columns of a row as sealed and inserted, in order (the seal's own
-/// columns follow: `seal_seq`, `seal_epoch`, `seal_prev`, `seal_mac`).
+/// columns follow: `seal_seq`, `seal_epoch`, `seal_prev`, `seal_mac`). An
+/// event's [`NAME_COLUMN`] comes last, and is sealed only when it is set,
+/// so rows written before it existed still verify.
 pub const EVENT_COLUMNS: &str = "ts_ns, ts, verdict, reason, hook, proto, src, sport, dst, dport, dst_bin, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu";
+/// `egress.names` events: the rule whose name taught the address.
+const NAME_COLUMN: &str = "name";
+const EVENT_VALUES: usize = 23;
 pub const CHANGE_COLUMNS: &str = "ts_ns, ts, kind, policy, sha256, generation, detail";
 const SEAL_COLUMNS: [&str; 4] = ["seal_seq", "seal_epoch", "seal_prev", "seal_mac"];
 
-/// Adds the seal's columns to a store made before them.
-fn add_seal_columns(c: &Connection) -> Result<()> {
+/// Adds `column` to `table` in a store made before it.
+fn add_column(c: &Connection, table: &str, column: &str, ty: &str) -> Result<()> {
+    let has: bool = c
+        .prepare(&format!(
+            "SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
+        ))?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        > 0;
+    if !has {
+        c.execute(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"), [])?;
+    }
+    Ok(())
+}
+
+/// Adds the columns later versions brought to a store made before them:
+/// the seal's, then `name`.
+fn add_columns(c: &Connection) -> Result<()> {
     for table in ["events", "changes"] {
-        let has: bool = c
-            .prepare(&format!(
-                "SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'seal_seq'"
-            ))?
-            .query_row([], |r| r.get::<_, i64>(0))?
-            > 0;
-        if !has {
-            for (col, ty) in SEAL_COLUMNS
-                .iter()
-                .zip(["INTEGER", "INTEGER", "TEXT", "TEXT"])
-            {
-                c.execute(&format!("ALTER TABLE {table} ADD COLUMN {col} {ty}"), [])?;
-            }
+        for (col, ty) in SEAL_COLUMNS
+            .iter()
+            .zip(["INTEGER", "INTEGER", "TEXT", "TEXT"])
+        {
+            add_column(c, table, col, ty)?;
         }
     }
+    add_column(c, "events", "name", "TEXT")?;
+    c.execute_batch("CREATE INDEX IF NOT EXISTS events_name ON events(name, ts_ns);")?;
     Ok(())
 }
 
@@ -163,7 +177,7 @@ fn open(path: &Path) -> Result<Connection> {
     c.busy_timeout(Duration::from_millis(250))?;
     c.execute_batch(SCHEMA)
         .context("creating the audit store schema")?;
-    add_seal_columns(&c).context("adding the seal's columns to the audit store")?;
+    add_columns(&c).context("adding new columns to the audit store")?;
     Ok(c)
 }
 
@@ -322,12 +336,12 @@ fn last_sealed(c: &Connection, before_ns: i64) -> Result<Option<(i64, String)>> 
     }
 }
 
-/// An event's row, in [`EVENT_COLUMNS`] order.
+/// An event's row, in [`EVENT_COLUMNS`] order, then its name if it has one.
 fn event_values(r: &Record) -> Vec<Value> {
     fn opt<T: Into<Value>>(v: Option<T>) -> Value {
         v.map_or(Value::Null, Into::into)
     }
-    vec![
+    let mut values = vec![
         ts_ns(r).into(),
         r.ts.clone().into(),
         r.verdict.clone().into(),
@@ -351,7 +365,11 @@ fn event_values(r: &Record) -> Vec<Value> {
         (r.generation as i64).into(),
         (r.seq as i64).into(),
         r.cpu.into(),
-    ]
+    ];
+    if let Some(name) = &r.name {
+        values.push(name.clone().into());
+    }
+    values
 }
 
 /// A change's row, in [`CHANGE_COLUMNS`] order, timed now.
@@ -636,7 +654,11 @@ fn insert_rows<'a>(tx: &rusqlite::Transaction, batch: impl Iterator<Item = &'a R
             vec!["?"; n + SEAL_COLUMNS.len()].join(", ")
         )
     };
-    let mut ev = tx.prepare(&sql("events", EVENT_COLUMNS, 23))?;
+    let mut ev = tx.prepare(&sql(
+        "events",
+        &format!("{EVENT_COLUMNS}, {NAME_COLUMN}"),
+        EVENT_VALUES + 1,
+    ))?;
     let mut ch = tx.prepare(&sql("changes", CHANGE_COLUMNS, 7))?;
     for row in batch {
         let seal = match &row.seal {
@@ -648,12 +670,15 @@ fn insert_rows<'a>(tx: &rusqlite::Transaction, batch: impl Iterator<Item = &'a R
             ],
             None => [Value::Null, Value::Null, Value::Null, Value::Null],
         };
-        let stmt = if row.table == "events" {
-            &mut ev
+        if row.table == "events" {
+            // An event without a name has no value for that column.
+            let name = (row.values.len() == EVENT_VALUES).then_some(Value::Null);
+            ev.execute(params_from_iter(
+                row.values.iter().chain(name.iter()).chain(seal.iter()),
+            ))?;
         } else {
-            &mut ch
-        };
-        stmt.execute(params_from_iter(row.values.iter().chain(seal.iter())))?;
+            ch.execute(params_from_iter(row.values.iter().chain(seal.iter())))?;
+        }
     }
     Ok(())
 }
@@ -672,8 +697,9 @@ pub fn sealed_rows(path: &Path) -> Result<Vec<SealedRow>> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening audit store {}", path.display()))?;
     let mut out = Vec::new();
+    let events = format!("{EVENT_COLUMNS}, {NAME_COLUMN}");
     for (table, cols, n) in [
-        ("events", EVENT_COLUMNS, 23),
+        ("events", events.as_str(), EVENT_VALUES + 1),
         ("changes", CHANGE_COLUMNS, 7),
     ] {
         let mut stmt = conn.prepare(&format!(
@@ -681,9 +707,13 @@ pub fn sealed_rows(path: &Path) -> Result<Vec<SealedRow>> {
             SEAL_COLUMNS.join(", ")
         ))?;
         let rows = stmt.query_map([], |r| {
-            let values = (1..=n)
+            let mut values = (1..=n)
                 .map(|i| r.get::<_, Value>(i))
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
+            // Sealed as written: an event's name only when it has one.
+            if table == "events" && values.last() == Some(&Value::Null) {
+                values.pop();
+            }
             Ok(SealedRow {
                 table,
                 id: r.get(0)?,
@@ -714,6 +744,10 @@ pub struct Query {
     pub country: Option<String>,
     pub verdict: Option<String>,
     pub reason: Option<String>,
+    /// A name: events whose `egress.names` rule is this name or a wildcard
+    /// rule covering it (`*.pkg.dev` for `a.pkg.dev`); a wildcard: events
+    /// of that rule.
+    pub name: Option<String>,
     pub limit: usize,
 }
 
@@ -722,7 +756,7 @@ pub fn query(path: &Path, q: &Query) -> Result<Vec<Record>> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening audit store {}", path.display()))?;
     let mut sql = String::from(
-        "SELECT ts, verdict, reason, hook, proto, src, sport, dst, dport, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu FROM events WHERE 1=1",
+        "SELECT ts, verdict, reason, hook, proto, src, sport, dst, dport, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu, name FROM events WHERE 1=1",
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     let mut add = |clause: &str, v: rusqlite::types::Value| {
@@ -777,6 +811,25 @@ pub fn query(path: &Path, q: &Query) -> Result<Vec<Record>> {
     if let Some(r) = &q.reason {
         add(" AND reason = ?", V::Text(r.clone()));
     }
+    if let Some(n) = &q.name {
+        // Rules are stored as the policy wrote them, lowercased and without
+        // the trailing dot (`policy::check`); so is the name asked for.
+        let n = n.trim_end_matches('.').to_ascii_lowercase();
+        if n.starts_with("*.") {
+            // A rule asked for as written.
+            add(" AND name = ?", V::Text(n));
+        } else {
+            add(" AND (name = ?", V::Text(n.clone()));
+            add(
+                " OR (substr(name, 1, 2) = '*.' AND length(name) <= ?",
+                V::Integer(n.len() as i64),
+            );
+            add(
+                " AND substr(?, 1 - length(name)) = substr(name, 2)))",
+                V::Text(n),
+            );
+        }
+    }
     sql += " ORDER BY ts_ns, id LIMIT ?";
     args.push(V::Integer(q.limit as i64));
     let mut stmt = conn.prepare(&sql)?;
@@ -801,7 +854,7 @@ pub fn query(path: &Path, q: &Query) -> Result<Vec<Record>> {
             country: row.get(15)?,
             geo_source: row.get(16)?,
             geo_source_built: None,
-            name: None,
+            name: row.get(21)?,
             bridge: row.get(17)?,
             generation: row.get::<_, i64>(18)? as u64,
             seq: row.get::<_, i64>(19)? as u64,
@@ -924,5 +977,60 @@ mod tests {
         };
         assert_eq!(query(&path, &by_cgroup).unwrap().len(), 1);
         assert_eq!(changes(&path, None, 10).unwrap()[0]["kind"], "load");
+    }
+
+    #[test]
+    fn queries_by_name_match_the_rule_or_a_wildcard_rule_covering_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
+        for (i, name) in [
+            Some("api.github.com"),
+            Some("*.pkg.dev"),
+            Some("*.dev"),
+            None,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = rec("2026-11-20T10:00:00Z", "contractor", "10.40.0.7", "allow");
+            r.reason = "name-allowed".into();
+            r.dport = Some(i as u16);
+            r.name = name.map(Into::into);
+            store.event(r);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.counts.written.load(Ordering::Relaxed) < 4 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let ports = |name: &str| -> Vec<u16> {
+            let q = Query {
+                name: Some(name.into()),
+                limit: 100,
+                ..Default::default()
+            };
+            query(&path, &q)
+                .unwrap()
+                .iter()
+                .map(|r| r.dport.unwrap())
+                .collect()
+        };
+        assert_eq!(ports("API.GitHub.com."), [0]);
+        assert_eq!(ports("eu.pkg.dev"), [1, 2]);
+        assert_eq!(ports("*.pkg.dev"), [1]);
+        // A wildcard covers names below it, not its own suffix.
+        assert_eq!(ports("pkg.dev"), [2]);
+        assert_eq!(ports("dev"), Vec::<u16>::new());
+        assert_eq!(ports("github.com"), Vec::<u16>::new());
+        let all = query(
+            &path,
+            &Query {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(all[0].name.as_deref(), Some("api.github.com"));
+        assert_eq!(all[3].name, None);
     }
 }

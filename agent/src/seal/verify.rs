@@ -826,7 +826,12 @@ mod tests {
         // Retention (2 s) deletes those rows, through a signed row.
         std::thread::sleep(Duration::from_millis(3500));
         for i in 10..15 {
-            store.event(record(i));
+            let mut r = record(i);
+            // A name is sealed when an event has one (`egress.names`).
+            if i == 13 {
+                r.name = Some("*.pkg.dev".into());
+            }
+            store.event(r);
         }
         wait_written(&store, 15);
         std::thread::sleep(Duration::from_millis(600));
@@ -846,6 +851,25 @@ mod tests {
             .unwrap();
         fails_with(&db, &key, "changed");
         c.execute("UPDATE events SET verdict = 'deny' WHERE dport = 5444", [])
+            .unwrap();
+        assert!(store_report(&db, &key).ok());
+        // A name taken away, or given to an event that had none.
+        c.execute("UPDATE events SET name = NULL WHERE dport = 5445", [])
+            .unwrap();
+        fails_with(&db, &key, "changed");
+        c.execute(
+            "UPDATE events SET name = '*.pkg.dev' WHERE dport = 5445",
+            [],
+        )
+        .unwrap();
+        assert!(store_report(&db, &key).ok());
+        c.execute(
+            "UPDATE events SET name = '*.pkg.dev' WHERE dport = 5446",
+            [],
+        )
+        .unwrap();
+        fails_with(&db, &key, "changed");
+        c.execute("UPDATE events SET name = NULL WHERE dport = 5446", [])
             .unwrap();
         assert!(store_report(&db, &key).ok());
         // A deleted row; then the retention row itself.
