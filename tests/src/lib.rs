@@ -323,6 +323,49 @@ pub fn command_in(cgroup: &Cgroup, netns: Option<&Netns>, program: &str, args: &
     cmd
 }
 
+/// Makes `cmd` (from [`command_in`]) see `conf` as `/etc/resolv.conf`, in
+/// a mount namespace of its own, so the libc resolver of a real client
+/// (`getent`, `curl`) asks the test's resolver.
+pub fn with_resolv_conf<'a>(cmd: &'a mut Command, conf: &Path) -> &'a mut Command {
+    use std::ffi::CString;
+    let path = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).expect("a path");
+    let (from, to, root) = (
+        path(conf),
+        path(Path::new("/etc/resolv.conf")),
+        path(Path::new("/")),
+    );
+    // SAFETY: only async-signal-safe system calls between fork and exec,
+    // on strings made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = |rc: libc::c_int| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            ok(libc::unshare(libc::CLONE_NEWNS))?;
+            // Not propagated back to the host's namespace.
+            ok(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            ok(libc::mount(
+                from.as_ptr(),
+                to.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))
+        });
+    }
+    cmd
+}
+
 /// The `probe` binary cargo built beside the test executable
 /// (`target/<profile>/deps/<test>` → `target/<profile>/probe`).
 pub fn probe_bin() -> PathBuf {

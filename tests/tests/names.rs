@@ -15,7 +15,7 @@ use std::{
 
 use tests::{
     Agent, Cgroup, Netns, Server, command_in, field, kernel_older_than, privileged, probe,
-    probe_bin,
+    probe_bin, with_resolv_conf,
     world::{World, world},
 };
 
@@ -310,6 +310,73 @@ fn allowed_names_are_learned_before_the_first_connect_and_nothing_else_is_reache
     );
 }
 
+/// `getent` and `curl` resolve through glibc (A and AAAA at once, from one
+/// socket), then connect at once: learned in time, through a CNAME chain.
+#[test]
+fn clients_of_the_libc_resolver_connect_to_allowed_names_at_once() {
+    if !privileged("names_libc") || !learns_names() {
+        return;
+    }
+    let z = zone_world(300, 60);
+    let w = &z.w;
+    let _agent = Agent::start(
+        &w.root,
+        &policy(w, &w.link.v4(2), r#""allowed.test", "*.pkg.test""#, ""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "nameserver {}\noptions timeout:2 attempts:1\n",
+            w.link.v4(2)
+        ),
+    )
+    .unwrap();
+    let client = |program: &str, args: &[&str]| {
+        with_resolv_conf(
+            &mut command_in(&w.contractor, Some(&w.link.a), program, args),
+            &conf,
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+    };
+    let hosts = client("getent", &["ahostsv4", "allowed.test"]);
+    let text = String::from_utf8_lossy(&hosts.stdout);
+    assert!(
+        hosts.status.success() && text.contains(&w.link.v4(10)),
+        "{hosts:?}"
+    );
+    assert_eq!(connect(w, &w.link.v4(10)), "ok");
+    // curl: one lookup (A and AAAA), then its connect. The server answers
+    // the request's first four bytes with "pong" (HTTP/0.9 for curl) and
+    // closes on the rest, which curl reports as a reset: the reply is what
+    // shows the connection was made.
+    let curl = |name: &str| {
+        client(
+            "curl",
+            &[
+                "-sSv",
+                "--http0.9",
+                "--max-time",
+                "5",
+                &format!("http://{name}:{PORT}/"),
+            ],
+        )
+    };
+    for name in ["allowed.test", "www.pkg.test"] {
+        let out = curl(name);
+        assert_eq!(out.stdout, b"pong", "curl {name}: {out:?}");
+    }
+    // A name the rules do not mention: resolved, then refused at connect.
+    let out = curl("other.test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.stdout.is_empty() && err.contains("Operation not permitted"),
+        "curl other.test: {err}"
+    );
+}
+
 #[test]
 fn a_deny_list_denies_the_addresses_of_its_names_only() {
     if !privileged("names_deny_list") || !learns_names() {
@@ -328,6 +395,27 @@ fn a_deny_list_denies_the_addresses_of_its_names_only() {
     let e = agent.wait_events(1, |e| field(e, "reason") == "name-denied");
     assert_eq!(field(&e[0], "dst"), w.link.v4(11));
     assert_eq!(field(&e[0], "name"), "other.test", "the rule, in the event");
+    // The audit store keeps the rule; `audit query --name` finds the event
+    // by it (written within half a second of its delivery).
+    let query = |name: &str| -> String {
+        let out = agent.cli(&["audit", "query", "--name", name]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut table = String::new();
+    for _ in 0..50 {
+        table = query("Other.Test.");
+        if table.contains("name-denied") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        table.contains(&format!("{}:{PORT}", w.link.v4(11)))
+            && table.contains("contractor -> other.test"),
+        "{table}"
+    );
+    assert!(!query("allowed.test").contains("name-denied"));
     let out = agent.cli(&[
         "explain",
         "--json",

@@ -240,9 +240,10 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "/usr/bin/setpriv"),
     ("logrotate", "/usr/sbin/logrotate"),
     ("nft", "/usr/sbin/nft"),
-    // The name tests' resolver and client.
+    // The name tests' resolver and clients (getent: glibc's resolver).
     ("dnsmasq", "/usr/sbin/dnsmasq"),
     ("dig", "/usr/bin/dig"),
+    ("getent", "/usr/bin/getent"),
 ];
 
 /// A small policy the guest's agent starts with once before the suites, so
@@ -367,6 +368,10 @@ fn build_initramfs(
         b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
         0o644,
     );
+    // What the libc resolver reads; the name tests mount their own
+    // resolv.conf over this one.
+    fs.bytes("/etc/nsswitch.conf", b"hosts: files dns\n".to_vec(), 0o644);
+    fs.bytes("/etc/resolv.conf", Vec::new(), 0o644);
     let busybox = host_program("busybox")?;
     if !is_static_elf(&busybox)? {
         bail!(
