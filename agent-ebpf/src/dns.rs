@@ -7,7 +7,10 @@
 //! Two packet programs of their own (`bh_dns_egress`, `bh_dns_ingress`),
 //! attached beside the deciding ones: they never refuse a packet, and
 //! return at once unless the policy uses names ([`CONFIG_NAMES`]) and the
-//! packet is UDP from or to port 53. An answer teaches a domain something
+//! packet is UDP or TCP from or to port 53. A UDP datagram holds one
+//! message; a TCP segment is read when it starts with one (its two-byte
+//! length first), and up to two of them (glibc writes its `A` and `AAAA`
+//! queries in one go). An answer teaches a domain something
 //! only when it comes from one of the domain's resolvers, to a socket of
 //! the domain that sent a query with the same transaction id to that
 //! resolver from that port (then the query is used up), and no socket of
@@ -33,7 +36,7 @@ use crate::{
     events::{ALLOW, count},
     maps::{BH_DNSBUF, BH_DNSF, BH_DNSQ, BH_LEARNED, BH_NAMES, BH_RESOLVERS},
     packet::{Parsed, parse},
-    peer::IPPROTO_UDP,
+    peer::{IPPROTO_TCP, IPPROTO_UDP},
     policy::{Active, active, domain_rec},
     walk::skb_domain,
 };
@@ -104,8 +107,8 @@ fn is_resolver(slot: u32, dom_id: u32, family: u8, addr: &[u8; 16]) -> bool {
     unsafe { BH_RESOLVERS.get(key) }.is_some()
 }
 
-/// A UDP packet from or to port 53 under a policy that uses names, and
-/// the domain of its socket; the packet's addresses and ports in `p`.
+/// A UDP or TCP packet from or to port 53 under a policy that uses names,
+/// and the domain of its socket; the packet's addresses and ports in `p`.
 #[inline(always)]
 fn dns_packet(ctx: &SkBuffContext, p: &mut Parsed) -> Option<(Active, u32, &'static DomainRec)> {
     // Kernels without `bpf_loop` (before 5.17) learn no names: their
@@ -123,27 +126,109 @@ fn dns_packet(ctx: &SkBuffContext, p: &mut Parsed) -> Option<(Active, u32, &'sta
     Some((a, dom_id, dom))
 }
 
-/// Parses a UDP packet from or to port 53 into `p`. A function of its
-/// own, so what parsing needs is off the stack by the time answers are
-/// read (see [`learn`]).
+/// Parses a UDP or TCP packet from or to port 53 into `p`. A function of
+/// its own, so what parsing needs is off the stack by the time answers
+/// are read (see [`learn`]).
 #[inline(never)]
 fn parse_dns(ctx: &SkBuffContext, out: &mut Parsed) -> bool {
     let Some(p) = parse(ctx) else {
         return false;
     };
     let dns = DNS_PORT.to_be_bytes();
-    if p.proto != IPPROTO_UDP as u8 || (p.sport != dns && p.dport != dns) {
+    let transport = p.proto == IPPROTO_UDP as u8 || p.proto == IPPROTO_TCP as u8;
+    if !transport || (p.sport != dns && p.dport != dns) {
         return false;
     }
     *out = p;
     true
 }
 
-/// The transaction id, the first two bytes of the UDP payload.
+/// A DNS message in the packet: where it starts, its length as far as the
+/// packet holds it (at least a header's), and its transaction id; or
+/// [`Msg::NONE`]. (Not an `Option`: what a `None` leaves undefined, the
+/// compiler may copy from any register, which the verifier refuses.)
+#[derive(Clone, Copy)]
+struct Msg {
+    off: u32,
+    len: u32,
+    id: u16,
+    /// The domain an answer teaches, for [`learn`] (a BPF call takes five
+    /// arguments).
+    dom_id: u32,
+}
+
+impl Msg {
+    const NONE: Msg = Msg {
+        off: 0,
+        len: 0,
+        id: 0,
+        dom_id: 0,
+    };
+
+    fn is_some(&self) -> bool {
+        self.len >= 12
+    }
+}
+
+/// Messages a TCP segment is read for.
+const TCP_MESSAGES: usize = 2;
+
+/// Where the packet's first message (a datagram's one; a segment's first,
+/// after its two-byte length) is: the cursor for [`next_message`].
 #[inline(always)]
-fn txid(ctx: &SkBuffContext, p: &Parsed) -> Option<u16> {
-    let b: [u8; 2] = ctx.load(p.l4 as usize + 8).ok()?;
-    Some(u16::from_be_bytes(b))
+fn first_message(ctx: &SkBuffContext, p: &Parsed) -> u32 {
+    let l4 = p.l4 as u32;
+    if p.proto == IPPROTO_UDP as u8 {
+        return l4 + 8;
+    }
+    match ctx.load::<u8>(l4 as usize + 12) {
+        Ok(doff) => l4 + (doff >> 4) as u32 * 4,
+        Err(_) => ctx.len(),
+    }
+}
+
+/// The message at the cursor `at`, which moves past it: a datagram holds
+/// one; a segment up to [`TCP_MESSAGES`] are read, each after its length.
+/// A segment that continues a message (or carries none) reads as some
+/// other message, whose transaction id answers no query: it teaches
+/// nothing.
+#[inline(always)]
+fn next_message(ctx: &SkBuffContext, p: &Parsed, at: &mut u32) -> Msg {
+    let total = ctx.len();
+    if p.proto == IPPROTO_UDP as u8 {
+        let m = msg_at(ctx, *at, u32::MAX, total);
+        *at = total;
+        return m;
+    }
+    let Ok(b) = ctx.load::<[u8; 2]>(*at as usize) else {
+        return Msg::NONE;
+    };
+    let len = u16::from_be_bytes(b) as u32;
+    let m = msg_at(ctx, *at + 2, len, total);
+    *at += 2 + len;
+    m
+}
+
+/// The message at `off` of `len` bytes, cut to the packet's `total`; none
+/// shorter than a header.
+#[inline(always)]
+fn msg_at(ctx: &SkBuffContext, off: u32, len: u32, total: u32) -> Msg {
+    if off >= total {
+        return Msg::NONE;
+    }
+    let len = len.min(total - off);
+    if len < 12 {
+        return Msg::NONE;
+    }
+    match ctx.load::<[u8; 2]>(off as usize) {
+        Ok(id) => Msg {
+            off,
+            len,
+            id: u16::from_be_bytes(id),
+            dom_id: 0,
+        },
+        Err(_) => Msg::NONE,
+    }
 }
 
 /// `bh_dns_egress`: remembers the queries a domain that uses names sends
@@ -154,19 +239,23 @@ pub(crate) fn egress(ctx: &SkBuffContext) -> i32 {
     let Some((a, dom_id, dom)) = dns_packet(ctx, &mut p) else {
         return ALLOW;
     };
-    let Some(id) = txid(ctx, &p) else {
-        return ALLOW;
-    };
     let dns = DNS_PORT.to_be_bytes();
-    if p.dport == dns
+    let query = p.dport == dns
         && dom.flags & DOMAIN_NAMES != 0
-        && is_resolver(a.slot, dom_id, p.family, &p.dst)
-    {
-        let key = query_key(ctx, p.dst, p.sport, p.family, id);
-        let _ = BH_DNSQ.insert(key, now_tai(), 0);
-    }
-    if p.sport == dns {
-        let _ = BH_DNSF.insert(forged_key(&p, id), dom.key, 0);
+        && is_resolver(a.slot, dom_id, p.family, &p.dst);
+    let mut at = first_message(ctx, &p);
+    for _ in 0..TCP_MESSAGES {
+        let m = next_message(ctx, &p, &mut at);
+        if !m.is_some() {
+            break;
+        }
+        if query {
+            let key = query_key(ctx, p.dst, p.sport, p.family, m.id);
+            let _ = BH_DNSQ.insert(key, now_tai(), 0);
+        }
+        if p.sport == dns {
+            let _ = BH_DNSF.insert(forged_key(&p, m.id), dom.key, 0);
+        }
     }
     ALLOW
 }
@@ -218,12 +307,20 @@ pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
     {
         return ALLOW;
     }
-    if !answers_a_query(ctx, &p, dom.key) {
-        count(COUNTER_DNS_SPOOFED);
-        return ALLOW;
-    }
-    if !learn(ctx, &a, &p, dom_id, dom) {
-        count(COUNTER_DNS_UNREAD);
+    let mut at = first_message(ctx, &p);
+    for _ in 0..TCP_MESSAGES {
+        let mut m = next_message(ctx, &p, &mut at);
+        if !m.is_some() {
+            break;
+        }
+        if !answers_a_query(ctx, &p, dom.key, m.id) {
+            count(COUNTER_DNS_SPOOFED);
+            continue;
+        }
+        m.dom_id = dom_id;
+        if !learn(ctx, &a, &p, &m, dom) {
+            count(COUNTER_DNS_UNREAD);
+        }
     }
     ALLOW
 }
@@ -232,10 +329,7 @@ pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
 /// sent it (used up here), and no socket of the receiving domain (`own`,
 /// its key) sent it. A function of its own, for the stack (see [`learn`]).
 #[inline(never)]
-fn answers_a_query(ctx: &SkBuffContext, p: &Parsed, own: u32) -> bool {
-    let Some(id) = txid(ctx, p) else {
-        return false;
-    };
+fn answers_a_query(ctx: &SkBuffContext, p: &Parsed, own: u32, id: u16) -> bool {
     let forged = forged_key(p, id);
     if let Some(sender) = unsafe { BH_DNSF.get(forged) } {
         let mine = *sender == own;
@@ -257,21 +351,18 @@ fn answers_a_query(ctx: &SkBuffContext, p: &Parsed, own: u32) -> bool {
 /// not be read. A function of its own: the verifier limits the stack of a
 /// program and its calls together, and the hook's frame ends here.
 #[inline(never)]
-fn learn(ctx: &SkBuffContext, a: &Active, p: &Parsed, dom_id: u32, dom: &DomainRec) -> bool {
+fn learn(ctx: &SkBuffContext, a: &Active, p: &Parsed, m: &Msg, dom: &DomainRec) -> bool {
     let Some(buf) = BH_DNSBUF.get_ptr_mut(0) else {
         return false;
     };
+    let dom_id = m.dom_id;
     // In 64 bits, branch by branch: the verifier must see the length is
     // 12..=DNS_BUF when the helper is called (6.1's loses the bounds of
     // 32-bit arithmetic here).
     // The lower bound before the upper, so it holds on every copy of `n`
     // the compiler makes.
-    let off = p.l4 as u64 + 8;
-    let total = ctx.len() as u64;
-    if off >= total {
-        return false;
-    }
-    let mut n = total - off;
+    let off = m.off as u64;
+    let mut n = m.len as u64;
     if n < 12 {
         return false;
     }

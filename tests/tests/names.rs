@@ -8,6 +8,7 @@
 //! (`10.N.0.10`...), each with a TCP server on port 8080.
 
 use std::{
+    path::Path,
     process::{Child, Stdio},
     thread,
     time::Duration,
@@ -81,7 +82,8 @@ impl Drop for Dnsmasq {
 }
 
 /// The test zone, served from B: `allowed.test` and `other.test` (A),
-/// `www.pkg.test`, a CNAME to `real.cdn.test` (A and AAAA).
+/// `www.pkg.test`, a CNAME to `real.cdn.test` (A and AAAA), and
+/// `viatcp.pkg.test` (A and AAAA), looked up over TCP.
 fn zone(w: &World, ttl: u32) -> Vec<String> {
     let (v4, v6) = (|h| w.link.v4(h), |h| w.link.v6(h));
     vec![
@@ -91,23 +93,27 @@ fn zone(w: &World, ttl: u32) -> Vec<String> {
         format!("--host-record=other.test,{}", v4(11)),
         format!("--host-record=real.cdn.test,{},{}", v4(12), v6(12)),
         "--cname=www.pkg.test,real.cdn.test".into(),
+        format!("--host-record=viatcp.pkg.test,{},{}", v4(14), v6(14)),
     ]
 }
 
 /// The destinations in B, each address with a server on [`PORT`].
 fn destinations(w: &World, secs: u64) -> Server {
-    for h in [10, 11, 12, 13] {
+    for h in [10, 11, 12, 13, 14] {
         w.link.b.ip(&format!("addr add {}/32 dev lo", w.link.v4(h)));
     }
-    w.link
-        .b
-        .ip(&format!("-6 addr add {}/128 dev lo nodad", w.link.v6(12)));
-    // IPv6 neighbours are only answered for the interface's own addresses.
-    w.link.a.ip(&format!(
-        "-6 route add {}/128 via {}",
-        w.link.v6(12),
-        w.link.v6(2)
-    ));
+    for h in [12, 14] {
+        w.link
+            .b
+            .ip(&format!("-6 addr add {}/128 dev lo nodad", w.link.v6(h)));
+        // IPv6 neighbours are only answered for the interface's own
+        // addresses.
+        w.link.a.ip(&format!(
+            "-6 route add {}/128 via {}",
+            w.link.v6(h),
+            w.link.v6(2)
+        ));
+    }
     Server::start(
         &w.outside,
         Some(&w.link.b),
@@ -311,7 +317,8 @@ fn allowed_names_are_learned_before_the_first_connect_and_nothing_else_is_reache
 }
 
 /// `getent` and `curl` resolve through glibc (A and AAAA at once, from one
-/// socket), then connect at once: learned in time, through a CNAME chain.
+/// socket; over UDP, then over TCP), then connect at once: learned in
+/// time, through a CNAME chain.
 #[test]
 fn clients_of_the_libc_resolver_connect_to_allowed_names_at_once() {
     if !privileged("names_libc") || !learns_names() {
@@ -324,24 +331,24 @@ fn clients_of_the_libc_resolver_connect_to_allowed_names_at_once() {
         &policy(w, &w.link.v4(2), r#""allowed.test", "*.pkg.test""#, ""),
     );
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("resolv.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "nameserver {}\noptions timeout:2 attempts:1\n",
-            w.link.v4(2)
-        ),
-    )
-    .unwrap();
-    let client = |program: &str, args: &[&str]| {
+    let resolv_conf = |name: &str, options: &str| {
+        let conf = dir.path().join(name);
+        let text = format!("nameserver {}\noptions {options}\n", w.link.v4(2));
+        std::fs::write(&conf, text).unwrap();
+        conf
+    };
+    let over_udp = resolv_conf("udp.conf", "timeout:2 attempts:1");
+    // `use-vc`: glibc asks over TCP, both queries written at once.
+    let over_tcp = resolv_conf("tcp.conf", "use-vc timeout:2 attempts:1");
+    let client = |conf: &Path, program: &str, args: &[&str]| {
         with_resolv_conf(
             &mut command_in(&w.contractor, Some(&w.link.a), program, args),
-            &conf,
+            conf,
         )
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"))
     };
-    let hosts = client("getent", &["ahostsv4", "allowed.test"]);
+    let hosts = client(&over_udp, "getent", &["ahostsv4", "allowed.test"]);
     let text = String::from_utf8_lossy(&hosts.stdout);
     assert!(
         hosts.status.success() && text.contains(&w.link.v4(10)),
@@ -352,8 +359,9 @@ fn clients_of_the_libc_resolver_connect_to_allowed_names_at_once() {
     // the request's first four bytes with "pong" (HTTP/0.9 for curl) and
     // closes on the rest, which curl reports as a reset: the reply is what
     // shows the connection was made.
-    let curl = |name: &str| {
+    let curl = |conf: &Path, name: &str| {
         client(
+            conf,
             "curl",
             &[
                 "-sSv",
@@ -365,16 +373,26 @@ fn clients_of_the_libc_resolver_connect_to_allowed_names_at_once() {
         )
     };
     for name in ["allowed.test", "www.pkg.test"] {
-        let out = curl(name);
+        let out = curl(&over_udp, name);
         assert_eq!(out.stdout, b"pong", "curl {name}: {out:?}");
     }
     // A name the rules do not mention: resolved, then refused at connect.
-    let out = curl("other.test");
+    let out = curl(&over_udp, "other.test");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.stdout.is_empty() && err.contains("Operation not permitted"),
         "curl other.test: {err}"
     );
+    // Over TCP: nothing known before, connected at once after; both
+    // answers (A and AAAA, to the two queries glibc wrote at once) learned.
+    for h in [w.link.v4(14), w.link.v6(14)] {
+        assert_eq!(connect(w, &h), "EPERM");
+    }
+    let out = curl(&over_tcp, "viatcp.pkg.test");
+    assert_eq!(out.stdout, b"pong", "curl over TCP: {out:?}");
+    for h in [w.link.v4(14), w.link.v6(14)] {
+        assert_eq!(connect(w, &h), "ok", "{h}, learned over TCP");
+    }
 }
 
 #[test]
