@@ -308,12 +308,18 @@ fn allowed_names_are_learned_before_the_first_connect_and_nothing_else_is_reache
     // The same four addresses learned again and again: nothing evicted.
     assert_eq!(dns["evicted"], 0, "{dns}");
 
+    // `dump` (no agent needed) lists the learned addresses, named by the
+    // names the agent keeps in its state directory.
     let dump = agent.cli(&["dump"]);
-    let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(
-        dump.contains(&w.link.v6(12)),
-        "dump lists learned addresses: {dump}"
-    );
+    let dump: tests::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let learned = dump["learned"].as_array().unwrap();
+    let v6 = learned
+        .iter()
+        .find(|l| l["addr"] == w.link.v6(12).as_str())
+        .unwrap_or_else(|| panic!("dump lists learned addresses: {learned:?}"));
+    assert_eq!(v6["name"], "*.pkg.test", "{v6}");
+    assert_eq!(v6["domain"], "contractor", "{v6}");
+    assert_eq!(v6["resolver"], w.link.v4(2).as_str(), "{v6}");
 }
 
 /// `getent` and `curl` resolve through glibc (A and AAAA at once, from one

@@ -8,16 +8,41 @@ use std::{
 
 use anyhow::Result;
 
-use bulkhead::kernel::{self, maps};
+use bulkhead::{
+    kernel::{self, maps},
+    runtime::{agent, events},
+};
 
-/// `dump`: the pinned policy maps as JSON.
+/// `dump`: the pinned policy maps as JSON; learned addresses with their
+/// domain and rule, as the agent keeps them in its state directory.
 pub fn dump(bpffs_dir: PathBuf) -> Result<ExitCode> {
-    let pins = kernel::Pins::found(bpffs_dir)?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&maps::dump(&pins.maps())?)?
-    );
+    let pins = kernel::Pins::found(bpffs_dir.clone())?;
+    let mut out = maps::dump(&pins.maps())?;
+    let state_dir = super::args::default_state_dir(&bpffs_dir);
+    let kept = events::kept_names(&agent::names_file(&state_dir, &pins.layout));
+    if let Some(learned) = out["learned"].as_array_mut() {
+        for l in learned {
+            name_learned(l, &kept);
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds `domain` and `name` to a learned address of [`maps::learned`],
+/// where the kept names know them.
+fn name_learned(l: &mut serde_json::Value, kept: &events::KeptNames) {
+    let Some(key) = l["domain_key"].as_u64().map(|k| k as u32) else {
+        return;
+    };
+    let wildcard = u8::from(l["wildcard"].as_bool().unwrap_or(false));
+    let hash = l["rule_hash"]
+        .as_str()
+        .and_then(|h| u64::from_str_radix(h, 16).ok());
+    let domain = kept.domains.get(&key).cloned();
+    let name = hash.and_then(|h| kept.rules.get(&(key, wildcard, h)).cloned());
+    l["domain"] = domain.into();
+    l["name"] = name.into();
 }
 
 /// `detach`: enforcement stops.

@@ -391,8 +391,8 @@ impl Agent {
         {
             let mut en = enricher.lock().expect("enricher lock");
             en.read_learned(&pins.maps().join(bulkhead_common::maps::MAP_LEARNED));
-            en.add_generation(staged.generation(), generation_names(&loaded));
             en.add_name_rules(name_rules(&loaded));
+            en.add_generation(staged.generation(), generation_names(&loaded));
         }
         // 5. the policy put in force, in one write;
         let written = PolicyMaps::commit(&mut ebpf, staged)?;
@@ -586,8 +586,8 @@ impl Agent {
             let generation = PolicyMaps::next_generation(&mut self.ebpf)?;
             {
                 let mut en = self.enricher.lock().expect("enricher lock");
-                en.add_generation(generation, generation_names(&next));
                 en.add_name_rules(name_rules(&next));
+                en.add_generation(generation, generation_names(&next));
             }
             let w = self
                 .pmaps
@@ -1404,11 +1404,14 @@ fn enricher(
         paths.insert(*id, p.clone());
     }
     let mut en = Enricher::new(paths, tai);
-    en.recall(
-        state_dir.join(format!("generations-{layout}.json")),
-        &loaded.geo,
-    );
+    en.recall(names_file(state_dir, layout), &loaded.geo);
     Arc::new(Mutex::new(en))
+}
+
+/// Where the agent keeps the names of recent generations (see
+/// [`Enricher::recall`]).
+pub fn names_file(state_dir: &Path, layout: &str) -> PathBuf {
+    state_dir.join(format!("generations-{layout}.json"))
 }
 
 /// What `status` says of packet sockets, warning when they are not refused.

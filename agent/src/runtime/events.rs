@@ -111,6 +111,41 @@ struct Names {
     generation: u64,
     domains: Vec<String>,
     bridges: Vec<BridgeName>,
+    /// The newest generation's: every `egress.names` rule known (an
+    /// address learned under an older generation keeps its rule).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rules: Vec<KeptRule>,
+}
+
+/// An `egress.names` rule as `BH_LEARNED` refers to it.
+#[derive(Serialize, serde::Deserialize)]
+struct KeptRule {
+    domain_key: u32,
+    wildcard: u8,
+    hash: u64,
+    rule: String,
+}
+
+/// What the kept names say of learned addresses, for `bulkhead dump`
+/// (no agent): domain names by their key, rules by their key.
+#[derive(Default)]
+pub struct KeptNames {
+    pub domains: HashMap<u32, String>,
+    pub rules: HashMap<(u32, u8, u64), String>,
+}
+
+/// Reads the names an agent keeps in `file` (none if it cannot).
+pub fn kept_names(file: &Path) -> KeptNames {
+    let mut k = KeptNames::default();
+    for n in read_names(file) {
+        for d in n.domains {
+            k.domains.insert(crate::compile::domain_key(&d), d);
+        }
+        for r in n.rules {
+            k.rules.insert((r.domain_key, r.wildcard, r.hash), r.rule);
+        }
+    }
+    k
 }
 
 /// Keep names for this many past generations: events decided under them may
@@ -195,7 +230,23 @@ impl Enricher {
         }
     }
 
-    /// The `egress.names` rules of a generation (see `name_rules`).
+    fn kept_rules(&self) -> Vec<KeptRule> {
+        let mut v: Vec<KeptRule> = self
+            .name_rules
+            .iter()
+            .map(|(&(domain_key, wildcard, hash), rule)| KeptRule {
+                domain_key,
+                wildcard,
+                hash,
+                rule: rule.clone(),
+            })
+            .collect();
+        v.sort_by_key(|r| (r.domain_key, r.wildcard, r.hash));
+        v
+    }
+
+    /// The `egress.names` rules of a generation (see `name_rules`); added
+    /// before the generation, so the names kept on disk hold them.
     pub fn add_name_rules(&mut self, rules: impl IntoIterator<Item = ((u32, u8, u64), String)>) {
         self.name_rules.extend(rules);
     }
@@ -223,6 +274,11 @@ impl Enricher {
     /// (Their countries come from this agent's geo sources.)
     pub fn recall(&mut self, file: PathBuf, geo: &Arc<GeoDb>) {
         for n in read_names(&file) {
+            self.name_rules.extend(
+                n.rules
+                    .into_iter()
+                    .map(|r| ((r.domain_key, r.wildcard, r.hash), r.rule)),
+            );
             self.generations.entry(n.generation).or_insert_with(|| {
                 Arc::new(Generation {
                     domain_names: n.domains,
@@ -253,10 +309,16 @@ impl Enricher {
                 .iter()
                 .rev()
                 .take(KEEP_ON_DISK)
-                .map(|(generation, g)| Names {
+                .enumerate()
+                .map(|(i, (generation, g))| Names {
                     generation: *generation,
                     domains: g.domain_names.clone(),
                     bridges: g.bridge_names.clone(),
+                    rules: if i == 0 {
+                        self.kept_rules()
+                    } else {
+                        Vec::new()
+                    },
                 })
                 .collect();
             if let Err(e) = write_names(file, &names) {
