@@ -12,6 +12,11 @@
 //! names: copied, parsed, matched, learned; without: it returns at once)
 //! and `bh_connect4` on the connects (with names: the learned address
 //! found and its rule checked; without: decided as `no-domain`).
+//!
+//! The alternative the issue names, a DNS proxy that holds each answer
+//! until the datapath knows its addresses, is measured by its floor: the
+//! same lookups through a forwarding `dnsmasq` (no cache) in front of the
+//! resolver, which adds the proxy's hop and nothing of its map updates.
 
 use std::{
     fs,
@@ -30,6 +35,8 @@ use super::{
 
 const NAMES: u32 = 1000;
 const SERVER: &str = "10.252.0.2";
+/// The forwarding proxy, beside the resolver.
+const PROXY: &str = "10.252.0.3";
 
 /// The address `dnsmasq` gives name `i`.
 fn addr_of(i: u32) -> Ipv4Addr {
@@ -48,36 +55,54 @@ pub fn phase(ctx: &Ctx) -> Result<Value> {
         .map(|i| format!("{} n{i}.bench.test\n", addr_of(i)))
         .collect();
     fs::write(&hosts, lines)?;
-    let _dns = Bg(command_in(
-        &ctx.cg_free.path,
-        Some(&s),
-        std::path::Path::new("dnsmasq"),
-        &[
-            "--keep-in-foreground".into(),
-            "--conf-file=/dev/null".into(),
-            "--no-resolv".into(),
-            "--no-hosts".into(),
-            "--bind-interfaces".into(),
-            "--user=root".into(),
-            "--pid-file".into(),
-            // Every answer comes from the resolver, none from its cache
-            // of upstream answers (it has none).
-            "--cache-size=0".into(),
-            "--local-ttl=3600".into(),
-            format!("--listen-address={SERVER}"),
-            format!("--addn-hosts={}", hosts.display()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .context("starting dnsmasq (Debian package dnsmasq-base: cargo xtask setup)")?);
+    s.ip(&format!("addr add {PROXY}/24 dev {vb}"))?;
+    let dnsmasq = |args: Vec<String>| -> Result<Bg> {
+        let mut all: Vec<String> = [
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file",
+            // Every answer comes from the resolver, none from a cache.
+            "--cache-size=0",
+        ]
+        .map(String::from)
+        .to_vec();
+        all.extend(args);
+        Ok(Bg(command_in(
+            &ctx.cg_free.path,
+            Some(&s),
+            std::path::Path::new("dnsmasq"),
+            &all,
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context(
+            "starting dnsmasq (Debian package dnsmasq-base: cargo xtask setup)",
+        )?))
+    };
+    let _dns = dnsmasq(vec![
+        "--local-ttl=3600".into(),
+        format!("--listen-address={SERVER}"),
+        format!("--addn-hosts={}", hosts.display()),
+    ])?;
+    let _proxy = dnsmasq(vec![
+        format!("--listen-address={PROXY}"),
+        format!("--server={SERVER}"),
+    ])?;
     let mut out = serde_json::Map::new();
     for (key, names) in [("without", false), ("with", true)] {
         let policy = ctx.work.join(format!("policy-names-{key}.yaml"));
         fs::write(&policy, policy_text(ctx, names))?;
         let agent = ctx.start_agent(&format!("names-{key}"), &policy, &[])?;
         out.insert(key.into(), measure(ctx, &agent, &c)?);
+        if !names {
+            let args = [PROXY.to_string(), NAMES.to_string()];
+            out.insert("proxy".into(), helper(ctx, &c, "lookups", &args)?);
+        }
     }
     for prog in ["bh_dns_ingress", "bh_connect4"] {
         let per = |k: &str| out[k][prog]["ns_per_call"].as_f64().unwrap_or(f64::NAN);
@@ -121,28 +146,13 @@ fn measure(ctx: &Ctx, agent: &Agent, c: &Netns) -> Result<Value> {
             ("connects", vec![NAMES.to_string(), connects.to_string()]),
         ] {
             let before = snap()?;
-            let run = command_in(
-                &ctx.cg_work.path,
-                Some(c),
-                &ctx.exe,
-                &ctx.helper_args(&format!("names-{step}"), &args),
-            )
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running the {step}"))?;
-            if !run.status.success() {
-                bail!(
-                    "the {step} failed: {}",
-                    String::from_utf8_lossy(&run.stdout)
-                );
-            }
+            let helper = helper(ctx, c, step, &args)?;
             let after = snap()?;
             let prog = if step == "lookups" { 0 } else { 1 };
             let (calls, ns) = (
                 after[prog].run_cnt - before[prog].run_cnt,
                 after[prog].run_time_ns - before[prog].run_time_ns,
             );
-            let helper: Value = serde_json::from_slice(&run.stdout)?;
             v.insert(
                 progs[prog].into(),
                 json!({
@@ -156,6 +166,27 @@ fn measure(ctx: &Ctx, agent: &Agent, c: &Netns) -> Result<Value> {
     })();
     let _ = fs::write(stats, old);
     result
+}
+
+/// Runs helper `names-STEP ARGS` in the workload's cgroup and namespace
+/// and returns the JSON it prints.
+fn helper(ctx: &Ctx, c: &Netns, step: &str, args: &[String]) -> Result<Value> {
+    let run = command_in(
+        &ctx.cg_work.path,
+        Some(c),
+        &ctx.exe,
+        &ctx.helper_args(&format!("names-{step}"), args),
+    )
+    .stderr(Stdio::inherit())
+    .output()
+    .with_context(|| format!("running the {step}"))?;
+    if !run.status.success() {
+        bail!(
+            "the {step} failed: {}",
+            String::from_utf8_lossy(&run.stdout)
+        );
+    }
+    Ok(serde_json::from_slice(&run.stdout)?)
 }
 
 /// `names-lookups SERVER N`: looks up `n0.bench.test` .. and checks each
