@@ -80,8 +80,11 @@ pub fn group_id(name: &str) -> Result<u32> {
 }
 
 /// Fan-out of enriched events to live subscribers, plus the recent ones.
+/// Events travel as their JSON (each serialized once, for every output):
+/// the recent ones take about half the memory that way, which a reload's
+/// peak stands on.
 pub struct Hub {
-    recent: Mutex<VecDeque<Arc<Record>>>,
+    recent: Mutex<VecDeque<Arc<str>>>,
     subs: Mutex<Vec<Sub>>,
     /// Events dropped because a subscriber did not keep up.
     pub subscriber_drops: AtomicU64,
@@ -93,10 +96,10 @@ pub struct Hub {
 }
 
 /// A follower's queue and its count of events it lost.
-type Live = (mpsc::Receiver<Arc<Record>>, Arc<AtomicU64>);
+type Live = (mpsc::Receiver<Arc<str>>, Arc<AtomicU64>);
 
 struct Sub {
-    tx: mpsc::Sender<Arc<Record>>,
+    tx: mpsc::Sender<Arc<str>>,
     filter: Filter,
     from_ns: Option<i64>,
     /// Its client counts sequence gaps itself (`counts_seq_gaps`).
@@ -124,23 +127,22 @@ impl Hub {
     }
 
     /// Never waits: a subscriber whose queue is full loses the event (and
-    /// is told how many it lost).
-    pub fn publish(&self, r: Record) {
-        let r = Arc::new(r);
+    /// is told how many it lost). `json`: the event as `r` serializes.
+    pub fn publish(&self, r: &Record, json: Arc<str>) {
         {
             let mut recent = self.recent.lock().expect("hub lock");
             if recent.len() == RECENT {
                 recent.pop_front();
             }
-            recent.push_back(r.clone());
+            recent.push_back(json.clone());
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut subs = self.subs.lock().expect("hub lock");
         subs.retain(|s| {
-            if !s.filter.matches(&r, now) || !at_or_after(&r, s.from_ns) {
+            if !s.filter.matches(r, now) || !at_or_after(r, s.from_ns) {
                 return !s.tx.is_closed();
             }
-            match s.tx.try_send(r.clone()) {
+            match s.tx.try_send(json.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A client that counts sequence gaps sees this one as a gap.
@@ -178,14 +180,17 @@ impl Hub {
         follow: bool,
         from_ns: Option<i64>,
         counts_seq_gaps: bool,
-    ) -> (Vec<Arc<Record>>, Option<Live>) {
+    ) -> (Vec<Arc<str>>, Option<Live>) {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         // Take the backlog and register under one lock order, so no event
         // falls between them.
         let recent = self.recent.lock().expect("hub lock");
         let backlog = recent
             .iter()
-            .filter(|r| filter.matches(r, now) && at_or_after(r, from_ns))
+            .filter(|json| {
+                serde_json::from_str::<Record>(json)
+                    .is_ok_and(|r| filter.matches(&r, now) && at_or_after(&r, from_ns))
+            })
             .cloned()
             .collect();
         if !follow {
@@ -409,7 +414,7 @@ async fn read_request(conn: impl AsyncRead + Unpin, limit: Duration) -> Result<R
 
 async fn stream_events(
     out: impl tokio::io::AsyncWrite + Unpin,
-    backlog: Vec<Arc<Record>>,
+    backlog: Vec<Arc<str>>,
     live: Option<Live>,
     counts: Arc<Counts>,
 ) -> Result<()> {
@@ -418,13 +423,9 @@ async fn stream_events(
     // reading blocks only this task; its queue fills and it loses events
     // (counted), never the agent.
     let mut out = tokio::io::BufWriter::with_capacity(1 << 16, out);
-    let line = |r: &Record| -> Result<Vec<u8>> {
-        let mut l = serde_json::to_vec(r)?;
-        l.push(b'\n');
-        Ok(l)
-    };
-    for r in backlog {
-        out.write_all(&line(&r)?).await?;
+    for json in backlog {
+        out.write_all(json.as_bytes()).await?;
+        out.write_all(b"\n").await?;
     }
     out.flush().await?;
     let Some((mut rx, lost)) = live else {
@@ -444,8 +445,9 @@ async fn stream_events(
                 }
             }
         };
-        if let Some(r) = next {
-            out.write_all(&line(&r)?).await?;
+        if let Some(json) = next {
+            out.write_all(json.as_bytes()).await?;
+            out.write_all(b"\n").await?;
             counts.written.fetch_add(1, Ordering::Relaxed);
         }
         let l = lost.load(Ordering::Relaxed);
@@ -568,11 +570,19 @@ mod tests {
         }
     }
 
+    fn publish(hub: &Hub, r: Record) {
+        hub.publish(&r, serde_json::to_string(&r).unwrap().into());
+    }
+
+    fn parsed(json: &str) -> Record {
+        serde_json::from_str(json).unwrap()
+    }
+
     #[test]
     fn a_resuming_subscriber_gets_only_what_it_asked_for_and_its_losses_once() {
         let hub = Hub::new();
         for s in 0..10 {
-            hub.publish(rec(s, 0, s as u64 + 1));
+            publish(&hub, rec(s, 0, s as u64 + 1));
         }
         let from = crate::clock::parse_ts(&rec(7, 0, 0).ts);
         let filter = Filter {
@@ -580,20 +590,20 @@ mod tests {
             ..Filter::default()
         };
         let (backlog, live) = hub.subscribe(filter, true, from, true);
-        let seqs: Vec<u64> = backlog.iter().map(|r| r.seq).collect();
+        let seqs: Vec<u64> = backlog.iter().map(|j| parsed(j).seq).collect();
         assert_eq!(seqs, [8, 9, 10]);
         let (mut rx, lost) = live.unwrap();
         // Older than asked: not sent live either.
-        hub.publish(rec(1, 1, 1));
+        publish(&hub, rec(1, 1, 1));
         // 64 queued (the smallest queue), then 6 with seq dropped, which
         // the client sees as a gap, and one cut event it cannot see.
         for s in 0..70 {
-            hub.publish(rec(20, 2, s + 1));
+            publish(&hub, rec(20, 2, s + 1));
         }
-        hub.publish(rec(21, 2, 0));
+        publish(&hub, rec(21, 2, 0));
         let mut got = Vec::new();
-        while let Ok(r) = rx.try_recv() {
-            got.push(r);
+        while let Ok(j) = rx.try_recv() {
+            got.push(parsed(&j));
         }
         assert_eq!(got.len(), 64);
         assert!(got.iter().all(|r| r.cpu == 2), "{got:?}");

@@ -56,8 +56,11 @@ impl Output {
             }
             let rec = en.enrich(&e);
             self.delivered.fetch_add(1, Ordering::Relaxed);
+            // Serialized once: the followers' hub keeps and sends the JSON.
+            let json = serde_json::to_string(&rec).unwrap_or_default();
             if self.log.is_some() || self.stdout.is_some() {
-                let mut line = serde_json::to_string(&rec).unwrap_or_default();
+                let mut line = String::with_capacity(json.len() + 1);
+                line.push_str(&json);
                 line.push('\n');
                 match (&self.log, &self.stdout) {
                     (Some(l), Some(o)) => {
@@ -72,10 +75,10 @@ impl Output {
             if let Some(o) = &self.otlp {
                 o.send(&rec);
             }
+            self.hub.publish(&rec, json.into());
             if let Some(s) = &self.store {
-                s.event(rec.clone());
+                s.event(rec);
             }
-            self.hub.publish(rec);
         }
     }
 }
