@@ -484,7 +484,7 @@ fn learned_addresses_expire_with_the_ttl_and_are_learned_without_an_agent() {
 }
 
 #[test]
-fn answers_forged_by_the_domain_or_asked_by_no_query_teach_nothing() {
+fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothing() {
     if !privileged("names_forged") || !learns_names() {
         return;
     }
@@ -539,10 +539,29 @@ fn answers_forged_by_the_domain_or_asked_by_no_query_teach_nothing() {
     assert_eq!(read, "error wrong transaction id");
     assert_eq!(connect(&w, &w.link.v4(11)), "EPERM");
     stray.wait_with_output().unwrap();
+    // Asked of the host's resolver, answered from another address to the
+    // asking socket, which would read it: DNS with anything but the
+    // domain's resolvers is refused both ways, so it never arrives (the
+    // packet hook drops it), and nothing is learned.
+    let elsewhere = fake(&w.outside, w.link.v4(12), &["from", "127.0.0.54"]);
+    thread::sleep(Duration::from_millis(300));
+    let read = run(
+        &w,
+        &["resolve", resolver, "allowed.test", "a", "any-source"],
+    );
+    assert_eq!(read, "error EAGAIN", "no answer read");
+    assert_eq!(connect(&w, &w.link.v4(12)), "EPERM");
+    let sent = elsewhere.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&sent.stdout).trim(), "answered 1");
+    agent.wait_events(1, |e| {
+        field(e, "reason") == "dns-resolver-denied"
+            && [field(e, "src"), field(e, "dst")].contains(&"127.0.0.54")
+    });
+
     let status = agent.cli(&["status", "--json"]);
     let status: tests::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(
         status["dns"]["spoofed"], 2,
-        "the forged and the stray answer"
+        "the forged and the stray answer (the one from elsewhere never arrived)"
     );
 }

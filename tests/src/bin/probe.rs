@@ -20,15 +20,19 @@
 //!                                         through (refused = EPERM, dropped = timed out,
 //!                                         open = it went through), "UNIX_NS totals
 //!                                         REFUSED OTHER" each second, then "rounds N"
-//!   probe resolve SERVER:PORT NAME a|aaaa DNS query over UDP: "addrs A,B" (the answer's
-//!                                         addresses) or "error ERRNO"
+//!   probe resolve SERVER:PORT NAME a|aaaa [any-source]
+//!                                         DNS query over UDP: "addrs A,B" (the answer's
+//!                                         addresses) or "error ERRNO"; any-source: an
+//!                                         unconnected socket, reading an answer from
+//!                                         any address
 //!   probe lookup-connect SERVER:PORT NAME PORT COUNT
 //!                                         COUNT times: look NAME up (A), TCP connect to the
 //!                                         first address at once; "ok N failed M [FIRST_ERROR]"
-//!   probe fake-resolver ADDR:PORT IP SECS [wrong-id]
+//!   probe fake-resolver ADDR:PORT IP SECS [wrong-id | from ADDR]
 //!                                         answer every query for SECS with one A record IP
 //!                                         (TTL 300; with wrong-id, under another
-//!                                         transaction id); "answered N"
+//!                                         transaction id; with from, sent from ADDR and
+//!                                         the same port); "answered N"
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -431,17 +435,19 @@ fn main() -> ExitCode {
         ["hold", to, secs] => hold(addr(to), secs.parse().expect("secs")),
         ["ask", from, to] => ask(addr(from), addr(to)),
         ["guard", secs, targets @ ..] => guard(secs.parse().expect("secs"), targets),
-        ["resolve", server, name, kind] => match lookup(addr(server), name, *kind == "aaaa") {
-            Ok(addrs) => format!(
-                "addrs {}",
-                addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            Err(e) => format!("error {}", errno_name(&e)),
-        },
+        ["resolve", server, name, kind, how @ ..] => {
+            match lookup(addr(server), name, *kind == "aaaa", how == ["any-source"]) {
+                Ok(addrs) => format!(
+                    "addrs {}",
+                    addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Err(e) => format!("error {}", errno_name(&e)),
+            }
+        }
         ["lookup-connect", server, name, port, count] => lookup_connect(
             addr(server),
             name,
@@ -453,6 +459,10 @@ fn main() -> ExitCode {
             ip.parse().expect("ip"),
             secs.parse().expect("secs"),
             rest == ["wrong-id"],
+            match rest {
+                ["from", a] => Some(a.parse().expect("from address")),
+                _ => None,
+            },
         ),
         _ => {
             eprintln!("usage: probe connect|sendto|raw4|raw6|packet|serve|verdicts ...");
@@ -479,8 +489,14 @@ fn dns_query(id: u16, name: &str, aaaa: bool) -> Vec<u8> {
 }
 
 /// One query to `server`, its answer's addresses (an answer with none is
-/// an error, as for a stub resolver).
-fn lookup(server: SocketAddr, name: &str, aaaa: bool) -> std::io::Result<Vec<std::net::IpAddr>> {
+/// an error, as for a stub resolver). `any_source`: the socket is not
+/// connected, so it reads an answer from any address.
+fn lookup(
+    server: SocketAddr,
+    name: &str,
+    aaaa: bool,
+    any_source: bool,
+) -> std::io::Result<Vec<std::net::IpAddr>> {
     use bulkhead_common::dns;
     use std::net::IpAddr;
     let any: SocketAddr = if server.is_ipv4() {
@@ -490,14 +506,16 @@ fn lookup(server: SocketAddr, name: &str, aaaa: bool) -> std::io::Result<Vec<std
     };
     let s = UdpSocket::bind(any)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.connect(server)?;
+    if !any_source {
+        s.connect(server)?;
+    }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let id = (std::process::id() as u16) ^ (nanos as u16);
-    s.send(&dns_query(id, name, aaaa))?;
+    s.send_to(&dns_query(id, name, aaaa), server)?;
     let mut scratch = Box::new(dns::Scratch::new());
-    let n = s.recv(&mut scratch.buf)?;
+    let (n, _) = s.recv_from(&mut scratch.buf)?;
     let bad = |what: &str| std::io::Error::other(what.to_string());
     let q = dns::question_hashed(&mut scratch, n).ok_or_else(|| bad("no answer"))?;
     if q.id != id {
@@ -526,7 +544,7 @@ fn lookup_connect(server: SocketAddr, name: &str, port: u16, count: u32) -> Stri
     let (mut ok, mut failed) = (0, 0);
     let mut first = String::new();
     for _ in 0..count {
-        let r = lookup(server, name, false).and_then(|addrs| {
+        let r = lookup(server, name, false, false).and_then(|addrs| {
             TcpStream::connect_timeout(&SocketAddr::new(addrs[0], port), Duration::from_secs(2))
         });
         match r {
@@ -542,9 +560,16 @@ fn lookup_connect(server: SocketAddr, name: &str, port: u16, count: u32) -> Stri
     format!("ok {ok} failed {failed}{first}")
 }
 
-/// Answers every query with one A record, for `secs`.
-fn fake_resolver(at: SocketAddr, ip: std::net::Ipv4Addr, secs: u64, wrong_id: bool) -> String {
+/// Answers every query with one A record, for `secs` (see the usage).
+fn fake_resolver(
+    at: SocketAddr,
+    ip: std::net::Ipv4Addr,
+    secs: u64,
+    wrong_id: bool,
+    from: Option<std::net::IpAddr>,
+) -> String {
     let s = UdpSocket::bind(at).expect("bind");
+    let out = from.map(|a| UdpSocket::bind(SocketAddr::new(a, at.port())).expect("bind from"));
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let end = Instant::now() + Duration::from_secs(secs);
@@ -567,7 +592,7 @@ fn fake_resolver(at: SocketAddr, ip: std::net::Ipv4Addr, secs: u64, wrong_id: bo
         m[7] = 1;
         m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4]);
         m.extend_from_slice(&ip.octets());
-        if s.send_to(&m, from).is_ok() {
+        if out.as_ref().unwrap_or(&s).send_to(&m, from).is_ok() {
             answered += 1;
         }
     }
