@@ -54,6 +54,9 @@ pub const MAP_RESOLVERS: &str = "BH_RESOLVERS";
 pub const MAP_LEARNED: &str = "BH_LEARNED";
 /// Queries sent to a resolver and not answered yet ([`DnsQueryKey`]).
 pub const MAP_DNS_QUERIES: &str = "BH_DNSQ";
+/// Where the next answer of each DNS-over-TCP stream starts (socket cookie
+/// → TCP sequence number).
+pub const MAP_DNS_STREAMS: &str = "BH_DNST";
 /// Answers sent by a domain's own sockets ([`ForgedKey`]): they teach
 /// that domain nothing.
 pub const MAP_DNS_FORGED: &str = "BH_DNSF";

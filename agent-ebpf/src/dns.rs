@@ -8,9 +8,10 @@
 //! attached beside the deciding ones: they never refuse a packet, and
 //! return at once unless the policy uses names ([`CONFIG_NAMES`]) and the
 //! packet is UDP or TCP from or to port 53. A UDP datagram holds one
-//! message; a TCP segment is read when it starts with one (its two-byte
-//! length first), and up to two of them (glibc writes its `A` and `AAAA`
-//! queries in one go). An answer teaches a domain something
+//! message; a TCP answer segment is read when it starts where the
+//! stream's next message does (its two-byte length first), and up to two
+//! messages in it (glibc writes its `A` and `AAAA` queries in one go).
+//! An answer teaches a domain something
 //! only when it comes from one of the domain's resolvers, to a socket of
 //! the domain that sent a query with the same transaction id to that
 //! resolver from that port (then the query is used up), and no socket of
@@ -34,7 +35,7 @@ use bulkhead_common::{
 use crate::{
     clock::now_tai,
     events::{ALLOW, count},
-    maps::{BH_DNSBUF, BH_DNSF, BH_DNSQ, BH_LEARNED, BH_NAMES, BH_RESOLVERS},
+    maps::{BH_DNSBUF, BH_DNSF, BH_DNSQ, BH_DNST, BH_LEARNED, BH_NAMES, BH_RESOLVERS},
     packet::{Parsed, parse},
     peer::{IPPROTO_TCP, IPPROTO_UDP},
     policy::{Active, active, domain_rec},
@@ -188,10 +189,8 @@ fn first_message(ctx: &SkBuffContext, p: &Parsed) -> u32 {
 }
 
 /// The message at the cursor `at`, which moves past it: a datagram holds
-/// one; a segment up to [`TCP_MESSAGES`] are read, each after its length.
-/// A segment that continues a message (or carries none) reads as some
-/// other message, whose transaction id answers no query: it teaches
-/// nothing.
+/// one; of a segment that starts at a message ([`at_boundary`]), up to
+/// [`TCP_MESSAGES`] are read, each after its length.
 #[inline(always)]
 fn next_message(ctx: &SkBuffContext, p: &Parsed, at: &mut u32) -> Msg {
     let total = ctx.len();
@@ -271,7 +270,7 @@ fn query_key(
     id: u16,
 ) -> DnsQueryKey {
     DnsQueryKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+        cookie: socket_cookie(ctx),
         server,
         id,
         port,
@@ -307,6 +306,9 @@ pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
     {
         return ALLOW;
     }
+    if p.proto == IPPROTO_TCP as u8 && !at_boundary(ctx, &p) {
+        return ALLOW;
+    }
     let mut at = first_message(ctx, &p);
     for _ in 0..TCP_MESSAGES {
         let mut m = next_message(ctx, &p, &mut at);
@@ -323,6 +325,55 @@ pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
         }
     }
     ALLOW
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SkBuffContext) -> u64 {
+    unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) }
+}
+
+const TCP_SYN: u8 = 0x02;
+
+/// Whether a segment from a resolver starts where the stream's next
+/// message does ([`BH_DNST`]): counted from the first byte after the
+/// SYN-ACK, moved on here by the length of each message the segment is
+/// read for. Bytes a workload can choose inside an answer (the name it
+/// asked for, a record of a zone it runs) may look like a message at the
+/// start of a segment that continues one; the framing, which only the
+/// resolver writes, is what tells them apart. A function of its own, for
+/// the stack (see [`learn`]).
+#[inline(never)]
+fn at_boundary(ctx: &SkBuffContext, p: &Parsed) -> bool {
+    // Ports, sequence, acknowledgment, data offset, flags.
+    let Ok(h) = ctx.load::<[u8; 14]>(p.l4 as usize) else {
+        return false;
+    };
+    let cookie = socket_cookie(ctx);
+    let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    if h[13] & TCP_SYN != 0 {
+        let _ = BH_DNST.insert(cookie, seq.wrapping_add(1), 0);
+        return false;
+    }
+    if unsafe { BH_DNST.get(cookie) }.is_none_or(|next| *next != seq) {
+        return false;
+    }
+    // The next message starts where the last one read here ends (in this
+    // segment or a later one). With more left in this segment than is
+    // read, the framing is lost: nothing more is learned from the stream.
+    let start = first_message(ctx, p);
+    let mut at = start;
+    for _ in 0..TCP_MESSAGES {
+        let Ok(b) = ctx.load::<[u8; 2]>(at as usize) else {
+            break;
+        };
+        at += 2 + u16::from_be_bytes(b) as u32;
+    }
+    if at < ctx.len() {
+        let _ = BH_DNST.remove(cookie);
+    } else {
+        let _ = BH_DNST.insert(cookie, seq.wrapping_add(at - start), 0);
+    }
+    true
 }
 
 /// Whether an answer from a resolver answers a query the receiving socket

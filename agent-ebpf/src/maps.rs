@@ -67,6 +67,10 @@ pub(crate) static BH_LEARNED: LruHashMap<LearnedKey, Learned> = LruHashMap::pinn
 /// `bulkhead_common::maps::MAP_DNS_QUERIES`; the value is when it was sent.
 #[map(name = "BH_DNSQ")]
 pub(crate) static BH_DNSQ: LruHashMap<DnsQueryKey, u64> = LruHashMap::pinned(8 * 1024, 0);
+/// `bulkhead_common::maps::MAP_DNS_STREAMS`: socket cookie → the sequence
+/// number where the next answer of its TCP stream starts.
+#[map(name = "BH_DNST")]
+pub(crate) static BH_DNST: LruHashMap<u64, u32> = LruHashMap::pinned(8 * 1024, 0);
 /// `bulkhead_common::maps::MAP_DNS_FORGED`.
 #[map(name = "BH_DNSF")]
 pub(crate) static BH_DNSF: LruHashMap<ForgedKey, u32> = LruHashMap::pinned(1024, 0);

@@ -33,6 +33,13 @@
 //!                                         (TTL 300; with wrong-id, under another
 //!                                         transaction id; with from, sent from ADDR and
 //!                                         the same port); "answered N"
+//!   probe tcp-resolve SERVER:PORT NAME1 NAME2
+//!                                         both queries (A) over TCP in one write; read
+//!                                         for 2 s: "read N" (bytes)
+//!   probe fake-tcp-resolver ADDR:PORT IP SECS
+//!                                         one TCP client: answer its first query with
+//!                                         a message whose tail, sent as a segment of its
+//!                                         own, reads as an answer (A IP) to the second
 //!   probe verdicts                        for each address on stdin (one a line),
 //!                                         UDP connect() to ADDR:53 and print the
 //!                                         result (`ENETUNREACH` in a namespace with
@@ -454,6 +461,12 @@ fn main() -> ExitCode {
             port.parse().expect("port"),
             count.parse().expect("count"),
         ),
+        ["tcp-resolve", server, first, second] => tcp_resolve(addr(server), first, second),
+        ["fake-tcp-resolver", at, ip, secs] => fake_tcp_resolver(
+            addr(at),
+            ip.parse().expect("ip"),
+            secs.parse().expect("secs"),
+        ),
         ["fake-resolver", at, ip, secs, rest @ ..] => fake_resolver(
             addr(at),
             ip.parse().expect("ip"),
@@ -597,6 +610,97 @@ fn fake_resolver(
         }
     }
     format!("answered {answered}")
+}
+
+/// `tcp-resolve`: both queries (A) over one TCP connection, written at
+/// once as glibc does; reads for up to 2 s. Prints "read N" (bytes).
+fn tcp_resolve(server: SocketAddr, first: &str, second: &str) -> String {
+    let mut s = match TcpStream::connect_timeout(&server, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => return format!("error {}", errno_name(&e)),
+    };
+    let mut out = Vec::new();
+    for (id, name) in [(0x1111u16, first), (0x2222, second)] {
+        let q = dns_query(id, name, false);
+        out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        out.extend_from_slice(&q);
+    }
+    if let Err(e) = s.write_all(&out) {
+        return format!("error {}", errno_name(&e));
+    }
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    format!("read {}", got.len())
+}
+
+/// `fake-tcp-resolver`: for one connection, answers the first of two
+/// queries with a message whose tail (after its question) is bytes that
+/// read as an answer to the second one, giving `ip`, and sends that tail
+/// as a segment of its own: what a workload could shape inside a real
+/// answer (a name it asked for, a record of its own zone) and hope to
+/// have read as a message of its own. Prints "sent N".
+fn fake_tcp_resolver(at: SocketAddr, ip: std::net::Ipv4Addr, secs: u64) -> String {
+    let l = TcpListener::bind(at).expect("bind");
+    l.set_nonblocking(true).unwrap();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => return "sent 0".into(),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut n = 0;
+    // Both queries, each after its length.
+    let queries = loop {
+        match s.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => return "sent 0".into(),
+            Ok(k) => n += k,
+        }
+        let first = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+        if n >= 2 + first + 2 {
+            let second = u16::from_be_bytes([buf[2 + first], buf[3 + first]]) as usize;
+            if n >= 4 + first + second {
+                break (
+                    buf[2..2 + first].to_vec(),
+                    buf[4 + first..4 + first + second].to_vec(),
+                );
+            }
+        }
+    };
+    let answer = |q: &[u8], records: &[u8]| {
+        let mut m = q.to_vec();
+        m[2] = 0x81;
+        m[3] = 0x80;
+        m[6] = 0;
+        m[7] = u8::from(!records.is_empty());
+        m.extend_from_slice(records);
+        m
+    };
+    let mut a = vec![0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4];
+    a.extend_from_slice(&ip.octets());
+    let inner = answer(&queries.1, &a);
+    let head = answer(&queries.0, &[]);
+    let mut tail = (inner.len() as u16).to_be_bytes().to_vec();
+    tail.extend_from_slice(&inner);
+    let total = (head.len() + tail.len()) as u16;
+    let mut first = total.to_be_bytes().to_vec();
+    first.extend_from_slice(&head);
+    let mut sent = 0;
+    for part in [first, tail] {
+        if s.write_all(&part).is_ok() {
+            sent += part.len();
+        }
+        // Its own segment.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    format!("sent {sent}")
 }
 
 // ---------------------------------------------------------------------------
