@@ -118,6 +118,11 @@ pub enum Command {
         /// bpffs directory used by `run`.
         #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
         bpffs_dir: PathBuf,
+        /// The agent's state directory, where it keeps the names that
+        /// learned addresses are shown with [default: /var/lib/<name of the
+        /// bpffs dir>].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Accepted like every command that prints JSON (dump prints
         /// nothing else).
         #[arg(long)]

@@ -125,7 +125,11 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 &head,
             ),
         },
-        Command::Dump { bpffs_dir, json: _ } => pins::dump(bpffs_dir),
+        Command::Dump {
+            bpffs_dir,
+            state_dir,
+            json: _,
+        } => pins::dump(bpffs_dir, state_dir),
         Command::Detach { bpffs_dir, force } => pins::detach(&bpffs_dir, force),
     }
 }

@@ -15,10 +15,10 @@ use bulkhead::{
 
 /// `dump`: the pinned policy maps as JSON; learned addresses with their
 /// domain and rule, as the agent keeps them in its state directory.
-pub fn dump(bpffs_dir: PathBuf) -> Result<ExitCode> {
+pub fn dump(bpffs_dir: PathBuf, state_dir: Option<PathBuf>) -> Result<ExitCode> {
     let pins = kernel::Pins::found(bpffs_dir.clone())?;
     let mut out = maps::dump(&pins.maps())?;
-    let state_dir = super::args::default_state_dir(&bpffs_dir);
+    let state_dir = state_dir.unwrap_or_else(|| super::args::default_state_dir(&bpffs_dir));
     let kept = events::kept_names(&agent::names_file(&state_dir, &pins.layout));
     if let Some(learned) = out["learned"].as_array_mut() {
         for l in learned {

@@ -183,29 +183,34 @@ impl Hub {
     ) -> (Vec<Arc<str>>, Option<Live>) {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         // Take the backlog and register under one lock order, so no event
-        // falls between them.
+        // falls between them; filter it after, so `publish` never waits
+        // for the parsing.
         let recent = self.recent.lock().expect("hub lock");
-        let backlog = recent
-            .iter()
-            .filter(|json| {
-                serde_json::from_str::<Record>(json)
-                    .is_ok_and(|r| filter.matches(&r, now) && at_or_after(&r, from_ns))
-            })
-            .cloned()
-            .collect();
+        let taken: Vec<Arc<str>> = recent.iter().cloned().collect();
+        let matching = |taken: Vec<Arc<str>>, filter: &Filter| -> Vec<Arc<str>> {
+            taken
+                .into_iter()
+                .filter(|json| {
+                    serde_json::from_str::<Record>(json)
+                        .is_ok_and(|r| filter.matches(&r, now) && at_or_after(&r, from_ns))
+                })
+                .collect()
+        };
         if !follow {
-            return (backlog, None);
+            drop(recent);
+            return (matching(taken, &filter), None);
         }
         let (tx, rx) = mpsc::channel(filter.queue.unwrap_or(SUB_QUEUE).clamp(64, 1 << 16));
         let lost = Arc::new(AtomicU64::new(0));
         self.subs.lock().expect("hub lock").push(Sub {
             tx,
-            filter,
+            filter: filter.clone(),
             from_ns,
             counts_seq_gaps,
             lost: lost.clone(),
         });
-        (backlog, Some((rx, lost)))
+        drop(recent);
+        (matching(taken, &filter), Some((rx, lost)))
     }
 }
 

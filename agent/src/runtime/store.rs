@@ -83,15 +83,27 @@ const EVENT_VALUES: usize = 23;
 pub const CHANGE_COLUMNS: &str = "ts_ns, ts, kind, policy, sha256, generation, detail";
 const SEAL_COLUMNS: [&str; 4] = ["seal_seq", "seal_epoch", "seal_prev", "seal_mac"];
 
+fn has_column(c: &Connection, table: &str, column: &str) -> Result<bool> {
+    Ok(c.prepare(&format!(
+        "SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
+    ))?
+    .query_row([], |r| r.get::<_, i64>(0))?
+        > 0)
+}
+
+/// `name`, or NULL in a store an earlier version wrote (read-only readers
+/// such as `audit verify` of a copy do not add the column).
+fn name_column(c: &Connection) -> Result<&'static str> {
+    Ok(if has_column(c, "events", NAME_COLUMN)? {
+        NAME_COLUMN
+    } else {
+        "NULL AS name"
+    })
+}
+
 /// Adds `column` to `table` in a store made before it.
 fn add_column(c: &Connection, table: &str, column: &str, ty: &str) -> Result<()> {
-    let has: bool = c
-        .prepare(&format!(
-            "SELECT count(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
-        ))?
-        .query_row([], |r| r.get::<_, i64>(0))?
-        > 0;
-    if !has {
+    if !has_column(c, table, column)? {
         c.execute(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"), [])?;
     }
     Ok(())
@@ -336,7 +348,8 @@ fn last_sealed(c: &Connection, before_ns: i64) -> Result<Option<(i64, String)>> 
     }
 }
 
-/// An event's row, in [`EVENT_COLUMNS`] order, then its name if it has one.
+/// An event's row, in [`EVENT_COLUMNS`] order, then its name if it has one
+/// (sealed only then, so rows from before the column verify as written).
 fn event_values(r: &Record) -> Vec<Value> {
     fn opt<T: Into<Value>>(v: Option<T>) -> Value {
         v.map_or(Value::Null, Into::into)
@@ -671,7 +684,7 @@ fn insert_rows<'a>(tx: &rusqlite::Transaction, batch: impl Iterator<Item = &'a R
             None => [Value::Null, Value::Null, Value::Null, Value::Null],
         };
         if row.table == "events" {
-            // An event without a name has no value for that column.
+            // Its seal covers no name: the column is NULL.
             let name = (row.values.len() == EVENT_VALUES).then_some(Value::Null);
             ev.execute(params_from_iter(
                 row.values.iter().chain(name.iter()).chain(seal.iter()),
@@ -697,7 +710,7 @@ pub fn sealed_rows(path: &Path) -> Result<Vec<SealedRow>> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening audit store {}", path.display()))?;
     let mut out = Vec::new();
-    let events = format!("{EVENT_COLUMNS}, {NAME_COLUMN}");
+    let events = format!("{EVENT_COLUMNS}, {}", name_column(&conn)?);
     for (table, cols, n) in [
         ("events", events.as_str(), EVENT_VALUES + 1),
         ("changes", CHANGE_COLUMNS, 7),
@@ -755,8 +768,9 @@ pub struct Query {
 pub fn query(path: &Path, q: &Query) -> Result<Vec<Record>> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening audit store {}", path.display()))?;
-    let mut sql = String::from(
-        "SELECT ts, verdict, reason, hook, proto, src, sport, dst, dport, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu, name FROM events WHERE 1=1",
+    let mut sql = format!(
+        "SELECT ts, verdict, reason, hook, proto, src, sport, dst, dport, pid, comm, uid, cgroup, src_domain, dst_domain, country, geo_source, bridge, generation, seq, cpu, {} FROM events WHERE 1=1",
+        name_column(&conn)?
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     let mut add = |clause: &str, v: rusqlite::types::Value| {
@@ -816,7 +830,7 @@ pub fn query(path: &Path, q: &Query) -> Result<Vec<Record>> {
         // the trailing dot (`policy::check`); so is the name asked for.
         let n = n.trim_end_matches('.').to_ascii_lowercase();
         if n.starts_with("*.") {
-            // A rule asked for as written.
+            // A wildcard names one rule; what it covers is not a name.
             add(" AND name = ?", V::Text(n));
         } else {
             add(" AND (name = ?", V::Text(n.clone()));
@@ -977,6 +991,42 @@ mod tests {
         };
         assert_eq!(query(&path, &by_cgroup).unwrap().len(), 1);
         assert_eq!(changes(&path, None, 10).unwrap()[0]["kind"], "load");
+    }
+
+    #[test]
+    fn the_event_columns_and_their_count_agree() {
+        assert_eq!(EVENT_COLUMNS.split(", ").count(), EVENT_VALUES);
+        assert_eq!(
+            event_values(&rec("2026-11-20T10:00:00Z", "a", "10.0.0.1", "deny")).len(),
+            EVENT_VALUES
+        );
+    }
+
+    /// A store an earlier version wrote (no `name` column), opened only to
+    /// read: queried and its rows read as they were sealed.
+    #[test]
+    fn a_store_from_before_names_is_read_as_it_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
+        store.event(rec("2026-11-20T10:00:00Z", "a", "10.0.0.1", "deny"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.counts.written.load(Ordering::Relaxed) < 1 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        store.finish(Duration::from_secs(5));
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("DROP INDEX events_name; ALTER TABLE events DROP COLUMN name;")
+            .unwrap();
+        drop(c);
+        let q = Query {
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(query(&path, &q).unwrap().len(), 1);
+        let rows = sealed_rows(&path).unwrap();
+        let event = rows.iter().find(|r| r.table == "events").unwrap();
+        assert_eq!(event.values.len(), EVENT_VALUES);
     }
 
     #[test]
