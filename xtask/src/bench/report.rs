@@ -1301,18 +1301,19 @@ fn names(r: &Value) -> String {
         return s;
     }
     let per_lookup = |v: &Value| f(&v["secs"]) * 1e6 / f(&v["n"]).max(1.0);
-    let direct = per_lookup(&n["without"]["bh_dns_ingress"]["lookups"]);
-    let learned = per_lookup(&n["with"]["bh_dns_ingress"]["lookups"]);
+    let direct = per_lookup(&n["without"]["direct"]);
+    let learned = per_lookup(&n["with"]["direct"]);
     let proxy = per_lookup(&n["proxy"]);
     let _ = writeln!(
         s,
-        "\nA lookup's round trip, {} sequential lookups from one client (the workload's wait for each answer):\n\n\
+        "\nA lookup's round trip, {} sequential lookups from one client (the workload's wait for each answer; median of {} rounds, no `bpf_stats`):\n\n\
          | resolver path | µs per lookup | against direct |\n|---|---|---|\n\
          | direct, no names | {direct:.1} | 1.00× |\n\
          | direct, answers learned in the kernel on their way (bulkhead) | {learned:.1} | {:.2}× |\n\
          | through a forwarding proxy (`dnsmasq --cache-size=0`), no names | {proxy:.1} | {:.2}× |\n\n\
          The proxy row is the floor of the design that holds answers in a DNS proxy until the datapath knows their addresses: it has the extra hop only, none of the proxy's map updates or its hold.",
         n["proxy"]["n"],
+        n["proxy"]["rounds"].as_array().map_or(0, Vec::len),
         learned / direct,
         proxy / direct,
     );
