@@ -363,10 +363,8 @@ fn at_boundary(ctx: &SkBuffContext, p: &Parsed) -> bool {
     let start = first_message(ctx, p);
     let mut at = start;
     for _ in 0..TCP_MESSAGES {
-        let Ok(b) = ctx.load::<[u8; 2]>(at as usize) else {
-            break;
-        };
-        at += 2 + u16::from_be_bytes(b) as u32;
+        // Moves past each message whose length is in the segment.
+        let _ = next_message(ctx, p, &mut at);
     }
     if at < ctx.len() {
         let _ = BH_DNST.remove(cookie);
