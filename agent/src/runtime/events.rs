@@ -126,6 +126,13 @@ struct KeptRule {
     rule: String,
 }
 
+impl KeptRule {
+    /// Its key in `Enricher::name_rules` and [`KeptNames::rules`].
+    fn key(&self) -> (u32, u8, u64) {
+        (self.domain_key, self.wildcard, self.hash)
+    }
+}
+
 /// What the kept names say of learned addresses, for `bulkhead dump`
 /// (no agent): domain names by their key, rules by their key.
 #[derive(Default)]
@@ -142,7 +149,7 @@ pub fn kept_names(file: &Path) -> KeptNames {
             k.domains.insert(crate::compile::domain_key(&d), d);
         }
         for r in n.rules {
-            k.rules.insert((r.domain_key, r.wildcard, r.hash), r.rule);
+            k.rules.insert(r.key(), r.rule);
         }
     }
     k
@@ -274,11 +281,8 @@ impl Enricher {
     /// (Their countries come from this agent's geo sources.)
     pub fn recall(&mut self, file: PathBuf, geo: &Arc<GeoDb>) {
         for n in read_names(&file) {
-            self.name_rules.extend(
-                n.rules
-                    .into_iter()
-                    .map(|r| ((r.domain_key, r.wildcard, r.hash), r.rule)),
-            );
+            self.name_rules
+                .extend(n.rules.into_iter().map(|r| (r.key(), r.rule)));
             self.generations.entry(n.generation).or_insert_with(|| {
                 Arc::new(Generation {
                     domain_names: n.domains,
