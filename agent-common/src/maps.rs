@@ -60,6 +60,14 @@ pub const MAP_DNS_STREAMS: &str = "BH_DNST";
 /// Answers sent by a domain's own sockets ([`ForgedKey`]): they teach
 /// that domain nothing.
 pub const MAP_DNS_FORGED: &str = "BH_DNSF";
+/// Program arrays of one entry each: `bh_dns_egress` and `bh_dns_ingress`,
+/// which the packet hooks enter by a tail call for a packet they let pass
+/// under a policy that uses names. Never attached themselves, so every
+/// other packet costs no second program. Pinned: the kernel empties a
+/// program array when the last file or pin holding it goes, and learning
+/// must go on while no agent runs.
+pub const MAP_DNS_EGRESS_TAIL: &str = "BH_DNSOUT";
+pub const MAP_DNS_INGRESS_TAIL: &str = "BH_DNSIN";
 /// Learned addresses kept at most; the least recently used go first.
 pub const MAX_LEARNED: u32 = 64 * 1024;
 /// `egress.names` entries per slot, all domains together.
@@ -138,8 +146,9 @@ pub struct Config {
 /// ([`crate::Reason::AuditUnavailable`]; see
 /// [`crate::decide::refused_unaudited`]).
 pub const CONFIG_AUDIT_REFUSE: u32 = 1 << 0;
-/// `Config::flags`, from the policy: some domain uses names, so the DNS
-/// programs read DNS packets (without it they return at once).
+/// `Config::flags`, from the policy: some domain uses names, so the packet
+/// hooks hand the packets they allow to the DNS programs
+/// ([`MAP_DNS_EGRESS_TAIL`]); without it nothing reads DNS.
 pub const CONFIG_NAMES: u32 = 1 << 1;
 
 /// `BH_CGROUPS` key: a configured cgroup (by id) in one slot.

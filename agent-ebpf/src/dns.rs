@@ -5,9 +5,11 @@
 //! no agent.
 //!
 //! Two packet programs of their own (`bh_dns_egress`, `bh_dns_ingress`),
-//! attached beside the deciding ones: they never refuse a packet, and
-//! return at once unless the policy uses names ([`CONFIG_NAMES`]) and the
-//! packet is UDP or TCP from or to port 53. A UDP datagram holds one
+//! never attached: the packet hooks enter them by a tail call
+//! ([`hand_over`]) with a packet they let pass, only while the policy in
+//! force uses names ([`CONFIG_NAMES`]), so no other packet pays for a
+//! second program. They never refuse a packet, and return at once unless
+//! it is UDP or TCP from or to port 53. A UDP datagram holds one
 //! message; a TCP answer segment is read when it starts where the
 //! stream's next message does (its two-byte length first), and up to two
 //! messages in it (glibc writes its `A` and `AAAA` queries in one go).
@@ -20,6 +22,7 @@
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
+    maps::ProgramArray,
     programs::SkBuffContext,
 };
 use bulkhead_common::{
@@ -43,6 +46,25 @@ use crate::{
 };
 
 const NS: u64 = 1_000_000_000;
+
+/// Hands a packet its hook lets pass to the DNS program of its direction
+/// (`programs`, at 0) while the policy in force uses names. A tail call:
+/// on success it does not return, and the DNS program's [`ALLOW`] is the
+/// packet's verdict; with nothing in the array it returns and the hook's
+/// verdict stands. It must be called from the hook's own frame (the
+/// kernel refuses tail calls from a function called with a deep stack).
+#[inline(always)]
+pub(crate) fn hand_over(ctx: &SkBuffContext, programs: &ProgramArray) {
+    // Kernels without `bpf_loop` learn no names (see [`dns_packet`]).
+    if cfg!(feature = "unrolled") {
+        return;
+    }
+    if active().is_some_and(|a| a.config.flags & CONFIG_NAMES != 0) {
+        // SAFETY: the array holds only this direction's DNS program, a
+        // cgroup_skb program of the same attach type.
+        unsafe { programs.tail_call(ctx, 0) };
+    }
+}
 
 /// What the domain's DNS rules know of `peer`, reached on `port`. `fresh`:
 /// the connect and sendmsg hooks count an address only within its

@@ -92,19 +92,29 @@ pub fn bh_post_bind6(ctx: SockContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn bh_egress(ctx: SkBuffContext) -> i32 {
-    skb::skb(&ctx, Direction::Egress)
+    let verdict = skb::skb(&ctx, Direction::Egress);
+    if verdict == events::ALLOW {
+        dns::hand_over(&ctx, &maps::BH_DNSOUT);
+    }
+    verdict
 }
 
 #[cgroup_skb(ingress)]
 pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
-    skb::skb(&ctx, Direction::Ingress)
+    let verdict = skb::skb(&ctx, Direction::Ingress);
+    if verdict == events::ALLOW {
+        dns::hand_over(&ctx, &maps::BH_DNSIN);
+    }
+    verdict
 }
 
+/// Entered from `bh_egress` only (see [`dns`]).
 #[cgroup_skb(egress)]
 pub fn bh_dns_egress(ctx: SkBuffContext) -> i32 {
     dns::egress(&ctx)
 }
 
+/// Entered from `bh_ingress` only (see [`dns`]).
 #[cgroup_skb(ingress)]
 pub fn bh_dns_ingress(ctx: SkBuffContext) -> i32 {
     dns::ingress(&ctx)

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use bulkhead_common::{
     addr::{AddrClass, AddrLine, MAX_CLASSES, SLOT_LINES},
@@ -74,6 +74,12 @@ pub(crate) static BH_DNST: LruHashMap<u64, u32> = LruHashMap::pinned(8 * 1024, 0
 /// `bulkhead_common::maps::MAP_DNS_FORGED`.
 #[map(name = "BH_DNSF")]
 pub(crate) static BH_DNSF: LruHashMap<ForgedKey, u32> = LruHashMap::pinned(1024, 0);
+/// `bulkhead_common::maps::MAP_DNS_EGRESS_TAIL`: `bh_dns_egress` at 0.
+#[map(name = "BH_DNSOUT")]
+pub(crate) static BH_DNSOUT: ProgramArray = ProgramArray::pinned(1, 0);
+/// `bulkhead_common::maps::MAP_DNS_INGRESS_TAIL`: `bh_dns_ingress` at 0.
+#[map(name = "BH_DNSIN")]
+pub(crate) static BH_DNSIN: ProgramArray = ProgramArray::pinned(1, 0);
 /// Where an answer is copied to be read (`bulkhead_common::dns`): too
 /// big for the stack. Private to one load.
 #[map(name = "BH_DNSBUF")]

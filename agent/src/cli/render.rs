@@ -126,10 +126,10 @@ pub fn status(v: &Status) -> String {
     );
     s += "programs:\n";
     for p in &v.programs {
-        let pinned = if p.pinned {
-            "attached, pinned"
-        } else {
-            "NOT PINNED"
+        let pinned = match (&p.entered_from, p.pinned) {
+            (None, true) => "attached, pinned".to_string(),
+            (Some(from), true) => format!("entered from {from}, pinned"),
+            (_, false) => "NOT PINNED".to_string(),
         };
         s += &format!("  {:<20} {:<16} {pinned}\n", p.hook, p.name);
     }

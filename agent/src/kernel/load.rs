@@ -6,12 +6,13 @@ use std::fs;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, links::FdLink,
     },
 };
 
-use bulkhead_common::maps::{GLOBAL_NO_TAI, MAP_CLOCK};
+use bulkhead_common::maps::{GLOBAL_NO_TAI, MAP_CLOCK, MAP_DNS_EGRESS_TAIL, MAP_DNS_INGRESS_TAIL};
 
 use super::{
     features::Fallbacks,
@@ -69,6 +70,13 @@ pub enum Stage {
     Owners,
     /// Decides. Inert while the generation in force is 0.
     Enforce,
+    /// Never attached: the program `from` enters it by a tail call through
+    /// the program array pinned as `array`, filled just before the deciding
+    /// hooks attach.
+    Tail {
+        array: &'static str,
+        from: &'static str,
+    },
 }
 
 /// One kernel program of the object.
@@ -115,20 +123,27 @@ pub const PROGRAMS: [Program; 11] = [
         kind: Kind::Skb(CgroupSkbAttachType::Ingress),
         stage: Stage::Enforce,
     },
-    // Learn the addresses of names from DNS answers; never refuse. Before
-    // the connect hooks, so an answer is learned from the moment those
-    // decide with what it taught.
+    // Learn the addresses of names from DNS answers; never refuse. Entered
+    // from the packet hooks, which are attached (with these in their
+    // arrays) before the connect hooks, so an answer is learned from the
+    // moment those decide with what it taught.
     Program {
         name: "bh_dns_egress",
         hook: "cgroup_skb/egress",
         kind: Kind::Skb(CgroupSkbAttachType::Egress),
-        stage: Stage::Enforce,
+        stage: Stage::Tail {
+            array: MAP_DNS_EGRESS_TAIL,
+            from: "bh_egress",
+        },
     },
     Program {
         name: "bh_dns_ingress",
         hook: "cgroup_skb/ingress",
         kind: Kind::Skb(CgroupSkbAttachType::Ingress),
-        stage: Stage::Enforce,
+        stage: Stage::Tail {
+            array: MAP_DNS_INGRESS_TAIL,
+            from: "bh_ingress",
+        },
     },
     Program {
         name: "bh_connect4",
@@ -262,6 +277,9 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, cgroup: &fs::File, stage: Stage) -> 
     // BPF_F_ALLOW_MULTI (coexisting with systemd's and others' programs);
     // link_create itself takes no flags, so the mode passed is "no flags".
     let mode = CgroupAttachMode::Single;
+    if stage == Stage::Enforce {
+        fill_tails(ebpf)?;
+    }
     for p in PROGRAMS.iter().filter(|p| p.stage == stage) {
         let name = p.name;
         let prog = ebpf
@@ -298,6 +316,53 @@ pub fn attach(ebpf: &mut Ebpf, pins: &Pins, cgroup: &fs::File, stage: Stage) -> 
         pin_link(p.take_link(id)?.into(), pins, LSM_PROGRAM)?;
     }
     Ok(())
+}
+
+/// Puts each tail program into its program array. With the maps of an
+/// earlier agent of the same layout this replaces its program there, which
+/// reads the same maps the same way: the hooks still attached go on
+/// entering one.
+fn fill_tails(ebpf: &mut Ebpf) -> Result<()> {
+    for p in &PROGRAMS {
+        let Stage::Tail { array, .. } = p.stage else {
+            continue;
+        };
+        let name = p.name;
+        let fd = ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .fd()
+            .with_context(|| format!("{name} is not loaded"))?
+            .try_clone()
+            .with_context(|| format!("duplicating the fd of {name}"))?;
+        let map = ebpf
+            .map_mut(array)
+            .ok_or_else(|| anyhow!("map {array} missing from the object"))?;
+        let mut tails: ProgramArray<_> = ProgramArray::try_from(map)?;
+        tails
+            .set(0, &fd, 0)
+            .with_context(|| format!("putting {name} into {array}"))?;
+    }
+    Ok(())
+}
+
+impl Program {
+    /// What keeps the program in force while no agent runs: its link, or
+    /// the program array it is entered through.
+    pub fn pin(&self, pins: &Pins) -> std::path::PathBuf {
+        match self.stage {
+            Stage::Tail { array, .. } => pins.maps().join(array),
+            Stage::Owners | Stage::Enforce => pins.link(self.name),
+        }
+    }
+
+    /// The program that enters this one, for one that is never attached.
+    pub fn entered_from(&self) -> Option<&'static str> {
+        match self.stage {
+            Stage::Tail { from, .. } => Some(from),
+            Stage::Owners | Stage::Enforce => None,
+        }
+    }
 }
 
 /// Suffix of a link pinned but not yet renamed into place (bpffs refuses

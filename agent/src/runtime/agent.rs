@@ -1208,7 +1208,8 @@ impl Agent {
                 .map(|p| ProgramState {
                     name: p.name.into(),
                     hook: p.hook.into(),
-                    pinned: self.pins.link(p.name).exists(),
+                    pinned: p.pin(&self.pins).exists(),
+                    entered_from: p.entered_from().map(Into::into),
                 })
                 .collect(),
             maps: self.pmaps.fill(generation),

@@ -259,6 +259,10 @@ pub struct ProgramState {
     pub name: String,
     pub hook: String,
     pub pinned: bool,
+    /// Set for a program that is never attached: the hook that enters it
+    /// by a tail call (`pinned` is then its program array's pin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_from: Option<String>,
 }
 
 /// How full the policy slot in force is.
