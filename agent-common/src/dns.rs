@@ -65,6 +65,16 @@ pub struct Scratch {
     /// which the verifier limits).
     pub key: crate::maps::LearnedKey,
     pub value: crate::maps::Learned,
+    /// The kernel's `bpf_loop` callbacks keep what changes from one step
+    /// to the next here, not on the stack: read from a map, it is unknown
+    /// to the verifier, so every step starts from the same state and the
+    /// loop is verified once (kernels 6.7 and 6.8 verify a callback until
+    /// its states repeat, and tracked values never do).
+    pub hashing: Hashing,
+    /// The answer record to read next.
+    pub pos: u32,
+    /// Addresses learned from this answer.
+    pub learned: u32,
 }
 
 impl Scratch {
@@ -89,6 +99,14 @@ impl Scratch {
                 resolver_family: 0,
                 _pad: [0; 6],
             },
+            hashing: Hashing {
+                h: 0,
+                p: 0,
+                left: 0,
+                labels: 0,
+            },
+            pos: 0,
+            learned: 0,
         }
     }
 }

@@ -469,19 +469,17 @@ fn learn(ctx: &SkBuffContext, a: &Active, p: &Parsed, m: &Msg, dom: &DomainRec) 
     if q.labels == 0 || q.labels > MAX_LABELS {
         return false;
     }
-    let mut h = Hash {
-        s: buf,
-        st: dns::Hashing::new(&q),
-    };
+    s.hashing = dns::Hashing::new(&q);
+    let mut steps = Steps { s: buf };
     unsafe {
         bpf_loop(
             HASH_STEPS,
             hash_one as *mut core::ffi::c_void,
-            (&mut h as *mut Hash).cast(),
+            (&mut steps as *mut Steps).cast(),
             0,
         )
     };
-    if h.st.left != 0 {
+    if s.hashing.left != 0 {
         return false;
     }
     let Some((rule_hash, wildcard)) = matching_rule(a.slot, dom_id, &q, &s.hashes) else {
@@ -503,12 +501,12 @@ fn learn(ctx: &SkBuffContext, a: &Active, p: &Parsed, m: &Msg, dom: &DomainRec) 
     s.key.domain_key = dom.key;
     s.spill[0] = dom.min_ttl as u64;
     s.spill[1] = dom.max_ttl as u64;
+    s.pos = q.next as u32;
+    s.learned = 0;
     let mut r = Records {
         s: buf,
         len: len as u32,
-        pos: q.next as u32,
         answers: q.answers as u32,
-        learned: 0,
     };
     unsafe {
         bpf_loop(
@@ -518,7 +516,7 @@ fn learn(ctx: &SkBuffContext, a: &Active, p: &Parsed, m: &Msg, dom: &DomainRec) 
             0,
         )
     };
-    if r.learned > 0 {
+    if s.learned > 0 {
         count(COUNTER_DNS_ANSWERS);
     }
     true
@@ -533,29 +531,33 @@ fn launder(slot: &mut u64, v: u64) -> u64 {
     }
 }
 
-/// The backward pass over the question's name ([`dns::hash_step`]).
+/// The backward pass over the question's name ([`dns::hash_step`]); its
+/// state is the scratch buffer's `hashing` (see [`Scratch::hashing`]).
 #[repr(C)]
-struct Hash {
+struct Steps {
     s: *mut Scratch,
-    st: dns::Hashing,
 }
 
 #[inline(never)]
 extern "C" fn hash_one(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    let h = unsafe { &mut *ctx.cast::<Hash>() };
+    let h = unsafe { &mut *ctx.cast::<Steps>() };
     let s = unsafe { &mut *h.s };
-    if dns::hash_step(s, &mut h.st) { 0 } else { 1 }
+    let mut st = s.hashing;
+    let more = dns::hash_step(s, &mut st);
+    s.hashing = st;
+    if more { 0 } else { 1 }
 }
 
 /// The walk over the answer records, learning each address: the key and
-/// value written are the scratch buffer's, the TTL bounds in its `spill`.
+/// value written are the scratch buffer's, the TTL bounds in its `spill`,
+/// the record to read and the count learned its `pos` and `learned`
+/// (what changes from step to step is kept in the map: see
+/// [`Scratch::hashing`]). What stays is here.
 #[repr(C)]
 struct Records {
     s: *mut Scratch,
     len: u32,
-    pos: u32,
     answers: u32,
-    learned: u32,
 }
 
 #[inline(never)]
@@ -565,10 +567,10 @@ extern "C" fn record_one(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     let s = unsafe { &mut *w.s };
-    let Some(r) = dns::record(&s.buf, w.len as usize, w.pos as usize) else {
+    let Some(r) = dns::record(&s.buf, w.len as usize, s.pos as usize) else {
         return 1;
     };
-    w.pos = r.next as u32;
+    s.pos = r.next as u32;
     if r.family == 0 {
         return 0;
     }
@@ -584,7 +586,7 @@ extern "C" fn record_one(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         if new {
             count(COUNTER_DNS_NEW);
         }
-        w.learned += 1;
+        s.learned += 1;
     }
     0
 }
