@@ -85,12 +85,17 @@ pub(crate) fn listener_domain(
     let owner = unsafe {
         bpf_sk_storage_get(socks_map(), sk.cast(), core::ptr::null_mut(), 0) as *const SockInfo
     };
-    let mut domain = 0;
-    if !owner.is_null() {
-        domain = domain_of(slot, owner.cast(), walk_owner);
-    }
+    // Released before the walk, not after: a verifier before 6.x tells
+    // apart states that hold references of different ids, so a walk under
+    // one is verified again for every path that reached the lookup (5.15's
+    // gave up on `bh_egress` at a million instructions). The owner record
+    // is socket storage, freed only after an RCU grace period, which this
+    // program's run holds off.
     unsafe { bpf_sk_release(sk.cast()) };
-    domain
+    if owner.is_null() {
+        return 0;
+    }
+    domain_of(slot, owner.cast(), walk_owner)
 }
 
 /// What the address table says about a peer: one walk gives both the
