@@ -70,7 +70,8 @@ const MARK: &str = "BHVM";
 pub struct Args {
     /// The kernel to boot: `debian-11`, `debian-12` or `debian-13` (that
     /// release's newest kernel: 5.10, 6.1, 6.12, fetched from Debian's
-    /// archive through a private apt configuration), `debian-6.1` (the
+    /// archive through a private apt configuration), `ubuntu-22.04` or
+    /// `ubuntu-24.04` (5.15, 6.8, from Ubuntu's archive), `debian-6.1` (the
     /// host's apt sources' newest linux-image-6.1.0-*-amd64), another
     /// series those carry (`debian-6.12`), `host`
     /// (/boot/vmlinuz-$(uname -r) with its modules), or a path to a kernel

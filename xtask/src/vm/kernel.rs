@@ -72,16 +72,30 @@ pub const RELEASES: &[(&str, &str, &str)] = &[
     ("13", "trixie", "6.12"),
 ];
 
+/// Ubuntu LTS releases `--kernel ubuntu-N` boots, each with its
+/// general-availability kernel (`linux-image-generic`): (number, codename,
+/// kernel series).
+pub const UBUNTU_RELEASES: &[(&str, &str, &str)] =
+    &[("22.04", "jammy", "5.15"), ("24.04", "noble", "6.8")];
+
 /// Resolves `--kernel`: `debian-11`, `debian-12` or `debian-13` (that
 /// release's newest kernel, from Debian's archive through a private apt
-/// configuration), `debian-6.1` (or another `debian-X.Y` series the host's
-/// apt sources carry, e.g. `debian-6.12`), `host`, a `.deb`, or an image path.
+/// configuration), `ubuntu-22.04` or `ubuntu-24.04` (the same from
+/// Ubuntu's archive), `debian-6.1` (or another `debian-X.Y` series the
+/// host's apt sources carry, e.g. `debian-6.12`), `host`, a `.deb`, or an
+/// image path.
 pub fn resolve(which: &str, cache: &Path) -> Result<Kernel> {
     if let Some((number, codename, _)) = RELEASES
         .iter()
         .find(|(n, _, _)| which.strip_prefix("debian-") == Some(n))
     {
         return debian_release(number, codename, cache);
+    }
+    if let Some((number, codename, _)) = UBUNTU_RELEASES
+        .iter()
+        .find(|(n, _, _)| which.strip_prefix("ubuntu-") == Some(n))
+    {
+        return ubuntu_release(number, codename, cache);
     }
     match which {
         "host" => host(),
@@ -115,7 +129,7 @@ fn debian(series: &str, cache: &Path) -> Result<Kernel> {
             let meta = format!("linux-image-{series}-amd64");
             let deps = crate::cmd::probe(Command::new("apt-cache").args(["depends", &meta]))
                 .unwrap_or_default();
-            match meta_target(&deps) {
+            match meta_target(&deps, "-amd64") {
                 Some(pkg) => pkg,
                 None => bail!(
                     "apt-cache knows no Debian {series} kernel (linux-image-{series}.0-*-amd64 or {meta}): \
@@ -125,7 +139,7 @@ fn debian(series: &str, cache: &Path) -> Result<Kernel> {
             }
         }
     };
-    let dir = fetch(&pkg, cache, |_| {})?;
+    let dir = fetch(std::slice::from_ref(&pkg), &pkg, cache, |_| {})?;
     let release = pkg.trim_start_matches("linux-image-").to_string();
     cached(
         &dir,
@@ -134,25 +148,51 @@ fn debian(series: &str, cache: &Path) -> Result<Kernel> {
     )
 }
 
-/// The newest kernel of Debian `codename` (what its `linux-image-amd64`
-/// points to, security updates included), through an apt configuration of
-/// its own under `cache/apt/CODENAME`: the host's sources, lists and dpkg
-/// state are neither read nor changed.
-fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> {
-    let apt = cache.join("apt").join(codename);
-    for d in ["lists/partial", "archives/partial", "parts", "prefs"] {
-        fs::create_dir_all(apt.join(d)).with_context(|| format!("creating {}", apt.display()))?;
+/// An apt configuration of its own under `cache/apt/NAME`, for one
+/// release's archive: the host's sources, lists and dpkg state are neither
+/// read nor changed.
+struct PrivateApt {
+    dir: PathBuf,
+}
+
+impl PrivateApt {
+    /// `sources`: the `sources.list` lines. Fetches the index once a day at
+    /// most: a kernel update is what it is for.
+    fn new(cache: &Path, name: &str, sources: &str) -> Result<PrivateApt> {
+        let apt = PrivateApt {
+            dir: cache.join("apt").join(name),
+        };
+        let dir = &apt.dir;
+        for d in ["lists/partial", "archives/partial", "parts", "prefs"] {
+            fs::create_dir_all(dir.join(d))
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let list = dir.join("sources.list");
+        let changed = fs::read_to_string(&list).ok().as_deref() != Some(sources);
+        fs::write(&list, sources)?;
+        fs::write(dir.join("status"), "")?;
+        let fresh = fs::metadata(dir.join("lists"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() < 86_400);
+        let has_lists = fs::read_dir(dir.join("lists"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+            })
+            .unwrap_or(false);
+        if changed || !(fresh && has_lists) {
+            let mut update = Command::new("apt-get");
+            apt.opts(&mut update);
+            run(update.args(["-q", "update"]))
+                .with_context(|| format!("apt-get update for {name}"))?;
+        }
+        Ok(apt)
     }
-    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
-    fs::write(
-        apt.join("sources.list"),
-        format!(
-            "deb [signed-by={keyring}] http://deb.debian.org/debian {codename} main\n\
-             deb [signed-by={keyring}] http://deb.debian.org/debian-security {codename}-security main\n"
-        ),
-    )?;
-    fs::write(apt.join("status"), "")?;
-    let opts = |cmd: &mut Command| {
+
+    fn opts(&self, cmd: &mut Command) {
+        let apt = &self.dir;
         for (k, v) in [
             ("Dir::Etc::SourceList", apt.join("sources.list")),
             ("Dir::Etc::SourceParts", apt.join("parts")),
@@ -166,32 +206,38 @@ fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> 
             cmd.arg("-o").arg(format!("{k}={}", v.display()));
         }
         cmd.args(["-o", "APT::Architecture=amd64"]);
-    };
-    // The index once a day at most: a kernel update is what it is for.
-    let fresh = fs::metadata(apt.join("lists"))
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age.as_secs() < 86_400);
-    let has_lists = fs::read_dir(apt.join("lists"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
-        })
-        .unwrap_or(false);
-    if !(fresh && has_lists) {
-        let mut update = Command::new("apt-get");
-        opts(&mut update);
-        run(update.args(["-q", "update"]))
-            .with_context(|| format!("apt-get update for Debian {number} ({codename})"))?;
     }
-    let mut depends = Command::new("apt-cache");
-    opts(&mut depends);
-    let deps = run_capture(depends.args(["depends", "linux-image-amd64"]))?;
-    let pkg = meta_target(&deps).with_context(|| {
+
+    /// `apt-cache depends PKG`.
+    fn depends(&self, pkg: &str) -> Result<String> {
+        let mut depends = Command::new("apt-cache");
+        self.opts(&mut depends);
+        run_capture(depends.args(["depends", pkg]))
+    }
+}
+
+/// Debian's archive for `codename`, security updates included.
+fn debian_apt(codename: &str, cache: &Path) -> Result<PrivateApt> {
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    PrivateApt::new(
+        cache,
+        codename,
+        &format!(
+            "deb [signed-by={keyring}] http://deb.debian.org/debian {codename} main\n\
+             deb [signed-by={keyring}] http://deb.debian.org/debian-security {codename}-security main\n"
+        ),
+    )
+}
+
+/// The newest kernel of Debian `codename` (what its `linux-image-amd64`
+/// points to, security updates included).
+fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> {
+    let apt = debian_apt(codename, cache)?;
+    let deps = apt.depends("linux-image-amd64")?;
+    let pkg = meta_target(&deps, "-amd64").with_context(|| {
         format!("Debian {number} ({codename}): linux-image-amd64 depends on no kernel image")
     })?;
-    let dir = fetch(&pkg, cache, opts)?;
+    let dir = fetch(std::slice::from_ref(&pkg), &pkg, cache, |c| apt.opts(c))?;
     let release = pkg.trim_start_matches("linux-image-");
     cached(
         &dir,
@@ -200,48 +246,117 @@ fn debian_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> 
     )
 }
 
-/// Downloads kernel package `pkg` with `apt-get` (its options set by
-/// `apt`) and unpacks it into `cache/PKG`, once; returns that directory.
-fn fetch(pkg: &str, cache: &Path, apt: impl Fn(&mut Command)) -> Result<PathBuf> {
-    let dir = cache.join(pkg);
+/// Ubuntu's archive key, from Debian's `ubuntu-keyring` package (fetched
+/// through Debian 13's archive, whose key the host has; Debian 12 does
+/// not carry it), unpacked once.
+fn ubuntu_keyring(cache: &Path) -> Result<PathBuf> {
+    let dir = cache.join("ubuntu-keyring");
+    let keyring = dir.join("usr/share/keyrings/ubuntu-archive-keyring.gpg");
+    if keyring.is_file() {
+        return Ok(keyring);
+    }
+    let apt = debian_apt("trixie", cache)?;
+    let mut download = Command::new("apt-get");
+    apt.opts(&mut download);
+    fs::create_dir_all(cache)?;
+    run(download
+        .args(["download", "ubuntu-keyring"])
+        .current_dir(cache))?;
+    let deb = find_deb(cache, "ubuntu-keyring")?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
+    if !keyring.is_file() {
+        bail!(
+            "Debian's ubuntu-keyring package has no {}",
+            keyring.display()
+        );
+    }
+    Ok(keyring)
+}
+
+/// The newest general-availability kernel of Ubuntu `codename` (what its
+/// `linux-image-generic` points to, updates and security updates
+/// included): the image package and its modules package (where Ubuntu
+/// keeps the config too).
+fn ubuntu_release(number: &str, codename: &str, cache: &Path) -> Result<Kernel> {
+    let keyring = ubuntu_keyring(cache)?;
+    let keyring = keyring.display();
+    let archive = "http://archive.ubuntu.com/ubuntu";
+    let apt = PrivateApt::new(
+        cache,
+        &format!("ubuntu-{codename}"),
+        &format!(
+            "deb [signed-by={keyring}] {archive} {codename} main\n\
+             deb [signed-by={keyring}] {archive} {codename}-updates main\n\
+             deb [signed-by={keyring}] {archive} {codename}-security main\n"
+        ),
+    )?;
+    let deps = apt.depends("linux-image-generic")?;
+    let pkg = meta_target(&deps, "-generic").with_context(|| {
+        format!("Ubuntu {number} ({codename}): linux-image-generic depends on no kernel image")
+    })?;
+    let release = pkg.trim_start_matches("linux-image-").to_string();
+    let pkgs = [pkg.clone(), format!("linux-modules-{release}")];
+    let dir = fetch(&pkgs, &pkg, cache, |c| apt.opts(c))?;
+    cached(
+        &dir,
+        &format!("ubuntu-{number} ({release})"),
+        &format!("ubuntu-{number}"),
+    )
+}
+
+/// Downloads kernel packages `pkgs` (the image first, then any package
+/// with its modules) with `apt-get` (its options set by `apt`) and unpacks
+/// them together into `cache/NAME`, once; returns that directory.
+fn fetch(pkgs: &[String], name: &str, cache: &Path, apt: impl Fn(&mut Command)) -> Result<PathBuf> {
+    let dir = cache.join(name);
     let stamp = fs::read_to_string(dir.join(MODULES_STAMP)).unwrap_or_default();
     if dir.join("vmlinuz").is_file() && stamp == modules_wanted() {
-        eprintln!("  ok   {pkg} (cached in {})", dir.display());
+        eprintln!("  ok   {name} (cached in {})", dir.display());
         return Ok(dir);
     }
     fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let mut download = Command::new("apt-get");
-    apt(&mut download);
-    // Downloads into the current directory; as root apt warns that it
-    // cannot drop to the _apt user there, which is harmless.
-    run(download.args(["download", pkg]).current_dir(cache))?;
-    let deb = find_deb(cache, pkg)?;
-    unpack_deb(&deb, &dir)?;
-    fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
+    let mut debs = Vec::new();
+    for pkg in pkgs {
+        let mut download = Command::new("apt-get");
+        apt(&mut download);
+        // Downloads into the current directory; as root apt warns that it
+        // cannot drop to the _apt user there, which is harmless.
+        run(download.args(["download", pkg]).current_dir(cache))?;
+        debs.push(find_deb(cache, pkg)?);
+    }
+    unpack_debs(&debs, &dir)?;
+    for deb in debs {
+        fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
+    }
     Ok(dir)
 }
 
-/// The kernel package a meta-package depends on (`apt-cache depends`).
-fn meta_target(deps: &str) -> Option<String> {
+/// The kernel package a meta-package depends on (`apt-cache depends`),
+/// named `linux-image-…SUFFIX`.
+fn meta_target(deps: &str, suffix: &str) -> Option<String> {
     deps.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .map(str::trim)
-        .find(|d| d.starts_with("linux-image-") && d.ends_with("-amd64"))
+        .find(|d| d.starts_with("linux-image-") && d.ends_with(suffix))
         .map(str::to_string)
 }
 
-/// Extracts a kernel package and keeps only the image, its config and the
+/// Extracts kernel packages (an image, and where a distribution keeps them
+/// apart, its modules) and keeps only the image, its config and the
 /// modules in [`MODULES`] (with their dependencies), under `dir`:
 /// `vmlinuz`, `config`, `modules/NAME.ko`, `modules.order`.
-fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
+fn unpack_debs(debs: &[PathBuf], dir: &Path) -> Result<()> {
     // Not with_extension: kernel package names have dots ("6.12.118+deb13").
     let tmp = PathBuf::from(format!("{}.unpack", dir.display()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
-    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
+    for deb in debs {
+        run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
+    }
     let boot = tmp.join("boot");
     let image = find_prefixed(&boot, "vmlinuz-")?
-        .with_context(|| format!("{} has no boot/vmlinuz-*", deb.display()))?;
+        .with_context(|| format!("{} has no boot/vmlinuz-*", debs[0].display()))?;
     let config_file = find_prefixed(&boot, "config-")?;
     let config = config_file.as_deref().map(fs::read_to_string).transpose()?;
     let release = image
@@ -300,7 +415,7 @@ fn from_deb(deb: &Path, cache: &Path, slug: &str) -> Result<Kernel> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| slug.to_string());
     let dir = cache.join(&stem);
-    unpack_deb(deb, &dir)?;
+    unpack_debs(&[deb.to_path_buf()], &dir)?;
     cached(&dir, &stem, &stem)
 }
 
@@ -577,10 +692,15 @@ mod tests {
         assert_eq!(newest_abi("", "6.1"), None);
         let deps = "linux-image-6.12-amd64\n  Depends: linux-image-6.12.117+deb12-amd64\n";
         assert_eq!(
-            meta_target(deps).as_deref(),
+            meta_target(deps, "-amd64").as_deref(),
             Some("linux-image-6.12.117+deb12-amd64")
         );
-        assert_eq!(meta_target("E: No packages found"), None);
+        assert_eq!(meta_target("E: No packages found", "-amd64"), None);
+        let deps = "linux-image-generic\n  Depends: linux-image-5.15.0-163-generic\n  Depends: linux-firmware\n";
+        assert_eq!(
+            meta_target(deps, "-generic").as_deref(),
+            Some("linux-image-5.15.0-163-generic")
+        );
     }
 
     #[test]
