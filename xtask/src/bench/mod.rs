@@ -469,24 +469,40 @@ fn map_memory(agent: &Agent) -> Value {
     json!({"total_bytes": total, "maps": maps})
 }
 
-/// Size and verifier work of every program an agent pinned a link for.
+/// Size and verifier work of every program an agent pinned a link for,
+/// and of those the packet hooks enter by a tail call.
 fn program_sizes(agent: &Agent) -> Value {
-    let mut out = serde_json::Map::new();
+    let mut progs = Vec::new();
     if let Ok(entries) = fs::read_dir(agent.pins().join("links")) {
-        let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-        names.sort();
-        for path in names {
-            let Ok(info) = sys::obj_get(&path)
-                .and_then(|l| sys::link_prog(&l))
-                .and_then(|p| sys::prog_info(&p))
-            else {
-                continue;
-            };
-            out.insert(
-                path.file_name().unwrap_or_default().to_string_lossy().into(),
-                json!({"verified_insns": info.verified_insns, "xlated_insns": info.xlated_len / 8, "jited_bytes": info.jited_len}),
-            );
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            progs.push((
+                name,
+                sys::obj_get(&e.path()).and_then(|l| sys::link_prog(&l)),
+            ));
         }
+    }
+    for (name, array) in [
+        ("bh_dns_egress", bulkhead_common::maps::MAP_DNS_EGRESS_TAIL),
+        (
+            "bh_dns_ingress",
+            bulkhead_common::maps::MAP_DNS_INGRESS_TAIL,
+        ),
+    ] {
+        let path = agent.pins().join("maps").join(array);
+        let prog = sys::obj_get(&path).and_then(|a| sys::prog_array_prog(&a, 0));
+        progs.push((name.to_string(), prog));
+    }
+    progs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = serde_json::Map::new();
+    for (name, prog) in progs {
+        let Ok(info) = prog.and_then(|p| sys::prog_info(&p)) else {
+            continue;
+        };
+        out.insert(
+            name,
+            json!({"verified_insns": info.verified_insns, "xlated_insns": info.xlated_len / 8, "jited_bytes": info.jited_len}),
+        );
     }
     Value::Object(out)
 }

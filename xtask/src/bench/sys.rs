@@ -97,10 +97,25 @@ fn rd_u64(b: &[u8], off: usize) -> u64 {
 pub fn link_prog(link: &OwnedFd) -> Result<OwnedFd> {
     let mut buf = [0u8; 64];
     info(link, &mut buf)?;
-    let prog_id = rd_u32(&buf, 8);
+    prog_by_id(rd_u32(&buf, 8))
+}
+
+fn prog_by_id(prog_id: u32) -> Result<OwnedFd> {
     let mut a = Attr::new();
     a.u32(0, prog_id);
     bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map(fd)
+}
+
+/// The program at `index` of a program array (a lookup from user space
+/// answers its id).
+pub fn prog_array_prog(array: &OwnedFd, index: u32) -> Result<OwnedFd> {
+    let mut id = 0u32;
+    let mut a = Attr::new();
+    a.u32(0, array.as_raw_fd() as u32)
+        .u64(8, &index as *const u32 as u64)
+        .u64(16, &mut id as *mut u32 as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut a)?;
+    prog_by_id(id)
 }
 
 /// `BPF_LINK_CREATE`: attaches `prog` to a cgroup (beside what is there)
