@@ -256,13 +256,7 @@ fn ubuntu_keyring(cache: &Path) -> Result<PathBuf> {
         return Ok(keyring);
     }
     let apt = debian_apt("trixie", cache)?;
-    let mut download = Command::new("apt-get");
-    apt.opts(&mut download);
-    fs::create_dir_all(cache)?;
-    run(download
-        .args(["download", "ubuntu-keyring"])
-        .current_dir(cache))?;
-    let deb = find_deb(cache, "ubuntu-keyring")?;
+    let deb = download("ubuntu-keyring", cache, &|c| apt.opts(c))?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
     fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
     if !keyring.is_file() {
@@ -315,21 +309,27 @@ fn fetch(pkgs: &[String], name: &str, cache: &Path, apt: impl Fn(&mut Command)) 
         eprintln!("  ok   {name} (cached in {})", dir.display());
         return Ok(dir);
     }
-    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
-    let mut debs = Vec::new();
-    for pkg in pkgs {
-        let mut download = Command::new("apt-get");
-        apt(&mut download);
-        // Downloads into the current directory; as root apt warns that it
-        // cannot drop to the _apt user there, which is harmless.
-        run(download.args(["download", pkg]).current_dir(cache))?;
-        debs.push(find_deb(cache, pkg)?);
-    }
+    let debs = pkgs
+        .iter()
+        .map(|pkg| download(pkg, cache, &apt))
+        .collect::<Result<Vec<_>>>()?;
     unpack_debs(&debs, &dir)?;
     for deb in debs {
         fs::remove_file(&deb).with_context(|| format!("removing {}", deb.display()))?;
     }
     Ok(dir)
+}
+
+/// `apt-get download PKG` (its options set by `apt`) into `cache`; the
+/// path of the `.deb`.
+fn download(pkg: &str, cache: &Path, apt: &impl Fn(&mut Command)) -> Result<PathBuf> {
+    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    let mut download = Command::new("apt-get");
+    apt(&mut download);
+    // Downloads into the current directory; as root apt warns that it
+    // cannot drop to the _apt user there, which is harmless.
+    run(download.args(["download", pkg]).current_dir(cache))?;
+    find_deb(cache, pkg)
 }
 
 /// The kernel package a meta-package depends on (`apt-cache depends`),
