@@ -48,18 +48,18 @@ use crate::{
 const NS: u64 = 1_000_000_000;
 
 /// Hands a packet its hook lets pass to the DNS program of its direction
-/// (`programs`, at 0) while the policy in force uses names. A tail call:
+/// (`programs`, at 0) while the policy in force (`a`) uses names. A tail call:
 /// on success it does not return, and the DNS program's [`ALLOW`] is the
 /// packet's verdict; with nothing in the array it returns and the hook's
 /// verdict stands. It must be called from the hook's own frame (the
 /// kernel refuses tail calls from a function called with a deep stack).
 #[inline(always)]
-pub(crate) fn hand_over(ctx: &SkBuffContext, programs: &ProgramArray) {
+pub(crate) fn hand_over(ctx: &SkBuffContext, a: &Active, programs: &ProgramArray) {
     // Kernels without `bpf_loop` learn no names (see [`dns_packet`]).
     if cfg!(feature = "unrolled") {
         return;
     }
-    if active().is_some_and(|a| a.config.flags & CONFIG_NAMES != 0) {
+    if a.config.flags & CONFIG_NAMES != 0 {
         // SAFETY: the array holds only this direction's DNS program, a
         // cgroup_skb program of the same attach type.
         unsafe { programs.tail_call(ctx, 0) };

@@ -92,20 +92,12 @@ pub fn bh_post_bind6(ctx: SockContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn bh_egress(ctx: SkBuffContext) -> i32 {
-    let verdict = skb::skb(&ctx, Direction::Egress);
-    if verdict == events::ALLOW {
-        dns::hand_over(&ctx, &maps::BH_DNSOUT);
-    }
-    verdict
+    skb::packet_hook(&ctx, Direction::Egress, &maps::BH_DNSOUT)
 }
 
 #[cgroup_skb(ingress)]
 pub fn bh_ingress(ctx: SkBuffContext) -> i32 {
-    let verdict = skb::skb(&ctx, Direction::Ingress);
-    if verdict == events::ALLOW {
-        dns::hand_over(&ctx, &maps::BH_DNSIN);
-    }
-    verdict
+    skb::packet_hook(&ctx, Direction::Ingress, &maps::BH_DNSIN)
 }
 
 /// Entered from `bh_egress` only (see [`dns`]).

@@ -1,7 +1,9 @@
 //! The packet-level check, for both directions: the backstop for flows
 //! older than the policy, and the ingress side.
 
-use aya_ebpf::{helpers::generated::bpf_skb_cgroup_id, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::generated::bpf_skb_cgroup_id, maps::ProgramArray, programs::SkBuffContext,
+};
 use bulkhead_common::{
     Decision, Direction, Hook, Ports, Reason,
     decide::{PeerAddr, peer_domain},
@@ -9,11 +11,11 @@ use bulkhead_common::{
 };
 
 use crate::{
-    dns::names_of,
+    dns::{hand_over, names_of},
     events::{ALLOW, Flow, finish},
     packet::{Parsed, parse},
     peer::{IPPROTO_TCP, decide_flow, listener_domain, peer_of},
-    policy::{active, domain_rec},
+    policy::{Active, active, domain_rec},
     socks::{
         cache_verdict, cached_allow, cached_verdict, conversation, mark_cut, same_conversation,
         settle_established, skb_full_sock, sock_info,
@@ -24,17 +26,29 @@ use crate::{
 /// The loopback device's index, the same in every network namespace.
 pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
 
+/// A packet hook: the check, then, for a packet it lets pass while the
+/// policy in force uses names, the DNS program of its direction (`dns`),
+/// all under the generation read once.
+#[inline(always)]
+pub(crate) fn packet_hook(ctx: &SkBuffContext, dir: Direction, dns: &ProgramArray) -> i32 {
+    let Some(a) = active() else { return ALLOW };
+    let verdict = skb(ctx, &a, dir);
+    if verdict == ALLOW {
+        hand_over(ctx, &a, dns);
+    }
+    verdict
+}
+
 /// The packet-level check, for both directions.
 #[inline(always)]
-pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
-    let Some(a) = active() else { return ALLOW };
+fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
     let hook = match dir {
         Direction::Egress => Hook::SkbEgress,
         Direction::Ingress => Hook::SkbIngress,
     };
     let full = skb_full_sock(ctx);
     let info = sock_info(full);
-    let cached = cached_verdict(info, &a);
+    let cached = cached_verdict(info, a);
     // An established TCP socket's verdict holds for all its packets.
     if let Some(c) = cached
         && c.family == 0
@@ -49,7 +63,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     let mut dom_id = 0;
     let mut dom = None;
     if cached.is_none() {
-        dom_id = skb_domain(&a, skb_ptr);
+        dom_id = skb_domain(a, skb_ptr);
         dom = domain_rec(a.slot, dom_id);
         if dom.is_none() {
             return ALLOW;
@@ -63,7 +77,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
             settle_established(full, info, p);
             return cached_allow(hook, c);
         }
-        dom_id = skb_domain(&a, skb_ptr);
+        dom_id = skb_domain(a, skb_ptr);
         dom = domain_rec(a.slot, dom_id);
     }
     let Some(dom) = dom else { return ALLOW };
@@ -88,7 +102,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
                 sport: [0; 2],
                 dport: [0; 2],
             };
-            return finish(&a, dom_id, dom, 0, cgroup_id, d, &f);
+            return finish(a, dom_id, dom, 0, cgroup_id, d, &f);
         }
     };
     let (peer_addr, peer_port, local_port) = conversation(&p, dir);
@@ -109,7 +123,7 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
     // domain is known; here the peer address has no domain.
     let mut peer = peer_of(a.slot, &key);
     peer.names = names_of(
-        &a,
+        a,
         dom_id,
         dom,
         &key,
@@ -138,12 +152,12 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         service: u16::from_be_bytes(service_port),
         other: u16::from_be_bytes(other_port),
     };
-    let d = decide_flow(&a, dom_id, dom, &peer, conn_dir, p.proto, ports);
+    let d = decide_flow(a, dom_id, dom, &peer, conn_dir, p.proto, ports);
     if d.allow {
-        cache_verdict(full, info, &a, dom_id, &d, &p, dir, initiator);
+        cache_verdict(full, info, a, dom_id, &d, &p, dir, initiator);
     }
     if !d.allow && a.config.mode != MODE_AUDIT {
-        mark_cut(full, info, &a, dom_id, &peer, &d, &p, dir, cgroup_id);
+        mark_cut(full, info, a, dom_id, &peer, &d, &p, dir, cgroup_id);
     }
     let f = Flow {
         family: p.family,
@@ -156,5 +170,5 @@ pub(crate) fn skb(ctx: &SkBuffContext, dir: Direction) -> i32 {
         sport: p.sport,
         dport: p.dport,
     };
-    finish(&a, dom_id, dom, peer.domain, cgroup_id, d, &f)
+    finish(a, dom_id, dom, peer.domain, cgroup_id, d, &f)
 }
