@@ -91,6 +91,9 @@ fn build(target: &str, arch: &str, target_dir: &Path, features: &str) -> anyhow:
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".to_string(),
         "-Clink-arg=--btf".to_string(),
+        // Global BPF functions, which kernels verify once on their own
+        // (bulkhead-ebpf's peer.rs says why).
+        "-Clink-arg=--export=bh_bridge_rule".to_string(),
     ]
     .join("\x1f");
     let mut cmd = Command::new("rustup");

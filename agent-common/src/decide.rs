@@ -4,9 +4,10 @@
 
 use crate::event::{FAMILY_INET, FAMILY_INET6, Verdict};
 use crate::maps::{
-    BRIDGE_REVERSE, BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY, DOMAIN_INGRESS_GEO,
-    DOMAIN_INGRESS_UNKNOWN_DENY, DOMAIN_NAMES, DOMAIN_NAMES_ALLOW, DomainRec, GeoValue,
-    MAX_BRIDGE_RULES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, is_loopback_v4, is_loopback_v6, v4_mapped,
+    BRIDGE_REVERSE, BridgeRule, BridgeSet, DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY,
+    DOMAIN_INGRESS_GEO, DOMAIN_INGRESS_UNKNOWN_DENY, DOMAIN_NAMES, DOMAIN_NAMES_ALLOW, DomainRec,
+    GeoValue, MAX_BRIDGE_RULES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, is_loopback_v4, is_loopback_v6,
+    v4_mapped,
 };
 use crate::reason::Reason;
 
@@ -224,18 +225,11 @@ pub fn decide_peer<'b>(
     local_id: u32,
     local: &DomainRec,
     peer: &Peer<'_>,
-    bridges: impl FnOnce(u32, u32) -> Option<&'b BridgeSet>,
+    bridges: impl Bridges<'b>,
     proto: u8,
     ports: Ports,
     now: impl Now,
 ) -> Decision {
-    let mut set = None;
-    if peer.domain != 0 && peer.domain != local_id {
-        set = match dir {
-            Direction::Egress => bridges(local_id, peer.domain),
-            Direction::Ingress => bridges(peer.domain, local_id),
-        };
-    }
     if local.flags & DOMAIN_NAMES != 0
         && dir == Direction::Egress
         && (local.expires_tai_ns == u64::MAX || now.tai_ns() < local.expires_tai_ns)
@@ -255,7 +249,7 @@ pub fn decide_peer<'b>(
         local_id,
         &local,
         peer.domain,
-        set,
+        bridges,
         proto,
         ports,
         now,
@@ -328,12 +322,12 @@ pub fn refused_unaudited(local_id: u32, peer: &Peer<'_>) -> bool {
     reason = "flat scalars keep the kernel call cheap"
 )]
 #[inline(always)]
-pub fn decide(
+pub fn decide<'b>(
     dir: Direction,
     local_id: u32,
     local: &DomainRec,
     peer_id: u32,
-    bridges: Option<&BridgeSet>,
+    bridges: impl Bridges<'b>,
     proto: u8,
     ports: Ports,
     now: impl Now,
@@ -358,12 +352,12 @@ pub fn decide(
     reason = "flat scalars keep the kernel call cheap"
 )]
 #[inline(always)]
-fn decide_unexpired(
+fn decide_unexpired<'b>(
     dir: Direction,
     local_id: u32,
     local: &DomainRec,
     peer_id: u32,
-    bridges: Option<&BridgeSet>,
+    bridges: impl Bridges<'b>,
     proto: u8,
     ports: Ports,
     now: impl Now,
@@ -373,7 +367,19 @@ fn decide_unexpired(
         return Decision::new(Reason::SameDomain, 0);
     }
     if peer_id != 0 {
-        return bridge_decision(bridges, proto, ports, now);
+        let (from, to) = match dir {
+            Direction::Egress => (local_id, peer_id),
+            Direction::Ingress => (peer_id, local_id),
+        };
+        return match bridges.answer(from, to, proto, ports, now.tai_ns()) {
+            Some((r, true)) => {
+                let mut d = Decision::new(Reason::Bridge, r.bridge_id);
+                d.until_tai_ns = r.expires_tai_ns;
+                d
+            }
+            Some((r, false)) => Decision::new(Reason::BridgeOutsideWindow, r.bridge_id),
+            None => Decision::new(Reason::CrossDomain, 0),
+        };
     }
     let (geo_flag, unknown_deny_flag) = match dir {
         Direction::Egress => (DOMAIN_EGRESS_GEO, DOMAIN_EGRESS_UNKNOWN_DENY),
@@ -399,18 +405,54 @@ fn decide_unexpired(
     }
 }
 
+/// Where a decision finds the bridges from one domain to another. A
+/// lookup of their rules (`|from, to| -> Option<&BridgeSet>`, as `explain`
+/// passes) is matched here by [`bridge_rule`]; the kernel programs run that
+/// match as a BPF function of its own (see `bh_bridge_rule` there).
+pub trait Bridges<'b> {
+    /// The rule of the bridges from domain `from` to domain `to` that
+    /// answers this flow ([`bridge_rule`]), and whether `now_tai_ns` is
+    /// inside its window; `None` when no rule matches or none exist.
+    fn answer(
+        self,
+        from: u32,
+        to: u32,
+        proto: u8,
+        ports: Ports,
+        now_tai_ns: u64,
+    ) -> Option<(&'b BridgeRule, bool)>;
+}
+
+impl<'b, F: FnOnce(u32, u32) -> Option<&'b BridgeSet>> Bridges<'b> for F {
+    #[inline(always)]
+    fn answer(
+        self,
+        from: u32,
+        to: u32,
+        proto: u8,
+        ports: Ports,
+        now_tai_ns: u64,
+    ) -> Option<(&'b BridgeRule, bool)> {
+        let set = self(from, to)?;
+        let (i, open) = bridge_rule(set, proto, ports, now_tai_ns)?;
+        Some((&set.rules[i], open))
+    }
+}
+
+/// Which rule of `set` answers a flow: the first matching one whose window
+/// is open at `now_tai_ns`, else the last matching one (its window closed,
+/// so the refusal names that bridge); `None` when no rule matches. Its
+/// index, and whether its window is open.
 #[inline(always)]
-fn bridge_decision(
-    bridges: Option<&BridgeSet>,
+pub fn bridge_rule(
+    set: &BridgeSet,
     proto: u8,
     ports: Ports,
-    now: impl Now,
-) -> Decision {
-    let Some(set) = bridges else {
-        return Decision::new(Reason::CrossDomain, 0);
-    };
-    let now_tai_ns = now.tai_ns();
-    let mut outside_window = 0u32;
+    now_tai_ns: u64,
+) -> Option<(usize, bool)> {
+    // Not an Option: its undefined payload may be spilled from a register
+    // the verifier knows to be unset, which it refuses.
+    let mut closed = MAX_BRIDGE_RULES;
     // A fixed trip count keeps the verifier happy; `count` bounds the work.
     for i in 0..MAX_BRIDGE_RULES {
         if i as u32 >= set.count {
@@ -423,17 +465,11 @@ fn bridge_decision(
             continue;
         }
         if now_tai_ns >= r.not_before_tai_ns && now_tai_ns < r.expires_tai_ns {
-            let mut d = Decision::new(Reason::Bridge, r.bridge_id);
-            d.until_tai_ns = r.expires_tai_ns;
-            return d;
+            return Some((i, true));
         }
-        outside_window = r.bridge_id;
+        closed = i;
     }
-    if outside_window != 0 {
-        Decision::new(Reason::BridgeOutsideWindow, outside_window)
-    } else {
-        Decision::new(Reason::CrossDomain, 0)
-    }
+    (closed < MAX_BRIDGE_RULES).then_some((closed, false))
 }
 
 #[cfg(test)]
@@ -442,6 +478,10 @@ mod tests {
     use crate::maps::{BridgeRule, DOMAIN_EXISTS, PROTO_TCP, PROTO_UDP};
 
     const NEVER: u64 = u64::MAX;
+
+    fn none<'b>(_: u32, _: u32) -> Option<&'b BridgeSet> {
+        None
+    }
 
     fn dom(flags: u32) -> DomainRec {
         DomainRec {
@@ -488,7 +528,7 @@ mod tests {
             1,
             local,
             peer,
-            b,
+            move |_: u32, _: u32| b,
             proto,
             ports,
             now,
@@ -562,7 +602,7 @@ mod tests {
                 1,
                 &d,
                 2,
-                Some(&b),
+                |_: u32, _: u32| Some(&b),
                 PROTO_UDP,
                 ports,
                 5,
@@ -610,7 +650,7 @@ mod tests {
             other: 0,
         };
         let r =
-            |peer, g| decide(Direction::Egress, 1, &d, peer, None, PROTO_TCP, https, 0, g).reason;
+            |peer, g| decide(Direction::Egress, 1, &d, peer, none, PROTO_TCP, https, 0, g).reason;
         assert_eq!(r(0, Some(&deny_me)), Reason::CountryDenied);
         assert_eq!(r(0, Some(&other)), Reason::CountryAllowed);
         assert_eq!(r(0, None), Reason::CountryUnknown);
@@ -621,7 +661,7 @@ mod tests {
             1,
             &open,
             0,
-            None,
+            none,
             PROTO_TCP,
             https,
             0,
@@ -634,7 +674,7 @@ mod tests {
             1,
             &d,
             0,
-            None,
+            none,
             PROTO_TCP,
             https,
             0,

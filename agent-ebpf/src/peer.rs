@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use bulkhead_common::{
     Decision, Direction, Ports,
-    decide::{Names, Peer, PeerAddr, ReadClock, decide_peer},
+    decide::{Bridges, Names, Peer, PeerAddr, ReadClock, bridge_rule, decide_peer},
     event::FAMILY_INET,
-    maps::{BridgeKey, DomainRec, SockInfo},
+    maps::{BridgeKey, BridgeRule, DomainRec, MAX_BRIDGE_RULES, SockInfo},
 };
 
 use crate::{
@@ -125,14 +125,78 @@ pub(crate) fn decide_flow(
     ports: Ports,
 ) -> Decision {
     let now = ReadClock(crate::clock::now_tai);
-    let slot = a.slot;
-    let bridges = |from: u32, to: u32| {
-        let key = BridgeKey {
-            slot,
-            from: from as u16,
-            to: to as u16,
-        };
-        unsafe { BH_BRIDGES.get(key) }
-    };
+    let bridges = KernelBridges { slot: a.slot };
     decide_peer(dir, dom_id, dom, peer, bridges, proto, ports, now)
+}
+
+/// The bridges of the policy in `slot`, matched by [`bh_bridge_rule`].
+#[derive(Clone, Copy)]
+struct KernelBridges {
+    slot: u32,
+}
+
+impl Bridges<'static> for KernelBridges {
+    #[inline(always)]
+    fn answer(
+        self,
+        from: u32,
+        to: u32,
+        proto: u8,
+        ports: Ports,
+        now_tai_ns: u64,
+    ) -> Option<(&'static BridgeRule, bool)> {
+        let flow = u64::from(proto) | u64::from(ports.service) << 8 | u64::from(ports.other) << 24;
+        let found = bh_bridge_rule(self.slot, from, to, flow, now_tai_ns);
+        if found == NO_RULE {
+            return None;
+        }
+        let set = unsafe { BH_BRIDGES.get(bridge_key(self.slot, from, to)) }?;
+        // The verifier knows nothing of a BPF function's result: bound it.
+        let rule = &set.rules[found as usize & (MAX_BRIDGE_RULES - 1)];
+        Some((rule, found & RULE_OPEN != 0))
+    }
+}
+
+const _: () = assert!(MAX_BRIDGE_RULES.is_power_of_two());
+/// [`bh_bridge_rule`]: no rule of the bridges matches.
+const NO_RULE: u32 = u32::MAX;
+/// [`bh_bridge_rule`]: the rule's window is open (beside its index).
+const RULE_OPEN: u32 = 1 << 8;
+
+#[inline(always)]
+fn bridge_key(slot: u32, from: u32, to: u32) -> BridgeKey {
+    BridgeKey {
+        slot,
+        from: from as u16,
+        to: to as u16,
+    }
+}
+
+/// [`bridge_rule`] over the bridges from `from` to `to` in `slot`, for a
+/// `flow` of protocol (bits 0-7), service port (8-23) and other port
+/// (24-39): the rule's index, with [`RULE_OPEN`] when its window is open,
+/// or [`NO_RULE`].
+///
+/// A global BPF function (exported to bpf-linker by `agent/build.rs`, so
+/// it is not inlined), which a kernel verifies once, on its own: inlined,
+/// the rule loop was verified again for every path of a hook reaching a
+/// decision, and Ubuntu 22.04's 5.15 gave up on `bh_egress` at a million
+/// instructions. Its arguments are scalars, all that 5.10's verifier
+/// takes for a global function.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn bh_bridge_rule(slot: u32, from: u32, to: u32, flow: u64, now_tai_ns: u64) -> u32 {
+    let Some(set) = (unsafe { BH_BRIDGES.get(bridge_key(slot, from, to)) }) else {
+        return NO_RULE;
+    };
+    let proto = flow as u8;
+    let ports = Ports {
+        service: (flow >> 8) as u16,
+        other: (flow >> 24) as u16,
+    };
+    match bridge_rule(set, proto, ports, now_tai_ns) {
+        Some((i, true)) => i as u32 | RULE_OPEN,
+        Some((i, false)) => i as u32,
+        None => NO_RULE,
+    }
 }

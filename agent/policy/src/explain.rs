@@ -301,7 +301,7 @@ pub fn explain_at(
         local_id,
         &local,
         &peer,
-        |from, to| c.bridges.get(&(from as u16, to as u16)),
+        |from: u32, to: u32| c.bridges.get(&(from as u16, to as u16)),
         q.proto.number(),
         // A new connection: its own port is not chosen yet.
         Ports {
