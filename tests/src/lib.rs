@@ -1231,6 +1231,42 @@ pub fn ready_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// How many programs are attached to `cgroup` itself (not inherited) at
+/// its `inet egress`, `inet ingress` and `connect4` hooks, read in this
+/// process (`BPF_PROG_QUERY`), so that no process start stands between an
+/// action and this look.
+pub fn attached_programs(cgroup: &Path) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    // BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET4_CONNECT.
+    const TYPES: [u32; 3] = [0, 1, 10];
+    let dir = std::fs::File::open(cgroup).expect("open the cgroup");
+    let mut total = 0;
+    for t in TYPES {
+        // union bpf_attr's query: target_fd, attach_type, query_flags,
+        // attach_flags, prog_ids, prog_cnt.
+        let mut attr = [0u8; 64];
+        attr[0..4].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&t.to_ne_bytes());
+        // SAFETY: attr is a zeroed bpf_attr prefix the command reads and writes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                attr.as_mut_ptr(),
+                attr.len() as u32,
+            )
+        };
+        assert!(
+            rc == 0,
+            "BPF_PROG_QUERY: {}",
+            std::io::Error::last_os_error()
+        );
+        total += u32::from_ne_bytes(attr[24..28].try_into().unwrap());
+    }
+    total
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;

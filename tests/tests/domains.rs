@@ -9,7 +9,7 @@
 use std::{process::Command, thread, time::Duration};
 
 use tests::{
-    Agent, Cgroup, Netns, Server, field, privileged, probe,
+    Agent, Cgroup, Netns, Server, attached_programs, field, privileged, probe,
     world::{World, world},
 };
 
@@ -579,7 +579,15 @@ fn enforcement_survives_kill_and_detach_removes_it() {
     );
     agent.kill9();
 
+    assert!(attached_programs(&agent.cgroup_root) > 0);
     let out = agent.run_cli(&["detach", "--bpffs-dir", agent.bpffs.to_str().unwrap()]);
+    // Off when `detach` returns: the kernel itself releases an unpinned
+    // link only after an RCU grace period, a while later in a loaded VM.
+    assert_eq!(
+        attached_programs(&agent.cgroup_root),
+        0,
+        "programs still attached when detach returned"
+    );
     assert!(
         out.status.success(),
         "{}",

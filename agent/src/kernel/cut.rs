@@ -19,13 +19,15 @@
 use std::{
     fs::File,
     io::Read as _,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
 };
 
 use anyhow::{Context as _, Result};
 use aya::Btf;
 use aya_obj::btf::BtfKind;
 use bulkhead_common::maps::{CutRecord, SOCK_CUT, SockInfo};
+
+use super::sys::{Attr, BPF_ITER_CREATE, BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd};
 
 /// One loaded iterator per protocol, attached (its link) and ready to run.
 pub struct Cutter {
@@ -147,36 +149,6 @@ fn program(socks_fd: i32, destroy_btf_id: u32) -> Vec<Insn> {
     ]
 }
 
-/// `union bpf_attr`, large enough for the commands used here.
-struct Attr([u8; 128]);
-
-impl Attr {
-    fn new() -> Attr {
-        Attr([0; 128])
-    }
-    fn u32(&mut self, off: usize, v: u32) -> &mut Attr {
-        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn u64(&mut self, off: usize, v: u64) -> &mut Attr {
-        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-}
-
-fn bpf(cmd: u32, attr: &mut Attr) -> std::io::Result<OwnedFd> {
-    // SAFETY: the attr buffer is as large as the kernel reads for `cmd`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: these commands return a new file descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
-}
-
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_LINK_CREATE: u32 = 28;
-const BPF_ITER_CREATE: u32 = 33;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_ITER: u32 = 28;
 
@@ -197,7 +169,7 @@ fn load(insns: &[Insn], target_btf_id: u32, proto: &str) -> Result<OwnedFd> {
         .u32(68, BPF_TRACE_ITER)
         .u32(108, target_btf_id);
     a.0[48..48 + name.len()].copy_from_slice(name.as_bytes());
-    bpf(BPF_PROG_LOAD, &mut a).map_err(|e| {
+    bpf_fd(BPF_PROG_LOAD, &mut a).map_err(|e| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         let verifier = String::from_utf8_lossy(&log[..end]).trim().to_string();
         if verifier.is_empty() {
@@ -211,13 +183,13 @@ fn load(insns: &[Insn], target_btf_id: u32, proto: &str) -> Result<OwnedFd> {
 fn link_iter(prog: &OwnedFd) -> std::io::Result<OwnedFd> {
     let mut a = Attr::new();
     a.u32(0, prog.as_raw_fd() as u32).u32(8, BPF_TRACE_ITER);
-    bpf(BPF_LINK_CREATE, &mut a)
+    bpf_fd(BPF_LINK_CREATE, &mut a)
 }
 
 fn iter_create(link: &OwnedFd) -> std::io::Result<OwnedFd> {
     let mut a = Attr::new();
     a.u32(0, link.as_raw_fd() as u32);
-    bpf(BPF_ITER_CREATE, &mut a)
+    bpf_fd(BPF_ITER_CREATE, &mut a)
 }
 
 /// Checks the assembly's jump targets, which are easy to get wrong.

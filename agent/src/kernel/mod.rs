@@ -32,6 +32,7 @@ pub mod log;
 pub mod maps;
 mod pins;
 pub mod probes;
+mod sys;
 
 pub use load::*;
 pub use log::{KernelLog, drive_kernel_log, start_kernel_log};

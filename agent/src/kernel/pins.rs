@@ -2,16 +2,23 @@
 //! one agent per directory, and retiring what earlier agents left.
 
 use std::{
+    ffi::CString,
     fs,
     io::ErrorKind,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::links::{FdLink, PinnedLink};
 
-use super::load::{EBPF_OBJECT, PENDING};
+use super::{
+    load::{EBPF_OBJECT, PENDING},
+    sys::{Attr, BPF_LINK_DETACH, BPF_OBJ_GET, bpf, bpf_fd},
+};
 
 /// Bumped when the meaning of a map or shared type changes while every
 /// size stays the same; size changes are caught by the fingerprint.
@@ -290,8 +297,8 @@ pub fn retire_others(pins: &Pins) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Removes one layout's pins: links (retired, so they detach), probes,
-/// maps, then its directory.
+/// Removes one layout's pins: links (detached first), probes, maps, then
+/// its directory.
 fn remove_layout(root: &Path, layout: &str) -> Result<Vec<PathBuf>> {
     let dir = if layout == UNVERSIONED {
         root.to_path_buf()
@@ -308,6 +315,9 @@ fn remove_layout(root: &Path, layout: &str) -> Result<Vec<PathBuf>> {
         };
         for e in entries {
             let p = e?.path();
+            if sub.ends_with("links") {
+                detach_link(&p)?;
+            }
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             removed.push(p);
         }
@@ -321,6 +331,32 @@ fn remove_layout(root: &Path, layout: &str) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// Detaches a pinned link from its cgroup now. Removing the pin alone
+/// would leave that to the kernel, which drops a pin's reference after an
+/// RCU grace period and a work item: `detach` could return while the
+/// programs still decide (seen under a loaded VM). Links of a kind that
+/// cannot be detached so (`EOPNOTSUPP`, `EINVAL`) go with their pin.
+fn detach_link(path: &Path) -> Result<()> {
+    let name = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("pin path {}", path.display()))?;
+    let mut get = Attr::new();
+    get.u64(0, name.as_ptr() as u64);
+    let link = match bpf_fd(BPF_OBJ_GET, &mut get) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("opening pinned link {}", path.display())),
+    };
+    let mut detach = Attr::new();
+    detach.u32(0, link.as_raw_fd() as u32);
+    match bpf(BPF_LINK_DETACH, &mut detach) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("detaching the link pinned at {}", path.display()))
+        }
+    }
 }
 
 /// Removes every link and map bulkhead pinned under `root`, of every
