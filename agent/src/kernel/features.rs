@@ -25,6 +25,8 @@ use aya::{
     sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
 };
 
+use super::sys::{Attr, BPF_LINK_CREATE, bpf_fd};
+
 /// A kernel release, `major.minor.patch`, compared numerically.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KernelVersion {
@@ -375,34 +377,18 @@ fn both(a: Probed, b: Probed) -> Probed {
 /// `BPF_LINK_CREATE` with an invalid program fd: kernels that know the
 /// command (5.7+) answer `EBADF`; older ones do not know it (`EINVAL`).
 fn link_create() -> Probed {
-    const BPF_LINK_CREATE: libc::c_long = 28;
     // bpf_attr's link_create: prog_fd, target_fd, attach_type
     // (BPF_CGROUP_INET_INGRESS = 0), flags; the rest zero.
-    let mut attr = [0u32; 32];
-    attr[0] = u32::MAX;
-    attr[1] = u32::MAX;
-    // SAFETY: bpf(2) reads `size` bytes of a zero-initialised attr we own.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if rc >= 0 {
-        // Cannot happen with fd -1; close whatever came back.
-        // SAFETY: rc is a file descriptor the kernel just returned.
-        unsafe { libc::close(rc as i32) };
-        return Probed::Yes;
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EBADF) => Probed::Yes,
-        Some(libc::EINVAL) => Probed::No,
-        _ => Probed::Unknown(format!(
-            "bpf(BPF_LINK_CREATE): {}",
-            std::io::Error::last_os_error()
-        )),
+    let mut attr = Attr::new();
+    attr.u32(0, u32::MAX).u32(4, u32::MAX);
+    // Cannot succeed with fd -1; whatever came back is closed on drop.
+    match bpf_fd(BPF_LINK_CREATE, &mut attr) {
+        Ok(_) => Probed::Yes,
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EBADF) => Probed::Yes,
+            Some(libc::EINVAL) => Probed::No,
+            _ => Probed::Unknown(format!("bpf(BPF_LINK_CREATE): {e}")),
+        },
     }
 }
 
