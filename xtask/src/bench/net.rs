@@ -34,7 +34,7 @@ use super::{
     profile,
     stats::median,
     sys,
-    world::{self, Agent, Bg, Netns, command_in, run_timed, veth},
+    world::{self, Agent, Bg, Cgroup, Netns, command_in, run_timed, veth},
 };
 
 const UDP_PORT: u16 = 11111;
@@ -348,12 +348,28 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     servers.push(helper_server(free, &s, "chrt", &args, "request/response")?);
     std::thread::sleep(Duration::from_millis(300));
 
+    // The floor: `r0 = 1` on the hooks a client of a domain passes, in a
+    // cgroup of its own outside the agent's subtree. Its distance from no
+    // policy is what attaching anything there costs, which no program can
+    // win back. (Declared before its links, so they detach first.)
+    let floor = Cgroup::new(
+        &world::cgroup2_mount()?,
+        &format!("/bulkhead-bench-{}-floor", std::process::id()),
+    )?;
+    let _floor_links = sys::attach_allow_all(&floor.path).map_err(|e| anyhow!("{e}"))?;
     let all = [
         Mode {
             key: "none",
             label: "no policy",
             ns: &c0,
             cgroup: free,
+            server: "10.251.0.2",
+        },
+        Mode {
+            key: "allow_all",
+            label: "r0 = 1 on the same hooks",
+            ns: &c0,
+            cgroup: &floor.path,
             server: "10.251.0.2",
         },
         Mode {
@@ -378,10 +394,10 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
             server: "10.251.1.2",
         },
     ];
-    // The quick run skips the extra mode to stay within its time budget.
+    // The quick run skips the extra modes to stay within its time budget.
     let modes: Vec<Mode> = all
         .into_iter()
-        .filter(|m| !(ctx.quick && m.key == "bulkhead_nogeo"))
+        .filter(|m| !(ctx.quick && matches!(m.key, "bulkhead_nogeo" | "allow_all")))
         .collect();
 
     // Warm-up, and a check that every mode reaches its server.

@@ -22,8 +22,13 @@ const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_LINK_CREATE: u32 = 28;
 pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
 pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
+pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 
 pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+pub const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
+pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 
 /// `union bpf_attr`, as plain bytes: every command fills its own fields.
 #[repr(C, align(8))]
@@ -278,10 +283,22 @@ pub mod asm {
 /// Loads a `cgroup_skb` program from raw instructions; on failure the
 /// error carries the verifier log.
 pub fn load_cgroup_skb(name: &str, insns: &[Insn]) -> std::result::Result<OwnedFd, String> {
+    load_prog(BPF_PROG_TYPE_CGROUP_SKB, 0, name, insns)
+}
+
+/// Loads `insns` as a program of `prog_type` for `attach_type` (its
+/// `expected_attach_type`; 0 where the type has none).
+fn load_prog(
+    prog_type: u32,
+    attach_type: u32,
+    name: &str,
+    insns: &[Insn],
+) -> std::result::Result<OwnedFd, String> {
     let license = c"GPL";
     let mut log = vec![0u8; 64 * 1024];
     let mut a = Attr::new();
-    a.u32(0, BPF_PROG_TYPE_CGROUP_SKB)
+    a.u32(0, prog_type)
+        .u32(68, attach_type)
         .u32(4, insns.len() as u32)
         .u64(8, insns.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
@@ -299,6 +316,33 @@ pub fn load_cgroup_skb(name: &str, insns: &[Insn]) -> std::result::Result<OwnedF
 /// `r0 = 1; exit`: a cgroup_skb program that allows everything.
 pub fn load_allow_all() -> std::result::Result<OwnedFd, String> {
     load_cgroup_skb("bench_allow", &[asm::mov_imm(0, 1), asm::exit()])
+}
+
+/// `r0 = 1; exit` for every hook that a TCP or UDP client of a domain
+/// runs through (both packet directions, socket creation, IPv4 connect and
+/// sendmsg), attached to `cgroup`: what enforcing anything at those hooks
+/// costs before a program does any work. The links detach on drop.
+pub fn attach_allow_all(cgroup: &Path) -> std::result::Result<Vec<OwnedFd>, String> {
+    let allow = [asm::mov_imm(0, 1), asm::exit()];
+    [
+        (BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS),
+        (BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_INGRESS),
+        (BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE),
+        (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
+        (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
+    ]
+    .into_iter()
+    .map(|(prog_type, attach_type)| {
+        let expected = if prog_type == BPF_PROG_TYPE_CGROUP_SKB {
+            0
+        } else {
+            attach_type
+        };
+        let prog = load_prog(prog_type, expected, "bench_allow", &allow)?;
+        link_cgroup(&prog, cgroup, attach_type)
+            .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))
+    })
+    .collect()
 }
 
 /// A program that does exactly one LPM lookup of the packet's destination
