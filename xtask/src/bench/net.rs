@@ -442,8 +442,12 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     let interleaved = interleaved(ctx, &modes)?;
 
     // Per-call run time of the programs under this traffic (bpf_stats).
+    let bulkhead = modes
+        .iter()
+        .find(|m| m.key == "bulkhead")
+        .expect("the bulkhead mode runs in every bench");
     let stats =
-        bpf_stats(ctx, agent, &modes[1]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        bpf_stats(ctx, agent, bulkhead).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
 
     let mut tests = Vec::new();
     for (test, label, unit) in TESTS {
