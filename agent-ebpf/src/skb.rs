@@ -18,7 +18,7 @@ use crate::{
     policy::{Active, active, domain_rec},
     socks::{
         cache_verdict, cached_allow, cached_verdict, conversation, mark_cut, same_conversation,
-        settle_established, skb_full_sock, sock_info,
+        settle_established, skb_sock, sock_info,
     },
     walk::skb_domain,
 };
@@ -46,8 +46,8 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
         Direction::Egress => Hook::SkbEgress,
         Direction::Ingress => Hook::SkbIngress,
     };
-    let full = skb_full_sock(ctx);
-    let info = sock_info(full);
+    let sk = skb_sock(ctx);
+    let info = sock_info(sk);
     let cached = cached_verdict(info, a);
     // An established TCP socket's verdict holds for all its packets.
     if let Some(c) = cached
@@ -74,7 +74,7 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
         if let Some(p) = &parsed
             && same_conversation(c, p, dir, initiator)
         {
-            settle_established(full, info, p);
+            settle_established(sk, info, p);
             return cached_allow(hook, c);
         }
         dom_id = skb_domain(a, skb_ptr);
@@ -154,10 +154,10 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
     };
     let d = decide_flow(a, dom_id, dom, &peer, conn_dir, p.proto, ports);
     if d.allow {
-        cache_verdict(full, info, a, dom_id, &d, &p, dir, initiator);
+        cache_verdict(sk, info, a, dom_id, &d, &p, dir, initiator);
     }
     if !d.allow && a.config.mode != MODE_AUDIT {
-        mark_cut(full, info, a, dom_id, &peer, &d, &p, dir, cgroup_id);
+        mark_cut(sk, info, a, dom_id, &peer, &d, &p, dir, cgroup_id);
     }
     let f = Flow {
         family: p.family,

@@ -252,25 +252,29 @@ pub(crate) fn new_flow(
     true
 }
 
-/// The full socket behind a packet (null if none).
+/// The socket behind a packet (null if none). It may be a request or
+/// time-wait socket: the storage helper returns nothing for those (it
+/// checks that the socket is full itself), and the only field read from
+/// it, `state`, is in every socket. Kernels with `bpf_loop` take the
+/// socket as is, one helper call (`bpf_sk_fullsock`) fewer per packet;
+/// the unrolled object, for older kernels, still asks for the full socket,
+/// as 5.10's storage helper takes nothing else.
 #[inline(always)]
-pub(crate) fn skb_full_sock(ctx: &SkBuffContext) -> *mut bpf_sock {
+pub(crate) fn skb_sock(ctx: &SkBuffContext) -> *mut bpf_sock {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return core::ptr::null_mut();
+    if sk.is_null() || !cfg!(feature = "unrolled") {
+        return sk;
     }
     unsafe { bpf_sk_fullsock(sk) }
 }
 
-/// A full socket's storage, if it has any (null otherwise).
+/// A socket's storage, if it has any (null otherwise).
 #[inline(always)]
-pub(crate) fn sock_info(full: *mut bpf_sock) -> *mut SockInfo {
-    if full.is_null() {
+pub(crate) fn sock_info(sk: *mut bpf_sock) -> *mut SockInfo {
+    if sk.is_null() {
         return core::ptr::null_mut();
     }
-    unsafe {
-        bpf_sk_storage_get(socks_map(), full.cast(), core::ptr::null_mut(), 0) as *mut SockInfo
-    }
+    unsafe { bpf_sk_storage_get(socks_map(), sk.cast(), core::ptr::null_mut(), 0) as *mut SockInfo }
 }
 
 /// The allowed verdict cached on this packet's socket, if it was decided
@@ -343,7 +347,7 @@ pub(crate) fn same_conversation(
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
 pub(crate) fn mark_cut(
-    full: *mut bpf_sock,
+    sk: *mut bpf_sock,
     info: *mut SockInfo,
     a: &Active,
     dom_id: u32,
@@ -353,7 +357,7 @@ pub(crate) fn mark_cut(
     dir: Direction,
     cgroup_id: u64,
 ) {
-    if full.is_null() || unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+    if sk.is_null() || unsafe { (*sk).state } != BPF_TCP_ESTABLISHED {
         return;
     }
     // An accepted socket has no storage of its own yet: give it one, so
@@ -362,7 +366,7 @@ pub(crate) fn mark_cut(
         unsafe {
             bpf_sk_storage_get(
                 socks_map(),
-                full.cast(),
+                sk.cast(),
                 core::ptr::null_mut(),
                 BPF_SK_STORAGE_GET_F_CREATE as u64,
             ) as *mut SockInfo
@@ -409,7 +413,7 @@ pub(crate) fn mark_cut(
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "kept flat for the verifier")]
 pub(crate) fn cache_verdict(
-    full: *mut bpf_sock,
+    sk: *mut bpf_sock,
     info: *mut SockInfo,
     a: &Active,
     dom_id: u32,
@@ -418,13 +422,13 @@ pub(crate) fn cache_verdict(
     dir: Direction,
     initiator: bool,
 ) {
-    // `full` is checked again: the verifier does not know that a storage
+    // `sk` is checked again: the verifier does not know that a storage
     // pointer implies a socket.
-    if info.is_null() || full.is_null() {
+    if info.is_null() || sk.is_null() {
         return;
     }
     let tcp = p.proto == IPPROTO_TCP as u8;
-    if tcp && unsafe { (*full).state } != BPF_TCP_ESTABLISHED {
+    if tcp && unsafe { (*sk).state } != BPF_TCP_ESTABLISHED {
         return;
     }
     let (peer, peer_port, local_port) = conversation(p, dir);
@@ -514,11 +518,11 @@ fn store_verdict(
 /// every packet of the socket, unkeyed. One byte: a packet on another CPU
 /// sees the verdict keyed or unkeyed, valid either way.
 #[inline(always)]
-pub(crate) fn settle_established(full: *mut bpf_sock, info: *mut SockInfo, p: &Parsed) {
-    if info.is_null() || full.is_null() || p.proto != IPPROTO_TCP as u8 {
+pub(crate) fn settle_established(sk: *mut bpf_sock, info: *mut SockInfo, p: &Parsed) {
+    if info.is_null() || sk.is_null() || p.proto != IPPROTO_TCP as u8 {
         return;
     }
-    if unsafe { (*full).state } == BPF_TCP_ESTABLISHED {
+    if unsafe { (*sk).state } == BPF_TCP_ESTABLISHED {
         unsafe { core::ptr::write_volatile(&raw mut (*info).verdict.family, 0) };
     }
 }
