@@ -34,9 +34,9 @@
 //! or extension headers) are read straight from the packet's linear data
 //! when it holds them, which it nearly always does: the stack builds or
 //! pulls them there before these hooks run (not in the unrolled object,
-//! see `load_at`). Everything else, and a packet
-//! whose headers are not linear, goes through `bpf_skb_load_bytes`: the
-//! same bytes either way, so the rules above do not depend on the path.
+//! see `load_at`). Everything else, and a packet whose headers are not
+//! linear, goes through `bpf_skb_load_bytes`: the same bytes either way,
+//! so the rules above do not depend on the path.
 
 use aya_ebpf::programs::SkBuffContext;
 use bulkhead_common::{
