@@ -154,6 +154,8 @@ pub struct Ctx {
     pub _cg_others: Vec<Cgroup>,
     /// Outside the subtree the agents attach to: no bulkhead programs.
     pub cg_free: Cgroup,
+    /// Outside it too, for the network phase's `r0 = 1` floor.
+    pub cg_floor: Cgroup,
     pub db_path: PathBuf,
     pub feed_path: PathBuf,
     pub db: Db,
@@ -242,6 +244,7 @@ pub fn run(args: Args) -> Result<()> {
     let mount = world::cgroup2_mount()?;
     let root = Cgroup::new(&mount, &format!("/bulkhead-bench-{pid}"))?;
     let cg_free = Cgroup::new(&mount, &format!("/bulkhead-bench-{pid}-free"))?;
+    let cg_floor = Cgroup::new(&mount, &format!("/bulkhead-bench-{pid}-floor"))?;
     let cg_work = root.child("work")?;
     let cg_plain = root.child("plain")?;
     let mut others = Vec::new();
@@ -273,6 +276,7 @@ pub fn run(args: Args) -> Result<()> {
         cg_plain,
         _cg_others: others,
         cg_free,
+        cg_floor,
         db_path,
         feed_path,
         db,

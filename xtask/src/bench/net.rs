@@ -34,7 +34,7 @@ use super::{
     profile,
     stats::median,
     sys,
-    world::{self, Agent, Bg, Cgroup, Netns, command_in, run_timed, veth},
+    world::{self, Agent, Bg, Netns, command_in, run_timed, veth},
 };
 
 const UDP_PORT: u16 = 11111;
@@ -351,12 +351,9 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
     // The floor: `r0 = 1` on the hooks a client of a domain passes, in a
     // cgroup of its own outside the agent's subtree. Its distance from no
     // policy is what attaching anything there costs, which no program can
-    // win back. (Declared before its links, so they detach first.)
-    let floor = Cgroup::new(
-        &world::cgroup2_mount()?,
-        &format!("/bulkhead-bench-{}-floor", std::process::id()),
-    )?;
-    let _floor_links = sys::attach_allow_all(&floor.path).map_err(|e| anyhow!("{e}"))?;
+    // win back. The links detach when the phase ends.
+    let floor = &ctx.cg_floor.path;
+    let _floor_links = sys::attach_allow_all(floor).map_err(|e| anyhow!("{e}"))?;
     let all = [
         Mode {
             key: "none",
@@ -369,7 +366,7 @@ pub fn phase(ctx: &Ctx, agent: &Agent, spec: &Spec) -> Result<Value> {
             key: "allow_all",
             label: "r0 = 1 on the same hooks",
             ns: &c0,
-            cgroup: &floor.path,
+            cgroup: floor,
             server: "10.251.0.2",
         },
         Mode {

@@ -313,9 +313,12 @@ fn load_prog(
     })
 }
 
-/// `r0 = 1; exit`: a cgroup_skb program that allows everything.
+/// `r0 = 1; exit`: allows, at every hook it is loaded for.
+const ALLOW: [Insn; 2] = [asm::mov_imm(0, 1), asm::exit()];
+
+/// A cgroup_skb program that allows everything.
 pub fn load_allow_all() -> std::result::Result<OwnedFd, String> {
-    load_cgroup_skb("bench_allow", &[asm::mov_imm(0, 1), asm::exit()])
+    load_cgroup_skb("bench_allow", &ALLOW)
 }
 
 /// `r0 = 1; exit` for every hook that a TCP or UDP client of a domain
@@ -323,7 +326,6 @@ pub fn load_allow_all() -> std::result::Result<OwnedFd, String> {
 /// sendmsg), attached to `cgroup`: what enforcing anything at those hooks
 /// costs before a program does any work. The links detach on drop.
 pub fn attach_allow_all(cgroup: &Path) -> std::result::Result<Vec<OwnedFd>, String> {
-    let allow = [asm::mov_imm(0, 1), asm::exit()];
     [
         (BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS),
         (BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_INGRESS),
@@ -338,7 +340,7 @@ pub fn attach_allow_all(cgroup: &Path) -> std::result::Result<Vec<OwnedFd>, Stri
         } else {
             attach_type
         };
-        let prog = load_prog(prog_type, expected, "bench_allow", &allow)?;
+        let prog = load_prog(prog_type, expected, "bench_allow", &ALLOW)?;
         link_cgroup(&prog, cgroup, attach_type)
             .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))
     })
