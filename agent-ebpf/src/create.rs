@@ -1,9 +1,6 @@
 //! Socket creation: raw and packet sockets would bypass every other hook.
 
-use aya_ebpf::{
-    helpers::generated::bpf_get_current_cgroup_id,
-    programs::{LsmContext, SockContext},
-};
+use aya_ebpf::programs::{LsmContext, SockContext};
 use bulkhead_common::{Decision, Hook, Reason, maps::DOMAIN_ALLOW_RAW};
 
 use crate::{
@@ -11,7 +8,7 @@ use crate::{
     log::{program, rare},
     policy::{active, domain_rec},
     socks::mark_initiator,
-    walk::current_domain,
+    walk::{current_cgroup, current_domain},
 };
 
 pub(crate) const IPPROTO_ICMP: u32 = 1;
@@ -41,7 +38,7 @@ pub(crate) fn sock_create(ctx: &SockContext) -> i32 {
             rare!(
                 program(Hook::SockCreate),
                 "no storage for a ping socket of cgroup {}: its packets are judged as the peer's conversation",
-                unsafe { bpf_get_current_cgroup_id() }
+                current_cgroup()
             );
         }
         return ALLOW;
@@ -50,7 +47,8 @@ pub(crate) fn sock_create(ctx: &SockContext) -> i32 {
         return ALLOW;
     }
     let Some(a) = active() else { return ALLOW };
-    let dom_id = current_domain(&a);
+    let cgroup_id = current_cgroup();
+    let dom_id = current_domain(&a, cgroup_id);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return ALLOW;
     };
@@ -74,15 +72,7 @@ pub(crate) fn sock_create(ctx: &SockContext) -> i32 {
         sport: [0; 2],
         dport: [0; 2],
     };
-    finish(
-        &a,
-        dom_id,
-        dom,
-        0,
-        unsafe { bpf_get_current_cgroup_id() },
-        d,
-        &f,
-    )
+    finish(&a, dom_id, dom, 0, cgroup_id, d, &f)
 }
 
 /// Packet sockets (`AF_PACKET`, and `AF_INET`+`SOCK_PACKET`, which the
@@ -103,7 +93,8 @@ pub(crate) fn socket_create(ctx: &LsmContext) -> i32 {
     let Some(a) = active() else {
         return LSM_ALLOW;
     };
-    let dom_id = current_domain(&a);
+    let cgroup_id = current_cgroup();
+    let dom_id = current_domain(&a, cgroup_id);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return LSM_ALLOW;
     };
@@ -127,14 +118,6 @@ pub(crate) fn socket_create(ctx: &LsmContext) -> i32 {
         sport: [0; 2],
         dport: [0; 2],
     };
-    let rc = finish(
-        &a,
-        dom_id,
-        dom,
-        0,
-        unsafe { bpf_get_current_cgroup_id() },
-        d,
-        &f,
-    );
+    let rc = finish(&a, dom_id, dom, 0, cgroup_id, d, &f);
     if rc == DENY { LSM_DENY } else { LSM_ALLOW }
 }

@@ -1,6 +1,6 @@
 //! The connect and sendmsg decision (v4 and v6): the main decision point.
 
-use aya_ebpf::{helpers::generated::bpf_get_current_cgroup_id, programs::SockAddrContext};
+use aya_ebpf::programs::SockAddrContext;
 use bulkhead_common::{
     Decision, Direction, Hook, Ports,
     decide::{PeerAddr, peer_domain, refused_unaudited, v4_in_16},
@@ -15,13 +15,14 @@ use crate::{
     peer::{IPPROTO_TCP, decide_flow, listener_domain, peer_of},
     policy::{Active, active, domain_rec},
     socks::{cache_connect, listen_epoch, mark_initiator, new_flow, remember_send, repeat_send},
-    walk::current_domain,
+    walk::{current_cgroup, current_domain},
 };
 
 /// The sock_addr decision shared by connect and sendmsg, v4 and v6.
 #[inline(always)]
 pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook6: Hook) -> i32 {
     let Some(a) = active() else { return ALLOW };
+    let cgroup_id = current_cgroup();
     // An unconnected datagram to the socket's previous destination: its
     // remembered verdict, if it still holds (`SendCache`). The bind count
     // is read before the decision, so a bind that races with it
@@ -31,12 +32,12 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
     if is_sendmsg(hook4) {
         listeners = listen_epoch();
         if a.config.flags & CONFIG_AUDIT_REFUSE == 0
-            && repeat::<V6>(ctx, &a, listeners, hook4, hook6)
+            && repeat::<V6>(ctx, &a, cgroup_id, listeners, hook4, hook6)
         {
             return ALLOW;
         }
     }
-    let dom_id = current_domain(&a);
+    let dom_id = current_domain(&a, cgroup_id);
     let Some(dom) = domain_rec(a.slot, dom_id) else {
         return ALLOW;
     };
@@ -95,20 +96,22 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         f.first =
             !d.allow || !is_sendmsg(hook) || new_flow(info, &dst, dport, proto as u8, d.reason);
         if is_sendmsg(hook4) {
-            remember_send(info, &a, &d, dom_id, listeners, &dst, dport, proto as u8);
+            remember_send(
+                info,
+                &a,
+                &d,
+                dom_id,
+                cgroup_id,
+                listeners,
+                &dst,
+                dport,
+                proto as u8,
+            );
         } else if proto == IPPROTO_TCP {
             cache_connect(info, &a, dom_id, &d, family, &dst, dport);
         }
     }
-    let rc = finish(
-        &a,
-        dom_id,
-        dom,
-        peer.domain,
-        unsafe { bpf_get_current_cgroup_id() },
-        d,
-        &f,
-    );
+    let rc = finish(&a, dom_id, dom, peer.domain, cgroup_id, d, &f);
     // Logged last, when little else is live, so the verifier walks the
     // log once instead of once per decision path (logged where the storage
     // is taken, it cost each connect/sendmsg program 5x its instructions).
@@ -116,7 +119,7 @@ pub(crate) fn sock_addr<const V6: bool>(ctx: &SockAddrContext, hook4: Hook, hook
         rare!(
             program(hook),
             "no storage for a connecting socket of cgroup {}: its packets are judged as the peer's conversation",
-            unsafe { bpf_get_current_cgroup_id() }
+            cgroup_id
         );
     }
     rc
@@ -149,6 +152,7 @@ fn dst_of<const V6: bool>(
 fn repeat<const V6: bool>(
     ctx: &SockAddrContext,
     a: &Active,
+    cgroup_id: u64,
     listeners: u64,
     hook4: Hook,
     hook6: Hook,
@@ -158,7 +162,7 @@ fn repeat<const V6: bool>(
     repeat_send(
         unsafe { sa.__bindgen_anon_1.sk },
         a,
-        unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id,
         listeners,
         &addr.addr,
         (sa.user_port as u16).to_ne_bytes(),

@@ -5,10 +5,7 @@ use core::mem::zeroed;
 
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
-    helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_fullsock,
-        bpf_sk_storage_get,
-    },
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_sk_fullsock, bpf_sk_storage_get},
     programs::{SkBuffContext, SockContext},
 };
 use bulkhead_common::{
@@ -28,6 +25,7 @@ use crate::{
     packet::Parsed,
     peer::IPPROTO_TCP,
     policy::Active,
+    walk::current_cgroup,
 };
 
 /// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum.
@@ -64,7 +62,7 @@ pub(crate) fn record_owner(ctx: &SockContext, program: &'static str) -> i32 {
         rare!(
             program,
             "no storage for a bound socket of cgroup {}: connects to it are decided as if it had no owner",
-            unsafe { bpf_get_current_cgroup_id() }
+            current_cgroup()
         );
     } else {
         // An entry may exist already (seeded by the agent for a socket that
@@ -153,6 +151,7 @@ pub(crate) fn remember_send(
     a: &Active,
     d: &Decision,
     dom_id: u32,
+    cgroup_id: u64,
     listeners: u64,
     dst: &[u8; 16],
     port: [u8; 2],
@@ -161,7 +160,6 @@ pub(crate) fn remember_send(
     if info.is_null() || !d.allow {
         return;
     }
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let c = unsafe { &raw mut (*info).send };
     unsafe {
         use core::ptr::write_volatile as put;

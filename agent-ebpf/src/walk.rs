@@ -109,18 +109,25 @@ pub(crate) extern "C" fn walk_owner(i: u64, ctx: *mut core::ffi::c_void) -> i64 
     walk_level(ctx, id)
 }
 
-/// The current task's domain (see [`remembered`]).
+/// The current task's cgroup. A helper call costs more than most of what
+/// a hook does with its answer: take it once per call and pass it on.
 #[inline(always)]
-pub(crate) fn current_domain(a: &Active) -> u32 {
-    let id = unsafe { bpf_get_current_cgroup_id() };
+pub(crate) fn current_cgroup() -> u64 {
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// The current task's domain; `id` is [`current_cgroup`] (see
+/// [`remembered`]).
+#[inline(always)]
+pub(crate) fn current_domain(a: &Active, id: u64) -> u32 {
     remembered(a, id, core::ptr::null(), walk_current)
 }
 
-/// The domain of a packet's socket's cgroup (see [`remembered`]).
+/// The cgroup of a packet's socket, and its domain (see [`remembered`]).
 #[inline(always)]
-pub(crate) fn skb_domain(a: &Active, skb: *mut __sk_buff) -> u32 {
+pub(crate) fn skb_domain(a: &Active, skb: *mut __sk_buff) -> (u64, u32) {
     let id = unsafe { bpf_skb_cgroup_id(skb) };
-    remembered(a, id, skb.cast_const().cast(), walk_skb)
+    (id, remembered(a, id, skb.cast_const().cast(), walk_skb))
 }
 
 /// Cgroup `id`'s domain, remembered per cgroup for the generation in

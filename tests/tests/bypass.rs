@@ -639,6 +639,8 @@ fn established_tcp_flow_stops_after_tightening() {
     });
     assert!(!ev.is_empty());
     assert_eq!(field(&ev[0], "reason"), "cross-domain");
+    // The packet's socket's cgroup, as the kernel gave it for the decision.
+    assert_eq!(field(&ev[0], "cgroup"), w.contractor.rel);
 }
 
 #[test]

@@ -710,6 +710,12 @@ fn a_datagram_sockets_cached_verdict_holds_for_its_peer_only() {
             .iter()
             .all(|e| field(e, "reason") == "cross-domain" && field(e, "src_domain") == "contractor")
     );
+    // Decided after the socket's verdict for another peer did not hold:
+    // the event still names the server's cgroup.
+    assert!(
+        drops.iter().all(|e| field(e, "cgroup") == w.prod.rel),
+        "{drops:?}"
+    );
 }
 
 /// `probe dgram-session` in the background: one `sendto` per `send()`.
