@@ -144,7 +144,7 @@ fn dns_packet(ctx: &SkBuffContext, p: &mut Parsed) -> Option<(Active, u32, &'sta
     if a.config.flags & CONFIG_NAMES == 0 || !parse_dns(ctx, p) {
         return None;
     }
-    let (_, dom_id) = skb_domain(&a, ctx.skb.skb);
+    let dom_id = skb_domain(&a, ctx.skb.skb);
     let dom = domain_rec(a.slot, dom_id)?;
     Some((a, dom_id, dom))
 }

@@ -1,7 +1,9 @@
 //! The packet-level check, for both directions: the backstop for flows
 //! older than the policy, and the ingress side.
 
-use aya_ebpf::{maps::ProgramArray, programs::SkBuffContext};
+use aya_ebpf::{
+    helpers::generated::bpf_skb_cgroup_id, maps::ProgramArray, programs::SkBuffContext,
+};
 use bulkhead_common::{
     Decision, Direction, Hook, Ports, Reason,
     decide::{PeerAddr, peer_domain},
@@ -59,10 +61,9 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
     // parse first to see, and find the domain only when it does not. The
     // parse has one call site, which keeps the verifier's work down.
     let mut dom_id = 0;
-    let mut cgroup_id = 0;
     let mut dom = None;
     if cached.is_none() {
-        (cgroup_id, dom_id) = skb_domain(a, skb_ptr);
+        dom_id = skb_domain(a, skb_ptr);
         dom = domain_rec(a.slot, dom_id);
         if dom.is_none() {
             return ALLOW;
@@ -76,10 +77,11 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
             settle_established(sk, info, p);
             return cached_allow(hook, c);
         }
-        (cgroup_id, dom_id) = skb_domain(a, skb_ptr);
+        dom_id = skb_domain(a, skb_ptr);
         dom = domain_rec(a.slot, dom_id);
     }
     let Some(dom) = dom else { return ALLOW };
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb_ptr) };
     let p: Parsed = match parsed {
         Some(p) => p,
         None => {

@@ -123,11 +123,11 @@ pub(crate) fn current_domain(a: &Active, id: u64) -> u32 {
     remembered(a, id, core::ptr::null(), walk_current)
 }
 
-/// The cgroup of a packet's socket, and its domain (see [`remembered`]).
+/// The domain of a packet's socket's cgroup (see [`remembered`]).
 #[inline(always)]
-pub(crate) fn skb_domain(a: &Active, skb: *mut __sk_buff) -> (u64, u32) {
+pub(crate) fn skb_domain(a: &Active, skb: *mut __sk_buff) -> u32 {
     let id = unsafe { bpf_skb_cgroup_id(skb) };
-    (id, remembered(a, id, skb.cast_const().cast(), walk_skb))
+    remembered(a, id, skb.cast_const().cast(), walk_skb)
 }
 
 /// Cgroup `id`'s domain, remembered per cgroup for the generation in
