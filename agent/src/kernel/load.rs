@@ -40,11 +40,15 @@ pub(super) fn object() -> Result<&'static [u8]> {
 
 /// The embedded programs this kernel can load.
 fn object_for(fallbacks: Fallbacks) -> Result<&'static [u8]> {
-    let object = if fallbacks.no_loop {
+    embedded(if fallbacks.no_loop {
         EBPF_OBJECT_UNROLLED
     } else {
         EBPF_OBJECT
-    };
+    })
+}
+
+/// `object`, unless the build left it empty (no bpf-linker).
+pub(super) fn embedded(object: &[u8]) -> Result<&[u8]> {
     if object.is_empty() {
         bail!(
             "this bulkhead binary was built without its kernel programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"

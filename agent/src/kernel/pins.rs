@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::links::{FdLink, PinnedLink};
 
 use super::{
-    load::{EBPF_OBJECT, PENDING},
+    load::{self, EBPF_OBJECT, PENDING},
     sys::{Attr, BPF_LINK_DETACH, BPF_OBJ_GET, bpf, bpf_fd},
 };
 
@@ -34,9 +34,15 @@ const TEST_LAYOUT_ENV: &str = "BULKHEAD_TEST_LAYOUT";
 /// flags, pinning). Two binaries with the same name can share pinned maps; any other
 /// pair cannot, and a new one takes over under its own directory.
 pub fn layout() -> Result<String> {
+    layout_of(EBPF_OBJECT)
+}
+
+fn layout_of(object: &[u8]) -> Result<String> {
     use sha2::{Digest as _, Sha256};
-    let obj =
-        aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded kernel programs")?;
+    // The first thing `run` reads of the object: a binary built without
+    // kernel programs must say so here, not fail to parse ELF.
+    let obj = aya_obj::Object::parse(load::embedded(object)?)
+        .context("parsing the embedded kernel programs")?;
     let mut maps: Vec<_> = obj.maps.iter().collect();
     maps.sort_by(|a, b| a.0.cmp(b.0));
     let mut h = Sha256::new();
@@ -372,4 +378,13 @@ pub fn detach(root: &Path) -> Result<Vec<PathBuf>> {
         Err(e) => return Err(e).with_context(|| format!("removing {}", root.display())),
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_binary_without_kernel_programs_says_how_to_get_them() {
+        let e = super::layout_of(&[]).unwrap_err();
+        assert!(format!("{e:#}").contains("cargo xtask setup"), "{e:#}");
+    }
 }
