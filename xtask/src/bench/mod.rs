@@ -49,7 +49,7 @@ use crate::{
 use geo::{Db, Rng, V4, V6};
 use policy::Spec;
 use stats::median;
-use world::{Agent, Cgroup};
+use world::{Agent, Cgroup, MemCgroup};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -159,6 +159,8 @@ pub struct Ctx {
     pub db_path: PathBuf,
     pub feed_path: PathBuf,
     pub db: Db,
+    /// The agents' memory cgroup (`None`: the kernel has no controller).
+    pub memcg: Option<MemCgroup>,
 }
 
 impl Ctx {
@@ -178,7 +180,15 @@ impl Ctx {
     }
 
     pub fn start_agent(&self, key: &str, policy: &Path, extra: &[&str]) -> Result<Agent> {
-        Agent::start(&self.bin, &self.work, key, policy, &self.root.path, extra)
+        Agent::start(
+            &self.bin,
+            &self.work,
+            key,
+            policy,
+            &self.root.path,
+            self.memcg.as_ref(),
+            extra,
+        )
     }
 
     /// Arguments for a helper: `bench --internal KIND ARGS...`.
@@ -245,6 +255,7 @@ pub fn run(args: Args) -> Result<()> {
     let root = Cgroup::new(&mount, &format!("/bulkhead-bench-{pid}"))?;
     let cg_free = Cgroup::new(&mount, &format!("/bulkhead-bench-{pid}-free"))?;
     let cg_floor = Cgroup::new(&mount, &format!("/bulkhead-bench-{pid}-floor"))?;
+    let memcg = MemCgroup::new(&format!("bulkhead-bench-{pid}-agent"))?;
     let cg_work = root.child("work")?;
     let cg_plain = root.child("plain")?;
     let mut others = Vec::new();
@@ -280,6 +291,7 @@ pub fn run(args: Args) -> Result<()> {
         db_path,
         feed_path,
         db,
+        memcg,
     };
 
     let mut rng = Rng::new(0x6275_6c6b_6865_6164);
@@ -440,6 +452,7 @@ fn meta(ctx: &Ctx) -> Result<Value> {
         "git": format!("{rev}{}", if dirty { "+dirty" } else { "" }),
         "sockperf": first_line("sockperf --version 2>&1"),
         "nft": first_line("nft --version"),
+        "agent_memcg": ctx.memcg.as_ref().map(|m| m.describe.clone()),
         "geo_db": {
             "path": ctx.db_path,
             "networks_v4": ctx.db.records[V4],

@@ -533,6 +533,16 @@ fn markdown(r: &Value) -> String {
     let _ = writeln!(s, "| bulkhead | git {} |", m["git"].as_str().unwrap_or(""));
     let _ = writeln!(
         s,
+        "| memory cgroups | {} |",
+        match m["agent_memcg"].as_str() {
+            Some(h) => format!(
+                "the agent in one of its own ({h}), the clients in another, as a systemd unit or a pod runs it"
+            ),
+            None => "none (the kernel has no memory controller)".into(),
+        }
+    );
+    let _ = writeln!(
+        s,
         "| load average | {} at start, {} at the end (the machine is shared: ratios, alternating rounds and medians absorb most of it) |",
         m["loadavg_start"]
             .as_str()
@@ -1347,12 +1357,17 @@ fn connects(s: &mut String, r: &Value) {
     let ns = f(&st["by_test"]["tcp_crr"]["bh_connect4"]["ns_per_call"]);
     let part = |k: &str| share_cell(p["shares"][k].as_f64().unwrap_or(0.0), ns);
     let unit = &st["by_test"]["tcp_crr"]["per_unit"];
+    let charged = if r["meta"]["agent_memcg"].is_string() {
+        " (the agent's own here, as under systemd or in a pod)"
+    } else {
+        ""
+    };
     let _ = writeln!(
         s,
         "- **Connects.** The hooks cost {:.0} ns per TCP connection ({:.1}% of its time). `bh_connect4` takes \
          {ns:.0} ns per call: {} creating the socket's storage (`bpf_sk_storage_get` with `F_CREATE`: the \
-         kernel allocates the storage and its element, each charged to the map's memory cgroup, and links \
-         them), {} the listener lookup (`bpf_sk_lookup_tcp`: a connect to a local listener of another domain \
+         kernel allocates the storage and its element, each charged to the map's memory cgroup{charged}, \
+         and links them), {} the listener lookup (`bpf_sk_lookup_tcp`: a connect to a local listener of another domain \
          crosses domains, and a cgroup program cannot tell whether an address is local; a filter by bound port \
          would miss sockets that an `sk_lookup` program steers connections to), {} its own instructions. The \
          storage is what the connection's packets read: it marks the socket as the side that connected (its \

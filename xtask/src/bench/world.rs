@@ -36,6 +36,68 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
     bail!("no cgroup2 mount in /proc/self/mountinfo")
 }
 
+/// A memory cgroup of the agent's own, as a systemd unit or a pod gives it.
+/// The kernel charges each socket's storage to the memory cgroup of the
+/// map's creator (the agent) while the workload's task runs, and switching
+/// cgroups empties the per-CPU charge cache: an agent that shares the
+/// clients' memory cgroup would measure connects cheaper than users get
+/// them. Removed on drop (after the agents it held are gone).
+pub struct MemCgroup {
+    path: PathBuf,
+    /// Which hierarchy, for the report.
+    pub describe: String,
+}
+
+impl MemCgroup {
+    /// A memory controller's hierarchy from `/proc/self/mountinfo`: the v1
+    /// `memory` mount (hybrid hosts), else the v2 mount with `memory`
+    /// enabled for its children. `None` where the kernel has no memory
+    /// controller.
+    pub fn new(name: &str) -> Result<Option<MemCgroup>> {
+        let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+        let v1 = info.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let (fstype, opts) = (r.next()?, r.nth(1)?);
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or_default()))
+        });
+        let (parent, describe) = match v1 {
+            Some(mp) => (mp, "cgroup v1 `memory` hierarchy".to_string()),
+            None => {
+                let mp = cgroup2_mount()?;
+                let has = |file: &str| {
+                    fs::read_to_string(mp.join(file))
+                        .is_ok_and(|t| t.split_whitespace().any(|c| c == "memory"))
+                };
+                if !has("cgroup.controllers") {
+                    return Ok(None);
+                }
+                if !has("cgroup.subtree_control") {
+                    fs::write(mp.join("cgroup.subtree_control"), "+memory").with_context(|| {
+                        format!("enabling the memory controller below {}", mp.display())
+                    })?;
+                }
+                (mp, "cgroup v2".to_string())
+            }
+        };
+        let path = parent.join(name);
+        fs::create_dir_all(&path)
+            .with_context(|| format!("creating memory cgroup {}", path.display()))?;
+        Ok(Some(MemCgroup { path, describe }))
+    }
+
+    pub fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
 /// A cgroup removed (after killing what runs in it) on drop.
 pub struct Cgroup {
     pub path: PathBuf,
@@ -281,6 +343,7 @@ impl Agent {
         name: &str,
         policy: &Path,
         cgroup_root: &Path,
+        memcg: Option<&MemCgroup>,
         extra: &[&str],
     ) -> Result<Agent> {
         let notify_path = work.join(format!("notify-{name}.sock"));
@@ -316,6 +379,10 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(procs) = memcg.map(MemCgroup::procs) {
+            // SAFETY: only a file write between fork and exec.
+            unsafe { cmd.pre_exec(move || fs::write(&procs, b"0")) };
+        }
         eprintln!("+ {}", display(&cmd));
         let start = Instant::now();
         let mut child = cmd.spawn().context("spawning bulkhead run")?;
