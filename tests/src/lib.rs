@@ -648,6 +648,36 @@ impl Agent {
     }
 
     /// Sends `signal` to the running agent.
+    /// Waits (10 s at most) until the agent's `main` holds or handles
+    /// SIGHUP, SIGTERM and SIGINT: before that (the loader, the first
+    /// instructions) they have their default action, as for any process.
+    pub fn wait_signals_taken(&self) {
+        let want: u64 = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT]
+            .iter()
+            .map(|s| 1u64 << (s - 1))
+            .sum();
+        let mask = |status: &str, field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+            if (mask(&status, "SigBlk:") | mask(&status, "SigCgt:")) & want == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent neither held nor handled the stop signals within 10 s"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(self.pid() as i32, signal) };

@@ -6,10 +6,14 @@
 //! `10.N.0.2`/`fd00:N::2` and belongs to domain `prod`. Workloads run in
 //! cgroups below the test's own root, where the agent attaches.
 
-use std::{process::Command, thread, time::Duration};
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use tests::{
-    Agent, Cgroup, Netns, Server, attached_programs, field, privileged, probe,
+    Agent, Cgroup, Netns, Server, attached_programs, field, privileged, probe, slack_secs,
     world::{World, world},
 };
 
@@ -272,10 +276,11 @@ fn without_tai_time_or_bpf_loop_domains_are_walked_and_bridges_expire_in_the_ker
 /// closes the bridge at its expiry.
 fn bridge_expires_with_no_agent(w: &World, mut agent: Agent, from: &Cgroup) {
     // The bridge comes with a reload once the agent runs, so a slow start
-    // (emulated kernels) cannot eat its window.
-    let expires = time_in(4);
+    // (emulated kernels) cannot eat its window; the reload, a server and a
+    // client start must fit in it, which takes seconds there too.
+    let (expires, at) = time_in(4 + slack_secs().min(10));
     let bridges = format!(
-        "bridges:\n  - name: short\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    expires: {expires}\n    reason: \"3 s window\"\n"
+        "bridges:\n  - name: short\n    from: contractor\n    to: prod\n    ports: [tcp/8080]\n    expires: {expires}\n    reason: \"short window\"\n"
     );
     agent.reload(&w.policy("", &bridges));
     let dst = format!("{}:8080", w.link.v4(2));
@@ -285,7 +290,9 @@ fn bridge_expires_with_no_agent(w: &World, mut agent: Agent, from: &Cgroup) {
         "ok"
     );
     agent.kill9();
-    thread::sleep(Duration::from_secs(5));
+    thread::sleep(
+        at.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(1),
+    );
     assert_eq!(
         probe(from, Some(&w.link.a), &["connect", "tcp", &dst]),
         "EPERM",
@@ -294,18 +301,20 @@ fn bridge_expires_with_no_agent(w: &World, mut agent: Agent, from: &Cgroup) {
     assert_eq!(server.finish(), 1);
 }
 
-/// RFC 3339 UTC time `secs` from now.
-fn time_in(secs: u64) -> String {
+/// An RFC 3339 UTC time at least `secs` from now (whole seconds, so
+/// rounded up), and that instant.
+fn time_in(secs: u64) -> (String, SystemTime) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let at = UNIX_EPOCH + Duration::from_secs(now.as_secs() + secs + 1);
+    let epoch = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
     let out = Command::new("date")
-        .args([
-            "-u",
-            "-d",
-            &format!("+{secs} seconds"),
-            "+%Y-%m-%dT%H:%M:%SZ",
-        ])
+        .args(["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%SZ"])
         .output()
         .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    (
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        at,
+    )
 }
 
 #[test]

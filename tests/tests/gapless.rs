@@ -194,13 +194,14 @@ fn sighup_and_sigterm_at_random_instants_never_open_a_gap() {
     let start = timed(|| agent.spawn(QUIET));
     let slack = Duration::from_millis(300);
     // `main` holds the signals pending from its first instruction until
-    // the handlers are installed; before it (the loader, the runtime's
-    // start: a few milliseconds) they have their default action.
-    let earliest = Duration::from_millis(20);
+    // the handlers are installed; before it (the loader: a few
+    // milliseconds, more on a loaded machine) they have their default
+    // action, so each delay counts from the instant they are held.
     for _ in 0..10 {
         agent.kill9();
         agent.spawn_nowait(QUIET, None);
-        thread::sleep(rng.between(earliest, start + slack));
+        agent.wait_signals_taken();
+        thread::sleep(rng.between(Duration::ZERO, start + slack));
         agent.signal(libc::SIGHUP);
         agent.wait_ready();
         thread::sleep(Duration::from_millis(200));
@@ -226,7 +227,8 @@ fn sighup_and_sigterm_at_random_instants_never_open_a_gap() {
     for _ in 0..8 {
         agent.kill9();
         agent.spawn_nowait(QUIET, None);
-        let at = rng.between(earliest, start + slack);
+        agent.wait_signals_taken();
+        let at = rng.between(Duration::ZERO, start + slack);
         thread::sleep(at);
         agent.signal(libc::SIGTERM);
         let st = agent

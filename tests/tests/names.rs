@@ -496,7 +496,7 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     let fake = |cgroup: &Cgroup, ip: String, how: &[&str]| {
         let mut args = vec!["fake-resolver", resolver, &ip, "3"];
         args.extend_from_slice(how);
-        command_in(
+        let mut child = command_in(
             cgroup,
             Some(&w.link.a),
             probe_bin().to_str().unwrap(),
@@ -504,13 +504,14 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
         )
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+        listening(&mut child);
+        child
     };
     w.link.a.ip("link set lo up");
 
     // Outside every domain, the host's resolver is trusted.
     let host = fake(&w.outside, w.link.v4(10), &[]);
-    thread::sleep(Duration::from_millis(300));
     let out = run(&w, &["lookup-connect", resolver, "allowed.test", PORT, "1"]);
     assert_eq!(
         out, "ok 1 failed 0",
@@ -522,7 +523,6 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     // the resolver's address: the workload reads it, the kernel learns
     // nothing from it.
     let own = fake(&w.contractor, w.link.v4(13), &[]);
-    thread::sleep(Duration::from_millis(300));
     let forged = run(&w, &["resolve", resolver, "allowed.test", "a"]);
     assert_eq!(forged, format!("addrs {}", w.link.v4(13)));
     assert_eq!(connect(&w, &w.link.v4(13)), "EPERM");
@@ -534,7 +534,6 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     // From the host's resolver again, but under another transaction id:
     // no query asked for it.
     let stray = fake(&w.outside, w.link.v4(11), &["wrong-id"]);
-    thread::sleep(Duration::from_millis(300));
     let read = run(&w, &["resolve", resolver, "allowed.test", "a"]);
     assert_eq!(read, "error wrong transaction id");
     assert_eq!(connect(&w, &w.link.v4(11)), "EPERM");
@@ -544,7 +543,6 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     // domain's resolvers is refused both ways, so it never arrives (the
     // packet hook drops it), and nothing is learned.
     let elsewhere = fake(&w.outside, w.link.v4(12), &["from", "127.0.0.54"]);
-    thread::sleep(Duration::from_millis(300));
     let read = run(
         &w,
         &["resolve", resolver, "allowed.test", "a", "any-source"],
@@ -562,7 +560,7 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     // tail of the answer to its first query, in a segment of its own) look
     // like an answer to its second query: not where the stream's next
     // message starts, so nothing is learned.
-    let shaped = command_in(
+    let mut shaped = command_in(
         &w.outside,
         Some(&w.link.a),
         probe_bin().to_str().unwrap(),
@@ -571,7 +569,7 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    thread::sleep(Duration::from_millis(300));
+    listening(&mut shaped);
     let read = run(&w, &["tcp-resolve", resolver, "other.test", "allowed.test"]);
     assert!(read.starts_with("read ") && read != "read 0", "{read}");
     let sent = shaped.wait_with_output().unwrap();
@@ -584,4 +582,17 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
         status["dns"]["spoofed"], 2,
         "the forged and the stray answer"
     );
+}
+
+/// Waits for a fake resolver's `listening` line (it has bound its socket),
+/// reading no further: the rest of its output is its result.
+fn listening(child: &mut std::process::Child) {
+    use std::io::Read as _;
+    let out = child.stdout.as_mut().expect("piped stdout");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte).expect("reading the resolver") == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    assert_eq!(line, b"listening", "the fake resolver did not start");
 }

@@ -372,8 +372,18 @@ fn a_reload_after_the_agent_read_the_edit_itself_repeats_nothing() {
         "the same file:line:col errors: {err}"
     );
     assert_eq!(counted("rejected", mark), 0, "rejected twice");
-    let changes = agent.cli(&["audit", "changes"]);
-    let changes = String::from_utf8_lossy(&changes.stdout);
+    // The store commits in batches: wait for the row, then one batch more
+    // for a second one.
+    let rejected = || {
+        let out = agent.cli(&["audit", "changes"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !rejected().contains("reload-rejected") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let changes = rejected();
     assert_eq!(
         changes.matches("reload-rejected").count(),
         1,

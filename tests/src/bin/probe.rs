@@ -583,6 +583,7 @@ fn fake_resolver(
 ) -> String {
     let s = UdpSocket::bind(at).expect("bind");
     let out = from.map(|a| UdpSocket::bind(SocketAddr::new(a, at.port())).expect("bind from"));
+    println!("listening");
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let end = Instant::now() + Duration::from_secs(secs);
@@ -642,6 +643,7 @@ fn tcp_resolve(server: SocketAddr, first: &str, second: &str) -> String {
 /// have read as a message of its own. Prints "sent N".
 fn fake_tcp_resolver(at: SocketAddr, ip: std::net::Ipv4Addr, secs: u64) -> String {
     let l = TcpListener::bind(at).expect("bind");
+    println!("listening");
     l.set_nonblocking(true).unwrap();
     let end = Instant::now() + Duration::from_secs(secs);
     let mut s = loop {
