@@ -403,6 +403,23 @@ pub struct Server {
     child: Child,
 }
 
+/// Waits for a helper's `listening` line (it has bound its socket),
+/// reading no further: the rest of its output is its result.
+pub fn listening(child: &mut Child, what: &str) {
+    use std::io::Read as _;
+    let out = child.stdout.as_mut().expect("piped stdout");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte).expect("reading a helper's stdout") == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&line).trim(),
+        "listening",
+        "{what} did not start"
+    );
+}
+
 impl Server {
     pub fn start(
         cgroup: &Cgroup,
@@ -420,11 +437,7 @@ impl Server {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "listening", "server did not start");
+        listening(&mut child, "server");
         Server { child }
     }
 
@@ -647,7 +660,6 @@ impl Agent {
         }
     }
 
-    /// Sends `signal` to the running agent.
     /// Waits (10 s at most) until the agent's `main` holds or handles
     /// SIGHUP, SIGTERM and SIGINT: before that (the loader, the first
     /// instructions) they have their default action, as for any process.
@@ -678,6 +690,7 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` to the running agent.
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(self.pid() as i32, signal) };

@@ -304,16 +304,19 @@ fn bridge_expires_with_no_agent(w: &World, mut agent: Agent, from: &Cgroup) {
 /// An RFC 3339 UTC time at least `secs` from now (whole seconds, so
 /// rounded up), and that instant.
 fn time_in(secs: u64) -> (String, SystemTime) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let at = UNIX_EPOCH + Duration::from_secs(now.as_secs() + secs + 1);
-    let epoch = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + secs
+        + 1;
     let out = Command::new("date")
         .args(["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%SZ"])
         .output()
         .unwrap();
     (
         String::from_utf8(out.stdout).unwrap().trim().to_string(),
-        at,
+        UNIX_EPOCH + Duration::from_secs(epoch),
     )
 }
 

@@ -15,8 +15,8 @@ use std::{
 };
 
 use tests::{
-    Agent, Cgroup, Netns, Server, command_in, field, kernel_older_than, privileged, probe,
-    probe_bin, with_resolv_conf,
+    Agent, Cgroup, Netns, Server, command_in, field, kernel_older_than, listening, privileged,
+    probe, probe_bin, with_resolv_conf,
     world::{World, world},
 };
 
@@ -505,7 +505,7 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-        listening(&mut child);
+        listening(&mut child, "the fake resolver");
         child
     };
     w.link.a.ip("link set lo up");
@@ -569,7 +569,7 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    listening(&mut shaped);
+    listening(&mut shaped, "the fake resolver");
     let read = run(&w, &["tcp-resolve", resolver, "other.test", "allowed.test"]);
     assert!(read.starts_with("read ") && read != "read 0", "{read}");
     let sent = shaped.wait_with_output().unwrap();
@@ -582,17 +582,4 @@ fn answers_forged_by_the_domain_from_elsewhere_or_asked_by_no_query_teach_nothin
         status["dns"]["spoofed"], 2,
         "the forged and the stray answer"
     );
-}
-
-/// Waits for a fake resolver's `listening` line (it has bound its socket),
-/// reading no further: the rest of its output is its result.
-fn listening(child: &mut std::process::Child) {
-    use std::io::Read as _;
-    let out = child.stdout.as_mut().expect("piped stdout");
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while out.read(&mut byte).expect("reading the resolver") == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    assert_eq!(line, b"listening", "the fake resolver did not start");
 }
