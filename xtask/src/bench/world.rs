@@ -18,22 +18,32 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::cmd::display;
 
-/// `/proc/self/mountinfo` → the cgroup v2 mount point (hybrid hosts keep it
-/// at `/sys/fs/cgroup/unified`).
-pub fn cgroup2_mount() -> Result<PathBuf> {
+/// The mount point of the first mount in `/proc/self/mountinfo` whose
+/// filesystem type and super options `pick` accepts.
+fn find_mount(pick: impl Fn(&str, &str) -> bool) -> Result<Option<PathBuf>> {
     let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     for line in info.lines() {
-        if let Some((left, right)) = line.split_once(" - ")
-            && right.split_whitespace().next() == Some("cgroup2")
-        {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        let (fstype, opts) = (r.next().unwrap_or_default(), r.nth(1).unwrap_or_default());
+        if pick(fstype, opts) {
             let mp = left
                 .split_whitespace()
                 .nth(4)
                 .ok_or_else(|| anyhow!("malformed mountinfo line: {line}"))?;
-            return Ok(PathBuf::from(mp));
+            return Ok(Some(PathBuf::from(mp)));
         }
     }
-    bail!("no cgroup2 mount in /proc/self/mountinfo")
+    Ok(None)
+}
+
+/// The cgroup v2 mount point (hybrid hosts keep it at
+/// `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    find_mount(|fstype, _| fstype == "cgroup2")?
+        .ok_or_else(|| anyhow!("no cgroup2 mount in /proc/self/mountinfo"))
 }
 
 /// A memory cgroup of the agent's own, as a systemd unit or a pod gives it.
@@ -54,14 +64,9 @@ impl MemCgroup {
     /// enabled for its children. `None` where the kernel has no memory
     /// controller.
     pub fn new(name: &str) -> Result<Option<MemCgroup>> {
-        let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-        let v1 = info.lines().find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mut r = right.split_whitespace();
-            let (fstype, opts) = (r.next()?, r.nth(1)?);
-            (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
-                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or_default()))
-        });
+        let v1 = find_mount(|fstype, opts| {
+            fstype == "cgroup" && opts.split(',').any(|o| o == "memory")
+        })?;
         let (parent, describe) = match v1 {
             Some(mp) => (mp, "cgroup v1 `memory` hierarchy".to_string()),
             None => {
