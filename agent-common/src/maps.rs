@@ -449,7 +449,9 @@ pub struct SendCache {
 /// before `until_tai_ns`, and for a datagram socket the same conversation
 /// (a datagram socket can change peers with every packet). An established
 /// TCP socket keeps one peer for life, so its key is not compared; a
-/// connect clears the cache.
+/// connect clears the cache. A connected datagram socket's verdict stops
+/// being keyed once a datagram from its peer matched it
+/// ([`VERDICT_CONNECTED`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VerdictCache {
@@ -459,7 +461,8 @@ pub struct VerdictCache {
     pub domain: u32,
     pub reason: u8,
     /// Datagrams: the packet's address family, and whether the socket had
-    /// [`SOCK_INITIATOR`] (which rules judge it).
+    /// [`SOCK_INITIATOR`] (which rules judge it). Unkeyed verdicts: 0 (an
+    /// established TCP socket's) or [`VERDICT_CONNECTED`].
     pub family: u8,
     pub initiator: u8,
     pub _pad: u8,
@@ -470,6 +473,14 @@ pub struct VerdictCache {
     pub local_port: [u8; 2],
     pub _pad2: [u8; 4],
 }
+
+/// `VerdictCache::family` of a connected datagram socket whose verdict
+/// holds for all its packets while it stays connected: the kernel then
+/// hands it only datagrams from its peer, and every datagram it sends
+/// elsewhere (`sendto` with an address) is decided by the sendmsg hook
+/// first. Not 0, so a program that predates it (an upgrade's overlap)
+/// takes it for a keyed verdict that no packet matches, and decides.
+pub const VERDICT_CONNECTED: u8 = 0xff;
 
 /// `BH_RATE` value: a per-cgroup token bucket for events.
 #[repr(C)]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use bulkhead_common::{
     Decision, Direction, Hook, Ports, Reason,
     decide::{PeerAddr, peer_domain},
-    maps::{MODE_AUDIT, SOCK_INITIATOR},
+    maps::MODE_AUDIT,
 };
 
 use crate::{
@@ -17,8 +17,8 @@ use crate::{
     peer::{IPPROTO_TCP, decide_flow, listener_domain, peer_of},
     policy::{Active, active, domain_rec},
     socks::{
-        cache_verdict, cached_allow, cached_verdict, conversation, mark_cut, same_conversation,
-        settle_established, skb_sock, sock_info,
+        cache_verdict, cached_allow, cached_verdict, conversation, initiator, mark_cut,
+        same_conversation, settle, skb_sock, sock_info, unkeyed,
     },
     walk::skb_domain,
 };
@@ -49,13 +49,14 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
     let sk = skb_sock(ctx);
     let info = sock_info(sk);
     let cached = cached_verdict(info, a);
-    // An established TCP socket's verdict holds for all its packets.
+    // An established TCP socket's verdict holds for all its packets, and so
+    // does a connected datagram socket's once its peer answered.
     if let Some(c) = cached
-        && c.family == 0
+        && unkeyed(sk, c)
     {
         return cached_allow(hook, c);
     }
-    let initiator = !info.is_null() && unsafe { (*info).flags } & SOCK_INITIATOR != 0;
+    let initiator = initiator(sk, info);
     let skb_ptr = ctx.skb.skb;
     // A datagram socket's holds for the conversation it was decided for:
     // parse first to see, and find the domain only when it does not. The
@@ -74,7 +75,7 @@ fn skb(ctx: &SkBuffContext, a: &Active, dir: Direction) -> i32 {
         if let Some(p) = &parsed
             && same_conversation(c, p, dir, initiator)
         {
-            settle_established(sk, info, p);
+            settle(sk, info, p, dir);
             return cached_allow(hook, c);
         }
         dom_id = skb_domain(a, skb_ptr);

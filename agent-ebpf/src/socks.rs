@@ -13,7 +13,8 @@ use bulkhead_common::{
     decide::Peer,
     maps::{
         COUNTER_CUT_MARKED, CutRecord, FlowKey, MAX_CGROUP_DEPTH, SOCK_CUT, SOCK_FLOW_SEEN,
-        SOCK_INITIATOR, SockInfo, VerdictCache, counter_index, domain_counter_index,
+        SOCK_INITIATOR, SockInfo, VERDICT_CONNECTED, VerdictCache, counter_index,
+        domain_counter_index,
     },
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -23,13 +24,16 @@ use crate::{
     log::rare,
     maps::{BH_DOMSTATS, BH_LISTEN, BH_SOCKS},
     packet::Parsed,
-    peer::IPPROTO_TCP,
+    peer::{IPPROTO_TCP, IPPROTO_UDP},
     policy::Active,
     walk::current_cgroup,
 };
 
-/// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum.
+/// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum (a connected
+/// datagram socket's state too).
 pub(crate) const BPF_TCP_ESTABLISHED: u32 = 1;
+/// `BPF_TCP_LISTEN` of the same enum.
+pub(crate) const BPF_TCP_LISTEN: u32 = 10;
 
 #[inline(always)]
 pub(crate) fn socks_map() -> *mut core::ffi::c_void {
@@ -327,12 +331,16 @@ pub(crate) fn same_conversation(
 ) -> bool {
     use core::ptr::read_volatile as get;
     let (peer, peer_port, local_port) = conversation(p, dir);
-    // Volatile: read after the generation (see `cache_verdict`).
+    // Volatile: read after the generation (see `cache_verdict`). The
+    // packet's side too, though it is on the stack: a plain load may be
+    // hoisted above the caller's test that the parse succeeded, and before
+    // 6.x the verifier refuses reading the stack where a failed parse
+    // wrote nothing. (`Parsed` is 8-aligned and so are its addresses.)
     let cached = c.peer.as_ptr().cast::<u64>();
     let ours = peer.as_ptr().cast::<u64>();
     unsafe {
-        get(cached) == ours.read_unaligned()
-            && get(cached.add(1)) == ours.add(1).read_unaligned()
+        get(cached) == get(ours)
+            && get(cached.add(1)) == get(ours.add(1))
             && get(&c.family) == p.family
             && get(&c.initiator) == initiator as u8
             && get(&c.peer_port) == peer_port
@@ -446,7 +454,7 @@ pub(crate) fn cache_verdict(
 /// balancer's connect program) is decided by its packets; the local port
 /// is not known yet and not compared for TCP. The first matching packet of
 /// the established connection makes it the unkeyed verdict
-/// ([`settle_established`]).
+/// ([`settle`]).
 #[inline(always)]
 pub(crate) fn cache_connect(
     info: *mut SockInfo,
@@ -511,16 +519,53 @@ fn store_verdict(
     }
 }
 
-/// A TCP socket's keyed verdict (from [`cache_connect`]) that matched a
-/// packet of the now established connection: from here on it holds for
-/// every packet of the socket, unkeyed. One byte: a packet on another CPU
-/// sees the verdict keyed or unkeyed, valid either way.
+/// A keyed verdict that just matched a packet, made to hold for every
+/// packet of its socket where the kernel guarantees the peer: a TCP
+/// socket's from [`cache_connect`], once its connection is established; a
+/// connected datagram socket's, on a datagram from its peer (delivered to
+/// it only because it came from the peer it is connected to; one it sent
+/// may have gone to another address, by `sendto`). One byte: a packet on
+/// another CPU sees the verdict keyed or unkeyed, valid either way.
 #[inline(always)]
-pub(crate) fn settle_established(sk: *mut bpf_sock, info: *mut SockInfo, p: &Parsed) {
-    if info.is_null() || sk.is_null() || p.proto != IPPROTO_TCP as u8 {
+pub(crate) fn settle(sk: *mut bpf_sock, info: *mut SockInfo, p: &Parsed, dir: Direction) {
+    if info.is_null() || sk.is_null() || unsafe { (*sk).state } != BPF_TCP_ESTABLISHED {
         return;
     }
-    if unsafe { (*sk).state } == BPF_TCP_ESTABLISHED {
-        unsafe { core::ptr::write_volatile(&raw mut (*info).verdict.family, 0) };
+    let unkeyed = if p.proto == IPPROTO_TCP as u8 {
+        0
+    } else if p.proto == IPPROTO_UDP as u8 && matches!(dir, Direction::Ingress) {
+        VERDICT_CONNECTED
+    } else {
+        return;
+    };
+    unsafe { core::ptr::write_volatile(&raw mut (*info).verdict.family, unkeyed) };
+}
+
+/// Whether an unkeyed verdict (see [`settle`]) holds for the socket as it
+/// is now: a TCP socket's until it listens (on kernels that let a socket
+/// disconnected with `AF_UNSPEC` listen, anyone may then connect to it), a
+/// datagram socket's while it stays connected (disconnected, it hears from
+/// anyone).
+#[inline(always)]
+pub(crate) fn unkeyed(sk: *mut bpf_sock, c: &VerdictCache) -> bool {
+    if sk.is_null() {
+        return false;
     }
+    let state = unsafe { (*sk).state };
+    match c.family {
+        0 => state != BPF_TCP_LISTEN,
+        VERDICT_CONNECTED => state == BPF_TCP_ESTABLISHED,
+        _ => false,
+    }
+}
+
+/// Whether the socket started its conversations (see [`mark_initiator`]).
+/// Not a listening one: a socket that connected, disconnected and then
+/// listens serves the peers that connect to it.
+#[inline(always)]
+pub(crate) fn initiator(sk: *mut bpf_sock, info: *const SockInfo) -> bool {
+    !info.is_null()
+        && !sk.is_null()
+        && unsafe { (*info).flags } & SOCK_INITIATOR != 0
+        && unsafe { (*sk).state } != BPF_TCP_LISTEN
 }

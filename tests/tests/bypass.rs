@@ -581,6 +581,171 @@ fn connected_udp_socket_loses_its_destination_on_reload() {
     assert_eq!(ev[0]["generation"].as_u64(), Some(2));
 }
 
+/// `probe disconnect` in the contractor's cgroup, bound to `local`: one
+/// exchange with `peer` (answered), then disconnected. Returns the child
+/// and its stdout past the `reply` line.
+fn disconnected(
+    w: &World,
+    proto: &str,
+    local: &str,
+    peer: &str,
+    secs: u64,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        probe_bin().to_str().unwrap(),
+        &["disconnect", proto, local, peer, &secs.to_string()],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("spawn probe disconnect");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "reply", "the bridged peer answered");
+    (child, out)
+}
+
+/// The rest of a [`disconnected`] probe's output, without its last line
+/// (`done`, which it checks).
+fn rest(mut child: std::process::Child, out: BufReader<std::process::ChildStdout>) -> Vec<String> {
+    let mut lines: Vec<String> = out.lines().map_while(Result::ok).collect();
+    child.wait().unwrap();
+    assert_eq!(lines.pop().as_deref(), Some("done"), "{lines:?}");
+    lines
+}
+
+/// A connected datagram socket's verdict holds for all its packets once
+/// its peer answered (the kernel delivers it nothing else): disconnected,
+/// it hears from anyone again, and each datagram is decided.
+#[test]
+fn a_disconnected_udp_socket_is_judged_per_datagram_again() {
+    if !privileged("udp_disconnect") {
+        return;
+    }
+    let w = world();
+    let agent = Agent::start(&w.root, &bridged(&w, "udp/5400, udp/5401"));
+    let prod = w.link.v4(2);
+    let to = format!("{prod}:5400");
+    let server = Server::start(&w.outside, Some(&w.link.b), "udp", &to, 10);
+    let at = format!("{}:5402", w.link.v4(1));
+    let (child, out) = disconnected(&w, "udp", &at, &to, 4);
+    // From prod's port 6000 (no bridge), then from a bridged one: the
+    // second shows the socket still receives, and the first, sent before
+    // it on the same path, would have come first.
+    for from in [6000, 5401] {
+        let r = probe(
+            &w.outside,
+            Some(&w.link.b),
+            &["ask", &format!("{prod}:{from}"), &at],
+        );
+        assert_eq!(r, "no-reply", "from port {from}");
+    }
+    assert_eq!(
+        rest(child, out),
+        [format!("from {prod}:5401")],
+        "only the bridged port's datagram reached the disconnected socket"
+    );
+    assert_eq!(server.finish(), 1);
+    let ev = agent.wait_events(1, |e| {
+        deny_to(e, &w.link.v4(1), Some(5402))
+            && field(e, "hook") == "skb-ingress"
+            && e["sport"].as_u64() == Some(6000)
+    });
+    assert_eq!(field(&ev[0], "reason"), "cross-domain");
+}
+
+/// A connected datagram socket's verdict stops being keyed on an answer
+/// from its peer, never on a datagram it sent: `sendto` on a connected
+/// socket may name another address. Had that datagram made its verdict
+/// unkeyed, it would hold for the connected peer, whose bridge is gone.
+#[test]
+fn a_connected_udp_socket_settles_only_on_its_peers_answer() {
+    if !privileged("udp_settle") {
+        return;
+    }
+    let w = world();
+    let mut agent = Agent::start(&w.root, &bridged(&w, "udp/5400, udp/5401"));
+    let prod = w.link.v4(2);
+    let (peer, other) = (format!("{prod}:5400"), format!("{prod}:5401"));
+    let p1 = Server::start(&w.outside, Some(&w.link.b), "udp", &peer, 10);
+    let p2 = Server::start(&w.outside, Some(&w.link.b), "udp", &other, 10);
+    let mut child = command_in(
+        &w.contractor,
+        Some(&w.link.a),
+        probe_bin().to_str().unwrap(),
+        &["udp-script", &format!("{}:5403", w.link.v4(1))],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("spawn probe udp-script");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut say = |cmd: &str| {
+        writeln!(stdin, "{cmd}").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(say(&format!("connect {peer}")), "ok");
+    assert_eq!(say("send"), "ok");
+    assert_eq!(say("recv 2000"), format!("from {peer}"), "the peer answers");
+    agent.reload(&bridged(&w, "udp/5401"));
+    // Allowed by sendmsg and by the packet hooks, twice: the second one
+    // matches the verdict the first left.
+    for _ in 0..2 {
+        assert_eq!(say(&format!("sendto {other}")), "ok");
+    }
+    assert_eq!(say("send"), "EPERM", "the connected peer has no bridge now");
+    assert_eq!(say("recv 500"), "none");
+    // End of input: the probe stops.
+    drop(stdin);
+    child.wait().unwrap();
+    assert_eq!(p1.finish(), 1, "only the datagram sent while bridged");
+    assert_eq!(p2.finish(), 2);
+}
+
+/// An established TCP socket's verdict holds for its one peer: once
+/// disconnected and listening, the socket serves whoever connects, and it
+/// no longer started those conversations. A connection from prod's
+/// bridged port (which the connect's bridge would let back in) is refused.
+/// Kernels that refuse `listen()` after a disconnect (6.18 does) have
+/// nothing to check.
+#[test]
+fn a_socket_that_listens_after_connecting_is_judged_as_a_listener() {
+    if !privileged("tcp_disconnect_listen") {
+        return;
+    }
+    let w = world();
+    let agent = Agent::start(&w.root, &bridged(&w, "tcp/5500"));
+    let prod = w.link.v4(2);
+    let to = format!("{prod}:5500");
+    let server = Server::start(&w.outside, Some(&w.link.b), "tcp", &to, 2);
+    let at = format!("{}:5502", w.link.v4(1));
+    let (child, mut out) = disconnected(&w, "tcp", &at, &to, 5);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    if line.trim() != "listening" {
+        assert!(line.starts_with("listen-"), "probe said {line:?}");
+        eprintln!("SKIPPED: this kernel refuses listen() after a disconnect ({line:?})");
+        return;
+    }
+    // The server's port is free again once it is done.
+    assert_eq!(server.finish(), 1);
+    let r = probe(&w.outside, Some(&w.link.b), &["connect-from", &to, &at]);
+    assert_eq!(r, "EINPROGRESS", "the SYN gets no answer");
+    assert_eq!(rest(child, out), Vec::<String>::new(), "nothing accepted");
+    let ev = agent.wait_events(1, |e| {
+        deny_to(e, &w.link.v4(1), Some(5502)) && field(e, "hook") == "skb-ingress"
+    });
+    assert_eq!(field(&ev[0], "reason"), "cross-domain");
+}
+
 /// `probe sink` in the background; `finish` returns the bytes it got.
 fn sink(w: &World, at: &str, secs: u64) -> std::process::Child {
     let mut child = command_in(

@@ -412,6 +412,146 @@ fn sink(at: SocketAddr, secs: u64) -> String {
     format!("got {got} last {last}")
 }
 
+/// Binds `local` (a port of its own, which a disconnect keeps), connects
+/// to `peer` and has one exchange ("ping", then the answer: `reply` or
+/// `no-reply`), and disconnects (`connect` with `AF_UNSPEC`). Then, for
+/// `secs`: a datagram socket prints `from ADDR` for each datagram it
+/// receives; a TCP socket listens (`listening`, or `listen-ERRNO` and
+/// stops) and prints `accepted ADDR` for each connection. Ends with `done`.
+fn disconnect(proto: &str, local: SocketAddr, peer: SocketAddr, secs: u64) -> String {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
+
+    let unspec = |fd: i32| {
+        // SAFETY: a zeroed sockaddr with family AF_UNSPEC is what
+        // connect(2) takes to dissolve an association.
+        let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+        sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+        if unsafe { libc::connect(fd, &sa, len) } != 0 {
+            panic!("disconnect: {}", std::io::Error::last_os_error());
+        }
+    };
+    let deadline = |secs| Instant::now() + Duration::from_secs(secs);
+    let mut buf = [0u8; 64];
+    match proto {
+        "udp" => {
+            let s = UdpSocket::bind(local).expect("bind udp");
+            s.connect(peer).expect("connect udp");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send(b"ping").expect("send");
+            let answer = s.recv(&mut buf).map_or("no-reply", |_| "reply");
+            unspec(s.as_raw_fd());
+            println!("{answer}");
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let end = deadline(secs);
+            while Instant::now() < end {
+                if let Ok((_, from)) = s.recv_from(&mut buf) {
+                    println!("from {from}");
+                }
+            }
+        }
+        "tcp" => {
+            let fd = Fd::for_addr(peer, libc::SOCK_STREAM, 0).expect("socket");
+            let (ss, len) = sockaddr(local);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(fd.0, (&raw const ss).cast(), len) } < 0 {
+                panic!("bind: {}", last_errno());
+            }
+            fd.connect(peer).expect("connect");
+            // SAFETY: the fd is a connected stream socket; the stream owns
+            // it from here (and `fd`, forgotten, no longer closes it).
+            let mut s = unsafe { TcpStream::from_raw_fd(fd.0) };
+            std::mem::forget(fd);
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(b"ping").expect("send");
+            let answer = s.read_exact(&mut buf[..4]).map_or("no-reply", |()| "reply");
+            let fd = s.into_raw_fd();
+            unspec(fd);
+            println!("{answer}");
+            // SAFETY: `fd` is the stream's socket, whose ownership was
+            // just released; the listener owns it from here.
+            let l = unsafe { TcpListener::from_raw_fd(fd) };
+            if unsafe { libc::listen(fd, 8) } != 0 {
+                return format!("listen-{}", last_errno());
+            }
+            println!("listening");
+            l.set_nonblocking(true).unwrap();
+            let end = deadline(secs);
+            while Instant::now() < end {
+                match l.accept() {
+                    Ok((_, from)) => println!("accepted {from}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+        other => panic!("unknown proto {other}"),
+    }
+    "done".into()
+}
+
+/// A datagram socket bound to `local`, driven by stdin: prints `ready`,
+/// then one line per command line: `connect ADDR`, `send` (to the
+/// connected peer) and `sendto ADDR` print `ok` or the errno; `recv MS`
+/// prints `from ADDR` for a datagram received within MS milliseconds, or
+/// `none`. Bounded by the input.
+fn udp_script(local: SocketAddr) -> String {
+    use std::io::BufRead as _;
+    let s = UdpSocket::bind(local).expect("bind udp");
+    println!("ready");
+    let mut buf = [0u8; 64];
+    for line in std::io::stdin().lock().lines().take(1000) {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let sent = |r: std::io::Result<usize>| r.map_or_else(|e| errno_name(&e), |_| "ok".into());
+        let out = match words.as_slice() {
+            ["connect", to] => s
+                .connect(addr(to))
+                .map_or_else(|e| errno_name(&e), |()| "ok".into()),
+            ["send"] => sent(s.send(b"ping")),
+            ["sendto", to] => sent(s.send_to(b"ping", addr(to))),
+            ["recv", ms] => {
+                let ms = ms.parse().expect("ms");
+                s.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
+                s.recv_from(&mut buf)
+                    .map_or_else(|_| "none".into(), |(_, from)| format!("from {from}"))
+            }
+            other => panic!("unknown command {other:?}"),
+        };
+        println!("{out}");
+    }
+    "done".into()
+}
+
+/// Connects to `to` from `from` (TCP, bound first), giving up after 2 s:
+/// `ok` or the errno (`EINPROGRESS`: no answer within 2 s).
+fn connect_from(from: SocketAddr, to: SocketAddr) -> String {
+    let s = match Fd::for_addr(to, libc::SOCK_STREAM, 0) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let (ss, len) = sockaddr(from);
+    // SAFETY: valid fd and address.
+    if unsafe { libc::bind(s.0, (&raw const ss).cast(), len) } < 0 {
+        return format!("bind-{}", last_errno());
+    }
+    // connect(2) gives up after the send timeout.
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: valid fd, option and value.
+    unsafe {
+        libc::setsockopt(
+            s.0,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    result(s.connect(to))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -722,6 +862,17 @@ fn fake_tcp_resolver(at: SocketAddr, ip: std::net::Ipv4Addr, secs: u64) -> Strin
 //   probe dgram-session ADDR:PORT         an unconnected UDP socket: print "ready", then per
 //                                         stdin line sendto ADDR:PORT (empty line) or move
 //                                         into a cgroup (`move PROCS`), printing each result
+//   probe disconnect tcp|udp LOCAL PEER SECS
+//                                         bind LOCAL, connect to PEER, "ping" and "reply" (or
+//                                         "no-reply"), connect(AF_UNSPEC); then for SECS print
+//                                         "from ADDR" per datagram (udp), or listen and print
+//                                         "listening" (or "listen-ERRNO" and stop) and
+//                                         "accepted ADDR" per connection (tcp); "done"
+//   probe connect-from FROM:PORT ADDR:PORT  TCP connect from a bound address, 2 s at most
+//                                         (EINPROGRESS: no answer by then)
+//   probe udp-script LOCAL                a UDP socket bound to LOCAL: print "ready", then per
+//                                         stdin line `connect ADDR`, `send`, `sendto ADDR` (ok
+//                                         or errno) or `recv MS` ("from ADDR" or "none")
 //   probe iouring-connect tcp|udp ADDR:PORT  IORING_OP_CONNECT
 //   probe premove PROCS tcp|udp ADDR:PORT create the socket, move into the cgroup whose
 //                                         cgroup.procs is PROCS, then connect (tcp) / sendto (udp)
@@ -1279,6 +1430,11 @@ fn bypass(a: &[&str]) -> Option<String> {
         }
         ["session", proto, to] => session(proto, addr(to)),
         ["dgram-session", to] => dgram_session(addr(to)),
+        ["disconnect", proto, local, peer, secs] => {
+            disconnect(proto, addr(local), addr(peer), secs.parse().expect("secs"))
+        }
+        ["connect-from", from, to] => connect_from(addr(from), addr(to)),
+        ["udp-script", local] => udp_script(addr(local)),
         ["iouring-connect", proto, to] => iouring_connect(proto, addr(to)),
         ["premove", procs, proto, to] => premove(procs, proto, addr(to)),
         ["move", procs, rest @ ..] => {
