@@ -901,7 +901,7 @@ fn markdown(r: &Value) -> String {
              *none_again* is a second no-policy connection: its distance from 100% is the method's own error. \
              *allow_all* (when the run has it) attaches `r0 = 1` to the hooks a domain's client passes (both packet directions, \
              socket creation, IPv4 connect and sendmsg) in a cgroup of its own: the floor that enforcing anything at those hooks pays. \
-             UDP is a connected socket: its datagrams run the packet hooks only, which take the verdict the socket remembers for that peer. \
+             UDP is a connected socket: its datagrams run the packet hooks only, which take the verdict the socket remembers (for that peer until the peer's first answer, then for every datagram while it stays connected). \
              TCP_CRR opens a new connection per transaction (connect, 1 B each way, close with RST) and UDP send is unconnected \
              `sendto()`s of 64 B to one address: the connect and sendmsg hooks decide by the calling task's cgroup, so the client \
              moves into the mode's cgroup and namespace before each of their batches, outside the batch's time.\n\n",
@@ -1188,7 +1188,8 @@ fn analysis(r: &Value) -> String {
          cgroup program and the socket-storage lookup make up the rest of the difference. A datagram \
          socket's verdict is remembered for its peer (address, port, own port, direction): a datagram to or \
          from that peer parses its headers and compares, skipping the cgroup walk, the address table and \
-         the rules. UDP_RR is {:.1}% interleaved (nftables {:.1}%). The UDP 64-byte send rate is {:.1}% with \
+         the rules; a connected one, once its peer has answered, takes it like an established TCP \
+         socket while it stays connected. UDP_RR is {:.1}% interleaved (nftables {:.1}%). The UDP 64-byte send rate is {:.1}% with \
          bulkhead and {:.1}% with nftables ({}): an unconnected `sendto()` to the socket's previous \
          destination takes the verdict `sendmsg4` remembered on the socket (valid for the same cgroup and \
          policy generation while no socket has been bound since, so a new listener is never missed), then \
