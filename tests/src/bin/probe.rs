@@ -452,11 +452,7 @@ fn disconnect(proto: &str, local: SocketAddr, peer: SocketAddr, secs: u64) -> St
         }
         "tcp" => {
             let fd = Fd::for_addr(peer, libc::SOCK_STREAM, 0).expect("socket");
-            let (ss, len) = sockaddr(local);
-            // SAFETY: valid fd and address.
-            if unsafe { libc::bind(fd.0, (&raw const ss).cast(), len) } < 0 {
-                panic!("bind: {}", last_errno());
-            }
+            fd.bind(local).unwrap_or_else(|e| panic!("bind: {e}"));
             fd.connect(peer).expect("connect");
             // SAFETY: the fd is a connected stream socket; the stream owns
             // it from here (and `fd`, forgotten, no longer closes it).
@@ -529,10 +525,8 @@ fn connect_from(from: SocketAddr, to: SocketAddr) -> String {
         Ok(s) => s,
         Err(e) => return e,
     };
-    let (ss, len) = sockaddr(from);
-    // SAFETY: valid fd and address.
-    if unsafe { libc::bind(s.0, (&raw const ss).cast(), len) } < 0 {
-        return format!("bind-{}", last_errno());
+    if let Err(e) = s.bind(from) {
+        return format!("bind-{e}");
     }
     // connect(2) gives up after the send timeout.
     let tv = libc::timeval {
@@ -944,6 +938,13 @@ impl Fd {
             libc::AF_INET6
         };
         Fd::socket(domain, ty, proto)
+    }
+
+    fn bind(&self, at: SocketAddr) -> Result<(), String> {
+        let (ss, len) = sockaddr(at);
+        // SAFETY: valid fd and address.
+        let rc = unsafe { libc::bind(self.0, (&raw const ss).cast(), len) };
+        if rc < 0 { Err(last_errno()) } else { Ok(()) }
     }
 
     fn connect(&self, to: SocketAddr) -> Result<(), String> {
