@@ -1149,6 +1149,19 @@ impl Agent {
         (agent, log)
     }
 
+    /// Like [`Agent::start_under`], and also collects the agent's stderr.
+    pub fn start_under_capturing(
+        cgroup_root: &Cgroup,
+        policy: &str,
+        wrapper: &[&str],
+    ) -> (Agent, AgentLog) {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        let log = AgentLog::default();
+        agent.spawn_capturing(&[], &log);
+        (agent, log)
+    }
+
     /// Like [`Agent::spawn`], and also appends the agent's stderr lines to `log`.
     pub fn spawn_capturing(&mut self, extra: &[&str], log: &AgentLog) {
         self.spawn_logging(extra, Some(log));

@@ -124,6 +124,156 @@ fn status_events_and_explain_over_the_control_socket() {
     assert!(text.starts_with("verdict: deny"), "{text}");
 }
 
+/// A memory cgroup of the agent's own, as a systemd unit or a pod gives
+/// it: a child of the root of the memory controller's hierarchy (cgroup v1
+/// `memory`, or cgroup v2 where it has the controller). Removed on drop,
+/// once the agent is gone.
+struct MemoryCgroup {
+    root: std::path::PathBuf,
+    path: std::path::PathBuf,
+    usage_file: &'static str,
+}
+
+impl MemoryCgroup {
+    fn new() -> MemoryCgroup {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mount = |v1: bool| {
+            info.lines().find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mut right = right.split_whitespace();
+                let (fstype, opts) = (right.next()?, right.nth(1)?);
+                let ok = if v1 {
+                    fstype == "cgroup" && opts.split(',').any(|o| o == "memory")
+                } else {
+                    fstype == "cgroup2"
+                };
+                ok.then(|| std::path::PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+            })
+        };
+        let (root, usage_file) = match mount(true) {
+            Some(root) => (root, "memory.usage_in_bytes"),
+            None => {
+                let root = mount(false).expect("a cgroup2 mount");
+                std::fs::write(root.join("cgroup.subtree_control"), "+memory")
+                    .expect("enabling the memory controller below the cgroup v2 root");
+                (root, "memory.current")
+            }
+        };
+        let path = root.join(tests::unique("bulkhead-test-mem-"));
+        std::fs::create_dir(&path).unwrap();
+        MemoryCgroup {
+            root,
+            path,
+            usage_file,
+        }
+    }
+
+    fn usage(&self) -> i64 {
+        let s = std::fs::read_to_string(self.path.join(self.usage_file)).unwrap();
+        s.trim().parse().unwrap()
+    }
+
+    /// A wrapper that runs the agent in this cgroup; with `read_only`, in
+    /// a mount namespace where the memory hierarchy is read-only, as
+    /// systemd's `ProtectControlGroups=` leaves it.
+    fn wrapper(&self, read_only: bool) -> Vec<String> {
+        let mut script = format!("echo 0 > {}/cgroup.procs && ", self.path.display());
+        if read_only {
+            script += &format!("mount -o remount,bind,ro {} && ", self.root.display());
+        }
+        script += "exec \"$@\"";
+        let mut w: Vec<String> = Vec::new();
+        if read_only {
+            w.extend(["unshare", "-m", "--propagation", "private"].map(String::from));
+        }
+        w.extend(["sh".into(), "-c".into(), script, "sh".into()]);
+        w
+    }
+
+    /// How much this cgroup grows while a workload in `cgroup` holds 8000
+    /// bound sockets.
+    fn growth_with_bound_sockets(&self, cgroup: &tests::Cgroup) -> i64 {
+        // Settled: the agent's start-up allocations are done.
+        std::thread::sleep(Duration::from_millis(500));
+        let before = self.usage();
+        let mut binder = tests::command_in(
+            cgroup,
+            None,
+            tests::probe_bin().to_str().unwrap(),
+            &["bind-many", "8000", "60"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let mut out = BufReader::new(binder.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "bound 8000");
+        let grown = self.usage() - before;
+        drop(binder.stdin.take());
+        binder.wait().unwrap();
+        grown
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The kernel charges each socket's storage to the memory cgroup of the
+/// process that created the map, past any limit (the programs allocate
+/// atomically); a full cgroup gets the agent OOM-killed at its next
+/// allocation of its own. So the host's sockets must not be charged to
+/// the agent. Where it cannot help it (a read-only cgroup tree), it still
+/// starts, and says so.
+#[test]
+fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
+    if !privileged("sockets_not_charged") {
+        return;
+    }
+    let w = world();
+    let mem = MemoryCgroup::new();
+    let wrapper = mem.wrapper(false);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = Agent::start_under(&w.root, &w.policy("", ""), &wrapper);
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid())).unwrap();
+    let name = mem.path.file_name().unwrap().to_str().unwrap();
+    assert!(own.contains(name), "the agent is not in {name}: {own}");
+    // Each of these sockets gets its owner's record (the domains tests
+    // connect to such sockets from other domains): charged to no cgroup.
+    let grown = mem.growth_with_bound_sockets(&w.outside);
+    assert!(
+        grown < 1 << 20,
+        "the agent's memory cgroup grew by {grown} bytes while 8000 sockets were bound"
+    );
+    drop(agent);
+
+    // A fresh agent (its own pins) that cannot leave its memory cgroup.
+    let wrapper = mem.wrapper(true);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let (agent, log) = Agent::start_under_capturing(&w.root, &w.policy("", ""), &wrapper);
+    let said = log
+        .lines()
+        .iter()
+        .any(|l| l.contains("WARN") && l.contains("socket storage is charged to this agent"));
+    assert!(said, "no warning at start: {:#?}", log.lines());
+    // 720 bytes a socket.
+    let grown = mem.growth_with_bound_sockets(&w.outside);
+    assert!(
+        grown > 4 << 20,
+        "the agent's memory cgroup grew by only {grown} bytes: are the sockets recorded?"
+    );
+    drop(agent);
+}
+
 #[test]
 fn reload_switches_generations_and_rejected_reloads_change_nothing() {
     if !privileged("reload") {

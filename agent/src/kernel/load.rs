@@ -17,6 +17,7 @@ use bulkhead_common::maps::{GLOBAL_NO_TAI, MAP_CLOCK, MAP_DNS_EGRESS_TAIL, MAP_D
 use super::{
     features::Fallbacks,
     pins::{Pins, retire, test_layout},
+    storage::{self, Storage},
 };
 
 /// Set only by tests: the program named is treated as refused by the
@@ -194,10 +195,17 @@ impl KernelBtf {
 
 /// Loads the object, reusing the maps pinned by an earlier agent of the
 /// same layout (so the policy in force stays in force) and pinning new
-/// ones. Nothing is verified or attached yet.
-pub fn load(pins: &Pins, ring_bytes: u32, fallbacks: Fallbacks, btf: &KernelBtf) -> Result<Ebpf> {
+/// ones, the socket storage first where no memory cgroup pays for it
+/// ([`storage`]). Nothing is verified or attached yet.
+pub fn load(
+    pins: &Pins,
+    ring_bytes: u32,
+    fallbacks: Fallbacks,
+    btf: &KernelBtf,
+) -> Result<(Ebpf, Storage)> {
     fs::create_dir_all(pins.maps())
         .with_context(|| format!("creating {}", pins.maps().display()))?;
+    let storage = storage::precreate(&pins.maps());
     let mut loader = EbpfLoader::new();
     loader.btf(btf.get().ok());
     loader.default_map_pin_directory(pins.maps());
@@ -210,9 +218,10 @@ pub fn load(pins: &Pins, ring_bytes: u32, fallbacks: Fallbacks, btf: &KernelBtf)
             bulkhead_common::maps::MAX_CGROUPS + 1,
         );
     }
-    loader
+    let ebpf = loader
         .load(object_for(fallbacks)?)
-        .map_err(|e| explain_load_error(e.into()))
+        .map_err(|e| explain_load_error(e.into()))?;
+    Ok((ebpf, storage))
 }
 
 /// Where the kernel lacks `bpf_ktime_get_tai_ns`, the programs read boot

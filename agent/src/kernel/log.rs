@@ -79,7 +79,7 @@ mod tests {
         let result = (|| -> Result<()> {
             let btf = crate::kernel::KernelBtf::read();
             let fallbacks = crate::kernel::features::probe().fallbacks();
-            let mut ebpf = load(&pins, 4096, fallbacks, &btf)?;
+            let (mut ebpf, _) = load(&pins, 4096, fallbacks, &btf)?;
             verify_all(&mut ebpf, &btf)?;
             let logger = start_kernel_log(&mut ebpf)?.context("no kernel log in the object")?;
             let rt = tokio::runtime::Builder::new_current_thread()

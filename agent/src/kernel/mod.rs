@@ -19,7 +19,8 @@
 //! lock, retiring), [`maps`] (the policy map writer), [`features`] (what
 //! this kernel offers), [`caps`], [`listeners`] (sockets bound before the
 //! agent, and their owners), [`cut`] (destroying connections a policy
-//! stops allowing), [`cgroup`] (the host's cgroup v2 tree), [`log`] (the
+//! stops allowing), [`cgroup`] (the host's cgroup v2 tree), [`storage`] (the
+//! socket storage map, made where no memory cgroup pays for it), [`log`] (the
 //! programs' own log) and [`probes`] (benchmark-only programs).
 
 pub mod caps;
@@ -32,9 +33,11 @@ pub mod log;
 pub mod maps;
 mod pins;
 pub mod probes;
+mod storage;
 mod sys;
 
 pub use load::*;
 pub use log::{KernelLog, drive_kernel_log, start_kernel_log};
 pub use pins::*;
 pub use probes::{PROBES, pin_probes};
+pub use storage::Storage;

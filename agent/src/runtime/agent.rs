@@ -361,7 +361,11 @@ impl Agent {
         //    nothing that enforces changed;
         let verify_started = Instant::now();
         let btf = kernel::KernelBtf::read();
-        let mut ebpf = kernel::load(&pins, args.ring_buffer_bytes, fallbacks, &btf)?;
+        let (mut ebpf, storage) = kernel::load(&pins, args.ring_buffer_bytes, fallbacks, &btf)?;
+        match storage {
+            kernel::Storage::Charged(_) => warn!("{}", storage.describe()),
+            _ => info!("{}", storage.describe()),
+        }
         let lsm = kernel::verify_all(&mut ebpf, &btf)?;
         info!("{}", kernel::verified(&ebpf, verify_started.elapsed()));
         // After verification: the loaded programs hold its ring buffer open.

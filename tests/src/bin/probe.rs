@@ -13,6 +13,9 @@
 //!                                         answer comes back within a second
 //!   probe hold ADDR:PORT SECS             TCP connect, a byte every 10 ms until a write fails:
 //!                                         "error ERRNO at UNIX_NS", or "open" after SECS
+//!   probe bind-many COUNT SECS            bind COUNT UDP sockets in 127.77.0.0/16, print
+//!                                         "bound COUNT", hold them for SECS or until stdin
+//!                                         closes, then "released"
 //!   probe guard SECS KIND:ADDR:PORT...    for SECS, try each target in turn (KIND: udp-connect,
 //!                                         udp-sendto, tcp with a 100 ms connect timeout) and
 //!                                         print "UNIX_NS TARGET OUTCOME" whenever a target's
@@ -372,6 +375,28 @@ fn hold(to: SocketAddr, secs: u64) -> String {
     "open".into()
 }
 
+/// Binds `count` UDP sockets (to addresses of 127.77.0.0/16, port 0, so
+/// no port range runs out), prints `bound COUNT` and holds them for `secs`
+/// or until stdin closes: each is a socket the agent records the owner of.
+fn bind_many(count: u32, secs: u64) -> String {
+    let mut held = Vec::new();
+    for i in 0..count {
+        let ip = std::net::Ipv4Addr::new(127, 77, (i / 250) as u8, (1 + i % 250) as u8);
+        match UdpSocket::bind((ip, 0)) {
+            Ok(s) => held.push(s),
+            Err(e) => return format!("bind-{} after {i}", errno_name(&e)),
+        }
+    }
+    println!("bound {}", held.len());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(secs));
+    "released".into()
+}
+
 /// Accepts one TCP connection and reads bytes for `secs`; prints `got N
 /// last UNIX_NS`, the wall-clock time the last byte arrived.
 fn sink(at: SocketAddr, secs: u64) -> String {
@@ -574,6 +599,9 @@ fn main() -> ExitCode {
         ["trickle", to, secs] => trickle(addr(to), secs.parse().expect("secs")),
         ["sink", at, secs] => sink(addr(at), secs.parse().expect("secs")),
         ["hold", to, secs] => hold(addr(to), secs.parse().expect("secs")),
+        ["bind-many", count, secs] => {
+            bind_many(count.parse().expect("count"), secs.parse().expect("secs"))
+        }
         ["ask", from, to] => ask(addr(from), addr(to)),
         ["guard", secs, targets @ ..] => guard(secs.parse().expect("secs"), targets),
         ["resolve", server, name, kind, how @ ..] => {

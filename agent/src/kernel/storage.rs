@@ -1,0 +1,417 @@
+//! The socket storage map (`BH_SOCKS`), created where no memory cgroup is
+//! charged for it.
+//!
+//! The kernel charges every element of a map to the memory cgroup of the
+//! process that created the map (Linux 5.11 and later). A socket's storage
+//! is allocated by the programs, for sockets of every cgroup on the host,
+//! so an agent that created the map in its own memory cgroup pays for the
+//! host's sockets:
+//! - the charge is forced past the cgroup's limit (the programs allocate
+//!   with `GFP_ATOMIC`, which memcg never refuses), and the agent's next
+//!   allocation of its own then finds the cgroup full: the kernel kills it.
+//!   Tried: 36 000 sockets bound by another cgroup put an agent 16 MB
+//!   over its limit, and its next reload was OOM-killed;
+//! - every connect of a domain's workload switches the CPU's charge cache
+//!   between the workload's cgroup (the socket) and the agent's (its
+//!   storage): `bh_connect4` took 2.8 µs per loopback connect, 1.9 µs with
+//!   the map created in the root memory cgroup.
+//!
+//! So a first agent creates the map from a child process that moves itself
+//! into the root memory cgroup, which charges nothing, and pins it where
+//! the loader then finds it. A socket's storage still counts against the
+//! socket's own option memory (`net.core.optmem_max`), as every socket
+//! option does. Where the child cannot move (a read-only cgroup tree, as
+//! systemd's `ProtectControlGroups=` makes it, or a container's cgroup
+//! namespace), the loader creates the map as before, charged to the agent,
+//! and the agent says so at start.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use bulkhead_common::maps::{MAP_SOCKS, SockInfo};
+
+use super::sys::Attr;
+
+/// `BPF_MAP_CREATE`, `BPF_OBJ_PIN`, `BPF_BTF_LOAD`.
+const BPF_MAP_CREATE: u32 = 0;
+const BPF_OBJ_PIN: u32 = 6;
+const BPF_BTF_LOAD: u32 = 18;
+const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
+/// Required of socket storage: elements exist only for sockets that have one.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// How the socket storage map came to be, for the start-up log.
+#[derive(Debug)]
+pub enum Storage {
+    /// Pinned by an earlier agent: charged wherever that one made it.
+    Adopted,
+    /// Made now from the root memory cgroup: charged to none.
+    Uncharged,
+    /// The host has no memory controller: nothing is charged anyway.
+    NoMemoryController,
+    /// The child could not make it; the loader makes it, charged to the
+    /// agent's memory cgroup.
+    Charged(String),
+}
+
+impl Storage {
+    pub fn describe(&self) -> String {
+        match self {
+            Storage::Adopted => "socket storage: the map pinned by an earlier agent".into(),
+            Storage::Uncharged => "socket storage: created from the root memory cgroup, so no \
+                                   memory cgroup is charged for the host's sockets"
+                .into(),
+            Storage::NoMemoryController => {
+                "socket storage: no memory controller is mounted, nothing is charged".into()
+            }
+            Storage::Charged(why) => format!(
+                "socket storage is charged to this agent's memory cgroup ({why}): each socket \
+                 bound on the host and each connecting socket of a domain adds 720 bytes to it, \
+                 past any limit set on it, and a full cgroup gets the agent killed at its next \
+                 allocation. Give the agent no memory limit, or let it write the root memory \
+                 cgroup's cgroup.procs at its first start (README, Memory)"
+            ),
+        }
+    }
+}
+
+/// Creates and pins `BH_SOCKS` under `maps_dir` from the root memory
+/// cgroup, unless a map is pinned there already.
+pub fn precreate(maps_dir: &Path) -> Storage {
+    let pin = maps_dir.join(MAP_SOCKS);
+    if pin.exists() {
+        return Storage::Adopted;
+    }
+    let Some(root) = memory_root() else {
+        return Storage::NoMemoryController;
+    };
+    let procs = root.join("cgroup.procs");
+    match create_in(&procs, &pin) {
+        Ok(()) => Storage::Uncharged,
+        // The helper of an agent killed just before us pinned one.
+        Err((Step::Pin, e)) if e.kind() == io::ErrorKind::AlreadyExists => Storage::Adopted,
+        Err((step, e)) => Storage::Charged(match step {
+            Step::Move => format!("moving a helper into {}: {e}", procs.display()),
+            Step::Btf => format!("loading its type information: {e}"),
+            Step::Create => format!("creating it: {e}"),
+            Step::Pin => format!("pinning it at {}: {e}", pin.display()),
+            Step::Fork => format!("starting the helper: {e}"),
+        }),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+#[repr(u8)]
+enum Step {
+    Fork = 0,
+    Move = 1,
+    Btf = 2,
+    Create = 3,
+    Pin = 4,
+}
+
+/// Forks a child that moves into the memory cgroup of `procs`, creates the
+/// map and pins it at `pin`. Only the memory cgroup of the process that
+/// creates a map decides its charge, so the agent itself never moves.
+fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
+    let fork_err = |e| (Step::Fork, e);
+    // Everything the child uses is made here: between fork and exit it
+    // makes system calls only (the agent has other threads; an allocation
+    // could wait forever on a lock one of them held).
+    let procs_c = CString::new(procs.as_os_str().as_bytes()).map_err(|e| fork_err(e.into()))?;
+    let pin_c = CString::new(pin.as_os_str().as_bytes()).map_err(|e| fork_err(e.into()))?;
+    let value_size = size_of::<SockInfo>() as u32;
+    let btf = btf(value_size);
+    let mut btf_attr = Attr::new();
+    btf_attr
+        .u64(0, btf.as_ptr() as u64)
+        .u32(16, btf.len() as u32);
+    let mut map_attr = Attr::new();
+    map_attr
+        .u32(0, BPF_MAP_TYPE_SK_STORAGE)
+        .u32(4, 4)
+        .u32(8, value_size)
+        .u32(12, 0)
+        .u32(16, BPF_F_NO_PREALLOC)
+        .u32(52, 1) // btf_key_type_id: `int`
+        .u32(56, 4); // btf_value_type_id: `struct bh_sock_info`
+    map_attr.0[28..28 + MAP_SOCKS.len()].copy_from_slice(MAP_SOCKS.as_bytes());
+    let mut pin_attr = Attr::new();
+    pin_attr.u64(0, pin_c.as_ptr() as u64);
+
+    let mut fds = [0i32; 2];
+    // SAFETY: a two-element array for pipe2.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(fork_err(io::Error::last_os_error()));
+    }
+    let [rd, wr] = fds;
+    // SAFETY: no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the child below makes system calls only and leaves by _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: our own descriptors.
+        unsafe {
+            libc::close(rd);
+            libc::close(wr);
+        }
+        return Err(fork_err(e));
+    }
+    if pid == 0 {
+        // SAFETY: system calls on buffers made before the fork.
+        unsafe {
+            let step = child(
+                parent,
+                &procs_c,
+                &mut btf_attr,
+                &mut map_attr,
+                &mut pin_attr,
+            );
+            if let Err((step, errno)) = step {
+                let mut msg = [0u8; 5];
+                msg[0] = step as u8;
+                msg[1..].copy_from_slice(&errno.to_ne_bytes());
+                libc::write(wr, msg.as_ptr().cast(), msg.len());
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: our own descriptor; the child holds its copy.
+    unsafe { libc::close(wr) };
+    let mut msg = [0u8; 5];
+    // SAFETY: reads into a local buffer; returns at the child's exit.
+    let n = unsafe { libc::read(rd, msg.as_mut_ptr().cast(), msg.len()) };
+    let mut status = 0;
+    // SAFETY: our own child and descriptor.
+    unsafe {
+        libc::waitpid(pid, &mut status, 0);
+        libc::close(rd);
+    }
+    if n == msg.len() as isize {
+        let step = match msg[0] {
+            0 => Step::Fork,
+            1 => Step::Move,
+            2 => Step::Btf,
+            3 => Step::Create,
+            _ => Step::Pin,
+        };
+        let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+        return Err((step, io::Error::from_raw_os_error(errno)));
+    }
+    if !pin.exists() {
+        return Err((
+            Step::Fork,
+            io::Error::other(format!(
+                "the helper ended ({status:#x}) without pinning the map"
+            )),
+        ));
+    }
+    Ok(())
+}
+
+/// The child's work: move, load the types, create, pin.
+///
+/// # Safety
+/// The attributes point at memory that lives until the child exits.
+unsafe fn child(
+    parent: libc::pid_t,
+    procs: &CString,
+    btf: &mut Attr,
+    map: &mut Attr,
+    pin: &mut Attr,
+) -> Result<(), (Step, i32)> {
+    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // SAFETY: the caller's contract.
+    unsafe {
+        // Not outliving the agent: a helper that pinned after a killed
+        // agent's successor looked would race it.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            return Err((Step::Fork, libc::ESRCH));
+        }
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        // "0" moves the writer itself.
+        if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+            return Err((Step::Move, errno()));
+        }
+        let btf_fd = syscall(BPF_BTF_LOAD, btf);
+        if btf_fd < 0 {
+            return Err((Step::Btf, errno()));
+        }
+        map.u32(48, btf_fd as u32);
+        let map_fd = syscall(BPF_MAP_CREATE, map);
+        if map_fd < 0 {
+            return Err((Step::Create, errno()));
+        }
+        pin.u32(8, map_fd as u32);
+        if syscall(BPF_OBJ_PIN, pin) < 0 {
+            return Err((Step::Pin, errno()));
+        }
+    }
+    Ok(())
+}
+
+/// `bpf(cmd, attr)`, its raw result.
+///
+/// # Safety
+/// `attr` is valid for `cmd`.
+unsafe fn syscall(cmd: u32, attr: &mut Attr) -> i64 {
+    // SAFETY: the caller's contract; the buffer is as large as the kernel reads.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) }
+}
+
+/// The type information a socket storage map must have: an `int` key and
+/// a value type of the value's size (`struct bh_sock_info { unsigned char
+/// bytes[N]; }`; the programs read the value by offset, not by type).
+fn btf(value_size: u32) -> Vec<u8> {
+    const KIND_INT: u32 = 1;
+    const KIND_ARRAY: u32 = 3;
+    const KIND_STRUCT: u32 = 4;
+    const INT_SIGNED: u32 = 1 << 24;
+    let mut strings = vec![0u8];
+    let mut name = |s: &str| {
+        let off = strings.len() as u32;
+        strings.extend_from_slice(s.as_bytes());
+        strings.push(0);
+        off
+    };
+    let (int, uchar, info, bytes) = (
+        name("int"),
+        name("unsigned char"),
+        name("bh_sock_info"),
+        name("bytes"),
+    );
+    let types: [u32; 20] = [
+        // [1] int
+        int,
+        KIND_INT << 24,
+        4,
+        INT_SIGNED | 32,
+        // [2] unsigned char
+        uchar,
+        KIND_INT << 24,
+        1,
+        8,
+        // [3] unsigned char[value_size], indexed by int
+        0,
+        KIND_ARRAY << 24,
+        0,
+        2,
+        1,
+        value_size,
+        // [4] struct bh_sock_info, one member at bit 0
+        info,
+        (KIND_STRUCT << 24) | 1,
+        value_size,
+        bytes,
+        3,
+        0,
+    ];
+    let types: Vec<u8> = types.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xeb9f_u16.to_ne_bytes());
+    out.extend_from_slice(&[1, 0]); // version, flags
+    for w in [
+        24,
+        0,
+        types.len() as u32,
+        types.len() as u32,
+        strings.len() as u32,
+    ] {
+        out.extend_from_slice(&w.to_ne_bytes());
+    }
+    out.extend_from_slice(&types);
+    out.extend_from_slice(&strings);
+    out
+}
+
+/// The root of the memory controller's hierarchy, as mounted here: a
+/// cgroup v1 `memory` hierarchy, or cgroup v2 where it has the controller.
+fn memory_root() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    memory_root_in(&info, |p| {
+        fs::read_to_string(p.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+    })
+}
+
+fn memory_root_in(mountinfo: &str, v2_has_memory: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    let mut v2 = None;
+    for line in mountinfo.lines() {
+        // `id parent maj:min root mountpoint opts [optional...] - fstype source superopts`
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut left = left.split_whitespace();
+        let (Some(root), Some(mountpoint)) = (left.nth(3), left.next()) else {
+            continue;
+        };
+        // A mount of a subtree (a container's view) is not the root.
+        if root != "/" {
+            continue;
+        }
+        let mut right = right.split_whitespace();
+        let fstype = right.next();
+        let superopts = right.nth(1).unwrap_or("");
+        let path = PathBuf::from(super::cgroup::unescape_mountinfo(mountpoint));
+        match fstype {
+            Some("cgroup") if superopts.split(',').any(|o| o == "memory") => return Some(path),
+            Some("cgroup2") if v2.is_none() => v2 = Some(path),
+            _ => {}
+        }
+    }
+    v2.filter(|p| v2_has_memory(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 23 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct";
+
+    #[test]
+    fn finds_the_memory_hierarchy_of_a_hybrid_host() {
+        assert_eq!(
+            memory_root_in(HYBRID, |_| panic!("v1 memory comes first")),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+    }
+
+    #[test]
+    fn takes_cgroup_v2_only_where_it_has_the_memory_controller() {
+        let unified = "31 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(
+            memory_root_in(unified, |p| p == Path::new("/sys/fs/cgroup")),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(memory_root_in(unified, |_| false), None);
+    }
+
+    #[test]
+    fn a_mounted_subtree_is_not_the_root() {
+        let container = "31 23 0:27 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
+        assert_eq!(memory_root_in(container, |_| true), None);
+    }
+
+    #[test]
+    fn the_type_information_describes_the_value_size() {
+        let b = btf(328);
+        assert_eq!(&b[..2], &0xeb9f_u16.to_ne_bytes());
+        let type_len = u32::from_ne_bytes(b[12..16].try_into().unwrap()) as usize;
+        assert_eq!(type_len, 20 * 4);
+        let word = |i: usize| u32::from_ne_bytes(b[24 + 4 * i..28 + 4 * i].try_into().unwrap());
+        // The array's length and the struct's size.
+        assert_eq!((word(13), word(16)), (328, 328));
+        let strings = &b[24 + type_len..];
+        assert!(strings.windows(12).any(|w| w == b"bh_sock_info"));
+    }
+}
