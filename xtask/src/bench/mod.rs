@@ -315,6 +315,15 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!("bench: phase 1/6: policy compile + load, agent memory");
     let (mut agents, loads) = phase_load(&ctx, &specs)?;
     lap("load");
+    // How the measured agent made the socket storage map (README, Memory):
+    // it decides what a connect's storage creation is charged to.
+    let socket_storage = agents.last().and_then(|a| {
+        let log = a.log.lock().expect("agent log");
+        log.iter().find_map(|l| {
+            l.split_once("socket storage")
+                .map(|(_, t)| t.trim().to_string())
+        })
+    });
     let mut decision = Value::Null;
     if wanted("decision") {
         eprintln!("bench: phase 2/6: kernel decision cost (BPF_PROG_TEST_RUN)");
@@ -382,6 +391,7 @@ pub fn run(args: Args) -> Result<()> {
     results["meta"]["duration_s"] = json!(started.elapsed().as_secs_f64());
     results["meta"]["phase_s"] = Value::Object(phases);
     results["meta"]["loadavg_end"] = json!(first_line("cat /proc/loadavg"));
+    results["meta"]["socket_storage"] = json!(socket_storage);
     if !args.only.is_empty() {
         let path = workspace_root().join("target/bench-partial.json");
         fs::write(&path, serde_json::to_string_pretty(&results)?)?;

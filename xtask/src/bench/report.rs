@@ -536,7 +536,8 @@ fn markdown(r: &Value) -> String {
         "| memory cgroups | {} |",
         match m["agent_memcg"].as_str() {
             Some(h) => format!(
-                "the agent in one of its own ({h}), the clients in another, as a systemd unit or a pod runs it"
+                "the agent in one of its own ({h}), the clients in another, as a systemd unit or a pod runs it; {}",
+                storage_charge(m).1
             ),
             None => "none (the kernel has no memory controller)".into(),
         }
@@ -1358,16 +1359,12 @@ fn connects(s: &mut String, r: &Value) {
     let ns = f(&st["by_test"]["tcp_crr"]["bh_connect4"]["ns_per_call"]);
     let part = |k: &str| share_cell(p["shares"][k].as_f64().unwrap_or(0.0), ns);
     let unit = &st["by_test"]["tcp_crr"]["per_unit"];
-    let charged = if r["meta"]["agent_memcg"].is_string() {
-        " (the agent's own here, as under systemd or in a pod)"
-    } else {
-        ""
-    };
+    let charged = storage_charge(&r["meta"]).0;
     let _ = writeln!(
         s,
         "- **Connects.** The hooks cost {:.0} ns per TCP connection ({:.1}% of its time). `bh_connect4` takes \
          {ns:.0} ns per call: {} creating the socket's storage (`bpf_sk_storage_get` with `F_CREATE`: the \
-         kernel allocates the storage and its element, each charged to the map's memory cgroup{charged}, \
+         kernel allocates the storage and its element, each charged to the memory cgroup that made the map{charged}, \
          and links them), {} the listener lookup (`bpf_sk_lookup_tcp`: a connect to a local listener of another domain \
          crosses domains, and a cgroup program cannot tell whether an address is local; a filter by bound port \
          would miss sockets that an `sk_lookup` program steers connections to), {} its own instructions. The \
@@ -1451,6 +1448,31 @@ fn profile_table(s: &mut String, st: &serde_json::Map<String, Value>) {
                 cells.join(" | ")
             );
         }
+    }
+}
+
+/// What the socket storage is charged to in this run, from the agent's
+/// start-up line (`meta.socket_storage`): a parenthesis for the connects'
+/// paragraph and a clause for the setup table.
+fn storage_charge(meta: &Value) -> (&'static str, &'static str) {
+    let line = meta["socket_storage"].as_str().unwrap_or("");
+    if line.contains("root memory cgroup") {
+        (
+            " (none here: the agent made the map from the root memory cgroup, README, Memory)",
+            "the socket storage map made from the root memory cgroup, charged to none",
+        )
+    } else if line.contains("charged to this agent") {
+        (
+            " (the agent's own here, as under systemd or in a pod)",
+            "the socket storage charged to the agent's memory cgroup",
+        )
+    } else if meta["agent_memcg"].is_string() {
+        (
+            " (the agent's own, unless it made the map from the root memory cgroup: README, Memory)",
+            "the socket storage's charge not recorded",
+        )
+    } else {
+        ("", "")
     }
 }
 
