@@ -120,8 +120,8 @@ enum Step {
 fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
     let fork_err = |e| (Step::Fork, e);
     // Everything the child uses is made here: between fork and exit it
-    // makes system calls only (the agent has other threads; an allocation
-    // could wait forever on a lock one of them held).
+    // makes system calls only (were there other threads, an allocation
+    // could wait forever on a lock one of them held at the fork).
     let procs_c = CString::new(procs.as_os_str().as_bytes()).map_err(|e| fork_err(e.into()))?;
     let pin_c = CString::new(pin.as_os_str().as_bytes()).map_err(|e| fork_err(e.into()))?;
     let value_size = size_of::<SockInfo>() as u32;
@@ -184,12 +184,18 @@ fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
     // SAFETY: our own descriptor; the child holds its copy.
     unsafe { libc::close(wr) };
     let mut msg = [0u8; 5];
-    // SAFETY: reads into a local buffer; returns at the child's exit.
-    let n = unsafe { libc::read(rd, msg.as_mut_ptr().cast(), msg.len()) };
+    let interrupted = || io::Error::last_os_error().kind() == io::ErrorKind::Interrupted;
+    let n = loop {
+        // SAFETY: reads into a local buffer; returns at the child's exit.
+        let n = unsafe { libc::read(rd, msg.as_mut_ptr().cast(), msg.len()) };
+        if n >= 0 || !interrupted() {
+            break n;
+        }
+    };
     let mut status = 0;
     // SAFETY: our own child and descriptor.
     unsafe {
-        libc::waitpid(pid, &mut status, 0);
+        while libc::waitpid(pid, &mut status, 0) < 0 && interrupted() {}
         libc::close(rd);
     }
     if n == msg.len() as isize {
