@@ -48,10 +48,12 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 
 /// A memory cgroup of the agent's own, as a systemd unit or a pod gives it.
 /// The kernel charges each socket's storage to the memory cgroup of the
-/// map's creator (the agent) while the workload's task runs, and switching
-/// cgroups empties the per-CPU charge cache: an agent that shares the
+/// map's creator while the workload's task runs, and switching cgroups
+/// empties the per-CPU charge cache: an agent that charged its map to the
 /// clients' memory cgroup would measure connects cheaper than users get
-/// them. Removed on drop (after the agents it held are gone).
+/// them. (An agent that can makes the map from the root memory cgroup,
+/// charged to none: README, Memory; the report says which it was.)
+/// Removed on drop (after the agents it held are gone).
 pub struct MemCgroup {
     path: PathBuf,
     /// Which hierarchy, for the report.
