@@ -20,20 +20,40 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 }
 
 fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
+    mounts(mountinfo)
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.point)
+}
+
+/// One line of `/proc/self/mountinfo`, the fields read here.
+pub(super) struct Mount<'a> {
+    /// The mounted directory inside its filesystem (`/` for the whole).
+    pub root: &'a str,
+    pub point: PathBuf,
+    pub fstype: &'a str,
+    pub superopts: &'a str,
+}
+
+/// The mounts of a mountinfo text; malformed lines are skipped.
+pub(super) fn mounts(mountinfo: &str) -> impl Iterator<Item = Mount<'_>> {
+    mountinfo.lines().filter_map(|line| {
         // `id parent maj:min root mountpoint opts [optional...] - fstype source superopts`
         let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mountpoint = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mountpoint)))
+        let mut left = left.split_whitespace();
+        let (root, point) = (left.nth(3)?, left.next()?);
+        let mut right = right.split_whitespace();
+        let fstype = right.next()?;
+        Some(Mount {
+            root,
+            point: PathBuf::from(unescape_mountinfo(point)),
+            fstype,
+            superopts: right.nth(1).unwrap_or(""),
+        })
     })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-pub(super) fn unescape_mountinfo(s: &str) -> String {
+fn unescape_mountinfo(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
     let mut i = 0;

@@ -34,12 +34,11 @@ use std::{
 
 use bulkhead_common::maps::{MAP_SOCKS, SockInfo};
 
-use super::sys::Attr;
+use super::{
+    cgroup::mounts,
+    sys::{Attr, BPF_BTF_LOAD, BPF_MAP_CREATE, BPF_OBJ_PIN, bpf},
+};
 
-/// `BPF_MAP_CREATE`, `BPF_OBJ_PIN`, `BPF_BTF_LOAD`.
-const BPF_MAP_CREATE: u32 = 0;
-const BPF_OBJ_PIN: u32 = 6;
-const BPF_BTF_LOAD: u32 = 18;
 const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
 /// Required of socket storage: elements exist only for sockets that have one.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -231,7 +230,8 @@ unsafe fn child(
     map: &mut Attr,
     pin: &mut Attr,
 ) -> Result<(), (Step, i32)> {
-    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // Nothing here allocates: an OS error is the bare errno.
+    let code = |e: io::Error| e.raw_os_error().unwrap_or(0);
     // SAFETY: the caller's contract.
     unsafe {
         // Not outliving the agent: a helper that pinned after a killed
@@ -243,32 +243,15 @@ unsafe fn child(
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         // "0" moves the writer itself.
         if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
-            return Err((Step::Move, errno()));
+            return Err((Step::Move, code(io::Error::last_os_error())));
         }
-        let btf_fd = syscall(BPF_BTF_LOAD, btf);
-        if btf_fd < 0 {
-            return Err((Step::Btf, errno()));
-        }
+        let btf_fd = bpf(BPF_BTF_LOAD, btf).map_err(|e| (Step::Btf, code(e)))?;
         map.u32(48, btf_fd as u32);
-        let map_fd = syscall(BPF_MAP_CREATE, map);
-        if map_fd < 0 {
-            return Err((Step::Create, errno()));
-        }
+        let map_fd = bpf(BPF_MAP_CREATE, map).map_err(|e| (Step::Create, code(e)))?;
         pin.u32(8, map_fd as u32);
-        if syscall(BPF_OBJ_PIN, pin) < 0 {
-            return Err((Step::Pin, errno()));
-        }
+        bpf(BPF_OBJ_PIN, pin).map_err(|e| (Step::Pin, code(e)))?;
     }
     Ok(())
-}
-
-/// `bpf(cmd, attr)`, its raw result.
-///
-/// # Safety
-/// `attr` is valid for `cmd`.
-unsafe fn syscall(cmd: u32, attr: &mut Attr) -> i64 {
-    // SAFETY: the caller's contract; the buffer is as large as the kernel reads.
-    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) }
 }
 
 /// The type information a socket storage map must have: an `int` key and
@@ -348,26 +331,11 @@ fn memory_root() -> Option<PathBuf> {
 
 fn memory_root_in(mountinfo: &str, v2_has_memory: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     let mut v2 = None;
-    for line in mountinfo.lines() {
-        // `id parent maj:min root mountpoint opts [optional...] - fstype source superopts`
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut left = left.split_whitespace();
-        let (Some(root), Some(mountpoint)) = (left.nth(3), left.next()) else {
-            continue;
-        };
-        // A mount of a subtree (a container's view) is not the root.
-        if root != "/" {
-            continue;
-        }
-        let mut right = right.split_whitespace();
-        let fstype = right.next();
-        let superopts = right.nth(1).unwrap_or("");
-        let path = PathBuf::from(super::cgroup::unescape_mountinfo(mountpoint));
-        match fstype {
-            Some("cgroup") if superopts.split(',').any(|o| o == "memory") => return Some(path),
-            Some("cgroup2") if v2.is_none() => v2 = Some(path),
+    // A mount of a subtree (a container's view) is not the root.
+    for m in mounts(mountinfo).filter(|m| m.root == "/") {
+        match m.fstype {
+            "cgroup" if m.superopts.split(',').any(|o| o == "memory") => return Some(m.point),
+            "cgroup2" if v2.is_none() => v2 = Some(m.point),
             _ => {}
         }
     }

@@ -23,8 +23,11 @@ impl Attr {
     }
 }
 
+pub(super) const BPF_MAP_CREATE: u32 = 0;
 pub(super) const BPF_PROG_LOAD: u32 = 5;
+pub(super) const BPF_OBJ_PIN: u32 = 6;
 pub(super) const BPF_OBJ_GET: u32 = 7;
+pub(super) const BPF_BTF_LOAD: u32 = 18;
 pub(super) const BPF_LINK_CREATE: u32 = 28;
 pub(super) const BPF_ITER_CREATE: u32 = 33;
 pub(super) const BPF_LINK_DETACH: u32 = 34;
