@@ -447,9 +447,9 @@ pub struct SendCache {
 /// A socket's last allowed packet verdict, so its later packets are
 /// allowed without deciding again while it holds: same policy generation,
 /// before `until_tai_ns`, and for a datagram socket the same conversation
-/// (a datagram socket can change peers with every packet). An established
-/// TCP socket keeps one peer for life, so its key is not compared; a
-/// connect clears the cache. A connected datagram socket's verdict stops
+/// (a datagram socket can change peers with every packet). A TCP socket
+/// keeps one peer from its SYN on, so its key is compared only until its
+/// SYN matched it; a connect clears the cache. A connected datagram socket's verdict stops
 /// being keyed once a datagram from its peer matched it
 /// ([`VERDICT_CONNECTED`]).
 #[repr(C)]
@@ -461,8 +461,8 @@ pub struct VerdictCache {
     pub domain: u32,
     pub reason: u8,
     /// Datagrams: the packet's address family, and whether the socket had
-    /// [`SOCK_INITIATOR`] (which rules judge it). Unkeyed verdicts: 0 (an
-    /// established TCP socket's) or [`VERDICT_CONNECTED`].
+    /// [`SOCK_INITIATOR`] (which rules judge it). Unkeyed verdicts: 0 (a TCP
+    /// socket's, from its SYN on) or [`VERDICT_CONNECTED`].
     pub family: u8,
     pub initiator: u8,
     pub _pad: u8,

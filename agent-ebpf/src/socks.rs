@@ -32,6 +32,9 @@ use crate::{
 /// `BPF_TCP_ESTABLISHED` of the uapi's TCP state enum (a connected
 /// datagram socket's state too).
 pub(crate) const BPF_TCP_ESTABLISHED: u32 = 1;
+/// `BPF_TCP_SYN_SENT` of the same enum: a connecting socket's, from the
+/// connect to the peer's answer.
+pub(crate) const BPF_TCP_SYN_SENT: u32 = 2;
 /// `BPF_TCP_LISTEN` of the same enum.
 pub(crate) const BPF_TCP_LISTEN: u32 = 10;
 
@@ -452,9 +455,8 @@ pub(crate) fn cache_verdict(
 /// connection is not established yet). Keyed by the peer the connect
 /// named, so a destination rewritten after this hook (a socket load
 /// balancer's connect program) is decided by its packets; the local port
-/// is not known yet and not compared for TCP. The first matching packet of
-/// the established connection makes it the unkeyed verdict
-/// ([`settle`]).
+/// is not known yet and not compared for TCP. The SYN, when it matches,
+/// makes it the unkeyed verdict ([`settle`]).
 #[inline(always)]
 pub(crate) fn cache_connect(
     info: *mut SockInfo,
@@ -521,19 +523,29 @@ fn store_verdict(
 
 /// A keyed verdict that just matched a packet, made to hold for every
 /// packet of its socket where the kernel guarantees the peer: a TCP
-/// socket's from [`cache_connect`], once its connection is established; a
-/// connected datagram socket's, on a datagram from its peer (delivered to
-/// it only because it came from the peer it is connected to; one it sent
-/// may have gone to another address, by `sendto`). One byte: a packet on
-/// another CPU sees the verdict keyed or unkeyed, valid either way.
+/// socket's from [`cache_connect`], from its SYN on (a connecting socket's
+/// four-tuple is fixed once its SYN is sent: the kernel delivers it only
+/// its peer's segments, and only another connect, which clears the
+/// verdict, changes the peer), so the rest of the handshake is not parsed
+/// and compared again; a connected datagram socket's, on a datagram from
+/// its peer (delivered to it only because it came from the peer it is
+/// connected to; one it sent may have gone to another address, by
+/// `sendto`). One byte: a packet on another CPU sees the verdict keyed or
+/// unkeyed, valid either way.
 #[inline(always)]
 pub(crate) fn settle(sk: *mut bpf_sock, info: *mut SockInfo, p: &Parsed, dir: Direction) {
-    if info.is_null() || sk.is_null() || unsafe { (*sk).state } != BPF_TCP_ESTABLISHED {
+    if info.is_null() || sk.is_null() {
         return;
     }
-    let unkeyed = if p.proto == IPPROTO_TCP as u8 {
+    let state = unsafe { (*sk).state };
+    let unkeyed = if p.proto == IPPROTO_TCP as u8
+        && (state == BPF_TCP_ESTABLISHED || state == BPF_TCP_SYN_SENT)
+    {
         0
-    } else if p.proto == IPPROTO_UDP as u8 && matches!(dir, Direction::Ingress) {
+    } else if p.proto == IPPROTO_UDP as u8
+        && matches!(dir, Direction::Ingress)
+        && state == BPF_TCP_ESTABLISHED
+    {
         VERDICT_CONNECTED
     } else {
         return;
