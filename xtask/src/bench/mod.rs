@@ -21,6 +21,7 @@
 mod ab;
 mod decision;
 mod geo;
+mod hooks;
 mod names;
 mod net;
 mod policy;
@@ -420,6 +421,7 @@ fn internal(args: &[String]) -> Result<()> {
         Some("storm") => storm::helper(&args[1..]),
         Some("names-lookups") => names::lookups(&args[1..]),
         Some("names-connects") => names::connects(&args[1..]),
+        Some("hooks-calls") => hooks::calls(&args[1..]),
         // Rewrites BENCHMARKS.md and the plots from bench/results.json.
         Some("report") => {
             let path = workspace_root().join("bench/results.json");
@@ -791,6 +793,13 @@ fn phase_decision(ctx: &Ctx, specs: &[Spec], agents: &[Agent], rng: &mut Rng) ->
             .map(|s| json!({"name": s.name, "family": s.family, "packets": s.addrs.len()}))
             .collect::<Vec<_>>()
     );
+
+    // The connect and sendmsg hooks on real calls, every policy side by
+    // side (BPF_PROG_TEST_RUN does not run sock_addr programs).
+    res["hooks"] = hooks::measure(ctx, specs, agents, &sets).unwrap_or_else(|e| {
+        eprintln!("bench: WARNING: per-call cost of the sock_addr hooks: {e:#}");
+        json!({"error": format!("{e:#}")})
+    });
 
     // The same programs called from deeper in the cgroup tree: the domain
     // walk does one hash lookup per level.

@@ -191,6 +191,108 @@ fn timing(r: &Value, prog: &str, set: &str) -> (f64, f64) {
         })
 }
 
+/// Median ns per call of a sock_addr hook's program under `policy` (or
+/// `allow-all`), measured on real calls (`decision.hooks`).
+fn hook_ns(r: &Value, hook: &str, policy: &str) -> f64 {
+    f(&r["decision"]["hooks"]["hooks"][hook][policy]["ns_per_call"])
+}
+
+/// The hooks of the per-call plot and table: the sock_addr hooks on real
+/// calls (bpf_stats), then `bh_egress` in the test run (warm, allowed
+/// destinations).
+const HOOK_ROWS: [(&str, &str); 6] = [
+    ("bh_connect4", "`connect4` (UDP `connect()`, bpf_stats)"),
+    ("bh_connect6", "`connect6` (UDP `connect()`, bpf_stats)"),
+    (
+        "bh_sendmsg4",
+        "`sendmsg4` (unconnected `sendto()`, bpf_stats)",
+    ),
+    (
+        "bh_sendmsg6",
+        "`sendmsg6` (unconnected `sendto()`, bpf_stats)",
+    ),
+    ("allowed-v4", "`bh_egress` IPv4 (test run, warm)"),
+    ("allowed-v6", "`bh_egress` IPv6 (test run, warm)"),
+];
+
+/// One row of [`HOOK_ROWS`]: `r0 = 1`, then each policy of the ladder.
+fn hook_row(r: &Value, key: &str) -> Vec<f64> {
+    std::iter::once("allow-all")
+        .chain(LADDER)
+        .map(|p| {
+            if key.starts_with("allowed") {
+                timing(r, p, key).0
+            } else {
+                hook_ns(r, key, p)
+            }
+        })
+        .collect()
+}
+
+/// A bar chart's categories and series.
+type Chart = (Vec<String>, Vec<(String, Vec<f64>)>);
+
+fn hooks_chart(r: &Value) -> Option<Chart> {
+    r["decision"]["hooks"]["hooks"].as_object()?;
+    let cats: Vec<String> = HOOK_ROWS
+        .iter()
+        .map(|(k, _)| match k.strip_prefix("allowed-") {
+            Some(fam) => format!("bh_egress {fam} (test run)"),
+            None => (*k).to_string(),
+        })
+        .collect();
+    let rows: Vec<Vec<f64>> = HOOK_ROWS.iter().map(|(k, _)| hook_row(r, k)).collect();
+    let series = std::iter::once("r0 = 1")
+        .chain(LADDER)
+        .enumerate()
+        .map(|(i, name)| (name.to_string(), rows.iter().map(|row| row[i]).collect()))
+        .collect();
+    Some((cats, series))
+}
+
+/// The per-call cost of every hook against policy size.
+fn hooks_section(s: &mut String, r: &Value) {
+    let h = &r["decision"]["hooks"];
+    if !h["hooks"].is_object() {
+        if let Some(e) = h["error"].as_str() {
+            let _ = writeln!(
+                s,
+                "\nPer-call cost of the connect and sendmsg hooks: not measured ({e})."
+            );
+        }
+        return;
+    }
+    let _ = write!(
+        s,
+        "\n**Every hook by policy size.** `BPF_PROG_TEST_RUN` does not run `sock_addr` programs, so the connect \
+         and sendmsg hooks are measured on real calls: one UDP socket in the workload's domain cgroup `connect()`s, \
+         then `sendto()`s, to every allowed destination above ({} passes over the set per round, {} rounds), inside a \
+         namespace with no route (each call is decided, allowed, and fails with `ENETUNREACH`: nothing is sent). \
+         Each policy's programs are measured alone: the other agents' generation is set to 0 for the while, so their \
+         programs return at their first map read and the measured one is the first to touch the socket and the task, \
+         as a lone agent's is; `r0 = 1` is attached beside it on the same calls. Run time per call from \
+         `kernel.bpf_stats_enabled` (two clock reads included), median over rounds. The socket's storage exists \
+         after its first call, so these are the decisions; a TCP connect adds the storage's creation and a TCP \
+         listener lookup (section 3). `bh_egress` is the test run above (warm, allowed destinations); `bh_ingress` \
+         runs the same decision on the packet's source.\n\n![per-hook cost](bench/hooks.svg)\n\n| hook | ",
+        h["passes"], h["rounds"]
+    );
+    for p in std::iter::once("`r0 = 1`").chain(LADDER) {
+        let _ = write!(s, "{p} | ");
+    }
+    s.push_str("full / empty |\n|---|");
+    s.push_str(&"---|".repeat(LADDER.len() + 2));
+    s.push('\n');
+    for (key, label) in HOOK_ROWS {
+        let row = hook_row(r, key);
+        let _ = write!(s, "| {label} | ");
+        for v in &row {
+            let _ = write!(s, "{v:.0} ns | ");
+        }
+        let _ = writeln!(s, "{:.2}× |", row[LADDER.len()] / row[1]);
+    }
+}
+
 fn policy<'a>(r: &'a Value, key: &str) -> &'a Value {
     r["policies"]
         .as_array()
@@ -426,6 +528,18 @@ pub fn write(r: &mut Value) -> Result<()> {
             Some((empty4 * 1.5, "1.5× empty (IPv4 allowed)")),
         ),
     )?;
+    if let Some((cats, series)) = hooks_chart(r) {
+        fs::write(
+            dir.join("hooks.svg"),
+            bar_chart(
+                "Per-call cost of each hook by policy size (allowed destinations)",
+                "ns per call",
+                &cats,
+                &series,
+                None,
+            ),
+        )?;
+    }
     let load_cats: Vec<String> = LADDER.iter().map(|k| (*k).to_string()).collect();
     let mut ready: Vec<f64> = LADDER
         .iter()
@@ -702,6 +816,7 @@ fn markdown(r: &Value) -> String {
             f(&depth["deep"]["geo_n10k"]),
         );
     }
+    hooks_section(&mut s, r);
     s.push_str("\nCounter check (one pass, every packet once): the per-CPU counters of each program moved once per run, for the reason the policy gives each destination (ground truth computed from the database with the `maxminddb` crate):\n\n| policy | set | reasons counted (runs) | matches policy | events wanted / rate-limited / lost |\n|---|---|---|---|---|\n");
     for c in r["decision"]["checks"].as_array().into_iter().flatten() {
         if c.get("reasons").is_none() {
@@ -1479,6 +1594,49 @@ fn storage_charge(meta: &Value) -> (&'static str, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_hook_gets_a_row_against_the_empty_policy() {
+        let mut r =
+            json!({"decision": {"hooks": {"passes": 4, "rounds": 3, "hooks": {}}, "timings": []}});
+        for (i, p) in std::iter::once("allow-all").chain(LADDER).enumerate() {
+            for (hook, _) in &HOOK_ROWS[..4] {
+                r["decision"]["hooks"]["hooks"][*hook][p] =
+                    json!({"ns_per_call": 100.0 * (i + 1) as f64});
+            }
+            for set in ["allowed-v4", "allowed-v6"] {
+                r["decision"]["timings"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"prog": p, "set": set, "warm_ns": 10.0 * (i + 1) as f64, "cold_ns": 1.0}));
+            }
+        }
+        let mut s = String::new();
+        hooks_section(&mut s, &r);
+        let rows: Vec<&str> = s.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(rows.len(), HOOK_ROWS.len(), "{s}");
+        // r0 = 1 at 100 ns, empty at 200, the full policy at 600: 3×.
+        assert!(rows[0].starts_with("| `connect4`"), "{}", rows[0]);
+        assert!(
+            rows[0].contains("| 100 ns | 200 ns |") && rows[0].ends_with("| 3.00× |"),
+            "{}",
+            rows[0]
+        );
+        assert!(
+            rows[4].contains("| 10 ns | 20 ns |") && rows[4].ends_with("| 3.00× |"),
+            "{}",
+            rows[4]
+        );
+        let (cats, series) = hooks_chart(&r).expect("chart");
+        assert_eq!(cats.len(), HOOK_ROWS.len());
+        assert_eq!(series.len(), LADDER.len() + 1);
+        // Not measured: a line saying why, and no chart.
+        let failed = json!({"decision": {"hooks": {"error": "no bpf_stats"}}});
+        let mut s = String::new();
+        hooks_section(&mut s, &failed);
+        assert!(s.contains("not measured (no bpf_stats)"), "{s}");
+        assert!(hooks_chart(&failed).is_none());
+    }
 
     #[test]
     fn chart_is_svg_with_bars() {

@@ -14,6 +14,7 @@ use std::{
 
 const BPF_MAP_CREATE: u32 = 0;
 const BPF_MAP_LOOKUP_ELEM: u32 = 1;
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_TEST_RUN: u32 = 10;
@@ -24,7 +25,9 @@ pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
 pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
 pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
 pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
 pub const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
@@ -209,6 +212,26 @@ pub fn percpu_u64_sum(map: &OwnedFd, index: u32, cpus: usize) -> Result<u64> {
     Ok(vals.iter().sum())
 }
 
+/// The `u64` at `index` of an array map.
+pub fn array_u64(map: &OwnedFd, index: u32) -> Result<u64> {
+    let mut v = 0u64;
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .u64(8, &index as *const u32 as u64)
+        .u64(16, &mut v as *mut u64 as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut a)?;
+    Ok(v)
+}
+
+/// Writes the `u64` at `index` of an array map.
+pub fn set_array_u64(map: &OwnedFd, index: u32, v: u64) -> Result<()> {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .u64(8, &index as *const u32 as u64)
+        .u64(16, &v as *const u64 as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
+}
+
 /// One `BPF_PROG_TEST_RUN`: the program's return value and the kernel's
 /// average run time per repetition in nanoseconds.
 pub fn test_run(prog: &OwnedFd, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
@@ -343,6 +366,33 @@ pub fn attach_allow_all(cgroup: &Path) -> std::result::Result<Vec<OwnedFd>, Stri
         let prog = load_prog(prog_type, expected, "bench_allow", &ALLOW)?;
         link_cgroup(&prog, cgroup, attach_type)
             .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))
+    })
+    .collect()
+}
+
+/// `r0 = 1; exit` on the connect and sendmsg hooks of both families,
+/// attached to `cgroup`, each named by the bulkhead program of its hook:
+/// the floor of a per-call measurement. The links detach on drop.
+pub fn attach_allow_all_sock_addr(
+    cgroup: &Path,
+) -> std::result::Result<Vec<(&'static str, OwnedFd)>, String> {
+    [
+        ("bh_connect4", BPF_CGROUP_INET4_CONNECT),
+        ("bh_connect6", BPF_CGROUP_INET6_CONNECT),
+        ("bh_sendmsg4", BPF_CGROUP_UDP4_SENDMSG),
+        ("bh_sendmsg6", BPF_CGROUP_UDP6_SENDMSG),
+    ]
+    .into_iter()
+    .map(|(hook, attach_type)| {
+        let prog = load_prog(
+            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            attach_type,
+            "bench_allow",
+            &ALLOW,
+        )?;
+        let link = link_cgroup(&prog, cgroup, attach_type)
+            .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))?;
+        Ok((hook, link))
     })
     .collect()
 }
