@@ -1484,9 +1484,10 @@ fn connects(s: &mut String, r: &Value) {
          crosses domains, and a cgroup program cannot tell whether an address is local; a filter by bound port \
          would miss sockets that an `sk_lookup` program steers connections to), {} its own instructions. The \
          storage is what the connection's packets read: it marks the socket as the side that connected (its \
-         packets are judged by the egress rules) and holds the connect's verdict, so the handshake and every \
-         later packet take it instead of deciding again: without it the connect hook would be cheaper and \
-         every packet of the connection dearer.",
+         packets are judged by the egress rules) and holds the connect's verdict, which the SYN compares with its own destination (a later connect \
+         program may have rewritten it) and, matching, makes hold for every later packet of the socket \
+         without a parse: without it the connect hook would be cheaper and every packet of the connection \
+         dearer.",
         f(&unit["ns"]),
         100.0 * f(&unit["share"]),
         part("socket storage created"),
