@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use super::{
     Ctx,
     decision::PacketSet,
-    geo::V4,
+    geo::{V4, V6},
     policy::Spec,
     stats::median,
     sys,
@@ -35,9 +35,9 @@ use super::{
 /// The hooks measured, with the family and call that reaches each.
 pub const HOOKS: [(&str, usize, &str); 4] = [
     ("bh_connect4", V4, "connect"),
-    ("bh_connect6", super::geo::V6, "connect"),
+    ("bh_connect6", V6, "connect"),
     ("bh_sendmsg4", V4, "sendto"),
-    ("bh_sendmsg6", super::geo::V6, "sendto"),
+    ("bh_sendmsg6", V6, "sendto"),
 ];
 
 /// Passes over the destination set per step and round.
