@@ -1155,11 +1155,19 @@ impl Agent {
         policy: &str,
         wrapper: &[&str],
     ) -> (Agent, AgentLog) {
-        let mut agent = Agent::prepare(cgroup_root, policy);
-        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        let mut agent = Agent::unstarted_under(cgroup_root, policy, wrapper);
         let log = AgentLog::default();
         agent.spawn_capturing(&[], &log);
         (agent, log)
+    }
+
+    /// An agent with its own pins, run under `wrapper` like
+    /// [`Agent::start_under`], not started yet: for what must be done
+    /// before its start (`spawn_capturing` starts it).
+    pub fn unstarted_under(cgroup_root: &Cgroup, policy: &str, wrapper: &[&str]) -> Agent {
+        let mut agent = Agent::prepare(cgroup_root, policy);
+        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        agent
     }
 
     /// Like [`Agent::spawn`], and also appends the agent's stderr lines to `log`.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bulkhead_common::Reason;
-use tests::{Agent, Server, Value, bulkhead_bin, field, privileged, probe, world::world};
+use tests::{Agent, AgentLog, Server, Value, bulkhead_bin, field, privileged, probe, world::world};
 
 fn json(out: &std::process::Output) -> Value {
     assert!(
@@ -233,7 +233,7 @@ impl Drop for MemoryCgroup {
 /// atomically); a full cgroup gets the agent OOM-killed at its next
 /// allocation of its own. So the host's sockets must not be charged to
 /// the agent. Where it cannot help it (a read-only cgroup tree), it still
-/// starts, and says so.
+/// starts, and says so; `bulkhead prepare` from outside helps it there.
 #[test]
 fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
     if !privileged("sockets_not_charged") {
@@ -270,6 +270,32 @@ fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
     assert!(
         grown > 4 << 20,
         "the agent's memory cgroup grew by only {grown} bytes: are the sockets recorded?"
+    );
+    drop(agent);
+
+    // The same, with the map made before the start by `bulkhead prepare`
+    // from outside the agent's read-only view, as the systemd unit's
+    // `ExecStartPre=-+` does: adopted, charged to none.
+    let mut agent = Agent::unstarted_under(&w.root, &w.policy("", ""), &wrapper);
+    let out = agent.cli(&["prepare"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("created from the root memory cgroup"),
+        "bulkhead prepare: {}: {said}",
+        out.status
+    );
+    let log = AgentLog::default();
+    agent.spawn_capturing(&[], &log);
+    let lines = log.lines();
+    assert!(
+        lines.iter().any(|l| l.contains("pinned before this start"))
+            && !lines.iter().any(|l| l.contains("charged to this agent")),
+        "the agent did not adopt the prepared map: {lines:#?}"
+    );
+    let grown = mem.growth_with_bound_sockets(&w.outside);
+    assert!(
+        grown < 1 << 20,
+        "the agent's memory cgroup grew by {grown} bytes while 8000 sockets were bound"
     );
     drop(agent);
 }

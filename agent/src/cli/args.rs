@@ -128,6 +128,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make what `run` cannot make inside its sandbox: the socket storage
+    /// map, charged to no memory cgroup
+    ///
+    /// The socket storage map, pinned, created from the root memory cgroup
+    /// so that no memory cgroup pays for the host's sockets (README,
+    /// Memory). For systemd's `ExecStartPre=-+`: the unit's
+    /// `ProtectControlGroups=yes` keeps the agent from it. Nothing to do
+    /// when the map is pinned already. Exit 1 when it could not be made:
+    /// `run` then makes it, charged to its own memory cgroup.
+    Prepare {
+        /// bpffs directory used by `run`.
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
+        bpffs_dir: PathBuf,
+    },
     /// Remove everything bulkhead pinned and attached: enforcement stops.
     Detach {
         /// bpffs directory used by `run`.

@@ -1,12 +1,12 @@
-//! `dump` and `detach`: what is pinned under the bpffs directory, read or
-//! removed directly, with no agent in between.
+//! `dump`, `prepare` and `detach`: what is pinned under the bpffs
+//! directory, read, made or removed directly, with no agent in between.
 
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use bulkhead::{
     kernel::{self, maps},
@@ -43,6 +43,41 @@ fn name_learned(l: &mut serde_json::Value, kept: &events::KeptNames) {
     let name = hash.and_then(|h| kept.rules.get(&(key, wildcard, h)).cloned());
     l["domain"] = domain.into();
     l["name"] = name.into();
+}
+
+/// `prepare`: the socket storage map, made uncharged before `run` (see
+/// `kernel::Storage`).
+pub fn prepare(bpffs_dir: &Path) -> Result<ExitCode> {
+    kernel::ensure_bpffs(bpffs_dir)?;
+    let pins = kernel::Pins::new(bpffs_dir.to_path_buf(), kernel::layout()?);
+    let maps = pins.maps();
+    std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+    // Kept as `run` keeps them: refused if someone else owns them, closed
+    // to everyone but their owner.
+    kernel::secure(&pins)?;
+    let made = kernel::precreate_storage(&maps);
+    kernel::secure(&pins)?;
+    // To stderr, where the unit's other lines go (journal).
+    match made {
+        kernel::Storage::Charged(why) => {
+            eprintln!(
+                "bulkhead prepare: the socket storage map could not be made from the root memory \
+                 cgroup ({why}); the agent will make it, charged to its own memory cgroup"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        kernel::Storage::Adopted => {
+            eprintln!(
+                "bulkhead prepare: the socket storage map is pinned already (at {}); nothing to do",
+                maps.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        made => {
+            eprintln!("bulkhead prepare: {}", made.describe());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// `detach`: enforcement stops.

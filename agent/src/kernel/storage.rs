@@ -23,7 +23,9 @@
 //! option does. Where the child cannot move (a read-only cgroup tree, as
 //! systemd's `ProtectControlGroups=` makes it, or a container's cgroup
 //! namespace), the loader creates the map as before, charged to the agent,
-//! and the agent says so at start.
+//! and the agent says so at start. `bulkhead prepare` makes the map the
+//! same way before the agent starts, from outside its sandbox: the systemd
+//! unit runs it as `ExecStartPre=-+`.
 
 use std::{
     ffi::CString,
@@ -46,7 +48,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 /// How the socket storage map came to be, for the start-up log.
 #[derive(Debug)]
 pub enum Storage {
-    /// Pinned by an earlier agent: charged wherever that one made it.
+    /// Pinned by an earlier agent or `bulkhead prepare`: charged wherever
+    /// that one made it.
     Adopted,
     /// Made now from the root memory cgroup: charged to none.
     Uncharged,
@@ -60,7 +63,10 @@ pub enum Storage {
 impl Storage {
     pub fn describe(&self) -> String {
         match self {
-            Storage::Adopted => "socket storage: the map pinned by an earlier agent".into(),
+            Storage::Adopted => "socket storage: the map pinned before this start (by an \
+                                 earlier agent, or by `bulkhead prepare`), charged where it \
+                                 was made"
+                .into(),
             Storage::Uncharged => "socket storage: created from the root memory cgroup, so no \
                                    memory cgroup is charged for the host's sockets"
                 .into(),
@@ -71,8 +77,9 @@ impl Storage {
                 "socket storage is charged to this agent's memory cgroup ({why}): each socket \
                  bound on the host and each connecting socket of a domain adds 720 bytes to it, \
                  past any limit set on it, and a full cgroup gets the agent killed at its next \
-                 allocation. Give the agent no memory limit, or let it write the root memory \
-                 cgroup's cgroup.procs at its first start (README, Memory)"
+                 allocation. Give the agent no memory limit, or run `bulkhead prepare` before its \
+                 first start from where the root memory cgroup's cgroup.procs can be written \
+                 (README, Memory)"
             ),
         }
     }

@@ -113,6 +113,13 @@ after=$(conn 10.2.0.1:80)
 [ $st = 0 ] && [ "$(systemctl is-active bulkhead)" = active ] && [ "$before" = ENETUNREACH ] && [ "$after" = EPERM ]
 result unit_reports_ready_only_once_the_policy_is_enforced $? "start rc=$st, connect before=$before after=$after"
 
+# ExecStartPre=-+ made the socket storage map outside the sandbox, from the
+# root memory cgroup; the sandboxed agent adopted it and did not warn.
+grep -q "bulkhead prepare: socket storage: created from the root memory cgroup" /run/bhvm-agent.log &&
+  grep -q "socket storage: the map pinned before this start" /run/bhvm-agent.log &&
+  ! grep -q "charged to this agent" /run/bhvm-agent.log
+result unit_makes_the_socket_storage_charged_to_no_memory_cgroup $? "$(grep 'socket storage' /run/bhvm-agent.log | head -3 | tr '\n' ' ')"
+
 p=$(pid)
 eff=$(sed -n 's/^CapEff:\t//p' /proc/$p/status); bnd=$(sed -n 's/^CapBnd:\t//p' /proc/$p/status)
 nnp=$(sed -n 's/^NoNewPrivs:\t//p' /proc/$p/status)
