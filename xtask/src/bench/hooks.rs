@@ -40,8 +40,9 @@ pub const HOOKS: [(&str, usize, &str); 4] = [
     ("bh_sendmsg6", V6, "sendto"),
 ];
 
-/// Passes over the destination set per step and round.
-const PASSES: usize = 4;
+/// Calls per program and round, at least: a round of a few milliseconds
+/// takes a pause of the machine whole (it shares its host).
+const CALLS: usize = 65_536;
 
 pub fn measure(ctx: &Ctx, specs: &[Spec], agents: &[Agent], sets: &[PacketSet]) -> Result<Value> {
     let ns = Netns::new(format!("{}-hk", ctx.tag))?;
@@ -70,6 +71,7 @@ pub fn measure(ctx: &Ctx, specs: &[Spec], agents: &[Agent], sets: &[PacketSet]) 
     for (hook, fd) in &floor {
         progs.push((hook, ALLOW_ALL, sys::link_prog(fd)?));
     }
+    let passes = CALLS.div_ceil(ctx.p.packets.max(1));
     let states = Generations::of(agents)?;
     let stats = "/proc/sys/kernel/bpf_stats_enabled";
     let old = fs::read_to_string(stats)?.trim().to_string();
@@ -87,7 +89,7 @@ pub fn measure(ctx: &Ctx, specs: &[Spec], agents: &[Agent], sets: &[PacketSet]) 
                         progs.iter().map(|(_, _, fd)| sys::prog_info(fd)).collect()
                     };
                     let before = snap()?;
-                    let out = helper(ctx, &ns, call, family, &files[&family])?;
+                    let out = helper(ctx, &ns, call, family, &files[&family], passes)?;
                     let after = snap()?;
                     for ((h, policy, _), (b, a)) in progs.iter().zip(before.iter().zip(&after)) {
                         let calls = a.run_cnt - b.run_cnt;
@@ -116,7 +118,7 @@ pub fn measure(ctx: &Ctx, specs: &[Spec], agents: &[Agent], sets: &[PacketSet]) 
                 h["calls"] = out;
             }
         }
-        Ok(json!({"passes": PASSES, "rounds": ctx.p.rounds, "hooks": hooks}))
+        Ok(json!({"passes": passes, "rounds": ctx.p.rounds, "hooks": hooks}))
     })();
     let _ = fs::write(stats, old);
     drop(floor);
@@ -170,12 +172,19 @@ pub const ALLOW_ALL: &str = "allow-all";
 
 /// Runs `hooks-calls CALL FAMILY FILE PASSES` in the workload's cgroup
 /// and `ns`; returns the counts it prints.
-fn helper(ctx: &Ctx, ns: &Netns, call: &str, family: usize, file: &Path) -> Result<Value> {
+fn helper(
+    ctx: &Ctx,
+    ns: &Netns,
+    call: &str,
+    family: usize,
+    file: &Path,
+    passes: usize,
+) -> Result<Value> {
     let args = [
         call.to_string(),
         family.to_string(),
         file.to_string_lossy().into(),
-        PASSES.to_string(),
+        passes.to_string(),
     ];
     let run = command_in(
         &ctx.cg_work.path,
