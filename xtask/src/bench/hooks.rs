@@ -17,7 +17,7 @@
 //! figures are the decision (a TCP connect adds the storage's creation:
 //! the network section).
 
-use std::{collections::BTreeMap, fs, path::Path, process::Stdio};
+use std::{collections::BTreeMap, fs, path::Path};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -29,7 +29,7 @@ use super::{
     policy::Spec,
     stats::median,
     sys,
-    world::{Agent, Netns, command_in},
+    world::{Agent, Netns},
 };
 
 /// The hooks measured, with the family and call that reaches each.
@@ -186,22 +186,7 @@ fn helper(
         file.to_string_lossy().into(),
         passes.to_string(),
     ];
-    let run = command_in(
-        &ctx.cg_work.path,
-        Some(ns),
-        &ctx.exe,
-        &ctx.helper_args("hooks-calls", &args),
-    )
-    .stderr(Stdio::inherit())
-    .output()
-    .with_context(|| format!("running the {call} calls"))?;
-    if !run.status.success() {
-        bail!(
-            "the {call} calls failed: {}",
-            String::from_utf8_lossy(&run.stdout)
-        );
-    }
-    Ok(serde_json::from_slice(&run.stdout)?)
+    ctx.workload_helper(ns, "hooks-calls", &args, &format!("{call} calls"))
 }
 
 /// Helper `hooks-calls connect|sendto FAMILY FILE PASSES`: one UDP socket

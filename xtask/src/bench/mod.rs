@@ -198,6 +198,33 @@ impl Ctx {
         v.extend_from_slice(args);
         v
     }
+
+    /// Runs helper `KIND ARGS` in the workload's cgroup and `ns` and
+    /// returns the JSON it prints; `what` names it in errors.
+    pub fn workload_helper(
+        &self,
+        ns: &world::Netns,
+        kind: &str,
+        args: &[String],
+        what: &str,
+    ) -> Result<Value> {
+        let run = world::command_in(
+            &self.cg_work.path,
+            Some(ns),
+            &self.exe,
+            &self.helper_args(kind, args),
+        )
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running the {what}"))?;
+        if !run.status.success() {
+            bail!(
+                "the {what} failed: {}",
+                String::from_utf8_lossy(&run.stdout)
+            );
+        }
+        Ok(serde_json::from_slice(&run.stdout)?)
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -192,22 +192,7 @@ fn measure(ctx: &Ctx, agent: &Agent, c: &Netns) -> Result<Value> {
 /// Runs helper `names-STEP ARGS` in the workload's cgroup and namespace
 /// and returns the JSON it prints.
 fn helper(ctx: &Ctx, c: &Netns, step: &str, args: &[String]) -> Result<Value> {
-    let run = command_in(
-        &ctx.cg_work.path,
-        Some(c),
-        &ctx.exe,
-        &ctx.helper_args(&format!("names-{step}"), args),
-    )
-    .stderr(Stdio::inherit())
-    .output()
-    .with_context(|| format!("running the {step}"))?;
-    if !run.status.success() {
-        bail!(
-            "the {step} failed: {}",
-            String::from_utf8_lossy(&run.stdout)
-        );
-    }
-    Ok(serde_json::from_slice(&run.stdout)?)
+    ctx.workload_helper(c, &format!("names-{step}"), args, step)
 }
 
 /// `names-lookups SERVER N`: looks up `n0.bench.test` .. and checks each
