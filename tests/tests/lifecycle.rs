@@ -1557,9 +1557,12 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
         return;
     }
     let w = world();
-    let bridge = "bridges:\n  - name: loop\n    from: contractor\n    to: prod\n    ports: [tcp/47128]\n    reason: \"T-9\"\n";
+    let bridge = "bridges:\n  - name: loop\n    from: contractor\n    to: prod\n    ports: [tcp/27128]\n    reason: \"T-9\"\n";
     let mut agent = Agent::start(&w.root, &w.policy("", bridge));
-    let dst = "127.0.0.1:47128";
+    // On the host's loopback, which every process shares: a port below the
+    // ephemeral range (32768-60999 by default), so no outgoing connection
+    // of another process can hold it (47128 once did: EADDRINUSE).
+    let dst = "127.0.0.1:27128";
     let held = Held::open(&w, dst);
     std::thread::sleep(Duration::from_millis(300));
     let reload_ns = unix_ns();
@@ -1575,7 +1578,7 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
         let denied = agent.wait_events(1, |e| {
             field(e, "verdict") == "deny"
                 && field(e, "hook").starts_with("skb")
-                && e["dport"] == 47128
+                && e["dport"] == 27128
         });
         assert_eq!(field(&denied[0], "reason"), "cross-domain", "{}", denied[0]);
         return;
@@ -1590,7 +1593,7 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
     assert_eq!(field(e, "reason"), "cross-domain", "{e}");
     assert_eq!(field(e, "src_domain"), "contractor", "{e}");
     assert_eq!(field(e, "dst_domain"), "prod", "{e}");
-    assert_eq!(e["dport"], 47128, "{e}");
+    assert_eq!(e["dport"], 27128, "{e}");
     assert_eq!(field(e, "proto"), "tcp", "{e}");
 
     // A just-in-time bridge ends in the kernel at its instant, and the
@@ -1607,7 +1610,7 @@ fn a_connection_the_policy_stops_allowing_is_destroyed() {
         "--to",
         "prod",
         "--port",
-        "tcp/47128",
+        "tcp/27128",
         "--for",
         "2s",
         "--reason",
