@@ -2,6 +2,7 @@
 //! directory, read, made or removed directly, with no agent in between.
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -50,13 +51,13 @@ fn name_learned(l: &mut serde_json::Value, kept: &events::KeptNames) {
 pub fn prepare(bpffs_dir: &Path) -> Result<ExitCode> {
     kernel::ensure_bpffs(bpffs_dir)?;
     let pins = kernel::Pins::new(bpffs_dir.to_path_buf(), kernel::layout()?);
-    let maps = pins.maps();
-    std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
     // Kept as `run` keeps them: refused if someone else owns them, closed
     // to everyone but their owner.
+    fs::create_dir_all(&pins.root).with_context(|| format!("creating {}", pins.root.display()))?;
     kernel::secure(&pins)?;
-    let made = kernel::precreate_storage(&maps);
+    let made = kernel::prepare_storage(&pins)?;
     kernel::secure(&pins)?;
+    let maps = pins.maps();
     // To stderr, where the unit's other lines go (journal).
     match made {
         kernel::Storage::Charged(why) => {

@@ -203,9 +203,7 @@ pub fn load(
     fallbacks: Fallbacks,
     btf: &KernelBtf,
 ) -> Result<(Ebpf, Storage)> {
-    fs::create_dir_all(pins.maps())
-        .with_context(|| format!("creating {}", pins.maps().display()))?;
-    let storage = storage::precreate(&pins.maps());
+    let storage = storage::prepare(pins)?;
     let mut loader = EbpfLoader::new();
     loader.btf(btf.get().ok());
     loader.default_map_pin_directory(pins.maps());

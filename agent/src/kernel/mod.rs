@@ -40,4 +40,4 @@ pub use load::*;
 pub use log::{KernelLog, drive_kernel_log, start_kernel_log};
 pub use pins::*;
 pub use probes::{PROBES, pin_probes};
-pub use storage::{Storage, precreate as precreate_storage};
+pub use storage::{Storage, prepare as prepare_storage};

@@ -34,6 +34,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use anyhow::Context as _;
 use bulkhead_common::maps::{MAP_SOCKS, SockInfo};
 
 use super::{
@@ -85,9 +86,17 @@ impl Storage {
     }
 }
 
+/// The maps directory of `pins`, made if missing, with `BH_SOCKS` in it
+/// ([`precreate`]): what `run` and `bulkhead prepare` both do first.
+pub fn prepare(pins: &super::Pins) -> anyhow::Result<Storage> {
+    let maps = pins.maps();
+    fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+    Ok(precreate(&maps))
+}
+
 /// Creates and pins `BH_SOCKS` under `maps_dir` from the root memory
 /// cgroup, unless a map is pinned there already.
-pub fn precreate(maps_dir: &Path) -> Storage {
+fn precreate(maps_dir: &Path) -> Storage {
     let pin = maps_dir.join(MAP_SOCKS);
     if pin.exists() {
         return Storage::Adopted;
