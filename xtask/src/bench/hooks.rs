@@ -76,6 +76,9 @@ pub fn measure(ctx: &Ctx, specs: &[Spec], agents: &[Agent], sets: &[PacketSet]) 
     let stats = "/proc/sys/kernel/bpf_stats_enabled";
     let old = fs::read_to_string(stats)?.trim().to_string();
     fs::write(stats, "1")?;
+    let snap = || -> std::io::Result<Vec<sys::ProgInfo>> {
+        progs.iter().map(|(_, _, fd)| sys::prog_info(fd)).collect()
+    };
     let result = (|| -> Result<Value> {
         let mut per: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
         let mut outcomes = serde_json::Map::new();
@@ -85,9 +88,6 @@ pub fn measure(ctx: &Ctx, specs: &[Spec], agents: &[Agent], sets: &[PacketSet]) 
                 states.only(alone)?;
                 for k in 0..HOOKS.len() {
                     let (hook, family, call) = HOOKS[(k + round) % HOOKS.len()];
-                    let snap = || -> std::io::Result<Vec<sys::ProgInfo>> {
-                        progs.iter().map(|(_, _, fd)| sys::prog_info(fd)).collect()
-                    };
                     let before = snap()?;
                     let out = helper(ctx, &ns, call, family, &files[&family], passes)?;
                     let after = snap()?;

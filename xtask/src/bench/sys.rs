@@ -117,13 +117,18 @@ fn prog_by_id(prog_id: u32) -> Result<OwnedFd> {
 /// The program at `index` of a program array (a lookup from user space
 /// answers its id).
 pub fn prog_array_prog(array: &OwnedFd, index: u32) -> Result<OwnedFd> {
-    let mut id = 0u32;
+    prog_by_id(array_get::<u32>(array, index)?)
+}
+
+/// The value at `index` of an array map whose values are a `T`.
+fn array_get<T: Default>(map: &OwnedFd, index: u32) -> Result<T> {
+    let mut v = T::default();
     let mut a = Attr::new();
-    a.u32(0, array.as_raw_fd() as u32)
+    a.u32(0, map.as_raw_fd() as u32)
         .u64(8, &index as *const u32 as u64)
-        .u64(16, &mut id as *mut u32 as u64);
+        .u64(16, &mut v as *mut T as u64);
     bpf(BPF_MAP_LOOKUP_ELEM, &mut a)?;
-    prog_by_id(id)
+    Ok(v)
 }
 
 /// `BPF_LINK_CREATE`: attaches `prog` to a cgroup (beside what is there)
@@ -214,13 +219,7 @@ pub fn percpu_u64_sum(map: &OwnedFd, index: u32, cpus: usize) -> Result<u64> {
 
 /// The `u64` at `index` of an array map.
 pub fn array_u64(map: &OwnedFd, index: u32) -> Result<u64> {
-    let mut v = 0u64;
-    let mut a = Attr::new();
-    a.u32(0, map.as_raw_fd() as u32)
-        .u64(8, &index as *const u32 as u64)
-        .u64(16, &mut v as *mut u64 as u64);
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut a)?;
-    Ok(v)
+    array_get(map, index)
 }
 
 /// Writes the `u64` at `index` of an array map.
@@ -357,17 +356,25 @@ pub fn attach_allow_all(cgroup: &Path) -> std::result::Result<Vec<OwnedFd>, Stri
         (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
     ]
     .into_iter()
-    .map(|(prog_type, attach_type)| {
-        let expected = if prog_type == BPF_PROG_TYPE_CGROUP_SKB {
-            0
-        } else {
-            attach_type
-        };
-        let prog = load_prog(prog_type, expected, "bench_allow", &ALLOW)?;
-        link_cgroup(&prog, cgroup, attach_type)
-            .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))
-    })
+    .map(|(prog_type, attach_type)| attach_allow(cgroup, prog_type, attach_type))
     .collect()
+}
+
+/// `r0 = 1; exit` as a `prog_type` program on `attach_type` of `cgroup`,
+/// until the returned link is closed.
+fn attach_allow(
+    cgroup: &Path,
+    prog_type: u32,
+    attach_type: u32,
+) -> std::result::Result<OwnedFd, String> {
+    let expected = if prog_type == BPF_PROG_TYPE_CGROUP_SKB {
+        0
+    } else {
+        attach_type
+    };
+    let prog = load_prog(prog_type, expected, "bench_allow", &ALLOW)?;
+    link_cgroup(&prog, cgroup, attach_type)
+        .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))
 }
 
 /// `r0 = 1; exit` on the connect and sendmsg hooks of both families,
@@ -384,15 +391,7 @@ pub fn attach_allow_all_sock_addr(
     ]
     .into_iter()
     .map(|(hook, attach_type)| {
-        let prog = load_prog(
-            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-            attach_type,
-            "bench_allow",
-            &ALLOW,
-        )?;
-        let link = link_cgroup(&prog, cgroup, attach_type)
-            .map_err(|e| format!("attaching r0 = 1 ({attach_type}): {e}"))?;
-        Ok((hook, link))
+        attach_allow(cgroup, BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach_type).map(|l| (hook, l))
     })
     .collect()
 }
