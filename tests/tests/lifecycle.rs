@@ -233,7 +233,8 @@ impl Drop for MemoryCgroup {
 /// atomically); a full cgroup gets the agent OOM-killed at its next
 /// allocation of its own. So the host's sockets must not be charged to
 /// the agent. Where it cannot help it (a read-only cgroup tree), it still
-/// starts, and says so; `bulkhead prepare` from outside helps it there.
+/// starts, and says so; `bulkhead prepare` from outside helps it there,
+/// from a pod's cgroup namespace too.
 #[test]
 fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
     if !privileged("sockets_not_charged") {
@@ -276,8 +277,39 @@ fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
     // The same, with the map made before the start by `bulkhead prepare`
     // from outside the agent's read-only view, as the systemd unit's
     // `ExecStartPre=-+` does: adopted, charged to none.
-    let mut agent = Agent::unstarted_under(&w.root, &w.policy("", ""), &wrapper);
+    let agent = Agent::unstarted_under(&w.root, &w.policy("", ""), &wrapper);
     let out = agent.cli(&["prepare"]);
+    adopts_the_prepared_map(agent, &out, &mem, &w.outside);
+
+    // The same from a pod's init container (deploy/kubernetes/examples):
+    // in a memory cgroup and a cgroup namespace of its own, whose
+    // mountinfo shows the host's tree mounted at `/..`, and the
+    // namespace's root at `/`. (`--warn-only` exits 0 either way: what it
+    // says tells.)
+    let agent = Agent::unstarted_under(&w.root, &w.policy("", ""), &wrapper);
+    let pod = format!(
+        "echo 0 > {}/cgroup.procs && exec unshare --cgroup \"$@\"",
+        mem.path.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &pod, "sh"])
+        .arg(bulkhead_bin())
+        .args(["prepare", "--warn-only", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .output()
+        .unwrap();
+    adopts_the_prepared_map(agent, &out, &mem, &w.outside);
+}
+
+/// `bulkhead prepare` (its output `out`) made the map from the root memory
+/// cgroup; `agent`, started in `mem` with a read-only memory hierarchy,
+/// takes it and is not charged for the sockets bound in `outside`.
+fn adopts_the_prepared_map(
+    mut agent: Agent,
+    out: &std::process::Output,
+    mem: &MemoryCgroup,
+    outside: &tests::Cgroup,
+) {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && said.contains("created from the root memory cgroup"),
@@ -292,12 +324,11 @@ fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
             && !lines.iter().any(|l| l.contains("charged to this agent")),
         "the agent did not adopt the prepared map: {lines:#?}"
     );
-    let grown = mem.growth_with_bound_sockets(&w.outside);
+    let grown = mem.growth_with_bound_sockets(outside);
     assert!(
         grown < 1 << 20,
         "the agent's memory cgroup grew by {grown} bytes while 8000 sockets were bound"
     );
-    drop(agent);
 }
 
 #[test]

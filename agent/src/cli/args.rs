@@ -133,14 +133,21 @@ pub enum Command {
     ///
     /// The socket storage map, pinned, created from the root memory cgroup
     /// so that no memory cgroup pays for the host's sockets (README,
-    /// Memory). For systemd's `ExecStartPre=-+`: the unit's
-    /// `ProtectControlGroups=yes` keeps the agent from it. Nothing to do
-    /// when the map is pinned already. Exit 1 when it could not be made:
-    /// `run` then makes it, charged to its own memory cgroup.
+    /// Memory). For systemd's `ExecStartPre=-+` (the unit's
+    /// `ProtectControlGroups=yes` keeps the agent from it) and for a pod's
+    /// init container (the pod's cgroup namespace keeps the agent from it;
+    /// `prepare` enters PID 1's, which takes CAP_SYS_ADMIN: see
+    /// deploy/kubernetes/README.md). Nothing to do when the map is pinned
+    /// already. Exit 1 when it could not be made: `run` then makes it,
+    /// charged to its own memory cgroup.
     Prepare {
         /// bpffs directory used by `run`.
         #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "BULKHEAD_BPFFS_DIR")]
         bpffs_dir: PathBuf,
+        /// Exit 0 even when the map could not be made (it says why): for
+        /// an init container, which must not keep the agent from starting.
+        #[arg(long)]
+        warn_only: bool,
     },
     /// Remove everything bulkhead pinned and attached: enforcement stops.
     Detach {

@@ -130,7 +130,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             state_dir,
             json: _,
         } => pins::dump(bpffs_dir, state_dir),
-        Command::Prepare { bpffs_dir } => pins::prepare(&bpffs_dir),
+        Command::Prepare {
+            bpffs_dir,
+            warn_only,
+        } => pins::prepare(&bpffs_dir, warn_only),
         Command::Detach { bpffs_dir, force } => pins::detach(&bpffs_dir, force),
     }
 }

@@ -47,17 +47,23 @@ fn name_learned(l: &mut serde_json::Value, kept: &events::KeptNames) {
 }
 
 /// `prepare`: the socket storage map, made uncharged before `run` (see
-/// `kernel::Storage`).
-pub fn prepare(bpffs_dir: &Path) -> Result<ExitCode> {
-    kernel::ensure_bpffs(bpffs_dir)?;
-    let pins = kernel::Pins::new(bpffs_dir.to_path_buf(), kernel::layout()?);
-    // Kept as `run` keeps them: refused if someone else owns them, closed
-    // to everyone but their owner.
-    fs::create_dir_all(&pins.root).with_context(|| format!("creating {}", pins.root.display()))?;
-    kernel::secure(&pins)?;
-    let made = kernel::prepare_storage(&pins)?;
-    kernel::secure(&pins)?;
-    let maps = pins.maps();
+/// `kernel::Storage`); with `warn_only`, success even where it could not,
+/// for an init container that must not keep the agent from starting (the
+/// agent then meets the same trouble and reports it).
+pub fn prepare(bpffs_dir: &Path, warn_only: bool) -> Result<ExitCode> {
+    let failed = if warn_only {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
+    let (made, maps) = match make_storage(bpffs_dir) {
+        Ok(made) => made,
+        Err(e) if warn_only => {
+            eprintln!("bulkhead prepare: {e:#}; the agent will make the socket storage map");
+            return Ok(failed);
+        }
+        Err(e) => return Err(e),
+    };
     // To stderr, where the unit's other lines go (journal).
     match made {
         kernel::Storage::Charged(why) => {
@@ -65,7 +71,7 @@ pub fn prepare(bpffs_dir: &Path) -> Result<ExitCode> {
                 "bulkhead prepare: the socket storage map could not be made from the root memory \
                  cgroup ({why}); the agent will make it, charged to its own memory cgroup"
             );
-            Ok(ExitCode::FAILURE)
+            Ok(failed)
         }
         kernel::Storage::Adopted => {
             eprintln!(
@@ -79,6 +85,19 @@ pub fn prepare(bpffs_dir: &Path) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The pin directories, kept as `run` keeps them (refused if someone else
+/// owns them, closed to everyone but their owner), and the map in them;
+/// how it came to be, and the maps directory.
+fn make_storage(bpffs_dir: &Path) -> Result<(kernel::Storage, PathBuf)> {
+    kernel::ensure_bpffs(bpffs_dir)?;
+    let pins = kernel::Pins::new(bpffs_dir.to_path_buf(), kernel::layout()?);
+    fs::create_dir_all(&pins.root).with_context(|| format!("creating {}", pins.root.display()))?;
+    kernel::secure(&pins)?;
+    let made = kernel::prepare_storage(&pins)?;
+    kernel::secure(&pins)?;
+    Ok((made, pins.maps()))
 }
 
 /// `detach`: enforcement stops.

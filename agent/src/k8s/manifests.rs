@@ -332,6 +332,73 @@ fn k8s_daemonset_is_least_privilege_and_wired_to_the_agent() {
     );
 }
 
+/// The optional init container (examples/prepare-init-container.yaml),
+/// patched into the DaemonSet: a valid pod, where `bulkhead prepare` gets
+/// what it needs to make the socket storage map from the node's root
+/// memory cgroup (tests/tests/lifecycle.rs and the systemd VM lane run it
+/// in a cgroup namespace), pinned where the agent looks for it.
+#[test]
+fn k8s_prepare_init_container_fits_the_daemonset() {
+    let all = manifests();
+    let mut ds = find(&all, "DaemonSet").clone();
+    let patch = yaml_docs(&deploy_dir().join("examples/prepare-init-container.yaml"));
+    let [patch] = &patch[..] else {
+        panic!("one object, not {}", patch.len())
+    };
+    for field in ["apiVersion", "kind"] {
+        assert_eq!(patch[field], ds[field]);
+    }
+    for field in ["name", "namespace"] {
+        assert_eq!(patch["metadata"][field], ds["metadata"][field]);
+    }
+    let init = patch["spec"]["template"]["spec"]["initContainers"].clone();
+    ds["spec"]["template"]["spec"]["initContainers"] = init.clone();
+    let problems = schemas().validate(&ds);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    let [c] = init.as_array().unwrap().as_slice() else {
+        panic!("one init container")
+    };
+    assert_eq!(c["image"], agent["image"]);
+    assert_eq!(c["command"], agent["command"]);
+    assert_eq!(c["args"], serde_json::json!(["prepare", "--warn-only"]));
+    // PID 1's cgroup namespace is the node's only with the node's PIDs.
+    assert_eq!(pod["hostPID"], true);
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let mut added: Vec<&str> = sc["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    added.sort();
+    assert_eq!(added, ["BPF", "SYS_ADMIN", "SYS_PTRACE"]);
+    // The API server refuses it beside CAP_SYS_ADMIN.
+    assert_ne!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        sc["appArmorProfile"],
+        agent["securityContext"]["appArmorProfile"]
+    );
+    // The agent's volumes at the agent's paths; the cgroup tree writable.
+    let mount = |c: &Value, path: &str| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("nothing mounted at {path}"))
+            .clone()
+    };
+    for path in ["/sys/fs/cgroup", "/sys/fs/bpf"] {
+        assert_eq!(mount(c, path)["name"], mount(agent, path)["name"], "{path}");
+    }
+    assert_ne!(mount(c, "/sys/fs/cgroup")["readOnly"], true);
+}
+
 /// The kubelet updates a ConfigMap volume by writing the new files into a
 /// fresh `..<timestamp>` directory and renaming a `..data` symlink over the
 /// old one; `policy.yaml` is a symlink to `..data/policy.yaml`. The agent

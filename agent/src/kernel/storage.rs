@@ -26,6 +26,13 @@
 //! and the agent says so at start. `bulkhead prepare` makes the map the
 //! same way before the agent starts, from outside its sandbox: the systemd
 //! unit runs it as `ExecStartPre=-+`.
+//!
+//! In a container with a cgroup namespace of its own but the host's PID
+//! namespace and cgroup tree (the DaemonSet's pod), the child first enters
+//! PID 1's cgroup namespace: cgroup v2 moves a process only within its own
+//! namespace. That takes `CAP_SYS_ADMIN`, which the agent's container does
+//! not get, but the init container that runs `bulkhead prepare` before it
+//! may (deploy/kubernetes/examples/prepare-init-container.yaml).
 
 use std::{
     ffi::CString,
@@ -52,8 +59,9 @@ pub enum Storage {
     /// Pinned by an earlier agent or `bulkhead prepare`: charged wherever
     /// that one made it.
     Adopted,
-    /// Made now from the root memory cgroup: charged to none.
-    Uncharged,
+    /// Made now from the root memory cgroup: charged to none. `entered`:
+    /// through PID 1's cgroup namespace, from a namespace of our own.
+    Uncharged { entered: bool },
     /// The host has no memory controller: nothing is charged anyway.
     NoMemoryController,
     /// The child could not make it; the loader makes it, charged to the
@@ -68,9 +76,15 @@ impl Storage {
                                  earlier agent, or by `bulkhead prepare`), charged where it \
                                  was made"
                 .into(),
-            Storage::Uncharged => "socket storage: created from the root memory cgroup, so no \
-                                   memory cgroup is charged for the host's sockets"
-                .into(),
+            Storage::Uncharged { entered } => format!(
+                "socket storage: created from the root memory cgroup{}, so no memory cgroup is \
+                 charged for the host's sockets",
+                if *entered {
+                    " (through the cgroup namespace of PID 1, /proc/1/ns/cgroup)"
+                } else {
+                    ""
+                }
+            ),
             Storage::NoMemoryController => {
                 "socket storage: no memory controller is mounted, nothing is charged".into()
             }
@@ -101,15 +115,27 @@ fn precreate(maps_dir: &Path) -> Storage {
     if pin.exists() {
         return Storage::Adopted;
     }
-    let Some(root) = memory_root() else {
-        return Storage::NoMemoryController;
+    let root = match memory_root() {
+        MemoryRoot::Visible(root) => root,
+        MemoryRoot::Absent => return Storage::NoMemoryController,
+        MemoryRoot::Hidden(point) => {
+            return Storage::Charged(format!(
+                "only part of the memory hierarchy is mounted here, at {}, not its root: the \
+                 view of a cgroup namespace",
+                point.display()
+            ));
+        }
     };
     let procs = root.join("cgroup.procs");
-    match create_in(&procs, &pin) {
-        Ok(()) => Storage::Uncharged,
+    match create_in(&procs, &pin, host_cgroup_ns()) {
+        Ok(entered) => Storage::Uncharged { entered },
         // The helper of an agent killed just before us pinned one.
         Err((Step::Pin, e)) if e.kind() == io::ErrorKind::AlreadyExists => Storage::Adopted,
         Err((step, e)) => Storage::Charged(match step {
+            Step::Enter => format!(
+                "from this cgroup namespace the root memory cgroup is joined only by entering \
+                 PID 1's (/proc/1/ns/cgroup), which takes CAP_SYS_ADMIN: {e}"
+            ),
             Step::Move => format!("moving a helper into {}: {e}", procs.display()),
             Step::Btf => format!("loading its type information: {e}"),
             Step::Create => format!("creating it: {e}"),
@@ -127,12 +153,34 @@ enum Step {
     Btf = 2,
     Create = 3,
     Pin = 4,
+    Enter = 5,
 }
 
-/// Forks a child that moves into the memory cgroup of `procs`, creates the
-/// map and pins it at `pin`. Only the memory cgroup of the process that
-/// creates a map decides its charge, so the agent itself never moves.
-fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
+/// What the child writes to its pipe when the map is pinned (below the
+/// steps' numbers), with `ENTERED` when it entered PID 1's namespace.
+const DONE: u8 = 0x80;
+const ENTERED: u8 = 1;
+
+/// PID 1's cgroup namespace, when this process is in another one and
+/// sees PID 1 (the host's PID namespace): the host's, rooted at the root
+/// memory cgroup.
+fn host_cgroup_ns() -> Option<fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = |p: &str| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let init = ns("/proc/1/ns/cgroup")?;
+    if ns("/proc/self/ns/cgroup")? == init {
+        return None;
+    }
+    fs::File::open("/proc/1/ns/cgroup").ok()
+}
+
+/// Forks a child that moves into the memory cgroup of `procs` (from inside
+/// the cgroup namespace `ns`, if given), creates the map and pins it at
+/// `pin`. Only the memory cgroup of the process that creates a map decides
+/// its charge, so the agent itself never moves. Whether the child entered
+/// `ns`.
+fn create_in(procs: &Path, pin: &Path, ns: Option<fs::File>) -> Result<bool, (Step, io::Error)> {
+    use std::os::fd::AsRawFd as _;
     let fork_err = |e| (Step::Fork, e);
     // Everything the child uses is made here: between fork and exit it
     // makes system calls only (were there other threads, an allocation
@@ -180,19 +228,23 @@ fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
     if pid == 0 {
         // SAFETY: system calls on buffers made before the fork.
         unsafe {
-            let step = child(
+            let done = child(
                 parent,
+                ns.as_ref().map(|f| f.as_raw_fd()),
                 &procs_c,
                 &mut btf_attr,
                 &mut map_attr,
                 &mut pin_attr,
             );
-            if let Err((step, errno)) = step {
-                let mut msg = [0u8; 5];
-                msg[0] = step as u8;
-                msg[1..].copy_from_slice(&errno.to_ne_bytes());
-                libc::write(wr, msg.as_ptr().cast(), msg.len());
+            let mut msg = [0u8; 5];
+            match done {
+                Ok(entered) => msg[0] = DONE | if entered { ENTERED } else { 0 },
+                Err((step, errno)) => {
+                    msg[0] = step as u8;
+                    msg[1..].copy_from_slice(&errno.to_ne_bytes());
+                }
             }
+            libc::write(wr, msg.as_ptr().cast(), msg.len());
             libc::_exit(0);
         }
     }
@@ -213,18 +265,19 @@ fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
         while libc::waitpid(pid, &mut status, 0) < 0 && interrupted() {}
         libc::close(rd);
     }
-    if n == msg.len() as isize {
+    if n == msg.len() as isize && msg[0] < DONE {
         let step = match msg[0] {
             0 => Step::Fork,
             1 => Step::Move,
             2 => Step::Btf,
             3 => Step::Create,
-            _ => Step::Pin,
+            4 => Step::Pin,
+            _ => Step::Enter,
         };
         let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
         return Err((step, io::Error::from_raw_os_error(errno)));
     }
-    if !pin.exists() {
+    if n != msg.len() as isize || !pin.exists() {
         return Err((
             Step::Fork,
             io::Error::other(format!(
@@ -232,20 +285,22 @@ fn create_in(procs: &Path, pin: &Path) -> Result<(), (Step, io::Error)> {
             )),
         ));
     }
-    Ok(())
+    Ok(msg[0] & ENTERED != 0)
 }
 
-/// The child's work: move, load the types, create, pin.
+/// The child's work: enter `ns` (a cgroup namespace's descriptor), move,
+/// load the types, create, pin. Whether it entered `ns`.
 ///
 /// # Safety
 /// The attributes point at memory that lives until the child exits.
 unsafe fn child(
     parent: libc::pid_t,
+    ns: Option<i32>,
     procs: &CString,
     btf: &mut Attr,
     map: &mut Attr,
     pin: &mut Attr,
-) -> Result<(), (Step, i32)> {
+) -> Result<bool, (Step, i32)> {
     // Nothing here allocates: an OS error is the bare errno.
     let code = |e: io::Error| e.raw_os_error().unwrap_or(0);
     // SAFETY: the caller's contract.
@@ -256,18 +311,30 @@ unsafe fn child(
         if libc::getppid() != parent {
             return Err((Step::Fork, libc::ESRCH));
         }
+        // Without `CAP_SYS_ADMIN` the namespace stays ours, and the move
+        // may still work (cgroup v1 has no such bound): the entry's error
+        // is told only if the move fails.
+        let mut entry = 0;
+        if let Some(ns) = ns
+            && libc::setns(ns, libc::CLONE_NEWCGROUP) != 0
+        {
+            entry = code(io::Error::last_os_error());
+        }
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         // "0" moves the writer itself.
         if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
-            return Err((Step::Move, code(io::Error::last_os_error())));
+            return Err(match entry {
+                0 => (Step::Move, code(io::Error::last_os_error())),
+                e => (Step::Enter, e),
+            });
         }
         let btf_fd = bpf(BPF_BTF_LOAD, btf).map_err(|e| (Step::Btf, code(e)))?;
         map.u32(48, btf_fd as u32);
         let map_fd = bpf(BPF_MAP_CREATE, map).map_err(|e| (Step::Create, code(e)))?;
         pin.u32(8, map_fd as u32);
         bpf(BPF_OBJ_PIN, pin).map_err(|e| (Step::Pin, code(e)))?;
+        Ok(ns.is_some() && entry == 0)
     }
-    Ok(())
 }
 
 /// The type information a socket storage map must have: an `int` key and
@@ -335,27 +402,73 @@ fn btf(value_size: u32) -> Vec<u8> {
     out
 }
 
-/// The root of the memory controller's hierarchy, as mounted here: a
-/// cgroup v1 `memory` hierarchy, or cgroup v2 where it has the controller.
-fn memory_root() -> Option<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    memory_root_in(&info, |p| {
-        fs::read_to_string(p.join("cgroup.controllers"))
-            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+/// Where the memory controller's hierarchy is mounted, as this process
+/// sees it.
+#[derive(Debug, PartialEq)]
+enum MemoryRoot {
+    /// Its root cgroup, at this path.
+    Visible(PathBuf),
+    /// Only a cgroup below the root (a cgroup namespace's own view, or a
+    /// subtree mounted alone), at this mount point.
+    Hidden(PathBuf),
+    /// No memory controller.
+    Absent,
+}
+
+/// What a cgroup directory says of itself.
+struct Dir {
+    /// cgroup v2: the memory controller is in its `cgroup.controllers`.
+    memory: bool,
+    /// The root of its hierarchy: the only cgroup with a `release_agent`
+    /// file (v1), or without a `cgroup.type` file (v2). Seen from a cgroup
+    /// namespace, the namespace's root looks like the whole hierarchy in
+    /// mountinfo, so mountinfo alone cannot tell.
+    root: bool,
+}
+
+fn memory_root() -> MemoryRoot {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return MemoryRoot::Absent;
+    };
+    memory_root_in(&info, |p, v2| {
+        let has = |f: &str| p.join(f).exists();
+        Dir {
+            memory: v2
+                && fs::read_to_string(p.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")),
+            root: if v2 {
+                has("cgroup.controllers") && !has("cgroup.type")
+            } else {
+                has("release_agent")
+            },
+        }
     })
 }
 
-fn memory_root_in(mountinfo: &str, v2_has_memory: impl Fn(&Path) -> bool) -> Option<PathBuf> {
-    let mut v2 = None;
-    // A mount of a subtree (a container's view) is not the root.
-    for m in mounts(mountinfo).filter(|m| m.root == "/") {
-        match m.fstype {
-            "cgroup" if m.superopts.split(',').any(|o| o == "memory") => return Some(m.point),
-            "cgroup2" if v2.is_none() => v2 = Some(m.point),
-            _ => {}
+/// The memory hierarchy in `mountinfo`: a cgroup v1 `memory` hierarchy, or
+/// cgroup v2 where it has the controller. `dir` reads a mounted cgroup
+/// (`true`: v2).
+fn memory_root_in(mountinfo: &str, dir: impl Fn(&Path, bool) -> Dir) -> MemoryRoot {
+    let mut hidden = None;
+    for m in mounts(mountinfo) {
+        let v2 = match m.fstype {
+            "cgroup" if m.superopts.split(',').any(|o| o == "memory") => false,
+            "cgroup2" => true,
+            _ => continue,
+        };
+        let d = dir(&m.point, v2);
+        if v2 && !d.memory {
+            continue;
         }
+        // The whole hierarchy, or an ancestor of this process's cgroup
+        // namespace (`/..`): a mounted subtree (`/kubepods/pod1`) never is.
+        let whole = m.root == "/" || m.root.split('/').skip(1).all(|c| c == "..");
+        if whole && d.root {
+            return MemoryRoot::Visible(m.point);
+        }
+        hidden.get_or_insert(m.point);
     }
-    v2.filter(|p| v2_has_memory(p))
+    hidden.map_or(MemoryRoot::Absent, MemoryRoot::Hidden)
 }
 
 #[cfg(test)]
@@ -368,11 +481,24 @@ mod tests {
 35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
 36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct";
 
+    /// A `Dir` reader: every mount is a root cgroup with the memory
+    /// controller, except those in `not_root`.
+    fn dirs(not_root: &'static [&'static str]) -> impl Fn(&Path, bool) -> Dir {
+        move |p, _| Dir {
+            memory: true,
+            root: !not_root.iter().any(|n| p == Path::new(n)),
+        }
+    }
+
     #[test]
     fn finds_the_memory_hierarchy_of_a_hybrid_host() {
         assert_eq!(
-            memory_root_in(HYBRID, |_| panic!("v1 memory comes first")),
-            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+            // cgroup v2 holds no controller that v1 holds.
+            memory_root_in(HYBRID, |_, v2| Dir {
+                memory: !v2,
+                root: true,
+            }),
+            MemoryRoot::Visible(PathBuf::from("/sys/fs/cgroup/memory"))
         );
     }
 
@@ -380,16 +506,47 @@ mod tests {
     fn takes_cgroup_v2_only_where_it_has_the_memory_controller() {
         let unified = "31 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate";
         assert_eq!(
-            memory_root_in(unified, |p| p == Path::new("/sys/fs/cgroup")),
-            Some(PathBuf::from("/sys/fs/cgroup"))
+            memory_root_in(unified, dirs(&[])),
+            MemoryRoot::Visible(PathBuf::from("/sys/fs/cgroup"))
         );
-        assert_eq!(memory_root_in(unified, |_| false), None);
+        let without = |_: &Path, _| Dir {
+            memory: false,
+            root: true,
+        };
+        assert_eq!(memory_root_in(unified, without), MemoryRoot::Absent);
     }
 
     #[test]
     fn a_mounted_subtree_is_not_the_root() {
         let container = "31 23 0:27 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
-        assert_eq!(memory_root_in(container, |_| true), None);
+        assert_eq!(
+            memory_root_in(container, dirs(&[])),
+            MemoryRoot::Hidden(PathBuf::from("/sys/fs/cgroup"))
+        );
+    }
+
+    /// A pod: the host's tree mounted in a cgroup namespace of its own
+    /// shows as `/../..` (the namespace's root is two levels down), over
+    /// the runtime's mount of the namespace (`/`); files read at the
+    /// mount point are the host root's, on top.
+    #[test]
+    fn a_cgroup_namespace_finds_the_root_where_the_hosts_tree_is_mounted() {
+        let host_tree = "41 30 0:27 /../.. /sys/fs/cgroup ro - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(
+            memory_root_in(host_tree, dirs(&[])),
+            MemoryRoot::Visible(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let both = format!("40 30 0:27 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n{host_tree}");
+        assert_eq!(
+            memory_root_in(&both, dirs(&[])),
+            MemoryRoot::Visible(PathBuf::from("/sys/fs/cgroup"))
+        );
+        // Its own view only: the namespace's root, not the hierarchy's.
+        let own = "40 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(
+            memory_root_in(own, dirs(&["/sys/fs/cgroup"])),
+            MemoryRoot::Hidden(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]

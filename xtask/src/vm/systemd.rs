@@ -120,6 +120,19 @@ grep -q "bulkhead prepare: socket storage: created from the root memory cgroup" 
   ! grep -q "charged to this agent" /run/bhvm-agent.log
 result unit_makes_the_socket_storage_charged_to_no_memory_cgroup $? "$(grep 'socket storage' /run/bhvm-agent.log | head -3 | tr '\n' ' ')"
 
+# The DaemonSet's init container: a cgroup and a cgroup namespace of its
+# own (mountinfo shows the host's tree at /..), the host's PID namespace.
+# cgroup v2 moves a process only within its namespace: `prepare` enters
+# PID 1's to make the map from the root memory cgroup.
+mkdir -p /sys/fs/cgroup/bhvm/pod
+# (util-linux's unshare by path: busybox's sh runs its own applet by name.)
+pod() { sh -c 'echo $$ > /sys/fs/cgroup/bhvm/pod/cgroup.procs && exec /usr/bin/unshare --cgroup "$@"' sh "$@"; }
+out=$(pod bulkhead prepare --bpffs-dir /sys/fs/bpf/bhvm-pod 2>&1); st=$?
+view=$(pod grep -c ' /\.\.[/.]* /sys/fs/cgroup ' /proc/self/mountinfo)
+[ $st = 0 ] && [ "$view" = 1 ] && echo "$out" | grep -q "created from the root memory cgroup (through the cgroup namespace of PID 1"
+result prepare_in_a_pods_cgroup_namespace_makes_the_map_from_the_root_memory_cgroup $? "rc=$st, mounts of the host's tree at /..: $view; $out"
+rm -r /sys/fs/bpf/bhvm-pod; rmdir /sys/fs/cgroup/bhvm/pod
+
 p=$(pid)
 eff=$(sed -n 's/^CapEff:\t//p' /proc/$p/status); bnd=$(sed -n 's/^CapBnd:\t//p' /proc/$p/status)
 nnp=$(sed -n 's/^NoNewPrivs:\t//p' /proc/$p/status)
@@ -254,12 +267,14 @@ pub fn build_initramfs(agent: &Path, probe: &Path, out: &Path) -> Result<usize> 
     root.file("/bin/busybox", &busybox)?;
     for applet in [
         "sh", "kill", "sleep", "mkdir", "cat", "sed", "grep", "cp", "ls", "date", "tr", "head",
-        "printf", "poweroff", "sync", "mount",
+        "printf", "poweroff", "sync", "mount", "rm", "rmdir",
     ] {
         root.symlink(&format!("/bin/{applet}"), "busybox");
     }
     root.program_with_libs(SYSTEMD, Path::new(SYSTEMD))?;
     root.program_with_libs("/bin/systemctl", &host_program("systemctl")?)?;
+    // util-linux's: busybox's cannot make a cgroup namespace (a pod's).
+    root.program_with_libs("/usr/bin/unshare", &host_program("unshare")?)?;
     let units = std::fs::read_dir(UNITS).with_context(|| format!("reading {UNITS}"))?;
     for e in units.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
