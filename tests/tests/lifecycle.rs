@@ -299,6 +299,36 @@ fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
         .output()
         .unwrap();
     adopts_the_prepared_map(agent, &out, &mem, &w.outside);
+
+    // A container that mounts only its own cgroup namespace's view of the
+    // hierarchy (`/` there is its own cgroup): no root to move to, and
+    // `prepare` says so instead of making the map in its own cgroup.
+    let agent = Agent::unstarted_under(&w.root, &w.policy("", ""), &wrapper);
+    let (fstype, opts) = if mem.usage_file == "memory.current" {
+        ("cgroup2", "")
+    } else {
+        ("cgroup", "-o memory")
+    };
+    let own_view = format!(
+        "echo 0 > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private \
+         sh -c 'umount {root} && mount -t {fstype} {opts} none {root} && exec \"$@\"' sh \"$@\"",
+        mem.path.display(),
+        root = mem.root.display(),
+    );
+    let out = Command::new("sh")
+        .args(["-c", &own_view, "sh"])
+        .arg(bulkhead_bin())
+        .args(["prepare", "--bpffs-dir"])
+        .arg(&agent.bpffs)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && said.contains("not its root: the view of a cgroup namespace"),
+        "bulkhead prepare in a container's own view: {}: {said}",
+        out.status
+    );
 }
 
 /// `bulkhead prepare` (its output `out`) made the map from the root memory
