@@ -190,6 +190,24 @@ impl MemoryCgroup {
         w
     }
 
+    /// `bulkhead prepare ARGS` for `agent`'s pins, run by `then` (a command
+    /// that ends by running its arguments) from inside this cgroup.
+    fn prepare_in(&self, then: &str, args: &[&str], agent: &Agent) -> std::process::Output {
+        let script = format!(
+            "echo 0 > {}/cgroup.procs && exec {then} \"$@\"",
+            self.path.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .arg(bulkhead_bin())
+            .arg("prepare")
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(&agent.bpffs)
+            .output()
+            .unwrap()
+    }
+
     /// How much this cgroup grows while a workload in `cgroup` holds 8000
     /// bound sockets.
     fn growth_with_bound_sockets(&self, cgroup: &tests::Cgroup) -> i64 {
@@ -287,17 +305,7 @@ fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
     // namespace's root at `/`. (`--warn-only` exits 0 either way: what it
     // says tells.)
     let agent = Agent::unstarted_under(&w.root, &w.policy("", ""), &wrapper);
-    let pod = format!(
-        "echo 0 > {}/cgroup.procs && exec unshare --cgroup \"$@\"",
-        mem.path.display()
-    );
-    let out = Command::new("sh")
-        .args(["-c", &pod, "sh"])
-        .arg(bulkhead_bin())
-        .args(["prepare", "--warn-only", "--bpffs-dir"])
-        .arg(&agent.bpffs)
-        .output()
-        .unwrap();
+    let out = mem.prepare_in("unshare --cgroup", &["--warn-only"], &agent);
     adopts_the_prepared_map(agent, &out, &mem, &w.outside);
 
     // A container that mounts only its own cgroup namespace's view of the
@@ -310,18 +318,11 @@ fn the_hosts_sockets_are_not_charged_to_the_agents_memory_cgroup() {
         ("cgroup", "-o memory")
     };
     let own_view = format!(
-        "echo 0 > {}/cgroup.procs && exec unshare --cgroup --mount --propagation private \
-         sh -c 'umount {root} && mount -t {fstype} {opts} none {root} && exec \"$@\"' sh \"$@\"",
-        mem.path.display(),
+        "unshare --cgroup --mount --propagation private \
+         sh -c 'umount {root} && mount -t {fstype} {opts} none {root} && exec \"$@\"' sh",
         root = mem.root.display(),
     );
-    let out = Command::new("sh")
-        .args(["-c", &own_view, "sh"])
-        .arg(bulkhead_bin())
-        .args(["prepare", "--bpffs-dir"])
-        .arg(&agent.bpffs)
-        .output()
-        .unwrap();
+    let out = mem.prepare_in(&own_view, &[], &agent);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.code() == Some(1)

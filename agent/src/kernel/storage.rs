@@ -166,12 +166,12 @@ const ENTERED: u8 = 1;
 /// memory cgroup.
 fn host_cgroup_ns() -> Option<fs::File> {
     use std::os::unix::fs::MetadataExt as _;
-    let ns = |p: &str| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    let init = ns("/proc/1/ns/cgroup")?;
-    if ns("/proc/self/ns/cgroup")? == init {
-        return None;
-    }
-    fs::File::open("/proc/1/ns/cgroup").ok()
+    let init = fs::File::open("/proc/1/ns/cgroup").ok()?;
+    let (theirs, ours) = (
+        init.metadata().ok()?,
+        fs::metadata("/proc/self/ns/cgroup").ok()?,
+    );
+    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then_some(init)
 }
 
 /// Forks a child that moves into the memory cgroup of `procs` (from inside
