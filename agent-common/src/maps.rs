@@ -392,6 +392,14 @@ pub struct FlowKey {
 /// domain under whatever policy is in force at that moment. On a connecting
 /// socket: [`SOCK_INITIATOR`], so the packet hooks know the connection's
 /// direction.
+///
+/// One record for every use, though a connecting TCP socket needs only
+/// its flags and verdict: what a connect pays for its creation (about half
+/// of `bh_connect4`) is two allocations and their locks, not their size.
+/// Measured under the benchmark's short connections: a 56-byte record in
+/// a map of its own (a 128-byte slab object instead of this one's 512) took
+/// 1.3 µs to create against this one's 1.2; charged to the agent's memory
+/// cgroup, 2.2 µs (which `bulkhead prepare` avoids).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockInfo {

@@ -36,6 +36,14 @@ const _: () = assert!(size_of::<bpf_sock_tuple>() == 36);
 
 /// Finds the local socket a connect would reach and returns its owner's
 /// domain under the current policy; 0 when there is none or it has no owner.
+///
+/// Every connect to an address in no domain network pays this lookup, even
+/// to a remote peer. Skipping it for ports that no owned socket was bound
+/// to would be unsound: `post_bind` records a socket's owner once, but a
+/// socket bound to port 0 that connects and then disconnects
+/// (`AF_UNSPEC`) gives its port back, and its next `sendto()` (or
+/// `listen()`, on kernels that allow it) takes another one without a
+/// `post_bind`, owner still recorded.
 #[inline(always)]
 pub(crate) fn listener_domain(
     ctx: *mut core::ffi::c_void,
