@@ -23,14 +23,16 @@ use super::protocol::{Dropped, OutputCounts};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
     /// No space left on the device (or over quota), for longer than its
-    /// backlog could hold.
+    /// backlog could hold, or while its writer was busy retrying.
     DiskFull,
-    /// Any other write error, for longer than its backlog could hold.
+    /// Any other write error, for longer than its backlog could hold, or
+    /// while its writer was busy retrying.
     IoError,
     /// The SQLite database was locked by another process, for longer than
-    /// its backlog could hold.
+    /// its backlog could hold, or while its writer was busy retrying.
     Locked,
-    /// The output's queue was full: its writer fell behind.
+    /// The output's queue was full while its writes succeeded: its writer
+    /// fell behind.
     QueueFull,
 }
 
@@ -198,6 +200,15 @@ impl Counts {
             0 => None,
             n => Cause::ALL.get(usize::from(n - 1)).copied(),
         }
+    }
+
+    /// Why an event that found the output's queue full is dropped. While
+    /// its writes fail, the writer spends its time on retries (the audit
+    /// store's rewrites its whole backlog each time), so its queue fills
+    /// before its backlog does: the outage's cause, not `queue_full`, is
+    /// what an operator has to fix.
+    pub fn queue_drop_cause(&self) -> Cause {
+        self.failing().unwrap_or(Cause::QueueFull)
     }
 
     fn set_failing(&self, cause: Option<Cause>) {

@@ -190,7 +190,8 @@ impl Otlp {
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(i)) | Err(TrySendError::Closed(i)) => {
-                self.counts.drop_event(&i.rec.ts, Cause::QueueFull, i.seq)
+                self.counts
+                    .drop_event(&i.rec.ts, self.counts.queue_drop_cause(), i.seq)
             }
         }
     }

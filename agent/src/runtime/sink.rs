@@ -49,7 +49,8 @@ pub struct Rotation {
 }
 
 /// Lines queued for a writer before the events task drops them
-/// (`queue_full`).
+/// (`queue_full`; while the output's writes fail, for their cause:
+/// [`Counts::queue_drop_cause`]).
 pub const QUEUE: usize = 16_384;
 /// What a failing output holds for its retries before it drops
 /// (`disk_full`, `io_error`): 16 MiB, about 35 000 events.
@@ -176,7 +177,8 @@ impl Lines {
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(l)) | Err(TrySendError::Disconnected(l)) => {
-                self.counts.drop_event(&l.ts, Cause::QueueFull, l.seq);
+                self.counts
+                    .drop_event(&l.ts, self.counts.queue_drop_cause(), l.seq);
             }
         }
     }

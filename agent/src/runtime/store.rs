@@ -166,7 +166,8 @@ pub struct Store {
 }
 
 /// Rows queued for the writer before the events task drops them
-/// (`queue_full`).
+/// (`queue_full`; while the output's writes fail, for their cause:
+/// [`Counts::queue_drop_cause`]).
 const QUEUE: usize = 16_384;
 /// Event rows a failing store holds for its retries (tens of seconds of a
 /// storm) before it drops them (`locked`, `disk_full`, `io_error`).
@@ -279,7 +280,8 @@ impl Store {
             | TrySendError::Disconnected(Item::Event(r, seq)),
         ) = self.tx.try_send(Item::Event(Box::new(r), seq))
         {
-            self.counts.drop_event(&r.ts, Cause::QueueFull, seq);
+            self.counts
+                .drop_event(&r.ts, self.counts.queue_drop_cause(), seq);
         }
     }
 
@@ -991,6 +993,38 @@ mod tests {
         };
         assert_eq!(query(&path, &by_cgroup).unwrap().len(), 1);
         assert_eq!(changes(&path, None, 10).unwrap()[0]["kind"], "load");
+    }
+
+    /// While its writes fail, the writer's retries (each waiting out the
+    /// lock) keep it from its queue: what overflows the queue then is
+    /// dropped for the failure, as what overflows the backlog is.
+    #[test]
+    fn a_failing_store_drops_for_its_failure_not_queue_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let r = rec("2026-11-20T10:00:00Z", "contractor", "10.40.0.7", "deny");
+        store.event(r.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.counts.failing().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(store.counts.failing(), Some(Cause::Locked));
+        // More than the queue and the backlog hold, sent faster than the
+        // writer takes them while it waits on the lock.
+        let n = 4 * (QUEUE + BACKLOG) as u64;
+        for _ in 0..n {
+            store.event(r.clone());
+        }
+        let c = &store.counts;
+        assert!(c.dropped(Cause::Locked) > 0, "{:?}", c.snapshot());
+        assert_eq!(c.dropped(Cause::QueueFull), 0, "{:?}", c.snapshot());
+        let s = c.snapshot();
+        assert_eq!(s.written + s.pending + c.dropped_total(), n + 1, "{s:?}");
+        holder.execute_batch("COMMIT").unwrap();
+        store.finish(Duration::from_secs(30));
     }
 
     #[test]
