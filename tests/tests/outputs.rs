@@ -164,8 +164,9 @@ fn a_full_disk_loses_nothing_silently() {
     disk.fill("filler");
     fs::remove_file(disk.path().join("room")).unwrap();
     let warned_before = warnings(&log).len();
-    // Both outputs find the disk full before the storm (a few events, and
-    // their first failing writes): the storm's drops are all the outage's.
+    // Both outputs find the disk full before the storm (1000 events, more
+    // than the 64 KiB left hold, and their first failing writes): the
+    // storm's drops are all the outage's.
     storm_done(w.storm_bg(1000, 0), 1000);
     let deadline = Instant::now() + Duration::from_secs(20);
     let failing = |name: &str| {
@@ -485,7 +486,7 @@ fn a_torn_line_is_repaired_at_start() {
         &["--event-rate", "0", "--ring-buffer-bytes", "16777216"],
         &log,
     );
-    storm_done(w.storm_bg(1000, 0), 1000);
+    storm_done(w.storm_bg(100, 0), 100);
     settle(&agent, Duration::from_secs(20));
     let (events, _) = strict_lines(&agent.events);
     assert!(events.len() >= 100);
