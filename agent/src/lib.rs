@@ -17,4 +17,6 @@ pub mod kernel;
 pub mod memory;
 pub mod runtime;
 pub mod seal;
+#[cfg(test)]
+mod testdir;
 pub mod trust;

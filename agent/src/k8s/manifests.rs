@@ -192,7 +192,7 @@ fn k8s_configmap_policy_passes_the_checker() {
     let text = cm["data"]["policy.yaml"].as_str().unwrap();
     let policy = crate::policy::parse_str(Path::new("configmap.yaml:policy.yaml"), text)
         .unwrap_or_else(|d| panic!("the ConfigMap's policy is rejected:\n{d}"));
-    let mount = tempfile::tempdir().unwrap();
+    let mount = crate::testdir::tempdir().unwrap();
     crate::compile::compile(
         &policy,
         &crate::geo::GeoDb::empty(),
@@ -413,7 +413,7 @@ fn k8s_configmap_symlink_swap_is_seen_by_the_reload_stamp() {
     }
     use std::os::unix::fs::symlink;
 
-    let vol = tempfile::tempdir().unwrap();
+    let vol = crate::testdir::tempdir().unwrap();
     let v = vol.path();
     let write_version = |dir: &str, text: &str, mtime: SystemTime| {
         fs::create_dir(v.join(dir)).unwrap();

@@ -30,11 +30,11 @@ fn cid(runtime: &str, id: &str) -> ContainerId {
 }
 
 /// A fake cgroup v2 mount: directories only, like the real one.
-struct Tree(tempfile::TempDir);
+struct Tree(crate::testdir::TempDir);
 
 impl Tree {
     fn new(paths: &[&str]) -> Tree {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let t = Tree(dir);
         for p in paths {
             t.mkdir(p);

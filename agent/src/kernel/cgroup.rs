@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn resolves_patterns_against_a_tree() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         for p in ["k/pod-contractor-1/c1", "k/pod-core-2", "prod.slice"] {
             fs::create_dir_all(dir.path().join(p)).unwrap();
         }

@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn opens_within_the_policy_limits_and_persists() {
         let p = policy::parse_str(Path::new("p.yaml"), POLICY).unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let path = dir.path().join("bridges.json");
         let mut jit = Jit::load(&path).unwrap();
         let by = Opener {
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn the_cluster_prefix_is_for_cluster_objects() {
         let p = policy::parse_str(Path::new("p.yaml"), POLICY).unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let jit = Jit::load(&dir.path().join("bridges.json")).unwrap();
         let by = Opener {
             uid: 0,

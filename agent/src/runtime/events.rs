@@ -513,7 +513,7 @@ mod tests {
 
     #[test]
     fn decodes_and_names_an_event() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
         en.add_generation(3, gen_names());
         let mut e = Event {
@@ -576,7 +576,7 @@ mod tests {
 
     #[test]
     fn ingress_events_name_the_peer_as_source_and_gaps_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
         en.add_generation(1, gen_names());
         let e = Event {
@@ -620,7 +620,7 @@ mod tests {
 
     #[test]
     fn replaced_geo_sources_are_let_go_after_the_grace() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
         let (old, new) = (Arc::new(GeoDb::empty()), Arc::new(GeoDb::empty()));
         let with = |geo: &Arc<GeoDb>| Generation {
@@ -649,7 +649,7 @@ mod tests {
 
     #[test]
     fn sources_replaced_again_within_the_grace_are_let_go_at_once() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let mut en = Enricher::new(PathCache::new(dir.path().to_path_buf()), 0);
         let dbs: Vec<Arc<GeoDb>> = (0..4).map(|_| Arc::new(GeoDb::empty())).collect();
         for (i, db) in dbs.iter().enumerate() {

@@ -641,7 +641,7 @@ mod tests {
     /// The names dashboards and tests use, in both formats.
     #[test]
     fn the_exposition_keeps_every_metric_name() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let g = gauges();
         let text = render(dir.path(), &g, Format::Prometheus);
         for line in [
@@ -686,7 +686,7 @@ mod tests {
     /// exports (a renamed metric would leave a panel empty, silently).
     #[test]
     fn the_shipped_dashboard_names_only_exported_metrics() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let text = render(dir.path(), &gauges(), Format::Prometheus);
         let exported: Vec<&str> = text
             .lines()

@@ -725,7 +725,7 @@ mod tests {
 
     #[test]
     fn rotation_keeps_the_log_bounded() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let p = dir.path().join("events.jsonl");
         let (s, _) = Lines::file(
             &p,
@@ -753,7 +753,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_cut_off_at_start() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let p = dir.path().join("events.jsonl");
         fs::write(&p, "{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
         let (s, repaired) = Lines::file(
@@ -783,7 +783,7 @@ mod tests {
 
     #[test]
     fn a_moved_log_is_reopened_at_its_path() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let p = dir.path().join("events.jsonl");
         let (s, _) = Lines::file(
             &p,

@@ -935,7 +935,7 @@ mod tests {
 
     #[test]
     fn stores_and_queries_by_time_domain_cidr_and_verdict() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
         store.event(rec(
@@ -1000,7 +1000,7 @@ mod tests {
     /// dropped for the failure, as what overflows the backlog is.
     #[test]
     fn a_failing_store_drops_for_its_failure_not_queue_full() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
         let holder = Connection::open(&path).unwrap();
@@ -1040,7 +1040,7 @@ mod tests {
     /// read: queried and its rows read as they were sealed.
     #[test]
     fn a_store_from_before_names_is_read_as_it_was_written() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
         store.event(rec("2026-11-20T10:00:00Z", "a", "10.0.0.1", "deny"));
@@ -1065,7 +1065,7 @@ mod tests {
 
     #[test]
     fn queries_by_name_match_the_rule_or_a_wildcard_rule_covering_it() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let store = Store::start(&path, Duration::from_secs(86400 * 3650), None).unwrap();
         for (i, name) in [

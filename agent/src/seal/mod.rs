@@ -655,7 +655,7 @@ mod tests {
 
     #[test]
     fn keys_evolve_one_way_and_the_file_keeps_only_the_current_one() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let vk = setup(dir.path(), 1, false).unwrap();
         assert!(setup(dir.path(), 1, false).is_err(), "refuses to replace");
         let shown = vk.to_string();

@@ -595,8 +595,12 @@ mod tests {
 
     /// A sealed events log of `n` events written over about `secs`
     /// seconds (one-second epochs), rotated at `max_bytes`.
-    fn sealed_log(n: usize, secs: u64, max_bytes: u64) -> (tempfile::TempDir, VerifyKey, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
+    fn sealed_log(
+        n: usize,
+        secs: u64,
+        max_bytes: u64,
+    ) -> (crate::testdir::TempDir, VerifyKey, PathBuf) {
+        let dir = crate::testdir::tempdir().unwrap();
         let key = setup(dir.path(), 1, false).unwrap();
         let sealer = Arc::new(Mutex::new(Sealer::open(dir.path()).unwrap().unwrap()));
         let path = dir.path().join("events.jsonl");
@@ -813,7 +817,7 @@ mod tests {
     #[test]
     fn the_store_verifies_through_retention_and_notices_changed_and_deleted_rows() {
         use crate::runtime::store::{Change, Store};
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testdir::tempdir().unwrap();
         let key = setup(dir.path(), 1, false).unwrap();
         let sealer = Arc::new(Mutex::new(Sealer::open(dir.path()).unwrap().unwrap()));
         let db = dir.path().join("audit.db");
