@@ -202,12 +202,13 @@ impl Counts {
         }
     }
 
-    /// Why an event that found the output's queue full is dropped. While
-    /// its writes fail, the writer spends its time on retries (the audit
-    /// store's rewrites its whole backlog each time), so its queue fills
-    /// before its backlog does: the outage's cause, not `queue_full`, is
+    /// Why an event is dropped when the output cannot hold it, whether its
+    /// queue or its writer's backlog is full. While its writes fail, the
+    /// writer spends its time on retries (the audit store waits up to
+    /// 250 ms on a lock each time), so its queue can fill before its
+    /// backlog does: either way the outage's cause, not `queue_full`, is
     /// what an operator has to fix.
-    pub fn queue_drop_cause(&self) -> Cause {
+    pub fn drop_cause(&self) -> Cause {
         self.failing().unwrap_or(Cause::QueueFull)
     }
 

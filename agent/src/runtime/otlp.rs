@@ -191,7 +191,7 @@ impl Otlp {
             Ok(()) => {}
             Err(TrySendError::Full(i)) | Err(TrySendError::Closed(i)) => {
                 self.counts
-                    .drop_event(&i.rec.ts, self.counts.queue_drop_cause(), i.seq)
+                    .drop_event(&i.rec.ts, self.counts.drop_cause(), i.seq)
             }
         }
     }
@@ -426,8 +426,8 @@ impl Exporter {
     /// Holds an event's record, or drops it (counted) when the hold is full.
     fn accept(&mut self, item: Item) {
         if self.held.len() >= self.hold {
-            let cause = self.health.cause().unwrap_or(Cause::QueueFull);
-            self.counts.drop_event(&item.rec.ts, cause, item.seq);
+            self.counts
+                .drop_event(&item.rec.ts, self.counts.drop_cause(), item.seq);
             return;
         }
         if self.counts.has_gap_before(item.seq) {

@@ -50,7 +50,7 @@ pub struct Rotation {
 
 /// Lines queued for a writer before the events task drops them
 /// (`queue_full`; while the output's writes fail, for their cause:
-/// [`Counts::queue_drop_cause`]).
+/// [`Counts::drop_cause`]).
 pub const QUEUE: usize = 16_384;
 /// What a failing output holds for its retries before it drops
 /// (`disk_full`, `io_error`): 16 MiB, about 35 000 events.
@@ -178,7 +178,7 @@ impl Lines {
             Ok(()) => {}
             Err(TrySendError::Full(l)) | Err(TrySendError::Disconnected(l)) => {
                 self.counts
-                    .drop_event(&l.ts, self.counts.queue_drop_cause(), l.seq);
+                    .drop_event(&l.ts, self.counts.drop_cause(), l.seq);
             }
         }
     }
@@ -353,8 +353,8 @@ impl Writer {
     /// Holds a line, or drops it (counted) when the backlog is full.
     fn accept(&mut self, l: Line) {
         if self.backlog_bytes + l.text.len() > BACKLOG_BYTES {
-            let cause = self.health.cause().unwrap_or(Cause::QueueFull);
-            self.counts.drop_event(&l.ts, cause, l.seq);
+            self.counts
+                .drop_event(&l.ts, self.counts.drop_cause(), l.seq);
             return;
         }
         // The first line after a hole: its gap record goes before it.

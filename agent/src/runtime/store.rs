@@ -167,7 +167,7 @@ pub struct Store {
 
 /// Rows queued for the writer before the events task drops them
 /// (`queue_full`; while the output's writes fail, for their cause:
-/// [`Counts::queue_drop_cause`]).
+/// [`Counts::drop_cause`]).
 const QUEUE: usize = 16_384;
 /// Event rows a failing store holds for its retries (tens of seconds of a
 /// storm) before it drops them (`locked`, `disk_full`, `io_error`).
@@ -280,8 +280,7 @@ impl Store {
             | TrySendError::Disconnected(Item::Event(r, seq)),
         ) = self.tx.try_send(Item::Event(Box::new(r), seq))
         {
-            self.counts
-                .drop_event(&r.ts, self.counts.queue_drop_cause(), seq);
+            self.counts.drop_event(&r.ts, self.counts.drop_cause(), seq);
         }
     }
 
@@ -421,8 +420,7 @@ impl Writer {
         match item {
             Item::Event(r, seq) => {
                 if self.events >= BACKLOG {
-                    let cause = self.health.cause().unwrap_or(Cause::QueueFull);
-                    self.counts.drop_event(&r.ts, cause, seq);
+                    self.counts.drop_event(&r.ts, self.counts.drop_cause(), seq);
                     return;
                 }
                 // The first row after a hole: its gap row goes before it.
