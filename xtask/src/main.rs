@@ -40,7 +40,12 @@ enum Task {
     /// `-Z build-std=core`), bpf-linker 0.13 built against nightly's LLVM,
     /// the Debian packages the tests call (apt-get needs root), and the CC0
     /// test country database in ~/.cache/bulkhead/ (via npm). Idempotent.
-    Setup,
+    Setup {
+        /// Also what `build --static` and `vm-test` need: the musl target,
+        /// musl-tools, QEMU and busybox.
+        #[arg(long)]
+        vm: bool,
+    },
     /// Build the agent binary, kernel programs included (runs setup first).
     ///
     /// Output: target/debug/bulkhead, or target/release/bulkhead with
@@ -114,7 +119,8 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup::setup(),
+        Task::Setup { vm: false } => setup::setup(),
+        Task::Setup { vm: true } => setup::setup_vm(),
         Task::Build {
             static_build: true,
             features,
