@@ -57,6 +57,9 @@ pub struct Args {
     /// of the time.
     #[arg(long)]
     smoke: bool,
+    /// Build the targets and stop (CI builds them ahead, in the background).
+    #[arg(long)]
+    build_only: bool,
     /// Only these targets [default: all: policy, geofeed, mmdb, events, dns].
     #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS.iter().map(|(t, _)| *t)))]
     targets: Vec<String>,
@@ -97,6 +100,9 @@ pub fn run_fuzz(args: Args) -> Result<()> {
         .args(["fuzz", "build"])
         .args(build_flags))?;
     eprintln!("fuzz: built the targets in {:.0?}", started.elapsed());
+    if args.build_only {
+        return Ok(());
+    }
 
     let mut results = Vec::new();
     for (target, max_len) in &targets {
