@@ -25,6 +25,11 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// `--locked` in CI, so a stale Cargo.lock fails instead of being rewritten.
+pub fn locked() -> &'static [&'static str] {
+    if in_ci() { &["--locked"] } else { &[] }
+}
+
 /// A `cargo` command run with the nightly toolchain (for the eBPF crate).
 pub fn cargo_nightly() -> Command {
     let mut cmd = Command::new("rustup");

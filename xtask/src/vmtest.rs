@@ -35,8 +35,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    cmd::{cargo, display, in_ci, is_root, run, workspace_root},
+    cmd::{cargo, display, is_root, locked, run, workspace_root},
     setup::{self, MUSL_TARGET, geo_db_path},
+    suites::{self, TestBins},
 };
 use initramfs::{Initramfs, host_program, is_static_elf};
 
@@ -123,11 +124,6 @@ pub struct Args {
     test_args: Vec<String>,
 }
 
-/// `--locked` in CI, as for the other builds.
-fn locked() -> &'static [&'static str] {
-    if in_ci() { &["--locked"] } else { &[] }
-}
-
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || workspace_root().join("target"),
@@ -181,57 +177,6 @@ pub fn build_static(features: &[String]) -> Result<PathBuf> {
 pub fn build_static_task(features: &[String]) -> Result<PathBuf> {
     setup::setup_static()?;
     build_static(features)
-}
-
-/// The test executables (by target name) and the `probe` helper, built
-/// for musl.
-struct TestBins {
-    suites: BTreeMap<String, PathBuf>,
-    probe: PathBuf,
-}
-
-fn build_tests() -> Result<TestBins> {
-    let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "--release",
-        "--package",
-        "tests",
-        "--target",
-        MUSL_TARGET,
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ])
-    .args(locked())
-    .stdout(Stdio::piped());
-    eprintln!("+ {}", display(&cmd));
-    let out = cmd.output().context("running cargo test --no-run")?;
-    if !out.status.success() {
-        bail!("building the end-to-end tests for {MUSL_TARGET} failed");
-    }
-    let mut suites = BTreeMap::new();
-    let mut probe = None;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if m["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let (Some(name), Some(exe)) = (m["target"]["name"].as_str(), m["executable"].as_str())
-        else {
-            continue;
-        };
-        let kinds = m["target"]["kind"].as_array().cloned().unwrap_or_default();
-        let is_test = m["profile"]["test"].as_bool() == Some(true);
-        if kinds.iter().any(|k| k == "test") {
-            suites.insert(name.to_string(), PathBuf::from(exe));
-        } else if name == "probe" && kinds.iter().any(|k| k == "bin") && !is_test {
-            probe = Some(PathBuf::from(exe));
-        }
-    }
-    let probe = probe.context("cargo built no `probe` binary")?;
-    Ok(TestBins { suites, probe })
 }
 
 /// The dynamic host programs the tests call, with where they go in the
@@ -673,7 +618,7 @@ pub fn run_task(args: Args) -> Result<()> {
 
     let build = Instant::now();
     let agent = build_static(&[])?;
-    let bins = build_tests()?;
+    let bins = suites::build(Some(MUSL_TARGET))?;
     let build_secs = build.elapsed().as_secs_f64();
     let suites: Vec<String> = if args.systemd {
         vec![systemd::SUITE.to_string()]
