@@ -28,8 +28,9 @@ use crate::cmd::{cargo, display, locked, workspace_root};
 pub struct TestBins {
     /// The integration suites (`tests/tests/*.rs`) by target name.
     pub suites: BTreeMap<String, PathBuf>,
-    /// The harness's own unit tests (its library and `probe`).
-    pub harness: Vec<PathBuf>,
+    /// The harness's own unit tests (its library and `probe`), by target
+    /// name.
+    pub harness: Vec<(String, PathBuf)>,
     /// The `probe` helper the suites run inside cgroups and namespaces.
     pub probe: PathBuf,
 }
@@ -69,7 +70,7 @@ pub fn build(target: Option<&str>) -> Result<TestBins> {
         if kinds.iter().any(|k| k == "test") {
             suites.insert(name.to_string(), PathBuf::from(exe));
         } else if is_test {
-            harness.push(PathBuf::from(exe));
+            harness.push((name.to_string(), PathBuf::from(exe)));
         } else if name == "probe" && kinds.iter().any(|k| k == "bin") {
             probe = Some(PathBuf::from(exe));
         }
@@ -103,8 +104,8 @@ pub fn run_host(
     let mut queue: VecDeque<Job> = bins
         .harness
         .iter()
-        .map(|exe| Job {
-            name: format!("harness-{}", stem(exe)),
+        .map(|(name, exe)| Job {
+            name: format!("harness-{name}"),
             exe: exe.clone(),
         })
         .collect();
@@ -126,16 +127,16 @@ fn run_jobs(
 ) -> Result<()> {
     fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
     let total = queue.len();
+    let workers = jobs.max(1);
     let queue = Mutex::new(queue);
     let failed = Mutex::new(Vec::new());
     let started = Instant::now();
     eprintln!(
-        "e2e: {total} test executables, {} at a time; logs in {}",
-        jobs.max(1),
+        "e2e: {total} test executables, {workers} at a time; logs in {}",
         logs.display()
     );
     std::thread::scope(|s| {
-        for _ in 0..jobs.max(1) {
+        for _ in 0..workers {
             s.spawn(|| {
                 loop {
                     // Taken in its own statement: the guard must not live
@@ -202,15 +203,6 @@ fn run_one(job: &Job, logs: &Path, env: &[(&str, OsString)], test_args: &[String
         );
     }
     Ok(())
-}
-
-fn stem(exe: &Path) -> String {
-    let name = exe.file_name().unwrap_or_default().to_string_lossy();
-    // Cargo names test executables `<target>-<hash>`.
-    match name.rsplit_once('-') {
-        Some((target, _)) => target.to_string(),
-        None => name.into_owned(),
-    }
 }
 
 #[cfg(test)]
